@@ -1,0 +1,3 @@
+"""aiopostcopy: a postcopy page-fault service for Linux on asyncio."""
+
+__all__: list[str] = []

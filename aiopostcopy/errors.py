@@ -1,0 +1,180 @@
+"""The whole exception tree of aiopostcopy.
+
+This module imports nothing from the package, so every layer can raise these.
+
+Errors are named by cause (after trio): *Closed* means we closed it ourselves,
+*Broken*/*Lost* means the world broke it, *Busy* means two users wanted one
+resource.  Every userfaultfd error is also an :class:`OSError` carrying the
+errno, so code written against plain ``os`` calls keeps working.
+
+::
+
+    PostcopyError
+     ├─ ProtocolError (abstract) ─ LocalProtocolError / RemoteProtocolError
+     ├─ UffdError (also OSError) ─ PageExistsError (EEXIST)
+     │                             UffdRetry (EAGAIN: mapping changing, retry the rest)
+     │                             RangeGoneError (ENOENT: range unmapped or moved)
+     │                             TargetGoneError (ESRCH: the process is gone)
+     │                             UffdUnsupportedError (feature or ioctl missing)
+     │                             UffdUnavailableError (no way to open a userfaultfd)
+     ├─ MappingTableError (a client's mapping table is invalid)
+     ├─ SourceLostError (transport broke; __cause__ set)
+     ├─ MigrationAborted (explicit abort or deadline)
+     ├─ ClosedError (used after we closed it)
+     └─ BusyError (two users of one resource)
+    InternalError (a broken invariant: a bug)
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+__all__ = [
+    "PostcopyError",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "UffdError",
+    "PageExistsError",
+    "UffdRetry",
+    "RangeGoneError",
+    "TargetGoneError",
+    "UffdUnsupportedError",
+    "UffdUnavailableError",
+    "MappingTableError",
+    "SourceLostError",
+    "MigrationAborted",
+    "ClosedError",
+    "BusyError",
+    "InternalError",
+    "uffd_error_from_errno",
+]
+
+
+class PostcopyError(Exception):
+    """Base of every error aiopostcopy raises on purpose."""
+
+
+class ProtocolError(PostcopyError):
+    """A protocol rule was broken. Abstract: raise a subclass.
+
+    Attributes:
+        code: the wire error code (see docs/protocol.md) sent to the peer.
+    """
+
+    code: str = "protocol"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        if type(self) is ProtocolError:
+            raise TypeError("ProtocolError is abstract; raise Local- or RemoteProtocolError")
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to do something the protocol forbids (our bug or misuse)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something malformed or out of order."""
+
+
+class UffdError(PostcopyError, OSError):
+    """A userfaultfd call failed. ``errno`` and ``strerror`` are set as for OSError."""
+
+    def __init__(self, err: int, message: str | None = None) -> None:
+        text = message if message is not None else _errno_text(err)
+        OSError.__init__(self, err, text)
+
+
+class PageExistsError(UffdError):
+    """EEXIST: the page is already present (count it placed, then wake)."""
+
+
+class UffdRetry(UffdError):
+    """EAGAIN: the mapping is changing or the copy was partial.
+
+    Attributes:
+        done: bytes handled before the call stopped (retry from there after
+            draining the fd's events).
+    """
+
+    def __init__(self, err: int, message: str | None = None, *, done: int = 0) -> None:
+        super().__init__(err, message)
+        self.done = done
+
+
+class RangeGoneError(UffdError):
+    """ENOENT: the range was unmapped or moved (or is no longer registered)."""
+
+
+class TargetGoneError(UffdError):
+    """ESRCH: the process that owns the userfaultfd is gone."""
+
+
+class UffdUnsupportedError(UffdError):
+    """A feature, mode or ioctl is not supported by the headers or the kernel."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_errno.EOPNOTSUPP, message)
+
+
+class UffdUnavailableError(UffdError):
+    """No way to open a userfaultfd works here; the message names the fix."""
+
+
+class MappingTableError(PostcopyError, ValueError):
+    """A mapping table (client range -> RAMBlock/offset) is invalid."""
+
+
+class SourceLostError(PostcopyError):
+    """The connection to the source broke; ``__cause__`` holds the reason."""
+
+
+class MigrationAborted(PostcopyError):
+    """The migration ended by explicit abort or deadline before every page arrived."""
+
+
+class ClosedError(PostcopyError):
+    """The object was used after we closed it."""
+
+
+class BusyError(PostcopyError):
+    """Two users wanted a resource that serves one."""
+
+
+class InternalError(Exception):
+    """A broken invariant inside aiopostcopy: this is a bug, please report it."""
+
+
+_BY_ERRNO: dict[int, type[UffdError]] = {
+    _errno.EEXIST: PageExistsError,
+    _errno.EAGAIN: UffdRetry,
+    _errno.ENOENT: RangeGoneError,
+    _errno.ESRCH: TargetGoneError,
+}
+
+
+def _errno_text(err: int) -> str:
+    import os
+
+    return os.strerror(err)
+
+
+def uffd_error_from_errno(err: int, what: str, *, done: int = 0) -> UffdError:
+    """Build the typed exception for a failed userfaultfd call.
+
+    Args:
+        err: the errno value.
+        what: the call that failed, e.g. ``"UFFDIO_COPY"``; it leads the message.
+        done: bytes handled before the failure (only kept by :class:`UffdRetry`).
+
+    Returns:
+        An instance of the :class:`UffdError` subclass for ``err``.
+    """
+    cls = _BY_ERRNO.get(err, UffdError)
+    message = f"{what}: {_errno_text(err)}"
+    if cls is UffdRetry:
+        return UffdRetry(err, message, done=done)
+    return cls(err, message)

@@ -1,0 +1,545 @@
+"""Wire messages: what the source, the destination and clients say to each other.
+
+Every message is a frozen, slotted, keyword-only dataclass that validates its
+fields when built, so a message that exists is a message that may be sent.
+This module knows nothing of msgpack or sockets: :mod:`aiopostcopy.transport.wire`
+turns these into bytes and back (see docs/protocol.md for the byte layout).
+
+Two protocols share the framing:
+
+* the *migration* protocol between destination and source, over two TCP (or
+  Unix) connections: an ``urgent`` channel that carries requests and the pages
+  that answer them, and a ``background`` channel that carries the sweep;
+* the *client control* protocol between the destination service and the
+  processes that share its memory, over a Unix socket with SCM_RIGHTS.
+
+A page run is ``(block, first, count)``: ``count`` pages of RAMBlock index
+``block`` starting at page ``first``.  Indexes refer to the block list of the
+session's :class:`Hello`.
+
+Validation raises :class:`~aiopostcopy.errors.LocalProtocolError`; the wire
+decoder re-raises it as :class:`~aiopostcopy.errors.RemoteProtocolError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import ClassVar, Union
+
+from aiopostcopy.errors import LocalProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Limits",
+    "LIMITS",
+    "Channel",
+    "Role",
+    "ClientMode",
+    "ErrorCode",
+    "BlockInfo",
+    "PageRun",
+    "Hello",
+    "Request",
+    "Pages",
+    "Zero",
+    "Discard",
+    "Resume",
+    "Done",
+    "Complete",
+    "Ack",
+    "Ping",
+    "Pong",
+    "Error",
+    "ClientHello",
+    "Blocks",
+    "Register",
+    "Accept",
+    "Reject",
+    "ClientRequest",
+    "Placed",
+    "End",
+    "Bye",
+    "Message",
+]
+
+PROTOCOL_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on everything a peer controls.  Going over one is a protocol error."""
+
+    max_header: int = 4 << 20  #: bytes of one msgpack header
+    max_payload: int = 16 << 20  #: bytes of page data after one Pages header
+    max_blocks: int = 1024  #: RAMBlocks in a session
+    max_block_length: int = 1 << 46  #: bytes in one RAMBlock (64 TiB)
+    max_name: int = 256  #: characters in a block name, session id, client name
+    max_runs: int = 4096  #: runs in one Request / Placed / Register
+    max_resume_runs: int = 1 << 20  #: runs in one Resume, all blocks together
+    max_features: int = 64  #: feature names in a Hello
+    max_text: int = 4096  #: characters of an Error / Reject text
+
+
+LIMITS = Limits()
+
+PAGE_SIZES = frozenset({4096, 2 << 20})
+
+
+class Channel(str, enum.Enum):
+    """Which connection a Hello opens."""
+
+    URGENT = "urgent"  #: requests and the pages that answer them, TCP_NODELAY
+    BACKGROUND = "background"  #: the sweep of everything else, flow-controlled
+
+
+class Role(str, enum.Enum):
+    SOURCE = "source"
+    DESTINATION = "destination"
+
+
+class ClientMode(str, enum.Enum):
+    """How a client process shares the destination's memory."""
+
+    #: QEMU's way: the client hands its userfaultfd to the service, which reads
+    #: it, requests pages on the client's behalf and wakes the client's threads.
+    DELEGATED = "delegated"
+    #: The client reads its own userfaultfd, asks for (block, page) runs itself
+    #: and wakes its own threads when told the pages are placed.  The service
+    #: never learns a client address and never wakes a client fd.
+    SELF_SERVED = "self-served"
+
+
+class ErrorCode(str, enum.Enum):
+    PROTOCOL = "protocol"  #: malformed or out-of-order message
+    VERSION = "version"  #: no common protocol version
+    SESSION = "session"  #: unknown or mismatched session id
+    BUSY = "busy"  #: the source already serves a destination
+    BLOCK = "block"  #: a run names a block or page out of range
+    MAPPING = "mapping"  #: a client's mapping table is invalid
+    IO = "io"  #: the peer could not read or write its memory
+    ABORTED = "aborted"  #: the migration was aborted
+    INTERNAL = "internal"  #: a bug on the sending side
+
+
+def _fail(message: str) -> LocalProtocolError:
+    return LocalProtocolError(message)
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if type(value) is not int or not low <= value <= high:
+        raise _fail(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_str(name: str, value: object, limit: int, *, empty: bool = False) -> None:
+    if type(value) is not str or len(value) > limit or (not empty and not value):
+        raise _fail(f"{name} must be a string of 1..{limit} characters, got {value!r:.80}")
+
+
+def _check_run(name: str, block: object, first: object, count: object) -> None:
+    _check_int(f"{name}.block", block, 0, LIMITS.max_blocks - 1)
+    _check_int(f"{name}.first", first, 0, (1 << 46) - 1)
+    _check_int(f"{name}.count", count, 1, 1 << 32)
+
+
+def _check_runs(name: str, runs: object, limit: int) -> None:
+    if type(runs) is not tuple or len(runs) > limit:
+        raise _fail(f"{name} must be a tuple of at most {limit} runs")
+    for run in runs:
+        if type(run) is not PageRun:
+            raise _fail(f"{name} items must be PageRun, got {type(run).__name__}")
+
+
+_frozen = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+
+
+@_frozen
+class BlockInfo:
+    """A RAMBlock as the protocol describes it."""
+
+    name: str
+    length: int  #: bytes, a multiple of page_size
+    page_size: int  #: 4096 or 2 MiB
+
+    def __post_init__(self) -> None:
+        _check_str("block name", self.name, LIMITS.max_name)
+        if self.page_size not in PAGE_SIZES:
+            raise _fail(f"block {self.name!r}: page size {self.page_size!r} not in {sorted(PAGE_SIZES)}")
+        _check_int(f"block {self.name!r} length", self.length, self.page_size, LIMITS.max_block_length)
+        if self.length % self.page_size:
+            raise _fail(f"block {self.name!r}: length {self.length} is not a multiple of {self.page_size}")
+
+    @property
+    def pages(self) -> int:
+        return self.length // self.page_size
+
+
+@_frozen
+class PageRun:
+    """``count`` pages of block index ``block`` from page ``first``."""
+
+    block: int
+    first: int
+    count: int
+
+    def __post_init__(self) -> None:
+        _check_run("run", self.block, self.first, self.count)
+
+    @property
+    def stop(self) -> int:
+        return self.first + self.count
+
+
+# ---------------------------------------------------------------- migration
+
+
+@_frozen
+class Hello:
+    """First message on every migration connection, in both directions.
+
+    The destination opens each channel with its Hello (``blocks`` empty); the
+    source answers with its own, carrying the block list.  Both channels of
+    one migration carry the same ``session_id``.
+    """
+
+    TYPE: ClassVar[int] = 1
+    version: int
+    session_id: str
+    role: Role
+    channel: Channel
+    features: tuple[str, ...] = ()
+    blocks: tuple[BlockInfo, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_int("version", self.version, 1, 0xFFFF)
+        _check_str("session_id", self.session_id, LIMITS.max_name)
+        if not isinstance(self.role, Role) or not isinstance(self.channel, Channel):
+            raise _fail("hello: role and channel must be Role and Channel members")
+        if type(self.features) is not tuple or len(self.features) > LIMITS.max_features:
+            raise _fail(f"hello: at most {LIMITS.max_features} features")
+        for feature in self.features:
+            _check_str("feature", feature, LIMITS.max_name)
+        if type(self.blocks) is not tuple or len(self.blocks) > LIMITS.max_blocks:
+            raise _fail(f"hello: at most {LIMITS.max_blocks} blocks")
+        names = set()
+        for block in self.blocks:
+            if type(block) is not BlockInfo:
+                raise _fail("hello: blocks must be BlockInfo")
+            if block.name in names:
+                raise _fail(f"hello: block name {block.name!r} appears twice")
+            names.add(block.name)
+
+
+@_frozen
+class Request:
+    """Destination -> source, urgent channel: send these runs before anything else."""
+
+    TYPE: ClassVar[int] = 2
+    runs: tuple[PageRun, ...]
+
+    def __post_init__(self) -> None:
+        _check_runs("request runs", self.runs, LIMITS.max_runs)
+        if not self.runs:
+            raise _fail("request: no runs")
+
+
+@_frozen
+class Pages:
+    """Source -> destination: page contents for one run.
+
+    On the wire the header is followed by exactly ``count * page_size`` raw
+    bytes.  ``data`` holds them when the message was built or decoded in
+    memory; the streaming receiver places the payload straight into staging
+    memory and leaves ``data`` as None.
+    """
+
+    TYPE: ClassVar[int] = 3
+    block: int
+    first: int
+    count: int
+    data: bytes | memoryview | None = None
+
+    def __post_init__(self) -> None:
+        _check_run("pages", self.block, self.first, self.count)
+
+    @property
+    def run(self) -> PageRun:
+        return PageRun(block=self.block, first=self.first, count=self.count)
+
+
+@_frozen
+class Zero:
+    """Source -> destination: these pages are all zeros (no payload)."""
+
+    TYPE: ClassVar[int] = 4
+    block: int
+    first: int
+    count: int
+
+    def __post_init__(self) -> None:
+        _check_run("zero", self.block, self.first, self.count)
+
+
+@_frozen
+class Discard:
+    """Source -> destination: treat these pages as missing again (drop any copy)."""
+
+    TYPE: ClassVar[int] = 5
+    block: int
+    first: int
+    count: int
+
+    def __post_init__(self) -> None:
+        _check_run("discard", self.block, self.first, self.count)
+
+
+@_frozen
+class Resume:
+    """Destination -> source after a reconnect: what the destination already has.
+
+    ``received`` holds, per block index, the placed page runs flattened as
+    ``(start0, stop0, start1, stop1, ...)`` (half-open, sorted, disjoint).  The
+    source must not resend those pages; it re-serves ``pending`` first.
+    """
+
+    TYPE: ClassVar[int] = 6
+    session_id: str
+    received: tuple[tuple[int, tuple[int, ...]], ...]
+    pending: tuple[PageRun, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_str("session_id", self.session_id, LIMITS.max_name)
+        _check_runs("resume pending", self.pending, LIMITS.max_runs)
+        if type(self.received) is not tuple:
+            raise _fail("resume: received must be a tuple")
+        total = 0
+        for item in self.received:
+            if type(item) is not tuple or len(item) != 2:
+                raise _fail("resume: received items are (block, bounds)")
+            block, bounds = item
+            _check_int("resume block", block, 0, LIMITS.max_blocks - 1)
+            if type(bounds) is not tuple or len(bounds) % 2:
+                raise _fail("resume: bounds must be an even-length tuple")
+            total += len(bounds) // 2
+            previous = -1
+            for bound in bounds:
+                _check_int("resume bound", bound, 0, 1 << 46)
+                if bound <= previous:
+                    raise _fail("resume: bounds must be strictly increasing")
+                previous = bound
+        if total > LIMITS.max_resume_runs:
+            raise _fail(f"resume: more than {LIMITS.max_resume_runs} runs")
+
+
+@_frozen
+class Done:
+    """Source -> destination: every page has been sent on this channel."""
+
+    TYPE: ClassVar[int] = 7
+    pages: int  #: pages (data and zero) sent on the channel since its Hello
+
+    def __post_init__(self) -> None:
+        _check_int("done pages", self.pages, 0, 1 << 46)
+
+
+@_frozen
+class Complete:
+    """Destination -> source: every page is placed; the source may let go."""
+
+    TYPE: ClassVar[int] = 8
+
+
+@_frozen
+class Ack:
+    """Destination -> source, background channel: ``nbytes`` more were consumed.
+
+    The source keeps at most its window of background bytes unacknowledged,
+    so background data never queues far ahead of an urgent page.
+    """
+
+    TYPE: ClassVar[int] = 9
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        _check_int("ack nbytes", self.nbytes, 1, 1 << 46)
+
+
+@_frozen
+class Ping:
+    """Keep-alive; the peer answers with a Pong carrying the same token."""
+
+    TYPE: ClassVar[int] = 10
+    token: int
+
+    def __post_init__(self) -> None:
+        _check_int("ping token", self.token, 0, (1 << 63) - 1)
+
+
+@_frozen
+class Pong:
+    TYPE: ClassVar[int] = 11
+    token: int
+
+    def __post_init__(self) -> None:
+        _check_int("pong token", self.token, 0, (1 << 63) - 1)
+
+
+@_frozen
+class Error:
+    """Either side, either protocol: a fatal error; the sender closes next."""
+
+    TYPE: ClassVar[int] = 12
+    code: ErrorCode
+    text: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, ErrorCode):
+            raise _fail("error code must be an ErrorCode")
+        _check_str("error text", self.text, LIMITS.max_text, empty=True)
+
+
+# ----------------------------------------------------------- client control
+
+
+@_frozen
+class ClientHello:
+    """Client -> service, first message: who it is and how it wants to work."""
+
+    TYPE: ClassVar[int] = 20
+    version: int
+    pid: int
+    name: str
+    mode: ClientMode
+
+    def __post_init__(self) -> None:
+        _check_int("version", self.version, 1, 0xFFFF)
+        _check_int("pid", self.pid, 1, (1 << 31) - 1)
+        _check_str("client name", self.name, LIMITS.max_name)
+        if not isinstance(self.mode, ClientMode):
+            raise _fail("client mode must be a ClientMode")
+
+
+@_frozen
+class Blocks:
+    """Service -> client (phase *advise*): the blocks; one fd per block rides along.
+
+    The fds travel as SCM_RIGHTS ancillary data on the same sendmsg(), in
+    block order.  ``page_size`` of each block tells the client how to map it.
+    """
+
+    TYPE: ClassVar[int] = 21
+    session_id: str
+    blocks: tuple[BlockInfo, ...]
+
+    def __post_init__(self) -> None:
+        _check_str("session_id", self.session_id, LIMITS.max_name)
+        if type(self.blocks) is not tuple or not 1 <= len(self.blocks) <= LIMITS.max_blocks:
+            raise _fail(f"blocks: 1..{LIMITS.max_blocks} blocks")
+        for block in self.blocks:
+            if type(block) is not BlockInfo:
+                raise _fail("blocks: items must be BlockInfo")
+
+
+@_frozen
+class Register:
+    """Client -> service (phase *listen*): mappings registered with userfaultfd.
+
+    Delegated clients send their userfaultfd as SCM_RIGHTS with this message
+    and a mapping table of ``(address, length, block, offset)`` entries.
+    Self-served clients send no fd and an empty table.
+    """
+
+    TYPE: ClassVar[int] = 22
+    mappings: tuple[tuple[int, int, int, int], ...]
+
+    def __post_init__(self) -> None:
+        if type(self.mappings) is not tuple or len(self.mappings) > LIMITS.max_blocks:
+            raise _fail(f"register: at most {LIMITS.max_blocks} mappings")
+        for entry in self.mappings:
+            if type(entry) is not tuple or len(entry) != 4:
+                raise _fail("register: entries are (address, length, block, offset)")
+            address, length, block, offset = entry
+            _check_int("mapping address", address, 1, (1 << 64) - 1)
+            _check_int("mapping length", length, 1, LIMITS.max_block_length)
+            _check_int("mapping block", block, 0, LIMITS.max_blocks - 1)
+            _check_int("mapping offset", offset, 0, LIMITS.max_block_length)
+
+
+@_frozen
+class Accept:
+    """Service -> client: registration accepted; the client is *running*."""
+
+    TYPE: ClassVar[int] = 23
+
+
+@_frozen
+class Reject:
+    """Service -> client: registration refused; the text says which entry and why."""
+
+    TYPE: ClassVar[int] = 24
+    code: ErrorCode
+    text: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, ErrorCode):
+            raise _fail("reject code must be an ErrorCode")
+        _check_str("reject text", self.text, LIMITS.max_text, empty=True)
+
+
+@_frozen
+class ClientRequest:
+    """Self-served client -> service: these pages fault here; send Placed when in."""
+
+    TYPE: ClassVar[int] = 25
+    runs: tuple[PageRun, ...]
+
+    def __post_init__(self) -> None:
+        _check_runs("client request runs", self.runs, LIMITS.max_runs)
+        if not self.runs:
+            raise _fail("client request: no runs")
+
+
+@_frozen
+class Placed:
+    """Service -> self-served client: these requested pages are now in memory."""
+
+    TYPE: ClassVar[int] = 26
+    runs: tuple[PageRun, ...]
+
+    def __post_init__(self) -> None:
+        _check_runs("placed runs", self.runs, LIMITS.max_runs)
+        if not self.runs:
+            raise _fail("placed: no runs")
+
+
+@_frozen
+class End:
+    """Service -> client (phase *end*): every page is placed; unregister and close."""
+
+    TYPE: ClassVar[int] = 27
+    complete: bool = True  #: False when the migration was aborted
+
+    def __post_init__(self) -> None:
+        if type(self.complete) is not bool:
+            raise _fail("end: complete must be a bool")
+
+
+@_frozen
+class Bye:
+    """Client -> service: leaving; the service retires the client's fd in order."""
+
+    TYPE: ClassVar[int] = 28
+
+
+Message = Union[
+    Hello, Request, Pages, Zero, Discard, Resume, Done, Complete, Ack, Ping, Pong, Error,
+    ClientHello, Blocks, Register, Accept, Reject, ClientRequest, Placed, End, Bye,
+]
+
+MESSAGE_TYPES: dict[int, type] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello, Request, Pages, Zero, Discard, Resume, Done, Complete, Ack, Ping, Pong, Error,
+        ClientHello, Blocks, Register, Accept, Reject, ClientRequest, Placed, End, Bye,
+    )
+}
