@@ -1,0 +1,335 @@
+/*
+ * _source.c: the C side of aiopostcopy.uffd, compiled by cffi (API mode).
+ *
+ * These helpers only flatten and batch: each fills a kernel struct from plain
+ * integers, makes one system call, and hands back 0 or the errno value (the
+ * open helpers hand back the fd or -errno). They hold no state and make no
+ * decision; every policy (retry, wake, what an errno means) is in Python.
+ * cffi releases the GIL around each call, so a call that blocks (a fault
+ * taken by apc_touch, a madvise waiting for its REMOVE event to be read)
+ * never stalls the interpreter.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
+#include <linux/memfd.h>
+#include <linux/userfaultfd.h>
+
+/* ---- optional parts of the ABI ---------------------------------------- */
+
+#ifdef UFFDIO_MOVE
+#define HAS_MOVE 1
+#define APC_FEATURE_MOVE UFFD_FEATURE_MOVE
+#define APC_IOCTL_MOVE ((uint64_t)1 << _UFFDIO_MOVE)
+#else
+#define HAS_MOVE 0
+#define APC_FEATURE_MOVE 0
+#define APC_IOCTL_MOVE 0
+#endif
+
+#ifdef UFFDIO_POISON
+#define HAS_POISON 1
+#define APC_FEATURE_POISON UFFD_FEATURE_POISON
+#define APC_IOCTL_POISON ((uint64_t)1 << _UFFDIO_POISON)
+#else
+#define HAS_POISON 0
+#define APC_FEATURE_POISON 0
+#define APC_IOCTL_POISON 0
+#endif
+
+#ifdef UFFD_FEATURE_WP_UNPOPULATED
+#define HAS_WP_UNPOPULATED 1
+#define APC_FEATURE_WP_UNPOPULATED UFFD_FEATURE_WP_UNPOPULATED
+#else
+#define HAS_WP_UNPOPULATED 0
+#define APC_FEATURE_WP_UNPOPULATED 0
+#endif
+
+#ifdef UFFD_FEATURE_WP_ASYNC
+#define HAS_WP_ASYNC 1
+#define APC_FEATURE_WP_ASYNC UFFD_FEATURE_WP_ASYNC
+#else
+#define HAS_WP_ASYNC 0
+#define APC_FEATURE_WP_ASYNC 0
+#endif
+
+#define APC_MSG_SLOTS 4
+
+/* ---- opening ---------------------------------------------------------- */
+
+int apc_open_dev(int flags)
+{
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev < 0)
+        return -errno;
+    int fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
+    int err = errno;
+    close(dev);
+    return fd < 0 ? -err : fd;
+}
+
+int apc_open_syscall(int flags)
+{
+#ifdef SYS_userfaultfd
+    long fd = syscall(SYS_userfaultfd, flags);
+    return fd < 0 ? -errno : (int)fd;
+#else
+    (void)flags;
+    return -ENOSYS;
+#endif
+}
+
+/* ---- ioctls ----------------------------------------------------------- */
+
+static int apc_ioctl(int fd, unsigned long request, void *arg)
+{
+    return ioctl(fd, request, arg) == 0 ? 0 : errno;
+}
+
+/* Bytes handled by the last placing call of this thread, for callers that
+ * pass done == NULL (read it, like errno, with apc_last_done()). */
+static __thread int64_t apc_done_tls;
+
+int64_t apc_last_done(void)
+{
+    return apc_done_tls;
+}
+
+static int apc_finish(int rc, uint64_t len, int64_t reported, int64_t *done)
+{
+    /* The kernel writes bytes handled, or -errno when it handled none. */
+    int64_t value = rc == 0 ? (int64_t)len : (reported > 0 ? reported : 0);
+    *(done ? done : &apc_done_tls) = value;
+    return rc;
+}
+
+int apc_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out)
+{
+    struct uffdio_api api;
+    memset(&api, 0, sizeof api);
+    api.api = UFFD_API;
+    api.features = features;
+    int rc = apc_ioctl(fd, UFFDIO_API, &api);
+    *features_out = api.features;
+    *ioctls_out = api.ioctls;
+    return rc;
+}
+
+int apc_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out)
+{
+    struct uffdio_register reg;
+    memset(&reg, 0, sizeof reg);
+    reg.range.start = start;
+    reg.range.len = len;
+    reg.mode = mode;
+    int rc = apc_ioctl(fd, UFFDIO_REGISTER, &reg);
+    *ioctls_out = rc == 0 ? reg.ioctls : 0;
+    return rc;
+}
+
+int apc_unregister(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range range = { .start = start, .len = len };
+    return apc_ioctl(fd, UFFDIO_UNREGISTER, &range);
+}
+
+int apc_wake(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range range = { .start = start, .len = len };
+    return apc_ioctl(fd, UFFDIO_WAKE, &range);
+}
+
+int apc_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done)
+{
+    struct uffdio_copy copy = { .dst = dst, .src = src, .len = len, .mode = mode, .copy = 0 };
+    int rc = apc_ioctl(fd, UFFDIO_COPY, &copy);
+    return apc_finish(rc, len, copy.copy, done);
+}
+
+int apc_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done)
+{
+    struct uffdio_zeropage zero;
+    memset(&zero, 0, sizeof zero);
+    zero.range.start = start;
+    zero.range.len = len;
+    zero.mode = mode;
+    int rc = apc_ioctl(fd, UFFDIO_ZEROPAGE, &zero);
+    return apc_finish(rc, len, zero.zeropage, done);
+}
+
+int apc_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done)
+{
+    struct uffdio_continue cont;
+    memset(&cont, 0, sizeof cont);
+    cont.range.start = start;
+    cont.range.len = len;
+    cont.mode = mode;
+    int rc = apc_ioctl(fd, UFFDIO_CONTINUE, &cont);
+    return apc_finish(rc, len, cont.mapped, done);
+}
+
+int apc_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode)
+{
+    struct uffdio_writeprotect wp;
+    memset(&wp, 0, sizeof wp);
+    wp.range.start = start;
+    wp.range.len = len;
+    wp.mode = mode;
+    return apc_ioctl(fd, UFFDIO_WRITEPROTECT, &wp);
+}
+
+int apc_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done)
+{
+#if HAS_POISON
+    struct uffdio_poison poison;
+    memset(&poison, 0, sizeof poison);
+    poison.range.start = start;
+    poison.range.len = len;
+    poison.mode = mode;
+    int rc = apc_ioctl(fd, UFFDIO_POISON, &poison);
+    return apc_finish(rc, len, poison.updated, done);
+#else
+    (void)fd; (void)start; (void)mode;
+    return apc_finish(ENOSYS, len, 0, done);
+#endif
+}
+
+int apc_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done)
+{
+#if HAS_MOVE
+    struct uffdio_move move;
+    memset(&move, 0, sizeof move);
+    move.dst = dst;
+    move.src = src;
+    move.len = len;
+    move.mode = mode;
+    int rc = apc_ioctl(fd, UFFDIO_MOVE, &move);
+    return apc_finish(rc, len, move.move, done);
+#else
+    (void)fd; (void)dst; (void)src; (void)mode;
+    return apc_finish(ENOSYS, len, 0, done);
+#endif
+}
+
+/* ---- reading events --------------------------------------------------- */
+
+static void apc_flatten(const struct uffd_msg *msg, uint64_t *slot)
+{
+    slot[0] = msg->event;
+    switch (msg->event) {
+    case UFFD_EVENT_PAGEFAULT:
+        slot[1] = msg->arg.pagefault.flags;
+        slot[2] = msg->arg.pagefault.address;
+        slot[3] = msg->arg.pagefault.feat.ptid;
+        break;
+    case UFFD_EVENT_FORK:
+        slot[1] = msg->arg.fork.ufd;
+        slot[2] = 0;
+        slot[3] = 0;
+        break;
+    case UFFD_EVENT_REMAP:
+        slot[1] = msg->arg.remap.from;
+        slot[2] = msg->arg.remap.to;
+        slot[3] = msg->arg.remap.len;
+        break;
+    case UFFD_EVENT_REMOVE:
+    case UFFD_EVENT_UNMAP:
+        slot[1] = msg->arg.remove.start;
+        slot[2] = msg->arg.remove.end;
+        slot[3] = 0;
+        break;
+    default:
+        slot[1] = msg->arg.reserved.reserved1;
+        slot[2] = msg->arg.reserved.reserved2;
+        slot[3] = msg->arg.reserved.reserved3;
+        break;
+    }
+}
+
+int apc_read_msgs(int fd, void *buf, size_t n, uint64_t *out)
+{
+    struct uffd_msg *msgs = buf;
+    ssize_t got = read(fd, msgs, n * sizeof *msgs);
+    if (got < 0)
+        return -errno;
+    size_t count = (size_t)got / sizeof *msgs;
+    for (size_t i = 0; i < count; i++)
+        apc_flatten(&msgs[i], out + i * APC_MSG_SLOTS);
+    return (int)count;
+}
+
+/* ---- memory ----------------------------------------------------------- */
+
+int apc_mmap(uint64_t addr, uint64_t len, int prot, int flags, int fd, uint64_t off, uint64_t *out)
+{
+    void *p = mmap((void *)(uintptr_t)addr, len, prot, flags, fd, (off_t)off);
+    if (p == MAP_FAILED)
+        return errno;
+    *out = (uint64_t)(uintptr_t)p;
+    return 0;
+}
+
+int apc_munmap(uint64_t addr, uint64_t len)
+{
+    return munmap((void *)(uintptr_t)addr, len) == 0 ? 0 : errno;
+}
+
+int apc_mremap(uint64_t old_addr, uint64_t old_len, uint64_t new_len, int flags,
+               uint64_t new_addr, uint64_t *out)
+{
+    void *p = mremap((void *)(uintptr_t)old_addr, old_len, new_len, flags,
+                     (void *)(uintptr_t)new_addr);
+    if (p == MAP_FAILED)
+        return errno;
+    *out = (uint64_t)(uintptr_t)p;
+    return 0;
+}
+
+int apc_madvise(uint64_t addr, uint64_t len, int advice)
+{
+    return madvise((void *)(uintptr_t)addr, len, advice) == 0 ? 0 : errno;
+}
+
+int apc_fallocate(int fd, int mode, uint64_t offset, uint64_t len)
+{
+    return fallocate(fd, mode, (off_t)offset, (off_t)len) == 0 ? 0 : errno;
+}
+
+int apc_fstatfs(int fd, uint64_t *fs_type, uint64_t *block_size)
+{
+    struct statfs st;
+    if (fstatfs(fd, &st) != 0)
+        return errno;
+    *fs_type = (uint64_t)st.f_type;
+    *block_size = (uint64_t)st.f_bsize;
+    return 0;
+}
+
+/* Read (or write `value` to) one byte every `stride` bytes of a range: a
+ * user-space access, from C, with the GIL released. Lets a Python thread take
+ * a userfaultfd fault without blocking every other thread. */
+uint64_t apc_touch(uint64_t addr, uint64_t len, uint64_t stride, int write, int value)
+{
+    volatile uint8_t *p = (volatile uint8_t *)(uintptr_t)addr;
+    uint64_t sum = 0;
+    if (stride == 0)
+        stride = 1;
+    for (uint64_t off = 0; off < len; off += stride) {
+        if (write)
+            p[off] = (uint8_t)value;
+        else
+            sum += p[off];
+    }
+    return sum;
+}

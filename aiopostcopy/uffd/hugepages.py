@@ -1,0 +1,126 @@
+"""Page sizes, hugetlbfs mounts and huge page reservations.
+
+hugetlbfs memory comes only from a pool the administrator sizes
+(``/proc/sys/vm/nr_hugepages`` for the default size, the sysfs
+``hugepages-<N>kB/nr_hugepages`` files for others); an mmap of a hugetlbfs
+object fails with ENOMEM when the pool is short.  :class:`HugePageReservation`
+grows the pool for the length of a ``with`` block (root only) and puts the old
+value back on exit, so tests and benchmarks leave the machine as they found it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+__all__ = ["default_page_size", "hugetlbfs_mount", "default_huge_page_size", "HugePageReservation"]
+
+_SYSFS = "/sys/kernel/mm/hugepages/hugepages-{kib}kB/{name}"
+
+
+def default_page_size() -> int:
+    """The base page size (``sysconf(_SC_PAGESIZE)``, 4096 on x86-64)."""
+    return os.sysconf("SC_PAGESIZE")
+
+
+def default_huge_page_size() -> int | None:
+    """The default huge page size from /proc/meminfo, or None without hugetlb support."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Hugepagesize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def hugetlbfs_mount() -> str | None:
+    """The first hugetlbfs mount point in /proc/mounts, or None.
+
+    Returns:
+        A directory where files are backed by huge pages, or None if none is mounted.
+    """
+    try:
+        with open("/proc/mounts", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3 and fields[2] == "hugetlbfs":
+                    return fields[1].replace("\\040", " ")
+    except OSError:
+        return None
+    return None
+
+
+def _pool_path(page_size: int, name: str) -> str:
+    if name == "nr_hugepages" and page_size == default_huge_page_size():
+        return "/proc/sys/vm/nr_hugepages"
+    return _SYSFS.format(kib=page_size // 1024, name=name)
+
+
+def _read_int(path: str) -> int:
+    with open(path, encoding="ascii") as f:
+        return int(f.read().strip())
+
+
+def _write_int(path: str, value: int) -> None:
+    with open(path, "w", encoding="ascii") as f:
+        f.write(f"{value}\n")
+
+
+class HugePageReservation:
+    """Make at least ``pages`` free huge pages available inside a ``with`` block.
+
+    On entry the pool (nr_hugepages) is raised by however many free pages are
+    missing; on exit the old pool size is written back (pages still in use
+    then become surplus pages the kernel frees as soon as they are released).
+
+    Args:
+        pages: free huge pages needed.
+        page_size: huge page size in bytes (default: the system default, 2 MiB).
+
+    Attributes:
+        old: the pool size found on entry.
+        target: the pool size set on entry.
+
+    Raises (on entry):
+        PermissionError: not root.
+        OSError: no hugetlb support, or the kernel could not find enough memory
+            (ENOMEM; the old value is restored first).
+    """
+
+    def __init__(self, pages: int, *, page_size: int | None = None) -> None:
+        size = page_size or default_huge_page_size()
+        if size is None:
+            raise OSError(errno.ENOTSUP, "this kernel has no hugetlb pages")
+        self.pages = pages
+        self.page_size = size
+        self.old: int | None = None
+        self.target: int | None = None
+
+    def _counter(self, name: str) -> int:
+        return _read_int(_pool_path(self.page_size, name))
+
+    def __enter__(self) -> HugePageReservation:
+        if os.geteuid() != 0:
+            raise PermissionError(errno.EPERM, "reserving huge pages needs root")
+        path = _pool_path(self.page_size, "nr_hugepages")
+        self.old = _read_int(path)
+        free = self._counter("free_hugepages")
+        self.target = self.old + max(0, self.pages - free)
+        if self.target != self.old:
+            _write_int(path, self.target)
+        if self._counter("free_hugepages") < self.pages:
+            self._restore()
+            raise OSError(errno.ENOMEM, f"could not reserve {self.pages} huge pages of {self.page_size} bytes")
+        return self
+
+    def _restore(self) -> None:
+        if self.old is not None and self.target != self.old:
+            _write_int(_pool_path(self.page_size, "nr_hugepages"), self.old)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()
+
+    def __repr__(self) -> str:
+        return f"<HugePageReservation pages={self.pages} size={self.page_size} old={self.old} target={self.target}>"

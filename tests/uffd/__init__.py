@@ -1,0 +1,1 @@
+"""Real-kernel tests of aiopostcopy.uffd (userfaultfd and shared memory)."""
