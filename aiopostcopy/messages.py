@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
+import operator
 from typing import ClassVar, Union
 
 from aiopostcopy.errors import LocalProtocolError
@@ -75,8 +77,11 @@ class Limits:
     max_blocks: int = 1024  #: RAMBlocks in a session
     max_block_length: int = 1 << 46  #: bytes in one RAMBlock (64 TiB)
     max_name: int = 256  #: characters in a block name, session id, client name
-    max_runs: int = 4096  #: runs in one Request / Placed / Register
-    max_resume_runs: int = 1 << 20  #: runs in one Resume, all blocks together
+    max_runs: int = 4096  #: runs in one Request / ClientRequest / Placed / Resume.pending
+    #: runs in one Resume, all blocks together.  Sized so that the largest
+    #: valid Resume (every bound a 9-byte integer) fits in ``max_header``; a
+    #: destination with more runs reports a subset (under-reporting is safe).
+    max_resume_runs: int = 1 << 17
     max_features: int = 64  #: feature names in a Hello
     max_text: int = 4096  #: characters of an Error / Reject text
 
@@ -128,15 +133,52 @@ def _fail(message: str) -> LocalProtocolError:
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
     if type(value) is not int or not low <= value <= high:
-        raise _fail(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        raise _fail(f"{name} must be an integer in [{low}, {high}], got {value!r:.80}")
+
+
+def _encodable(value: str) -> bool:
+    """True unless ``value`` holds a lone surrogate, which UTF-8 cannot carry."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_str(name: str, value: object, limit: int, *, empty: bool = False) -> None:
-    if type(value) is not str or len(value) > limit or (not empty and not value):
-        raise _fail(f"{name} must be a string of 1..{limit} characters, got {value!r:.80}")
+    low = 0 if empty else 1
+    if (
+        type(value) is not str
+        or not low <= len(value) <= limit
+        or not (value.isascii() or _encodable(value))
+    ):
+        raise _fail(f"{name} must be a UTF-8 string of {low}..{limit} characters, got {value!r:.80}")
+
+
+def _check_bounds(bounds: object) -> int:
+    """Check one block's Resume bounds; return the number of runs.
+
+    Runs in C-speed passes (``map``) because a Resume may hold 2**18 bounds.
+    """
+    if type(bounds) is not tuple or len(bounds) % 2:
+        raise _fail("resume: bounds must be an even-length tuple")
+    if not bounds:
+        return 0
+    if set(map(type, bounds)) != {int}:
+        raise _fail("resume: bounds must be integers")
+    if bounds[0] < 0 or bounds[-1] > 1 << 46:
+        raise _fail(f"resume: bounds must lie in [0, {1 << 46}]")
+    if not all(map(operator.lt, bounds, itertools.islice(bounds, 1, None))):
+        raise _fail("resume: bounds must be strictly increasing")
+    return len(bounds) // 2
 
 
 def _check_run(name: str, block: object, first: object, count: object) -> None:
+    if (  # the common, valid case in one expression: runs are decoded per frame
+        type(block) is int and type(first) is int and type(count) is int
+        and 0 <= block < LIMITS.max_blocks and 0 <= first < 1 << 46 and 1 <= count <= 1 << 32
+    ):
+        return
     _check_int(f"{name}.block", block, 0, LIMITS.max_blocks - 1)
     _check_int(f"{name}.first", first, 0, (1 << 46) - 1)
     _check_int(f"{name}.count", count, 1, 1 << 32)
@@ -163,7 +205,7 @@ class BlockInfo:
 
     def __post_init__(self) -> None:
         _check_str("block name", self.name, LIMITS.max_name)
-        if self.page_size not in PAGE_SIZES:
+        if type(self.page_size) is not int or self.page_size not in PAGE_SIZES:
             raise _fail(f"block {self.name!r}: page size {self.page_size!r} not in {sorted(PAGE_SIZES)}")
         _check_int(f"block {self.name!r} length", self.length, self.page_size, LIMITS.max_block_length)
         if self.length % self.page_size:
@@ -247,10 +289,11 @@ class Request:
 class Pages:
     """Source -> destination: page contents for one run.
 
-    On the wire the header is followed by exactly ``count * page_size`` raw
-    bytes.  ``data`` holds them when the message was built or decoded in
-    memory; the streaming receiver places the payload straight into staging
-    memory and leaves ``data`` as None.
+    On the wire the header ``[3, block, first, count, nbytes]`` is followed by
+    exactly ``nbytes`` raw bytes (the session checks ``nbytes == count *
+    page_size``).  ``data`` holds them when the message was built or decoded
+    in memory; the streaming receiver places the payload straight into
+    staging memory and leaves ``data`` as None.
     """
 
     TYPE: ClassVar[int] = 3
@@ -261,6 +304,12 @@ class Pages:
 
     def __post_init__(self) -> None:
         _check_run("pages", self.block, self.first, self.count)
+        if self.data is not None:
+            if type(self.data) not in (bytes, bytearray, memoryview):
+                raise _fail("pages: data must be bytes, bytearray, memoryview or None")
+            size = self.data.nbytes if type(self.data) is memoryview else len(self.data)
+            if not 1 <= size <= LIMITS.max_payload:
+                raise _fail(f"pages: data must hold 1..{LIMITS.max_payload} bytes, got {size}")
 
     @property
     def run(self) -> PageRun:
@@ -312,21 +361,19 @@ class Resume:
         _check_runs("resume pending", self.pending, LIMITS.max_runs)
         if type(self.received) is not tuple:
             raise _fail("resume: received must be a tuple")
+        if len(self.received) > LIMITS.max_blocks:
+            raise _fail(f"resume: at most {LIMITS.max_blocks} blocks")
         total = 0
+        seen = set()
         for item in self.received:
             if type(item) is not tuple or len(item) != 2:
                 raise _fail("resume: received items are (block, bounds)")
             block, bounds = item
             _check_int("resume block", block, 0, LIMITS.max_blocks - 1)
-            if type(bounds) is not tuple or len(bounds) % 2:
-                raise _fail("resume: bounds must be an even-length tuple")
-            total += len(bounds) // 2
-            previous = -1
-            for bound in bounds:
-                _check_int("resume bound", bound, 0, 1 << 46)
-                if bound <= previous:
-                    raise _fail("resume: bounds must be strictly increasing")
-                previous = bound
+            if block in seen:
+                raise _fail(f"resume: block {block} appears twice")
+            seen.add(block)
+            total += _check_bounds(bounds)
         if total > LIMITS.max_resume_runs:
             raise _fail(f"resume: more than {LIMITS.max_resume_runs} runs")
 

@@ -1,0 +1,523 @@
+"""The I/O-free wire codec: messages to framed msgpack bytes and back.
+
+Theory of operation
+-------------------
+A frame is a 4-byte big-endian length ``N``, then ``N`` bytes of msgpack: one
+array ``[TYPE, field...]`` (fields in dataclass order, enums as their values;
+docs/protocol.md has every byte).  A Pages header ``[3, block, first, count,
+nbytes]`` is followed by ``nbytes`` raw bytes: page data never passes through
+msgpack and no per-page object exists.
+
+:func:`encode` makes frames.  :class:`Decoder` is h11-style: bytes go in by
+``receive_data`` or by the ``get_buffer``/``buffer_updated`` pair of
+``asyncio.BufferedProtocol``; ``next_event`` returns a message, the
+CONNECTION_CLOSED event, or None ("feed me more").  No I/O, no blocking.
+
+Hostile input.  A header must open with the fixarray byte of its type's arity
+and a positive-fixint type code.  Those two bytes are checked first, so an
+unknown or unwanted type, a wrong arity, or a header over its type's *budget*
+(the widest valid encoding, see :func:`header_budget`) is refused unparsed.
+The Unpacker then runs with ``use_list=False``, ``raw=False``,
+``strict_map_key=True``, no maps, bins or exts, and ``max_str_len`` /
+``max_array_len`` no larger than a valid message needs.  Parsed objects can
+still outweigh their bytes (``[[]]``: 2 bytes, a 64-byte tuple), so transient
+memory stays under ~30x the budget: ~70 MB for a maximal Resume, ~35 MB for a
+maximal Hello, little for the rest.  Every failure -- msgpack errors, shapes,
+validation -- is a :class:`RemoteProtocolError` with ``code``; the decoder is
+then dead and re-raises that error on every call.
+
+Zero copy.  With a ``payload_sink``, each Pages header makes the decoder ask
+the caller for a writable memoryview of exactly ``nbytes`` (page-aligned
+staging memory).  Payload already buffered is copied in once; then
+``get_buffer`` returns the sink's unfilled tail, so ``recv_into`` writes
+straight into staging memory, and the event is ``Pages(..., data=None)``.
+Without a sink, ``data`` is ``bytes``.  The input buffer is read at an offset
+and compacted only when its tail runs short.
+
+File descriptors are not the codec's business: a Blocks frame carries
+``len(blocks)`` fds and a delegated Register one, as SCM_RIGHTS on the
+sendmsg() of the frame's first byte (:mod:`aiopostcopy.core.control`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import struct
+from typing import Any, Callable, Final
+
+import msgpack
+
+from aiopostcopy.errors import ProtocolError, RemoteProtocolError, LocalProtocolError
+from aiopostcopy.messages import (
+    LIMITS, MESSAGE_TYPES, Ack, Accept, BlockInfo, Blocks, Bye, Channel, ClientHello, ClientMode,
+    ClientRequest, Complete, Discard, Done, End, Error, ErrorCode, Hello, Limits, Message, PageRun,
+    Pages, Ping, Placed, Pong, Register, Reject, Request, Resume, Role, Zero,
+)
+
+__all__ = [
+    "ConnectionClosed", "CONNECTION_CLOSED", "Decoder", "PayloadSink", "PREFIX_SIZE", "encode",
+    "encode_pages_header", "header_budget", "migration_allowed",
+]
+
+PREFIX_SIZE: Final = 4
+_PREFIX = struct.Struct(">I")
+_CHUNK = 64 << 10  #: free space get_buffer() offers outside a payload
+_SHRINK_ABOVE = 1 << 20  #: an empty buffer larger than this is given back
+#: Shared: validated messages hold only exact int/str/bool/tuple/list, so pack() runs no
+#: Python code and cannot release the GIL or re-enter midway.
+_PACKER = msgpack.Packer(use_bin_type=True)
+
+PayloadSink = Callable[[int, int, int, int], memoryview]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """Event: the peer closed the stream cleanly, at a frame boundary."""
+
+
+CONNECTION_CLOSED: Final = ConnectionClosed()
+
+# ------------------------------------------------------------------ encoding
+
+
+def _runs_out(runs: tuple[PageRun, ...]) -> list[tuple[int, int, int]]:
+    return [(r.block, r.first, r.count) for r in runs]
+
+
+def _blocks_out(blocks: tuple[BlockInfo, ...]) -> list[tuple[str, int, int]]:
+    return [(b.name, b.length, b.page_size) for b in blocks]
+
+
+_FIELDS_OUT: dict[type, Callable[[Any], tuple]] = {
+    Hello: lambda m: (m.version, m.session_id, m.role.value, m.channel.value, m.features,
+                      _blocks_out(m.blocks)),
+    Request: lambda m: (_runs_out(m.runs),),
+    Zero: lambda m: (m.block, m.first, m.count),
+    Discard: lambda m: (m.block, m.first, m.count),
+    Resume: lambda m: (m.session_id, m.received, _runs_out(m.pending)),
+    Done: lambda m: (m.pages,),
+    Complete: lambda m: (),
+    Ack: lambda m: (m.nbytes,),
+    Ping: lambda m: (m.token,),
+    Pong: lambda m: (m.token,),
+    Error: lambda m: (m.code.value, m.text),
+    ClientHello: lambda m: (m.version, m.pid, m.name, m.mode.value),
+    Blocks: lambda m: (m.session_id, _blocks_out(m.blocks)),
+    Register: lambda m: (m.mappings,),
+    Accept: lambda m: (),
+    Reject: lambda m: (m.code.value, m.text),
+    ClientRequest: lambda m: (_runs_out(m.runs),),
+    Placed: lambda m: (_runs_out(m.runs),),
+    End: lambda m: (m.complete,),
+    Bye: lambda m: (),
+}
+
+
+def _frame(fields: tuple, limits: Limits) -> bytes:
+    header = _PACKER.pack(fields)
+    if len(header) > limits.max_header:
+        raise LocalProtocolError(f"header of {len(header)} bytes exceeds {limits.max_header}")
+    return _PREFIX.pack(len(header)) + header
+
+
+def encode(msg: Message, *, limits: Limits = LIMITS) -> bytes:
+    """Encode one message as a complete frame.
+
+    Args:
+        msg: any message; a Pages message must carry ``data``.
+        limits: bounds the header size (the peer's limits, normally LIMITS).
+
+    Returns:
+        Length prefix, msgpack header and, for Pages, the payload.
+
+    Raises:
+        LocalProtocolError: not a message, Pages without data, or too large.
+    """
+    if type(msg) is Pages:
+        if msg.data is None:
+            raise LocalProtocolError("Pages without data: use encode_pages_header()")
+        size = msg.data.nbytes if type(msg.data) is memoryview else len(msg.data)
+        header = encode_pages_header(msg.block, msg.first, msg.count, size, limits=limits)
+        return b"".join((header, msg.data))
+    fields = _FIELDS_OUT.get(type(msg))
+    if fields is None:
+        raise LocalProtocolError(f"not a message: {type(msg).__name__}")
+    return _frame((msg.TYPE, *fields(msg)), limits)
+
+
+def encode_pages_header(block: int, first: int, count: int, nbytes: int, *,
+                        limits: Limits = LIMITS) -> bytes:
+    """Encode the frame of a Pages run without its payload.
+
+    The caller writes exactly ``nbytes`` of page data right after it (for
+    example with ``transport.writelines((header, view))``), avoiding a copy.
+
+    Args:
+        block, first, count: the page run.
+        nbytes: payload size that follows, 1..limits.max_payload.
+        limits: bounds nbytes.
+
+    Returns:
+        Length prefix and msgpack header ``[3, block, first, count, nbytes]``.
+
+    Raises:
+        LocalProtocolError: a field is out of range.
+    """
+    Pages(block=block, first=first, count=count)  # validates the run
+    if type(nbytes) is not int or not 1 <= nbytes <= limits.max_payload:
+        raise LocalProtocolError(f"pages nbytes must be in [1, {limits.max_payload}], got {nbytes!r}")
+    return _frame((Pages.TYPE, block, first, count, nbytes), limits)
+
+
+# ------------------------------------------------------------------ decoding
+
+
+def _runs_in(items: tuple) -> tuple[PageRun, ...]:
+    if len(items) > LIMITS.max_runs:  # before building thousands of objects to refuse
+        raise LocalProtocolError(f"more than {LIMITS.max_runs} runs")
+    return tuple([PageRun(block=b, first=f, count=c) for b, f, c in items])
+
+
+def _blocks_in(items: tuple) -> tuple[BlockInfo, ...]:
+    if len(items) > LIMITS.max_blocks:
+        raise LocalProtocolError(f"more than {LIMITS.max_blocks} blocks")
+    return tuple([BlockInfo(name=n, length=size, page_size=p) for n, size, p in items])
+
+
+_BUILD: dict[int, Callable[[tuple], Message]] = {
+    Hello.TYPE: lambda f: Hello(version=f[1], session_id=f[2], role=Role(f[3]), channel=Channel(f[4]),
+                                features=f[5], blocks=_blocks_in(f[6])),
+    Request.TYPE: lambda f: Request(runs=_runs_in(f[1])),
+    Pages.TYPE: lambda f: Pages(block=f[1], first=f[2], count=f[3]),
+    Zero.TYPE: lambda f: Zero(block=f[1], first=f[2], count=f[3]),
+    Discard.TYPE: lambda f: Discard(block=f[1], first=f[2], count=f[3]),
+    Resume.TYPE: lambda f: Resume(session_id=f[1], received=f[2], pending=_runs_in(f[3])),
+    Done.TYPE: lambda f: Done(pages=f[1]),
+    Complete.TYPE: lambda f: Complete(),
+    Ack.TYPE: lambda f: Ack(nbytes=f[1]),
+    Ping.TYPE: lambda f: Ping(token=f[1]),
+    Pong.TYPE: lambda f: Pong(token=f[1]),
+    Error.TYPE: lambda f: Error(code=ErrorCode(f[1]), text=f[2]),
+    ClientHello.TYPE: lambda f: ClientHello(version=f[1], pid=f[2], name=f[3], mode=ClientMode(f[4])),
+    Blocks.TYPE: lambda f: Blocks(session_id=f[1], blocks=_blocks_in(f[2])),
+    Register.TYPE: lambda f: Register(mappings=f[1]),
+    Accept.TYPE: lambda f: Accept(),
+    Reject.TYPE: lambda f: Reject(code=ErrorCode(f[1]), text=f[2]),
+    ClientRequest.TYPE: lambda f: ClientRequest(runs=_runs_in(f[1])),
+    Placed.TYPE: lambda f: Placed(runs=_runs_in(f[1])),
+    End.TYPE: lambda f: End(complete=f[1]),
+    Bye.TYPE: lambda f: Bye(),
+}
+
+#: first header byte of each type: a fixarray of 1 + number of fields
+_FIRST_BYTE: dict[int, int] = {
+    code: 0x90 + 1 + len(dataclasses.fields(cls)) for code, cls in MESSAGE_TYPES.items()
+}
+
+
+def header_budget(cls: type, limits: Limits = LIMITS) -> int:
+    """Largest valid header of a message type, in bytes.
+
+    Counts every integer as 9 bytes and every string as 5 + 4 bytes per
+    character (the widest msgpack encodings), so any conforming encoder fits.
+
+    Args:
+        cls: a message class.
+        limits: the counts and lengths allowed.
+
+    Returns:
+        The budget, never above ``limits.max_header``.
+    """
+    i, a = 9, 5  # widest integer, widest array header
+
+    def s(chars: int) -> int:  # widest string of that many characters
+        return 5 + 4 * chars
+
+    name, enum = s(limits.max_name), s(16)
+    block, runs = 1 + name + 2 * i, a + limits.max_runs * (1 + 3 * i)
+    body = {
+        Hello: 2 * i + name + 2 * enum + 2 * a + limits.max_features * name + limits.max_blocks * block,
+        Request: runs, Pages: 4 * i, Zero: 3 * i, Discard: 3 * i,
+        Resume: name + a + limits.max_blocks * (1 + i + a) + 2 * limits.max_resume_runs * i + runs,
+        Done: i, Complete: 0, Ack: i, Ping: i, Pong: i, Error: enum + s(limits.max_text),
+        ClientHello: 2 * i + name + enum, Blocks: name + a + limits.max_blocks * block,
+        Register: a + limits.max_blocks * (1 + 4 * i), Accept: 0, Reject: enum + s(limits.max_text),
+        ClientRequest: runs, Placed: runs, End: 1, Bye: 0,
+    }[cls]
+    return min(limits.max_header, 2 + body)
+
+
+@functools.lru_cache(maxsize=8)
+def _budgets(limits: Limits) -> dict[int, int]:
+    return {code: header_budget(cls, limits) for code, cls in MESSAGE_TYPES.items()}
+
+
+_BOTH: Final = frozenset({Hello, Ping, Pong, Error})
+_MIGRATION_ALLOWED: Final = {
+    (Role.SOURCE, Channel.URGENT): _BOTH | {Request, Resume, Complete},
+    (Role.SOURCE, Channel.BACKGROUND): _BOTH | {Ack},
+    (Role.DESTINATION, Channel.URGENT): _BOTH | {Pages, Zero, Discard},
+    (Role.DESTINATION, Channel.BACKGROUND): _BOTH | {Pages, Zero, Discard, Done},
+}
+
+
+def migration_allowed(receiver: Role, channel: Channel) -> frozenset[type]:
+    """Message types a migration peer may receive on a channel.
+
+    Args:
+        receiver: the receiving side's role.
+        channel: the connection.
+
+    Returns:
+        The set to pass as ``Decoder(allowed=...)``.
+    """
+    return _MIGRATION_ALLOWED[(Role(receiver), Channel(channel))]
+
+
+def _remote(exc: BaseException, what: str) -> RemoteProtocolError:
+    code = exc.code if isinstance(exc, ProtocolError) else ErrorCode.PROTOCOL.value
+    err = RemoteProtocolError(f"{what}: {exc}", code=code)
+    err.__cause__ = exc
+    return err
+
+
+class Decoder:
+    """Incremental, I/O-free frame decoder for one connection (one direction).
+
+    Args:
+        limits: bounds on headers, payloads and the msgpack objects inside.
+        allowed: message classes this side may receive; None allows all.
+        payload_sink: ``sink(block, first, count, nbytes) -> memoryview`` of
+            exactly ``nbytes`` writable bytes that receives a Pages payload.
+            It may raise a ProtocolError to refuse the run (bad block, size).
+
+    Raises:
+        TypeError: ``allowed`` holds something that is not a message class.
+    """
+
+    def __init__(self, *, limits: Limits = LIMITS, allowed: frozenset[type] | None = None,
+                 payload_sink: PayloadSink | None = None) -> None:
+        classes = MESSAGE_TYPES.values() if allowed is None else allowed
+        if not set(classes) <= set(MESSAGE_TYPES.values()):
+            raise TypeError(f"allowed holds non-message types: {set(classes) - set(MESSAGE_TYPES.values())}")
+        budgets = _budgets(limits)
+        self._budget = {cls.TYPE: budgets[cls.TYPE] for cls in classes}
+        self._max_header, self._max_payload = limits.max_header, limits.max_payload
+        self._unpacker = msgpack.Unpacker(
+            use_list=False, raw=False, strict_map_key=True, max_buffer_size=limits.max_header,
+            read_size=min(_CHUNK, limits.max_header),  # initial buffer; it grows on demand
+            max_str_len=4 * max(limits.max_text, limits.max_name), max_bin_len=0, max_map_len=0,
+            max_ext_len=0, max_array_len=max(2 * limits.max_resume_runs, limits.max_runs,
+                                             limits.max_blocks, limits.max_features))
+        self._parsed = 0  # header bytes fed to the unpacker, to detect trailing bytes
+        self._make_sink = payload_sink
+        self._buf = bytearray(_CHUNK)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0  # unread bytes are _buf[_start:_end]
+        self._pending: Pages | None = None  # a Pages header whose payload is due
+        self._sink: memoryview | None = None
+        self._filled = self._need = 0  # payload bytes in the sink / expected
+        self._eof = False
+        self._error: BaseException | None = None
+
+    # ---------------------------------------------------------------- input
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed received bytes; ``b""`` means the peer closed (EOF).
+
+        Raises:
+            LocalProtocolError: data after EOF.
+            RemoteProtocolError: the decoder already failed (the same error).
+        """
+        self._check_alive()
+        view = memoryview(data).cast("B")
+        if not view:
+            self._eof = True
+            return
+        if self._eof:
+            raise LocalProtocolError("receive_data() after EOF")
+        if self._sink_open():
+            take = min(len(view), self._need - self._filled)
+            self._sink[self._filled:self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+        if view:
+            self._make_room(len(view))
+            self._buf[self._end:self._end + len(view)] = view
+            self._end += len(view)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next ``recv_into`` should write (BufferedProtocol).
+
+        Args:
+            sizehint: wanted size; <= 0 means "any".
+
+        Returns:
+            The unfilled tail of the payload sink while a sink payload is
+            due, otherwise free space in the internal buffer (never empty).
+        """
+        self._check_alive()
+        if self._sink_open():
+            return self._sink[self._filled:self._need]
+        self._make_room(min(max(sizehint, _CHUNK), _SHRINK_ABOVE))
+        return self._view[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Account for ``nbytes`` written into the last :meth:`get_buffer` view.
+
+        Raises:
+            ValueError: more than that view could hold.
+        """
+        self._check_alive()
+        room = self._need - self._filled if self._sink_open() else len(self._buf) - self._end
+        if not 0 <= nbytes <= room:
+            raise ValueError(f"buffer_updated({nbytes}) but only {room} bytes were offered")
+        if self._sink_open():
+            self._filled += nbytes
+        else:
+            self._end += nbytes
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as events (for a high-water mark)."""
+        return self._end - self._start + (self._filled if self._pending is not None else 0)
+
+    # --------------------------------------------------------------- output
+
+    def next_event(self) -> Message | ConnectionClosed | None:
+        """Decode the next message.
+
+        Returns:
+            A message; CONNECTION_CLOSED after a clean EOF; None if more
+            data is needed.
+
+        Raises:
+            RemoteProtocolError: malformed, unwanted or truncated input; the
+                decoder is dead afterwards and re-raises it on every call.
+        """
+        self._check_alive()
+        try:
+            return self._payload_event() if self._pending is not None else self._frame_event()
+        except Exception as exc:
+            self._error = exc
+            raise
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+
+    def _sink_open(self) -> bool:
+        return self._sink is not None and self._filled < self._need
+
+    def _frame_event(self) -> Message | ConnectionClosed | None:
+        start, avail = self._start, self._end - self._start
+        if avail >= PREFIX_SIZE:
+            size = _PREFIX.unpack_from(self._buf, start)[0]
+            if not 2 <= size <= self._max_header:
+                raise RemoteProtocolError(f"header length {size} out of range")
+            if avail >= PREFIX_SIZE + 2:
+                code = self._check_prefix(start + PREFIX_SIZE, size)
+                if avail >= PREFIX_SIZE + size:
+                    return self._decode_frame(code, start + PREFIX_SIZE, size)
+        if not self._eof:
+            return None
+        if avail:
+            raise RemoteProtocolError(f"connection closed inside a frame ({avail} bytes)")
+        return CONNECTION_CLOSED
+
+    def _check_prefix(self, at: int, size: int) -> int:
+        first, code = self._buf[at], self._buf[at + 1]
+        budget = self._budget.get(code)
+        if budget is None:
+            known = MESSAGE_TYPES.get(code)
+            what = "unknown message type" if known is None else f"unexpected {known.__name__}"
+            raise RemoteProtocolError(f"{what} (type {code})")
+        if first != _FIRST_BYTE[code]:
+            raise RemoteProtocolError(f"type {code}: header must be a {_FIRST_BYTE[code] - 0x90}-array")
+        if size > budget:
+            raise RemoteProtocolError(f"type {code}: header of {size} bytes exceeds {budget}")
+        return code
+
+    def _decode_frame(self, code: int, at: int, size: int) -> Message | None:
+        self._start = at + size
+        try:
+            self._unpacker.feed(self._view[at:at + size])
+            fields = self._unpacker.unpack()
+        except Exception as exc:
+            raise _remote(exc, "malformed msgpack header") from exc
+        self._parsed += size
+        if self._unpacker.tell() != self._parsed:
+            raise RemoteProtocolError("trailing bytes after the msgpack header")
+        if code == Pages.TYPE:
+            return self._pages_header(fields)
+        return self._build(code, fields)
+
+    def _build(self, code: int, fields: tuple) -> Message:
+        try:
+            return _BUILD[code](fields)
+        except Exception as exc:
+            raise _remote(exc, f"invalid {MESSAGE_TYPES[code].__name__}") from exc
+
+    def _pages_header(self, fields: tuple) -> Message | None:
+        nbytes = fields[4]
+        if type(nbytes) is not int or not 1 <= nbytes <= self._max_payload:
+            raise RemoteProtocolError(f"pages nbytes must be in [1, {self._max_payload}], got {nbytes!r:.40}")
+        self._pending = self._build(Pages.TYPE, fields)
+        self._need, self._filled = nbytes, 0
+        if self._make_sink is not None:
+            self._sink = self._open_sink(self._pending, nbytes)
+            take = min(nbytes, self._end - self._start)
+            self._sink[:take] = self._view[self._start:self._start + take]
+            self._start += take
+            self._filled = take
+        return self._payload_event()
+
+    def _open_sink(self, msg: Pages, nbytes: int) -> memoryview:
+        assert self._make_sink is not None
+        try:
+            sink = self._make_sink(msg.block, msg.first, msg.count, nbytes)
+        except ProtocolError as exc:
+            raise _remote(exc, "pages refused") from exc
+        if type(sink) is not memoryview or sink.readonly or sink.nbytes != nbytes:
+            raise ValueError(f"payload_sink must return a writable memoryview of {nbytes} bytes")
+        return sink.cast("B") if sink.format != "B" else sink
+
+    def _payload_event(self) -> Message | None:
+        msg = self._pending
+        assert msg is not None
+        if self._sink is not None:
+            if self._filled < self._need:
+                return self._payload_short(self._filled)
+            self._pending = self._sink = None
+            return msg
+        start = self._start
+        if self._end - start < self._need:
+            return self._payload_short(self._end - start)
+        self._start = start + self._need
+        self._pending = None
+        data = bytes(self._view[start:self._start])
+        return Pages(block=msg.block, first=msg.first, count=msg.count, data=data)
+
+    def _payload_short(self, have: int) -> None:
+        if self._eof:
+            raise RemoteProtocolError(f"connection closed inside a payload ({have} of {self._need} bytes)")
+        if self._sink is None:
+            self._make_room(self._need - have)
+        return None
+
+    def _make_room(self, n: int) -> None:
+        """Ensure ``n`` free bytes after ``_end``; compact or regrow if short."""
+        cap, unread = len(self._buf), self._end - self._start
+        if not unread and cap > _SHRINK_ABOVE and n <= _CHUNK and self._pending is None:
+            self._buf = bytearray(_CHUNK)
+            self._view = memoryview(self._buf)
+        elif cap - self._end >= n:
+            return
+        elif unread + n > cap:
+            grown = bytearray(max(unread + n, 2 * cap))
+            grown[:unread] = self._view[self._start:self._end]
+            self._buf, self._view = grown, memoryview(grown)
+        elif unread:
+            self._buf[:unread] = self._view[self._start:self._end].tobytes()  # may overlap
+        self._start, self._end = 0, unread
