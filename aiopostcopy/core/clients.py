@@ -1,0 +1,189 @@
+"""The fds and clients a destination serves, who of them waits, and how to wake them.
+
+Theory of operation
+-------------------
+:class:`Clients` owns the registry of fault sources of one session:
+
+* *delegated* fds (the service's own userfaultfd and every client fd handed
+  over), each with its :class:`~aiopostcopy.core.ramblock.MappingTable`; a
+  fault becomes a :class:`~aiopostcopy.core.waiters.Waiter` holding the page's
+  address in that fd's space;
+* *self-served* clients, which ask by page run and are told by
+  :class:`~aiopostcopy.core.commands.NotifyPlaced`.
+
+:meth:`Clients.release` turns a placed run into commands: the run's waiters
+are taken (each exactly once), merged into one Wake range list per fd, and
+the self-served pieces into one NotifyPlaced per client.  Waking the fd that
+UFFDIO_COPY placed through is left to the copy, unless the copy found pages
+already there (``force``): the kernel wakes nobody on EEXIST.
+
+Retiring an fd drops its waiters without waking them: the fd is going away
+and the loop closes it only after this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Iterable, Sequence
+
+from aiopostcopy import messages as m
+from aiopostcopy.core.commands import Command, NotifyPlaced, Wake
+from aiopostcopy.core.pages import MISSING, PLACED, PLACING, REQUESTED, PageStates
+from aiopostcopy.core.ramblock import BlockTable, MappingTable
+from aiopostcopy.core.session_parts import Counters, chunks, merge_runs
+from aiopostcopy.core.waiters import RunPiece, RunWaiters, Waiter, Waiters
+from aiopostcopy.errors import LocalProtocolError
+
+__all__ = ["Clients", "notify_commands"]
+
+_NOT_PLACED = frozenset({MISSING, REQUESTED, PLACING})
+_PLACED = frozenset({PLACED})
+
+
+@dataclasses.dataclass(slots=True)
+class _Fd:
+    table: MappingTable | None  # None: a self-served client
+    woken_by_copy: bool = False
+
+
+class Clients:
+    """Registered fds/clients and their waits.
+
+    Args:
+        blocks: the session's blocks.
+        counters: where fault, wake and blocked-time figures go.
+    """
+
+    __slots__ = ("blocks", "_fds", "_waiters", "_runs", "_count")
+
+    def __init__(self, blocks: BlockTable, counters: Counters) -> None:
+        self.blocks = blocks
+        self._fds: dict[Hashable, _Fd] = {}
+        self._waiters = Waiters([block.page_size for block in blocks])
+        self._runs = RunWaiters(len(blocks))
+        self._count = counters
+
+    def __len__(self) -> int:
+        """Waiters (blocked faults) held."""
+        return len(self._waiters)
+
+    def waiting(self) -> Iterable[Waiter]:
+        """Every blocked fault."""
+        return self._waiters.all()
+
+    def add_fd(self, key: Hashable, table: MappingTable | None, woken_by_copy: bool) -> None:
+        """Register a delegated fd (``table`` set) or a self-served client (None).
+
+        Raises:
+            LocalProtocolError: the key is in use, or the table was built over other blocks.
+        """
+        if key in self._fds:
+            raise LocalProtocolError(f"fd key {key!r} is already registered")
+        if table is not None and table.blocks != self.blocks:
+            raise LocalProtocolError("mapping table built over other blocks than the session's")
+        self._fds[key] = _Fd(table, woken_by_copy)
+
+    def retire(self, key: Hashable, now: float) -> bool:
+        """Forget ``key``; its waiters are dropped unwoken. Returns False if unknown."""
+        if self._fds.pop(key, None) is None:
+            return False
+        for waiter in self._waiters.drop_fd(key):
+            self._count.blocked(waiter, now)
+            self._count.waiters_dropped += 1
+        self._runs.drop_key(key)
+        return True
+
+    def fault(self, key: Hashable, address: int, thread_id: int, now: float) -> tuple[Waiter, bool] | None:
+        """Translate, count and record a fault (the waiter is recorded before anything else).
+
+        Returns:
+            ``(waiter, joined)`` (joined: the page already had a waiter), or
+            None when no mapping covers the address.
+
+        Raises:
+            LocalProtocolError: ``key`` is not a registered delegated fd.
+        """
+        fd = self._fds.get(key)
+        if fd is None or fd.table is None:
+            raise LocalProtocolError(f"fault on unknown fd key {key!r}")
+        where = fd.table.translate(address)
+        if where is None:
+            self._count.bad_faults += 1
+            return None
+        block, page = where
+        self._count.fault(block)
+        address -= address % self.blocks[block].page_size
+        waiter = Waiter(key, block, page, address, thread_id, now)
+        return waiter, self._waiters.add(waiter)
+
+    def check_self_served(self, key: Hashable) -> None:
+        """Raises LocalProtocolError unless ``key`` is a self-served client."""
+        fd = self._fds.get(key)
+        if fd is None or fd.table is not None:
+            raise LocalProtocolError(f"client request from unknown self-served key {key!r}")
+
+    def wait_runs(self, key: Hashable, runs: Sequence[m.PageRun], states: Sequence[PageStates],
+                  now: float) -> list[Command]:
+        """Self-served ``key`` needs ``runs``: record waits for the pages not placed.
+
+        Returns:
+            NotifyPlaced commands for the parts of ``runs`` already placed.
+
+        Raises:
+            LocalProtocolError: ``key`` is not a self-served client (nothing recorded).
+        """
+        self.check_self_served(key)
+        self._count.client_requests += len(runs)
+        ready = []
+        for run in runs:
+            block_states = states[run.block]
+            for start, stop in block_states.runs(run.first, run.count, _NOT_PLACED):
+                self._runs.add(RunPiece(key, run.block, start, stop, now))
+            ready.extend(m.PageRun(block=run.block, first=start, count=stop - start)
+                         for start, stop in block_states.runs(run.first, run.count, _PLACED))
+        return notify_commands(key, ready) if ready else []
+
+    def release(self, block: int, first: int, count: int, now: float, *,
+                force: bool = False) -> list[Command]:
+        """The run is placed: wake its waiters once each, notify self-served clients.
+
+        Args:
+            force: wake fds woken by the copy too (the copy found pages present,
+                or the page was placed before the fault was read).
+
+        Returns:
+            Wake commands merged per fd, then NotifyPlaced per client.
+        """
+        commands: list[Command] = self._wake(self._waiters.take(block, first, count), now, force)
+        if len(self._runs):
+            commands.extend(self._notify(self._runs.take(block, first, count), now))
+        return commands
+
+    def _wake(self, taken: list[Waiter], now: float, force: bool) -> list[Command]:
+        if not taken:
+            return []
+        for waiter in taken:
+            self._count.woken_waiter(waiter, now)
+        fds = self._fds
+        wanted = taken if force else [w for w in taken if not fds[w.key].woken_by_copy]
+        if not wanted:
+            return []
+        commands: list[Command] = []
+        for key, pieces in self._waiters.wake_ranges(wanted).items():
+            commands.extend(Wake(key, start, length) for start, length in pieces)
+        self._count.wakes += len(commands)
+        return commands
+
+    def _notify(self, pieces: list[RunPiece], now: float) -> list[Command]:
+        per_key: dict[Hashable, list[m.PageRun]] = {}
+        for piece in pieces:
+            self._count.run_woken(piece, now)
+            per_key.setdefault(piece.key, []).append(
+                m.PageRun(block=piece.block, first=piece.start, count=piece.stop - piece.start))
+        return [command for key, runs in per_key.items() for command in notify_commands(key, runs)]
+
+
+def notify_commands(key: Hashable, runs: Iterable[m.PageRun]) -> list[Command]:
+    """NotifyPlaced commands for ``runs``, merged, each within a Placed message's run limit."""
+    merged = list(merge_runs(runs))
+    return [NotifyPlaced(key, chunk) for chunk in chunks(merged, m.LIMITS.max_runs)]

@@ -1,0 +1,75 @@
+"""The destination's two channels to the source: which are open, what to send, flow control.
+
+Theory of operation
+-------------------
+A channel is *open* from the source's Hello on it until the loop reports it
+lost.  Messages are queued with their channel and drained in order by the
+loop; when a channel is lost, what was queued for it is dropped (the
+session re-creates what matters: a Resume and the pending requests).
+
+Background flow control: payload bytes that arrive on the background
+channel are counted; once ``ack_bytes`` have arrived an Ack for all of them
+is queued, so the source's window reopens.  The count restarts when the
+background channel is lost (the source resets its window on the new
+connection too).
+"""
+
+from __future__ import annotations
+
+from aiopostcopy import messages as m
+
+__all__ = ["Link"]
+
+
+class Link:
+    """Channel state and outgoing queue of a destination session.
+
+    Args:
+        ack_bytes: background payload bytes that trigger an Ack.
+    """
+
+    __slots__ = ("ack_bytes", "open", "lost", "_unacked", "_queue")
+
+    def __init__(self, ack_bytes: int) -> None:
+        self.ack_bytes = ack_bytes
+        self.open: set[m.Channel] = set()
+        self.lost = False  #: a channel was lost since the last Resume
+        self._unacked = 0
+        self._queue: list[tuple[m.Channel, m.Message]] = []
+
+    def send(self, channel: m.Channel, msg: m.Message) -> None:
+        """Queue ``msg`` for ``channel``."""
+        self._queue.append((channel, msg))
+
+    def send_open(self, msg: m.Message) -> None:
+        """Queue ``msg`` on every open channel, urgent first."""
+        for channel in (m.Channel.URGENT, m.Channel.BACKGROUND):
+            if channel in self.open:
+                self.send(channel, msg)
+
+    def drain(self) -> list[tuple[m.Channel, m.Message]]:
+        """Everything queued, in order; the queue is emptied."""
+        result, self._queue = self._queue, []
+        return result
+
+    def opened(self, channel: m.Channel) -> None:
+        """The source's Hello arrived on ``channel``."""
+        self.open.add(channel)
+
+    def closed(self, channel: m.Channel) -> None:
+        """``channel`` broke: drop what was queued for it."""
+        self.open.discard(channel)
+        self.lost = True
+        self._queue = [(ch, msg) for ch, msg in self._queue if ch is not channel]
+        if channel is m.Channel.BACKGROUND:
+            self._unacked = 0
+
+    def background_bytes(self, nbytes: int) -> None:
+        """Payload bytes arrived on the background channel."""
+        self._unacked += nbytes
+
+    def ack_if_due(self) -> None:
+        """Queue an Ack when enough background bytes arrived and the channel is open."""
+        if self._unacked >= self.ack_bytes and m.Channel.BACKGROUND in self.open:
+            self.send(m.Channel.BACKGROUND, m.Ack(nbytes=self._unacked))
+            self._unacked = 0

@@ -1,0 +1,399 @@
+"""The destination's brain: faults, messages and the timer in; commands and messages out.
+
+Theory of operation
+-------------------
+:class:`DestinationSession` is I/O-free (h11/aioquic style).  The loop feeds it
+faults, source messages, placement results and the time; after each pass it
+calls ``flush``, carries out ``commands()`` in order (see
+:mod:`aiopostcopy.core.commands`), sends ``messages_to_send()`` and re-arms
+one timer from ``get_timer()``.
+
+Page life (table in :mod:`aiopostcopy.core.pages`): a fault records its
+waiter *first*, then looks at the page: PLACED -> wake now; REQUESTED or
+PLACING -> it joins; MISSING -> the coalescer, whose flush makes a Request.
+Data for pages still needed becomes Place/PlaceZero (PLACING); pages placed
+or arriving are skipped.  ``placed()`` makes them PLACED and wakes each
+waiter once, merged per fd.  The last page placed: MigrationComplete, and
+Complete to the source.
+
+Reliability: losing a channel forgets nothing.  REQUESTED pages stay
+REQUESTED; after a reconnection one Resume goes first on the urgent channel
+(pages placed or arriving, the REQUESTED runs as ``pending``) and request
+timers restart.  Only ``abort()`` or the deadline end a migration early.
+
+Discards: the source sends each Discard on both channels, as a stale copy
+may be in flight on either.  A discarded page is dropped and requested again
+at once, so whichever Discard comes last, the copy that stays was sent after
+both.  A Discard of a page being placed waits for the placement.
+
+Errors: anything the source sends out of range, out of order or in the
+wrong direction raises RemoteProtocolError *before* any state changes (the
+loop closes that channel and reconnects); loop misuse raises
+LocalProtocolError or InternalError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+
+from aiopostcopy import messages as m
+from aiopostcopy.core.clients import Clients
+from aiopostcopy.core.coalesce import Coalescer
+from aiopostcopy.core.commands import (Abort, Command, DiscardPages, MigrationComplete,  # noqa: F401
+                                       NotifyPlaced, Place, PlaceZero, UnknownFault, Wake)
+# (the command classes are importable from here too; their home is core.commands)
+from aiopostcopy.core.config import DestinationConfig
+from aiopostcopy.core.inflight import InFlight
+from aiopostcopy.core.link import Link
+from aiopostcopy.core.pages import MISSING, PLACED, PLACING, REQUESTED, PageStates
+from aiopostcopy.core.ramblock import BlockTable, MappingTable
+from aiopostcopy.core.rangeset import RangeSet
+from aiopostcopy.core.session_parts import (Counters, ack_threshold, check_hello, chunks,
+                                            requested_runs, resume_for)
+from aiopostcopy.core.stats import DestinationStatistics
+from aiopostcopy.errors import InternalError, LocalProtocolError, RemoteProtocolError
+
+__all__ = ["DestinationConfig", "DestinationSession"]
+
+URGENT, BACKGROUND = m.Channel.URGENT, m.Channel.BACKGROUND
+_NEEDED = frozenset({MISSING, REQUESTED})
+_ONLY = {state: frozenset({state}) for state in (MISSING, REQUESTED, PLACED, PLACING)}
+
+
+class DestinationSession:
+    """The fault-thread brain of the destination (see the module docstring).
+
+    Args:
+        session_id: identifies the migration on both channels.
+        config: tuning; defaults to ``DestinationConfig()``.
+    """
+
+    def __init__(self, *, session_id: str, config: DestinationConfig | None = None) -> None:
+        self.session_id = session_id
+        self.config = config if config is not None else DestinationConfig()
+        self.blocks: BlockTable | None = None
+        self._states: list[PageStates] = []
+        self._clients: Clients | None = None
+        self._deferred: list[RangeSet] = []  # discards of pages being placed
+        self._link = Link(self.config.ack_bytes)
+        self._coalescer = Coalescer(self.config.max_run_pages, self.config.max_in_flight_pages,
+                                    self.config.readahead_pages)
+        self._in_flight = InFlight(self.config.request_timeout)
+        self._commands: list[Command] = []
+        self._placed = self._total = 0
+        self._complete, self._aborted = False, None
+        self._count = Counters()
+        self._handlers = {m.Pages: self._on_data, m.Zero: self._on_data, m.Discard: self._on_discard,
+                          **dict.fromkeys((m.Done, m.Error, m.Ping, m.Pong), self._on_control)}
+
+    # ------------------------------------------------------------ outputs and state
+
+    def hello(self, channel: m.Channel) -> m.Hello:
+        """Our Hello for a (re)connecting channel."""
+        return m.Hello(version=m.PROTOCOL_VERSION, session_id=self.session_id,
+                       role=m.Role.DESTINATION, channel=channel)
+
+    def commands(self) -> list[Command]:
+        """Commands to carry out, in order (drains)."""
+        result, self._commands = self._commands, []
+        return result
+
+    def messages_to_send(self) -> list[tuple[m.Channel, m.Message]]:
+        """Messages to send, each with its channel, in order (drains)."""
+        return self._link.drain()
+
+    complete = property(lambda self: self._complete, doc="Every page of every block is placed.")
+    aborted = property(lambda self: self._aborted, doc="The abort reason, or None.")
+
+    def is_open(self, channel: m.Channel) -> bool:
+        """The source's Hello arrived on ``channel`` and the channel was not lost since."""
+        return channel in self._link.open
+
+    # ------------------------------------------------------------ source messages
+
+    def message_received(self, channel: m.Channel, msg: m.Message, now: float) -> None:
+        """Handle one message from the source (ignored once aborted).
+
+        Raises:
+            RemoteProtocolError: out of range, out of order, wrong direction, or
+                an Error from the source; the session's state is unchanged.
+        """
+        if self._aborted is not None:
+            return
+        if type(msg) is m.Hello:
+            return self._on_hello(channel, msg, now)
+        if channel not in self._link.open:
+            raise RemoteProtocolError(f"{type(msg).__name__} on the {channel.value} channel "
+                                      "before the source's Hello")
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the source")
+        handler(channel, msg, now)
+
+    def _on_hello(self, channel: m.Channel, msg: m.Hello, now: float) -> None:
+        link = self._link
+        blocks = check_hello(channel, msg, self.session_id, known=self.blocks)
+        if self.blocks is None:
+            self._define_blocks(blocks)
+        if channel in link.open:  # a new connection the loop did not report the old one of
+            link.closed(channel)
+        link.opened(channel)
+        link.ack_bytes = ack_threshold(msg, self.config.ack_bytes)
+        if self._complete and channel is URGENT:
+            link.send(URGENT, m.Complete())
+        elif link.lost and URGENT in link.open:
+            self._send_resume(now)
+
+    def _define_blocks(self, blocks: BlockTable) -> None:
+        self.blocks = blocks
+        self._states = [PageStates(block.pages, block.page_size) for block in blocks]
+        self._clients = Clients(blocks, self._count)
+        self._deferred = [RangeSet() for _ in blocks]
+        self._total = blocks.total_pages
+        self._count.faults_by_block = [0] * len(blocks)
+
+    def _check_run(self, block: int, first: int, count: int) -> PageStates:
+        self.blocks.check_run(block, first, count)  # type: ignore[union-attr]  (after Hello)
+        return self._states[block]
+
+    def _on_data(self, channel: m.Channel, msg: m.Pages | m.Zero, now: float) -> None:
+        """Pages or Zero arrived: place the pages still needed, skip the rest."""
+        block, first, count = msg.block, msg.first, msg.count
+        states = self._check_run(block, first, count)
+        zero = type(msg) is m.Zero
+        if isinstance(msg, m.Pages):
+            size = count * states.page_size
+            if msg.data is not None and len(msg.data) != size:
+                raise RemoteProtocolError(f"pages: {len(msg.data)} bytes of payload for {count} pages")
+            if channel is BACKGROUND:
+                self._link.background_bytes(size)
+        for start, stop in states.runs(first, count, _NEEDED):
+            before = states.mark(start, stop - start, PLACING)
+            self._coalescer.settle(before[REQUESTED])
+            count -= stop - start
+            if zero:
+                self._count.pages_zero += stop - start
+                self._commands.append(PlaceZero(block, start, stop - start))
+                continue
+            demand = before[REQUESTED] if channel is URGENT else 0
+            self._count.pages_demand += demand
+            self._count.pages_background += stop - start - demand
+            self._commands.append(Place(block, start, stop - start, start - first))
+        self._count.pages_duplicate += count
+
+    def _on_discard(self, channel: m.Channel, msg: m.Discard, now: float) -> None:
+        states = self._check_run(msg.block, msg.first, msg.count)
+        if self._complete:
+            raise RemoteProtocolError("discard after the migration completed")
+        for start, stop in states.runs(msg.first, msg.count, _ONLY[PLACING]):
+            self._deferred[msg.block].add(start, stop)
+        self._discard(msg.block, states.runs(msg.first, msg.count, _ONLY[PLACED]))
+
+    def _discard(self, block: int, runs: Iterable[tuple[int, int]]) -> None:
+        for start, stop in runs:
+            self._states[block].mark(start, stop - start, MISSING)
+            self._placed -= stop - start
+            self._count.pages_discarded += stop - start
+            self._commands.append(DiscardPages(block, start, stop - start))
+            self._coalescer.add_run(block, start, stop - start)  # see "Discards" above
+
+    def _on_control(self, channel: m.Channel, msg: m.Message, now: float) -> None:
+        """Ping -> Pong; Done is recorded (completion is every page placed); Pong is ignored."""
+        if type(msg) is m.Ping:
+            self._link.send(channel, m.Pong(token=msg.token))
+        elif type(msg) is m.Done:
+            self._count.done_channels.add(channel)
+        elif type(msg) is m.Error and msg.code is m.ErrorCode.ABORTED:
+            self.abort(f"the source aborted: {msg.text}", now)
+        elif type(msg) is m.Error:
+            raise RemoteProtocolError(f"the source sent error {msg.code.value}: {msg.text}",
+                                      code=msg.code.value)
+
+    # ------------------------------------------------------------ fds, clients and faults
+
+    def _registry(self) -> Clients:
+        if self._clients is None:
+            raise LocalProtocolError("no blocks yet: wait for the source's Hello")
+        return self._clients
+
+    def add_fd(self, key: Hashable, table: MappingTable, *, woken_by_copy: bool = False) -> None:
+        """Serve userfaultfd ``key`` (any hashable), whose faults ``table`` translates.
+
+        ``woken_by_copy``: UFFDIO_COPY places through this fd's mapping (the
+        service's own), so placements wake its threads by themselves.
+
+        Raises:
+            LocalProtocolError: no blocks yet, key in use, or a table over other blocks.
+        """
+        self._registry().add_fd(key, table, woken_by_copy)
+
+    def add_self_served(self, key: Hashable) -> None:
+        """Serve a self-served client (asks by run, answered by NotifyPlaced).
+
+        Raises:
+            LocalProtocolError: no blocks yet or key in use.
+        """
+        self._registry().add_fd(key, None, False)
+
+    def retire(self, key: Hashable, now: float) -> None:
+        """Forget an fd or client going away (stop reading its faults first): its
+        waiters are dropped, never woken; unknown keys are ignored."""
+        if self._clients is not None:
+            self._clients.retire(key, now)
+
+    def fault_received(self, key: Hashable, address: int, thread_id: int, now: float) -> None:
+        """Handle one fault read from delegated fd ``key``.
+
+        Raises:
+            LocalProtocolError: ``key`` is not a registered delegated fd.
+        """
+        clients = self._registry()
+        found = clients.fault(key, address, thread_id, now)
+        if found is None:
+            return self._commands.append(UnknownFault(key, address, thread_id))
+        waiter, joined = found
+        state = self._states[waiter.block][waiter.page]
+        if state == PLACED:
+            self._count.faults_already_placed += 1
+            self._commands.extend(clients.release(waiter.block, waiter.page, 1, now, force=True))
+        elif state != MISSING:
+            self._count.faults_joined += 1
+        elif not joined:
+            self._coalescer.add(waiter.block, waiter.page)
+
+    def client_request(self, key: Hashable, runs: Iterable[m.PageRun], now: float) -> None:
+        """A self-served client needs these runs; NotifyPlaced answers as they land.
+
+        Raises:
+            LocalProtocolError: ``key`` is not a self-served client.
+            RemoteProtocolError: a run is out of range (the client's fault).
+        """
+        runs = [run for run in runs if self._check_run(run.block, run.first, run.count)]
+        self._commands.extend(self._registry().wait_runs(key, runs, self._states, now))
+        for run in runs:
+            self._coalescer.add_run(run.block, run.first, run.count)  # it skips pages not MISSING
+
+    # ------------------------------------------------------------ placement
+
+    def placed(self, block: int, first: int, count: int, now: float, *, existed_pages: int = 0) -> None:
+        """The loop carried out (part of) a Place/PlaceZero: the run is in memory.
+
+        ``existed_pages``: pages the kernel found present (EEXIST); when > 0,
+        fds woken by the copy get explicit Wakes too.
+
+        Raises:
+            InternalError: a page of the run was not PLACING.
+        """
+        self._states[block].mark(first, count, PLACED)
+        self._placed += count
+        clients: Clients = self._clients  # type: ignore[assignment]  (set with the blocks)
+        if not self._deferred[block]:
+            self._commands.extend(clients.release(block, first, count, now, force=existed_pages > 0))
+        else:  # discarded while placing: drop those now and wake nobody for them
+            kept = self._deferred[block].gaps(first, first + count)
+            self._discard(block, self._deferred[block].intersection(first, first + count))
+            self._deferred[block].subtract(first, first + count)
+            for start, stop in kept:
+                self._commands.extend(clients.release(block, start, stop - start, now,
+                                                      force=existed_pages > 0))
+        if not self._complete and self._placed == self._total:
+            self._complete = True
+            self._commands.append(MigrationComplete())
+            if URGENT in self._link.open:
+                self._link.send(URGENT, m.Complete())
+
+    def placement_failed(self, block: int, first: int, count: int, now: float) -> None:
+        """The loop could not place a run: its pages are missing again and re-requested.
+
+        Raises:
+            InternalError: a page of the run was not being placed.
+        """
+        if not self._states[block].all_in(first, count, PLACING):
+            raise InternalError(f"placement_failed({block}, {first}, {count}): not all PLACING")
+        self._states[block].mark(first, count, MISSING)
+        self._deferred[block].subtract(first, first + count)
+        self._coalescer.add_run(block, first, count)
+
+    # ------------------------------------------------------------ pass, timer, reconnection
+
+    def flush(self, now: float) -> None:
+        """End of a loop pass: queued faults become Requests; Ack background bytes."""
+        if URGENT in self._link.open and self._aborted is None:
+            runs = self._coalescer.flush(self._states)
+            self._count.pages_requested += sum(run.count for run in runs)
+            self._send_requests(runs, now)
+        self._link.ack_if_due()
+
+    def _send_requests(self, runs: list[m.PageRun], now: float) -> None:
+        for chunk in chunks(runs, m.LIMITS.max_runs):
+            self._link.send(URGENT, m.Request(runs=chunk))
+            self._count.requests_sent += 1
+        self._in_flight.sent(runs, now)
+
+    def connection_lost(self, channel: m.Channel, now: float) -> None:
+        """A channel broke: drop its unsent messages; a Resume follows its return."""
+        self._link.closed(channel)
+
+    def resume_message(self, now: float) -> m.Resume:
+        """The Resume to send first on the urgent channel after a reconnection.
+
+        Counts as sent: request timers restart, and pending runs beyond what a
+        Resume holds are queued as Requests after it.  If the loop has not
+        called this by the time the source's Hello returns after a loss, the
+        session queues a Resume itself (so there is exactly one per reconnection).
+        """
+        resume, rest = self._resume(now)
+        self._send_requests(rest, now)
+        return resume
+
+    def _send_resume(self, now: float) -> None:
+        resume, rest = self._resume(now)
+        self._link.send(URGENT, resume)
+        self._send_requests(rest, now)
+
+    def _resume(self, now: float) -> tuple[m.Resume, list[m.PageRun]]:
+        pending = requested_runs(self._states)
+        resume, rest = resume_for(self.session_id, self._states, pending)
+        self._link.lost = False
+        self._count.resumes += 1
+        self._count.pages_re_requested += sum(run.count for run in pending)
+        self._coalescer.reset_in_flight(sum(run.count for run in pending))
+        self._in_flight.restart(resume.pending, now)
+        return resume, rest
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` next has work (a ``now`` value), or None."""
+        if self._complete or self._aborted is not None:
+            return None
+        due = self._in_flight.due(self._states) if URGENT in self._link.open else None
+        return min((t for t in (due, self.config.deadline) if t is not None), default=None)
+
+    def handle_timer(self, now: float) -> None:
+        """Re-request runs whose answer is overdue; abort once the deadline passed."""
+        deadline = self.config.deadline
+        if deadline is not None and now >= deadline and not self._complete:
+            return self.abort(f"deadline passed with {self._total - self._placed} pages missing", now)
+        if URGENT in self._link.open and self._aborted is None:
+            again = self._in_flight.overdue(self._states, now)
+            self._count.pages_re_requested += sum(run.count for run in again)
+            self._send_requests(again, now)
+
+    def abort(self, reason: str, now: float) -> None:
+        """End the migration without every page: emit Abort, tell the source.
+
+        Blocked threads stay blocked (never zero-filled); no-op once complete or aborted.
+        """
+        if self._complete or self._aborted is not None:
+            return
+        self._aborted = reason
+        self._commands.append(Abort(reason))
+        self._link.send_open(m.Error(code=m.ErrorCode.ABORTED, text=reason[:m.LIMITS.max_text]))
+
+    def statistics(self, now: float | None = None) -> DestinationStatistics:
+        """A frozen snapshot; with ``now``, threads still blocked count their time so far."""
+        clients = self._clients
+        blocked = list(clients.waiting()) if clients is not None and now is not None else []
+        return self._count.snapshot(
+            still_blocked=blocked, now=now, pages_total=self._total, pages_placed=self._placed,
+            waiting=len(clients) if clients is not None else 0,
+            complete=self._complete, aborted=self._aborted)

@@ -1,0 +1,208 @@
+"""Statistics records: frozen snapshots the sessions hand out, and the histogram.
+
+Theory of operation
+-------------------
+Sessions count into plain mutable attributes while they run (cheap on the
+fault path) and build a frozen record when :meth:`statistics()` is asked for
+(trio's habit: a ``statistics()`` method returning a frozen record).
+
+Fault latency (fault seen -> wake issued) goes into a log2 histogram of
+microseconds: bucket ``0`` counts latencies under 1 us, bucket ``i`` counts
+``[2**(i-1), 2**i)`` us.  Percentiles are reported as the upper edge of the
+bucket that holds them (capped by the maximum seen), so they are accurate to
+a factor of two, which is what a latency report needs, for 64 integers of
+memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Hashable, Mapping
+
+__all__ = ["LatencyHistogram", "LatencyRecorder", "DestinationStatistics", "SourceStatistics"]
+
+BUCKETS = 64
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LatencyHistogram:
+    """Log2 histogram of latencies.
+
+    Attributes:
+        buckets: counts; bucket ``i`` holds ``[2**(i-1), 2**i)`` microseconds
+            (bucket 0: under 1 us).
+        count: latencies recorded.
+        total: sum of latencies, seconds.
+        max: the largest latency, seconds.
+    """
+
+    buckets: tuple[int, ...] = (0,) * BUCKETS
+    count: int = 0
+    total: float = 0.0
+    max: float = 0.0
+
+    def percentile(self, fraction: float) -> float:
+        """Latency (seconds) under which ``fraction`` of the samples fall.
+
+        Args:
+            fraction: in ``[0, 1]``, e.g. 0.99.
+
+        Returns:
+            The upper edge of the bucket holding that sample, capped at
+            :attr:`max`; 0.0 when nothing was recorded.
+        """
+        if not self.count:
+            return 0.0
+        rank = max(1, math.ceil(fraction * self.count))
+        seen = 0
+        for index, bucket in enumerate(self.buckets):
+            seen += bucket
+            if seen >= rank:
+                return min((1 << index) / 1e6, self.max)
+        return self.max
+
+    @property
+    def p50(self) -> float:
+        return self.percentile(0.50)
+
+    @property
+    def p90(self) -> float:
+        return self.percentile(0.90)
+
+    @property
+    def p99(self) -> float:
+        return self.percentile(0.99)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+
+class LatencyRecorder:
+    """The mutable side of :class:`LatencyHistogram`."""
+
+    __slots__ = ("_buckets", "_count", "_total", "_max")
+
+    def __init__(self) -> None:
+        self._buckets = [0] * BUCKETS
+        self._count = 0
+        self._total = 0.0
+        self._max = 0.0
+
+    def record(self, seconds: float) -> None:
+        """Add one latency (negative values count as 0)."""
+        if seconds < 0.0:
+            seconds = 0.0
+        bucket = int(seconds * 1e6).bit_length()
+        self._buckets[bucket if bucket < BUCKETS else BUCKETS - 1] += 1
+        self._count += 1
+        self._total += seconds
+        if seconds > self._max:
+            self._max = seconds
+
+    def snapshot(self) -> LatencyHistogram:
+        """A frozen copy."""
+        return LatencyHistogram(buckets=tuple(self._buckets), count=self._count,
+                                total=self._total, max=self._max)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DestinationStatistics:
+    """What the destination session has done so far.
+
+    Attributes:
+        pages_total: pages in all blocks (0 before the source's Hello).
+        pages_placed: pages currently placed.
+        pages_demand: pages placed from urgent Pages that answered a request.
+        pages_background: pages placed from other Pages (the sweep).
+        pages_zero: pages placed from Zero runs.
+        pages_discarded: placed pages the source discarded.
+        pages_duplicate: pages that arrived again after arriving once (skipped).
+        pages_requested: pages named in Requests (first requests only).
+        pages_re_requested: pages asked for again (timeout or resume).
+        requests_sent: Request messages queued.
+        faults: faults received from delegated fds.
+        bad_faults: faults at addresses no mapping table knows.
+        faults_joined: faults on a page already requested or arriving.
+        faults_already_placed: faults on a page already placed (woken at once).
+        client_requests: runs asked for by self-served clients.
+        wakes: Wake commands emitted.
+        woken: waiters woken (each exactly once).
+        waiters_dropped: waiters of retired fds, dropped unwoken; always
+            ``faults == woken + waiters_dropped + waiting``.
+        waiting: waiters still blocked.
+        latency: fault seen -> woken histogram (delegated fds).
+        blocked_by_fd: seconds blocked, summed per fd key.
+        blocked_by_thread: seconds blocked, per ``(fd key, thread id)``.
+        faults_by_block: faults per block index.
+        resumes: Resume messages sent after a reconnection.
+        complete: every page is placed.
+        aborted: the abort reason, or None.
+    """
+
+    pages_total: int
+    pages_placed: int
+    pages_demand: int
+    pages_background: int
+    pages_zero: int
+    pages_discarded: int
+    pages_duplicate: int
+    pages_requested: int
+    pages_re_requested: int
+    requests_sent: int
+    faults: int
+    bad_faults: int
+    faults_joined: int
+    faults_already_placed: int
+    client_requests: int
+    wakes: int
+    woken: int
+    waiters_dropped: int
+    waiting: int
+    latency: LatencyHistogram
+    blocked_by_fd: Mapping[Hashable, float]
+    blocked_by_thread: Mapping[tuple[Hashable, int], float]
+    faults_by_block: tuple[int, ...]
+    resumes: int
+    complete: bool
+    aborted: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SourceStatistics:
+    """What the source session has done so far.
+
+    Attributes:
+        pages_total: pages in all blocks.
+        pages_sent_urgent: pages handed out by ``next_urgent``.
+        pages_sent_background: pages handed out by ``next_background``.
+        bytes_urgent: bytes reported sent on the urgent channel.
+        bytes_background: bytes reported sent on the background channel.
+        requests: Request messages received.
+        request_runs: runs in them.
+        resumes: Resume messages received.
+        rejected: Hellos refused (busy or wrong session).
+        pages_discarded: pages discarded by the source.
+        unacked_bytes: background bytes not yet acknowledged.
+        discards_unconfirmed: Discards sent whose Pong has not come back.
+        all_sent: every page handed out at least once (since the last resume).
+        complete: the destination said Complete.
+        aborted: the destination aborted.
+    """
+
+    pages_total: int
+    pages_sent_urgent: int
+    pages_sent_background: int
+    bytes_urgent: int
+    bytes_background: int
+    requests: int
+    request_runs: int
+    resumes: int
+    rejected: int
+    pages_discarded: int
+    unacked_bytes: int
+    discards_unconfirmed: int
+    all_sent: bool
+    complete: bool
+    aborted: bool

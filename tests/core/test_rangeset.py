@@ -1,0 +1,103 @@
+"""RangeSet: unit tests and a property test against a plain Python set."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aiopostcopy.core.rangeset import RangeSet
+
+
+def test_add_merges_overlapping_and_adjacent() -> None:
+    rs = RangeSet()
+    rs.add(10, 20)
+    rs.add(30, 40)
+    rs.add(20, 30)
+    assert list(rs) == [(10, 40)]
+    assert len(rs) == 1
+    assert rs.total() == 30
+
+
+def test_add_empty_is_ignored() -> None:
+    rs = RangeSet([(5, 5), (7, 3)])
+    assert not rs
+    assert rs.bounds() == ()
+
+
+def test_subtract_splits_and_trims() -> None:
+    rs = RangeSet([(0, 100)])
+    rs.subtract(10, 20)
+    rs.subtract(90, 200)
+    rs.subtract(0, 1)
+    assert list(rs) == [(1, 10), (20, 90)]
+    rs.subtract(1, 90)
+    assert not rs
+
+
+def test_contains_uses_half_open_bounds() -> None:
+    rs = RangeSet([(3, 5)])
+    assert 3 in rs and 4 in rs
+    assert 2 not in rs and 5 not in rs
+
+
+def test_bounds_round_trip() -> None:
+    rs = RangeSet([(1, 3), (7, 9)])
+    assert rs.bounds() == (1, 3, 7, 9)
+    assert RangeSet.from_bounds(rs.bounds()) == rs
+
+
+@pytest.mark.parametrize("bounds", [(1,), (3, 3), (1, 4, 4, 6), (5, 2)])
+def test_from_bounds_rejects_bad_bounds(bounds: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError):
+        RangeSet.from_bounds(bounds)
+
+
+def test_first_gap_from() -> None:
+    rs = RangeSet([(0, 4), (6, 8)])
+    assert rs.first_gap_from(0, 10) == (4, 6)
+    assert rs.first_gap_from(5, 10) == (5, 6)
+    assert rs.first_gap_from(6, 10) == (8, 10)
+    assert rs.first_gap_from(6, 8) is None
+    assert RangeSet([(0, 10)]).first_gap_from(0, 10) is None
+
+
+def test_intersection_gaps_covers() -> None:
+    rs = RangeSet([(2, 4), (6, 9)])
+    assert rs.intersection(3, 7) == [(3, 4), (6, 7)]
+    assert rs.gaps(0, 10) == [(0, 2), (4, 6), (9, 10)]
+    assert rs.covers(6, 9) and not rs.covers(5, 9)
+    assert rs.covers(4, 4)
+
+
+ops = st.lists(st.tuples(st.booleans(), st.integers(0, 60), st.integers(0, 60)), max_size=40)
+
+
+@settings(max_examples=300)
+@given(ops, st.integers(0, 60), st.integers(0, 60))
+def test_matches_a_set_model(operations: list[tuple[bool, int, int]], probe: int, limit: int) -> None:
+    rs, model = RangeSet(), set()
+    for adding, start, stop in operations:
+        if adding:
+            rs.add(start, stop)
+            model |= set(range(start, stop))
+        else:
+            rs.subtract(start, stop)
+            model -= set(range(start, stop))
+    assert {x for run in rs for x in range(*run)} == model
+    assert rs.total() == len(model)
+    assert all(low < high for low, high in rs)
+    flat = rs.bounds()
+    assert all(a < b for a, b in zip(flat, flat[1:])), "sorted and merged"
+    assert (probe in rs) == (probe in model)
+    gap = rs.first_gap_from(probe, limit)
+    missing = [x for x in range(probe, limit) if x not in model]
+    if not missing:
+        assert gap is None
+    else:
+        start = missing[0]
+        stop = start
+        while stop < limit and stop not in model:
+            stop += 1
+        assert gap == (start, stop)
+    assert [x for run in rs.gaps(0, 61) for x in range(*run)] == [x for x in range(61) if x not in model]

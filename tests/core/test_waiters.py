@@ -1,0 +1,109 @@
+"""Waiters and RunWaiters: taking by run, dropping by fd, wake ranges each once."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aiopostcopy.core.waiters import RunPiece, RunWaiters, Waiter, Waiters
+
+PAGE = 4096
+
+
+def waiter(key: str, page: int, *, block: int = 0, tid: int = 1, base: int = 0x10000) -> Waiter:
+    return Waiter(key, block, page, base + page * PAGE, tid, 0.0)
+
+
+def test_take_pulls_exactly_the_run() -> None:
+    waiters = Waiters([PAGE, PAGE])
+    for page in (1, 5, 5, 9):
+        waiters.add(waiter("a", page))
+    waiters.add(waiter("a", 5, block=1))
+    assert [w.page for w in waiters.take(0, 4, 6)] == [5, 5, 9]
+    assert len(waiters) == 2
+    assert waiters.take(0, 4, 6) == []
+    assert [w.page for w in waiters.take(0, 0, 100)] == [1]
+    assert waiters.has(1, 5, 1) and not waiters.has(1, 6, 10)
+
+
+def test_add_reports_joined() -> None:
+    waiters = Waiters([PAGE])
+    assert waiters.add(waiter("a", 3)) is False
+    assert waiters.add(waiter("b", 3, tid=2)) is True
+    assert waiters.pages(0, 0, 10) == [3]
+
+
+def test_drop_fd_removes_only_that_fd() -> None:
+    waiters = Waiters([PAGE])
+    waiters.add(waiter("a", 1))
+    waiters.add(waiter("b", 1))
+    waiters.add(waiter("a", 2))
+    assert {w.page for w in waiters.drop_fd("a")} == {1, 2}
+    assert [w.key for w in waiters.take(0, 0, 10)] == ["b"]
+    assert len(waiters) == 0
+
+
+def test_wake_ranges_merge_per_fd_and_wake_each_page_once() -> None:
+    waiters = Waiters([PAGE, 2 << 20])
+    taken = [waiter("a", 1), waiter("a", 2, tid=7), waiter("a", 2, tid=8), waiter("a", 4),
+             waiter("b", 2, base=0x900000), Waiter("b", 1, 0, 0x40000000, 3, 0.0)]
+    ranges = waiters.wake_ranges(taken)
+    assert ranges == {
+        "a": [(0x10000 + PAGE, 2 * PAGE), (0x10000 + 4 * PAGE, PAGE)],
+        "b": [(0x900000 + 2 * PAGE, PAGE), (0x40000000, 2 << 20)],
+    }
+
+
+def test_run_waiters_split_and_keep_remainders() -> None:
+    runs = RunWaiters(2)
+    runs.add(RunPiece("s", 0, 10, 20, 1.0))
+    runs.add(RunPiece("t", 0, 15, 16, 2.0))
+    taken = runs.take(0, 12, 4)
+    assert sorted((p.key, p.start, p.stop) for p in taken) == [("s", 12, 16), ("t", 15, 16)]
+    assert sorted((p.start, p.stop) for p in runs.all()) == [(10, 12), (16, 20)]
+    assert runs.take(1, 0, 100) == []
+    assert runs.drop_key("s") == 2
+    assert len(runs) == 0
+
+
+@settings(max_examples=200)
+@given(st.lists(st.one_of(
+    st.tuples(st.just("add"), st.sampled_from("abc"), st.integers(0, 40)),
+    st.tuples(st.just("take"), st.integers(0, 40), st.integers(1, 10)),
+    st.tuples(st.just("drop"), st.sampled_from("abc"), st.just(0)),
+), max_size=80))
+def test_every_waiter_comes_out_exactly_once(ops: list[tuple]) -> None:
+    waiters = Waiters([PAGE])
+    added, out = [], []
+    for index, (op, a, b) in enumerate(ops):
+        if op == "add":
+            added.append(Waiter(a, 0, b, b * PAGE, index, 0.0))
+            waiters.add(added[-1])
+        elif op == "take":
+            taken = waiters.take(0, a, b)
+            assert all(a <= w.page < a + b for w in taken)
+            out.extend(taken)
+        else:
+            out.extend(waiters.drop_fd(a))
+    out.extend(waiters.take(0, 0, 100))
+    assert sorted(out) == sorted(added)
+    assert len(waiters) == 0
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 50), st.integers(1, 12)), max_size=50))
+def test_run_waiters_every_waited_page_answered_once(ops: list[tuple[bool, int, int]]) -> None:
+    runs = RunWaiters(1)
+    wanted: list[int] = []  # page multiset
+    answered: list[int] = []
+    for adding, first, count in ops:
+        if adding:
+            runs.add(RunPiece("s", 0, first, first + count, 0.0))
+            wanted.extend(range(first, first + count))
+        else:
+            for piece in runs.take(0, first, count):
+                assert first <= piece.start < piece.stop <= first + count
+                answered.extend(range(piece.start, piece.stop))
+    for piece in runs.take(0, 0, 100):
+        answered.extend(range(piece.start, piece.stop))
+    assert sorted(answered) == sorted(wanted)
