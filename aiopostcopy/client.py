@@ -1,0 +1,537 @@
+"""Join a destination service from a worker process that shares its memory.
+
+Theory of operation
+-------------------
+The worker speaks the client control protocol of :mod:`aiopostcopy.core.control`
+over the service's Unix socket (wire frames; fds ride as SCM_RIGHTS on the
+sendmsg carrying a frame's first byte and wait in a FIFO; Blocks claims one per
+block, in block order)::
+
+    -> ClientHello(version, pid, name, mode)
+    <- Blocks + one fd per block   map each block shared, open our own userfaultfd
+                                   (THREAD_ID), register every mapping MISSING
+    -> Register(table) + uffd fd (delegated)  |  Register(()) (self-served)
+    <- Accept ... End(complete)    running; every page placed (or aborted)
+    -> Bye
+
+*Delegated*: the service reads our uffd, requests pages for us and wakes our
+threads; our thread only watches the socket.  *Self-served*: our thread polls
+our uffd too, maps fault addresses to (block, page) (:class:`_Pager`), wakes
+pages known placed at once, lets requested ones wait, sends new ones as
+coalesced ClientRequest runs and wakes the pages each Placed names.
+
+The GIL: a thread faulting in plain Python (``view[i]``) blocks in the kernel
+*holding the GIL*, stopping every Python thread of the process until the page
+arrives -- in self-served mode our handler too: a deadlock.  Touch memory that
+may be missing from code that releases the GIL (``ctypes.memmove``, cffi,
+``Mapping.touch``, large numpy operations), as :mod:`aiopostcopy.workload` does.
+
+Closing: a uffd closed while a thread waits on a missing page makes the kernel
+fill it with zeros, in memory every process shares.  After End(complete=True)
+:meth:`Client.leave` unregisters, closes the uffd, then unmaps.  Any other exit
+(:meth:`Client.abandon`, abort, lost service) first takes the memory away
+(munmap), then closes the uffd: a late touch gets SIGSEGV, never a zero page.
+If views are still exported the mapping cannot go: the uffd then stays open
+for good, so a touch of a missing page blocks instead of reading zeros.
+
+:class:`AsyncClient` runs join/leave in the default executor and awaits End
+through a future resolved from the client's thread (the handler never runs on
+the event loop).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import bisect
+import collections
+import contextlib
+import functools
+import os
+import select
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from aiopostcopy.core.control import SERVICE_SENDS, ClientControl, Phase
+from aiopostcopy.errors import (BusyError, ClosedError, LocalProtocolError, MappingTableError, MigrationAborted,
+                                PostcopyError, RemoteProtocolError, UffdError)
+from aiopostcopy.messages import (LIMITS, PROTOCOL_VERSION, Accept, Blocks, Bye, ClientHello, ClientMode,
+                                  ClientRequest, End, Error, ErrorCode, Message, PageRun, Placed, Register, Reject)
+from aiopostcopy.transport.wire import ConnectionClosed, Decoder, encode
+from aiopostcopy.uffd import Feature, Mapping, PageFault, RegisterMode, SharedMemory, Userfaultfd
+
+__all__ = ["Client", "AsyncClient", "name_native_thread"]
+
+_FD_SIZE = array.array("i").itemsize
+_ERRORS = {ErrorCode.MAPPING: MappingTableError, ErrorCode.ABORTED: MigrationAborted, ErrorCode.BUSY: BusyError}
+_KEPT_OPEN: list[Userfaultfd] = []  #: uffds whose mappings could not be unmapped: never closed
+
+
+def name_native_thread(name: str) -> None:
+    """Name the calling thread in /proc (``comm``, 15 bytes), where the service reads it."""
+    with contextlib.suppress(OSError), open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
+        comm.write(name[:15])
+
+
+def _service_error(code: ErrorCode, text: str, what: str) -> PostcopyError:
+    message = f"{what} ({code.value}): {text}"
+    if code in (ErrorCode.PROTOCOL, ErrorCode.VERSION):  # the service says *we* broke the protocol
+        return LocalProtocolError(message, code=code.value)
+    return _ERRORS.get(code, PostcopyError)(message)
+
+
+class _Channel:
+    """The control socket: non-blocking, poll-based deadlines, the state machine, a FIFO of received fds."""
+
+    def __init__(self, sock: socket.socket, send_timeout: float) -> None:
+        sock.setblocking(False)
+        self.sock: socket.socket | None = sock
+        self.send_timeout, self.control, self._eof = send_timeout, ClientControl(), False
+        self._decoder = Decoder(allowed=SERVICE_SENDS)
+        self._events: collections.deque = collections.deque()
+        self._fds: collections.deque[int] = collections.deque()
+        self._lock = threading.Lock()
+
+    def _wait(self, events: int, deadline: float) -> None:
+        if (remaining := deadline - time.monotonic()) <= 0:
+            raise TimeoutError("the service did not answer in time")
+        poller = select.poll()
+        poller.register(self.sock, events)
+        poller.poll(max(1, int(remaining * 1000)))
+
+    def send(self, message: Message, fds: tuple[int, ...] = ()) -> None:
+        """Validate and send one frame, ``fds`` on its first byte.  Raises OSError, TimeoutError, ProtocolError."""
+        data, deadline = memoryview(encode(message)), time.monotonic() + self.send_timeout
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        with self._lock:
+            if self.sock is None:
+                raise ClosedError("the control connection is closed")
+            self.control.send(message)
+            while data:
+                try:
+                    data, ancillary = data[self.sock.sendmsg([data], ancillary, socket.MSG_NOSIGNAL):], []
+                except (BlockingIOError, InterruptedError):
+                    self._wait(select.POLLOUT, deadline)
+
+    def _read(self) -> None:
+        """One recvmsg (never blocks); queue complete messages, and ConnectionClosed at EOF."""
+        if self._eof or self.sock is None:
+            return
+        try:
+            data, ancillary, flags, _ = self.sock.recvmsg(
+                256 << 10, socket.CMSG_SPACE(LIMITS.max_blocks * _FD_SIZE), socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                self._fds.extend(array.array("i", payload[:len(payload) - len(payload) % _FD_SIZE]))
+        if flags & socket.MSG_CTRUNC:
+            raise RemoteProtocolError("the service sent more file descriptors than fit in one message")
+        self._decoder.receive_data(data)
+        while not self._eof and (event := self._decoder.next_event()) is not None:
+            self._eof = isinstance(event, ConnectionClosed)
+            if not self._eof:
+                self.control.receive(event)
+            self._events.append(event)
+
+    def receive(self) -> list:
+        """What has arrived (never blocks): messages in order, then ConnectionClosed after EOF."""
+        self._read()
+        events, self._events = list(self._events), collections.deque()
+        return events
+
+    def next_message(self, deadline: float) -> Message:
+        """Wait for one message (handshake).  Raises PostcopyError at EOF, TimeoutError."""
+        while not self._events:
+            self._wait(select.POLLIN, deadline)
+            self._read()
+        if isinstance(event := self._events.popleft(), ConnectionClosed):
+            raise PostcopyError("the service closed the control connection during the handshake")
+        return event
+
+    def take_fds(self, count: int) -> list[int]:
+        if count > len(self._fds):
+            raise RemoteProtocolError(f"message needs {count} file descriptors, {len(self._fds)} arrived")
+        return [self._fds.popleft() for _ in range(count)]
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+        while self._fds:
+            os.close(self._fds.popleft())
+
+
+class _Pager:
+    """Self-served bookkeeping, no I/O: fault address -> (block, page), dedupe, coalesce, wake ranges.
+
+    Args:
+        mappings: ``(address, length, page_size)`` of each block's mapping, in block order.
+    """
+
+    def __init__(self, mappings: list[tuple[int, int, int]]) -> None:
+        self._blocks = mappings
+        self._order = sorted((address, block) for block, (address, _, _) in enumerate(mappings))
+        self._requested: set[tuple[int, int]] = set()
+        self._placed: set[tuple[int, int]] = set()
+        self._new: set[tuple[int, int]] = set()
+        self.threads: dict[int, int] = {}
+        self.stats = dict.fromkeys(("faults", "woken_at_once", "joined", "requested_pages", "requests",
+                                    "placed_pages", "wakes"), 0)
+
+    def fault(self, fault: PageFault) -> tuple[int, int] | None:
+        """Account one fault.  Returns the (address, length) to wake now, or None.  Raises MappingTableError."""
+        self.stats["faults"] += 1
+        self.threads[fault.thread_id] = self.threads.get(fault.thread_id, 0) + 1
+        index = bisect.bisect_right(self._order, (fault.address, len(self._blocks))) - 1
+        address, length, size = self._blocks[self._order[index][1] if index >= 0 else 0]
+        if not address <= fault.address < address + length:
+            raise MappingTableError(f"fault at {fault.address:#x} is outside every registered mapping")
+        key = (self._order[index][1], (fault.address - address) // size)
+        if key in self._placed:  # a race with Placed, or the page was discarded: wake once, then ask again
+            self._placed.discard(key)
+            self.stats["woken_at_once"] += 1
+            return address + key[1] * size, size
+        if key in self._requested or key in self._new:
+            self.stats["joined"] += 1
+        else:
+            self._new.add(key)
+        return None
+
+    def take_runs(self) -> list[PageRun]:
+        """The new pages as coalesced runs, from now on requested."""
+        runs: list[PageRun] = []
+        for block, page in sorted(self._new):
+            if runs and runs[-1].block == block and runs[-1].stop == page:
+                runs[-1] = PageRun(block=block, first=runs[-1].first, count=runs[-1].count + 1)
+            else:
+                runs.append(PageRun(block=block, first=page, count=1))
+        self._requested |= self._new
+        self.stats["requested_pages"] += len(self._new)
+        self._new.clear()
+        return runs
+
+    def placed(self, runs: tuple[PageRun, ...]) -> list[tuple[int, int]]:
+        """Mark runs placed.  Returns our (address, length) ranges to wake.  Raises RemoteProtocolError."""
+        ranges = []
+        for run in runs:
+            if run.block >= len(self._blocks) or run.stop * self._blocks[run.block][2] > self._blocks[run.block][1]:
+                raise RemoteProtocolError(f"Placed names pages outside the blocks: {run}")
+            keys = {(run.block, page) for page in range(run.first, run.stop)}
+            self._requested -= keys
+            self._placed |= keys
+            self.stats["placed_pages"] += run.count
+            address, _, size = self._blocks[run.block]
+            ranges.append((address + run.first * size, run.count * size))
+        return ranges
+
+
+class Client:
+    """A worker's membership of a destination service: sync, safe to share between threads.
+
+    Make one with :meth:`join`; as a context manager it abandons on exit (which
+    is :meth:`leave` once the migration ended).  ``session_id`` names the
+    migration, ``block_info`` lists the blocks in index order.
+    """
+
+    def __init__(self, channel: _Channel, mode: ClientMode, name: str) -> None:
+        self.mode, self.name, self._channel, self.session_id, self.block_info = mode, name, channel, "", ()
+        self._shms: list[SharedMemory] = []
+        self._mappings: list[Mapping] = []
+        self._views: dict[str, memoryview] = {}
+        self._uffd: Userfaultfd | None = None
+        self._pager: _Pager | None = None
+        self._thread: threading.Thread | None = None
+        self._wakefd, self._stopping, self._left = -1, False, False
+        self._end: End | None = None
+        self._failure: BaseException | None = None
+        self._done, self._lock = threading.Event(), threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+
+    @classmethod
+    def join(cls, socket_path: str, *, mode: ClientMode = ClientMode.DELEGATED, name: str | None = None,
+             timeout: float = 30.0) -> Client:
+        """Connect, map every block, register it with our own userfaultfd, get accepted.
+
+        Args:
+            socket_path: the service's Unix control socket.
+            mode: DELEGATED (the service serves our uffd) or SELF_SERVED.
+            name: how the service reports us; default ``<program>-<pid>``.
+            timeout: seconds for the whole handshake, then for any one send.
+
+        Returns:
+            A running client.
+
+        Raises:
+            MappingTableError: the service refused our mapping table.
+            LocalProtocolError: the service says we broke the protocol or speak another version.
+            RemoteProtocolError: the service sent something malformed or out of turn.
+            UffdError: opening or registering our userfaultfd failed (the message says why).
+            PostcopyError: the service is unreachable, silent for ``timeout``, or hung up.
+        """
+        deadline = time.monotonic() + timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(socket_path)
+        except OSError as exc:
+            sock.close()
+            raise PostcopyError(f"cannot reach the service at {socket_path}: {exc}") from exc
+        program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
+        client = cls(_Channel(sock, timeout), ClientMode(mode), name or f"{program}-{os.getpid()}")
+        try:
+            client._handshake(deadline)
+        except BaseException as exc:
+            client._close(complete=False, bye=False)
+            if isinstance(exc, OSError) and not isinstance(exc, PostcopyError):
+                raise PostcopyError(f"joining the service at {socket_path} failed: {exc!r}") from exc
+            raise
+        client._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        role = "pager" if client._pager is not None else "control"
+        client._thread = threading.Thread(target=client._run, name=f"aiopc-{role}", daemon=True)
+        client._thread.start()
+        return client
+
+    def _handshake(self, deadline: float) -> None:
+        self._channel.send(ClientHello(version=PROTOCOL_VERSION, pid=os.getpid(), name=self.name, mode=self.mode))
+        blocks = self._expect(deadline, Blocks)
+        self.session_id, self.block_info = blocks.session_id, blocks.blocks
+        self._shms = [SharedMemory.adopt(fd) for fd in self._channel.take_fds(len(blocks.blocks))]
+        for info, shm in zip(self.block_info, self._shms):
+            self._mappings.append(shm.map(info.length))
+            self._views[info.name] = self._mappings[-1].buffer()
+        self._uffd = Userfaultfd.open(Feature.THREAD_ID, nonblocking=True)
+        for mapping in self._mappings:
+            self._uffd.register(mapping.address, mapping.length, RegisterMode.MISSING)
+        if self.mode is ClientMode.SELF_SERVED:
+            self._pager = _Pager([(m.address, m.length, b.page_size) for m, b in zip(self._mappings, self.block_info)])
+            self._channel.send(Register(mappings=()))
+        else:
+            table = tuple((m.address, m.length, index, 0) for index, m in enumerate(self._mappings))
+            self._channel.send(Register(mappings=table), (self._uffd.fd,))
+        self._expect(deadline, Accept)  # the control state machine lets nothing else through
+
+    def _expect(self, deadline: float, kind: type) -> Message:
+        if isinstance(message := self._channel.next_message(deadline), (Reject, Error)):
+            raise _service_error(message.code, message.text, f"the service refused us instead of {kind.__name__}")
+        return message
+
+    # -- the background thread: the control socket, and our uffd when self-served ----
+
+    def _run(self) -> None:
+        name_native_thread(threading.current_thread().name)
+        poller = select.poll()
+        for fd in (self._wakefd, self._channel.sock.fileno()) + ((self._uffd.fd,) if self._pager else ()):
+            poller.register(fd, select.POLLIN)
+        try:
+            self._on_events(self._channel.receive())
+            while not self._stopping and not self._done.is_set():
+                for fd, _ in poller.poll():
+                    if self._pager is not None and fd == self._uffd.fd:
+                        self._serve_faults()
+                    elif fd != self._wakefd:
+                        self._on_events(self._channel.receive())
+        except BaseException as exc:  # noqa: BLE001 - reported by wait_end()
+            if isinstance(exc, RemoteProtocolError):
+                with contextlib.suppress(Exception):
+                    self._channel.send(Error(code=ErrorCode.PROTOCOL, text=str(exc)[:LIMITS.max_text]))
+            self._finish(failure=exc)
+
+    def _on_events(self, events: list) -> None:
+        for event in events:
+            if isinstance(event, Placed):  # the state machine admits it in self-served mode only
+                for address, length in self._pager.placed(event.runs):
+                    self._wake(address, length)
+            elif isinstance(event, End):
+                if event.complete and self._pager is not None:
+                    self._serve_faults()
+                    for mapping in self._mappings:  # every page is in: nobody may stay asleep
+                        self._wake(mapping.address, mapping.length)
+                return self._finish(end=event)
+            elif isinstance(event, (Reject, Error)):
+                return self._finish(failure=_service_error(event.code, event.text, "the service dropped us"))
+            elif isinstance(event, ConnectionClosed):
+                return self._finish(failure=PostcopyError(
+                    "the service closed the control connection before End; threads waiting for pages stay blocked"))
+
+    def _serve_faults(self) -> None:
+        wakes = []
+        while events := self._uffd.read_events(64):
+            wakes += [w for e in events if isinstance(e, PageFault) and (w := self._pager.fault(e)) is not None]
+        runs = self._pager.take_runs()
+        for index in range(0, len(runs), LIMITS.max_runs):
+            self._channel.send(ClientRequest(runs=tuple(runs[index:index + LIMITS.max_runs])))
+            self._pager.stats["requests"] += 1
+        for address, length in wakes:
+            self._wake(address, length)
+
+    def _wake(self, address: int, length: int) -> None:
+        self._uffd.wake(address, length)
+        self._pager.stats["wakes"] += 1
+
+    def _finish(self, *, end: End | None = None, failure: BaseException | None = None) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self._end, self._failure = end, failure
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    # -- public ------------------------------------------------------------------------
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once End, a failure or our leaving happened (maybe from the client's thread)."""
+        with self._lock:
+            if not self._done.is_set():
+                return self._callbacks.append(callback)
+        callback()
+
+    @property
+    def blocks(self) -> dict[str, memoryview]:
+        """The mapped blocks by name (touch missing pages only without the GIL).  ClosedError after leaving."""
+        if self._left:
+            raise ClosedError("the client has left")
+        return dict(self._views)
+
+    @property
+    def block_addresses(self) -> dict[str, int]:
+        """Where each block is mapped in this process, by name."""
+        return {info.name: m.address for info, m in zip(self.block_info, self._mappings)}
+
+    def wait_end(self, timeout: float | None = None) -> bool:
+        """Wait for End.
+
+        Returns:
+            True once End(complete=True) arrived; False if ``timeout`` passed first.
+
+        Raises:
+            MigrationAborted: the migration ended before every page arrived.
+            PostcopyError: the service hung up, reported an error or dropped us (a subclass names
+                the cause: MappingTableError, LocalProtocolError, ...); ClosedError if we left first.
+        """
+        if not self._done.wait(timeout):
+            return False
+        if self._end is None:
+            raise self._failure  # type: ignore[misc]
+        if not self._end.complete:
+            raise MigrationAborted("the service ended the migration before every page arrived")
+        return True
+
+    def statistics(self) -> dict:
+        """Counters; self-served: faults handled here by outcome, and per faulting thread id."""
+        stats = {"mode": self.mode.value, "blocks": len(self.block_info), "ended": self._done.is_set()}
+        if self._pager is not None:
+            stats.update(self._pager.stats, threads=dict(self._pager.threads))
+        return stats
+
+    def leave(self) -> None:
+        """After End: say Bye, stop the thread, unregister, close the uffd, unmap, close the fds.
+
+        Views from :attr:`blocks` are released; drop slices of them first.
+
+        Raises:
+            BusyError: the migration is still running (wait_end() first, or abandon()).
+        """
+        if not self._left and not self._done.is_set():
+            raise BusyError("the migration is still running: wait_end() first, or abandon() to give up")
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Leave now, pages missing or not: the memory is unmapped before the uffd is closed."""
+        if not self._left:
+            self._close(complete=self._end is not None and self._end.complete)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.abandon()
+
+    def _close(self, *, complete: bool, bye: bool = True) -> None:
+        self._left = self._stopping = True
+        if bye and self._channel.control.phase is not Phase.CLOSED:
+            with contextlib.suppress(OSError, PostcopyError):
+                self._channel.send(Bye())
+        if self._thread is not None:
+            os.eventfd_write(self._wakefd, 1)
+            if self._thread is not threading.current_thread():
+                self._thread.join()
+            os.close(self._wakefd)
+        try:
+            self._release_memory(complete)
+        finally:
+            self._channel.close()
+            self._finish(failure=ClosedError("the client left before End"))
+
+    def _release_memory(self, complete: bool) -> None:
+        uffd, self._uffd, busy = self._uffd, None, False
+        self._views.clear()
+        if complete and uffd is not None:  # every page is in: unregistering cannot zero-fill anything
+            for mapping in self._mappings:
+                with contextlib.suppress(UffdError):
+                    uffd.unregister(mapping.address, mapping.length)
+            uffd.close()
+            uffd = None
+        for mapping in self._mappings:
+            try:
+                mapping.close()  # munmap also drops the range's registration
+            except BufferError:  # views still exported: the mapping stays
+                busy = True
+        if uffd is not None and busy:
+            _KEPT_OPEN.append(uffd)  # a missing page there must keep blocking, never read zeros
+        elif uffd is not None:
+            uffd.close()
+        for shm in self._shms:
+            shm.close()
+        self._mappings, self._shms = [], []
+
+
+class AsyncClient:
+    """:class:`Client` for asyncio: the same attributes; join, wait_end, leave and abandon are awaitable."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._done: asyncio.Future | None = None
+
+    @classmethod
+    async def join(cls, socket_path: str, **options: object) -> AsyncClient:
+        """:meth:`Client.join` in the default executor (same arguments and errors)."""
+        future = asyncio.get_running_loop().run_in_executor(None, functools.partial(Client.join, socket_path,
+                                                                                    **options))
+        try:
+            return cls(await asyncio.shield(future))
+        except asyncio.CancelledError:  # the join goes on in its thread: give it up once it is done
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().abandon())
+            raise
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.client, name)
+
+    async def wait_end(self, timeout: float | None = None) -> bool:
+        """Await End without parking a thread; result and errors as :meth:`Client.wait_end`."""
+        if self._done is None or self._done.get_loop() is not asyncio.get_running_loop():
+            loop, self._done = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
+            done = self._done
+            self.client.add_done_callback(lambda: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(0)))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._done), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return self.client.wait_end(0)
+
+    async def leave(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.client.leave)
+
+    async def abandon(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.client.abandon)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.abandon()

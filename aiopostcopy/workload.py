@@ -1,0 +1,264 @@
+"""A worker process for demos, end-to-end tests and benchmarks.
+
+Theory of operation
+-------------------
+``python -m aiopostcopy.workload --socket PATH ...`` joins a destination
+service with :class:`~aiopostcopy.client.Client`, then starts ``--threads``
+touching threads (named ``touch-<slot>`` in Python and in /proc, so the
+service can report them).  Each thread touches ``--touches`` pages over all
+blocks: ``random`` picks pages at random, ``sequential`` walks them in order
+(thread *i* starting at the *i*-th fraction of the pages), ``idle`` touches
+nothing.  A touch reads one byte of the page with ``ctypes.memmove``, which
+releases the GIL: a page that has not arrived blocks that thread in the kernel
+until it is placed, and only that thread (see the GIL note in
+:mod:`aiopostcopy.client`).  The touch is timed with ``perf_counter_ns``;
+the first touch of each page by this process is a *fault latency* sample.
+
+With ``--counters`` (the kernel selftests' stress run) a touch instead
+increments the thread's own 8-byte little-endian counter at offset
+``8 * slot`` of the page, ``slot = --slot-base + thread index`` (< 64, see
+:data:`~aiopostcopy.pattern.COUNTER_SLOTS`), and the thread tallies its
+increments per (block, page).
+
+After End the worker checks every page of every block against
+:mod:`aiopostcopy.pattern` (counter areas ignored), and with ``--counters``
+every counter slot of its threads against their tallies, then prints one JSON
+object (see :func:`report`).  Exit status: 0 only if the migration completed
+and everything verified; 1 if a check failed; 2 if the run could not finish
+(the process then exits without closing its userfaultfd, so no waiting
+thread can ever read a zero-filled page).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import ctypes
+import json
+import os
+import random
+import sys
+import threading
+import time
+
+from aiopostcopy.client import Client, name_native_thread
+from aiopostcopy.errors import PostcopyError
+from aiopostcopy.messages import ClientMode
+from aiopostcopy.pattern import COUNTER_BYTES, COUNTER_SLOTS, check_page, verify_block
+
+__all__ = ["main", "parse_args", "Toucher", "report", "summarize"]
+
+_MAX_LISTED = 50  #: bad pages / counter mismatches listed in the report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m aiopostcopy.workload", description=__doc__.split("\n")[0])
+    parser.add_argument("--socket", required=True, help="the service's Unix control socket")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mode", choices=[m.value for m in ClientMode], default=ClientMode.DELEGATED.value)
+    parser.add_argument("--workload", choices=["random", "sequential", "idle"], default="random")
+    parser.add_argument("--touches", type=int, default=1000, help="page touches per thread")
+    parser.add_argument("--seed", type=int, default=0, help="pattern seed (as the source's); also seeds 'random'")
+    parser.add_argument("--zero-every", type=int, default=7, help="pattern zero-page rate (as the source's)")
+    parser.add_argument("--slot-base", type=int, default=0, help="first counter slot of this process")
+    parser.add_argument("--counters", action="store_true", help="stress mode: count touches in the pages")
+    parser.add_argument("--name", default=None, help="client name the service reports")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the touches and End")
+    parser.add_argument("--json", default="-", help="where to write the report ('-' for stdout)")
+    parser.add_argument("--raw-latencies", action="store_true", help="include every latency sample (ns)")
+    args = parser.parse_args(argv)
+    if args.threads < 0 or args.touches < 0:
+        parser.error("--threads and --touches must not be negative")
+    if args.counters and not 0 <= args.slot_base <= COUNTER_SLOTS - max(args.threads, 1):
+        parser.error(f"counter slots {args.slot_base}..{args.slot_base + args.threads - 1} do not fit in 0..63")
+    return args
+
+
+class Toucher:
+    """The pages of a client's blocks as one flat index, and the touch itself.
+
+    Args:
+        client: a joined client.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.infos = client.block_info
+        self.bases = [client.block_addresses[info.name] for info in self.infos]
+        self.starts: list[int] = []
+        total = 0
+        for info in self.infos:
+            self.starts.append(total)
+            total += info.pages
+        self.total = total
+
+    def locate(self, flat: int) -> tuple[int, int]:
+        """Flat page index -> (block index, page)."""
+        block = bisect.bisect_right(self.starts, flat) - 1
+        return block, flat - self.starts[block]
+
+    def address(self, block: int, page: int, offset: int) -> int:
+        return self.bases[block] + page * self.infos[block].page_size + offset
+
+
+def _touch_loop(toucher: Toucher, args: argparse.Namespace, index: int, out: dict) -> None:
+    """One touching thread: fills ``out`` with latencies, first-touch keys and tallies."""
+    slot = args.slot_base + index
+    name_native_thread(f"touch-{slot}")
+    rng = random.Random(args.seed * 1_000_003 + slot)
+    scratch = ctypes.create_string_buffer(8)
+    latencies, tally, seen = out["latencies"], out["tally"], out["seen"]
+    offset = 8 * slot if args.counters else COUNTER_BYTES
+    start = toucher.total * index // max(args.threads, 1)
+    for step in range(args.touches if toucher.total else 0):
+        flat = rng.randrange(toucher.total) if args.workload == "random" else (start + step) % toucher.total
+        key = toucher.locate(flat)
+        address = toucher.address(key[0], key[1], offset)
+        first = key not in seen
+        seen.add(key)
+        begin = time.perf_counter_ns()
+        ctypes.memmove(scratch, address, 8 if args.counters else 1)  # releases the GIL while it faults
+        took = time.perf_counter_ns() - begin
+        if first:
+            latencies.append(took)
+        if args.counters:
+            value = int.from_bytes(scratch.raw, "little") + 1
+            ctypes.memmove(address, value.to_bytes(8, "little"), 8)
+            tally[key] = tally.get(key, 0) + 1
+
+
+def summarize(latencies_ns: list[int]) -> dict:
+    """count, mean, p50, p90, p99 and max of latencies, in microseconds."""
+    if not latencies_ns:
+        return {"count": 0}
+    ordered = sorted(latencies_ns)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000, 2)
+
+    return {"count": len(ordered), "mean_us": round(sum(ordered) / len(ordered) / 1000, 2),
+            "p50_us": at(0.50), "p90_us": at(0.90), "p99_us": at(0.99), "max_us": round(ordered[-1] / 1000, 2)}
+
+
+def verify_pages(client: Client, args: argparse.Namespace) -> tuple[int, list[dict]]:
+    """Check every page of every block; return (bad page count, the first few described)."""
+    count, listed = 0, []
+    views = client.blocks
+    for index, info in enumerate(client.block_info):
+        view = views[info.name]
+        bad = verify_block(view, index, info.page_size, args.seed, args.zero_every, counters_ok=True)
+        count += len(bad)
+        for page in bad[:_MAX_LISTED - len(listed)]:
+            chunk = view[page * info.page_size:(page + 1) * info.page_size]
+            problem = check_page(chunk, index, page, info.page_size, args.seed, args.zero_every, ignore_counters=True)
+            listed.append({"block": info.name, "page": page, "problem": problem})
+    return count, listed
+
+
+def verify_counters(client: Client, args: argparse.Namespace, tallies: list[dict]) -> tuple[int, list[dict]]:
+    """Compare each thread's counter slot in every page with its tally."""
+    count, listed = 0, []
+    views = client.blocks
+    for index, info in enumerate(client.block_info):
+        words = views[info.name].cast("Q")
+        stride = info.page_size // 8
+        for thread, tally in enumerate(tallies):
+            slot = args.slot_base + thread
+            for page, value in enumerate(words[slot::stride].tolist()):
+                expected = tally.get((index, page), 0)
+                if value != expected:
+                    count += 1
+                    if len(listed) < _MAX_LISTED:
+                        listed.append({"block": info.name, "page": page, "slot": slot, "value": value,
+                                       "expected": expected})
+        words.release()
+    return count, listed
+
+
+def report(args: argparse.Namespace, client: Client | None, results: list[dict], timings: dict,
+           **fields: object) -> dict:
+    """Build the JSON report printed at the end.
+
+    Fields: pid, mode, workload, threads, touches, seed, slot_base, counters,
+    thread_names; latencies (count, mean_us, p50_us, p90_us, p99_us, max_us of
+    first touches); join_ms, touch_ms, verify_ms; end_complete, ok, error;
+    bad_page_count and bad_pages (the first 50: block, page, problem);
+    counter_mismatches and counter_examples; blocks; client (its statistics());
+    latencies_ns (every first-touch sample) with ``--raw-latencies``.
+    """
+    latencies = [value for out in results for value in out["latencies"]]
+    body = {
+        "pid": os.getpid(), "mode": args.mode, "workload": args.workload, "threads": args.threads,
+        "touches": args.touches, "seed": args.seed, "slot_base": args.slot_base, "counters": args.counters,
+        "thread_names": [f"touch-{args.slot_base + i}" for i in range(args.threads)],
+        "latencies": summarize(latencies), **timings, **fields,
+    }
+    if client is not None:
+        body["blocks"] = [{"name": b.name, "length": b.length, "page_size": b.page_size} for b in client.block_info]
+        body["client"] = client.statistics()
+    if args.raw_latencies:
+        body["latencies_ns"] = latencies
+    return body
+
+
+def _emit(args: argparse.Namespace, body: dict) -> None:
+    text = json.dumps(body, default=str)
+    if args.json == "-":
+        print(text, flush=True)
+    else:
+        with open(args.json, "w") as out:
+            out.write(text + "\n")
+
+
+def _run_threads(client: Client, args: argparse.Namespace, deadline: float) -> tuple[list[dict], bool]:
+    toucher = Toucher(client)
+    results = [{"latencies": [], "tally": {}, "seen": set()} for _ in range(args.threads)]
+    if args.workload == "idle":
+        return results, True
+    shared_seen: set = set()
+    for out in results:
+        out["seen"] = shared_seen  # "first touch" is per process
+    threads = [threading.Thread(target=_touch_loop, args=(toucher, args, i, out), name=f"touch-{args.slot_base + i}",
+                                daemon=True) for i, out in enumerate(results)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return results, not any(thread.is_alive() for thread in threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the worker; returns the exit status (see the module docstring)."""
+    args = parse_args(argv)
+    began = time.monotonic()
+    deadline = began + args.timeout
+    try:
+        client = Client.join(args.socket, mode=ClientMode(args.mode), name=args.name, timeout=min(args.timeout, 60.0))
+    except PostcopyError as exc:  # nothing is registered yet: a normal exit is safe
+        _emit(args, report(args, None, [], {}, end_complete=False, error=f"{type(exc).__name__}: {exc}", ok=False))
+        return 2
+    timings = {"join_ms": round((time.monotonic() - began) * 1000, 2)}
+    results, finished = _run_threads(client, args, deadline)
+    timings["touch_ms"] = round((time.monotonic() - began) * 1000 - timings["join_ms"], 2)
+    try:
+        complete = finished and client.wait_end(max(0.0, deadline - time.monotonic()))
+        error = None if complete else "timed out waiting for " + ("End" if finished else "the touching threads")
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON
+        complete, error = False, f"{type(exc).__name__}: {exc}"
+    if not complete:
+        _emit(args, report(args, client, results, timings, end_complete=False, error=error, ok=False))
+        os._exit(2)  # threads may still wait for pages: never close the uffd under them
+    checked = time.monotonic()
+    bad_count, bad_pages = verify_pages(client, args)
+    mismatches, examples = verify_counters(client, args, [out["tally"] for out in results]) if args.counters else (0, [])
+    timings["verify_ms"] = round((time.monotonic() - checked) * 1000, 2)
+    ok = bad_count == 0 and mismatches == 0
+    body = report(args, client, results, timings, end_complete=True, error=None, ok=ok, bad_page_count=bad_count,
+                  bad_pages=bad_pages, counter_mismatches=mismatches, counter_examples=examples)
+    client.leave()
+    _emit(args, body)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
