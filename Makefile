@@ -1,0 +1,33 @@
+# Set-up and everyday commands.  `make demo` and `make test` work on a fresh
+# machine: they create .venv, build the userfaultfd binding and install what
+# they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml setup.py aiopostcopy/uffd/_build.py aiopostcopy/uffd/_cdefs.h aiopostcopy/uffd/_source.c
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m aiopostcopy demo
+
+lint: $(STAMP)
+	$(BIN)/lint-imports
+
+test: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/postcopy_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info aiopostcopy/uffd/_uffd*.so aiopostcopy/uffd/_uffd.c

@@ -1,0 +1,309 @@
+"""Client processes of the destination service: the control socket and their userfaultfds.
+
+Theory of operation
+-------------------
+Clients connect to a Unix socket.  Each gets a :class:`ServiceControl` state
+machine (phases advise -> listen -> running -> end, see core/control.py) and a
+:class:`~aiopostcopy.transport.fdstream.ControlChannel` that carries frames
+and file descriptors.
+
+* ClientHello: the service answers Blocks with one fd per block.
+* Register (delegated): the client's userfaultfd arrives; its mapping table
+  is validated (a bad table is rejected with the entry and the reason); the
+  fd is watched with ``add_reader`` and its faults go to the session under
+  the client's key.  Wakes for the client's threads go to that fd.
+* Register (self-served): no fd, no addresses; the client sends
+  ClientRequest runs and is told Placed runs.
+* EOF, Bye, garbage, or a fault outside the client's table: the client is
+  retired in order (stop reading its fd, drop its waiters in the session,
+  close our copy of the fd, close the socket).  Nothing it did reaches the
+  other clients: every per-client failure ends in :meth:`ClientRegistry.retire`.
+
+A dead client gives no signal on its userfaultfd, which is why the socket's
+EOF is what retires it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from aiopostcopy.core.control import TRANSITIONS, ServiceControl, Side, version_reject
+from aiopostcopy.core.ramblock import MappingTable
+from aiopostcopy.core.commands import NotifyPlaced, UnknownFault
+from aiopostcopy.errors import MappingTableError, PostcopyError, ProtocolError, RemoteProtocolError, UffdError
+from aiopostcopy.messages import (
+    Accept,
+    Blocks,
+    Bye,
+    ClientHello,
+    ClientMode,
+    ClientRequest,
+    End,
+    Error,
+    ErrorCode,
+    Message,
+    Placed,
+    Register,
+    Reject,
+)
+from aiopostcopy.transport.fdstream import ControlChannel
+from aiopostcopy.uffd import ForkEvent, RemapEvent, Userfaultfd
+
+if TYPE_CHECKING:
+    from aiopostcopy.loop import PostcopyDestination
+
+__all__ = ["ClientRegistry", "ClientInfo"]
+
+_FROM_CLIENT = frozenset({ClientHello, Register, ClientRequest, Bye, Error})
+
+
+@dataclasses.dataclass(slots=True)
+class ClientInfo:
+    """What the service knows of one client."""
+
+    key: str
+    pid: int | None
+    name: str = "?"
+    mode: ClientMode | None = None
+    uffd: Userfaultfd | None = None
+    table: MappingTable | None = None
+    channel: ControlChannel | None = None
+    control: ServiceControl = dataclasses.field(default_factory=ServiceControl)
+    error: str | None = None
+    children: list[Userfaultfd] = dataclasses.field(default_factory=list)
+
+
+class ClientRegistry:
+    """Accepts clients on ``path`` and keeps them apart from each other."""
+
+    def __init__(self, service: "PostcopyDestination", path: str) -> None:
+        self._service = service
+        self._loop = asyncio.get_running_loop()
+        self._clients: dict[str, ClientInfo] = {}
+        self._retired: list[ClientInfo] = []
+        self._ids = itertools.count(1)
+        self.path = path
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._listener.bind(path)
+        self._listener.listen(64)
+        self._listener.setblocking(False)
+        self._loop.add_reader(self._listener.fileno(), self._on_accept)
+
+    # -- queries ---------------------------------------------------------------
+
+    def __iter__(self):
+        return iter(list(self._clients.values()) + self._retired)
+
+    def get(self, key: object) -> ClientInfo | None:
+        return self._clients.get(key)  # type: ignore[arg-type]
+
+    # -- accepting ---------------------------------------------------------------
+
+    def _on_accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            key = f"client-{next(self._ids)}"
+            client = ClientInfo(key=key, pid=None)
+            self._clients[key] = client
+            client.channel = ControlChannel(
+                sock,
+                lambda msg, c=client: self._on_message(c, msg),
+                lambda exc, c=client: self._on_lost(c, exc),
+                allowed=_FROM_CLIENT,
+            )
+            client.pid = client.channel.peer_pid()
+
+    def _on_message(self, client: ClientInfo, msg: Message) -> None:
+        try:
+            client.control.receive(msg, nfds=client.channel.pending_fds)
+            handler = _HANDLERS.get(type(msg))
+            if handler is not None:
+                handler(self, client, msg)
+        except ProtocolError as exc:
+            self._reject(client, ErrorCode(exc.code) if exc.code in ErrorCode._value2member_map_ else ErrorCode.PROTOCOL, str(exc))
+
+    def _on_hello(self, client: ClientInfo, msg: ClientHello) -> None:
+        client.name, client.mode = msg.name, msg.mode
+        refusal = version_reject(msg)
+        if refusal is not None:
+            self._reject(client, refusal.code, refusal.text)
+            return
+        memory = self._service._memory
+        infos = tuple(b.info for b in memory)
+        self._send(client, Blocks(session_id=self._service.session_id, blocks=infos), [b.shm.fd for b in memory])
+
+    def _on_register(self, client: ClientInfo, msg: Register) -> None:
+        if self._service._session.complete:
+            self._join_after_end(client, msg)
+            return
+        if client.mode is ClientMode.SELF_SERVED:
+            if msg.mappings:
+                raise RemoteProtocolError("a self-served client sends no mapping table", code=ErrorCode.MAPPING.value)
+            self._service._session.add_self_served(client.key)
+            self._send(client, Accept())
+            return
+        (fd,) = client.channel.take_fds(1)
+        uffd = Userfaultfd.adopt(fd)
+        try:
+            table = MappingTable.build(self._service.blocks, msg.mappings)
+        except MappingTableError as exc:
+            uffd.close()  # its process still holds its own copy: no thread is zero-filled
+            self._reject(client, ErrorCode.MAPPING, str(exc))
+            return
+        client.uffd, client.table = uffd, table
+        self._service._session.add_fd(client.key, table)
+        self._loop.add_reader(uffd.fd, self._on_uffd_readable, client)
+        self._send(client, Accept())
+        self._on_uffd_readable(client)  # faults may have queued before we watched the fd
+
+    def _join_after_end(self, client: ClientInfo, msg: Register) -> None:
+        """Every page is already placed: accept, then end at once."""
+        if msg.mappings:
+            os.close(client.channel.take_fds(1)[0])  # nothing will ever wait on it
+        self._send(client, Accept())
+        self._end(client, complete=True)
+
+    def _on_request(self, client: ClientInfo, msg: ClientRequest) -> None:
+        self._service._session.client_request(client.key, msg.runs, self._loop.time())
+        self._service._schedule_pass()
+
+    def _on_bye(self, client: ClientInfo, msg: Bye) -> None:
+        self.retire(client, None)
+
+    def _on_error(self, client: ClientInfo, msg: Error) -> None:
+        self.retire(client, f"client reported {msg.code.value}: {msg.text}")
+
+    # -- the client's userfaultfd -------------------------------------------------
+
+    def _on_uffd_readable(self, client: ClientInfo) -> None:
+        if client.uffd is None:
+            return
+        try:
+            self._service.read_faults(client.key, client.uffd)
+        except UffdError as exc:
+            self.retire(client, f"reading its userfaultfd failed: {exc}")
+
+    def non_cooperative_event(self, key: object, event: object) -> None:
+        """A fork / remap / remove / unmap event read from a client's fd (reading it
+        already unblocked the client).  Fork children get no pages from us: their
+        fd is kept open (closing it could zero-fill a waiting child) until the end."""
+        client = self._clients.get(key)  # type: ignore[arg-type]
+        if client is None:
+            return
+        if isinstance(event, ForkEvent):
+            client.children.append(Userfaultfd.adopt(event.fd))
+        elif isinstance(event, RemapEvent):
+            self.retire(client, "client moved a registered mapping (mremap); it must register again")
+
+    def wake(self, key: object, start: int, length: int) -> None:
+        client = self._clients.get(key)  # type: ignore[arg-type]
+        if client is None or client.uffd is None:
+            return
+        try:
+            client.uffd.wake(start, length)
+        except UffdError as exc:
+            self.retire(client, f"waking it failed: {exc}")
+
+    def carry_out(self, command: object) -> None:
+        """NotifyPlaced -> Placed to a self-served client; UnknownFault -> reject the client."""
+        client = self._clients.get(command.key)  # type: ignore[attr-defined]
+        if client is None:
+            return
+        if isinstance(command, NotifyPlaced):
+            self._send(client, Placed(runs=tuple(command.runs)))
+        elif isinstance(command, UnknownFault):
+            self._reject(client, ErrorCode.MAPPING, f"fault at {command.address:#x} is outside the registered mapping table")
+
+    # -- ending ----------------------------------------------------------------
+
+    def _send(self, client: ClientInfo, msg: Message, fds: list[int] = ()) -> None:
+        if client.channel is None or not client.channel.is_open:
+            return
+        client.control.send(msg)
+        client.channel.send(msg, fds)
+
+    def _reject(self, client: ClientInfo, code: ErrorCode, text: str) -> None:
+        """Refuse (Reject while joining, Error once running) and retire the client."""
+        kind = Reject if _may_send(client, Reject) else Error
+        if client.channel is not None and client.channel.is_open and _may_send(client, kind):
+            msg = kind(code=code, text=text[:4000])
+            client.control.send(msg)
+            client.channel.send(msg)
+        self.retire(client, text)
+
+    def _on_lost(self, client: ClientInfo, exc: BaseException | None) -> None:
+        self.retire(client, None if exc is None else f"control connection: {exc}")
+
+    def retire(self, client: ClientInfo, error: str | None) -> None:
+        """Retire a client in order: stop reading, drop its waiters, close its fds."""
+        if self._clients.pop(client.key, None) is None:
+            return
+        client.error = error
+        self._retired.append(client)
+        if client.uffd is not None:
+            self._loop.remove_reader(client.uffd.fd)
+        self._service._session.retire(client.key, self._loop.time())
+        self._close_fds(client)
+        if client.channel is not None:
+            client.channel.close()
+
+    def _close_fds(self, client: ClientInfo) -> None:
+        for uffd in [client.uffd, *client.children]:
+            if uffd is not None:
+                uffd.close()
+        client.uffd = None
+        client.children.clear()
+
+    def end_all(self, *, complete: bool) -> None:
+        """Tell every client the migration ended; on completion close our copies of their fds.
+
+        After an abort our copies stay open, so a thread still waiting for a page
+        stays blocked instead of reading zeros, until its own process lets go.
+        """
+        for client in list(self._clients.values()):
+            self._end(client, complete)
+
+    def _end(self, client: ClientInfo, complete: bool) -> None:
+        if client.uffd is not None:
+            self._loop.remove_reader(client.uffd.fd)
+        if client.channel is not None and client.channel.is_open and _may_send(client, End):
+            self._send(client, End(complete=complete))
+        if complete:
+            self._close_fds(client)
+        self._clients.pop(client.key, None)
+        self._retired.append(client)
+
+    def close(self, *, complete: bool) -> None:
+        """Stop accepting; end every client; remove the socket file."""
+        if self._listener.fileno() >= 0:
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        self.end_all(complete=complete)
+        for client in self._retired:
+            if client.channel is not None:
+                client.channel.close()
+
+
+def _may_send(client: ClientInfo, kind: type) -> bool:
+    return (Side.SERVICE, client.control.phase, kind) in TRANSITIONS
+
+
+_HANDLERS = {
+    ClientHello: ClientRegistry._on_hello,
+    Register: ClientRegistry._on_register,
+    ClientRequest: ClientRegistry._on_request,
+    Bye: ClientRegistry._on_bye,
+    Error: ClientRegistry._on_error,
+}

@@ -1,0 +1,510 @@
+"""The destination service: the one place where asyncio, userfaultfd, the core and the wire meet.
+
+Theory of operation
+-------------------
+:class:`PostcopyDestination` connects to a source on two channels (urgent and
+background), learns the RAMBlocks from the source's Hello, creates and maps
+their shared memory (memfd, or files in a block directory), registers its own
+userfaultfd on its mappings and serves clients on a Unix control socket.
+
+Every source of work is a callback on the event loop:
+
+* a userfaultfd is readable (``add_reader``, one per fd: the service's own and
+  each delegated client's): drain every queued ``uffd_msg`` and feed the
+  faults to the :class:`~aiopostcopy.core.session.DestinationSession`;
+* a message arrives on a channel: Pages payloads were received straight into
+  that channel's page-aligned staging buffer, so the resulting ``Place``
+  commands are carried out at once (one UFFDIO_COPY per run through the
+  service's own mapping), before the next payload may reuse the buffer;
+* a control message arrives from a client;
+* the session's timer fires.
+
+Each of them schedules one *pass* (``call_soon``, at most one pending): the
+pass flushes the session (faults of this loop turn coalesced into runs), sends
+what the session wants sent, carries out its commands and re-arms the single
+timer.  The session decides; this module only carries out.
+
+Kernel rules kept here (DESIGN.md section 2): a client's page is placed
+through *our* mapping and its thread woken on *its* fd; EEXIST counts as
+placed and needs a wake; EAGAIN means drain events and retry the rest; a
+client fd is never closed while the migration still owes it pages unless the
+client is gone; the loop thread never touches memory that has not arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from aiopostcopy.clients import ClientRegistry
+from aiopostcopy.core.ramblock import BlockTable, MappingTable
+from aiopostcopy.core.commands import (
+    Abort,
+    DiscardPages,
+    MigrationComplete,
+    NotifyPlaced,
+    Place,
+    PlaceZero,
+    UnknownFault,
+    Wake,
+)
+from aiopostcopy.core.config import DestinationConfig
+from aiopostcopy.core.session import DestinationSession
+from aiopostcopy.errors import (
+    MigrationAborted,
+    PageExistsError,
+    PostcopyError,
+    SourceLostError,
+    TargetGoneError,
+    UffdError,
+    UffdRetry,
+)
+from aiopostcopy.memory import BlockMemory, Staging
+from aiopostcopy.messages import LIMITS, Channel, Complete, Hello, Message
+from aiopostcopy.report import DestinationReport, build_report
+from aiopostcopy.transport.stream import FrameProtocol
+from aiopostcopy.uffd import Feature, PageFault, RegisterMode, Userfaultfd
+
+__all__ = ["DestinationOptions", "PostcopyDestination", "OWN_FD"]
+
+OWN_FD = "service"  #: session key of the service's own userfaultfd
+_MAX_RETRIES = 1000
+#: background bytes read per loop turn before the urgent channel gets a look in
+_BACKGROUND_TURN_BYTES = 64 * 1024
+_PROGRESS_INTERVAL = 0.05  #: seconds between progress callbacks
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DestinationOptions:
+    """How to reach the source and where to put memory.
+
+    Attributes:
+        source: ``(host, port)`` for TCP, or a Unix socket path.
+        block_dir: directory for block files (left complete for the workload
+            when the migration ends); None keeps blocks in memfds.
+        control_path: Unix socket path where clients join; None for no clients.
+        session_id: identifies this migration to the source (random if None).
+        session: tuning of the fault-handling session.
+        reconnect_interval: seconds between attempts after the source is lost.
+        source_deadline: seconds the source may stay unreachable before the
+            migration is aborted (None: wait for an explicit abort).
+    """
+
+    source: tuple[str, int] | str
+    block_dir: str | None = None
+    control_path: str | None = None
+    session_id: str | None = None
+    session: DestinationConfig = dataclasses.field(default_factory=DestinationConfig)
+    reconnect_interval: float = 0.1
+    source_deadline: float | None = 60.0
+
+
+class PostcopyDestination:
+    """The fault-thread service on the destination host.
+
+    Use :meth:`start` (or ``async with``), then :meth:`wait_complete`.
+    """
+
+    def __init__(self, options: DestinationOptions) -> None:
+        self.options = options
+        self.session_id = options.session_id or uuid.uuid4().hex
+        self._loop = asyncio.get_running_loop()
+        self._session = DestinationSession(session_id=self.session_id, config=options.session)
+        self._channels: dict[Channel, FrameProtocol] = {}
+        self._staging = {ch: Staging(LIMITS.max_payload) for ch in Channel}
+        self._memory: BlockMemory | None = None
+        self._uffd: Userfaultfd | None = None
+        self._clients: ClientRegistry | None = None
+        self._hello: asyncio.Future[Hello] = self._loop.create_future()
+        self._done: asyncio.Future[DestinationReport] = self._loop.create_future()
+        self._pass_pending = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._started_at = self._loop.time()
+        self._progress: list[Callable[[Any], None]] = []
+        self._bytes_from_closed = 0
+        self._next_progress = 0.0
+        self._closed = False
+
+    # -- public --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to the source, create and register the blocks, open the control socket.
+
+        Raises:
+            SourceLostError: the source could not be reached.
+            UffdError: userfaultfd could not be opened or registered.
+        """
+        try:
+            await self._connect()
+            await self._hello
+        except OSError as exc:
+            raise SourceLostError(f"cannot reach source {self.options.source!r}: {exc}") from exc
+        if self.options.control_path is not None:
+            self._clients = ClientRegistry(self, self.options.control_path)
+        self._schedule_pass()
+
+    async def __aenter__(self) -> "PostcopyDestination":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def wait_complete(self) -> DestinationReport:
+        """Wait until every page is placed; returns the final report.
+
+        Raises:
+            MigrationAborted: aborted explicitly or by the source deadline.
+        """
+        return await asyncio.shield(self._done)
+
+    def abort(self, reason: str = "aborted by the caller") -> None:
+        """End the migration without completing it (faulting threads stay blocked
+        until their process ends: pages are never zero-filled)."""
+        self._fail(MigrationAborted(reason))
+
+    @property
+    def uffd_mode(self) -> str:
+        """How the service's userfaultfd was opened, and what that means."""
+        if self._uffd is None:
+            return "not open"
+        return f"{self._uffd.mode.value} ({self._uffd.mode.meaning})"
+
+    @property
+    def blocks(self) -> BlockTable:
+        return self._memory.table if self._memory else BlockTable([])
+
+    def memory(self, name: str) -> memoryview:
+        """The service's mapping of block ``name``, for the embedding application's
+        threads.  Never touch it from the event-loop thread before completion."""
+        assert self._memory is not None
+        return self._memory.view(name)
+
+    def block_path(self, name: str) -> str | None:
+        assert self._memory is not None
+        return self._memory.path(name)
+
+    def statistics(self) -> DestinationReport:
+        """A live snapshot of the migration's figures."""
+        return build_report(self, final=False)
+
+    def on_progress(self, callback: Callable[[DestinationReport], None]) -> None:
+        """Call ``callback`` with a statistics snapshot at most every 50 ms, and once at the end."""
+        self._progress.append(callback)
+
+    async def close(self) -> None:
+        """Release everything in order; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._done.done():
+            self._fail(MigrationAborted("destination closed before completion"))
+        await self._stop_reconnect()
+        if self._clients is not None:
+            self._clients.close(complete=self._session.complete)
+        for proto in self._channels.values():
+            proto.close()
+        complete = self._session.complete
+        if complete:
+            self._close_own_uffd()
+        if self._memory is not None:
+            self._memory.close(complete=complete)
+        if not complete:
+            # Only after munmap: closing a userfaultfd wakes its waiters, and a
+            # thread of this process retrying on a still-mapped, no longer
+            # registered range would read a zero page.  Unmapped, it faults loudly.
+            self._close_own_uffd()
+        if self._timer is not None:
+            self._timer.cancel()
+
+    # -- source channels -------------------------------------------------------
+
+    async def _connect(self) -> None:
+        for channel in (Channel.URGENT, Channel.BACKGROUND):
+            proto = await self._open_channel(channel)
+            self._channels[channel] = proto
+            proto.send(self._session.hello(channel))
+
+    async def _open_channel(self, channel: Channel) -> FrameProtocol:
+        staging = self._staging[channel]
+        factory = lambda: FrameProtocol(  # noqa: E731
+            lambda msg: self._on_source_message(channel, msg),
+            lambda exc: self._on_channel_lost(channel, exc),
+            payload_sink=staging.sink,
+            yield_after=None if channel is Channel.URGENT else _BACKGROUND_TURN_BYTES,
+        )
+        source = self.options.source
+        if isinstance(source, str):
+            _, proto = await self._loop.create_unix_connection(factory, source)
+        else:
+            _, proto = await self._loop.create_connection(factory, source[0], source[1])
+        return proto
+
+    def _on_source_message(self, channel: Channel, msg: Message) -> None:
+        now = self._loop.time()
+        self._session.message_received(channel, msg, now)
+        if self._memory is None and type(msg) is Hello:
+            self._set_up_memory(msg)
+        self._run_commands(self._staging[channel])
+        self._schedule_pass()
+
+    def _set_up_memory(self, hello: Hello) -> None:
+        """Create, map and register the blocks, synchronously: the payload of the
+        next Pages frame must find them (it lands in the staging buffer right away)."""
+        try:
+            self._memory = BlockMemory.create(hello.blocks, self.options.block_dir)
+            self._open_own_uffd()
+        except BaseException as exc:
+            if not self._hello.done():
+                self._hello.set_exception(exc)
+            raise
+        if not self._hello.done():
+            self._hello.set_result(hello)
+
+    def _on_channel_lost(self, channel: Channel, exc: BaseException | None) -> None:
+        if self._channels.get(channel) is None or self._done.done():
+            return
+        if exc is not None and not isinstance(exc, (OSError, PostcopyError)):
+            self._fail(exc)  # a bug in our own handling: fail visibly
+            return
+        self._drop_channels()
+        if not self._hello.done():
+            self._hello.set_exception(SourceLostError(f"source closed the {channel.value} channel"))
+            return
+        if self._reconnect_task is None:
+            self._reconnect_task = self._loop.create_task(self._reconnect(exc))
+
+    async def _reconnect(self, cause: BaseException | None) -> None:
+        deadline = self.options.source_deadline
+        give_up = None if deadline is None else self._loop.time() + deadline
+        try:
+            while not self._done.done():
+                await asyncio.sleep(self.options.reconnect_interval)
+                try:
+                    await self._connect()
+                except OSError:
+                    self._drop_channels()
+                    if give_up is not None and self._loop.time() > give_up:
+                        err = SourceLostError("source unreachable past the deadline")
+                        err.__cause__ = cause
+                        self._fail(MigrationAborted(str(err)))
+                        return
+                    continue
+                self._schedule_pass()  # the session sends Resume when the source's Hello is back
+                return
+        finally:
+            self._reconnect_task = None
+
+    def _drop_channels(self) -> None:
+        """Close both channels and tell the session (a reconnect replaces both)."""
+        channels, self._channels = self._channels, {}
+        now = self._loop.time()
+        for channel, proto in channels.items():
+            self._bytes_from_closed += proto.bytes_received
+            proto.abort()
+            self._session.connection_lost(channel, now)
+
+    async def _stop_reconnect(self) -> None:
+        task = self._reconnect_task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # -- own userfaultfd --------------------------------------------------------
+
+    def _open_own_uffd(self) -> None:
+        assert self._memory is not None
+        self._uffd = Userfaultfd.open(Feature.THREAD_ID)
+        for block in self._memory:
+            ioctls = self._uffd.register(block.address, block.length, RegisterMode.MISSING)
+            block.allow_zeropage(ioctls)
+        self._session.add_fd(OWN_FD, self._memory.mapping_table(), woken_by_copy=True)
+        self._loop.add_reader(self._uffd.fd, self._on_own_uffd_readable)
+
+    def _close_own_uffd(self) -> None:
+        uffd, self._uffd = self._uffd, None
+        if uffd is None:
+            return
+        self._loop.remove_reader(uffd.fd)
+        if self._memory is not None and self._memory.mapped and self._session.complete:
+            for block in self._memory:
+                with contextlib.suppress(UffdError):
+                    uffd.unregister(block.address, block.length)
+        uffd.close()
+
+    def _on_own_uffd_readable(self) -> None:
+        assert self._uffd is not None
+        self.read_faults(OWN_FD, self._uffd)
+
+    def read_faults(self, key: object, uffd: Userfaultfd) -> None:
+        """Drain every queued event of ``uffd`` into the session (faults) and schedule a pass."""
+        now = self._loop.time()
+        while True:
+            events = uffd.read_events(64)
+            if not events:
+                break
+            for event in events:
+                if type(event) is PageFault:
+                    self._session.fault_received(key, event.address, event.thread_id, now)
+                elif self._clients is not None:
+                    self._clients.non_cooperative_event(key, event)
+        self._schedule_pass()
+
+    # -- the pass ----------------------------------------------------------------
+
+    def _schedule_pass(self) -> None:
+        if not self._pass_pending and not self._closed:
+            self._pass_pending = True
+            self._loop.call_soon(self._pass)
+
+    def _pass(self) -> None:
+        self._pass_pending = False
+        if self._done.done() or self._memory is None:
+            return
+        try:
+            now = self._loop.time()
+            self._session.flush(now)
+            self._run_commands(None)
+            self._send_messages()
+            self._rearm_timer(now)
+            if self._progress and now >= self._next_progress:
+                self._next_progress = now + _PROGRESS_INTERVAL
+                self._report_progress(self.statistics())
+        except Exception as exc:  # never swallow: the service fails visibly
+            self._fail(exc)
+
+    def _report_progress(self, report: DestinationReport) -> None:
+        for callback in self._progress:
+            callback(report)
+
+    def _send_messages(self) -> None:
+        for channel, msg in self._session.messages_to_send():
+            proto = self._channels.get(channel)
+            if proto is not None and proto.is_open:
+                proto.send(msg)
+
+    def _rearm_timer(self, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = self._session.get_timer()
+        if when is not None:
+            self._timer = self._loop.call_at(max(when, now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._session.handle_timer(self._loop.time())
+        self._schedule_pass()
+
+    # -- carrying out commands -----------------------------------------------------
+
+    def _run_commands(self, staging: Staging | None) -> None:
+        while True:
+            commands = self._session.commands()
+            if not commands:
+                return
+            for command in commands:
+                self._carry_out(command, staging)
+
+    def _carry_out(self, command: object, staging: Staging | None) -> None:
+        kind = type(command)
+        if kind is Place:
+            assert staging is not None, "Place outside a Pages message"
+            self._place(command, staging)
+        elif kind is PlaceZero:
+            self._place_zero(command)
+        elif kind is Wake:
+            self._wake(command)
+        elif kind is NotifyPlaced or kind is UnknownFault:
+            if self._clients is not None:
+                self._clients.carry_out(command)
+        elif kind is DiscardPages:
+            self._memory.discard(command.block, command.first, command.count)
+        elif kind is MigrationComplete:
+            self._loop.call_soon(self._complete)
+        elif kind is Abort:
+            self._fail(MigrationAborted(command.reason))
+
+    def _place(self, command: Place, staging: Staging) -> None:
+        block = self._memory.block(command.block)
+        size = block.page_size
+        src = staging.address + command.payload_offset * size
+        existed = self._copy_run(block.address + command.first * size, src, command.count * size, size)
+        self._session.placed(command.block, command.first, command.count, self._loop.time(), existed_pages=existed)
+
+    def _place_zero(self, command: PlaceZero) -> None:
+        block = self._memory.block(command.block)
+        size = block.page_size
+        dst = block.address + command.first * size
+        length = command.count * size
+        if block.zeropage_ok:
+            existed = self._zero_run(dst, length, size)
+        else:  # hugetlbfs has no UFFDIO_ZEROPAGE: copy from zeroed staging
+            zeros = self._staging[Channel.BACKGROUND].zeroed(size)
+            existed = sum(self._copy_run(dst + off, zeros, size, size) for off in range(0, length, size))
+        self._session.placed(command.block, command.first, command.count, self._loop.time(), existed_pages=existed)
+
+    def _copy_run(self, dst: int, src: int, length: int, size: int) -> int:
+        return self._retry_run(lambda d, s, n: self._uffd.copy(d, s, n), dst, src, length, size)
+
+    def _zero_run(self, dst: int, length: int, size: int) -> int:
+        return self._retry_run(lambda d, _s, n: self._uffd.zeropage(d, n), dst, 0, length, size)
+
+    def _retry_run(self, op: Callable[[int, int, int], int], dst: int, src: int, length: int, size: int) -> int:
+        """Place ``length`` bytes; returns how many pages were already present.
+
+        EEXIST: that page is there already: count it (the session wakes its
+        waiters, since no copy woke them) and go on with the next.
+        EAGAIN (partial): the mapping is changing: drain our events, retry the rest.
+        """
+        done = existed = 0
+        for _ in range(_MAX_RETRIES):
+            if done >= length:
+                return existed
+            try:
+                done += op(dst + done, src + done, length - done)
+            except PageExistsError:
+                existed += 1
+                done += size
+            except UffdRetry as exc:
+                done += exc.done
+                self.read_faults(OWN_FD, self._uffd)
+        raise UffdError(11, f"placing {length} bytes at {dst:#x} kept failing with EAGAIN")
+
+    def _wake(self, command: Wake) -> None:
+        if command.key == OWN_FD:
+            self._uffd.wake(command.start, command.length)
+        elif self._clients is not None:
+            self._clients.wake(command.key, command.start, command.length)
+
+    # -- ending ----------------------------------------------------------------
+
+    def _complete(self) -> None:
+        if self._done.done():
+            return
+        for channel, proto in self._channels.items():
+            if proto.is_open:
+                if channel is Channel.URGENT:
+                    proto.send(Complete())
+                proto.close()
+        report = build_report(self, final=True)
+        self._report_progress(report)
+        if self._clients is not None:
+            self._clients.end_all(complete=True)
+        self._close_own_uffd()
+        self._done.set_result(report)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._done.done():
+            return
+        self._done.set_exception(exc)
+        if self._clients is not None:
+            self._clients.end_all(complete=False)
+        self._drop_channels()

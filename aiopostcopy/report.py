@@ -1,0 +1,176 @@
+"""The destination's report: live statistics and the final summary.
+
+Built from the session's frozen statistics plus what only the service knows:
+block names, client processes (pid, name, mode, why a client was retired),
+thread names from /proc (the seed asks that any thread blocked on guest
+memory be identified: a thread blocked while holding a lock blocks every
+thread waiting for that lock), bytes received and wall-clock duration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiopostcopy.loop import PostcopyDestination
+
+__all__ = ["DestinationReport", "BlockedThread", "build_report"]
+
+_names: dict[tuple[int, int], str] = {}
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class BlockedThread:
+    """Time one faulting thread spent blocked on missing pages."""
+
+    client: str
+    pid: int | None
+    tid: int
+    name: str
+    blocked_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DestinationReport:
+    """Figures of one migration, live or final (see :meth:`to_dict` for the JSON form)."""
+
+    session_id: str
+    final: bool
+    complete: bool
+    aborted: str | None
+    duration_s: float
+    pages_total: int
+    pages_placed: int
+    pages_demand: int
+    pages_background: int
+    pages_zero: int
+    pages_duplicate: int
+    faults: int
+    faults_joined: int
+    faults_already_placed: int
+    bad_faults: int
+    client_requests: int
+    requests_sent: int
+    resumes: int
+    bytes_received: int
+    goodput_gbps: float
+    service_latency_us: dict[str, float]
+    blocked_by_client_s: dict[str, float]
+    blocked_threads: tuple[BlockedThread, ...]
+    faults_by_block: dict[str, int]
+    clients: tuple[dict[str, Any], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        data = dataclasses.asdict(self)
+        data["blocked_threads"] = [dataclasses.asdict(t) for t in self.blocked_threads]
+        return data
+
+    def format(self) -> str:
+        """A human summary, a few lines."""
+        lat = self.service_latency_us
+        lines = [
+            f"session {self.session_id}: {'complete' if self.complete else 'INCOMPLETE'}"
+            + (f" (aborted: {self.aborted})" if self.aborted else ""),
+            f"  pages {self.pages_placed}/{self.pages_total}: demand {self.pages_demand}, "
+            f"background {self.pages_background}, zero {self.pages_zero}, duplicate {self.pages_duplicate}",
+            f"  faults {self.faults} (joined {self.faults_joined}, already placed {self.faults_already_placed}, "
+            f"bad {self.bad_faults}), self-served requests {self.client_requests}, resumes {self.resumes}",
+            f"  service fault->wake latency us: p50 {lat['p50']:.0f} p90 {lat['p90']:.0f} "
+            f"p99 {lat['p99']:.0f} max {lat['max']:.0f}",
+            f"  {self.bytes_received / 1e6:.1f} MB in {self.duration_s:.2f} s = {self.goodput_gbps:.2f} Gbit/s",
+        ]
+        for thread in sorted(self.blocked_threads, key=lambda t: -t.blocked_s)[:5]:
+            lines.append(f"  blocked {thread.blocked_s * 1e3:8.1f} ms  {thread.client} pid {thread.pid} "
+                         f"tid {thread.tid} ({thread.name})")
+        for client in self.clients:
+            if client.get("error"):
+                lines.append(f"  client {client['key']} (pid {client['pid']}) retired: {client['error']}")
+        return "\n".join(lines)
+
+
+def build_report(service: "PostcopyDestination", *, final: bool) -> DestinationReport:
+    """Snapshot ``service`` into a report."""
+    loop_now = service._loop.time()
+    stats = service._session.statistics(loop_now)
+    duration = max(loop_now - service._started_at, 1e-9)
+    received = sum(p.bytes_received for p in service._channels.values()) + service._bytes_from_closed
+    pids = _pids(service)
+    hist = stats.latency
+    return DestinationReport(
+        session_id=service.session_id,
+        final=final,
+        complete=stats.complete,
+        aborted=stats.aborted,
+        duration_s=duration,
+        pages_total=stats.pages_total,
+        pages_placed=stats.pages_placed,
+        pages_demand=stats.pages_demand,
+        pages_background=stats.pages_background,
+        pages_zero=stats.pages_zero,
+        pages_duplicate=stats.pages_duplicate,
+        faults=stats.faults,
+        faults_joined=stats.faults_joined,
+        faults_already_placed=stats.faults_already_placed,
+        bad_faults=stats.bad_faults,
+        client_requests=stats.client_requests,
+        requests_sent=stats.requests_sent,
+        resumes=stats.resumes,
+        bytes_received=received,
+        goodput_gbps=received * 8 / duration / 1e9,
+        service_latency_us={k: v * 1e6 for k, v in
+                            (("p50", hist.p50), ("p90", hist.p90), ("p99", hist.p99), ("max", hist.max))},
+        blocked_by_client_s={str(k): v for k, v in stats.blocked_by_fd.items()},
+        blocked_threads=tuple(_threads(stats.blocked_by_thread, pids)),
+        faults_by_block=_by_block(service, stats.faults_by_block),
+        clients=tuple(_clients(service)),
+    )
+
+
+def _pids(service: "PostcopyDestination") -> dict[str, int | None]:
+    from aiopostcopy.loop import OWN_FD
+
+    pids: dict[str, int | None] = {OWN_FD: os.getpid()}
+    if service._clients is not None:
+        pids.update({c.key: c.pid for c in service._clients})
+    return pids
+
+
+def _threads(blocked: dict, pids: dict[str, int | None]):
+    for (key, tid), seconds in blocked.items():
+        pid = pids.get(str(key))
+        yield BlockedThread(client=str(key), pid=pid, tid=tid, name=_thread_name(pid, tid), blocked_s=seconds)
+
+
+def _thread_name(pid: int | None, tid: int) -> str:
+    if pid is None or not tid:
+        return "?"
+    cached = _names.get((pid, tid))
+    if cached is not None:
+        return cached
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8", errors="replace") as f:
+            name = f.read().strip()
+    except OSError:
+        return "?"
+    _names[(pid, tid)] = name
+    return name
+
+
+def _by_block(service: "PostcopyDestination", counts: tuple[int, ...]) -> dict[str, int]:
+    names = [b.name for b in service.blocks] if len(service.blocks) else []
+    return {names[i] if i < len(names) else str(i): n for i, n in enumerate(counts)}
+
+
+def _clients(service: "PostcopyDestination"):
+    if service._clients is None:
+        return
+    for c in service._clients:
+        yield {"key": c.key, "pid": c.pid, "name": c.name, "mode": c.mode.value if c.mode else None, "error": c.error}
+
+
+def remember_thread_name(pid: int | None, tid: int) -> None:
+    """Look a thread's name up while it still exists (called on its first fault)."""
+    _thread_name(pid, tid)

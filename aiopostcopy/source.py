@@ -1,0 +1,336 @@
+"""The source: owns the authoritative memory and serves it to one destination.
+
+Theory of operation
+-------------------
+A :class:`PostcopySource` listens on TCP (or a Unix path).  A destination
+opens two connections, each starting with a Hello that names its channel:
+
+* ``urgent``: page requests arrive here and are answered here, at once, from
+  inside the receive callback, so no background data can be queued ahead of
+  them by this process;
+* ``background``: a sender task streams every page not yet sent, restarting
+  near the most recent request (locality), as far as the background window
+  (bytes sent but not yet acknowledged by the destination) and the socket's
+  write buffer allow.  The window bounds how much background data can sit in
+  front of an urgent page in the link.
+
+The decisions (what to send next, the window, resume bookkeeping) live in the
+I/O-free :class:`~aiopostcopy.core.source_session.SourceSession`; this module
+reads page bytes, splits runs into zero and non-zero pieces (a zero page goes
+as a Zero marker, never as 4 KiB of zeros) and writes frames.
+
+One destination session is served at a time.  A destination that reconnects
+with the same session id takes over its channels again (it then sends Resume);
+a different session while one is live is refused with ``Error(busy)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import mmap
+import os
+from collections.abc import Mapping as MappingABC
+from functools import partial
+
+from aiopostcopy.core.source_session import SourceConfig, SourceSession
+from aiopostcopy.errors import BusyError, PostcopyError, RemoteProtocolError
+from aiopostcopy.messages import (
+    LIMITS,
+    Ack,
+    BlockInfo,
+    Channel,
+    Complete,
+    Error,
+    ErrorCode,
+    Hello,
+    Message,
+    PageRun,
+    Ping,
+    Pong,
+    Request,
+    Resume,
+    Zero,
+)
+from aiopostcopy.transport.stream import FrameProtocol
+from aiopostcopy.transport.wire import encode, encode_pages_header
+
+__all__ = ["SourceBlock", "PostcopySource", "SourceReport"]
+
+_FROM_DESTINATION = frozenset({Hello, Request, Resume, Ack, Complete, Ping, Pong, Error})
+
+
+@dataclasses.dataclass(slots=True)
+class SourceBlock:
+    """One RAMBlock the source serves, mapped read-only from a file or fd."""
+
+    name: str
+    memory: mmap.mmap
+    page_size: int = 4096
+
+    @classmethod
+    def from_path(cls, name: str, path: str, *, page_size: int = 4096) -> "SourceBlock":
+        """Map ``path`` (a snapshot file, a /dev/shm file, a hugetlbfs file)."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return cls.from_fd(name, fd, page_size=page_size)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def from_fd(cls, name: str, fd: int, *, page_size: int = 4096) -> "SourceBlock":
+        """Map an open fd (a memfd from an orchestrator); the fd may be closed after."""
+        size = os.fstat(fd).st_size
+        if size == 0 or size % page_size:
+            raise ValueError(f"block {name!r}: size {size} is not a positive multiple of {page_size}")
+        return cls(name=name, memory=mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ), page_size=page_size)
+
+    def info(self) -> BlockInfo:
+        return BlockInfo(name=self.name, length=len(self.memory), page_size=self.page_size)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SourceReport:
+    """What the source did for one destination session."""
+
+    session_id: str | None
+    complete: bool
+    pages_urgent: int
+    pages_background: int
+    pages_zero: int
+    bytes_sent: int
+    connections: int
+
+
+class PostcopySource:
+    """Serve RAMBlocks to a destination.
+
+    Args:
+        blocks: the blocks, in the order the destination will index them.
+        config: window and run sizes for the source session.
+    """
+
+    def __init__(self, blocks: list[SourceBlock], *, config: SourceConfig | None = None) -> None:
+        if not blocks:
+            raise ValueError("a source needs at least one block")
+        self._blocks = blocks
+        self._config = config or SourceConfig()
+        self._session = SourceSession(blocks=[b.info() for b in blocks], config=self._config)
+        self._channels: dict[Channel, FrameProtocol] = {}
+        self._session_id: str | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._done: asyncio.Future[SourceReport] = asyncio.get_running_loop().create_future()
+        self._background_wakeup = asyncio.Event()
+        self._background_task: asyncio.Task[None] | None = None
+        self._counts = {"urgent": 0, "background": 0, "zero": 0, "bytes": 0, "connections": 0}
+        self._zero_page = {b.page_size: bytes(b.page_size) for b in blocks}
+
+    @classmethod
+    def from_paths(cls, paths: MappingABC[str, str], *, config: SourceConfig | None = None) -> "PostcopySource":
+        """Build a source from ``{block name: file path}``."""
+        return cls([SourceBlock.from_path(name, path) for name, path in paths.items()], config=config)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def listen(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Start listening on TCP; returns the bound (host, port)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._new_protocol, host, port)
+        self._start_background()
+        return self._server.sockets[0].getsockname()[:2]
+
+    async def listen_unix(self, path: str) -> str:
+        """Start listening on a Unix stream socket path."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(self._new_protocol, path)
+        self._start_background()
+        return path
+
+    async def wait_complete(self) -> SourceReport:
+        """Wait until the destination says every page is placed (Complete)."""
+        return await asyncio.shield(self._done)
+
+    async def close(self) -> None:
+        """Stop listening, drop the channels and the sender task, unmap the blocks."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for proto in list(self._channels.values()):
+            proto.close()
+        self._channels.clear()
+        if self._background_task is not None:
+            self._background_task.cancel()
+            await asyncio.gather(self._background_task, return_exceptions=True)
+            self._background_task = None
+        if not self._done.done():
+            self._done.set_result(self._report(complete=False))
+
+    def statistics(self) -> SourceReport:
+        return self._report(complete=self._done.done() and self._done.result().complete)
+
+    # -- connections -----------------------------------------------------------
+
+    def _new_protocol(self) -> FrameProtocol:
+        holder: list[FrameProtocol] = []
+        proto = FrameProtocol(
+            lambda msg: self._on_message(holder[0], msg),
+            lambda exc: self._on_lost(holder[0], exc),
+            allowed=_FROM_DESTINATION,
+        )
+        holder.append(proto)
+        self._counts["connections"] += 1
+        return proto
+
+    def _channel_of(self, proto: FrameProtocol) -> Channel | None:
+        for channel, known in self._channels.items():
+            if known is proto:
+                return channel
+        return None
+
+    def _on_message(self, proto: FrameProtocol, msg: Message) -> None:
+        channel = self._channel_of(proto)
+        if channel is None:
+            channel = self._adopt_channel(proto, msg)
+            if channel is None:
+                return
+        now = asyncio.get_running_loop().time()
+        self._session.message_received(channel, msg, now)
+        if isinstance(msg, Complete):
+            self._finish()
+        self._pump_urgent()
+        self._background_wakeup.set()
+
+    def _adopt_channel(self, proto: FrameProtocol, msg: Message) -> Channel | None:
+        if not isinstance(msg, Hello):
+            raise RemoteProtocolError("the first message on a connection must be Hello")
+        live = self._session_id is not None and any(p.is_open for p in self._channels.values())
+        if live and msg.session_id != self._session_id:
+            proto.close(_busy(f"source is serving session {self._session_id!r}"))
+            return None
+        self._session_id = msg.session_id
+        old = self._channels.get(msg.channel)
+        if old is not None and old is not proto:
+            old.abort()
+        self._channels[msg.channel] = proto
+        return msg.channel
+
+    def _on_lost(self, proto: FrameProtocol, exc: BaseException | None) -> None:
+        channel = self._channel_of(proto)
+        if channel is not None and self._channels.get(channel) is proto:
+            del self._channels[channel]
+            self._session.connection_lost(channel, asyncio.get_running_loop().time())
+        if exc is not None and not isinstance(exc, (PostcopyError, OSError)):
+            self._fail(exc)
+
+    # -- sending -------------------------------------------------------------
+
+    def _send_messages(self) -> None:
+        for channel, msg in self._session.messages_to_send():
+            proto = self._channels.get(channel)
+            if proto is not None and proto.is_open:
+                proto.send(msg)
+
+    def _pump_urgent(self) -> None:
+        self._send_messages()
+        proto = self._channels.get(Channel.URGENT)
+        while proto is not None and proto.is_open:
+            run = self._session.next_urgent()
+            if run is None:
+                break
+            self._send_run(Channel.URGENT, proto, run)
+        self._send_messages()
+
+    def _start_background(self) -> None:
+        if self._background_task is None:
+            self._background_task = asyncio.get_running_loop().create_task(self._background_sender())
+            self._background_task.add_done_callback(self._on_background_done)
+
+    async def _background_sender(self) -> None:
+        while True:
+            await self._background_wakeup.wait()
+            self._background_wakeup.clear()
+            await self._send_background_burst()
+
+    async def _send_background_burst(self) -> None:
+        while True:
+            proto = self._channels.get(Channel.BACKGROUND)
+            if proto is None or not proto.is_open:
+                return
+            await proto.wait_writable()
+            if not proto.is_open:
+                return
+            run = self._session.next_background()
+            if run is None:
+                self._send_messages()
+                return
+            self._send_run(Channel.BACKGROUND, proto, run)
+            await asyncio.sleep(0)  # let urgent requests in between chunks
+
+    def _on_background_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())
+
+    def _send_run(self, channel: Channel, proto: FrameProtocol, run: PageRun) -> None:
+        """Send one run as Zero and Pages frames, all in one writev."""
+        block = self._blocks[run.block]
+        size = block.page_size
+        memory = memoryview(block.memory)
+        frames: list[bytes | memoryview] = []
+        nbytes = zero = 0
+        for first, count, is_zero in _split_zero(block.memory, self._zero_page[size], run, size):
+            if is_zero:
+                frames.append(encode(Zero(block=run.block, first=first, count=count)))
+                zero += count
+            else:
+                start = first * size
+                frames.append(encode_pages_header(run.block, first, count, count * size))
+                frames.append(memory[start : start + count * size])
+                nbytes += count * size
+        proto.send_frames(frames)
+        self._counts["zero"] += zero
+        self._counts["urgent" if channel is Channel.URGENT else "background"] += run.count - zero
+        self._counts["bytes"] += nbytes
+        self._session.sent(channel, run, nbytes)
+
+    # -- ending --------------------------------------------------------------
+
+    def _finish(self) -> None:
+        if not self._done.done():
+            self._done.set_result(self._report(complete=True))
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._done.done():
+            self._done.set_exception(exc)
+
+    def _report(self, *, complete: bool) -> SourceReport:
+        c = self._counts
+        return SourceReport(
+            session_id=self._session_id,
+            complete=complete,
+            pages_urgent=c["urgent"],
+            pages_background=c["background"],
+            pages_zero=c["zero"],
+            bytes_sent=c["bytes"],
+            connections=c["connections"],
+        )
+
+
+def _busy(text: str) -> RemoteProtocolError:
+    return RemoteProtocolError(text, code=ErrorCode.BUSY.value)
+
+
+def _split_zero(memory: mmap.mmap, zero: bytes, run: PageRun, size: int):
+    """Yield (first, count, is_zero) pieces of ``run``, each a maximal stretch of one kind."""
+    start_page = run.first
+    kind: bool | None = None
+    for page in range(run.first, run.stop):
+        offset = page * size
+        is_zero = memory.find(zero, offset, offset + size) == offset
+        if kind is None:
+            kind = is_zero
+        elif is_zero != kind:
+            yield start_page, page - start_page, kind
+            start_page, kind = page, is_zero
+    if kind is not None:
+        yield start_page, run.stop - start_page, kind

@@ -1,0 +1,164 @@
+"""A client that misbehaves on purpose, speaking the control protocol by hand.
+
+``python rogue_client.py --socket PATH MODE`` where MODE is one of:
+
+``garbage``           connect and send bytes that are no frame at all;
+``bad-frame``         a ClientHello frame of the right shape whose fields are all invalid;
+``table-past-block``  a mapping entry whose (offset, length) runs past the end of its block;
+``table-overlap``     two entries whose address ranges overlap;
+``table-bad-block``   an entry naming a block index the service does not have;
+``fault-outside``     a valid table covering only the first half of block 0, then a touch
+                      of a page in the second half (registered with our uffd, but not in
+                      the table the service was given).
+
+It prints one JSON object: what the service sent back (message type, code,
+text), whether the service closed the connection, and for ``fault-outside``
+whether the touching thread was still blocked.  Exit status 0 when the run
+went as scripted (the verdict is the test's), 2 when it could not even talk.
+A thread left blocked on our userfaultfd dies with the process (the kernel
+never zero-fills a page for a thread that is being killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import ctypes
+import json
+import os
+import select
+import socket
+import sys
+import threading
+import time
+
+import msgpack
+
+from aiopostcopy.core.control import SERVICE_SENDS
+from aiopostcopy.messages import PROTOCOL_VERSION, Blocks, ClientHello, ClientMode, Register
+from aiopostcopy.transport.wire import ConnectionClosed, Decoder, encode
+from aiopostcopy.uffd import Feature, RegisterMode, SharedMemory, Userfaultfd
+
+_FD = array.array("i").itemsize
+
+
+class Conn:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.decoder = Decoder(allowed=SERVICE_SENDS)
+        self.fds: list[int] = []
+        self.eof = False
+
+    def send(self, msg, fds=()) -> None:
+        data = encode(msg)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        self.sock.sendmsg([data], anc)
+
+    def messages(self, timeout: float, *, until_eof: bool = False, count: int = 1) -> list:
+        """Collect messages until ``count`` arrived (or EOF when ``until_eof``), or ``timeout``."""
+        got: list = []
+        deadline = time.monotonic() + timeout
+        while not self.eof and (until_eof or len(got) < count):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                break
+            data, anc, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(64 * _FD))
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    self.fds += array.array("i", payload[:len(payload) - len(payload) % _FD])
+            try:
+                self.decoder.receive_data(data)
+                while (event := self.decoder.next_event()) is not None:
+                    if isinstance(event, ConnectionClosed):
+                        self.eof = True
+                        break
+                    else:
+                        got.append(event)
+            except Exception as exc:  # noqa: BLE001 - the service sent something we cannot decode
+                got.append({"undecodable": f"{type(exc).__name__}: {exc}"})
+                self.eof = not data
+            if not data:
+                self.eof = True
+        return got
+
+
+def describe(messages: list) -> list[dict]:
+    out = []
+    for msg in messages:
+        if isinstance(msg, dict):
+            out.append(msg)
+            continue
+        item = {"type": type(msg).__name__}
+        for field in ("code", "text", "complete"):
+            if hasattr(msg, field):
+                value = getattr(msg, field)
+                item[field] = getattr(value, "value", value)
+        out.append(item)
+    return out
+
+
+def join(conn: Conn) -> tuple[Blocks, list, Userfaultfd]:
+    conn.send(ClientHello(version=PROTOCOL_VERSION, pid=os.getpid(), name="rogue", mode=ClientMode.DELEGATED))
+    (blocks,) = conn.messages(10)
+    assert isinstance(blocks, Blocks), blocks
+    mappings = []
+    for info in blocks.blocks:
+        shm = SharedMemory.adopt(conn.fds.pop(0))
+        mappings.append(shm.map(info.length))
+    uffd = Userfaultfd.open(Feature.THREAD_ID, nonblocking=True)
+    for mapping in mappings:
+        uffd.register(mapping.address, mapping.length, RegisterMode.MISSING)
+    return blocks, mappings, uffd
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("mode")
+    args = parser.parse_args()
+    conn = Conn(args.socket)
+    result: dict = {"mode": args.mode, "pid": os.getpid()}
+    if args.mode == "garbage":
+        conn.sock.sendall(b"\xff\xfe this is not a frame \x00\x01\x02" * 8)
+        result["received"] = describe(conn.messages(10, until_eof=True))
+    elif args.mode == "bad-frame":
+        # a ClientHello frame of the right shape whose fields are all wrong
+        body = msgpack.packb([ClientHello.TYPE, "one", -5, 7, "flying"])
+        conn.sock.sendall(len(body).to_bytes(4, "big") + body)
+        result["received"] = describe(conn.messages(10, until_eof=True))
+    else:
+        blocks, mappings, uffd = join(conn)
+        length = blocks.blocks[0].length
+        base = mappings[0].address
+        page = blocks.blocks[0].page_size
+        if args.mode == "table-past-block":
+            table = ((base, length, 0, page),)  # offset one page: runs a page past the block
+        elif args.mode == "table-overlap":
+            table = ((base, length, 0, 0), (base + page, page, 0, 0))
+        elif args.mode == "table-bad-block":
+            table = ((base, length, len(blocks.blocks) + 3, 0),)
+        elif args.mode == "fault-outside":
+            table = ((base, length // 2, 0, 0),)
+        else:
+            raise SystemExit(f"unknown mode {args.mode}")
+        result["table"] = [list(entry) for entry in table]
+        conn.send(Register(mappings=table), (uffd.fd,))
+        if args.mode == "fault-outside":
+            result["reply"] = describe(conn.messages(10))
+            scratch = ctypes.create_string_buffer(1)
+            target = base + length - page  # the last page: outside the table we gave
+            toucher = threading.Thread(target=ctypes.memmove, args=(scratch, target, 1), daemon=True)
+            toucher.start()
+            result["received"] = describe(conn.messages(10, until_eof=True))
+            toucher.join(0.5)
+            result["toucher_blocked"] = toucher.is_alive()
+        else:
+            result["received"] = describe(conn.messages(10, until_eof=True))
+    result["eof"] = conn.eof
+    print(json.dumps(result, default=str), flush=True)
+    os._exit(0)  # a blocked toucher dies with us; never close the uffd under it first
+
+
+if __name__ == "__main__":
+    sys.exit(main())
