@@ -347,7 +347,8 @@ class Client:
                     self._wake(address, length)
             elif isinstance(event, End):
                 if event.complete and self._pager is not None:
-                    self._serve_faults()
+                    while self._uffd.read_events(64):  # queued faults: every page is in, just wake
+                        pass
                     for mapping in self._mappings:  # every page is in: nobody may stay asleep
                         self._wake(mapping.address, mapping.length)
                 return self._finish(end=event)

@@ -240,6 +240,11 @@ class ClientRegistry:
         self.retire(client, text)
 
     def _on_lost(self, client: ClientInfo, exc: BaseException | None) -> None:
+        if client.key not in self._clients:  # ended earlier (abort kept its fds): its socket
+            self._close_fds(client)          # is gone, so no thread of it can still wait
+            return
+        if exc is None and client.key in self._clients and client.control.phase.value not in ("ended", "closed"):
+            exc = ConnectionError("control connection closed before End")
         self.retire(client, None if exc is None else f"control connection: {exc}")
 
     def retire(self, client: ClientInfo, error: str | None) -> None:
@@ -254,6 +259,20 @@ class ClientRegistry:
         self._close_fds(client)
         if client.channel is not None:
             client.channel.close()
+
+    def _wake_everything(self, client: ClientInfo) -> None:
+        """Every page is placed: read what is still queued and wake every mapped range,
+        so a fault queued during the last placement is not left asleep."""
+        uffd = client.uffd
+        if uffd is None or client.table is None:
+            return
+        try:
+            while uffd.read_events(64):
+                pass
+            for address, length, _block, _offset in client.table.entries:
+                uffd.wake(address, length)
+        except UffdError as exc:
+            client.error = client.error or f"final wake failed: {exc}"
 
     def _close_fds(self, client: ClientInfo) -> None:
         for uffd in [client.uffd, *client.children]:
@@ -277,6 +296,7 @@ class ClientRegistry:
         if client.channel is not None and client.channel.is_open and _may_send(client, End):
             self._send(client, End(complete=complete))
         if complete:
+            self._wake_everything(client)
             self._close_fds(client)
         self._clients.pop(client.key, None)
         self._retired.append(client)

@@ -67,7 +67,7 @@ from aiopostcopy.errors import (
 )
 from aiopostcopy.memory import BlockMemory, Staging
 from aiopostcopy.messages import LIMITS, Channel, Complete, Hello, Message
-from aiopostcopy.report import DestinationReport, build_report
+from aiopostcopy.report import DestinationReport, build_report, remember_thread_name
 from aiopostcopy.transport.stream import FrameProtocol
 from aiopostcopy.uffd import Feature, PageFault, RegisterMode, Userfaultfd
 
@@ -130,6 +130,7 @@ class PostcopyDestination:
         self._progress: list[Callable[[Any], None]] = []
         self._bytes_from_closed = 0
         self._next_progress = 0.0
+        self._named_threads: set[int] = set()
         self._closed = False
 
     # -- public --------------------------------------------------------------
@@ -168,6 +169,12 @@ class PostcopyDestination:
     def abort(self, reason: str = "aborted by the caller") -> None:
         """End the migration without completing it (faulting threads stay blocked
         until their process ends: pages are never zero-filled)."""
+        if self._done.done():
+            return
+        self._session.abort(reason, self._loop.time())
+        self._send_messages()  # Error(aborted) tells the source it is over
+        for proto in self._channels.values():
+            proto.close()
         self._fail(MigrationAborted(reason))
 
     @property
@@ -206,6 +213,7 @@ class PostcopyDestination:
         self._closed = True
         if not self._done.done():
             self._fail(MigrationAborted("destination closed before completion"))
+            self._done.exception()  # retrieved here: closing early is not an error to log
         await self._stop_reconnect()
         if self._clients is not None:
             self._clients.close(complete=self._session.complete)
@@ -352,10 +360,18 @@ class PostcopyDestination:
                 break
             for event in events:
                 if type(event) is PageFault:
+                    if event.thread_id not in self._named_threads:
+                        self._remember_thread(key, event.thread_id)
                     self._session.fault_received(key, event.address, event.thread_id, now)
                 elif self._clients is not None:
                     self._clients.non_cooperative_event(key, event)
         self._schedule_pass()
+
+    def _remember_thread(self, key: object, tid: int) -> None:
+        """Read a faulting thread's name from /proc while it still exists."""
+        self._named_threads.add(tid)
+        client = self._clients.get(key) if self._clients is not None else None
+        remember_thread_name(os.getpid() if key == OWN_FD else (client.pid if client else None), tid)
 
     # -- the pass ----------------------------------------------------------------
 

@@ -165,6 +165,11 @@ class PostcopySource:
             self._background_task = None
         if not self._done.done():
             self._done.set_result(self._report(complete=False))
+        for block in self._blocks:
+            try:
+                block.memory.close()
+            except BufferError:  # a view still sits in a write buffer: freed with it
+                pass
 
     def statistics(self) -> SourceReport:
         return self._report(complete=self._done.done() and self._done.result().complete)
@@ -195,9 +200,13 @@ class PostcopySource:
             if channel is None:
                 return
         now = asyncio.get_running_loop().time()
+        if type(msg) is Error:
+            self._finish(complete=False)
+            proto.close()
+            return
         self._session.message_received(channel, msg, now)
         if isinstance(msg, Complete):
-            self._finish()
+            self._finish(complete=True)
         self._pump_urgent()
         self._background_wakeup.set()
 
@@ -295,9 +304,9 @@ class PostcopySource:
 
     # -- ending --------------------------------------------------------------
 
-    def _finish(self) -> None:
+    def _finish(self, *, complete: bool) -> None:
         if not self._done.done():
-            self._done.set_result(self._report(complete=True))
+            self._done.set_result(self._report(complete=complete))
 
     def _fail(self, exc: BaseException) -> None:
         if not self._done.done():
