@@ -30,6 +30,7 @@ import dataclasses
 import itertools
 import os
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from aiopostcopy.core.control import TRANSITIONS, ServiceControl, Side, version_reject
@@ -172,7 +173,7 @@ class ClientRegistry:
         self._end(client, complete=True)
 
     def _on_request(self, client: ClientInfo, msg: ClientRequest) -> None:
-        self._service._session.client_request(client.key, msg.runs, self._loop.time())
+        self._service._session.client_request(client.key, msg.runs, time.monotonic())
         self._service._schedule_pass()
 
     def _on_bye(self, client: ClientInfo, msg: Bye) -> None:
@@ -255,7 +256,7 @@ class ClientRegistry:
         self._retired.append(client)
         if client.uffd is not None:
             self._loop.remove_reader(client.uffd.fd)
-        self._service._session.retire(client.key, self._loop.time())
+        self._service._session.retire(client.key, time.monotonic())
         self._close_fds(client)
         if client.channel is not None:
             client.channel.close()

@@ -15,14 +15,17 @@ Every source of work is a callback on the event loop:
 * a message arrives on a channel: Pages payloads were received straight into
   that channel's page-aligned staging buffer, so the resulting ``Place``
   commands are carried out at once (one UFFDIO_COPY per run through the
-  service's own mapping), before the next payload may reuse the buffer;
+  service's own mapping, or per stretch between the run's zero pages, which
+  go by UFFDIO_ZEROPAGE), before the next payload may reuse the buffer;
 * a control message arrives from a client;
 * the session's timer fires.
 
 Each of them schedules one *pass* (``call_soon``, at most one pending): the
 pass flushes the session (faults of this loop turn coalesced into runs), sends
 what the session wants sent, carries out its commands and re-arms the single
-timer.  The session decides; this module only carries out.
+timer.  The session decides; this module only carries out.  Its clock is
+``time.monotonic()``, not ``loop.time()``: uvloop's loop time has 1 ms
+resolution, too coarse for fault latencies of tens of microseconds.
 
 Kernel rules kept here (DESIGN.md section 2): a client's page is placed
 through *our* mapping and its thread woken on *its* fd; EEXIST counts as
@@ -39,6 +42,7 @@ import dataclasses
 import os
 import socket
 import uuid
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -65,8 +69,8 @@ from aiopostcopy.errors import (
     UffdError,
     UffdRetry,
 )
-from aiopostcopy.memory import BlockMemory, Staging
-from aiopostcopy.messages import LIMITS, Channel, Complete, Hello, Message
+from aiopostcopy.memory import BlockMemory, MappedBlock, Staging
+from aiopostcopy.messages import LIMITS, Channel, Complete, Hello, Message, Pages
 from aiopostcopy.report import DestinationReport, build_report, remember_thread_name
 from aiopostcopy.transport.stream import FrameProtocol
 from aiopostcopy.uffd import Feature, PageFault, RegisterMode, Userfaultfd
@@ -125,8 +129,9 @@ class PostcopyDestination:
         self._done: asyncio.Future[DestinationReport] = self._loop.create_future()
         self._pass_pending = False
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_when: float | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
-        self._started_at = self._loop.time()
+        self._started_at = time.monotonic()
         self._progress: list[Callable[[Any], None]] = []
         self._bytes_from_closed = 0
         self._next_progress = 0.0
@@ -171,7 +176,7 @@ class PostcopyDestination:
         until their process ends: pages are never zero-filled)."""
         if self._done.done():
             return
-        self._session.abort(reason, self._loop.time())
+        self._session.abort(reason, time.monotonic())
         self._send_messages()  # Error(aborted) tells the source it is over
         for proto in self._channels.values():
             proto.close()
@@ -245,7 +250,7 @@ class PostcopyDestination:
         factory = lambda: FrameProtocol(  # noqa: E731
             lambda msg: self._on_source_message(channel, msg),
             lambda exc: self._on_channel_lost(channel, exc),
-            payload_sink=staging.sink,
+            payload_sink=lambda header, nbytes: self._payload_sink(staging, header, nbytes),
             yield_after=None if channel is Channel.URGENT else _BACKGROUND_TURN_BYTES,
         )
         source = self.options.source
@@ -255,8 +260,13 @@ class PostcopyDestination:
             _, proto = await self._loop.create_connection(factory, source[0], source[1])
         return proto
 
+    def _payload_sink(self, staging: Staging, header: Pages, nbytes: int) -> memoryview:
+        """Where a Pages payload lands, once the session has checked its size against the run."""
+        self._session.check_payload(header, nbytes)
+        return staging.view(nbytes)
+
     def _on_source_message(self, channel: Channel, msg: Message) -> None:
-        now = self._loop.time()
+        now = time.monotonic()
         self._session.message_received(channel, msg, now)
         if self._memory is None and type(msg) is Hello:
             self._set_up_memory(msg)
@@ -291,7 +301,7 @@ class PostcopyDestination:
 
     async def _reconnect(self, cause: BaseException | None) -> None:
         deadline = self.options.source_deadline
-        give_up = None if deadline is None else self._loop.time() + deadline
+        give_up = None if deadline is None else time.monotonic() + deadline
         try:
             while not self._done.done():
                 await asyncio.sleep(self.options.reconnect_interval)
@@ -299,7 +309,7 @@ class PostcopyDestination:
                     await self._connect()
                 except OSError:
                     self._drop_channels()
-                    if give_up is not None and self._loop.time() > give_up:
+                    if give_up is not None and time.monotonic() > give_up:
                         err = SourceLostError("source unreachable past the deadline")
                         err.__cause__ = cause
                         self._fail(MigrationAborted(str(err)))
@@ -313,7 +323,7 @@ class PostcopyDestination:
     def _drop_channels(self) -> None:
         """Close both channels and tell the session (a reconnect replaces both)."""
         channels, self._channels = self._channels, {}
-        now = self._loop.time()
+        now = time.monotonic()
         for channel, proto in channels.items():
             self._bytes_from_closed += proto.bytes_received
             proto.abort()
@@ -353,7 +363,7 @@ class PostcopyDestination:
 
     def read_faults(self, key: object, uffd: Userfaultfd) -> None:
         """Drain every queued event of ``uffd`` into the session (faults) and schedule a pass."""
-        now = self._loop.time()
+        now = time.monotonic()
         while True:
             events = uffd.read_events(64)
             if not events:
@@ -385,7 +395,7 @@ class PostcopyDestination:
         if self._done.done() or self._memory is None:
             return
         try:
-            now = self._loop.time()
+            now = time.monotonic()
             self._session.flush(now)
             self._run_commands(None)
             self._send_messages()
@@ -407,16 +417,20 @@ class PostcopyDestination:
                 proto.send(msg)
 
     def _rearm_timer(self, now: float) -> None:
+        """Arm one timer for the session's next deadline (times are time.monotonic())."""
+        when = self._session.get_timer()
         if self._timer is not None:
+            if when == self._timer_when:
+                return
             self._timer.cancel()
             self._timer = None
-        when = self._session.get_timer()
         if when is not None:
-            self._timer = self._loop.call_at(max(when, now), self._on_timer)
+            self._timer_when = when
+            self._timer = self._loop.call_later(max(when - now, 0.0), self._on_timer)
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._session.handle_timer(self._loop.time())
+        self._timer = self._timer_when = None
+        self._session.handle_timer(time.monotonic())
         self._schedule_pass()
 
     # -- carrying out commands -----------------------------------------------------
@@ -452,20 +466,35 @@ class PostcopyDestination:
         block = self._memory.block(command.block)
         size = block.page_size
         src = staging.address + command.payload_offset * size
-        existed = self._copy_run(block.address + command.first * size, src, command.count * size, size)
-        self._session.placed(command.block, command.first, command.count, self._loop.time(), existed_pages=existed)
+        dst = block.address + command.first * size
+        zeros = command.zeros
+        if not zeros:
+            existed = self._copy_run(dst, src, command.count * size, size)
+        else:  # data stretches by copy from the packed payload, zero stretches by zeropage
+            existed = at = 0
+            for i in range(0, len(zeros) + 2, 2):
+                low, high = (zeros[i], zeros[i + 1]) if i < len(zeros) else (command.count, command.count)
+                if low > at:
+                    existed += self._copy_run(dst + at * size, src, (low - at) * size, size)
+                    src += (low - at) * size
+                if high > low:
+                    existed += self._fill_zero(block, dst + low * size, (high - low) * size)
+                at = high
+        self._session.placed(command.block, command.first, command.count, time.monotonic(), existed_pages=existed)
 
     def _place_zero(self, command: PlaceZero) -> None:
         block = self._memory.block(command.block)
+        dst = block.address + command.first * block.page_size
+        existed = self._fill_zero(block, dst, command.count * block.page_size)
+        self._session.placed(command.block, command.first, command.count, time.monotonic(), existed_pages=existed)
+
+    def _fill_zero(self, block: MappedBlock, dst: int, length: int) -> int:
         size = block.page_size
-        dst = block.address + command.first * size
-        length = command.count * size
         if block.zeropage_ok:
-            existed = self._zero_run(dst, length, size)
-        else:  # hugetlbfs has no UFFDIO_ZEROPAGE: copy from zeroed staging
-            zeros = self._staging[Channel.BACKGROUND].zeroed(size)
-            existed = sum(self._copy_run(dst + off, zeros, size, size) for off in range(0, length, size))
-        self._session.placed(command.block, command.first, command.count, self._loop.time(), existed_pages=existed)
+            return self._zero_run(dst, length, size)
+        # hugetlbfs has no UFFDIO_ZEROPAGE: copy from zeroed staging
+        zeros = self._staging[Channel.BACKGROUND].zeroed(size)
+        return sum(self._copy_run(dst + off, zeros, size, size) for off in range(0, length, size))
 
     def _copy_run(self, dst: int, src: int, length: int, size: int) -> int:
         return self._retry_run(lambda d, s, n: self._uffd.copy(d, s, n), dst, src, length, size)

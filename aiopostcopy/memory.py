@@ -174,8 +174,8 @@ class Staging:
         self._zeros: mmap.mmap | None = None
         self._zeros_address = 0
 
-    def sink(self, block: int, first: int, count: int, nbytes: int) -> memoryview:
-        """Payload sink for the wire decoder: the first ``nbytes`` of the buffer."""
+    def view(self, nbytes: int) -> memoryview:
+        """The first ``nbytes`` of the buffer, where the next payload lands."""
         return self._view[:nbytes]
 
     def zeroed(self, size: int) -> int:

@@ -84,6 +84,7 @@ class Limits:
     max_resume_runs: int = 1 << 17
     max_features: int = 64  #: feature names in a Hello
     max_text: int = 4096  #: characters of an Error / Reject text
+    max_zero_runs: int = 4096  #: stretches of zero pages inside one Pages run
 
 
 LIMITS = Limits()
@@ -289,11 +290,16 @@ class Request:
 class Pages:
     """Source -> destination: page contents for one run.
 
-    On the wire the header ``[3, block, first, count, nbytes]`` is followed by
-    exactly ``nbytes`` raw bytes (the session checks ``nbytes == count *
-    page_size``).  ``data`` holds them when the message was built or decoded
-    in memory; the streaming receiver places the payload straight into
-    staging memory and leaves ``data`` as None.
+    On the wire the header ``[3, block, first, count, nbytes, zeros]`` is
+    followed by exactly ``nbytes`` raw bytes.  ``zeros`` lists the all-zero
+    pages inside the run as flattened half-open bounds relative to ``first``
+    (``(start0, stop0, start1, stop1, ...)``, strictly increasing, within
+    ``[0, count]``); those pages travel as no bytes at all, and the payload
+    holds the other pages in order, so the session checks ``nbytes ==
+    (count - zero pages) * page_size``.  A run of scattered zero pages thus
+    stays one frame instead of one frame per stretch.  ``data`` holds the
+    payload when the message was built or decoded in memory; the streaming
+    receiver places it straight into staging memory and leaves ``data`` None.
     """
 
     TYPE: ClassVar[int] = 3
@@ -301,6 +307,7 @@ class Pages:
     first: int
     count: int
     data: bytes | memoryview | None = None
+    zeros: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_run("pages", self.block, self.first, self.count)
@@ -310,10 +317,37 @@ class Pages:
             size = self.data.nbytes if type(self.data) is memoryview else len(self.data)
             if not 1 <= size <= LIMITS.max_payload:
                 raise _fail(f"pages: data must hold 1..{LIMITS.max_payload} bytes, got {size}")
+        if self.zeros:
+            _check_zeros(self.zeros, self.count)
 
     @property
     def run(self) -> PageRun:
         return PageRun(block=self.block, first=self.first, count=self.count)
+
+    @property
+    def zero_pages(self) -> int:
+        """How many pages of the run are zero (not in the payload)."""
+        zeros = self.zeros
+        return sum(zeros[1::2]) - sum(zeros[::2])
+
+    @property
+    def data_pages(self) -> int:
+        """How many pages of the run the payload carries."""
+        return self.count - self.zero_pages
+
+
+def _check_zeros(zeros: object, count: int) -> None:
+    """Pages.zeros: an even tuple of strictly increasing ints in [0, count), at least one data page left."""
+    if type(zeros) is not tuple or len(zeros) % 2 or len(zeros) > 2 * LIMITS.max_zero_runs:
+        raise _fail(f"pages: zeros must be an even-length tuple of at most {2 * LIMITS.max_zero_runs} bounds")
+    if set(map(type, zeros)) != {int}:
+        raise _fail("pages: zeros bounds must be integers")
+    if zeros[0] < 0 or zeros[-1] > count:
+        raise _fail(f"pages: zeros bounds must lie in [0, {count}]")
+    if not all(map(operator.lt, zeros, itertools.islice(zeros, 1, None))):
+        raise _fail("pages: zeros bounds must be strictly increasing")
+    if sum(zeros[1::2]) - sum(zeros[::2]) >= count:
+        raise _fail("pages: every page is zero (send Zero instead)")
 
 
 @_frozen

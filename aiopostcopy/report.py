@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class DestinationReport:
 
 def build_report(service: "PostcopyDestination", *, final: bool) -> DestinationReport:
     """Snapshot ``service`` into a report."""
-    loop_now = service._loop.time()
+    loop_now = time.monotonic()
     stats = service._session.statistics(loop_now)
     duration = max(loop_now - service._started_at, 1e-9)
     received = sum(p.bytes_received for p in service._channels.values()) + service._bytes_from_closed

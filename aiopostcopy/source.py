@@ -281,21 +281,24 @@ class PostcopySource:
             self._fail(task.exception())
 
     def _send_run(self, channel: Channel, proto: FrameProtocol, run: PageRun) -> None:
-        """Send one run as Zero and Pages frames, all in one writev."""
+        """Send one run as one frame: Zero if every page is zero, else Pages whose
+        ``zeros`` names the zero pages and whose payload gathers the others (one writev)."""
         block = self._blocks[run.block]
         size = block.page_size
-        memory = memoryview(block.memory)
-        frames: list[bytes | memoryview] = []
-        nbytes = zero = 0
-        for first, count, is_zero in _split_zero(block.memory, self._zero_page[size], run, size):
-            if is_zero:
-                frames.append(encode(Zero(block=run.block, first=first, count=count)))
-                zero += count
-            else:
-                start = first * size
-                frames.append(encode_pages_header(run.block, first, count, count * size))
-                frames.append(memory[start : start + count * size])
-                nbytes += count * size
+        zeros = _zero_bounds(block.memory, self._zero_page[size], run, size)
+        zero = sum(zeros[1::2]) - sum(zeros[::2])
+        nbytes = (run.count - zero) * size
+        if not nbytes:
+            frames: list[bytes | memoryview] = [encode(Zero(block=run.block, first=run.first, count=run.count))]
+        else:
+            memory, base = memoryview(block.memory), run.first * size
+            frames = [encode_pages_header(run.block, run.first, run.count, nbytes, zeros)]
+            at = 0
+            for i in range(0, len(zeros) + 2, 2):
+                low, high = (zeros[i], zeros[i + 1]) if i < len(zeros) else (run.count, run.count)
+                if low > at:
+                    frames.append(memory[base + at * size : base + low * size])
+                at = high
         proto.send_frames(frames)
         self._counts["zero"] += zero
         self._counts["urgent" if channel is Channel.URGENT else "background"] += run.count - zero
@@ -329,17 +332,17 @@ def _busy(text: str) -> RemoteProtocolError:
     return RemoteProtocolError(text, code=ErrorCode.BUSY.value)
 
 
-def _split_zero(memory: mmap.mmap, zero: bytes, run: PageRun, size: int):
-    """Yield (first, count, is_zero) pieces of ``run``, each a maximal stretch of one kind."""
-    start_page = run.first
-    kind: bool | None = None
-    for page in range(run.first, run.stop):
-        offset = page * size
+def _zero_bounds(memory: mmap.mmap, zero: bytes, run: PageRun, size: int) -> tuple[int, ...]:
+    """The all-zero stretches of ``run`` as flattened bounds relative to ``run.first`` (Pages.zeros)."""
+    bounds: list[int] = []
+    inside = False
+    offset = run.first * size
+    for index in range(run.count):
         is_zero = memory.find(zero, offset, offset + size) == offset
-        if kind is None:
-            kind = is_zero
-        elif is_zero != kind:
-            yield start_page, page - start_page, kind
-            start_page, kind = page, is_zero
-    if kind is not None:
-        yield start_page, run.stop - start_page, kind
+        if is_zero != inside:
+            bounds.append(index)
+            inside = is_zero
+        offset += size
+    if inside:
+        bounds.append(run.count)
+    return tuple(bounds)

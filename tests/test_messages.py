@@ -23,7 +23,7 @@ GOOD = {
     Hello: dict(version=1, session_id="s" * LIMITS.max_name, role=Role.SOURCE, channel=Channel.URGENT,
                 features=("f",) * LIMITS.max_features, blocks=(RAM, HUGE)),
     Request: dict(runs=(RUN,) * LIMITS.max_runs),
-    Pages: dict(block=0, first=0, count=1, data=b"\0" * 4096),
+    Pages: dict(block=0, first=0, count=4, data=b"\0" * 4096),
     Zero: dict(block=1, first=2, count=3),
     Discard: dict(block=1, first=2, count=3),
     Resume: dict(session_id="s", received=((0, (0, 4, 6, 8)), (3, ())), pending=(RUN,)),
@@ -60,6 +60,10 @@ BAD = [
     (Request, "runs", [RUN]),
     (Pages, "count", 0), (Pages, "data", b""), (Pages, "data", "text"), (Pages, "data", [1]),
     (Pages, "data", b"\0" * (LIMITS.max_payload + 1)), (Pages, "data", memoryview(b"")),
+    (Pages, "zeros", (1,)), (Pages, "zeros", [1, 2]), (Pages, "zeros", (2, 1)), (Pages, "zeros", (1, 1)),
+    (Pages, "zeros", (0, 1, 1, 2)), (Pages, "zeros", (-1, 1)), (Pages, "zeros", (1, 1 << 20)),
+    (Pages, "zeros", (0, 1.5)), (Pages, "zeros", (0, True)),
+    (Pages, "zeros", tuple(range(2 * LIMITS.max_zero_runs + 2))),
     (Zero, "first", -1), (Discard, "count", 0),
     (Resume, "session_id", ""), (Resume, "received", [(0, (0, 1))]), (Resume, "received", ((0, (0,)),)),
     (Resume, "received", ((0, (1, 1)),)), (Resume, "received", ((0, (2, 1)),)),
@@ -118,6 +122,14 @@ def test_derived_properties() -> None:
     assert RAM.pages == 256
     assert PageRun(block=0, first=4, count=3).stop == 7
     assert Pages(block=1, first=2, count=3).run == PageRun(block=1, first=2, count=3)
+    assert Pages(block=0, first=0, count=8, zeros=(1, 3, 6, 7)).zero_pages == 3
+    assert Pages(block=0, first=0, count=8, zeros=(1, 3, 6, 7)).data_pages == 5
+    assert Pages(block=0, first=0, count=8).data_pages == 8
+
+
+def test_pages_with_every_page_zero_is_refused() -> None:
+    with pytest.raises(LocalProtocolError, match="send Zero"):
+        Pages(block=0, first=0, count=4, zeros=(0, 4))
 
 
 def test_pages_data_accepts_buffers() -> None:

@@ -42,12 +42,18 @@ _command = dataclasses.dataclass(frozen=True, slots=True)
 
 @_command
 class Place:
-    """Copy ``count`` pages of payload, from page ``payload_offset`` of it, to ``block``/``first``."""
+    """Place ``count`` pages at ``block``/``first`` from the payload, starting at its page ``payload_offset``.
+
+    ``zeros``: stretches of the run that are zero pages and have no payload
+    (flattened half-open bounds relative to ``first``, as ``Pages.zeros``);
+    the payload holds the other pages in order.
+    """
 
     block: int
     first: int
     count: int
     payload_offset: int
+    zeros: tuple[int, ...] = ()
 
 
 @_command

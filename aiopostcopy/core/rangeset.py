@@ -21,7 +21,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 
-__all__ = ["RangeSet"]
+__all__ = ["RangeSet", "clip_bounds"]
 
 
 class RangeSet:
@@ -159,3 +159,25 @@ class RangeSet:
             return None
         stop = bounds[index] if index < len(bounds) else limit
         return value, min(stop, limit)
+
+
+def clip_bounds(bounds: tuple[int, ...], start: int, stop: int) -> tuple[int, tuple[int, ...]]:
+    """Cut flattened bounds ``(a0, b0, a1, b1, ...)`` (sorted, disjoint) to ``[start, stop)``.
+
+    Returns:
+        How many values of the bounds lie before ``start``, and the parts that
+        lie inside ``[start, stop)``, flattened and relative to ``start``.
+    """
+    before, inside = 0, []
+    for i in range(0, len(bounds), 2):
+        low, high = bounds[i], bounds[i + 1]
+        if high <= start:
+            before += high - low
+            continue
+        if low >= stop:
+            break
+        if low < start:
+            before += start - low
+        inside += (max(low, start) - start, min(high, stop) - start)
+    return before, tuple(inside)
+

@@ -47,7 +47,7 @@ from aiopostcopy.core.inflight import InFlight
 from aiopostcopy.core.link import Link
 from aiopostcopy.core.pages import MISSING, PLACED, PLACING, REQUESTED, PageStates
 from aiopostcopy.core.ramblock import BlockTable, MappingTable
-from aiopostcopy.core.rangeset import RangeSet
+from aiopostcopy.core.rangeset import RangeSet, clip_bounds
 from aiopostcopy.core.session_parts import (Counters, ack_threshold, check_hello, chunks,
                                             requested_runs, resume_for)
 from aiopostcopy.core.stats import DestinationStatistics
@@ -156,29 +156,47 @@ class DestinationSession:
         self.blocks.check_run(block, first, count)  # type: ignore[union-attr]  (after Hello)
         return self._states[block]
 
+    def check_payload(self, msg: m.Pages, nbytes: int) -> None:
+        """A Pages header arrived whose ``nbytes`` payload is about to be received.
+
+        Raises:
+            RemoteProtocolError: the run is outside the blocks, or ``nbytes`` is
+                not the run's data pages times the page size.
+        """
+        if self.blocks is None:
+            raise RemoteProtocolError("pages before the source's Hello")
+        states = self._check_run(msg.block, msg.first, msg.count)
+        if nbytes != msg.data_pages * states.page_size:
+            raise RemoteProtocolError(f"pages: {nbytes} bytes of payload for {msg.data_pages} data pages "
+                                      f"of {states.page_size} bytes", code=m.ErrorCode.BLOCK.value)
+
     def _on_data(self, channel: m.Channel, msg: m.Pages | m.Zero, now: float) -> None:
         """Pages or Zero arrived: place the pages still needed, skip the rest."""
         block, first, count = msg.block, msg.first, msg.count
         states = self._check_run(block, first, count)
-        zero = type(msg) is m.Zero
-        if isinstance(msg, m.Pages):
-            size = count * states.page_size
-            if msg.data is not None and len(msg.data) != size:
-                raise RemoteProtocolError(f"pages: {len(msg.data)} bytes of payload for {count} pages")
+        zero, zeros = type(msg) is m.Zero, ()
+        if not zero:
+            zeros = msg.zeros
+            if msg.data is not None:
+                self.check_payload(msg, len(msg.data))
             if channel is BACKGROUND:
-                self._link.background_bytes(size)
+                self._link.background_bytes(msg.data_pages * states.page_size)
         for start, stop in states.runs(first, count, _NEEDED):
-            before = states.mark(start, stop - start, PLACING)
+            n = stop - start
+            before = states.mark(start, n, PLACING)
             self._coalescer.settle(before[REQUESTED])
-            count -= stop - start
+            count -= n
             if zero:
-                self._count.pages_zero += stop - start
-                self._commands.append(PlaceZero(block, start, stop - start))
+                self._count.pages_zero += n
+                self._commands.append(PlaceZero(block, start, n))
                 continue
-            demand = before[REQUESTED] if channel is URGENT else 0
+            skipped, inside = clip_bounds(zeros, start - first, stop - first) if zeros else (0, ())
+            zero_pages = sum(inside[1::2]) - sum(inside[::2])
+            demand = min(before[REQUESTED], n - zero_pages) if channel is URGENT else 0
+            self._count.pages_zero += zero_pages
             self._count.pages_demand += demand
-            self._count.pages_background += stop - start - demand
-            self._commands.append(Place(block, start, stop - start, start - first))
+            self._count.pages_background += n - zero_pages - demand
+            self._commands.append(Place(block, start, n, start - first - skipped, inside))
         self._count.pages_duplicate += count
 
     def _on_discard(self, channel: m.Channel, msg: m.Discard, now: float) -> None:

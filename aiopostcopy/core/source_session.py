@@ -94,7 +94,9 @@ class SourceSession:
         self._cursor = (0, 0)
         self._unacked = self._background_pages = 0
         self._done_sent = self.complete = self.aborted = False
-        self._limits = [max(1, m.LIMITS.max_payload // block.page_size) for block in self.blocks]
+        # a run fits one Pages frame: its payload, and its zero stretches (at most one per two pages)
+        self._limits = [max(1, min(m.LIMITS.max_payload // block.page_size, 2 * m.LIMITS.max_zero_runs))
+                        for block in self.blocks]
         self._count = _Counts()
         self._handlers = {m.Request: self._on_request, m.Resume: self._on_resume,
                           m.Ack: self._on_ack, m.Complete: self._on_complete,

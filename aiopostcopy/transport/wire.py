@@ -5,7 +5,7 @@ Theory of operation
 A frame is a 4-byte big-endian length ``N``, then ``N`` bytes of msgpack: one
 array ``[TYPE, field...]`` (fields in dataclass order, enums as their values;
 docs/protocol.md has every byte).  A Pages header ``[3, block, first, count,
-nbytes]`` is followed by ``nbytes`` raw bytes: page data never passes through
+nbytes, zeros]`` is followed by ``nbytes`` raw bytes: page data never passes through
 msgpack and no per-page object exists.
 
 :func:`encode` makes frames.  :class:`Decoder` is h11-style: bytes go in by
@@ -68,7 +68,7 @@ _SHRINK_ABOVE = 1 << 20  #: an empty buffer larger than this is given back
 #: Python code and cannot release the GIL or re-enter midway.
 _PACKER = msgpack.Packer(use_bin_type=True)
 
-PayloadSink = Callable[[int, int, int, int], memoryview]
+PayloadSink = Callable[[Pages, int], memoryview]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -138,7 +138,7 @@ def encode(msg: Message, *, limits: Limits = LIMITS) -> bytes:
         if msg.data is None:
             raise LocalProtocolError("Pages without data: use encode_pages_header()")
         size = msg.data.nbytes if type(msg.data) is memoryview else len(msg.data)
-        header = encode_pages_header(msg.block, msg.first, msg.count, size, limits=limits)
+        header = encode_pages_header(msg.block, msg.first, msg.count, size, msg.zeros, limits=limits)
         return b"".join((header, msg.data))
     fields = _FIELDS_OUT.get(type(msg))
     if fields is None:
@@ -146,7 +146,7 @@ def encode(msg: Message, *, limits: Limits = LIMITS) -> bytes:
     return _frame((msg.TYPE, *fields(msg)), limits)
 
 
-def encode_pages_header(block: int, first: int, count: int, nbytes: int, *,
+def encode_pages_header(block: int, first: int, count: int, nbytes: int, zeros: tuple[int, ...] = (), *,
                         limits: Limits = LIMITS) -> bytes:
     """Encode the frame of a Pages run without its payload.
 
@@ -156,18 +156,19 @@ def encode_pages_header(block: int, first: int, count: int, nbytes: int, *,
     Args:
         block, first, count: the page run.
         nbytes: payload size that follows, 1..limits.max_payload.
+        zeros: the run's all-zero pages, as :attr:`Pages.zeros` (not in the payload).
         limits: bounds nbytes.
 
     Returns:
-        Length prefix and msgpack header ``[3, block, first, count, nbytes]``.
+        Length prefix and msgpack header ``[3, block, first, count, nbytes, zeros]``.
 
     Raises:
         LocalProtocolError: a field is out of range.
     """
-    Pages(block=block, first=first, count=count)  # validates the run
+    Pages(block=block, first=first, count=count, zeros=zeros)  # validates the run
     if type(nbytes) is not int or not 1 <= nbytes <= limits.max_payload:
         raise LocalProtocolError(f"pages nbytes must be in [1, {limits.max_payload}], got {nbytes!r}")
-    return _frame((Pages.TYPE, block, first, count, nbytes), limits)
+    return _frame((Pages.TYPE, block, first, count, nbytes, zeros), limits)
 
 
 # ------------------------------------------------------------------ decoding
@@ -189,7 +190,7 @@ _BUILD: dict[int, Callable[[tuple], Message]] = {
     Hello.TYPE: lambda f: Hello(version=f[1], session_id=f[2], role=Role(f[3]), channel=Channel(f[4]),
                                 features=f[5], blocks=_blocks_in(f[6])),
     Request.TYPE: lambda f: Request(runs=_runs_in(f[1])),
-    Pages.TYPE: lambda f: Pages(block=f[1], first=f[2], count=f[3]),
+    Pages.TYPE: lambda f: Pages(block=f[1], first=f[2], count=f[3], zeros=f[5]),
     Zero.TYPE: lambda f: Zero(block=f[1], first=f[2], count=f[3]),
     Discard.TYPE: lambda f: Discard(block=f[1], first=f[2], count=f[3]),
     Resume.TYPE: lambda f: Resume(session_id=f[1], received=f[2], pending=_runs_in(f[3])),
@@ -238,7 +239,7 @@ def header_budget(cls: type, limits: Limits = LIMITS) -> int:
     block, runs = 1 + name + 2 * i, a + limits.max_runs * (1 + 3 * i)
     body = {
         Hello: 2 * i + name + 2 * enum + 2 * a + limits.max_features * name + limits.max_blocks * block,
-        Request: runs, Pages: 4 * i, Zero: 3 * i, Discard: 3 * i,
+        Request: runs, Pages: 4 * i + a + 2 * limits.max_zero_runs * i, Zero: 3 * i, Discard: 3 * i,
         Resume: name + a + limits.max_blocks * (1 + i + a) + 2 * limits.max_resume_runs * i + runs,
         Done: i, Complete: 0, Ack: i, Ping: i, Pong: i, Error: enum + s(limits.max_text),
         ClientHello: 2 * i + name + enum, Blocks: name + a + limits.max_blocks * block,
@@ -288,9 +289,10 @@ class Decoder:
     Args:
         limits: bounds on headers, payloads and the msgpack objects inside.
         allowed: message classes this side may receive; None allows all.
-        payload_sink: ``sink(block, first, count, nbytes) -> memoryview`` of
-            exactly ``nbytes`` writable bytes that receives a Pages payload.
-            It may raise a ProtocolError to refuse the run (bad block, size).
+        payload_sink: ``sink(header, nbytes) -> memoryview`` of exactly
+            ``nbytes`` writable bytes that receives a Pages payload
+            (``header`` is the Pages message, ``data`` None).  It may raise a
+            ProtocolError to refuse the run (bad block, size).
 
     Raises:
         TypeError: ``allowed`` holds something that is not a message class.
@@ -476,7 +478,7 @@ class Decoder:
     def _open_sink(self, msg: Pages, nbytes: int) -> memoryview:
         assert self._make_sink is not None
         try:
-            sink = self._make_sink(msg.block, msg.first, msg.count, nbytes)
+            sink = self._make_sink(msg, nbytes)
         except ProtocolError as exc:
             raise _remote(exc, "pages refused") from exc
         if type(sink) is not memoryview or sink.readonly or sink.nbytes != nbytes:
@@ -497,7 +499,7 @@ class Decoder:
         self._start = start + self._need
         self._pending = None
         data = bytes(self._view[start:self._start])
-        return Pages(block=msg.block, first=msg.first, count=msg.count, data=data)
+        return Pages(block=msg.block, first=msg.first, count=msg.count, data=data, zeros=msg.zeros)
 
     def _payload_short(self, have: int) -> None:
         if self._eof:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiopostcopy.core.rangeset import RangeSet
+from aiopostcopy.core.rangeset import RangeSet, clip_bounds
 
 
 def test_add_merges_overlapping_and_adjacent() -> None:
@@ -101,3 +101,26 @@ def test_matches_a_set_model(operations: list[tuple[bool, int, int]], probe: int
             stop += 1
         assert gap == (start, stop)
     assert [x for run in rs.gaps(0, 61) for x in range(*run)] == [x for x in range(61) if x not in model]
+
+
+@pytest.mark.parametrize(("bounds", "start", "stop", "expected"), [
+    ((), 0, 10, (0, ())),
+    ((1, 3, 6, 7), 0, 10, (0, (1, 3, 6, 7))),
+    ((1, 3, 6, 7), 2, 10, (1, (0, 1, 4, 5))),  # cut through the first stretch
+    ((1, 3, 6, 7), 3, 6, (2, ())),  # between the stretches
+    ((1, 3, 6, 7), 7, 9, (3, ())),  # after both
+    ((1, 3, 6, 7), 0, 2, (0, (1, 2))),  # stops inside the first
+])
+def test_clip_bounds(bounds: tuple, start: int, stop: int, expected: tuple) -> None:
+    assert clip_bounds(bounds, start, stop) == expected
+
+
+@given(st.lists(st.integers(0, 60), unique=True).map(sorted), st.integers(0, 64), st.integers(1, 64))
+def test_clip_bounds_agrees_with_a_set(points: list[int], start: int, length: int) -> None:
+    stop = start + length
+    bounds = tuple(points[: len(points) // 2 * 2])
+    members = {p for low, high in zip(bounds[::2], bounds[1::2]) for p in range(low, high)}
+    before, inside = clip_bounds(bounds, start, stop)
+    assert before == len({p for p in members if p < start})
+    got = {start + p for low, high in zip(inside[::2], inside[1::2]) for p in range(low, high)}
+    assert got == {p for p in members if start <= p < stop}

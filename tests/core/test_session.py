@@ -145,6 +145,36 @@ def test_pages_become_place_commands_for_needed_sub_runs_only() -> None:
     assert (stats.pages_background, stats.pages_zero, stats.pages_duplicate) == (6, 3, 7)
 
 
+def test_pages_with_zero_pages_place_each_needed_sub_run_with_its_own_zero_stretches() -> None:
+    session = open_session()
+    session.message_received(BACKGROUND, pages(0, 5, 1), 0.0)  # page 5 is being placed already
+    session.commands()
+    # run 2..11; zero pages 3, 4 and 8 (relative 1..3, 6..7): payload = pages 2, 5, 6, 7, 9, 10, 11
+    msg = m.Pages(block=0, first=2, count=10, zeros=(1, 3, 6, 7), data=bytes(7 * PAGE))
+    session.message_received(URGENT, msg, 0.0)
+    # 2..5 needed: zeros at relative 1..3, payload from page 0; 6..12 needed: page 8 is relative 2,
+    # and its data starts after pages 2 and 5 of the payload (payload index 2)
+    assert session.commands() == [Place(0, 2, 3, 0, (1, 3)), Place(0, 6, 6, 2, (2, 3))]
+    stats = session.statistics()
+    assert (stats.pages_background, stats.pages_zero, stats.pages_duplicate) == (7, 3, 1)
+
+
+@pytest.mark.parametrize(("header", "nbytes"), [
+    (m.Pages(block=0, first=0, count=2), 3 * PAGE),  # more than the run
+    (m.Pages(block=0, first=0, count=2, zeros=(0, 1)), 2 * PAGE),  # a zero page sent as data
+    (m.Pages(block=0, first=0, count=4), 2 * PAGE - 1),  # not whole pages
+])
+def test_a_payload_that_does_not_match_the_runs_data_pages_is_refused(header: m.Pages, nbytes: int) -> None:
+    session = open_session()
+    with pytest.raises(RemoteProtocolError) as info:
+        session.check_payload(header, nbytes)
+    assert info.value.code == "block"
+    session.check_payload(m.Pages(block=0, first=0, count=3, zeros=(1, 2)), 2 * PAGE)  # the right size passes
+    with pytest.raises(RemoteProtocolError):
+        session.message_received(URGENT, m.Pages(block=0, first=0, count=2, zeros=(0, 1), data=bytes(2 * PAGE)), 0.0)
+    assert session.commands() == []
+
+
 def test_a_fault_is_requested_placed_and_woken() -> None:
     session = open_session()
     session.fault_received("c", CLIENT_BASE + 2 * PAGE + 100, 77, 1.0)  # block 0 page 10

@@ -114,7 +114,8 @@ def test_golden_bytes(msg: object, hexdump: str) -> None:
 
 
 def test_pages_golden_header() -> None:
-    assert encode_pages_header(0, 16, 2, 8192).hex() == "00000008" "95" "03" "00" "10" "02" "cd2000"
+    assert encode_pages_header(0, 16, 2, 8192).hex() == "00000009" "96" "03" "00" "10" "02" "cd2000" "90"
+    assert encode_pages_header(0, 16, 3, 8192, (1, 2)).hex() == "0000000b" "96" "03" "00" "10" "03" "cd2000" "920102"
 
 
 def test_encode_refuses() -> None:

@@ -25,7 +25,7 @@ from wire_strategies import messages
 ARITY = {code: 1 + len(cls.__dataclass_fields__) - 1 for code, cls in MESSAGE_TYPES.items()}
 
 
-def sink(block: int, first: int, count: int, nbytes: int) -> memoryview:
+def sink(msg: object, nbytes: int) -> memoryview:
     return memoryview(bytearray(nbytes))
 
 

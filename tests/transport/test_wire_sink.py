@@ -23,8 +23,8 @@ class Staging:
         self.calls: list[tuple[int, int, int, int]] = []
         self.buffers: list[bytearray] = []
 
-    def __call__(self, block: int, first: int, count: int, nbytes: int) -> memoryview:
-        self.calls.append((block, first, count, nbytes))
+    def __call__(self, msg: Pages, nbytes: int) -> memoryview:
+        self.calls.append((msg.block, msg.first, msg.count, nbytes))
         self.buffers.append(bytearray(nbytes))
         return memoryview(self.buffers[-1])
 
@@ -109,7 +109,7 @@ def test_mixed_stream_through_get_buffer(sizes: list[int], counts: list[int]) ->
 
 
 def test_sink_may_refuse_the_run() -> None:
-    def refuse(block: int, first: int, count: int, nbytes: int) -> memoryview:
+    def refuse(msg: Pages, nbytes: int) -> memoryview:
         raise RemoteProtocolError("block 5 out of range", code="block")
 
     decoder = Decoder(payload_sink=refuse)
@@ -122,8 +122,8 @@ def test_sink_may_refuse_the_run() -> None:
 
 
 def test_sink_local_error_becomes_remote() -> None:
-    def mismatch(block: int, first: int, count: int, nbytes: int) -> memoryview:
-        raise LocalProtocolError(f"{nbytes} != {count} * 4096", code="block")
+    def mismatch(msg: Pages, nbytes: int) -> memoryview:
+        raise LocalProtocolError(f"{nbytes} != {msg.count} * 4096", code="block")
 
     decoder = Decoder(payload_sink=mismatch)
     decoder.receive_data(encode(Pages(block=0, first=0, count=2, data=b"x" * 4096)))

@@ -44,6 +44,20 @@ def bounds(draw: st.DrawFn) -> tuple[int, ...]:
     return tuple(points)
 
 
+@st.composite
+def pages(draw: st.DrawFn) -> Pages:
+    """A Pages message, sometimes with zero pages inside the run (at least one data page left)."""
+    count = draw(counts)
+    zeros: tuple[int, ...] = ()
+    if count > 1 and draw(st.booleans()):
+        points = sorted(draw(st.lists(ints(0, min(count, 1 << 20)), max_size=8, unique=True)))
+        zeros = tuple(points[: len(points) // 2 * 2])
+        if zeros and sum(zeros[1::2]) - sum(zeros[::2]) >= count:
+            zeros = zeros[:-2]
+    return Pages(block=draw(blocks_idx), first=draw(firsts), count=count,
+                 data=draw(st.binary(min_size=1, max_size=9000)), zeros=zeros)
+
+
 received = st.lists(st.tuples(blocks_idx, bounds()), max_size=5, unique_by=lambda t: t[0]).map(tuple)
 texts = names(200, min_size=0)
 tokens = ints(0, (1 << 63) - 1)
@@ -55,8 +69,7 @@ MESSAGES = {
                      channel=st.sampled_from(Channel), features=st.lists(names(30), max_size=5).map(tuple),
                      blocks=block_lists),
     Request: st.builds(Request, runs=run_tuples),
-    Pages: st.builds(Pages, block=blocks_idx, first=firsts, count=counts,
-                     data=st.binary(min_size=1, max_size=9000)),
+    Pages: pages(),
     Zero: st.builds(Zero, block=blocks_idx, first=firsts, count=counts),
     Discard: st.builds(Discard, block=blocks_idx, first=firsts, count=counts),
     Resume: st.builds(Resume, session_id=names(), received=received,
