@@ -118,6 +118,12 @@ int apc_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int apc_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
 int apc_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done);
 int64_t apc_last_done(void);
+/* A run of `count` pages at dst, stretches of zero pages inside it, the other pages packed
+ * in order at src; placed from page `start`. Stops at the first error; *page_out is the
+ * first page not placed. See _source.c. */
+int apc_place_run(int fd, uint64_t dst, uint64_t src, uint64_t page_size, uint64_t count,
+                  const uint64_t *zeros, uint64_t nzeros, uint64_t zero_src, uint64_t start,
+                  uint64_t *page_out);
 int apc_read_msgs(int fd, void *buf, size_t n, uint64_t *out);  /* count, or -errno */
 
 int apc_mmap(uint64_t addr, uint64_t len, int prot, int flags, int fd, uint64_t off, uint64_t *out);

@@ -168,6 +168,62 @@ int apc_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *d
     return apc_finish(rc, len, zero.zeropage, done);
 }
 
+/* Place pages [start, count) of a run at dst, in one call (one GIL release for the caller).
+ * zeros holds nzeros flattened bounds [lo0, hi0, lo1, hi1, ...] of stretches of zero pages,
+ * relative to the run, sorted and disjoint; every other page comes, in order, from the
+ * packed payload at src. Data stretches: one UFFDIO_COPY each. Zero stretches: one
+ * UFFDIO_ZEROPAGE each, or, when zero_src is not 0 (hugetlbfs has no ZEROPAGE), one
+ * UFFDIO_COPY per page from the zeroed page at zero_src. This is mechanism only: at the
+ * first error it stops and returns the errno, with *page_out the first page not placed
+ * (a partial call's bytes counted); what an errno means is the caller's business. */
+int apc_place_run(int fd, uint64_t dst, uint64_t src, uint64_t page_size, uint64_t count,
+                  const uint64_t *zeros, uint64_t nzeros, uint64_t zero_src, uint64_t start,
+                  uint64_t *page_out)
+{
+    uint64_t at = 0, data = 0;  /* page index; data pages before it */
+    int64_t done = 0;
+    int rc = 0;
+    *page_out = start;
+    if (nzeros % 2 || page_size == 0)
+        return EINVAL;
+    for (uint64_t k = 0, last = 0; k < nzeros; k += 2) {  /* check everything before placing anything */
+        if (zeros[k] < last || zeros[k + 1] < zeros[k] || zeros[k + 1] > count)
+            return EINVAL;
+        last = zeros[k + 1];
+    }
+    for (uint64_t k = 0; k <= nzeros; k += 2) {
+        uint64_t lo = k < nzeros ? zeros[k] : count, hi = k < nzeros ? zeros[k + 1] : count;
+        uint64_t from = at > start ? at : start;
+        if (from < lo) {  /* data pages [from, lo) */
+            rc = apc_copy(fd, dst + from * page_size, src + (data + from - at) * page_size,
+                          (lo - from) * page_size, 0, &done);
+            if (rc) {
+                *page_out = from + (uint64_t)done / page_size;
+                return rc;
+            }
+        }
+        data += lo - at;
+        from = lo > start ? lo : start;
+        if (from < hi && zero_src == 0) {  /* zero pages [from, hi) */
+            rc = apc_zeropage(fd, dst + from * page_size, (hi - from) * page_size, 0, &done);
+            if (rc) {
+                *page_out = from + (uint64_t)done / page_size;
+                return rc;
+            }
+        }
+        for (uint64_t page = from; page < hi && zero_src != 0; page++) {
+            rc = apc_copy(fd, dst + page * page_size, zero_src, page_size, 0, &done);
+            if (rc) {
+                *page_out = page;
+                return rc;
+            }
+        }
+        at = hi;
+    }
+    *page_out = count;
+    return 0;
+}
+
 int apc_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done)
 {
     struct uffdio_continue cont;

@@ -74,6 +74,7 @@ _zeropage = lib.apc_zeropage
 _wake = lib.apc_wake
 _last_done = lib.apc_last_done
 _read_msgs = lib.apc_read_msgs
+_place_run = lib.apc_place_run
 
 
 class Userfaultfd:
@@ -301,6 +302,32 @@ class Userfaultfd:
         if rc:
             raise self._error(rc, f"UFFDIO_ZEROPAGE start={start:#x} len={length:#x}", _last_done())
         return length
+
+    def place_run(self, dst: int, src: int, page_size: int, count: int, zeros: tuple[int, ...] = (), *,
+                  zero_src: int = 0, start: int = 0) -> None:
+        """Place a run of ``count`` pages at ``dst`` with zero stretches inside, in one call.
+
+        Pages named by ``zeros`` (flattened half-open bounds relative to the
+        run, sorted and disjoint) are zero pages: UFFDIO_ZEROPAGE, or copies of
+        the zeroed page at ``zero_src`` when it is given (hugetlbfs).  The other
+        pages come, in order, from the packed buffer at ``src``: one UFFDIO_COPY
+        per stretch.  Placing starts at page ``start`` of the run.  Waiters are
+        woken as by :meth:`copy`.
+
+        Raises:
+            The :meth:`copy` contract (PageExistsError, UffdRetry, ...), with one
+            more attribute on the exception: ``page``, the first page of the run
+            not placed (a partial ioctl's pages counted), where a retry resumes.
+            UffdError(EINVAL): ``zeros`` is not sorted bounds within the run.
+        """
+        bounds = ffi.new("uint64_t[]", zeros) if zeros else _NULL
+        out = ffi.new("uint64_t *")
+        rc = _place_run(self._fd, dst, src, page_size, count, bounds, len(zeros), zero_src, start, out)
+        if rc:
+            exc = self._error(rc, f"placing {count} pages at {dst:#x} from page {start}",
+                              (out[0] - start) * page_size)
+            exc.page = out[0]
+            raise exc
 
     def continue_(self, start: int, length: int, *, dontwake: bool = False) -> int:
         """Map pages already in the page cache (UFFDIO_CONTINUE, MINOR mode).
