@@ -84,6 +84,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._yield_after = yield_after
         self._turn_bytes = 0
         self._reading_paused = False
+        self._held = False
 
     # -- asyncio callbacks ---------------------------------------------------
 
@@ -105,6 +106,28 @@ class FrameProtocol(asyncio.BufferedProtocol):
             if self._turn_bytes >= self._yield_after and not self._reading_paused:
                 self._yield_turn()
 
+    def hold(self) -> None:
+        """Deliver no more messages (and read no more) until :meth:`release`.
+
+        A receiver whose resources for the next message are all in use (the
+        background channel's staging buffers) holds the connection; TCP then
+        pushes back on the peer.
+        """
+        if self._held:
+            return
+        self._held = True
+        if self._transport is not None and not self._closing and not self._reading_paused:
+            self._transport.pause_reading()
+
+    def release(self) -> None:
+        """Undo :meth:`hold`: deliver what is buffered, then read again."""
+        if not self._held:
+            return
+        self._held = False
+        if self._transport is not None and not self._closing and not self._reading_paused:
+            self._transport.resume_reading()
+        self._drain()
+
     def _yield_turn(self) -> None:
         """Stop reading for the rest of this loop turn (fairness to other sockets).
 
@@ -114,13 +137,14 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if self._transport is None or self._closing:
             return
         self._reading_paused = True
-        self._transport.pause_reading()
+        if not self._held:
+            self._transport.pause_reading()
         self._loop.call_soon(self._resume_turn)
 
     def _resume_turn(self) -> None:
         self._reading_paused = False
         self._turn_bytes = 0
-        if self._transport is not None and not self._closing:
+        if self._transport is not None and not self._closing and not self._held:
             self._transport.resume_reading()
 
     def eof_received(self) -> bool:
@@ -196,7 +220,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def _drain(self) -> None:
         try:
-            while True:
+            while not self._held:
                 event = self._decoder.next_event()
                 if event is None:
                     return
