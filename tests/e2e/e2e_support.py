@@ -470,13 +470,16 @@ def wait_blocking(predicate: Callable[[], bool], what: str, timeout: float = 10.
 
 
 def hook_placement(dest: Any, before: Callable[[Any], None]) -> None:
-    """Call ``before(command)`` inside the destination's loop callback just before each Place /
-    PlaceZero is carried out (test instrument: it opens a timing window deterministically)."""
-    for name in ("_place", "_place_zero"):
-        original = getattr(dest, name)
+    """Call ``before(command)`` just before each Place / PlaceZero is carried out, wherever it
+    runs: on the loop thread (urgent pages) or on the placement thread (the background sweep).
+    A test instrument: blocking in ``before`` holds that placement open, which opens a timing
+    window deterministically.  ``before`` must not touch the destination's state (it may run
+    on the placement thread); it gets the command only."""
+    placement = dest._placement
+    original = placement.place
 
-        def wrapped(command: Any, *rest: Any, _original: Callable = original) -> Any:
-            before(command)
-            return _original(command, *rest)
+    def wrapped(command: Any, *rest: Any) -> Any:
+        before(command)
+        return original(command, *rest)
 
-        setattr(dest, name, wrapped)
+    placement.place = wrapped

@@ -1,0 +1,208 @@
+"""Placing arrived pages through the service's own mapping, inline or on a placement thread.
+
+Theory of operation
+-------------------
+A ``Place`` command names a run, the stretches of it that are zero pages and
+where its other pages sit in a staging buffer; ``PlaceZero`` names a run of
+zero pages.  :class:`Placement` carries one out: each data stretch with one
+UFFDIO_COPY, each zero stretch with UFFDIO_ZEROPAGE (hugetlbfs has none: a
+zeroed huge page is copied instead).  Kernel rules (DESIGN.md section 2):
+
+* EEXIST: the page is there already.  It is counted, so that the session
+  wakes its waiters (no copy woke them), and the rest of the run goes on.
+* EAGAIN: the mapping is changing and the kernel stopped after some bytes.
+  The caller's ``drain`` reads our userfaultfd's pending events (on the loop
+  thread), then the rest is retried.  Only EAGAIN counts against the retry
+  bound; a run of a thousand existing pages is not a failure.
+
+One try is one C call (``Userfaultfd.place_run``) for the rest of the run,
+every stretch included, so the GIL is released once per run.
+
+Urgent pages are placed inline on the loop thread: that is the shortest path
+from a reply to a woken thread.  The background sweep goes to
+:class:`BackgroundPlacer`: one worker thread fed from a small pool of staging
+buffers.  cffi releases the GIL during the ioctl, so a megabyte being copied
+into place no longer holds up the loop's fault reading and urgent replies.
+The session already allows placement to finish later (pages stay PLACING, so
+an urgent copy of the same page is skipped and its waiters wait for the
+background copy).  The worker never drains events: on EAGAIN it hands the
+unfinished commands back, with the page to go on from, and the loop thread
+finishes them inline.
+
+Flow control: a Pages payload needs a free buffer before its header is
+decoded, so the loop holds the background channel's messages while every
+buffer is out (:meth:`BackgroundPlacer.has_free`) and releases them when a
+placement finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import Callable, Sequence
+
+from aiopostcopy.core.commands import Place, PlaceZero
+from aiopostcopy.errors import PageExistsError, UffdError, UffdRetry
+from aiopostcopy.memory import BlockMemory, Staging
+from aiopostcopy.uffd import Userfaultfd
+
+__all__ = ["BackgroundPlacer", "Placement", "PlacementDone"]
+
+#: EAGAIN retries of one run before giving up (each one drains events first).
+MAX_EAGAIN = 1000
+#: How much nicer than the loop thread the placement thread runs (see _lower_priority).
+PLACER_NICENESS = 10
+
+#: (commands placed, each with how many of its pages existed already; commands left undone,
+#: each with the page to go on from and the pages found existing so far; the staging buffer;
+#: the error that stopped the worker, or None)
+PlacementDone = Callable[[list[tuple[Place | PlaceZero, int]], list[tuple[Place | PlaceZero, int, int]],
+                          Staging | None, BaseException | None], None]
+
+
+class Interrupted(Exception):
+    """EAGAIN on the placement thread: the loop thread must drain events and go on from ``page``."""
+
+    def __init__(self, page: int, existed: int) -> None:
+        super().__init__(page, existed)
+        self.page, self.existed = page, existed
+
+
+class Placement:
+    """Carries out Place / PlaceZero commands with one userfaultfd over the service's blocks.
+
+    Args:
+        uffd: the service's own userfaultfd (registered on every block).
+        memory: the blocks, mapped by the service.
+        zeroed: returns the address of ``size`` zero bytes (hugetlbfs zero pages).
+    """
+
+    def __init__(self, uffd: Userfaultfd, memory: BlockMemory, zeroed: Callable[[int], int]) -> None:
+        self._uffd, self._memory, self._zeroed = uffd, memory, zeroed
+
+    def place(self, command: Place | PlaceZero, staging: Staging | None, drain: Callable[[], None] | None,
+              *, start: int = 0) -> int:
+        """Place one command's pages from page ``start`` of it; returns how many were there already.
+
+        Each try is one C call for the whole rest of the run (data stretches
+        copied, zero stretches zero-filled), so the GIL is released once per
+        run, not once per stretch.
+
+        Args:
+            staging: where a Place's payload is (None for PlaceZero).
+            drain: reads our events after EAGAIN; None raises Interrupted instead.
+
+        Raises:
+            Interrupted: EAGAIN and no ``drain``.
+            UffdError: EAGAIN past MAX_EAGAIN retries, or another errno.
+        """
+        block = self._memory.block(command.block)
+        size = block.page_size
+        dst = block.address + command.first * size
+        if type(command) is PlaceZero:
+            src, zeros = 0, (0, command.count)
+        else:
+            assert staging is not None, "Place without its staging buffer"
+            src, zeros = staging.address + command.payload_offset * size, command.zeros
+        zero_src = 0 if block.zeropage_ok else self._zeroed(size)
+        existed = retries = 0
+        page = start
+        while page < command.count:
+            try:
+                self._uffd.place_run(dst, src, size, command.count, zeros, zero_src=zero_src, start=page)
+                break
+            except PageExistsError as exc:  # that page is in: count it, go on after it
+                existed += 1
+                page = exc.page + 1
+            except UffdRetry as exc:
+                if drain is None:
+                    raise Interrupted(exc.page, existed) from exc
+                retries += 1
+                if retries > MAX_EAGAIN:
+                    raise UffdError(11, f"placing {command.count} pages at {dst:#x} kept failing "
+                                        "with EAGAIN") from exc
+                page = exc.page
+                drain()
+        return existed
+
+
+class BackgroundPlacer:
+    """One placement thread and the staging buffers it places from.
+
+    Args:
+        loop: the service's event loop (completions are delivered on it).
+        placement: carries the commands out.
+        buffers: staging buffers in the pool (one is received into while the
+            others are placed).
+        buffer_size: bytes each (the largest payload a frame may carry).
+        on_done: called on the loop thread when a submitted job finishes.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, placement: Placement, *, buffers: int, buffer_size: int,
+                 on_done: PlacementDone) -> None:
+        self._loop, self._placement, self._on_done = loop, placement, on_done
+        self._free = [Staging(buffer_size) for _ in range(buffers)]
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aiopostcopy-placer",
+                                                               initializer=_lower_priority)
+        self._closed = False
+
+    def has_free(self) -> bool:
+        return bool(self._free)
+
+    def take(self) -> Staging:
+        """A free staging buffer (the caller holds input while none is free)."""
+        if not self._free:
+            raise UffdError(0, "no free staging buffer: the background channel was not held")
+        return self._free.pop()
+
+    def give_back(self, staging: Staging | None) -> None:
+        if staging is not None:
+            self._free.append(staging)
+
+    def submit(self, commands: Sequence[Place | PlaceZero], staging: Staging | None) -> None:
+        """Place ``commands`` on the thread; ``on_done`` follows on the loop thread."""
+        future = self._executor.submit(self._work, list(commands), staging)
+        future.add_done_callback(lambda f: self._deliver(f, staging))
+
+    def close(self) -> None:
+        """Wait for the running placement (it must end before the blocks are unmapped)."""
+        self._closed = True
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _work(self, commands: list[Place | PlaceZero], staging: Staging | None):
+        placed: list[tuple[Place | PlaceZero, int]] = []
+        for index, command in enumerate(commands):
+            try:
+                placed.append((command, self._placement.place(command, staging, None)))
+            except Interrupted as exc:
+                rest = [(command, exc.page, exc.existed)] + [(c, 0, 0) for c in commands[index + 1:]]
+                return placed, rest, None
+            except BaseException as exc:  # reported on the loop thread, never lost
+                return placed, [], exc
+        return placed, [], None
+
+    def _deliver(self, future: concurrent.futures.Future, staging: Staging | None) -> None:
+        if future.cancelled() or self._closed:
+            return
+        placed, rest, error = future.result()
+        try:
+            self._loop.call_soon_threadsafe(self._on_done, placed, rest, staging, error)
+        except RuntimeError:  # the loop is closed: nothing is waiting for this any more
+            pass
+
+
+def _lower_priority() -> None:
+    """Run the placement thread at a lower priority than the rest of the process.
+
+    On a machine whose CPUs the sweep keeps busy, the thread placing background
+    pages competes with the loop thread (faults, urgent replies) and with the
+    faulting threads themselves.  Linux keeps a nice value per thread, so the
+    scheduler lets the fault path run first; the sweep uses what is left.
+    Raising one's own nice value needs no privilege; failing to is harmless.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PLACER_NICENESS)
+    except OSError:
+        pass
