@@ -339,7 +339,7 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
     src_cmd = [py, str(Path(__file__).resolve()), "--role", "gated-source"] if scenario == "fault-quiet" \
         else [py, "-m", "aiopostcopy"]
     if profile is not None:
-        src_cmd = [py, "-m", "cProfile", "-o", f"{profile}.source", *src_cmd[1:]]
+        src_cmd = _profiled(py, f"{profile}.source", src_cmd[1:], args.profile_clock)
     src_argv = [*src_cmd, "source", "--listen", f"{place.server_addr}:0",
                 "--block", f"{BLOCK}={ctx['image']}", "--json", str(run / "source.json")]
     if scenario == "fault-nobg":
@@ -374,7 +374,7 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
     dest_argv = [py, "-m", "aiopostcopy", "dest", "--source", address, "--block-dir", str(run / "dest"),
                  "--clients", sock, "--json", str(run / "dest.json"), "--quiet"]
     if profile is not None:
-        dest_argv = [py, "-m", "cProfile", "-o", str(profile), *dest_argv[1:]]
+        dest_argv = _profiled(py, str(profile), dest_argv[1:], args.profile_clock)
     began = time.monotonic()
     dest = runner.start("dst", dest_argv, None, stderr=subprocess.PIPE)
     tap = StderrTap(dest, run / "dest.err")
@@ -690,6 +690,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="one extra run of this scenario with the destination and source under cProfile")
     p.add_argument("--profile-out", default=None, help="keep the cProfile stats here (default: a temp file, removed)")
     p.add_argument("--profile-top", type=int, default=25, help="functions shown from the profile (25)")
+    p.add_argument("--profile-clock", choices=("wall", "cpu"), default="wall",
+                   help="what the profile counts: wall-clock time, or the process's CPU time (time.process_time), "
+                        "which leaves out time spent preempted or waiting (wall)")
     p.add_argument("--one-cpu", default="0", metavar="CPU",
                    help="also measure the rr baseline with both ends pinned to this vCPU, no cross-CPU "
                         "wake-ups ('' to skip; default 0)")
@@ -705,7 +708,28 @@ def _sigterm_to_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def profile_lines(path: Path, top: int, who: str, keys: Sequence[str]) -> list[str]:
+_PROFILE_RUNNER = """\
+import cProfile, runpy, sys, time
+out, clock, target, *rest = sys.argv[1:]
+profile = cProfile.Profile(time.process_time if clock == "cpu" else time.perf_counter)
+sys.argv = [target, *rest]
+try:
+    if target == "-m":
+        sys.argv = rest
+        profile.runcall(runpy.run_module, rest[0], run_name="__main__", alter_sys=True)
+    else:
+        profile.runcall(runpy.run_path, target, run_name="__main__")
+finally:
+    profile.dump_stats(out)
+"""
+
+
+def _profiled(py: str, out: str, argv: Sequence[str], clock: str) -> list[str]:
+    """``py argv...`` run under cProfile (stats to ``out``), counting wall or CPU time."""
+    return [py, "-c", _PROFILE_RUNNER, out, clock, *argv]
+
+
+def profile_lines(path: Path, top: int, who: str, keys: Sequence[str], clock: str = "wall") -> list[str]:
     """Top functions of a cProfile stats file, by own time and/or cumulative time."""
     import io
 
@@ -717,8 +741,9 @@ def profile_lines(path: Path, top: int, who: str, keys: Sequence[str]) -> list[s
         text = buf.getvalue().splitlines()
         start = next((i for i, line in enumerate(text) if "ncalls" in line), 0)
         total = next((line.strip() for line in text if "function calls" in line), "")
-        lines += ["", f"{who} profile, top {top} by {key} ({total}; wall-clock time, idle wait in "
-                      "runners.py:run)"] + [line for line in text[start:] if line.strip()]
+        what = "wall-clock time, idle wait in runners.py:run" if clock == "wall" else "CPU time of the process"
+        lines += ["", f"{who} profile, top {top} by {key} ({total}; {what})"] + \
+            [line for line in text[start:] if line.strip()]
     return lines
 
 
@@ -836,9 +861,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{r['duration_s']:.2f} s, wire {r['wire_gbps']:.3f} GB/s, "
                          f"dest CPU {(r['dest_cpu'] or {}).get('total_s', 0):.2f} s"]
             if prof.exists():
-                prof_text += profile_lines(prof, args.profile_top, "destination", ("tottime", "cumulative"))
+                prof_text += profile_lines(prof, args.profile_top, "destination", ("tottime", "cumulative"),
+                                           args.profile_clock)
             if Path(f"{prof}.source").exists():
-                prof_text += profile_lines(Path(f"{prof}.source"), args.profile_top, "source", ("tottime",))
+                prof_text += profile_lines(Path(f"{prof}.source"), args.profile_top, "source", ("tottime",),
+                                           args.profile_clock)
         if link is not None:
             shaped = lb.qdisc_lines(link)
     finally:
