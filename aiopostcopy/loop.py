@@ -311,9 +311,9 @@ class PostcopyDestination:
     def _background_placed(self, placed: list, rest: list, staging: Staging | None,
                            error: BaseException | None) -> None:
         """A placement-thread job ended (on the loop thread)."""
-        if self._placer is not None:
-            self._placer.give_back(staging)
+        assert self._placer is not None
         if self._done.done() or self._closed:
+            self._placer.give_back(staging)
             return
         try:
             if error is not None:
@@ -327,8 +327,10 @@ class PostcopyDestination:
         except Exception as exc:
             self._fail(exc)
             return
+        finally:
+            self._placer.give_back(staging)
         proto = self._channels.get(Channel.BACKGROUND)
-        if proto is not None:
+        if proto is not None and self._placer.has_free():  # a Zero run's job frees no buffer
             proto.release()
         self._schedule_pass()
 

@@ -44,7 +44,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from aiopostcopy.core.commands import Place, PlaceZero
-from aiopostcopy.errors import PageExistsError, UffdError, UffdRetry
+from aiopostcopy.errors import InternalError, PageExistsError, UffdError, UffdRetry
 from aiopostcopy.memory import BlockMemory, Staging
 from aiopostcopy.uffd import Userfaultfd
 
@@ -153,8 +153,8 @@ class BackgroundPlacer:
 
     def take(self) -> Staging:
         """A free staging buffer (the caller holds input while none is free)."""
-        if not self._free:
-            raise UffdError(0, "no free staging buffer: the background channel was not held")
+        if not self._free:  # a bug, not a connection problem: fail the migration visibly
+            raise InternalError("no free staging buffer: the background channel was not held")
         return self._free.pop()
 
     def give_back(self, staging: Staging | None) -> None:

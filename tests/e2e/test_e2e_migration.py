@@ -42,6 +42,7 @@ def assert_complete(report, pages: int) -> None:
     assert report.complete, report.format()
     assert report.final and report.aborted is None
     assert report.pages_total == pages and report.pages_placed == pages, report.format()
+    assert report.resumes == 0, "a connection was lost and resumed in a migration with no fault injected"
 
 
 def assert_each_page_sent_once(source, report) -> None:
