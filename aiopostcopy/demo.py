@@ -4,11 +4,14 @@
    /dev/shm with a per-page pattern (see :mod:`aiopostcopy.pattern`; about one
    page in seven is a zero page).
 2. Start a source process on loopback serving that image.
-3. Start the destination service here, with a Unix control socket.
-4. Start client processes (default 4, two threads each; delegated and
-   self-served alternate) that touch pages while the background sweep runs;
-   each measures fault latency in its faulting threads and verifies every
-   page after the end.
+3. Start client processes (default 4, two threads each; delegated and
+   self-served alternate).  They start first and wait for the control socket,
+   as a workload already running on the destination host would, so they join
+   within a millisecond of the service opening it and touch pages while the
+   background sweep runs.  Each measures fault latency in its faulting
+   threads (a touch of a page not yet in memory; touches of pages already
+   there are counted as hits) and verifies every page after the end.
+4. Start the destination service here, with a Unix control socket.
 5. Show progress, then verify every page of the destination's block file
    against the pattern, and print a summary (``--json FILE`` for the same as
    JSON).
@@ -85,12 +88,13 @@ async def _demo(args: argparse.Namespace, workdir: str, procs: list) -> int:
     os.mkdir(dest_dir)
     options = DestinationOptions(source=address, block_dir=dest_dir, control_path=os.path.join(workdir, "clients.sock"),
                                  session=DestinationConfig())
+    clients = [await _start_client(args, options.control_path, i, procs) for i in range(args.clients)]
+    await _wait_ready(clients)
     async with PostcopyDestination(options) as dest:
         print(f"demo: {args.size >> 20} MiB block, source pid {source.pid} on {address[0]}:{address[1]}, "
               f"userfaultfd opened via {dest.uffd_mode}", file=sys.stderr)
         if not args.quiet:
             dest.on_progress(ProgressLine(sys.stderr).update)
-        clients = [await _start_client(args, options.control_path, i, procs) for i in range(args.clients)]
         report = await dest.wait_complete()
         results = await asyncio.gather(*(_client_result(c) for c in clients))
         began = time.monotonic()
@@ -134,9 +138,18 @@ async def _start_client(args: argparse.Namespace, path: str, index: int, procs: 
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "aiopostcopy.workload", "--socket", path, "--threads", str(args.threads),
         "--mode", mode, "--workload", args.workload, "--touches", str(args.touches), "--seed", str(args.seed),
-        "--name", f"demo-client-{index}", "--raw-latencies", "--json", "-", stdout=asyncio.subprocess.PIPE)
+        "--name", f"demo-client-{index}", "--raw-latencies", "--json", "-", "--wait-socket", "60",
+        "--ready", stdout=asyncio.subprocess.PIPE)
     procs.append(proc)
     return proc
+
+
+async def _wait_ready(clients: list[asyncio.subprocess.Process]) -> None:
+    """Wait until every client has imported everything and waits for the socket."""
+    for proc in clients:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+        if line != "ready":
+            raise PostcopyError(f"client pid {proc.pid} did not start: {line!r}")
 
 
 async def _client_result(proc: asyncio.subprocess.Process) -> dict[str, Any]:
@@ -182,8 +195,10 @@ def _summary(args, report, results, bad: list[int], verify_s: float) -> dict[str
         "pages_zero": report.pages_zero,
         "faults": report.faults,
         "client_requests": report.client_requests,
+        "resumes": report.resumes,
         "fault_latency_us": percentiles(samples),
         "fault_samples": len(samples),
+        "touch_hits": sum(r.get("hits", 0) for r in results),
         "service_latency_us": report.service_latency_us,
         "goodput_gbps": round(report.goodput_gbps, 3),
         "duration_s": round(report.duration_s, 3),
@@ -200,7 +215,8 @@ def _print_summary(summary: dict[str, Any], report) -> None:
     print(
         f"\npages: {summary['pages_verified']}/{summary['pages_total']} verified  "
         f"(demand {summary['pages_demand']}, background {summary['pages_background']}, zero {summary['pages_zero']})\n"
-        f"fault latency in the faulting threads ({summary['fault_samples']} faults): p50 {lat['p50']} us  "
+        f"fault latency in the faulting threads ({summary['fault_samples']} faults; "
+        f"{summary['touch_hits']} first touches found the page already there): p50 {lat['p50']} us  "
         f"p90 {lat['p90']} us  p99 {lat['p99']} us  max {lat['max']} us\n"
         f"goodput {summary['goodput_gbps']} Gbit/s, duration {summary['duration_s']} s, "
         f"clients ok {ok_clients}/{len(summary['clients'])}",

@@ -11,8 +11,17 @@ blocks: ``random`` picks pages at random, ``sequential`` walks them in order
 nothing.  A touch reads one byte of the page with ``ctypes.memmove``, which
 releases the GIL: a page that has not arrived blocks that thread in the kernel
 until it is placed, and only that thread (see the GIL note in
-:mod:`aiopostcopy.client`).  The touch is timed with ``perf_counter_ns``;
-the first touch of each page by this process is a *fault latency* sample.
+:mod:`aiopostcopy.client`).  The touch is timed with ``perf_counter_ns``.
+Before the first touch of each page by this process, mincore(2) says whether
+the page is in memory yet (for shared memory it reports the page cache, which
+is what a userfaultfd MISSING fault depends on): if not, the touch is a
+*fault* and its time a fault-latency sample; if so, it is a *hit* (counted,
+not timed as a fault).  A page placed between the check and the touch makes a
+fast "fault": the race errs towards better figures by at most that.
+
+``--wait-socket SECONDS`` lets a worker start before the destination: it
+waits for the control socket to appear, then joins within a millisecond, as
+a workload already running on the destination host would.
 
 With ``--counters`` (the kernel selftests' stress run) a touch instead
 increments the thread's own 8-byte little-endian counter at offset
@@ -67,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the touches and End")
     parser.add_argument("--json", default="-", help="where to write the report ('-' for stdout)")
     parser.add_argument("--raw-latencies", action="store_true", help="include every latency sample (ns)")
+    parser.add_argument("--wait-socket", type=float, default=0.0, metavar="SECONDS",
+                        help="wait up to this long for the control socket to appear before joining")
+    parser.add_argument("--ready", action="store_true",
+                        help="print 'ready' on stdout once started, before waiting for the socket")
     args = parser.parse_args(argv)
     if args.threads < 0 or args.touches < 0:
         parser.error("--threads and --touches must not be negative")
@@ -100,6 +113,17 @@ class Toucher:
     def address(self, block: int, page: int, offset: int) -> int:
         return self.bases[block] + page * self.infos[block].page_size + offset
 
+    def resident(self, block: int, page: int, vec: ctypes.Array) -> bool:
+        """Whether the page is in memory already (mincore; a touch of it will not fault)."""
+        size = self.infos[block].page_size
+        if _libc.mincore(ctypes.c_void_p(self.bases[block] + page * size), ctypes.c_size_t(size), vec) != 0:
+            return False  # unknown: count the touch as a fault, as before
+        return bool(vec[0] & 1)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
 
 def _touch_loop(toucher: Toucher, args: argparse.Namespace, index: int, out: dict) -> None:
     """One touching thread: fills ``out`` with latencies, first-touch keys and tallies."""
@@ -107,6 +131,7 @@ def _touch_loop(toucher: Toucher, args: argparse.Namespace, index: int, out: dic
     name_native_thread(f"touch-{slot}")
     rng = random.Random(args.seed * 1_000_003 + slot)
     scratch = ctypes.create_string_buffer(8)
+    vec = (ctypes.c_ubyte * 512)()  # mincore's vector: one byte per 4 KiB of a page up to 2 MiB
     latencies, tally, seen = out["latencies"], out["tally"], out["seen"]
     offset = 8 * slot if args.counters else COUNTER_BYTES
     start = toucher.total * index // max(args.threads, 1)
@@ -116,11 +141,14 @@ def _touch_loop(toucher: Toucher, args: argparse.Namespace, index: int, out: dic
         address = toucher.address(key[0], key[1], offset)
         first = key not in seen
         seen.add(key)
+        fault = first and not toucher.resident(key[0], key[1], vec)
         begin = time.perf_counter_ns()
         ctypes.memmove(scratch, address, 8 if args.counters else 1)  # releases the GIL while it faults
         took = time.perf_counter_ns() - begin
-        if first:
+        if fault:
             latencies.append(took)
+        elif first:
+            out["hits"] += 1
         if args.counters:
             value = int.from_bytes(scratch.raw, "little") + 1
             ctypes.memmove(address, value.to_bytes(8, "little"), 8)
@@ -181,17 +209,19 @@ def report(args: argparse.Namespace, client: Client | None, results: list[dict],
 
     Fields: pid, mode, workload, threads, touches, seed, slot_base, counters,
     thread_names; latencies (count, mean_us, p50_us, p90_us, p99_us, max_us of
-    first touches); join_ms, touch_ms, verify_ms; end_complete, ok, error;
+    faults: first touches of pages not yet in memory); hits (first touches of
+    pages already there); join_ms, touch_ms, verify_ms; end_complete, ok, error;
     bad_page_count and bad_pages (the first 50: block, page, problem);
     counter_mismatches and counter_examples; blocks; client (its statistics());
-    latencies_ns (every first-touch sample) with ``--raw-latencies``.
+    latencies_ns (every fault sample) with ``--raw-latencies``.
     """
     latencies = [value for out in results for value in out["latencies"]]
     body = {
         "pid": os.getpid(), "mode": args.mode, "workload": args.workload, "threads": args.threads,
         "touches": args.touches, "seed": args.seed, "slot_base": args.slot_base, "counters": args.counters,
         "thread_names": [f"touch-{args.slot_base + i}" for i in range(args.threads)],
-        "latencies": summarize(latencies), **timings, **fields,
+        "latencies": summarize(latencies), "hits": sum(out.get("hits", 0) for out in results),
+        **timings, **fields,
     }
     if client is not None:
         body["blocks"] = [{"name": b.name, "length": b.length, "page_size": b.page_size} for b in client.block_info]
@@ -212,7 +242,7 @@ def _emit(args: argparse.Namespace, body: dict) -> None:
 
 def _run_threads(client: Client, args: argparse.Namespace, deadline: float) -> tuple[list[dict], bool]:
     toucher = Toucher(client)
-    results = [{"latencies": [], "tally": {}, "seen": set()} for _ in range(args.threads)]
+    results = [{"latencies": [], "tally": {}, "seen": set(), "hits": 0} for _ in range(args.threads)]
     if args.workload == "idle":
         return results, True
     shared_seen: set = set()
@@ -230,6 +260,12 @@ def _run_threads(client: Client, args: argparse.Namespace, deadline: float) -> t
 def main(argv: list[str] | None = None) -> int:
     """Run the worker; returns the exit status (see the module docstring)."""
     args = parse_args(argv)
+    if args.ready:
+        print("ready", flush=True)
+    if args.wait_socket > 0 and not _wait_for(args.socket, args.wait_socket):
+        _emit(args, report(args, None, [], {}, end_complete=False, ok=False,
+                           error=f"the control socket {args.socket} did not appear within {args.wait_socket} s"))
+        return 2
     began = time.monotonic()
     deadline = began + args.timeout
     try:
@@ -258,6 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     client.leave()
     _emit(args, body)
     return 0 if ok else 1
+
+
+def _wait_for(path: str, seconds: float) -> bool:
+    """Poll for ``path`` every half millisecond for up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
+    time.sleep(0.002)  # the path appears at bind(); listen() follows in the same call
+    return True
 
 
 if __name__ == "__main__":
