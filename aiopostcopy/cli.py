@@ -25,7 +25,7 @@ from typing import Any
 from aiopostcopy.core.config import DestinationConfig, SourceConfig
 from aiopostcopy.errors import PostcopyError
 from aiopostcopy.loop import DestinationOptions, PostcopyDestination
-from aiopostcopy.source import PostcopySource, SourceBlock
+from aiopostcopy.source import BACKGROUND_SNDBUF, PostcopySource, SourceBlock
 
 __all__ = ["main", "run"]
 
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--page-size", type=int, default=4096, help="page size of the blocks (4096 or 2097152)")
     src.add_argument("--window", type=int, default=SourceConfig().background_window_bytes, help="background window bytes")
     src.add_argument("--run-pages", type=int, default=SourceConfig().background_run_pages, help="pages per background run")
+    src.add_argument("--sndbuf", type=int, default=BACKGROUND_SNDBUF,
+                     help="SO_SNDBUF of the background connection, 0 for kernel autotuning")
     src.add_argument("--json", default=None, help="write the final report here ('-' for stdout)")
     dst = sub.add_parser("dest", help="run the destination service")
     dst.add_argument("--source", type=parse_address, required=True, help="HOST:PORT or socket path of the source")
@@ -96,7 +98,8 @@ def write_json(path: str | None, data: dict[str, Any]) -> None:
 
 async def source_main(args: argparse.Namespace) -> int:
     blocks = [SourceBlock.from_path(name, path, page_size=args.page_size) for name, path in args.block]
-    source = PostcopySource(blocks, config=SourceConfig(background_window_bytes=args.window, background_run_pages=args.run_pages))
+    config = SourceConfig(background_window_bytes=args.window, background_run_pages=args.run_pages)
+    source = PostcopySource(blocks, config=config, background_sndbuf=args.sndbuf or None)
     if isinstance(args.listen, str):
         where = await source.listen_unix(args.listen)
     else:

@@ -192,6 +192,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
         """Wait until the transport's write buffer is below its high-water mark."""
         await self._writable.wait()
 
+    def set_send_buffer(self, nbytes: int) -> None:
+        """Set SO_SNDBUF of a TCP connection (no-op for other sockets)."""
+        sock = self._transport.get_extra_info("socket") if self._transport else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes)
+
     def write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size() if self._transport else 0
 

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import pytest
 
 from aiopostcopy.core.config import DestinationConfig, SourceConfig
 from aiopostcopy.loop import PostcopyDestination
 from aiopostcopy.pattern import COUNTER_BYTES, COUNTER_SLOTS, is_zero_page
-from aiopostcopy.source import PostcopySource, SourceBlock
+from aiopostcopy.messages import Channel
+from aiopostcopy.source import BACKGROUND_SNDBUF, PostcopySource, SourceBlock
 
 from e2e_support import (PausableProxy, blocked_somewhere, bounded, check_destination, mode_of, running_clients,
                          wait_until)
@@ -67,6 +69,8 @@ async def test_one_delegated_client_two_threads(e2e) -> None:
     try:
         async with PostcopyDestination(e2e.options(await proxy.start())) as dest:
             proxy.hold()
+            background = source._channels[Channel.BACKGROUND]._transport.get_extra_info("socket")
+            assert background.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * BACKGROUND_SNDBUF
             worker = await e2e.worker(mode="delegated", threads=2, touches=300, seed=seed, name="one-client")
             await wait_until(lambda: blocked_somewhere(dest) >= 2, "both worker threads blocked on a missing page")
             proxy.release()
