@@ -25,6 +25,7 @@ from typing import Any
 from aiopostcopy.core.config import DestinationConfig, SourceConfig
 from aiopostcopy.errors import PostcopyError
 from aiopostcopy.loop import DestinationOptions, PostcopyDestination
+from aiopostcopy import trace
 from aiopostcopy.source import BACKGROUND_SNDBUF, PostcopySource, SourceBlock
 
 __all__ = ["main", "run"]
@@ -97,6 +98,7 @@ def write_json(path: str | None, data: dict[str, Any]) -> None:
 
 
 async def source_main(args: argparse.Namespace) -> int:
+    trace.start("source")
     blocks = [SourceBlock.from_path(name, path, page_size=args.page_size) for name, path in args.block]
     config = SourceConfig(background_window_bytes=args.window, background_run_pages=args.run_pages)
     source = PostcopySource(blocks, config=config, background_sndbuf=args.sndbuf or None)
@@ -118,6 +120,7 @@ async def source_main(args: argparse.Namespace) -> int:
 
 
 async def dest_main(args: argparse.Namespace) -> int:
+    trace.start("dest")
     options = DestinationOptions(source=args.source, block_dir=args.block_dir, control_path=args.clients,
                                  source_deadline=args.deadline, session=DestinationConfig())
     dest = PostcopyDestination(options)

@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from aiopostcopy import trace
 from aiopostcopy.clients import ClientRegistry
 from aiopostcopy.core.ramblock import BlockTable, MappingTable
 from aiopostcopy.core.commands import (
@@ -69,7 +70,7 @@ from aiopostcopy.errors import (
 )
 from aiopostcopy.memory import BlockMemory, Staging
 from aiopostcopy.placer import BackgroundPlacer, Placement
-from aiopostcopy.messages import LIMITS, Channel, Complete, Hello, Message, Pages
+from aiopostcopy.messages import LIMITS, Channel, Complete, Hello, Message, Pages, Request, Zero
 from aiopostcopy.report import DestinationReport, build_report, remember_thread_name
 from aiopostcopy.transport.stream import FrameProtocol
 from aiopostcopy.uffd import Feature, PageFault, RegisterMode, Userfaultfd
@@ -286,6 +287,10 @@ class PostcopyDestination:
             self._set_up_memory(msg)
         if channel is Channel.BACKGROUND and self._placer is not None:
             self._hand_over(msg)
+        elif trace.ENABLED and type(msg) in (Pages, Zero):
+            trace.mark("reply", msg.block, msg.first)
+            self._run_commands(self._staging)
+            trace.mark("woken", msg.block, msg.first)
         else:
             self._run_commands(self._staging)
         self._schedule_pass()
@@ -479,6 +484,9 @@ class PostcopyDestination:
 
     def _send_messages(self) -> None:
         for channel, msg in self._session.messages_to_send():
+            if trace.ENABLED and type(msg) is Request:
+                for run in msg.runs:
+                    trace.mark("request", run.block, run.first)
             proto = self._channels.get(channel)
             if proto is not None and proto.is_open:
                 proto.send(msg)

@@ -33,6 +33,7 @@ import os
 from collections.abc import Mapping as MappingABC
 from functools import partial
 
+from aiopostcopy import trace
 from aiopostcopy.core.source_session import SourceConfig, SourceSession
 from aiopostcopy.errors import BusyError, PostcopyError, RemoteProtocolError
 from aiopostcopy.messages import (
@@ -217,6 +218,9 @@ class PostcopySource:
             self._finish(complete=False)
             proto.close()
             return
+        if trace.ENABLED and type(msg) is Request:
+            for run in msg.runs:
+                trace.mark("src-request", run.block, run.first)
         self._session.message_received(channel, msg, now)
         if isinstance(msg, Complete):
             self._finish(complete=True)
@@ -263,6 +267,8 @@ class PostcopySource:
             if run is None:
                 break
             self._send_run(Channel.URGENT, proto, run)
+            if trace.ENABLED:
+                trace.mark("src-reply", run.block, run.first)
         self._send_messages()
 
     def _start_background(self) -> None:

@@ -50,6 +50,7 @@ import sys
 import threading
 import time
 
+from aiopostcopy import trace
 from aiopostcopy.client import Client, name_native_thread
 from aiopostcopy.errors import PostcopyError
 from aiopostcopy.messages import ClientMode
@@ -142,9 +143,13 @@ def _touch_loop(toucher: Toucher, args: argparse.Namespace, index: int, out: dic
         first = key not in seen
         seen.add(key)
         fault = first and not toucher.resident(key[0], key[1], vec)
+        if trace.ENABLED and fault:
+            trace.mark("touch", key[0], key[1])
         begin = time.perf_counter_ns()
         ctypes.memmove(scratch, address, 8 if args.counters else 1)  # releases the GIL while it faults
         took = time.perf_counter_ns() - begin
+        if trace.ENABLED and fault:
+            trace.mark("resumed", key[0], key[1])
         if fault:
             latencies.append(took)
         elif first:
@@ -260,6 +265,7 @@ def _run_threads(client: Client, args: argparse.Namespace, deadline: float) -> t
 def main(argv: list[str] | None = None) -> int:
     """Run the worker; returns the exit status (see the module docstring)."""
     args = parse_args(argv)
+    trace.start("worker")
     if args.ready:
         print("ready", flush=True)
     if args.wait_socket > 0 and not _wait_for(args.socket, args.wait_socket):

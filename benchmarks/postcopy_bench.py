@@ -696,6 +696,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=SCENARIOS,
                    help="one extra run of this scenario with the destination and source under cProfile")
     p.add_argument("--profile-out", default=None, help="keep the cProfile stats here (default: a temp file, removed)")
+    p.add_argument("--trace", choices=SCENARIOS, default=None,
+                   help="one extra run of this scenario with AIOPOSTCOPY_TRACE set; prints each hop of a fault")
     p.add_argument("--profile-top", type=int, default=25, help="functions shown from the profile (25)")
     p.add_argument("--profile-clock", choices=("wall", "cpu"), default="wall",
                    help="what the profile counts: wall-clock time, or the process's CPU time (time.process_time), "
@@ -873,6 +875,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if Path(f"{prof}.source").exists():
                 prof_text += profile_lines(Path(f"{prof}.source"), args.profile_top, "source", ("tottime",),
                                            args.profile_clock)
+        if args.trace:
+            trace_dir = Path(workdir) / "trace"
+            trace_dir.mkdir()
+            log(f"trace run: {args.trace} with AIOPOSTCOPY_TRACE set (not in the figures)")
+            saved_env, runner.env = runner.env, {**runner.env, "AIOPOSTCOPY_TRACE": str(trace_dir)}
+            try:
+                r = run_migration(runner, ctx, args.trace, f"trace-{args.trace}")
+            finally:
+                runner.env = saved_env
+            errors += r["errors"]
+            _import_baseline()  # puts this folder on sys.path
+            import fault_trace
+
+            prof_text += ["", f"trace run ({args.trace}, NOT in the figures): where a remote fault's time goes "
+                          "(benchmarks/fault_trace.py)", *fault_trace.report(fault_trace.load(str(trace_dir)))]
         if link is not None:
             shaped = lb.qdisc_lines(link)
     finally:
