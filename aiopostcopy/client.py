@@ -302,6 +302,7 @@ class Client:
         self._shms = [SharedMemory.adopt(fd) for fd in self._channel.take_fds(len(blocks.blocks))]
         for info, shm in zip(self.block_info, self._shms):
             self._mappings.append(shm.map(info.length))
+            self._mappings[-1].dont_fork()  # see Mapping.dont_fork: a child must not zero-fill our pages
             self._views[info.name] = self._mappings[-1].buffer()
         self._uffd = Userfaultfd.open(Feature.THREAD_ID, nonblocking=True)
         for mapping in self._mappings:

@@ -142,6 +142,12 @@ def _create_block(index: int, info: BlockInfo, block_dir: str | None) -> MappedB
     except BaseException:
         shm.close()
         raise
+    try:
+        mapping.dont_fork()  # a process the service forks (e.g. subprocess) must not zero-fill a page
+    except BaseException:
+        mapping.close()
+        shm.close()
+        raise
     return MappedBlock(index=index, info=info, shm=shm, mapping=mapping, path=path)
 
 

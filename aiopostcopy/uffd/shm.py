@@ -135,6 +135,21 @@ class Mapping:
         """
         check_os(lib.apc_madvise(self._check(offset, length), length, lib.MADV_REMOVE), "madvise(REMOVE)")
 
+    def dont_fork(self) -> None:
+        """madvise(MADV_DONTFORK) on the whole mapping: a forked child does not inherit it.
+
+        A child of a process whose mapping is registered with userfaultfd
+        inherits the mapping but not the registration (without
+        UFFD_FEATURE_EVENT_FORK), so its touch of a missing shared page would
+        allocate a zero page in the shared object for everyone, and the real
+        page could no longer be placed.  Without the mapping the child's touch
+        is a SIGSEGV: loud, and nothing lost.  (QEMU marks guest RAM DONTFORK.)
+
+        Raises:
+            OSError: the call failed.
+        """
+        check_os(lib.apc_madvise(self.address, self.length, lib.MADV_DONTFORK), "madvise(DONTFORK)")
+
     def close(self) -> None:
         """Release handed-out views and munmap (idempotent).
 

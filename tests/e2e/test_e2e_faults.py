@@ -14,6 +14,8 @@ service meets all the time, made deterministic.
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from aiopostcopy.core.config import DestinationConfig
@@ -176,3 +178,30 @@ async def test_blocked_threads_are_named_in_the_final_report(e2e) -> None:
     assert [(t.pid, t.name) for t in report.blocked_threads] == [(client.pid, f"t0-{page}-0")], \
         f"final report lost the thread's name: {report.blocked_threads}"
     assert report.blocked_threads[0].blocked_s > 0
+
+
+@pytest.mark.asyncio
+async def test_a_forked_child_cannot_zero_fill_a_missing_page(e2e) -> None:
+    """A delegated client forks and the child touches a page that has not arrived.
+
+    The child inherits no userfaultfd registration, so on shared memory its touch would
+    allocate a zero page in the block for every process, and the real page could no longer
+    be placed.  Client mappings are MADV_DONTFORK: the child dies of SIGSEGV, the page is
+    still missing, and it arrives with the right bytes."""
+    seed, size = 747, 8 * MiB
+    page = last_data_page(size // 4096, seed)  # the sweep reaches it last
+    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
+    async with PostcopyDestination(e2e.options(source.address)) as dest:
+        source.stop()
+        client = await e2e.touch_client(mode="delegated", name="forker", seed=seed)
+        client.command_now(f"fork-touch 0 {page}")
+        forked = await client.event("forked")
+        source.cont()
+        report = await bounded(dest.wait_complete(), "the migration")
+        problems = check_destination(dest, seed=seed)
+        result = await client.finish()
+    await source.report()
+
+    assert forked["signal"] == signal.SIGSEGV, forked
+    assert report.complete and problems == {}, problems
+    assert_client_ok(result)

@@ -9,6 +9,11 @@ joins the destination service (:class:`aiopostcopy.client.Client`), prints
     ``ctypes.memmove`` (which releases the GIL, so a missing page blocks only
     that thread); prints ``{"event": "touching", ...}`` just before the threads
     touch and ``{"event": "touched", "latency_us": [...]}`` once all returned.
+``fork-touch BLOCK PAGE``
+    fork; the child reads one byte of the page (the block mappings are
+    MADV_DONTFORK, so the child has no mapping there and dies of SIGSEGV
+    instead of zero-filling the shared page); prints ``{"event": "forked",
+    "signal": N, "exit": M}`` with how the child ended.
 ``end``
     wait for the touching threads and for End, verify every page of every
     block against the pattern, leave, print ``{"event": "result", "ok": ...}``
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import faulthandler
 import json
 import os
 import sys
@@ -91,6 +97,17 @@ def main() -> int:
 
             threading.Thread(target=report, daemon=True).start()
             batch += 1
+        elif words[0] == "fork-touch":
+            block, page = int(words[1]), int(words[2])
+            address = bases[block] + page * infos[block].page_size
+            pid = os.fork()
+            if pid == 0:  # the child: no Python cleanup, no shared state touched on the way out
+                faulthandler.disable()
+                ctypes.memmove(ctypes.create_string_buffer(1), address, 1)
+                os._exit(0)
+            status = os.waitpid(pid, 0)[1]
+            emit(event="forked", signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                 exit=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None)
         elif words[0] == "end":
             break
     deadline = time.monotonic() + args.timeout
