@@ -80,17 +80,37 @@ def _check_existing_pages(h: Harness) -> None:
     assert h.uffd.read_events() == []
 
 
-def _check_zeropage_and_unregister(h: Harness) -> None:
+def _check_zeropage(h: Harness) -> None:
     ps, start = h.page_size, h.start
     assert h.uffd.zeropage(start + 3 * ps, ps) == ps
     h.touch(3)
     assert h.finish(3, 5.0) == bytes(ps)
+
+
+def _check_unregister(h: Harness) -> None:
+    ps, start = h.page_size, h.start
     h.uffd.unregister(start, PAGES * ps)
     try:
         h.uffd.copy(start + 2 * ps, h.source(bytes(ps)), ps)
         raise AssertionError("copy outside a registered range must raise RangeGoneError")
     except RangeGoneError as exc:
         assert exc.errno == errno.ENOENT
+
+
+def _check_place_run(h: Harness) -> None:
+    """Pages 0, 1 and 3 are present, page 2 missing.  A run over pages 1..2 whose page 1 is zero
+    stops at once (page 1 exists) and says so; from its page 1 on it places page 2 from the
+    first packed page (the zero page has no bytes in the packed buffer)."""
+    ps, start = h.page_size, h.start
+    packed = h.source(bytes([0x2B]) * ps)
+    try:
+        h.uffd.place_run(start + ps, packed, ps, 2, (0, 1))
+        raise AssertionError("place_run onto a present page must raise PageExistsError")
+    except PageExistsError as exc:
+        assert exc.page == 0
+    h.uffd.place_run(start + ps, packed, ps, 2, (0, 1), start=1)
+    h.touch(2)
+    assert h.finish(2, 5.0) == bytes([0x2B]) * ps
 
 
 def _check_closed(h: Harness) -> None:
@@ -119,8 +139,9 @@ def check_userfaultfd_contract(make: Callable[[], Harness]) -> None:
     Checks, in order: an empty queue reads as ``[]``; register returns the
     range ioctls; a touch of a missing page yields one PageFault for it and a
     copy resolves it; copying onto a present page raises PageExistsError, a
-    run that reaches one stops there with UffdRetry(done); zeropage places
-    zeros; after unregister a copy raises RangeGoneError; close is idempotent
+    run that reaches one stops there with UffdRetry(done); place_run places
+    a run with a zero stretch from a given page and reports where it stopped
+    (``page``); zeropage places zeros; after unregister a copy raises RangeGoneError; close is idempotent
     and every later call raises ClosedError.
 
     Raises:
@@ -133,7 +154,9 @@ def check_userfaultfd_contract(make: Callable[[], Harness]) -> None:
         assert Ioctl.COPY in ioctls and Ioctl.WAKE in ioctls and Ioctl.ZEROPAGE in ioctls
         _check_fault_and_copy(h)
         _check_existing_pages(h)
-        _check_zeropage_and_unregister(h)
+        _check_zeropage(h)
+        _check_place_run(h)
+        _check_unregister(h)
         _check_closed(h)
     finally:
         h.uffd.close()

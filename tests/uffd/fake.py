@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 
-from aiopostcopy.errors import ClosedError, uffd_error_from_errno
+from aiopostcopy.errors import ClosedError, UffdError, uffd_error_from_errno
 from aiopostcopy.uffd import Event, Feature, Ioctl, PageFault, RegisterMode
 
 PAGE = 4096
@@ -100,6 +100,21 @@ class FakeUserfaultfd:
 
     def zeropage(self, start: int, length: int, *, dontwake: bool = False) -> int:
         return self._place("UFFDIO_ZEROPAGE", start, length, bytes(PAGE), 0, dontwake)
+
+    def place_run(self, dst: int, src: int, page_size: int, count: int, zeros: tuple[int, ...] = (), *,
+                  zero_src: int = 0, start: int = 0) -> None:
+        zero = {p for low, high in zip(zeros[::2], zeros[1::2]) for p in range(low, high)}
+        data = sum(1 for p in range(start) if p not in zero)  # packed pages before ``start``
+        for page in range(start, count):
+            try:
+                if page in zero:
+                    self.zeropage(dst + page * page_size, page_size)
+                else:
+                    self.copy(dst + page * page_size, src + data * page_size, page_size)
+                    data += 1
+            except UffdError as exc:
+                exc.page = page
+                raise
 
     def read_events(self, max_events: int = 64) -> list[Event]:
         self._live("read(userfaultfd)")
