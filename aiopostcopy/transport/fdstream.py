@@ -33,6 +33,10 @@ __all__ = ["ControlChannel"]
 
 _RECV_BYTES = 256 * 1024
 _FD_SIZE = array.array("i").itemsize
+#: Linux's SCM_MAX_FD: descriptors one sendmsg may carry.  A message with more
+#: sends them on its first bytes, this many per byte (one sendmsg per byte);
+#: the receiver queues them in order, so it sees one FIFO either way.
+MAX_FDS_PER_SENDMSG = 253
 
 
 class ControlChannel:
@@ -166,9 +170,11 @@ class ControlChannel:
     def _flush(self) -> None:
         while self._out and self._sock is not None:
             data, fds = self._out[0]
+            chunk, rest = (data, []) if len(fds) <= MAX_FDS_PER_SENDMSG else (data[:1], fds[MAX_FDS_PER_SENDMSG:])
+            fds = fds[:MAX_FDS_PER_SENDMSG]
             try:
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-                sent = self._sock.sendmsg([data], anc)
+                sent = self._sock.sendmsg([chunk], anc)
             except (BlockingIOError, InterruptedError):
                 self._loop.add_writer(self._sock.fileno(), self._on_writable)
                 return
@@ -176,7 +182,7 @@ class ControlChannel:
                 self._shutdown(exc)
                 return
             if sent < len(data):
-                self._out[0] = (data[sent:], [])
+                self._out[0] = (data[sent:], rest)  # sent >= 1: the descriptors went with it
             else:
                 self._out.popleft()
         if self._sock is not None:

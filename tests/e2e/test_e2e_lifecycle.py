@@ -126,3 +126,33 @@ async def test_abort_ends_the_source(e2e) -> None:
     except asyncio.TimeoutError:
         status = None
     assert status not in (None, 0), "the source still waits for the aborted destination 10 s later"
+
+
+@pytest.mark.asyncio
+async def test_more_blocks_than_one_sendmsg_can_carry_fds_for(e2e) -> None:
+    """260 RAMBlocks: the Blocks message hands a client 260 descriptors, more than Linux's
+    SCM_MAX_FD (253) per sendmsg, so they travel on several sendmsg calls; the client maps
+    every block, its thread faults on the last one, and every page of every block verifies."""
+    seed, count = 909, 260
+    blocks = [SourceBlock.from_path(f"b{i}", e2e.image(2 * 4096, seed=seed, name=f"b{i}", block_index=i))
+              for i in range(count)]
+    source = PostcopySource(blocks)
+    proxy = PausableProxy(await source.listen("127.0.0.1", 0))
+    try:
+        async with PostcopyDestination(e2e.options(await proxy.start())) as dest:
+            proxy.hold()
+            client = await e2e.touch_client(mode="delegated", name="many-blocks", seed=seed)
+            assert len(client.info["blocks"]) == count
+            await client.touch([1], block=count - 1)
+            await wait_until(lambda: blocked_somewhere(dest) >= 1, "the client thread blocked on the last block")
+            proxy.release()
+            report = await bounded(dest.wait_complete(), "the migration")
+            await client.event("touched")
+            problems = check_destination(dest, seed=seed)
+            result = await client.finish()
+        await bounded(source.wait_complete(), "the source's Complete")
+    finally:
+        await proxy.close()
+        await source.close()
+    assert report.complete and problems == {}, problems
+    assert result.get("ok") and result.get("end_complete") and not result.get("bad_pages"), result
