@@ -317,7 +317,7 @@ class Pages:
             size = self.data.nbytes if type(self.data) is memoryview else len(self.data)
             if not 1 <= size <= LIMITS.max_payload:
                 raise _fail(f"pages: data must hold 1..{LIMITS.max_payload} bytes, got {size}")
-        if self.zeros:
+        if self.zeros != ():  # (a nil, 0 or false from a peer must fail here too, not later)
             _check_zeros(self.zeros, self.count)
 
     @property
@@ -338,7 +338,7 @@ class Pages:
 
 def _check_zeros(zeros: object, count: int) -> None:
     """Pages.zeros: an even tuple of strictly increasing ints in [0, count), at least one data page left."""
-    if type(zeros) is not tuple or len(zeros) % 2 or len(zeros) > 2 * LIMITS.max_zero_runs:
+    if type(zeros) is not tuple or not zeros or len(zeros) % 2 or len(zeros) > 2 * LIMITS.max_zero_runs:
         raise _fail(f"pages: zeros must be an even-length tuple of at most {2 * LIMITS.max_zero_runs} bounds")
     if set(map(type, zeros)) != {int}:
         raise _fail("pages: zeros bounds must be integers")

@@ -10,10 +10,12 @@ zeroed huge page is copied instead).  Kernel rules (DESIGN.md section 2):
 
 * EEXIST: the page is there already.  It is counted, so that the session
   wakes its waiters (no copy woke them), and the rest of the run goes on.
-* EAGAIN: the mapping is changing and the kernel stopped after some bytes.
-  The caller's ``drain`` reads our userfaultfd's pending events (on the loop
-  thread), then the rest is retried.  Only EAGAIN counts against the retry
-  bound; a run of a thousand existing pages is not a failure.
+* EAGAIN after some pages: the kernel stopped part-way (an existing page
+  further on gives this, not EEXIST); the rest is tried again at once.
+* EAGAIN with no progress: the mapping is changing.  The caller's ``drain``
+  reads our userfaultfd's pending events (on the loop thread), then the rest
+  is retried.  Only these count against the retry bound; a run of a thousand
+  scattered existing pages is not a failure.
 
 One try is one C call (``Userfaultfd.place_run``) for the rest of the run,
 every stretch included, so the GIL is released once per run.
@@ -117,13 +119,15 @@ class Placement:
                 existed += 1
                 page = exc.page + 1
             except UffdRetry as exc:
+                if exc.page > page:  # progress, then a stop (often an existing page): go on at once
+                    page = exc.page
+                    continue
                 if drain is None:
                     raise Interrupted(exc.page, existed) from exc
                 retries += 1
                 if retries > MAX_EAGAIN:
                     raise UffdError(11, f"placing {command.count} pages at {dst:#x} kept failing "
                                         "with EAGAIN") from exc
-                page = exc.page
                 drain()
         return existed
 

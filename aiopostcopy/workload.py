@@ -17,7 +17,10 @@ the page is in memory yet (for shared memory it reports the page cache, which
 is what a userfaultfd MISSING fault depends on): if not, the touch is a
 *fault* and its time a fault-latency sample; if so, it is a *hit* (counted,
 not timed as a fault).  A page placed between the check and the touch makes a
-fast "fault": the race errs towards better figures by at most that.
+fast "fault": the race errs towards better figures by at most that.  On
+hugetlbfs mincore reports this process's page table instead, so a page the
+service placed but this process has not mapped yet counts as a fault (a fast
+one): the hit count is then a lower bound.
 
 ``--wait-socket SECONDS`` lets a worker start before the destination: it
 waits for the control socket to appear, then joins within a millisecond, as

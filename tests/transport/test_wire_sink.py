@@ -207,3 +207,16 @@ def test_real_socket_with_buffered_protocol(loop_factory: Callable[[], asyncio.A
     assert [bytes(b) for b in staging.buffers] == datas
     assert sum(type(e) is Pages for e in events) == 200 and all(e.data is None for e in events if type(e) is Pages)
     assert [e.token for e in events if type(e) is Ping] == [0, 50, 100, 150]
+
+
+@pytest.mark.parametrize("zeros", [None, 0, False, [1, 2, 3]])
+def test_a_pages_header_with_malformed_zeros_is_refused_before_the_sink(zeros: object) -> None:
+    import msgpack
+
+    header = msgpack.packb([3, 0, 0, 4, 4096, zeros])
+    staging = Staging()
+    decoder = Decoder(payload_sink=staging)
+    decoder.receive_data(len(header).to_bytes(4, "big") + header + bytes(4096))
+    with pytest.raises(RemoteProtocolError):
+        decoder.next_event()
+    assert staging.calls == []
