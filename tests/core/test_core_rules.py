@@ -7,10 +7,12 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import aiopostcopy.core
 from aiopostcopy.core import commands
-from aiopostcopy.core.stats import LatencyRecorder
+from aiopostcopy.core.stats import BUCKETS, LatencyRecorder, bucket_of, bucket_upper
 
 CORE = Path(aiopostcopy.core.__file__).parent
 FORBIDDEN = {"asyncio", "socket", "cffi", "os", "time", "uvloop", "selectors"}
@@ -51,10 +53,21 @@ def test_latency_histogram_buckets_and_percentiles() -> None:
     recorder.record(-1.0)  # a clock step backwards counts as 0
     hist = recorder.snapshot()
     assert hist.count == 101
-    assert hist.buckets[0] == 51 and hist.buckets[6] == 40 and hist.buckets[10] == 9
-    assert hist.p50 == pytest.approx(1e-6)  # upper edge of bucket 0
-    assert hist.p90 == pytest.approx(64e-6)
-    assert hist.p99 == pytest.approx(1024e-6)
+    assert hist.buckets[bucket_of(0)] == 51 and hist.buckets[bucket_of(40)] == 40 and hist.buckets[bucket_of(900)] == 9
+    assert hist.p50 == pytest.approx(1e-6)  # upper edge of the 0 us bucket
+    assert hist.p90 == pytest.approx(44e-6)  # 40 us lies in [40, 44)
+    assert hist.p99 == pytest.approx(960e-6)  # 900 us lies in [896, 960)
     assert hist.max == pytest.approx(0.07)
     assert hist.percentile(1.0) == pytest.approx(0.07)
     assert LatencyRecorder().snapshot().p99 == 0.0
+
+
+@given(st.integers(0, 1 << 42))
+def test_every_latency_falls_in_a_bucket_at_most_an_eighth_wide(microseconds: int) -> None:
+    index = bucket_of(microseconds)
+    low = bucket_upper(index - 1) if index else 0
+    if index < BUCKETS - 1:
+        assert low <= microseconds < bucket_upper(index)
+        assert bucket_upper(index) - low <= max(1, low // 8)
+    else:
+        assert microseconds >= low
