@@ -13,10 +13,14 @@ Every source of work is a callback on the event loop:
   each delegated client's): drain every queued ``uffd_msg`` and feed the
   faults to the :class:`~aiopostcopy.core.session.DestinationSession`;
 * a message arrives on a channel: Pages payloads were received straight into
-  that channel's page-aligned staging buffer, so the resulting ``Place``
-  commands are carried out at once (one UFFDIO_COPY per run through the
-  service's own mapping, or per stretch between the run's zero pages, which
-  go by UFFDIO_ZEROPAGE), before the next payload may reuse the buffer;
+  page-aligned staging memory.  On the urgent channel the resulting ``Place``
+  commands are carried out at once, before the next payload may reuse the
+  buffer (one C call per run through the service's own mapping: UFFDIO_COPY
+  per data stretch, UFFDIO_ZEROPAGE per stretch of zero pages).  On the
+  background channel each payload lands in one of a few buffers and its
+  placements go to the placement thread (:mod:`aiopostcopy.placer`); the
+  channel is held while every buffer is out;
+* a placement-thread job ends: its pages are reported placed, waking waiters;
 * a control message arrives from a client;
 * the session's timer fires.
 
