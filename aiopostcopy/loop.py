@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 :class:`PostcopyDestination` connects to a source on two channels (urgent and
-background), learns the RAMBlocks from the source's Hello, creates and maps
-their shared memory (memfd, or files in a block directory), registers its own
-userfaultfd on its mappings and serves clients on a Unix control socket.
+background, opened and reconnected by :mod:`aiopostcopy.source_channels`),
+learns the RAMBlocks from the source's Hello, creates and maps their shared
+memory (memfd, or files in a block directory), registers its own userfaultfd
+on its mappings and serves clients on a Unix control socket.
 
 Every source of work is a callback on the event loop:
 
@@ -44,7 +45,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import socket
 import uuid
 import time
 from collections.abc import Callable
@@ -52,7 +52,7 @@ from typing import Any
 
 from aiopostcopy import trace
 from aiopostcopy.clients import ClientRegistry
-from aiopostcopy.core.ramblock import BlockTable, MappingTable
+from aiopostcopy.core.ramblock import BlockTable
 from aiopostcopy.core.commands import (
     Abort,
     DiscardPages,
@@ -65,17 +65,12 @@ from aiopostcopy.core.commands import (
 )
 from aiopostcopy.core.config import DestinationConfig
 from aiopostcopy.core.session import DestinationSession
-from aiopostcopy.errors import (
-    MigrationAborted,
-    PostcopyError,
-    SourceLostError,
-    TargetGoneError,
-    UffdError,
-)
+from aiopostcopy.errors import MigrationAborted, SourceLostError, UffdError
 from aiopostcopy.memory import BlockMemory, Staging
 from aiopostcopy.placer import BackgroundPlacer, Placement
 from aiopostcopy.messages import LIMITS, Channel, Complete, Hello, Message, Pages, Request, Zero
 from aiopostcopy.report import DestinationReport, build_report, remember_thread_name
+from aiopostcopy.source_channels import SourceChannels
 from aiopostcopy.transport.stream import FrameProtocol
 from aiopostcopy.uffd import Feature, PageFault, RegisterMode, Userfaultfd
 
@@ -87,8 +82,6 @@ OWN_FD = "service"  #: session key of the service's own userfaultfd
 #: gave a 10-40 ms p99 under the sweep, 4 kept it near 5 ms at the same throughput
 #: (benchmarks/postcopy_bench.py).  Virtual memory: only the bytes received are touched.
 _BACKGROUND_BUFFERS = 4
-#: background bytes read per loop turn before the urgent channel gets a look in
-_BACKGROUND_TURN_BYTES = 64 * 1024
 _PROGRESS_INTERVAL = 0.05  #: seconds between progress callbacks
 
 
@@ -128,7 +121,6 @@ class PostcopyDestination:
         self.session_id = options.session_id or uuid.uuid4().hex
         self._loop = asyncio.get_running_loop()
         self._session = DestinationSession(session_id=self.session_id, config=options.session)
-        self._channels: dict[Channel, FrameProtocol] = {}
         self._staging = Staging(LIMITS.max_payload)  # the urgent channel's: placed inline
         self._placement: Placement | None = None
         self._placer: BackgroundPlacer | None = None
@@ -138,13 +130,16 @@ class PostcopyDestination:
         self._clients: ClientRegistry | None = None
         self._hello: asyncio.Future[Hello] = self._loop.create_future()
         self._done: asyncio.Future[DestinationReport] = self._loop.create_future()
+        self._source = SourceChannels(
+            self._loop, options.source, reconnect_interval=options.reconnect_interval,
+            deadline=options.source_deadline, hello=self._hello, done=self._done,
+            on_message=self._on_source_message, payload_sink=self._payload_sink, on_open=self._channel_opened,
+            on_drop=self._channels_dropped, on_reconnect=self._schedule_pass, fail=self._fail)
         self._pass_pending = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
-        self._reconnect_task: asyncio.Task[None] | None = None
         self._started_at = time.monotonic()
         self._progress: list[Callable[[Any], None]] = []
-        self._bytes_from_closed = 0
         self._next_progress = 0.0
         self._named_threads: set[int] = set()
         self._closed = False
@@ -159,7 +154,7 @@ class PostcopyDestination:
             UffdError: userfaultfd could not be opened or registered.
         """
         try:
-            await self._connect()
+            await self._source.connect()
             await self._hello
         except OSError as exc:
             raise SourceLostError(f"cannot reach source {self.options.source!r}: {exc}") from exc
@@ -189,8 +184,7 @@ class PostcopyDestination:
             return
         self._session.abort(reason, time.monotonic())
         self._send_messages()  # Error(aborted) tells the source it is over
-        for proto in self._channels.values():
-            proto.close()
+        self._source.close()
         self._fail(MigrationAborted(reason))
 
     @property
@@ -230,11 +224,10 @@ class PostcopyDestination:
         if not self._done.done():
             self._fail(MigrationAborted("destination closed before completion"))
             self._done.exception()  # retrieved here: closing early is not an error to log
-        await self._stop_reconnect()
+        await self._source.stop_reconnecting()
         if self._clients is not None:
             self._clients.close(complete=self._session.complete)
-        for proto in self._channels.values():
-            proto.close()
+        self._source.close()
         if self._placer is not None:
             self._placer.close()  # a placement still running must end before munmap
         complete = self._session.complete
@@ -252,28 +245,28 @@ class PostcopyDestination:
 
     # -- source channels -------------------------------------------------------
 
-    async def _connect(self) -> None:
-        for channel in (Channel.URGENT, Channel.BACKGROUND):
-            proto = await self._open_channel(channel)
-            self._channels[channel] = proto
-            if channel is Channel.BACKGROUND and self._placer is not None and not self._placer.has_free():
-                proto.hold()  # released when a placement in flight gives its buffer back
-            proto.send(self._session.hello(channel))
+    @property
+    def _channels(self) -> dict[Channel, FrameProtocol]:  # the report counts their bytes
+        return self._source.channels
 
-    async def _open_channel(self, channel: Channel) -> FrameProtocol:
-        urgent = channel is Channel.URGENT
-        factory = lambda: FrameProtocol(  # noqa: E731
-            lambda msg: self._on_source_message(channel, msg),
-            lambda exc: self._on_channel_lost(channel, exc),
-            payload_sink=lambda header, nbytes: self._payload_sink(channel, header, nbytes),
-            yield_after=None if urgent else _BACKGROUND_TURN_BYTES,
-        )
-        source = self.options.source
-        if isinstance(source, str):
-            _, proto = await self._loop.create_unix_connection(factory, source)
-        else:
-            _, proto = await self._loop.create_connection(factory, source[0], source[1])
-        return proto
+    @property
+    def _bytes_from_closed(self) -> int:
+        return self._source.bytes_from_closed
+
+    def _channel_opened(self, channel: Channel, proto: FrameProtocol) -> None:
+        """A channel to the source is up: hold it while every buffer is out, then say Hello."""
+        if channel is Channel.BACKGROUND and self._placer is not None and not self._placer.has_free():
+            proto.hold()  # released when a placement in flight gives its buffer back
+        proto.send(self._session.hello(channel))
+
+    def _channels_dropped(self, channels: tuple[Channel, ...]) -> None:
+        """The channels to the source were dropped: tell the session (a reconnect replaces both)."""
+        if self._placer is not None:  # a payload cut short by the loss never becomes a message
+            self._placer.give_back(self._receiving)
+        self._receiving = None
+        now = time.monotonic()
+        for channel in channels:
+            self._session.connection_lost(channel, now)
 
     def _payload_sink(self, channel: Channel, header: Pages, nbytes: int) -> memoryview:
         """Where a Pages payload lands, once the session has checked its size against the run."""
@@ -313,8 +306,8 @@ class PostcopyDestination:
             self._placer.give_back(staging)
         else:
             self._placer.submit(job, staging)
-            if not self._placer.has_free() and Channel.BACKGROUND in self._channels:
-                self._channels[Channel.BACKGROUND].hold()
+            if not self._placer.has_free():
+                self._source.hold_background()
         self._run_commands(None)
 
     def _background_placed(self, placed: list, rest: list, staging: Staging | None,
@@ -338,9 +331,8 @@ class PostcopyDestination:
             return
         finally:
             self._placer.give_back(staging)
-        proto = self._channels.get(Channel.BACKGROUND)
-        if proto is not None and self._placer.has_free():  # a Zero run's job frees no buffer
-            proto.release()
+        if self._placer.has_free():  # a Zero run's job frees no buffer
+            self._source.release_background()
         self._schedule_pass()
 
     def _set_up_memory(self, hello: Hello) -> None:
@@ -360,58 +352,6 @@ class PostcopyDestination:
             raise
         if not self._hello.done():
             self._hello.set_result(hello)
-
-    def _on_channel_lost(self, channel: Channel, exc: BaseException | None) -> None:
-        if self._channels.get(channel) is None or self._done.done():
-            return
-        if exc is not None and not isinstance(exc, (OSError, PostcopyError)):
-            self._fail(exc)  # a bug in our own handling: fail visibly
-            return
-        self._drop_channels()
-        if not self._hello.done():
-            self._hello.set_exception(SourceLostError(f"source closed the {channel.value} channel"))
-            return
-        if self._reconnect_task is None:
-            self._reconnect_task = self._loop.create_task(self._reconnect(exc))
-
-    async def _reconnect(self, cause: BaseException | None) -> None:
-        deadline = self.options.source_deadline
-        give_up = None if deadline is None else time.monotonic() + deadline
-        try:
-            while not self._done.done():
-                await asyncio.sleep(self.options.reconnect_interval)
-                try:
-                    await self._connect()
-                except OSError:
-                    self._drop_channels()
-                    if give_up is not None and time.monotonic() > give_up:
-                        err = SourceLostError("source unreachable past the deadline")
-                        err.__cause__ = cause
-                        self._fail(MigrationAborted(str(err)))
-                        return
-                    continue
-                self._schedule_pass()  # the session sends Resume when the source's Hello is back
-                return
-        finally:
-            self._reconnect_task = None
-
-    def _drop_channels(self) -> None:
-        """Close both channels and tell the session (a reconnect replaces both)."""
-        channels, self._channels = self._channels, {}
-        if self._placer is not None:  # a payload cut short by the loss never becomes a message
-            self._placer.give_back(self._receiving)
-        self._receiving = None
-        now = time.monotonic()
-        for channel, proto in channels.items():
-            self._bytes_from_closed += proto.bytes_received
-            proto.abort()
-            self._session.connection_lost(channel, now)
-
-    async def _stop_reconnect(self) -> None:
-        task = self._reconnect_task
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     # -- own userfaultfd --------------------------------------------------------
 
@@ -493,9 +433,7 @@ class PostcopyDestination:
             if trace.ENABLED and type(msg) is Request:
                 for run in msg.runs:
                     trace.mark("request", run.block, run.first)
-            proto = self._channels.get(channel)
-            if proto is not None and proto.is_open:
-                proto.send(msg)
+            self._source.send(channel, msg)
 
     def _rearm_timer(self, now: float) -> None:
         """Arm one timer for the session's next deadline (times are time.monotonic())."""
@@ -557,11 +495,7 @@ class PostcopyDestination:
     def _complete(self) -> None:
         if self._done.done():
             return
-        for channel, proto in self._channels.items():
-            if proto.is_open:
-                if channel is Channel.URGENT:
-                    proto.send(Complete())
-                proto.close()
+        self._source.close(farewell=Complete())
         report = build_report(self, final=True)
         self._report_progress(report)
         if self._clients is not None:
@@ -575,4 +509,4 @@ class PostcopyDestination:
         self._done.set_exception(exc)
         if self._clients is not None:
             self._clients.end_all(complete=False)
-        self._drop_channels()
+        self._source.drop()
