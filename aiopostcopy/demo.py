@@ -17,17 +17,21 @@
    JSON).
 
 Everything created is removed at the end, and processes are stopped by the
-PIDs started here.
+PIDs started here, also when the demo is interrupted (SIGINT, SIGTERM: the
+run is cancelled and cleans up).  Children also get PR_SET_PDEATHSIG, so a
+demo killed outright (SIGKILL) takes its source and clients with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import mmap
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -42,6 +46,7 @@ from aiopostcopy.progress import ProgressLine
 __all__ = ["add_demo_arguments", "demo_main", "percentiles"]
 
 BLOCK = "ram"
+_PR_SET_PDEATHSIG = 1  #: <linux/prctl.h>
 
 
 def _size(text: str) -> int:
@@ -70,12 +75,20 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 async def demo_main(args: argparse.Namespace) -> int:
     workdir = tempfile.mkdtemp(prefix="aiopostcopy-demo-", dir="/dev/shm")
     procs: list[asyncio.subprocess.Process] = []
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
     try:
         return await _demo(args, workdir, procs)
     except PostcopyError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
+    except asyncio.CancelledError:
+        print("demo interrupted", file=sys.stderr)
+        return 130
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         await _stop(procs)
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -124,7 +137,7 @@ def _make_image(path: str, size: int, seed: int) -> None:
 async def _start_source(image: str, procs: list) -> tuple[asyncio.subprocess.Process, tuple[str, int]]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "aiopostcopy", "source", "--listen", "127.0.0.1:0", "--block", f"{BLOCK}={image}",
-        stdout=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent)
     procs.append(proc)
     line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
     if "listening on" not in line:
@@ -139,7 +152,7 @@ async def _start_client(args: argparse.Namespace, path: str, index: int, procs: 
         sys.executable, "-m", "aiopostcopy.workload", "--socket", path, "--threads", str(args.threads),
         "--mode", mode, "--workload", args.workload, "--touches", str(args.touches), "--seed", str(args.seed),
         "--name", f"demo-client-{index}", "--raw-latencies", "--json", "-", "--wait-socket", "60",
-        "--ready", stdout=asyncio.subprocess.PIPE)
+        "--ready", stdout=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent)
     procs.append(proc)
     return proc
 
@@ -150,6 +163,12 @@ async def _wait_ready(clients: list[asyncio.subprocess.Process]) -> None:
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
         if line != "ready":
             raise PostcopyError(f"client pid {proc.pid} did not start: {line!r}")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL this process when the demo dies (PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 async def _client_result(proc: asyncio.subprocess.Process) -> dict[str, Any]:
