@@ -342,8 +342,8 @@ class PostcopyDestination:
             self._memory = BlockMemory.create(hello.blocks, self.options.block_dir)
             self._open_own_uffd()
             # one zeroed page of the largest size, made here once: both placing threads read it
-            zeroed = self._staging.zeroed(max(block.page_size for block in self._memory))
-            self._placement = Placement(self._uffd, self._memory, lambda size: zeroed)
+            zero_page = self._staging.zeroed(max(block.page_size for block in self._memory))
+            self._placement = Placement(self._uffd, self._memory, zero_page)
             self._placer = BackgroundPlacer(self._loop, self._placement, buffers=_BACKGROUND_BUFFERS,
                                             buffer_size=LIMITS.max_payload, on_done=self._background_placed)
         except BaseException as exc:

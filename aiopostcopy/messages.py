@@ -33,6 +33,7 @@ from aiopostcopy.errors import LocalProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "bounds_total",
     "Limits",
     "LIMITS",
     "Channel",
@@ -154,6 +155,11 @@ def _check_str(name: str, value: object, limit: int, *, empty: bool = False) -> 
         or not (value.isascii() or _encodable(value))
     ):
         raise _fail(f"{name} must be a UTF-8 string of {low}..{limit} characters, got {value!r:.80}")
+
+
+def bounds_total(bounds: tuple[int, ...] | list[int]) -> int:
+    """How many values flattened half-open bounds ``(start0, stop0, start1, stop1, ...)`` cover."""
+    return sum(bounds[1::2]) - sum(bounds[::2])
 
 
 def _check_bounds(bounds: object) -> int:
@@ -328,7 +334,7 @@ class Pages:
     def zero_pages(self) -> int:
         """How many pages of the run are zero (not in the payload)."""
         zeros = self.zeros
-        return sum(zeros[1::2]) - sum(zeros[::2])
+        return bounds_total(self.zeros)
 
     @property
     def data_pages(self) -> int:
@@ -346,7 +352,7 @@ def _check_zeros(zeros: object, count: int) -> None:
         raise _fail(f"pages: zeros bounds must lie in [0, {count}]")
     if not all(map(operator.lt, zeros, itertools.islice(zeros, 1, None))):
         raise _fail("pages: zeros bounds must be strictly increasing")
-    if sum(zeros[1::2]) - sum(zeros[::2]) >= count:
+    if bounds_total(zeros) >= count:
         raise _fail("pages: every page is zero (send Zero instead)")
 
 

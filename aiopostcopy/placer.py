@@ -78,11 +78,12 @@ class Placement:
     Args:
         uffd: the service's own userfaultfd (registered on every block).
         memory: the blocks, mapped by the service.
-        zeroed: returns the address of ``size`` zero bytes (hugetlbfs zero pages).
+        zero_page: address of zero bytes at least as long as the largest page
+            (what hugetlbfs zero pages are copied from; it has no ZEROPAGE).
     """
 
-    def __init__(self, uffd: Userfaultfd, memory: BlockMemory, zeroed: Callable[[int], int]) -> None:
-        self._uffd, self._memory, self._zeroed = uffd, memory, zeroed
+    def __init__(self, uffd: Userfaultfd, memory: BlockMemory, zero_page: int) -> None:
+        self._uffd, self._memory, self._zero_page = uffd, memory, zero_page
 
     def place(self, command: Place | PlaceZero, staging: Staging | None, drain: Callable[[], None] | None,
               *, start: int = 0) -> int:
@@ -108,7 +109,7 @@ class Placement:
         else:
             assert staging is not None, "Place without its staging buffer"
             src, zeros = staging.address + command.payload_offset * size, command.zeros
-        zero_src = 0 if block.zeropage_ok else self._zeroed(size)
+        zero_src = 0 if block.zeropage_ok else self._zero_page
         existed = retries = 0
         page = start
         while page < command.count:

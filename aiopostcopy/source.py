@@ -52,6 +52,7 @@ from aiopostcopy.messages import (
     Request,
     Resume,
     Zero,
+    bounds_total,
 )
 from aiopostcopy.transport.stream import FrameProtocol
 from aiopostcopy.transport.wire import encode, encode_pages_header
@@ -307,7 +308,7 @@ class PostcopySource:
         block = self._blocks[run.block]
         size = block.page_size
         zeros = _zero_bounds(block.memory, self._zero_page[size], run, size)
-        zero = sum(zeros[1::2]) - sum(zeros[::2])
+        zero = bounds_total(zeros)
         nbytes = (run.count - zero) * size
         if not nbytes:
             frames: list[bytes | memoryview] = [encode(Zero(block=run.block, first=run.first, count=run.count))]

@@ -36,7 +36,7 @@ def region():
     uffd = Userfaultfd.open()
     uffd.register(mapping.address, mapping.length, RegisterMode.MISSING)
     try:
-        yield uffd, mapping, Placement(uffd, Memory(Block(mapping.address)), lambda size: 0)
+        yield uffd, mapping, Placement(uffd, Memory(Block(mapping.address)), 0)
     finally:
         uffd.close()
         mapping.close()

@@ -21,6 +21,8 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 
+from aiopostcopy.messages import bounds_total
+
 __all__ = ["RangeSet", "clip_bounds"]
 
 
@@ -100,8 +102,7 @@ class RangeSet:
 
     def total(self) -> int:
         """Number of members (sum of run lengths)."""
-        bounds = self._bounds
-        return sum(bounds[1::2]) - sum(bounds[::2])
+        return bounds_total(self._bounds)
 
     def bounds(self) -> tuple[int, ...]:
         """Flattened bounds ``(start0, stop0, ...)``, as :class:`~aiopostcopy.messages.Resume` wants."""

@@ -191,7 +191,7 @@ class DestinationSession:
                 self._commands.append(PlaceZero(block, start, n))
                 continue
             skipped, inside = clip_bounds(zeros, start - first, stop - first) if zeros else (0, ())
-            zero_pages = sum(inside[1::2]) - sum(inside[::2])
+            zero_pages = m.bounds_total(inside)
             demand = min(before[REQUESTED], n - zero_pages) if channel is URGENT else 0
             self._count.pages_zero += zero_pages
             self._count.pages_demand += demand
