@@ -18,7 +18,7 @@ _EXPORTS = {
     "ClosedError": "aiopostcopy.errors",
     "DestinationConfig": "aiopostcopy.core.config",
     "DestinationOptions": "aiopostcopy.loop",
-    "DestinationReport": "aiopostcopy.report",
+    "DestinationReport": "aiopostcopy.destination.report",
     "MigrationAborted": "aiopostcopy.errors",
     "PostcopyDestination": "aiopostcopy.loop",
     "PostcopyError": "aiopostcopy.errors",

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aiopostcopy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop (default uvloop)")
     sub = parser.add_subparsers(dest="command", required=True)
-    from aiopostcopy.demo import add_demo_arguments
+    from aiopostcopy.tools.demo import add_demo_arguments
 
     add_demo_arguments(sub.add_parser("demo", help="a whole migration on this host, verified page by page"))
     src = sub.add_parser("source", help="serve RAMBlocks to a destination")
@@ -128,7 +128,7 @@ async def dest_main(args: argparse.Namespace) -> int:
         await dest.start()
         print(f"aiopostcopy dest: {len(dest.blocks)} blocks, userfaultfd via {dest.uffd_mode}", file=sys.stderr)
         if not args.quiet:
-            from aiopostcopy.progress import ProgressLine
+            from aiopostcopy.tools.progress import ProgressLine
 
             dest.on_progress(ProgressLine(sys.stderr).update)
         _stop_on_signals(lambda: dest.abort("interrupted"))
@@ -164,7 +164,7 @@ def _dataclass_dict(obj: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from aiopostcopy.demo import demo_main
+        from aiopostcopy.tools.demo import demo_main
 
         return run(demo_main(args), args.loop)
     if args.command == "source":

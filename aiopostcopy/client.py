@@ -24,7 +24,7 @@ The GIL: a thread faulting in plain Python (``view[i]``) blocks in the kernel
 *holding the GIL*, stopping every Python thread of the process until the page
 arrives -- in self-served mode our handler too: a deadlock.  Touch memory that
 may be missing from code that releases the GIL (``ctypes.memmove``, cffi,
-``Mapping.touch``, large numpy operations), as :mod:`aiopostcopy.workload` does.
+``Mapping.touch``, large numpy operations), as :mod:`aiopostcopy.tools.workload` does.
 
 Closing: a uffd closed while a thread waits on a missing page makes the kernel
 fill it with zeros, in memory every process shares.  After End(complete=True)

@@ -21,7 +21,8 @@ errno, so code written against plain ``os`` calls keeps working.
      ├─ SourceLostError (transport broke; __cause__ set)
      ├─ MigrationAborted (explicit abort or deadline)
      ├─ ClosedError (used after we closed it)
-     └─ BusyError (two users of one resource)
+     ├─ BusyError (two users of one resource)
+ └─ NetnsError (an ip/tc command of the tools failed)
     InternalError (a broken invariant: a bug)
 """
 
@@ -31,6 +32,7 @@ import errno as _errno
 
 __all__ = [
     "PostcopyError",
+    "NetnsError",
     "ProtocolError",
     "LocalProtocolError",
     "RemoteProtocolError",
@@ -142,6 +144,22 @@ class ClosedError(PostcopyError):
 
 class BusyError(PostcopyError):
     """Two users wanted a resource that serves one."""
+
+
+class NetnsError(PostcopyError, RuntimeError):
+    """An ``ip``/``tc`` command failed.
+
+    Attributes:
+        argv: The command that failed.
+        returncode: Its exit status (None if it timed out or could not start).
+        stderr: What it printed on stderr, stripped.
+    """
+
+    def __init__(self, argv: "Sequence[str]", returncode: int | None, stderr: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        super().__init__(f"{' '.join(self.argv)!s} failed ({returncode}): {stderr}")
 
 
 class InternalError(Exception):

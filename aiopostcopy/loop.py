@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :class:`PostcopyDestination` connects to a source on two channels (urgent and
-background, opened and reconnected by :mod:`aiopostcopy.source_channels`),
+background, opened and reconnected by :mod:`aiopostcopy.transport.channels`),
 learns the RAMBlocks from the source's Hello, creates and maps their shared
 memory (memfd, or files in a block directory), registers its own userfaultfd
 on its mappings and serves clients on a Unix control socket.
@@ -19,7 +19,7 @@ Every source of work is a callback on the event loop:
   buffer (one C call per run through the service's own mapping: UFFDIO_COPY
   per data stretch, UFFDIO_ZEROPAGE per stretch of zero pages).  On the
   background channel each payload lands in one of a few buffers and its
-  placements go to the placement thread (:mod:`aiopostcopy.placer`); the
+  placements go to the placement thread (:mod:`aiopostcopy.destination.placer`); the
   channel is held while every buffer is out;
 * a placement-thread job ends: its pages are reported placed, waking waiters;
 * a control message arrives from a client;
@@ -51,7 +51,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiopostcopy import trace
-from aiopostcopy.clients import ClientRegistry
+from aiopostcopy.destination.clients import ClientRegistry
 from aiopostcopy.core.ramblock import BlockTable
 from aiopostcopy.core.commands import (
     Abort,
@@ -66,11 +66,11 @@ from aiopostcopy.core.commands import (
 from aiopostcopy.core.config import DestinationConfig
 from aiopostcopy.core.session import DestinationSession
 from aiopostcopy.errors import MigrationAborted, SourceLostError, UffdError
-from aiopostcopy.memory import BlockMemory, Staging
-from aiopostcopy.placer import BackgroundPlacer, Placement
+from aiopostcopy.destination.memory import BlockMemory, Staging
+from aiopostcopy.destination.placer import BackgroundPlacer, Placement
 from aiopostcopy.messages import LIMITS, Channel, Complete, Hello, Message, Pages, Request, Zero
-from aiopostcopy.report import DestinationReport, build_report, remember_thread_name
-from aiopostcopy.source_channels import SourceChannels
+from aiopostcopy.destination.report import DestinationReport, build_report, remember_thread_name
+from aiopostcopy.transport.channels import SourceChannels
 from aiopostcopy.transport.stream import FrameProtocol
 from aiopostcopy.uffd import Feature, PageFault, RegisterMode, Userfaultfd
 

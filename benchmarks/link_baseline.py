@@ -7,7 +7,7 @@ link itself gives to the simplest possible Python program.  This benchmark
 measures, in one invocation and interleaved, on two *places*:
 
 * ``loopback``: two processes in the host namespace talking over 127.0.0.1;
-* ``veth``: a :class:`aiopostcopy.netns.LinkPair` (default ``tbf rate
+* ``veth``: a :class:`aiopostcopy.tools.netns.LinkPair` (default ``tbf rate
   10gbit`` on both veth ends), the server side in ``src`` and the client
   side in ``dst`` as in postcopy (the destination asks, the source answers;
   the source streams, the destination receives).
@@ -253,7 +253,7 @@ class Veth:
         """Wrap an open LinkPair.
 
         Args:
-            link: An :class:`aiopostcopy.netns.LinkPair`.
+            link: An :class:`aiopostcopy.tools.netns.LinkPair`.
         """
         self.link = link
         self.name = f"veth {link.rate or 'unshaped'}"
@@ -470,7 +470,7 @@ def _shaping_text(args: argparse.Namespace) -> str:
     """
     if args.rate.lower() == "none":
         return ""
-    from aiopostcopy import netns
+    from aiopostcopy.tools import netns
 
     return (f" burst={args.burst or netns.DEFAULT_BURST}"
             f" limit={args.limit or netns.DEFAULT_LIMIT}")
@@ -582,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from aiopostcopy import netns
+    from aiopostcopy.tools import netns
 
     reason = netns.available()
     if reason is not None:

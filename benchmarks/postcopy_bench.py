@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 One invocation measures, round by round, on one place (a
-:class:`aiopostcopy.netns.LinkPair` with ``tbf rate 10gbit`` both ways,
+:class:`aiopostcopy.tools.netns.LinkPair` with ``tbf rate 10gbit`` both ways,
 ``--rate none`` unshaped, or 127.0.0.1 with ``--loopback``):
 
 * ``link``: the baseline, from ``benchmarks/link_baseline.py`` (imported as
@@ -12,10 +12,10 @@ One invocation measures, round by round, on one place (a
   of the runs).  It runs at the start of every round and once more at the
   end, so it brackets every subject.
 * Every other scenario is a real migration of a ``--size`` pattern image
-  (:func:`aiopostcopy.pattern.fill`, seed ``--seed``):
+  (:func:`aiopostcopy.tools.pattern.fill`, seed ``--seed``):
   ``python -m aiopostcopy source`` in ``src``, ``python -m aiopostcopy dest
   --block-dir DIR --clients SOCK --json FILE`` in ``dst``, workers
-  (``python -m aiopostcopy.workload --workload random --raw-latencies``) in
+  (``python -m aiopostcopy.tools.workload --workload random --raw-latencies``) in
   ``dst``, so each fault is timed in the faulting thread itself:
 
   - ``fault-quiet``: ONE worker, delegated, one thread; the source's sweep is
@@ -43,12 +43,12 @@ as a check.
 
 Workers are started first and wait, already imported, for the control socket
 to appear (``--role worker`` of this script, which then runs
-``aiopostcopy.workload.main``), so they join within milliseconds of the
+``aiopostcopy.tools.workload.main``), so they join within milliseconds of the
 destination opening it, while the sweep has barely begun.
 
 Verification: every worker checks every page after End (exit status 0 and
 ``ok``); this script then checks the destination's block file with
-:func:`aiopostcopy.pattern.verify_block`; the source and destination must
+:func:`aiopostcopy.tools.pattern.verify_block`; the source and destination must
 exit 0 with a complete report.  Any failure is printed loudly at the end and
 the exit status is 1 (the figures are still printed).
 
@@ -119,13 +119,13 @@ def role_worker(sock: str, argv: list[str]) -> int:
 
     Args:
         sock: The destination's control socket path.
-        argv: Arguments for ``aiopostcopy.workload.main``.
+        argv: Arguments for ``aiopostcopy.tools.workload.main``.
 
     Returns:
         The workload's exit status (3 if the socket never appeared).
     """
     sys.path.insert(0, str(ROOT))
-    from aiopostcopy import workload
+    from aiopostcopy.tools import workload
 
     print("ready", flush=True)
     deadline = time.monotonic() + 60
@@ -479,7 +479,7 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
 
 def verify_file(path: Path, seed: int) -> list[int]:
     """Check every page of a block file against the pattern; returns the bad pages."""
-    from aiopostcopy.pattern import verify_block
+    from aiopostcopy.tools.pattern import verify_block
 
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -489,7 +489,7 @@ def verify_file(path: Path, seed: int) -> list[int]:
 
 def make_image(path: Path, size: int, seed: int) -> None:
     """Write the pattern image the source serves (zero pages left as holes)."""
-    from aiopostcopy.pattern import fill
+    from aiopostcopy.tools.pattern import fill
 
     with open(path, "w+b") as f:
         f.truncate(size)
@@ -769,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or args.repeat < 1:
         _parser().error(f"unknown scenarios {sorted(unknown)}" if unknown else "--repeat must be >= 1")
     lb = _import_baseline()
-    from aiopostcopy import netns
+    from aiopostcopy.tools import netns
 
     if os.geteuid() != 0:
         print("postcopy_bench: needs root (namespaces, userfaultfd)", file=sys.stderr)

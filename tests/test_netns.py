@@ -1,10 +1,10 @@
-"""Tests for aiopostcopy.netns: real namespaces, a real veth, real TCP.
+"""Tests for aiopostcopy.tools.netns: real namespaces, a real veth, real TCP.
 
 Theory of operation: every test builds its own LinkPair (about 25 ms), runs
 small ``python -c`` programs inside the namespaces and checks what crosses
 the link, what ``tc`` reports, and that nothing (namespace or process) is
 left behind.  The whole module is skipped, with the reason from
-:func:`aiopostcopy.netns.available`, when namespaces cannot be built (not
+:func:`aiopostcopy.tools.netns.available`, when namespaces cannot be built (not
 root, no iproute2, no veth/tbf).
 """
 
@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from aiopostcopy import netns
+from aiopostcopy.tools import netns
 from aiopostcopy.errors import ClosedError
 
 _REASON = netns.available()
@@ -237,7 +237,7 @@ def test_sweep_stale_deletes_only_dead_owners() -> None:
 
 ORPHAN = r"""
 import signal, sys, time
-from aiopostcopy.netns import LinkPair
+from aiopostcopy.tools.netns import LinkPair
 pair = LinkPair()
 print(pair.src_ns, pair.dst_ns, flush=True)
 if sys.argv[1] == "exit":

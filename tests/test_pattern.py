@@ -1,4 +1,4 @@
-"""Unit tests of aiopostcopy.pattern: the page contents every end-to-end test checks."""
+"""Unit tests of aiopostcopy.tools.pattern: the page contents every end-to-end test checks."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from aiopostcopy import pattern
-from aiopostcopy.pattern import COUNTER_BYTES, check_page, expected_pages, fill, is_zero_page, page_bytes, verify_block
+from aiopostcopy.tools import pattern
+from aiopostcopy.tools.pattern import COUNTER_BYTES, check_page, expected_pages, fill, is_zero_page, page_bytes, verify_block
 
 PAGE = 4096
 HUGE = 2 << 20

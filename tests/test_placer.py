@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from aiopostcopy.core.commands import Place, PlaceZero
-from aiopostcopy.memory import Staging
-from aiopostcopy.placer import Interrupted, Placement
+from aiopostcopy.destination.memory import Staging
+from aiopostcopy.destination.placer import Interrupted, Placement
 from aiopostcopy.uffd import RegisterMode, SharedMemory, Userfaultfd
 
 PAGE = 4096

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from aiopostcopy.pattern import fill, verify_block
+from aiopostcopy.tools.pattern import fill, verify_block
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

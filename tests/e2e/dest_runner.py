@@ -7,7 +7,7 @@ Talks to the test on stdin/stdout, one JSON object per line:
 1. starts :class:`~aiopostcopy.loop.PostcopyDestination` (block files in
    ``DIR/dest``, control socket ``DIR/clients.sock``) and prints
    ``{"event": "started"}``; the test may now hold the source (SIGSTOP);
-2. waits for ``go`` on stdin, starts ``N`` ``aiopostcopy.workload`` clients
+2. waits for ``go`` on stdin, starts ``N`` ``aiopostcopy.tools.workload`` clients
    (delegated and self-served alternating), waits until all are accepted and
    each has a thread blocked in ``handle_userfault``, prints
    ``{"event": "blocked"}``; the test releases the source (SIGCONT);

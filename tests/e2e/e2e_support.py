@@ -1,8 +1,8 @@
 """Machinery for the end-to-end tests: images, processes, a pausable link, waiting.
 
 Everything here is real: source images are /dev/shm files holding the
-:mod:`aiopostcopy.pattern`, the source runs as ``python -m aiopostcopy source``
-(or in-process), clients are ``python -m aiopostcopy.workload`` processes or
+:mod:`aiopostcopy.tools.pattern`, the source runs as ``python -m aiopostcopy source``
+(or in-process), clients are ``python -m aiopostcopy.tools.workload`` processes or
 the small helper scripts beside this file, and the link is TCP.
 
 Pacing.  On loopback a whole 64 MiB migration takes a few tenths of a second,
@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from aiopostcopy.pattern import check_page, fill, verify_block
+from aiopostcopy.tools.pattern import check_page, fill, verify_block
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
@@ -190,7 +190,7 @@ async def start_source(procs: Processes, blocks: dict[str, str], **options: Any)
 
 
 class Worker:
-    """A ``python -m aiopostcopy.workload`` process."""
+    """A ``python -m aiopostcopy.tools.workload`` process."""
 
     def __init__(self, proc: asyncio.subprocess.Process, args: list[str]) -> None:
         self.proc, self.args, self.pid = proc, args, proc.pid
@@ -206,7 +206,7 @@ class Worker:
 def workload_argv(socket_path: str, *, mode: str = "delegated", threads: int = 2, touches: int = 100,
                   workload: str = "random", seed: int = 0, zero_every: int = 7, counters: bool = False,
                   slot_base: int = 0, name: str | None = None, timeout: float = 30.0) -> list[str]:
-    args = [PYTHON, "-m", "aiopostcopy.workload", "--socket", socket_path, "--mode", mode,
+    args = [PYTHON, "-m", "aiopostcopy.tools.workload", "--socket", socket_path, "--mode", mode,
             "--threads", str(threads), "--touches", str(touches), "--workload", workload, "--seed", str(seed),
             "--zero-every", str(zero_every), "--slot-base", str(slot_base), "--timeout", str(timeout),
             "--json", "-"]

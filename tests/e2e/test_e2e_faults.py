@@ -20,7 +20,7 @@ import pytest
 
 from aiopostcopy.core.config import DestinationConfig
 from aiopostcopy.loop import PostcopyDestination
-from aiopostcopy.pattern import is_zero_page
+from aiopostcopy.tools.pattern import is_zero_page
 
 from e2e_support import (blocked_somewhere, bounded, check_destination, hook_placement,
                          threads_in_userfault, wait_blocking, wait_until)

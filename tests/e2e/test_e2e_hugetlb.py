@@ -15,7 +15,7 @@ import os
 import pytest
 
 from aiopostcopy.loop import PostcopyDestination
-from aiopostcopy.pattern import is_zero_page
+from aiopostcopy.tools.pattern import is_zero_page
 from aiopostcopy.uffd import HugePageReservation, default_huge_page_size
 
 from e2e_support import bounded, check_destination, mode_of, running_clients, threads_in_userfault, wait_until

@@ -24,7 +24,7 @@ import pytest
 
 from aiopostcopy.core.config import DestinationConfig, SourceConfig
 from aiopostcopy.loop import PostcopyDestination
-from aiopostcopy.pattern import COUNTER_BYTES, COUNTER_SLOTS, is_zero_page
+from aiopostcopy.tools.pattern import COUNTER_BYTES, COUNTER_SLOTS, is_zero_page
 from aiopostcopy.messages import Channel
 from aiopostcopy.source import BACKGROUND_SNDBUF, PostcopySource, SourceBlock
 

@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from aiopostcopy import netns
+from aiopostcopy.tools import netns
 
 from e2e_support import HERE, PYTHON, source_argv
 

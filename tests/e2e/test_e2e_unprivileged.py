@@ -57,8 +57,8 @@ PROBE_TIMEOUT = 20.0  #: seconds for one interpreter/import probe
 DEMO_TIMEOUT = 45.0  #: seconds for the whole demo run (it takes a few seconds)
 RUNTIME_MODULES = ("cffi", "_cffi_backend", "msgpack", "uvloop")  #: what the demo imports outside the stdlib
 #: modules the demo's three kinds of process import, checked as ``nobody`` before the run
-PROBED_MODULES = ("aiopostcopy.uffd", "aiopostcopy.demo", "aiopostcopy.cli", "aiopostcopy.source",
-                  "aiopostcopy.workload", "aiopostcopy.uffd._uffd", "_cffi_backend", "msgpack", "uvloop")
+PROBED_MODULES = ("aiopostcopy.uffd", "aiopostcopy.tools.demo", "aiopostcopy.cli", "aiopostcopy.source",
+                  "aiopostcopy.tools.workload", "aiopostcopy.uffd._uffd", "_cffi_backend", "msgpack", "uvloop")
 
 
 # ----------------------------------------------------------------------------- running as nobody

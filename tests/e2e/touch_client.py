@@ -37,7 +37,7 @@ import time
 
 from aiopostcopy.client import Client, name_native_thread
 from aiopostcopy.messages import ClientMode
-from aiopostcopy.pattern import COUNTER_BYTES, verify_block
+from aiopostcopy.tools.pattern import COUNTER_BYTES, verify_block
 
 
 def emit(**fields: object) -> None:

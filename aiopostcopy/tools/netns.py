@@ -35,7 +35,7 @@ real link rather than loopback.  :class:`LinkPair` builds one with iproute2
   explicit :meth:`~LinkPair.close` (idempotent), at interpreter exit
   (``atexit``), and when construction fails half-way.  A process killed by
   SIGKILL cannot clean up: :func:`sweep_stale` (or
-  ``python -m aiopostcopy.netns sweep``) deletes pairs whose creating PID is
+  ``python -m aiopostcopy.tools.netns sweep``) deletes pairs whose creating PID is
   gone.
 
 Only loopback and these namespaces ever carry traffic.
@@ -58,7 +58,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from aiopostcopy.errors import ClosedError
+from aiopostcopy.errors import ClosedError, NetnsError
 
 __all__ = [
     "DEFAULT_RATE",
@@ -111,22 +111,6 @@ _RATE_UNITS = {
     "bps": 8, "kbps": 8 * 10**3, "mbps": 8 * 10**6, "gbps": 8 * 10**9, "tbps": 8 * 10**12,
 }
 _OPEN: "set[LinkPair]" = set()
-
-
-class NetnsError(RuntimeError):
-    """An ``ip``/``tc`` command failed.
-
-    Attributes:
-        argv: The command that failed.
-        returncode: Its exit status (None if it timed out or could not start).
-        stderr: What it printed on stderr, stripped.
-    """
-
-    def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str) -> None:
-        self.argv = list(argv)
-        self.returncode = returncode
-        self.stderr = stderr
-        super().__init__(f"{' '.join(self.argv)!s} failed ({returncode}): {stderr}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -696,7 +680,7 @@ class LinkPair:
 
 
 def _main(argv: Sequence[str]) -> int:
-    """``python -m aiopostcopy.netns [check|list|sweep]``.
+    """``python -m aiopostcopy.tools.netns [check|list|sweep]``.
 
     Args:
         argv: Command-line arguments after the program name.
@@ -715,7 +699,7 @@ def _main(argv: Sequence[str]) -> int:
     if cmd == "sweep":
         print("\n".join(sweep_stale()))
         return 0
-    print("usage: python -m aiopostcopy.netns [check|list|sweep]", file=sys.stderr)
+    print("usage: python -m aiopostcopy.tools.netns [check|list|sweep]", file=sys.stderr)
     return 2
 
 

@@ -1,7 +1,7 @@
 """``python -m aiopostcopy demo``: a whole postcopy migration on this host.
 
 1. Make a source image (default 256 MiB) in a private directory under
-   /dev/shm with a per-page pattern (see :mod:`aiopostcopy.pattern`; about one
+   /dev/shm with a per-page pattern (see :mod:`aiopostcopy.tools.pattern`; about one
    page in seven is a zero page).
 2. Start a source process on loopback serving that image.
 3. Start client processes (default 4, two threads each; delegated and
@@ -40,8 +40,8 @@ from typing import Any
 from aiopostcopy.core.config import DestinationConfig
 from aiopostcopy.errors import PostcopyError
 from aiopostcopy.loop import DestinationOptions, PostcopyDestination
-from aiopostcopy.pattern import fill, verify_block
-from aiopostcopy.progress import ProgressLine
+from aiopostcopy.tools.pattern import fill, verify_block
+from aiopostcopy.tools.progress import ProgressLine
 
 __all__ = ["add_demo_arguments", "demo_main", "percentiles"]
 
@@ -149,7 +149,7 @@ async def _start_source(image: str, procs: list) -> tuple[asyncio.subprocess.Pro
 async def _start_client(args: argparse.Namespace, path: str, index: int, procs: list) -> asyncio.subprocess.Process:
     mode = args.mode if args.mode != "mixed" else ("delegated", "self-served")[index % 2]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "aiopostcopy.workload", "--socket", path, "--threads", str(args.threads),
+        sys.executable, "-m", "aiopostcopy.tools.workload", "--socket", path, "--threads", str(args.threads),
         "--mode", mode, "--workload", args.workload, "--touches", str(args.touches), "--seed", str(args.seed),
         "--name", f"demo-client-{index}", "--raw-latencies", "--json", "-", "--wait-socket", "60",
         "--ready", stdout=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent)

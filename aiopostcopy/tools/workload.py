@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-``python -m aiopostcopy.workload --socket PATH ...`` joins a destination
+``python -m aiopostcopy.tools.workload --socket PATH ...`` joins a destination
 service with :class:`~aiopostcopy.client.Client`, then starts ``--threads``
 touching threads (named ``touch-<slot>`` in Python and in /proc, so the
 service can report them).  Each thread touches ``--touches`` pages over all
@@ -29,11 +29,11 @@ a workload already running on the destination host would.
 With ``--counters`` (the kernel selftests' stress run) a touch instead
 increments the thread's own 8-byte little-endian counter at offset
 ``8 * slot`` of the page, ``slot = --slot-base + thread index`` (< 64, see
-:data:`~aiopostcopy.pattern.COUNTER_SLOTS`), and the thread tallies its
+:data:`~aiopostcopy.tools.pattern.COUNTER_SLOTS`), and the thread tallies its
 increments per (block, page).
 
 After End the worker checks every page of every block against
-:mod:`aiopostcopy.pattern` (counter areas ignored), and with ``--counters``
+:mod:`aiopostcopy.tools.pattern` (counter areas ignored), and with ``--counters``
 every counter slot of its threads against their tallies, then prints one JSON
 object (see :func:`report`).  Exit status: 0 only if the migration completed
 and everything verified; 1 if a check failed; 2 if the run could not finish
@@ -57,7 +57,7 @@ from aiopostcopy import trace
 from aiopostcopy.client import Client, name_native_thread
 from aiopostcopy.errors import PostcopyError
 from aiopostcopy.messages import ClientMode
-from aiopostcopy.pattern import COUNTER_BYTES, COUNTER_SLOTS, check_page, verify_block
+from aiopostcopy.tools.pattern import COUNTER_BYTES, COUNTER_SLOTS, check_page, verify_block
 
 __all__ = ["main", "parse_args", "Toucher", "report", "summarize"]
 
@@ -66,7 +66,7 @@ _MAX_LISTED = 50  #: bad pages / counter mismatches listed in the report
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m aiopostcopy.workload", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m aiopostcopy.tools.workload", description=__doc__.split("\n")[0])
     parser.add_argument("--socket", required=True, help="the service's Unix control socket")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mode", choices=[m.value for m in ClientMode], default=ClientMode.DELEGATED.value)

@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 
 from aiopostcopy.core.commands import Place, PlaceZero
 from aiopostcopy.errors import InternalError, PageExistsError, UffdError, UffdRetry
-from aiopostcopy.memory import BlockMemory, Staging
+from aiopostcopy.destination.memory import BlockMemory, Staging
 from aiopostcopy.uffd import Userfaultfd
 
 __all__ = ["BackgroundPlacer", "Placement", "PlacementDone"]
