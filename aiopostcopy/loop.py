@@ -51,7 +51,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiopostcopy import trace
-from aiopostcopy.destination.clients import ClientRegistry
+from aiopostcopy.destination.clients import ClientRegistry, ServicePort
 from aiopostcopy.core.ramblock import BlockTable
 from aiopostcopy.core.commands import (
     Abort,
@@ -130,11 +130,8 @@ class PostcopyDestination:
         self._clients: ClientRegistry | None = None
         self._hello: asyncio.Future[Hello] = self._loop.create_future()
         self._done: asyncio.Future[DestinationReport] = self._loop.create_future()
-        self._source = SourceChannels(
-            self._loop, options.source, reconnect_interval=options.reconnect_interval,
-            deadline=options.source_deadline, hello=self._hello, done=self._done,
-            on_message=self._on_source_message, payload_sink=self._payload_sink, on_open=self._channel_opened,
-            on_drop=self._channels_dropped, on_reconnect=self._schedule_pass, fail=self._fail)
+        self._source = SourceChannels(self._loop, options.source, _ChannelSink(self),
+                                      reconnect_interval=options.reconnect_interval, deadline=options.source_deadline)
         self._pass_pending = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
@@ -159,7 +156,10 @@ class PostcopyDestination:
         except OSError as exc:
             raise SourceLostError(f"cannot reach source {self.options.source!r}: {exc}") from exc
         if self.options.control_path is not None:
-            self._clients = ClientRegistry(self, self.options.control_path)
+            assert self._memory is not None
+            port = ServicePort(session_id=self.session_id, session=self._session, memory=self._memory,
+                               read_faults=self.read_faults, schedule_pass=self._schedule_pass)
+            self._clients = ClientRegistry(port, self.options.control_path)
         self._schedule_pass()
 
     async def __aenter__(self) -> "PostcopyDestination":
@@ -210,7 +210,7 @@ class PostcopyDestination:
 
     def statistics(self) -> DestinationReport:
         """A live snapshot of the migration's figures."""
-        return build_report(self, final=False)
+        return self._build_report(final=False)
 
     def on_progress(self, callback: Callable[[DestinationReport], None]) -> None:
         """Call ``callback`` with a statistics snapshot at most every 50 ms, and once at the end."""
@@ -245,14 +245,6 @@ class PostcopyDestination:
 
     # -- source channels -------------------------------------------------------
 
-    @property
-    def _channels(self) -> dict[Channel, FrameProtocol]:  # the report counts their bytes
-        return self._source.channels
-
-    @property
-    def _bytes_from_closed(self) -> int:
-        return self._source.bytes_from_closed
-
     def _channel_opened(self, channel: Channel, proto: FrameProtocol) -> None:
         """A channel to the source is up: hold it while every buffer is out, then say Hello."""
         if channel is Channel.BACKGROUND and self._placer is not None and not self._placer.has_free():
@@ -261,12 +253,23 @@ class PostcopyDestination:
 
     def _channels_dropped(self, channels: tuple[Channel, ...]) -> None:
         """The channels to the source were dropped: tell the session (a reconnect replaces both)."""
+        if self._done.done():
+            return
         if self._placer is not None:  # a payload cut short by the loss never becomes a message
             self._placer.give_back(self._receiving)
         self._receiving = None
         now = time.monotonic()
         for channel in channels:
             self._session.connection_lost(channel, now)
+
+    def _source_lost(self, error: SourceLostError) -> bool:
+        """Reconnect after a loss, unless the handshake never finished or the migration is over."""
+        if self._done.done():
+            return False
+        if not self._hello.done():
+            self._hello.set_exception(error)
+            return False
+        return True
 
     def _payload_sink(self, channel: Channel, header: Pages, nbytes: int) -> memoryview:
         """Where a Pages payload lands, once the session has checked its size against the run."""
@@ -492,11 +495,20 @@ class PostcopyDestination:
 
     # -- ending ----------------------------------------------------------------
 
+    def _build_report(self, *, final: bool) -> DestinationReport:
+        now = time.monotonic()
+        clients = self._clients.summaries() if self._clients is not None else ()
+        pids = {OWN_FD: os.getpid(), **{c["key"]: c["pid"] for c in clients}}
+        received = sum(p.bytes_received for p in self._source.channels.values()) + self._source.bytes_from_closed
+        return build_report(self._session.statistics(now), final=final, session_id=self.session_id,
+                            duration_s=max(now - self._started_at, 1e-9), bytes_received=received,
+                            block_names=[b.name for b in self.blocks], clients=clients, pids=pids)
+
     def _complete(self) -> None:
         if self._done.done():
             return
         self._source.close(farewell=Complete())
-        report = build_report(self, final=True)
+        report = self._build_report(final=True)
         self._report_progress(report)
         if self._clients is not None:
             self._clients.end_all(complete=True)
@@ -509,4 +521,21 @@ class PostcopyDestination:
         self._done.set_exception(exc)
         if self._clients is not None:
             self._clients.end_all(complete=False)
+        self._source.cancel_reconnect()
         self._source.drop()
+
+
+class _ChannelSink:
+    """The service's side of its :class:`SourceChannels` (a ``ChannelEvents``): bound methods, no extra call."""
+
+    __slots__ = ("channel_opened", "message_received", "payload_sink", "channels_dropped", "source_lost",
+                 "channels_restored", "source_failed")
+
+    def __init__(self, service: PostcopyDestination) -> None:
+        self.channel_opened = service._channel_opened
+        self.message_received = service._on_source_message
+        self.payload_sink = service._payload_sink
+        self.channels_dropped = service._channels_dropped
+        self.source_lost = service._source_lost
+        self.channels_restored = service._schedule_pass
+        self.source_failed = service._fail

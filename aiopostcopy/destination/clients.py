@@ -31,11 +31,14 @@ import itertools
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 from aiopostcopy.core.control import TRANSITIONS, ServiceControl, Side, version_reject
 from aiopostcopy.core.ramblock import MappingTable
 from aiopostcopy.core.commands import NotifyPlaced, UnknownFault
+from aiopostcopy.core.session import DestinationSession
+from aiopostcopy.destination.memory import BlockMemory
 from aiopostcopy.errors import MappingTableError, PostcopyError, ProtocolError, RemoteProtocolError, UffdError
 from aiopostcopy.messages import (
     Accept,
@@ -55,12 +58,28 @@ from aiopostcopy.messages import (
 from aiopostcopy.transport.fdstream import ControlChannel
 from aiopostcopy.uffd import ForkEvent, RemapEvent, Userfaultfd
 
-if TYPE_CHECKING:
-    from aiopostcopy.loop import PostcopyDestination
-
-__all__ = ["ClientRegistry", "ClientInfo"]
+__all__ = ["ClientRegistry", "ClientInfo", "ServicePort"]
 
 _FROM_CLIENT = frozenset({ClientHello, Register, ClientRequest, Bye, Error})
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ServicePort:
+    """All the registry may use of the service.
+
+    Attributes:
+        session_id: the migration's id, told to clients in Blocks.
+        session: the core session: clients' fds, requests and retirements go to it.
+        memory: the blocks (their fds go to clients; tables are checked against them).
+        read_faults: drain a userfaultfd's events into the session under a key.
+        schedule_pass: ask for one processing pass of the service.
+    """
+
+    session_id: str
+    session: DestinationSession
+    memory: BlockMemory
+    read_faults: Callable[[str, Userfaultfd], None]
+    schedule_pass: Callable[[], None]
 
 
 @dataclasses.dataclass(slots=True)
@@ -82,8 +101,9 @@ class ClientInfo:
 class ClientRegistry:
     """Accepts clients on ``path`` and keeps them apart from each other."""
 
-    def __init__(self, service: "PostcopyDestination", path: str) -> None:
-        self._service = service
+    def __init__(self, port: ServicePort, path: str) -> None:
+        self._port = port
+        self._session = port.session
         self._loop = asyncio.get_running_loop()
         self._clients: dict[str, ClientInfo] = {}
         self._retired: list[ClientInfo] = []
@@ -102,6 +122,11 @@ class ClientRegistry:
 
     def get(self, key: object) -> ClientInfo | None:
         return self._clients.get(key)  # type: ignore[arg-type]
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """One record per client, current and retired, for the report."""
+        return [{"key": c.key, "pid": c.pid, "name": c.name, "mode": c.mode.value if c.mode else None,
+                 "error": c.error} for c in self]
 
     # -- accepting ---------------------------------------------------------------
 
@@ -137,30 +162,30 @@ class ClientRegistry:
         if refusal is not None:
             self._reject(client, refusal.code, refusal.text)
             return
-        memory = self._service._memory
+        memory = self._port.memory
         infos = tuple(b.info for b in memory)
-        self._send(client, Blocks(session_id=self._service.session_id, blocks=infos), [b.shm.fd for b in memory])
+        self._send(client, Blocks(session_id=self._port.session_id, blocks=infos), [b.shm.fd for b in memory])
 
     def _on_register(self, client: ClientInfo, msg: Register) -> None:
-        if self._service._session.complete:
+        if self._session.complete:
             self._join_after_end(client, msg)
             return
         if client.mode is ClientMode.SELF_SERVED:
             if msg.mappings:
                 raise RemoteProtocolError("a self-served client sends no mapping table", code=ErrorCode.MAPPING.value)
-            self._service._session.add_self_served(client.key)
+            self._session.add_self_served(client.key)
             self._send(client, Accept())
             return
         (fd,) = client.channel.take_fds(1)
         uffd = Userfaultfd.adopt(fd)
         try:
-            table = MappingTable.build(self._service.blocks, msg.mappings)
+            table = MappingTable.build(self._port.memory.table, msg.mappings)
         except MappingTableError as exc:
             uffd.close()  # its process still holds its own copy: no thread is zero-filled
             self._reject(client, ErrorCode.MAPPING, str(exc))
             return
         client.uffd, client.table = uffd, table
-        self._service._session.add_fd(client.key, table)
+        self._session.add_fd(client.key, table)
         self._loop.add_reader(uffd.fd, self._on_uffd_readable, client)
         self._send(client, Accept())
         self._on_uffd_readable(client)  # faults may have queued before we watched the fd
@@ -173,8 +198,8 @@ class ClientRegistry:
         self._end(client, complete=True)
 
     def _on_request(self, client: ClientInfo, msg: ClientRequest) -> None:
-        self._service._session.client_request(client.key, msg.runs, time.monotonic())
-        self._service._schedule_pass()
+        self._session.client_request(client.key, msg.runs, time.monotonic())
+        self._port.schedule_pass()
 
     def _on_bye(self, client: ClientInfo, msg: Bye) -> None:
         self.retire(client, None)
@@ -188,7 +213,7 @@ class ClientRegistry:
         if client.uffd is None:
             return
         try:
-            self._service.read_faults(client.key, client.uffd)
+            self._port.read_faults(client.key, client.uffd)
         except UffdError as exc:
             self.retire(client, f"reading its userfaultfd failed: {exc}")
 
@@ -256,7 +281,7 @@ class ClientRegistry:
         self._retired.append(client)
         if client.uffd is not None:
             self._loop.remove_reader(client.uffd.fd)
-        self._service._session.retire(client.key, time.monotonic())
+        self._session.retire(client.key, time.monotonic())
         self._close_fds(client)
         if client.channel is not None:
             client.channel.close()

@@ -1,6 +1,7 @@
 """The destination's report: live statistics and the final summary.
 
-Built from the session's frozen statistics plus what only the service knows:
+Built (:func:`build_report`) from the session's frozen statistics plus what
+only the service knows, handed over explicitly:
 block names, client processes (pid, name, mode, why a client was retired),
 thread names from /proc (the seed asks that any thread blocked on guest
 memory be identified: a thread blocked while holding a lock blocks every
@@ -10,12 +11,10 @@ thread waiting for that lock), bytes received and wall-clock duration.
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-if TYPE_CHECKING:
-    from aiopostcopy.loop import PostcopyDestination
+from aiopostcopy.core.stats import DestinationStatistics
 
 __all__ = ["DestinationReport", "BlockedThread", "build_report"]
 
@@ -92,20 +91,27 @@ class DestinationReport:
         return "\n".join(lines)
 
 
-def build_report(service: "PostcopyDestination", *, final: bool) -> DestinationReport:
-    """Snapshot ``service`` into a report."""
-    loop_now = time.monotonic()
-    stats = service._session.statistics(loop_now)
-    duration = max(loop_now - service._started_at, 1e-9)
-    received = sum(p.bytes_received for p in service._channels.values()) + service._bytes_from_closed
-    pids = _pids(service)
+def build_report(stats: DestinationStatistics, *, final: bool, session_id: str, duration_s: float,
+                 bytes_received: int, block_names: Sequence[str], clients: Sequence[dict[str, Any]],
+                 pids: Mapping[str, int | None]) -> DestinationReport:
+    """A report from the session's statistics and what only the service knows.
+
+    Args:
+        stats: the session's frozen statistics.
+        final: the migration is over (this is the last report).
+        duration_s: since the service started.
+        bytes_received: on every connection to the source, dropped ones included.
+        block_names: in block order.
+        clients: one summary per client (key, pid, name, mode, error).
+        pids: the process of each fd key (the service's own and every client's).
+    """
     hist = stats.latency
     return DestinationReport(
-        session_id=service.session_id,
+        session_id=session_id,
         final=final,
         complete=stats.complete,
         aborted=stats.aborted,
-        duration_s=duration,
+        duration_s=duration_s,
         pages_total=stats.pages_total,
         pages_placed=stats.pages_placed,
         pages_demand=stats.pages_demand,
@@ -119,27 +125,19 @@ def build_report(service: "PostcopyDestination", *, final: bool) -> DestinationR
         client_requests=stats.client_requests,
         requests_sent=stats.requests_sent,
         resumes=stats.resumes,
-        bytes_received=received,
-        goodput_gbps=received * 8 / duration / 1e9,
+        bytes_received=bytes_received,
+        goodput_gbps=bytes_received * 8 / duration_s / 1e9,
         service_latency_us={k: v * 1e6 for k, v in
                             (("p50", hist.p50), ("p90", hist.p90), ("p99", hist.p99), ("max", hist.max))},
         blocked_by_client_s={str(k): v for k, v in stats.blocked_by_fd.items()},
         blocked_threads=tuple(_threads(stats.blocked_by_thread, pids)),
-        faults_by_block=_by_block(service, stats.faults_by_block),
-        clients=tuple(_clients(service)),
+        faults_by_block={block_names[i] if i < len(block_names) else str(i): n
+                         for i, n in enumerate(stats.faults_by_block)},
+        clients=tuple(clients),
     )
 
 
-def _pids(service: "PostcopyDestination") -> dict[str, int | None]:
-    from aiopostcopy.loop import OWN_FD
-
-    pids: dict[str, int | None] = {OWN_FD: os.getpid()}
-    if service._clients is not None:
-        pids.update({c.key: c.pid for c in service._clients})
-    return pids
-
-
-def _threads(blocked: dict, pids: dict[str, int | None]):
+def _threads(blocked: dict, pids: Mapping[str, int | None]):
     for (key, tid), seconds in blocked.items():
         pid = pids.get(str(key))
         yield BlockedThread(client=str(key), pid=pid, tid=tid, name=_thread_name(pid, tid), blocked_s=seconds)
@@ -158,18 +156,6 @@ def _thread_name(pid: int | None, tid: int) -> str:
         return "?"
     _names[(pid, tid)] = name
     return name
-
-
-def _by_block(service: "PostcopyDestination", counts: tuple[int, ...]) -> dict[str, int]:
-    names = [b.name for b in service.blocks] if len(service.blocks) else []
-    return {names[i] if i < len(names) else str(i): n for i, n in enumerate(counts)}
-
-
-def _clients(service: "PostcopyDestination"):
-    if service._clients is None:
-        return
-    for c in service._clients:
-        yield {"key": c.key, "pid": c.pid, "name": c.name, "mode": c.mode.value if c.mode else None, "error": c.error}
 
 
 def remember_thread_name(pid: int | None, tid: int) -> None:
