@@ -116,8 +116,16 @@ class PostcopyDestination:
     Use :meth:`start` (or ``async with``), then :meth:`wait_complete`.
     """
 
-    def __init__(self, options: DestinationOptions) -> None:
+    def __init__(self, options: DestinationOptions, *,
+                 open_userfaultfd: Callable[[], Userfaultfd] | None = None) -> None:
+        """
+        Args:
+            options: where the source is and where memory goes.
+            open_userfaultfd: opens the service's own userfaultfd (default: a real one with
+                UFFD_FEATURE_THREAD_ID); tests pass an in-memory fake that keeps its contract.
+        """
         self.options = options
+        self._open_userfaultfd = open_userfaultfd or (lambda: Userfaultfd.open(Feature.THREAD_ID))
         self.session_id = options.session_id or uuid.uuid4().hex
         self._loop = asyncio.get_running_loop()
         self._session = DestinationSession(session_id=self.session_id, config=options.session)
@@ -360,7 +368,7 @@ class PostcopyDestination:
 
     def _open_own_uffd(self) -> None:
         assert self._memory is not None
-        self._uffd = Userfaultfd.open(Feature.THREAD_ID)
+        self._uffd = self._open_userfaultfd()
         for block in self._memory:
             ioctls = self._uffd.register(block.address, block.length, RegisterMode.MISSING)
             block.allow_zeropage(ioctls)
