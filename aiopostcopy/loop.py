@@ -166,7 +166,7 @@ class PostcopyDestination:
         if self.options.control_path is not None:
             assert self._memory is not None
             port = ServicePort(session_id=self.session_id, session=self._session, memory=self._memory,
-                               read_faults=self.read_faults, schedule_pass=self._schedule_pass)
+                               read_faults=self._serve_faults, schedule_pass=self._schedule_pass)
             self._clients = ClientRegistry(port, self.options.control_path)
         self._schedule_pass()
 
@@ -388,10 +388,16 @@ class PostcopyDestination:
 
     def _on_own_uffd_readable(self) -> None:
         assert self._uffd is not None
-        self.read_faults(OWN_FD, self._uffd)
+        self._serve_faults(OWN_FD, self._uffd)
 
-    def read_faults(self, key: object, uffd: Userfaultfd) -> None:
-        """Drain every queued event of ``uffd`` into the session (faults) and schedule a pass."""
+    def _serve_faults(self, key: str, uffd: Userfaultfd) -> None:
+        """A userfaultfd is readable: read its faults and run the pass in the same callback,
+        so the faults of this read batch go to the source coalesced, without a loop turn."""
+        self._read_faults(key, uffd)
+        self._pass()
+
+    def _read_faults(self, key: object, uffd: Userfaultfd) -> None:
+        """Drain every queued event of ``uffd`` into the session (faults); the caller runs or schedules the pass."""
         now = time.monotonic()
         while True:
             events = uffd.read_events(64)
@@ -404,7 +410,6 @@ class PostcopyDestination:
                     self._session.fault_received(key, event.address, event.thread_id, now)
                 elif self._clients is not None:
                     self._clients.non_cooperative_event(key, event)
-        self._schedule_pass()
 
     def _remember_thread(self, key: object, tid: int) -> None:
         """Read a faulting thread's name from /proc while it still exists."""
@@ -447,16 +452,19 @@ class PostcopyDestination:
             self._source.send(channel, msg)
 
     def _rearm_timer(self, now: float) -> None:
-        """Arm one timer for the session's next deadline (times are time.monotonic())."""
+        """Keep one timer armed no later than the session's next deadline (time.monotonic()).
+
+        Lazy: a timer already armed for an earlier time stays (it fires, finds
+        nothing due, and is armed again), so a fault's request does not cost a
+        cancel and a new timer each time.
+        """
         when = self._session.get_timer()
+        if when is None or (self._timer is not None and self._timer_when <= when):
+            return
         if self._timer is not None:
-            if when == self._timer_when:
-                return
             self._timer.cancel()
-            self._timer = None
-        if when is not None:
-            self._timer_when = when
-            self._timer = self._loop.call_later(max(when - now, 0.0), self._on_timer)
+        self._timer_when = when
+        self._timer = self._loop.call_later(max(when - now, 0.0), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = self._timer_when = None
@@ -492,7 +500,7 @@ class PostcopyDestination:
     def _place(self, command: Place | PlaceZero, staging: Staging | None, *, start: int = 0, existed: int = 0) -> None:
         assert self._placement is not None and self._uffd is not None
         uffd = self._uffd
-        existed += self._placement.place(command, staging, lambda: self.read_faults(OWN_FD, uffd), start=start)
+        existed += self._placement.place(command, staging, lambda: self._read_faults(OWN_FD, uffd), start=start)
         self._session.placed(command.block, command.first, command.count, time.monotonic(), existed_pages=existed)
 
     def _wake(self, command: Wake) -> None:
