@@ -33,7 +33,6 @@ from aiopostcopy.errors import LocalProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION",
-    "bounds_total",
     "Limits",
     "LIMITS",
     "Channel",
@@ -155,11 +154,6 @@ def _check_str(name: str, value: object, limit: int, *, empty: bool = False) -> 
         or not (value.isascii() or _encodable(value))
     ):
         raise _fail(f"{name} must be a UTF-8 string of {low}..{limit} characters, got {value!r:.80}")
-
-
-def bounds_total(bounds: tuple[int, ...] | list[int]) -> int:
-    """How many values flattened half-open bounds ``(start0, stop0, start1, stop1, ...)`` cover."""
-    return sum(bounds[1::2]) - sum(bounds[::2])
 
 
 def _check_bounds(bounds: object) -> int:
@@ -330,20 +324,14 @@ class Pages:
     def run(self) -> PageRun:
         return PageRun(block=self.block, first=self.first, count=self.count)
 
-    @property
-    def zero_pages(self) -> int:
-        """How many pages of the run are zero (not in the payload)."""
-        zeros = self.zeros
-        return bounds_total(self.zeros)
-
-    @property
-    def data_pages(self) -> int:
-        """How many pages of the run the payload carries."""
-        return self.count - self.zero_pages
-
 
 def _check_zeros(zeros: object, count: int) -> None:
-    """Pages.zeros: an even tuple of strictly increasing ints in [0, count), at least one data page left."""
+    """Pages.zeros: an even tuple of strictly increasing ints in [0, count], at least one data page left.
+
+    Only the shape is checked: strictly increasing bounds never touch, so they
+    cover every page exactly when they are ``(0, count)``.  (How many pages
+    they cover is the core's arithmetic, :func:`aiopostcopy.core.rangeset.bounds_total`.)
+    """
     if type(zeros) is not tuple or not zeros or len(zeros) % 2 or len(zeros) > 2 * LIMITS.max_zero_runs:
         raise _fail(f"pages: zeros must be an even-length tuple of at most {2 * LIMITS.max_zero_runs} bounds")
     if set(map(type, zeros)) != {int}:
@@ -352,7 +340,7 @@ def _check_zeros(zeros: object, count: int) -> None:
         raise _fail(f"pages: zeros bounds must lie in [0, {count}]")
     if not all(map(operator.lt, zeros, itertools.islice(zeros, 1, None))):
         raise _fail("pages: zeros bounds must be strictly increasing")
-    if bounds_total(zeros) >= count:
+    if zeros == (0, count):
         raise _fail("pages: every page is zero (send Zero instead)")
 
 

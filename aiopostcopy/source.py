@@ -34,6 +34,7 @@ from collections.abc import Mapping as MappingABC
 from functools import partial
 
 from aiopostcopy import trace
+from aiopostcopy.core.rangeset import bounds_total
 from aiopostcopy.core.source_session import SourceConfig, SourceSession
 from aiopostcopy.errors import BusyError, PostcopyError, RemoteProtocolError
 from aiopostcopy.messages import (
@@ -52,7 +53,6 @@ from aiopostcopy.messages import (
     Request,
     Resume,
     Zero,
-    bounds_total,
 )
 from aiopostcopy.transport.stream import FrameProtocol
 from aiopostcopy.transport.wire import encode, encode_pages_header

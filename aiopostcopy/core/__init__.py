@@ -5,9 +5,11 @@ transport; time arrives as ``now`` (seconds, any monotonic clock).  The loop
 (:mod:`aiopostcopy.loop`) feeds a :class:`DestinationSession` and carries out
 the commands it returns; the source server feeds a :class:`SourceSession`.
 
-Modules: ``ramblock`` (blocks, mapping tables), ``rangeset``, ``pages``
-(per-page state, one byte per page), ``waiters``, ``coalesce``, ``clients``,
-``inflight``, ``link``, ``commands``, ``config``, ``stats``, ``session``
+Modules: ``ramblock`` (blocks, mapping tables), ``rangeset`` (page runs and
+their arithmetic), ``pages`` (per-page state, one byte per page), ``waiters``,
+``wakeups`` (who waits, and how they are woken), ``coalesce``, ``inflight``,
+``link`` (the channels and the source's Hello), ``resume``, ``commands``,
+``config``, ``stats`` (counters and frozen records), ``session``
 (destination), ``source_session``.
 """
 

@@ -1,9 +1,11 @@
-"""The destination's two channels to the source: which are open, what to send, flow control.
+"""The destination's two channels to the source: the Hello that opens each, which are
+open, what to send, flow control.
 
 Theory of operation
 -------------------
 A channel is *open* from the source's Hello on it until the loop reports it
-lost.  Messages are queued with their channel and drained in order by the
+lost.  :func:`check_hello` holds the rules that Hello must meet (role,
+channel, version, session, and the same blocks on every reconnection).  Messages are queued with their channel and drained in order by the
 loop; when a channel is lost, what was queued for it is dropped (the
 session re-creates what matters: a Resume and the pending requests).
 
@@ -11,14 +13,50 @@ Background flow control: payload bytes that arrive on the background
 channel are counted; once ``ack_bytes`` have arrived an Ack for all of them
 is queued, so the source's window reopens.  The count restarts when the
 background channel is lost (the source resets its window on the new
-connection too).
+connection too).  :func:`ack_threshold` keeps ``ack_bytes`` at most half the
+window the source announced in its Hello, so a small window cannot stall the
+sweep.
 """
 
 from __future__ import annotations
 
 from aiopostcopy import messages as m
+from aiopostcopy.core.config import WINDOW_FEATURE
+from aiopostcopy.core.ramblock import BlockTable
+from aiopostcopy.errors import RemoteProtocolError
 
-__all__ = ["Link"]
+__all__ = ["Link", "check_hello", "ack_threshold"]
+
+
+def check_hello(channel: m.Channel, msg: m.Hello, session_id: str, *,
+                known: BlockTable | None) -> BlockTable:
+    """Check a source's Hello and return its block table.
+
+    Raises:
+        RemoteProtocolError: wrong role/channel/version/session, no blocks,
+            or blocks unlike before.
+    """
+    if msg.role is not m.Role.SOURCE or msg.channel is not channel:
+        raise RemoteProtocolError(f"expected the source's Hello for the {channel.value} channel")
+    if msg.version != m.PROTOCOL_VERSION:
+        raise RemoteProtocolError(f"protocol version {msg.version} not supported", code="version")
+    if msg.session_id != session_id:
+        raise RemoteProtocolError(f"session {msg.session_id!r} is not ours", code="session")
+    if not msg.blocks:
+        raise RemoteProtocolError("the source's Hello lists no blocks")
+    blocks = BlockTable.from_infos(msg.blocks)
+    if known is not None and blocks != known:
+        raise RemoteProtocolError("the source's block list differs from the one it sent before")
+    return blocks
+
+
+def ack_threshold(hello: m.Hello, ack_bytes: int) -> int:
+    """Ack after this many background bytes: ``ack_bytes``, but at most half the
+    window the source announced (feature ``background-window=<bytes>``)."""
+    for feature in hello.features:
+        if feature.startswith(WINDOW_FEATURE) and feature[len(WINDOW_FEATURE):].isdigit():
+            return max(1, min(ack_bytes, int(feature[len(WINDOW_FEATURE):]) // 2))
+    return ack_bytes
 
 
 class Link:

@@ -1,4 +1,4 @@
-"""A set of integers kept as sorted, merged, half-open ranges.
+"""Page runs: a set of integers kept as sorted, merged, half-open ranges, and run arithmetic.
 
 Theory of operation
 -------------------
@@ -14,16 +14,30 @@ Memory is two integers per run, never anything per member: the set of pages
 received from a 1 TiB block costs as little as its run count.
 
 Invariants: ``_bounds`` strictly increasing, even length.
+
+The same flattened bounds travel in messages (``Resume.received``,
+``Pages.zeros``), which check only their shape; the arithmetic on them lives
+here: :func:`bounds_total` (how many pages they cover) and :func:`clip_bounds`
+(cut them to a sub-run).  :func:`merge_runs` and :func:`chunks` shape lists of
+:class:`~aiopostcopy.messages.PageRun` for messages with a run limit.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
-from aiopostcopy.messages import bounds_total
+from aiopostcopy.messages import PageRun
 
-__all__ = ["RangeSet", "clip_bounds"]
+__all__ = ["RangeSet", "bounds_total", "clip_bounds", "merge_runs", "chunks"]
+
+T = TypeVar("T")
+
+
+def bounds_total(bounds: tuple[int, ...] | list[int]) -> int:
+    """How many values flattened half-open bounds ``(start0, stop0, start1, stop1, ...)`` cover."""
+    return sum(bounds[1::2]) - sum(bounds[::2])
 
 
 class RangeSet:
@@ -182,3 +196,22 @@ def clip_bounds(bounds: tuple[int, ...], start: int, stop: int) -> tuple[int, tu
         inside += (max(low, start) - start, min(high, stop) - start)
     return before, tuple(inside)
 
+
+
+def merge_runs(runs: Iterable[PageRun]) -> tuple[PageRun, ...]:
+    """Sort runs and merge those that overlap or touch."""
+    merged: list[list[int]] = []
+    for run in sorted(runs, key=lambda run: (run.block, run.first)):
+        last = merged[-1] if merged else None
+        if last is not None and last[0] == run.block and run.first <= last[2]:
+            last[2] = max(last[2], run.stop)
+        else:
+            merged.append([run.block, run.first, run.stop])
+    return tuple(PageRun(block=block, first=first, count=stop - first)
+                 for block, first, stop in merged)
+
+
+def chunks(items: list[T], size: int) -> Iterator[tuple[T, ...]]:
+    """Consecutive tuples of at most ``size`` items (e.g. runs per message)."""
+    for start in range(0, len(items), size):
+        yield tuple(items[start:start + size])

@@ -37,20 +37,19 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 
 from aiopostcopy import messages as m
-from aiopostcopy.core.clients import Clients
 from aiopostcopy.core.coalesce import Coalescer
 from aiopostcopy.core.commands import (Abort, Command, DiscardPages, MigrationComplete,  # noqa: F401
                                        NotifyPlaced, Place, PlaceZero, UnknownFault, Wake)
 # (the command classes are importable from here too; their home is core.commands)
 from aiopostcopy.core.config import DestinationConfig
 from aiopostcopy.core.inflight import InFlight
-from aiopostcopy.core.link import Link
+from aiopostcopy.core.link import Link, ack_threshold, check_hello
 from aiopostcopy.core.pages import MISSING, PLACED, PLACING, REQUESTED, PageStates
 from aiopostcopy.core.ramblock import BlockTable, MappingTable
-from aiopostcopy.core.rangeset import RangeSet, clip_bounds
-from aiopostcopy.core.session_parts import (Counters, ack_threshold, check_hello, chunks,
-                                            requested_runs, resume_for)
-from aiopostcopy.core.stats import DestinationStatistics
+from aiopostcopy.core.rangeset import RangeSet, bounds_total, chunks, clip_bounds
+from aiopostcopy.core.resume import requested_runs, resume_for
+from aiopostcopy.core.stats import Counters, DestinationStatistics
+from aiopostcopy.core.wakeups import Wakeups
 from aiopostcopy.errors import InternalError, LocalProtocolError, RemoteProtocolError
 
 __all__ = ["DestinationConfig", "DestinationSession"]
@@ -58,6 +57,11 @@ __all__ = ["DestinationConfig", "DestinationSession"]
 URGENT, BACKGROUND = m.Channel.URGENT, m.Channel.BACKGROUND
 _NEEDED = frozenset({MISSING, REQUESTED})
 _ONLY = {state: frozenset({state}) for state in (MISSING, REQUESTED, PLACED, PLACING)}
+
+
+def _data_pages(msg: m.Pages) -> int:
+    """Pages of the run the payload carries (the others are named in ``zeros``)."""
+    return msg.count - bounds_total(msg.zeros) if msg.zeros else msg.count
 
 
 class DestinationSession:
@@ -73,7 +77,7 @@ class DestinationSession:
         self.config = config if config is not None else DestinationConfig()
         self.blocks: BlockTable | None = None
         self._states: list[PageStates] = []
-        self._clients: Clients | None = None
+        self._wakeups: Wakeups | None = None
         self._deferred: list[RangeSet] = []  # discards of pages being placed
         self._link = Link(self.config.ack_bytes)
         self._coalescer = Coalescer(self.config.max_run_pages, self.config.max_in_flight_pages,
@@ -147,7 +151,7 @@ class DestinationSession:
     def _define_blocks(self, blocks: BlockTable) -> None:
         self.blocks = blocks
         self._states = [PageStates(block.pages, block.page_size) for block in blocks]
-        self._clients = Clients(blocks, self._count)
+        self._wakeups = Wakeups(blocks, self._count)
         self._deferred = [RangeSet() for _ in blocks]
         self._total = blocks.total_pages
         self._count.faults_by_block = [0] * len(blocks)
@@ -166,8 +170,8 @@ class DestinationSession:
         if self.blocks is None:
             raise RemoteProtocolError("pages before the source's Hello")
         states = self._check_run(msg.block, msg.first, msg.count)
-        if nbytes != msg.data_pages * states.page_size:
-            raise RemoteProtocolError(f"pages: {nbytes} bytes of payload for {msg.data_pages} data pages "
+        if nbytes != _data_pages(msg) * states.page_size:
+            raise RemoteProtocolError(f"pages: {nbytes} bytes of payload for {_data_pages(msg)} data pages "
                                       f"of {states.page_size} bytes", code=m.ErrorCode.BLOCK.value)
 
     def _on_data(self, channel: m.Channel, msg: m.Pages | m.Zero, now: float) -> None:
@@ -180,7 +184,7 @@ class DestinationSession:
             if msg.data is not None:
                 self.check_payload(msg, len(msg.data))
             if channel is BACKGROUND:
-                self._link.background_bytes(msg.data_pages * states.page_size)
+                self._link.background_bytes(_data_pages(msg) * states.page_size)
         for start, stop in states.runs(first, count, _NEEDED):
             n = stop - start
             before = states.mark(start, n, PLACING)
@@ -191,7 +195,7 @@ class DestinationSession:
                 self._commands.append(PlaceZero(block, start, n))
                 continue
             skipped, inside = clip_bounds(zeros, start - first, stop - first) if zeros else (0, ())
-            zero_pages = m.bounds_total(inside)
+            zero_pages = bounds_total(inside)
             demand = min(before[REQUESTED], n - zero_pages) if channel is URGENT else 0
             self._count.pages_zero += zero_pages
             self._count.pages_demand += demand
@@ -229,10 +233,10 @@ class DestinationSession:
 
     # ------------------------------------------------------------ fds, clients and faults
 
-    def _registry(self) -> Clients:
-        if self._clients is None:
+    def _registry(self) -> Wakeups:
+        if self._wakeups is None:
             raise LocalProtocolError("no blocks yet: wait for the source's Hello")
-        return self._clients
+        return self._wakeups
 
     def add_fd(self, key: Hashable, table: MappingTable, *, woken_by_copy: bool = False) -> None:
         """Serve userfaultfd ``key`` (any hashable), whose faults ``table`` translates.
@@ -256,8 +260,8 @@ class DestinationSession:
     def retire(self, key: Hashable, now: float) -> None:
         """Forget an fd or client going away (stop reading its faults first): its
         waiters are dropped, never woken; unknown keys are ignored."""
-        if self._clients is not None:
-            self._clients.retire(key, now)
+        if self._wakeups is not None:
+            self._wakeups.retire(key, now)
 
     def fault_received(self, key: Hashable, address: int, thread_id: int, now: float) -> None:
         """Handle one fault read from delegated fd ``key``.
@@ -265,15 +269,15 @@ class DestinationSession:
         Raises:
             LocalProtocolError: ``key`` is not a registered delegated fd.
         """
-        clients = self._registry()
-        found = clients.fault(key, address, thread_id, now)
+        wakeups = self._registry()
+        found = wakeups.fault(key, address, thread_id, now)
         if found is None:
             return self._commands.append(UnknownFault(key, address, thread_id))
         waiter, joined = found
         state = self._states[waiter.block][waiter.page]
         if state == PLACED:
             self._count.faults_already_placed += 1
-            self._commands.extend(clients.release(waiter.block, waiter.page, 1, now, force=True))
+            self._commands.extend(wakeups.release(waiter.block, waiter.page, 1, now, force=True))
         elif state != MISSING:
             self._count.faults_joined += 1
         elif not joined:
@@ -304,15 +308,15 @@ class DestinationSession:
         """
         self._states[block].mark(first, count, PLACED)
         self._placed += count
-        clients: Clients = self._clients  # type: ignore[assignment]  (set with the blocks)
+        wakeups: Wakeups = self._wakeups  # type: ignore[assignment]  (set with the blocks)
         if not self._deferred[block]:
-            self._commands.extend(clients.release(block, first, count, now, force=existed_pages > 0))
+            self._commands.extend(wakeups.release(block, first, count, now, force=existed_pages > 0))
         else:  # discarded while placing: drop those now and wake nobody for them
             kept = self._deferred[block].gaps(first, first + count)
             self._discard(block, self._deferred[block].intersection(first, first + count))
             self._deferred[block].subtract(first, first + count)
             for start, stop in kept:
-                self._commands.extend(clients.release(block, start, stop - start, now,
+                self._commands.extend(wakeups.release(block, start, stop - start, now,
                                                       force=existed_pages > 0))
         if not self._complete and self._placed == self._total:
             self._complete = True
@@ -409,9 +413,9 @@ class DestinationSession:
 
     def statistics(self, now: float | None = None) -> DestinationStatistics:
         """A frozen snapshot; with ``now``, threads still blocked count their time so far."""
-        clients = self._clients
-        blocked = list(clients.waiting()) if clients is not None and now is not None else []
+        wakeups = self._wakeups
+        blocked = list(wakeups.waiting()) if wakeups is not None and now is not None else []
         return self._count.snapshot(
             still_blocked=blocked, now=now, pages_total=self._total, pages_placed=self._placed,
-            waiting=len(clients) if clients is not None else 0,
+            waiting=len(wakeups) if wakeups is not None else 0,
             complete=self._complete, aborted=self._aborted)

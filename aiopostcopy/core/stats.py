@@ -1,10 +1,13 @@
-"""Statistics records: frozen snapshots the sessions hand out, and the histogram.
+"""Statistics: the counters a session keeps, the frozen records it hands out, the histogram.
 
 Theory of operation
 -------------------
 Sessions count into plain mutable attributes while they run (cheap on the
 fault path) and build a frozen record when :meth:`statistics()` is asked for
-(trio's habit: a ``statistics()`` method returning a frozen record).
+(trio's habit: a ``statistics()`` method returning a frozen record).  The
+destination's counters are :class:`Counters`, frozen into
+:class:`DestinationStatistics` by :meth:`Counters.snapshot`; its methods
+update the few figures that move together (a fault, a wake, a blocked thread).
 
 Fault latency (fault seen -> wake issued) goes into a log-linear histogram
 of whole microseconds (HdrHistogram's layout, coarse): below 8 us one bucket
@@ -18,9 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
-__all__ = ["LatencyHistogram", "LatencyRecorder", "DestinationStatistics", "SourceStatistics"]
+if TYPE_CHECKING:
+    from aiopostcopy.core.waiters import RunPiece, Waiter
+    from aiopostcopy.messages import Channel
+
+__all__ = ["LatencyHistogram", "LatencyRecorder", "Counters", "DestinationStatistics", "SourceStatistics"]
 
 SUB = 8  #: buckets per power of two (and exact buckets below SUB us)
 _SUB_BITS = SUB.bit_length() - 1
@@ -185,6 +193,82 @@ class DestinationStatistics:
     resumes: int
     complete: bool
     aborted: str | None
+
+
+_PLAIN = ("pages_demand", "pages_background", "pages_zero", "pages_discarded", "pages_duplicate",
+          "pages_requested", "pages_re_requested", "requests_sent", "faults", "bad_faults",
+          "faults_joined", "faults_already_placed", "client_requests", "wakes", "woken",
+          "waiters_dropped", "resumes")
+
+
+@dataclasses.dataclass(slots=True)
+class Counters:
+    """Mutable counters of a destination session (see :class:`DestinationStatistics`)."""
+
+    pages_demand: int = 0
+    pages_background: int = 0
+    pages_zero: int = 0
+    pages_discarded: int = 0
+    pages_duplicate: int = 0
+    pages_requested: int = 0
+    pages_re_requested: int = 0
+    requests_sent: int = 0
+    faults: int = 0
+    bad_faults: int = 0
+    faults_joined: int = 0
+    faults_already_placed: int = 0
+    client_requests: int = 0
+    wakes: int = 0
+    woken: int = 0
+    waiters_dropped: int = 0
+    resumes: int = 0
+    faults_by_block: list[int] = dataclasses.field(default_factory=list)
+    latency: LatencyRecorder = dataclasses.field(default_factory=LatencyRecorder)
+    blocked_by_fd: dict[Hashable, float] = dataclasses.field(default_factory=dict)
+    blocked_by_thread: dict[tuple[Hashable, int], float] = dataclasses.field(default_factory=dict)
+    done_channels: set[Channel] = dataclasses.field(default_factory=set)
+
+    def fault(self, block: int) -> None:
+        """One fault on ``block`` translated."""
+        self.faults += 1
+        self.faults_by_block[block] += 1
+
+    def blocked(self, waiter: Waiter, now: float) -> None:
+        """Account the time ``waiter``'s thread was blocked, up to ``now``."""
+        seconds = max(now - waiter.since, 0.0)
+        self.blocked_by_fd[waiter.key] = self.blocked_by_fd.get(waiter.key, 0.0) + seconds
+        thread = (waiter.key, waiter.thread_id)
+        self.blocked_by_thread[thread] = self.blocked_by_thread.get(thread, 0.0) + seconds
+
+    def woken_waiter(self, waiter: Waiter, now: float) -> None:
+        """A waiter was woken at ``now`` (hot path: once per fault)."""
+        self.woken += 1
+        seconds = max(now - waiter.since, 0.0)
+        self.latency.record(seconds)
+        by_fd, by_thread = self.blocked_by_fd, self.blocked_by_thread
+        key, thread = waiter.key, (waiter.key, waiter.thread_id)
+        by_fd[key] = by_fd.get(key, 0.0) + seconds
+        by_thread[thread] = by_thread.get(thread, 0.0) + seconds
+
+    def run_woken(self, piece: RunPiece, now: float) -> None:
+        """A self-served client's wait (or part of it) was answered at ``now``."""
+        seconds = max(now - piece.since, 0.0)
+        self.blocked_by_fd[piece.key] = self.blocked_by_fd.get(piece.key, 0.0) + seconds
+
+    def snapshot(self, *, still_blocked: Iterable[Waiter], now: float | None,
+                 **fields: object) -> DestinationStatistics:
+        """Freeze into a :class:`DestinationStatistics`; ``fields`` fills the rest."""
+        by_fd, by_thread = dict(self.blocked_by_fd), dict(self.blocked_by_thread)
+        for waiter in still_blocked:
+            seconds = max((now or 0.0) - waiter.since, 0.0)
+            by_fd[waiter.key] = by_fd.get(waiter.key, 0.0) + seconds
+            thread = (waiter.key, waiter.thread_id)
+            by_thread[thread] = by_thread.get(thread, 0.0) + seconds
+        plain = {name: getattr(self, name) for name in _PLAIN}
+        return DestinationStatistics(
+            **plain, **fields, latency=self.latency.snapshot(),  # type: ignore[arg-type]
+            blocked_by_fd=by_fd, blocked_by_thread=by_thread,
+            faults_by_block=tuple(self.faults_by_block))
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

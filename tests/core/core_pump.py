@@ -68,6 +68,7 @@ class World:
             pipe.piece = piece
         self.loop_sends_resume = loop_sends_resume
         self.lost_since_resume = False
+        self.resumes_sent = 0  #: Resume messages put on the urgent channel, by the loop or the session
         self.in_flight_requests: set[tuple[int, int]] = set()
         self.discarded_any = False
         for channel in (URGENT, BACKGROUND):
@@ -91,8 +92,14 @@ class World:
         pipe.to_source += encode(self.dest.session.hello(channel))
         if channel is URGENT and self.loop_sends_resume and self.lost_since_resume:
             pipe.to_source += encode(self.dest.session.resume_message(self.now))
-            self.lost_since_resume = False
+            self.resume_sent()
         self.dest_send()
+
+    def resume_sent(self) -> None:
+        """One Resume went out: there must have been a loss since the last one."""
+        assert self.lost_since_resume, "a Resume without a channel lost since the previous one"
+        self.lost_since_resume = False
+        self.resumes_sent += 1
 
     def cut(self, channel: m.Channel) -> None:
         self.pipes[channel].cut()
@@ -102,6 +109,9 @@ class World:
 
     def dest_send(self) -> None:
         for channel, msg in self.dest.session.messages_to_send():
+            if type(msg) is m.Resume:
+                assert channel is URGENT, "a Resume on the background channel"
+                self.resume_sent()
             if type(msg) is m.Request and self.check_requests:
                 for run in msg.runs:
                     for page in range(run.first, run.stop):

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiopostcopy.core.rangeset import RangeSet, clip_bounds
+from aiopostcopy.core.rangeset import RangeSet, bounds_total, chunks, clip_bounds, merge_runs
+from aiopostcopy.messages import PageRun
 
 
 def test_add_merges_overlapping_and_adjacent() -> None:
@@ -124,3 +125,24 @@ def test_clip_bounds_agrees_with_a_set(points: list[int], start: int, length: in
     assert before == len({p for p in members if p < start})
     got = {start + p for low, high in zip(inside[::2], inside[1::2]) for p in range(low, high)}
     assert got == {p for p in members if start <= p < stop}
+
+
+def test_bounds_total_counts_the_values_covered() -> None:
+    assert bounds_total(()) == 0
+    assert bounds_total((1, 3, 6, 7)) == 3
+    assert bounds_total([0, 4096]) == 4096
+
+
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40), st.integers(1, 8)), max_size=30))
+def test_merge_runs_covers_the_same_pages_with_sorted_runs_that_never_touch(runs: list) -> None:
+    page_runs = [PageRun(block=b, first=f, count=c) for b, f, c in runs]
+    merged = merge_runs(page_runs)
+    pages = {(r.block, p) for r in page_runs for p in range(r.first, r.stop)}
+    assert {(r.block, p) for r in merged for p in range(r.first, r.stop)} == pages
+    for before, after in zip(merged, merged[1:]):
+        assert (before.block, before.stop) < (after.block, after.first)
+
+
+def test_chunks_cut_in_order_with_at_most_size_items() -> None:
+    assert list(chunks([1, 2, 3, 4, 5], 2)) == [(1, 2), (3, 4), (5,)]
+    assert list(chunks([], 3)) == []

@@ -354,11 +354,10 @@ def running_clients(dest: Any) -> int:
 
 def blocked_somewhere(dest: Any) -> int:
     """Faults and self-served requests the destination holds unanswered (test-only)."""
-    session = dest._session
-    clients = session._clients
-    if clients is None:
+    wakeups = dest._session._wakeups
+    if wakeups is None:
         return 0
-    return len(clients) + len(clients._runs)
+    return len(wakeups) + len(wakeups._runs)
 
 
 # ----------------------------------------------------------------------------- a pausable link

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -122,3 +123,28 @@ def test_missing_extension_says_how_to_build_it() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert "pip install ." in out.stdout
+
+
+def _protocol_names() -> tuple[set[str], dict[str, inspect.Signature]]:
+    constants = set(binding.UffdLib.__annotations__)
+    functions = {name: inspect.signature(value) for name, value in vars(binding.UffdLib).items()
+                 if not name.startswith("__") and inspect.isfunction(value)}
+    return constants, functions
+
+
+def test_the_typed_protocol_names_exactly_what_the_built_lib_has() -> None:
+    constants, functions = _protocol_names()
+    built = set(dir(lib))
+    assert not constants & set(functions)
+    assert sorted(built - constants - set(functions)) == [], "in the built lib, missing from UffdLib"
+    assert sorted((constants | set(functions)) - built) == [], "in UffdLib, missing from the built lib"
+
+
+def test_the_typed_protocol_takes_as_many_arguments_as_the_c_functions() -> None:
+    constants, functions = _protocol_names()
+    for name, signature in functions.items():
+        c_type = ffi.typeof(getattr(lib, name))
+        assert c_type.kind == "function", name
+        assert len(signature.parameters) - 1 == len(c_type.args), f"{name}: {signature} vs {c_type.cname}"
+    for name in constants:
+        assert type(getattr(lib, name)) is int, name

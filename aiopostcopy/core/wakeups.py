@@ -1,8 +1,8 @@
-"""The fds and clients a destination serves, who of them waits, and how to wake them.
+"""Who waits for pages, and how they are woken: the fds and self-served clients a destination serves.
 
 Theory of operation
 -------------------
-:class:`Clients` owns the registry of fault sources of one session:
+:class:`Wakeups` owns the registry of fault sources of one session:
 
 * *delegated* fds (the service's own userfaultfd and every client fd handed
   over), each with its :class:`~aiopostcopy.core.ramblock.MappingTable`; a
@@ -11,7 +11,7 @@ Theory of operation
 * *self-served* clients, which ask by page run and are told by
   :class:`~aiopostcopy.core.commands.NotifyPlaced`.
 
-:meth:`Clients.release` turns a placed run into commands: the run's waiters
+:meth:`Wakeups.release` turns a placed run into commands: the run's waiters
 are taken (each exactly once), merged into one Wake range list per fd, and
 the self-served pieces into one NotifyPlaced per client.  Waking the fd that
 UFFDIO_COPY placed through is left to the copy, unless the copy found pages
@@ -30,11 +30,12 @@ from aiopostcopy import messages as m
 from aiopostcopy.core.commands import Command, NotifyPlaced, Wake
 from aiopostcopy.core.pages import MISSING, PLACED, PLACING, REQUESTED, PageStates
 from aiopostcopy.core.ramblock import BlockTable, MappingTable
-from aiopostcopy.core.session_parts import Counters, chunks, merge_runs
+from aiopostcopy.core.rangeset import chunks, merge_runs
+from aiopostcopy.core.stats import Counters
 from aiopostcopy.core.waiters import RunPiece, RunWaiters, Waiter, Waiters
 from aiopostcopy.errors import LocalProtocolError
 
-__all__ = ["Clients", "notify_commands"]
+__all__ = ["Wakeups", "notify_commands"]
 
 _NOT_PLACED = frozenset({MISSING, REQUESTED, PLACING})
 _PLACED = frozenset({PLACED})
@@ -46,8 +47,8 @@ class _Fd:
     woken_by_copy: bool = False
 
 
-class Clients:
-    """Registered fds/clients and their waits.
+class Wakeups:
+    """Registered fds/clients, who of them waits for which page, and the commands that wake them.
 
     Args:
         blocks: the session's blocks.
