@@ -101,7 +101,7 @@ class Coalescer:
             return []
         runs: list[PageRun] = []
         leftover: list[tuple[int, int, int]] = []
-        for block, start, stop in _merged(self._queue):
+        for block, start, stop in _merged(self._queue) if len(self._queue) > 1 else self._queue:
             block_states = states[block]
             for low, high in block_states.missing_runs(start, min(stop, block_states.pages) - start):
                 budget = self._take(block_states, block, low, high, budget, runs, leftover)

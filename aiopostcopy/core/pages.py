@@ -140,7 +140,17 @@ class PageStates:
         stop = first + count
         if not 0 <= first < stop <= self.pages:
             raise InternalError(f"page run [{first}, {stop}) outside block of {self.pages} pages")
-        # Hot path (every fault and every arrival): one C count for a run in one state.
+        if count == 1:  # the hottest path: one faulted page, requested, placing, placed
+            head = self._states[first]
+            before = [0, 0, 0, 0]
+            before[head] = 1
+            if head not in TRANSITIONS[state]:
+                self._check(first, stop, before, state)
+            self._states[first] = state
+            self._counts[head] -= 1
+            self._counts[state] += 1
+            return before
+        # Hot path (every arrival of a run): one C count for a run in one state.
         segment = self._states[first:stop]
         before = [0, 0, 0, 0]
         head = segment[0]

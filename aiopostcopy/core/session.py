@@ -195,7 +195,7 @@ class DestinationSession:
                 self._commands.append(PlaceZero(block, start, n))
                 continue
             skipped, inside = clip_bounds(zeros, start - first, stop - first) if zeros else (0, ())
-            zero_pages = bounds_total(inside)
+            zero_pages = bounds_total(inside) if inside else 0
             demand = min(before[REQUESTED], n - zero_pages) if channel is URGENT else 0
             self._count.pages_zero += zero_pages
             self._count.pages_demand += demand
@@ -340,16 +340,22 @@ class DestinationSession:
 
     def flush(self, now: float) -> None:
         """End of a loop pass: queued faults become Requests; Ack background bytes."""
-        if URGENT in self._link.open and self._aborted is None:
+        if URGENT in self._link.open and self._aborted is None and self._coalescer.queued:
             runs = self._coalescer.flush(self._states)
-            self._count.pages_requested += sum(run.count for run in runs)
-            self._send_requests(runs, now)
+            if runs:
+                self._count.pages_requested += sum(run.count for run in runs)
+                self._send_requests(runs, now)
         self._link.ack_if_due()
 
     def _send_requests(self, runs: list[m.PageRun], now: float) -> None:
-        for chunk in chunks(runs, m.LIMITS.max_runs):
-            self._link.send(URGENT, m.Request(runs=chunk))
-            self._count.requests_sent += 1
+        if len(runs) <= m.LIMITS.max_runs:  # the usual case: one Request
+            if runs:
+                self._link.send(URGENT, m.Request(runs=tuple(runs)))
+                self._count.requests_sent += 1
+        else:
+            for chunk in chunks(runs, m.LIMITS.max_runs):
+                self._link.send(URGENT, m.Request(runs=chunk))
+                self._count.requests_sent += 1
         self._in_flight.sent(runs, now)
 
     def connection_lost(self, channel: m.Channel, now: float) -> None:

@@ -163,6 +163,13 @@ class Wakeups:
     def _wake(self, taken: list[Waiter], now: float, force: bool) -> list[Command]:
         if not taken:
             return []
+        if len(taken) == 1:  # one blocked thread: the usual fault
+            waiter = taken[0]
+            self._count.woken_waiter(waiter, now)
+            if not force and self._fds[waiter.key].woken_by_copy:
+                return []
+            self._count.wakes += 1
+            return [Wake(waiter.key, waiter.address, self.blocks[waiter.block].page_size)]
         for waiter in taken:
             self._count.woken_waiter(waiter, now)
         fds = self._fds
