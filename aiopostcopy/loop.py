@@ -301,7 +301,8 @@ class PostcopyDestination:
             trace.mark("woken", msg.block, msg.first)
         else:
             self._run_commands(self._staging)
-        self._schedule_pass()
+        if channel is Channel.BACKGROUND or self._session.pass_due:  # an urgent reply seldom leaves work
+            self._schedule_pass()
 
     def _hand_over(self, msg: Message) -> None:
         """Send a background message's placements to the placement thread; the rest runs here."""
@@ -454,10 +455,15 @@ class PostcopyDestination:
     def _rearm_timer(self, now: float) -> None:
         """Keep one timer armed no later than the session's next deadline (time.monotonic()).
 
-        Lazy: a timer already armed for an earlier time stays (it fires, finds
-        nothing due, and is armed again), so a fault's request does not cost a
-        cancel and a new timer each time.
+        Lazy: a timer armed no later than ``now + request_timeout`` stays and
+        nothing is computed, since every deadline made from now on (a request
+        sent now, a Resume) falls at or after that.  It fires, the session
+        handles what is due, and the timer is armed for the next deadline.  So
+        a fault's request costs no cancel, no new timer and no deadline search.
         """
+        timeout = self.options.session.request_timeout
+        if self._timer is not None and (timeout is None or self._timer_when <= now + timeout):
+            return  # a request sent from now on is due no earlier than now + timeout
         when = self._session.get_timer()
         if when is None or (self._timer is not None and self._timer_when <= when):
             return

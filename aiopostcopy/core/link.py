@@ -106,6 +106,11 @@ class Link:
         """Payload bytes arrived on the background channel."""
         self._unacked += nbytes
 
+    @property
+    def pending(self) -> bool:
+        """Messages are queued, or an Ack is due."""
+        return bool(self._queue) or (self._unacked >= self.ack_bytes and m.Channel.BACKGROUND in self.open)
+
     def ack_if_due(self) -> None:
         """Queue an Ack when enough background bytes arrived and the channel is open."""
         if self._unacked >= self.ack_bytes and m.Channel.BACKGROUND in self.open:

@@ -338,6 +338,12 @@ class DestinationSession:
 
     # ------------------------------------------------------------ pass, timer, reconnection
 
+    @property
+    def pass_due(self) -> bool:
+        """:meth:`flush` or :meth:`messages_to_send` has work: faults or runs queued,
+        messages queued, or an Ack due.  (Commands are taken as they come.)"""
+        return bool(self._coalescer.queued) or self._link.pending
+
     def flush(self, now: float) -> None:
         """End of a loop pass: queued faults become Requests; Ack background bytes."""
         if URGENT in self._link.open and self._aborted is None and self._coalescer.queued:
