@@ -99,6 +99,8 @@ class DestinationOptions:
         reconnect_interval: seconds between attempts after the source is lost.
         source_deadline: seconds the source may stay unreachable before the
             migration is aborted (None: wait for an explicit abort).
+        vhost_user: Unix socket paths of vhost-user back-ends to attach as
+            postcopy clients (docs/vhost-user.md).
     """
 
     source: tuple[str, int] | str
@@ -108,6 +110,7 @@ class DestinationOptions:
     session: DestinationConfig = dataclasses.field(default_factory=DestinationConfig)
     reconnect_interval: float = 0.1
     source_deadline: float | None = 60.0
+    vhost_user: tuple[str, ...] = ()
 
 
 class PostcopyDestination:
@@ -128,6 +131,7 @@ class PostcopyDestination:
         self._memory: BlockMemory | None = None
         self._uffd: Userfaultfd | None = None
         self._clients: ClientRegistry | None = None
+        self._vhost_user: list = []  # VhostUserFrontEnd, one per back-end
         self._hello: asyncio.Future[Hello] = self._loop.create_future()
         self._done: asyncio.Future[DestinationReport] = self._loop.create_future()
         self._source = SourceChannels(
@@ -158,9 +162,15 @@ class PostcopyDestination:
             await self._hello
         except OSError as exc:
             raise SourceLostError(f"cannot reach source {self.options.source!r}: {exc}") from exc
-        if self.options.control_path is not None:
+        if self.options.control_path is not None or self.options.vhost_user:
             self._clients = ClientRegistry(self, self.options.control_path)
         self._schedule_pass()
+        if self.options.vhost_user:
+            from aiopostcopy.destination.vhost_user import VhostUserFrontEnd
+
+            for path in self.options.vhost_user:  # the fault loop serves them while they set up
+                self._vhost_user.append(front_end := VhostUserFrontEnd(self, path))
+                await front_end.start()
 
     async def __aenter__(self) -> "PostcopyDestination":
         await self.start()
@@ -225,6 +235,8 @@ class PostcopyDestination:
             self._fail(MigrationAborted("destination closed before completion"))
             self._done.exception()  # retrieved here: closing early is not an error to log
         await self._source.stop_reconnecting()
+        for front_end in self._vhost_user:
+            front_end.close()
         if self._clients is not None:
             self._clients.close(complete=self._session.complete)
         self._source.close()

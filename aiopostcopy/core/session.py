@@ -270,6 +270,7 @@ class DestinationSession:
         if found is None:
             return self._commands.append(UnknownFault(key, address, thread_id))
         waiter, joined = found
+        self._count.faults_by_fd[key] = self._count.faults_by_fd.get(key, 0) + 1
         state = self._states[waiter.block][waiter.page]
         if state == PLACED:
             self._count.faults_already_placed += 1

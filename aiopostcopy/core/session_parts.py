@@ -63,6 +63,7 @@ class Counters:
     faults_by_block: list[int] = dataclasses.field(default_factory=list)
     latency: LatencyRecorder = dataclasses.field(default_factory=LatencyRecorder)
     blocked_by_fd: dict[Hashable, float] = dataclasses.field(default_factory=dict)
+    faults_by_fd: dict[Hashable, int] = dataclasses.field(default_factory=dict)
     blocked_by_thread: dict[tuple[Hashable, int], float] = dataclasses.field(default_factory=dict)
     done_channels: set[m.Channel] = dataclasses.field(default_factory=set)
 
@@ -105,7 +106,7 @@ class Counters:
         plain = {name: getattr(self, name) for name in _PLAIN}
         return DestinationStatistics(
             **plain, **fields, latency=self.latency.snapshot(),  # type: ignore[arg-type]
-            blocked_by_fd=by_fd, blocked_by_thread=by_thread,
+            blocked_by_fd=by_fd, blocked_by_thread=by_thread, faults_by_fd=dict(self.faults_by_fd),
             faults_by_block=tuple(self.faults_by_block))
 
 

@@ -152,6 +152,7 @@ class DestinationStatistics:
         waiting: waiters still blocked.
         latency: fault seen -> woken histogram (delegated fds).
         blocked_by_fd: seconds blocked, summed per fd key.
+        faults_by_fd: faults translated, per fd key.
         blocked_by_thread: seconds blocked, per ``(fd key, thread id)``.
         faults_by_block: faults per block index.
         resumes: Resume messages sent after a reconnection.
@@ -180,6 +181,7 @@ class DestinationStatistics:
     waiting: int
     latency: LatencyHistogram
     blocked_by_fd: Mapping[Hashable, float]
+    faults_by_fd: Mapping[Hashable, int]
     blocked_by_thread: Mapping[tuple[Hashable, int], float]
     faults_by_block: tuple[int, ...]
     resumes: int
