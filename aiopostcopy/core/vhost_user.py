@@ -43,7 +43,7 @@ from aiopostcopy.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "Request", "ProtocolFeature", "VhostFeature", "MemoryRegion", "Virtqueue", "Reply", "Step",
-    "Decoder", "FrontEndConversation", "encode", "HEADER_SIZE", "MAX_PAYLOAD", "MAX_FDS",
+    "Decoder", "FrontEndConversation", "Phase", "Answer", "encode", "HEADER_SIZE", "MAX_PAYLOAD", "MAX_FDS",
 ]
 
 HEADER = struct.Struct("<III")
