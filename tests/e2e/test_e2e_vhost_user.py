@@ -15,8 +15,10 @@ The source's background sweep is held until the packet has arrived, so
 every page testpmd touches reaches it through a fault (a hook on the
 in-process source, as the placement hooks of the other tests).
 
-Skipped, with the reason, only when dpdk-testpmd is not installed (.ci/run
-installs it: dpdk-dev, librte-net-vhost23, librte-mempool-ring23).
+The testpmd tests are skipped, with the reason, only when dpdk-testpmd is
+not installed (.ci/run installs it: dpdk-dev, librte-net-vhost23,
+librte-mempool-ring23).  A scripted back-end (rogue_vhost.py) checks the
+refusals of one that lacks PAGEFAULT, answers out of order or dies.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import contextlib
 import os
 import shutil
 import select
+import sys
 
 import pytest
 
@@ -37,7 +40,7 @@ from e2e_support import bounded, wait_until
 from vhost_guest import PAGE, RX_BUFFER_AT, build_image, expected_after_forward, used_entries
 
 TESTPMD = shutil.which("dpdk-testpmd")
-pytestmark = pytest.mark.skipif(TESTPMD is None, reason="dpdk-testpmd is not installed "
+needs_testpmd = pytest.mark.skipif(TESTPMD is None, reason="dpdk-testpmd is not installed "
                                 "(apt-get install dpdk-dev librte-net-vhost23 librte-mempool-ring23)")
 
 MiB = 1 << 20
@@ -105,6 +108,7 @@ async def wait_eventfd(fd: int, what: str) -> None:
     os.eventfd_read(fd)
 
 
+@needs_testpmd
 @pytest.mark.slow
 @pytest.mark.asyncio
 async def test_testpmd_forwards_a_packet_from_postcopy_memory(e2e) -> None:
@@ -150,6 +154,7 @@ async def test_testpmd_forwards_a_packet_from_postcopy_memory(e2e) -> None:
         await stop_testpmd(testpmd)
 
 
+@needs_testpmd
 @pytest.mark.slow
 @pytest.mark.asyncio
 async def test_locked_back_end_is_refused(e2e) -> None:
@@ -172,3 +177,32 @@ async def test_locked_back_end_is_refused(e2e) -> None:
         await held.source.close()
         with contextlib.suppress(ProcessLookupError):
             await stop_testpmd(testpmd)
+
+
+ROGUE = os.path.join(os.path.dirname(__file__), "rogue_vhost.py")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("mode", "message"), [
+    ("no-pagefault", "lacks protocol feature.*PAGEFAULT"),
+    ("out-of-order", "answered GET_PROTOCOL_FEATURES while GET_FEATURES was awaited"),
+    ("dies", "closed the connection while POSTCOPY_ADVISE was awaiting its reply"),
+])
+async def test_misbehaving_back_end_is_refused_clearly(e2e, mode: str, message: str) -> None:
+    """No testpmd needed: a scripted back-end lacks PAGEFAULT, answers out of order, or dies."""
+    image = os.path.join(e2e.workdir, "guest.img")
+    build_image(image, 1 * MiB, seed=SEED)
+    sock = os.path.join(e2e.workdir, "rogue.sock")
+    rogue = e2e.procs.add(await asyncio.create_subprocess_exec(
+        sys.executable, ROGUE, sock, mode, stdout=asyncio.subprocess.PIPE))
+    assert (await bounded(rogue.stdout.readline(), "the rogue back-end")).strip() == b"listening"
+    held = HeldSource(image)
+    host, port = await held.source.listen("127.0.0.1", 0)
+    dest = PostcopyDestination(e2e.options((host, port), block_dir=False, clients=False, vhost_user=(sock,)))
+    try:
+        with pytest.raises(RemoteProtocolError, match=message) as caught:
+            await bounded(dest.start(), f"the refusal of a back-end that {mode}")
+        assert sock in str(caught.value)
+    finally:
+        await dest.close()
+        await held.source.close()
