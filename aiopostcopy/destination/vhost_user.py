@@ -325,20 +325,21 @@ class VhostUserFrontEnd:
     def _on_readable(self) -> None:
         """While running the back-end sends nothing uninvited: EOF or data retires it."""
         try:
-            alive = self._read_some()
-            if alive and self._decoder.buffered == 0 and not self._decoder_has_fds():
+            if not self._read_some():
+                reason = "vhost-user connection closed by the back-end"
+            elif self._decoder.buffered or self._close_received_fds():
+                reason = "back-end sent a message nobody asked for"
+            else:
                 return
-            reason = ("vhost-user connection closed by the back-end" if not alive
-                      else "back-end sent a message nobody asked for")
         except RemoteProtocolError as exc:
             reason = str(exc)
         self._lost(reason)
 
-    def _decoder_has_fds(self) -> bool:
+    def _close_received_fds(self) -> int:
         fds = self._decoder.take_fds()
         for fd in fds:
             os.close(fd)
-        return bool(fds)
+        return len(fds)
 
     def _lost(self, reason: str) -> None:
         self.error = reason

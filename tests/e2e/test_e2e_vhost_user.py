@@ -37,7 +37,7 @@ from aiopostcopy.loop import PostcopyDestination
 from aiopostcopy.source import PostcopySource, SourceBlock
 
 from e2e_support import bounded, wait_until
-from vhost_guest import PAGE, RX_BUFFER_AT, build_image, expected_after_forward, used_entries
+from vhost_guest import PAGE, RX_BUFFER_AT, build_image, expected_after_forward, expected_untouched, used_entries
 
 TESTPMD = shutil.which("dpdk-testpmd")
 needs_testpmd = pytest.mark.skipif(TESTPMD is None, reason="dpdk-testpmd is not installed "
@@ -83,6 +83,12 @@ async def stop_testpmd(proc: asyncio.subprocess.Process) -> None:
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()
+
+
+def assert_pages(got: memoryview, want: bytes) -> None:
+    bad = [page for page in range(len(want) // PAGE)
+           if got[page * PAGE:(page + 1) * PAGE] != want[page * PAGE:(page + 1) * PAGE]]
+    assert not bad, f"{len(bad)} pages differ from the source, first {bad[:10]}"
 
 
 class HeldSource:
@@ -141,10 +147,7 @@ async def test_testpmd_forwards_a_packet_from_postcopy_memory(e2e) -> None:
         packet = got[RX_BUFFER_AT + guest.header_size:RX_BUFFER_AT + guest.header_size + len(guest.frame)]
         assert rx_idx == 1 and rx_used[0] == (0, guest.header_size + len(guest.frame)), rx_used
         assert bytes(packet) == guest.frame, "the forwarded packet differs from the one in the source's image"
-        want = expected_after_forward(source_bytes, got, guest)
-        bad = [page for page in range(len(want) // PAGE)
-               if got[page * PAGE:(page + 1) * PAGE] != want[page * PAGE:(page + 1) * PAGE]]
-        assert not bad, f"{len(bad)} pages differ from the source, first {bad[:10]}"
+        assert_pages(got, expected_after_forward(source_bytes, got, guest))
         print(f"testpmd: {faults} faults served, blocked {report.blocked_by_client_s[name] * 1e3:.2f} ms "
               f"(mean {report.blocked_by_client_s[name] / faults * 1e6:.0f} us per fault); "
               f"service p50 {report.service_latency_us['p50']:.0f} us max {report.service_latency_us['max']:.0f} us")
@@ -152,6 +155,45 @@ async def test_testpmd_forwards_a_packet_from_postcopy_memory(e2e) -> None:
         await dest.close()
         await held.source.close()
         await stop_testpmd(testpmd)
+
+
+@needs_testpmd
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_back_end_killed_while_running_is_retired(e2e) -> None:
+    """testpmd SIGKILLed after its set-up: the client is retired with the reason, the migration completes."""
+    image = os.path.join(e2e.workdir, "guest.img")
+    guest = build_image(image, 4 * MiB, seed=SEED, packet=False)
+    with open(image, "rb") as f:
+        source_bytes = f.read()
+    sock = os.path.join(e2e.workdir, "vhost.sock")
+    testpmd = await start_testpmd(e2e, sock)
+    held = HeldSource(image)
+    host, port = await held.source.listen("127.0.0.1", 0)
+    dest = PostcopyDestination(e2e.options((host, port), block_dir=False, clients=False, vhost_user=(sock,)))
+    try:
+        await bounded(dest.start(), "testpmd's set-up")
+        name = dest._vhost_user[0].name
+        testpmd.kill()  # the PID we started
+        await testpmd.wait()
+
+        def retired() -> bool:
+            return any(c["key"] == name and c["error"] for c in dest.statistics().clients)
+
+        await wait_until(retired, "the dead back-end to be retired")
+        held.released.set()
+        report = await bounded(dest.wait_complete(), "the migration to complete without it")
+        assert report.complete, report.format()
+        (client,) = [c for c in report.clients if c["key"] == name]
+        assert "closed by the back-end" in client["error"], client
+        assert report.faults_by_client.get(name, 0) >= 4, report.format()  # rings read in SET_VRING_KICK
+        got = dest.memory("ram")
+        assert_pages(got, expected_untouched(source_bytes, got, guest))
+    finally:
+        await dest.close()
+        await held.source.close()
+        if testpmd.returncode is None:
+            await stop_testpmd(testpmd)
 
 
 @needs_testpmd

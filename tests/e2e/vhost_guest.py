@@ -58,10 +58,11 @@ def make_frame(seed: int) -> bytes:
     return bytes.fromhex("020000000001" "020000000002" "88b5") + payload
 
 
-def build_image(path: str, size: int, *, seed: int, header_size: int = 12) -> Guest:
-    """Write the image at ``path`` and return what is in it."""
+def build_image(path: str, size: int, *, seed: int, header_size: int = 12, packet: bool = True) -> Guest:
+    """Write the image at ``path`` and return what is in it (``packet=False``: the
+    transmit queue offers nothing)."""
     layout = RingLayout()
-    guest = Guest(layout, make_frame(seed), header_size)
+    guest = Guest(layout, make_frame(seed) if packet else b"", header_size)
     with open(path, "w+b") as f:
         f.truncate(size)
         with mmap.mmap(f.fileno(), size) as memory:
@@ -85,7 +86,7 @@ def _write_rings(memory: mmap.mmap, guest: Guest) -> None:
     packet = bytes(guest.header_size) + guest.frame
     memory[TX_BUFFER_AT:TX_BUFFER_AT + len(packet)] = packet
     _desc(memory, layout.desc(tx), 0, TX_BUFFER_AT, len(packet), 0)
-    _avail(memory, layout.avail(tx), [0])
+    _avail(memory, layout.avail(tx), [0] if guest.frame else [])
 
 
 def _desc(memory: mmap.mmap, table: int, index: int, addr: int, length: int, flags: int) -> None:
@@ -102,6 +103,16 @@ def used_entries(view, ring: int) -> tuple[int, int, list[tuple[int, int]]]:
     """(flags, idx, [(id, len)...]) of a used ring in ``view``."""
     flags, idx = struct.unpack_from("<HH", view, ring)
     return flags, idx, [struct.unpack_from("<II", view, ring + 4 + 8 * i) for i in range(idx)]
+
+
+def expected_untouched(source: bytes, got: memoryview, guest: Guest) -> bytearray:
+    """The source image; the back-end may only have set VRING_USED_F_NO_NOTIFY in the used rings."""
+    want = bytearray(source)
+    for q in range(guest.layout.queues):
+        ring = guest.layout.used(q)
+        flags = struct.unpack_from("<H", got, ring)[0]
+        struct.pack_into("<H", want, ring, flags if flags in (0, 1) else 0)
+    return want
 
 
 def expected_after_forward(source: bytes, got: memoryview, guest: Guest) -> bytearray:
