@@ -236,7 +236,7 @@ class PostcopyDestination:
             self._done.exception()  # retrieved here: closing early is not an error to log
         await self._source.stop_reconnecting()
         for front_end in self._vhost_user:
-            front_end.close()
+            await front_end.close()  # after completion: POSTCOPY_END first
         if self._clients is not None:
             self._clients.close(complete=self._session.complete)
         self._source.close()

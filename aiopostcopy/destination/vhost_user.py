@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import dataclasses
 import os
 import socket
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = ["RingLayout", "VhostUserFrontEnd", "resident_bytes"]
 
 _RECV_SIZE = 12 + MAX_PAYLOAD
+_END_TIMEOUT = 5.0  #: seconds a closing service waits for the back-end to answer POSTCOPY_END
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,7 +144,7 @@ class VhostUserFrontEnd:
             self.error = f"{self.name}: {exc}"
             if self.client is not None and self._service._clients is not None:
                 self._service._clients.retire(self.client, str(exc))
-            self.close()
+            self.release()
             if isinstance(exc, RemoteProtocolError):
                 raise RemoteProtocolError(f"vhost-user back-end at {self.path}: {exc}") from exc
             raise
@@ -167,7 +169,20 @@ class VhostUserFrontEnd:
         """The eventfd the back-end signals when it used buffers of virtqueue ``q``."""
         return self._call[q]
 
-    def close(self) -> None:
+    @property
+    def ended(self) -> bool:
+        """POSTCOPY_END was sent and answered."""
+        return self.conversation is not None and self.conversation.phase is Phase.ENDED
+
+    async def close(self) -> None:
+        """After a completed migration, let POSTCOPY_END finish (bounded), then release."""
+        follower = self._follower
+        if follower is not None and not follower.done() and self._service._session.complete:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(follower), _END_TIMEOUT)
+        self.release()
+
+    def release(self) -> None:
         """Stop watching, close the socket and eventfds (safe twice).  The registry
         owns its copy of the back-end's userfaultfd; the original is closed here."""
         if self._follower is not None and not self._follower.done():

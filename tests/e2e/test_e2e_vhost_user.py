@@ -70,9 +70,9 @@ async def start_testpmd(e2e, sock: str, **kw) -> asyncio.subprocess.Process:
     return proc
 
 
-def pmd_log(e2e) -> str:
+def pmd_log(e2e, tail: int = 3000) -> str:
     with open(os.path.join(e2e.workdir, "testpmd.log"), "rb") as f:
-        return f.read().decode(errors="replace")[-3000:]
+        return f.read().decode(errors="replace")[-tail:]
 
 
 async def stop_testpmd(proc: asyncio.subprocess.Process) -> None:
@@ -148,6 +148,10 @@ async def test_testpmd_forwards_a_packet_from_postcopy_memory(e2e) -> None:
         assert rx_idx == 1 and rx_used[0] == (0, guest.header_size + len(guest.frame)), rx_used
         assert bytes(packet) == guest.frame, "the forwarded packet differs from the one in the source's image"
         assert_pages(got, expected_after_forward(source_bytes, got, guest))
+        del got, packet
+        await dest.close()
+        assert front_end.ended, "POSTCOPY_END was not answered"
+        assert "VHOST_USER_POSTCOPY_END" in pmd_log(e2e, 200_000)
         print(f"testpmd: {faults} faults served, blocked {report.blocked_by_client_s[name] * 1e3:.2f} ms "
               f"(mean {report.blocked_by_client_s[name] / faults * 1e6:.0f} us per fault); "
               f"service p50 {report.service_latency_us['p50']:.0f} us max {report.service_latency_us['max']:.0f} us")
