@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     dst.add_argument("--source", type=parse_address, required=True, help="HOST:PORT or socket path of the source")
     dst.add_argument("--block-dir", default=None, help="directory for the block files (default: memfd)")
     dst.add_argument("--clients", default=None, help="Unix socket path where clients join")
+    dst.add_argument("--vhost-user", metavar="SOCK", action="append", default=[],
+                     help="attach the vhost-user back-end listening on SOCK as a postcopy client (repeatable)")
     dst.add_argument("--deadline", type=float, default=60.0, help="seconds the source may stay unreachable")
     dst.add_argument("--json", default=None, help="write the final report here ('-' for stdout)")
     dst.add_argument("--quiet", action="store_true", help="no progress line")
@@ -122,7 +124,8 @@ async def source_main(args: argparse.Namespace) -> int:
 async def dest_main(args: argparse.Namespace) -> int:
     trace.start("dest")
     options = DestinationOptions(source=args.source, block_dir=args.block_dir, control_path=args.clients,
-                                 source_deadline=args.deadline, session=DestinationConfig())
+                                 source_deadline=args.deadline, session=DestinationConfig(),
+                                 vhost_user=tuple(args.vhost_user))
     dest = PostcopyDestination(options)
     try:
         await dest.start()

@@ -69,6 +69,7 @@ from aiopostcopy.errors import MigrationAborted, SourceLostError, UffdError
 from aiopostcopy.destination.memory import BlockMemory, Staging
 from aiopostcopy.destination.placer import BackgroundPlacer, Placement
 from aiopostcopy.messages import LIMITS, Channel, Complete, Hello, Message, Pages, Request, Zero
+from aiopostcopy.destination.vhost_user import FrontEndPort, VhostUserFrontEnd
 from aiopostcopy.destination.report import DestinationReport, build_report, remember_thread_name
 from aiopostcopy.transport.channels import SourceChannels
 from aiopostcopy.transport.stream import FrameProtocol
@@ -99,6 +100,8 @@ class DestinationOptions:
         reconnect_interval: seconds between attempts after the source is lost.
         source_deadline: seconds the source may stay unreachable before the
             migration is aborted (None: wait for an explicit abort).
+        vhost_user: Unix socket paths of vhost-user back-ends to attach as
+            postcopy clients (docs/vhost-user.md).
     """
 
     source: tuple[str, int] | str
@@ -108,6 +111,7 @@ class DestinationOptions:
     session: DestinationConfig = dataclasses.field(default_factory=DestinationConfig)
     reconnect_interval: float = 0.1
     source_deadline: float | None = 60.0
+    vhost_user: tuple[str, ...] = ()
 
 
 class PostcopyDestination:
@@ -136,6 +140,7 @@ class PostcopyDestination:
         self._memory: BlockMemory | None = None
         self._uffd: Userfaultfd | None = None
         self._clients: ClientRegistry | None = None
+        self._vhost_user: list[VhostUserFrontEnd] = []  # one per back-end
         self._hello: asyncio.Future[Hello] = self._loop.create_future()
         self._done: asyncio.Future[DestinationReport] = self._loop.create_future()
         self._source = SourceChannels(self._loop, options.source, _ChannelSink(self),
@@ -163,12 +168,20 @@ class PostcopyDestination:
             await self._hello
         except OSError as exc:
             raise SourceLostError(f"cannot reach source {self.options.source!r}: {exc}") from exc
-        if self.options.control_path is not None:
+        if self.options.control_path is not None or self.options.vhost_user:
             assert self._memory is not None
             port = ServicePort(session_id=self.session_id, session=self._session, memory=self._memory,
                                read_faults=self._serve_faults, schedule_pass=self._schedule_pass)
             self._clients = ClientRegistry(port, self.options.control_path)
         self._schedule_pass()
+        if self.options.vhost_user:
+            assert self._clients is not None and self._memory is not None
+            port = FrontEndPort(registry=self._clients, memory=self._memory,
+                                is_complete=lambda: self._session.complete, abort=self.abort,
+                                wait_complete=self.wait_complete)
+            for path in self.options.vhost_user:  # the fault loop serves them while they set up
+                self._vhost_user.append(front_end := VhostUserFrontEnd(port, path))
+                await front_end.start()
 
     async def __aenter__(self) -> "PostcopyDestination":
         await self.start()
@@ -233,6 +246,8 @@ class PostcopyDestination:
             self._fail(MigrationAborted("destination closed before completion"))
             self._done.exception()  # retrieved here: closing early is not an error to log
         await self._source.stop_reconnecting()
+        for front_end in self._vhost_user:
+            await front_end.close()  # after completion: POSTCOPY_END first
         if self._clients is not None:
             self._clients.close(complete=self._session.complete)
         self._source.close()

@@ -160,6 +160,7 @@ class DestinationStatistics:
         waiting: waiters still blocked.
         latency: fault seen -> woken histogram (delegated fds).
         blocked_by_fd: seconds blocked, summed per fd key.
+        faults_by_fd: faults translated, per fd key.
         blocked_by_thread: seconds blocked, per ``(fd key, thread id)``.
         faults_by_block: faults per block index.
         resumes: Resume messages sent after a reconnection.
@@ -188,6 +189,7 @@ class DestinationStatistics:
     waiting: int
     latency: LatencyHistogram
     blocked_by_fd: Mapping[Hashable, float]
+    faults_by_fd: Mapping[Hashable, int]
     blocked_by_thread: Mapping[tuple[Hashable, int], float]
     faults_by_block: tuple[int, ...]
     resumes: int
@@ -225,13 +227,15 @@ class Counters:
     faults_by_block: list[int] = dataclasses.field(default_factory=list)
     latency: LatencyRecorder = dataclasses.field(default_factory=LatencyRecorder)
     blocked_by_fd: dict[Hashable, float] = dataclasses.field(default_factory=dict)
+    faults_by_fd: dict[Hashable, int] = dataclasses.field(default_factory=dict)
     blocked_by_thread: dict[tuple[Hashable, int], float] = dataclasses.field(default_factory=dict)
     done_channels: set[Channel] = dataclasses.field(default_factory=set)
 
-    def fault(self, block: int) -> None:
-        """One fault on ``block`` translated."""
+    def fault(self, block: int, key: Hashable) -> None:
+        """One fault on ``block`` translated, read from fd ``key``."""
         self.faults += 1
         self.faults_by_block[block] += 1
+        self.faults_by_fd[key] = self.faults_by_fd.get(key, 0) + 1
 
     def blocked(self, waiter: Waiter, now: float) -> None:
         """Account the time ``waiter``'s thread was blocked, up to ``now``."""
@@ -267,7 +271,7 @@ class Counters:
         plain = {name: getattr(self, name) for name in _PLAIN}
         return DestinationStatistics(
             **plain, **fields, latency=self.latency.snapshot(),  # type: ignore[arg-type]
-            blocked_by_fd=by_fd, blocked_by_thread=by_thread,
+            blocked_by_fd=by_fd, blocked_by_thread=by_thread, faults_by_fd=dict(self.faults_by_fd),
             faults_by_block=tuple(self.faults_by_block))
 
 

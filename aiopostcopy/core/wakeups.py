@@ -112,7 +112,7 @@ class Wakeups:
             self._count.bad_faults += 1
             return None
         block, page = where
-        self._count.fault(block)
+        self._count.fault(block, key)
         address -= address % self.blocks[block].page_size
         waiter = Waiter(key, block, page, address, thread_id, now)
         return waiter, self._waiters.add(waiter)

@@ -39,7 +39,7 @@ from aiopostcopy.core.ramblock import MappingTable
 from aiopostcopy.core.commands import NotifyPlaced, UnknownFault
 from aiopostcopy.core.session import DestinationSession
 from aiopostcopy.destination.memory import BlockMemory
-from aiopostcopy.errors import MappingTableError, PostcopyError, ProtocolError, RemoteProtocolError, UffdError
+from aiopostcopy.errors import BusyError, MappingTableError, PostcopyError, ProtocolError, RemoteProtocolError, UffdError
 from aiopostcopy.messages import (
     Accept,
     Blocks,
@@ -101,7 +101,7 @@ class ClientInfo:
 class ClientRegistry:
     """Accepts clients on ``path`` and keeps them apart from each other."""
 
-    def __init__(self, port: ServicePort, path: str) -> None:
+    def __init__(self, port: ServicePort, path: str | None) -> None:
         self._port = port
         self._session = port.session
         self._loop = asyncio.get_running_loop()
@@ -110,6 +110,9 @@ class ClientRegistry:
         self._ids = itertools.count(1)
         self.path = path
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        if path is None:  # attached clients only (vhost-user back-ends): no control socket
+            self._listener.close()
+            return
         self._listener.bind(path)
         self._listener.listen(64)
         self._listener.setblocking(False)
@@ -189,6 +192,29 @@ class ClientRegistry:
         self._loop.add_reader(uffd.fd, self._on_uffd_readable, client)
         self._send(client, Accept())
         self._on_uffd_readable(client)  # faults may have queued before we watched the fd
+
+    def attach_delegated(self, name: str, uffd: Userfaultfd, table: MappingTable, *,
+                         pid: int | None = None) -> ClientInfo:
+        """Serve an already-open userfaultfd (a vhost-user back-end's) as delegated client ``name``.
+
+        What :meth:`_on_register` does for a delegated client, without a control
+        socket: the caller watches the client's own connection and calls
+        :meth:`retire` when it dies.  The registry owns ``uffd`` from here on.
+
+        Raises:
+            BusyError: a client named ``name`` is already served.
+        """
+        if name in self._clients:
+            raise BusyError(f"a client named {name!r} is already attached")
+        client = ClientInfo(key=name, pid=pid, name=name, mode=ClientMode.DELEGATED, uffd=uffd, table=table)
+        self._clients[name] = client
+        if self._session.complete:  # every page is there: nothing will ever wait on it
+            self._end(client, complete=True)
+            return client
+        self._session.add_fd(name, table)
+        self._loop.add_reader(uffd.fd, self._on_uffd_readable, client)
+        self._on_uffd_readable(client)  # faults may have queued before we watched the fd
+        return client
 
     def _join_after_end(self, client: ClientInfo, msg: Register) -> None:
         """Every page is already placed: accept, then end at once."""

@@ -58,6 +58,7 @@ class DestinationReport:
     goodput_gbps: float
     service_latency_us: dict[str, float]
     blocked_by_client_s: dict[str, float]
+    faults_by_client: dict[str, int]
     blocked_threads: tuple[BlockedThread, ...]
     faults_by_block: dict[str, int]
     clients: tuple[dict[str, Any], ...]
@@ -130,6 +131,7 @@ def build_report(stats: DestinationStatistics, *, final: bool, session_id: str, 
         service_latency_us={k: v * 1e6 for k, v in
                             (("p50", hist.p50), ("p90", hist.p90), ("p99", hist.p99), ("max", hist.max))},
         blocked_by_client_s={str(k): v for k, v in stats.blocked_by_fd.items()},
+        faults_by_client={str(k): v for k, v in stats.faults_by_fd.items()},
         blocked_threads=tuple(_threads(stats.blocked_by_thread, pids)),
         faults_by_block={block_names[i] if i < len(block_names) else str(i): n
                          for i, n in enumerate(stats.faults_by_block)},
