@@ -143,7 +143,7 @@ async def dest_main(args: argparse.Namespace) -> int:
         await dest.close()
     print(report.format(), file=sys.stderr)
     write_json(args.json, report.to_dict())
-    return 0 if report.complete else 1
+    return 0 if report.verified else 1
 
 
 def _stop_on_signals(callback: Any) -> None:

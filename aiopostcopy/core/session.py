@@ -295,19 +295,32 @@ class DestinationSession:
         for run in runs:
             self._coalescer.add_run(run.block, run.first, run.count)  # it skips pages not MISSING
 
+    # ------------------------------------------------------------ integrity
+
+    def unplaced_runs(self, block: int, first: int, count: int) -> list[tuple[int, int]]:
+        """Sub-runs of ``[first, first + count)`` the service has not placed and is not placing."""
+        return self._check_run(block, first, count).runs(first, count, _NEEDED)
+
+    def filled_elsewhere(self, pages: int) -> None:
+        """``pages`` were found filled by someone else before the service placed them
+        (the loop makes them right); the migration can no longer count as verified."""
+        self._count.integrity_pages += pages
+
     # ------------------------------------------------------------ placement
 
     def placed(self, block: int, first: int, count: int, now: float, *, existed_pages: int = 0) -> None:
         """The loop carried out (part of) a Place/PlaceZero: the run is in memory.
 
-        ``existed_pages``: pages the kernel found present (EEXIST); when > 0,
-        fds woken by the copy get explicit Wakes too.
+        ``existed_pages``: pages the kernel found present (EEXIST): someone else
+        filled them (the loop wrote the right bytes over them); they count as
+        integrity pages, and fds woken by the copy get explicit Wakes too.
 
         Raises:
             InternalError: a page of the run was not PLACING.
         """
         self._states[block].mark(first, count, PLACED)
         self._placed += count
+        self._count.integrity_pages += existed_pages
         wakeups: Wakeups = self._wakeups  # type: ignore[assignment]  (set with the blocks)
         if not self._deferred[block]:
             self._commands.extend(wakeups.release(block, first, count, now, force=existed_pages > 0))

@@ -56,7 +56,7 @@ from aiopostcopy.messages import (
     Reject,
 )
 from aiopostcopy.transport.fdstream import ControlChannel
-from aiopostcopy.uffd import ForkEvent, RemapEvent, Userfaultfd
+from aiopostcopy.uffd import ForkEvent, RegisterMode, RemapEvent, Userfaultfd
 
 __all__ = ["ClientRegistry", "ClientInfo", "ServicePort"]
 
@@ -183,6 +183,7 @@ class ClientRegistry:
         uffd = Userfaultfd.adopt(fd)
         try:
             table = MappingTable.build(self._port.memory.table, msg.mappings)
+            self._verify_registration(uffd, table)
         except MappingTableError as exc:
             uffd.close()  # its process still holds its own copy: no thread is zero-filled
             self._reject(client, ErrorCode.MAPPING, str(exc))
@@ -192,6 +193,53 @@ class ClientRegistry:
         self._loop.add_reader(uffd.fd, self._on_uffd_readable, client)
         self._send(client, Accept())
         self._on_uffd_readable(client)  # faults may have queued before we watched the fd
+
+    def _verify_registration(self, uffd: Userfaultfd, table: MappingTable) -> None:
+        """Make sure every range of ``table`` is registered on ``uffd`` and nothing was filled early.
+
+        Registration acts on the fd's process, so the service registers each
+        range itself (a no-op where the client already did): a range it cannot
+        register (not mapped there, or on another userfaultfd) is refused.  Then
+        the block's backing file is asked which pages hold data (SEEK_DATA): a
+        page the service never placed was filled by a touch before registration,
+        i.e. with zeros.  Those pages are dropped again (they migrate as any
+        missing page), counted as integrity pages, and the client is refused.
+        hugetlbfs cannot say which pages hold data: there the placement's
+        EEXIST catches such a page instead.
+
+        Raises:
+            MappingTableError: a range is not registrable, or pages were filled early.
+        """
+        memory = self._port.memory
+        for address, length, index, offset in table.entries:
+            block = memory.block(index)
+            try:
+                uffd.register(address, length, RegisterMode.MISSING)
+            except UffdError as exc:
+                raise MappingTableError(
+                    f"mapping [{address:#x}, +{length:#x}) of block {block.info.name!r} cannot be registered "
+                    f"through the userfaultfd passed with the table: {exc}") from exc
+            filled = self._filled_early(index, offset, length)
+            if filled:
+                pages = sum(stop - start for start, stop in filled)
+                for start, stop in filled:
+                    memory.discard(index, start, stop - start)
+                self._session.filled_elsewhere(pages)
+                raise MappingTableError(
+                    f"{pages} pages of block {block.info.name!r} (first: page {filled[0][0]}) were filled before "
+                    "the mapping was registered: a touch of a missing page reads zeros unless it is registered "
+                    "first; the pages were dropped again")
+
+    def _filled_early(self, index: int, offset: int, length: int) -> list[tuple[int, int]]:
+        """Page runs of block ``index`` in ``[offset, offset + length)`` holding data the service did not place."""
+        block = self._port.memory.block(index)
+        runs = block.shm.data_runs(offset, length)
+        size = block.page_size
+        filled: list[tuple[int, int]] = []
+        for start, stop in runs or ():
+            first = start // size
+            filled.extend(self._session.unplaced_runs(index, first, -(-stop // size) - first))
+        return filled
 
     def attach_delegated(self, name: str, uffd: Userfaultfd, table: MappingTable, *,
                          pid: int | None = None) -> ClientInfo:

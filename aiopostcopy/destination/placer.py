@@ -8,8 +8,12 @@ zero pages.  :class:`Placement` carries one out: each data stretch with one
 UFFDIO_COPY, each zero stretch with UFFDIO_ZEROPAGE (hugetlbfs has none: a
 zeroed huge page is copied instead).  Kernel rules (DESIGN.md section 2):
 
-* EEXIST: the page is there already.  It is counted, so that the session
-  wakes its waiters (no copy woke them), and the rest of the run goes on.
+* EEXIST: the page is there already.  Only the service places pages, so
+  someone else filled it (a client that touched memory it had not
+  registered): the right bytes are written over it through the service's
+  mapping, it is counted (an integrity page: the session wakes its waiters,
+  since no copy woke them, and the report says the migration is not
+  verified), and the rest of the run goes on.
 * EAGAIN after some pages: the kernel stopped part-way (an existing page
   further on gives this, not EEXIST); the rest is tried again at once.
 * EAGAIN with no progress: the mapping is changing.  The caller's ``drain``
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -116,7 +121,8 @@ class Placement:
             try:
                 self._uffd.place_run(dst, src, size, command.count, zeros, zero_src=zero_src, start=page)
                 break
-            except PageExistsError as exc:  # that page is in: count it, go on after it
+            except PageExistsError as exc:  # someone else filled it: write the right bytes, go on after it
+                _overwrite(dst + exc.page * size, src, size, zeros, exc.page)
                 existed += 1
                 page = exc.page + 1
             except UffdRetry as exc:
@@ -131,6 +137,24 @@ class Placement:
                                         "with EAGAIN") from exc
                 drain()
         return existed
+
+
+def _overwrite(address: int, src: int, size: int, zeros: tuple[int, ...], page: int) -> None:
+    """Write page ``page`` of a run over a page that was already there (EEXIST).
+
+    Only the service places pages, so a page present before its placement was
+    filled by someone else (a client that touched memory it had not registered
+    reads, and so fills, zeros).  The page is present, so writing it through the
+    service's mapping cannot fault; the session counts it as an integrity page.
+    """
+    zero_before = 0
+    for low, high in zip(zeros[::2], zeros[1::2]):
+        if low <= page < high:
+            ctypes.memset(address, 0, size)
+            return
+        if high <= page:
+            zero_before += high - low
+    ctypes.memmove(address, src + (page - zero_before) * size, size)
 
 
 class BackgroundPlacer:

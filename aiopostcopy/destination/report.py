@@ -54,6 +54,7 @@ class DestinationReport:
     client_requests: int
     requests_sent: int
     resumes: int
+    integrity_pages: int
     bytes_received: int
     goodput_gbps: float
     service_latency_us: dict[str, float]
@@ -66,8 +67,14 @@ class DestinationReport:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         data = dataclasses.asdict(self)
+        data["verified"] = self.verified
         data["blocked_threads"] = [dataclasses.asdict(t) for t in self.blocked_threads]
         return data
+
+    @property
+    def verified(self) -> bool:
+        """Complete, and no page was found filled by someone else on the way."""
+        return self.complete and not self.integrity_pages
 
     def format(self) -> str:
         """A human summary, a few lines."""
@@ -83,6 +90,9 @@ class DestinationReport:
             f"p99 {lat['p99']:.0f} max {lat['max']:.0f}",
             f"  {self.bytes_received / 1e6:.1f} MB in {self.duration_s:.2f} s = {self.goodput_gbps:.2f} Gbit/s",
         ]
+        if self.integrity_pages:
+            lines.append(f"  NOT VERIFIED: {self.integrity_pages} pages were found filled by someone else before the "
+                         "service placed them (rewritten with the right bytes; a reader may have seen zeros)")
         for thread in sorted(self.blocked_threads, key=lambda t: -t.blocked_s)[:5]:
             lines.append(f"  blocked {thread.blocked_s * 1e3:8.1f} ms  {thread.client} pid {thread.pid} "
                          f"tid {thread.tid} ({thread.name})")
@@ -126,6 +136,7 @@ def build_report(stats: DestinationStatistics, *, final: bool, session_id: str, 
         client_requests=stats.client_requests,
         requests_sent=stats.requests_sent,
         resumes=stats.resumes,
+        integrity_pages=stats.integrity_pages,
         bytes_received=bytes_received,
         goodput_gbps=bytes_received * 8 / duration_s / 1e9,
         service_latency_us={k: v * 1e6 for k, v in

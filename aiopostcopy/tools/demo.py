@@ -123,7 +123,7 @@ async def _demo(args: argparse.Namespace, workdir: str, procs: list) -> int:
         else:
             with open(args.json, "w", encoding="utf-8") as f:
                 f.write(text + "\n")
-    ok = report.complete and not bad and all(r.get("ok") for r in results) and source.returncode == 0
+    ok = report.verified and not bad and all(r.get("ok") for r in results) and source.returncode == 0
     return 0 if ok else 1
 
 

@@ -21,6 +21,7 @@ instead of crashing.
 
 from __future__ import annotations
 
+import errno
 import os
 import weakref
 from typing import Any
@@ -304,6 +305,34 @@ class SharedMemory:
         """
         mode = lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE
         check_os(lib.apc_fallocate(self._fileno(), mode, offset, length), "fallocate(PUNCH_HOLE)")
+
+    def data_runs(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """Byte ranges of ``[offset, offset + length)`` that hold pages (SEEK_DATA / SEEK_HOLE).
+
+        Returns:
+            Sorted ``(start, stop)`` ranges, or None where the filesystem cannot
+            tell (hugetlbfs reports every byte as data).
+
+        Raises:
+            OSError: lseek failed for another reason than "no data after here".
+        """
+        if self.hugetlb:
+            return None
+        fd, end, runs = self._fileno(), offset + length, []
+        position = offset
+        while position < end:
+            try:
+                start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data at or after position
+                    break
+                raise
+            if start >= end:
+                break
+            stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+            runs.append((start, stop))
+            position = stop
+        return runs
 
     def unlink(self) -> None:
         """Remove the file's name (no-op for a memfd or an already unlinked file)."""

@@ -10,6 +10,11 @@
 ``fault-outside``     a valid table covering only the first half of block 0, then a touch
                       of a page in the second half (registered with our uffd, but not in
                       the table the service was given).
+``unregistered``      a valid table and a uffd, but block 0 never registered on it, and
+                      pages 1, 2 and 3 of block 0 read before Register (which fills them
+                      with zeros in the shared file).
+``self-served-touch`` joins self-served, registers nothing, and reads pages 5, 6 and 7 of
+                      block 0 (zeros again), then stays until the migration ends.
 
 It prints one JSON object: what the service sent back (message type, code,
 text), whether the service closed the connection, and for ``fault-outside``
@@ -98,8 +103,9 @@ def describe(messages: list) -> list[dict]:
     return out
 
 
-def join(conn: Conn) -> tuple[Blocks, list, Userfaultfd]:
-    conn.send(ClientHello(version=PROTOCOL_VERSION, pid=os.getpid(), name="rogue", mode=ClientMode.DELEGATED))
+def join(conn: Conn, *, register: bool = True,
+         mode: ClientMode = ClientMode.DELEGATED) -> tuple[Blocks, list, Userfaultfd]:
+    conn.send(ClientHello(version=PROTOCOL_VERSION, pid=os.getpid(), name="rogue", mode=mode))
     (blocks,) = conn.messages(10)
     assert isinstance(blocks, Blocks), blocks
     mappings = []
@@ -107,9 +113,19 @@ def join(conn: Conn) -> tuple[Blocks, list, Userfaultfd]:
         shm = SharedMemory.adopt(conn.fds.pop(0))
         mappings.append(shm.map(info.length))
     uffd = Userfaultfd.open(Feature.THREAD_ID, nonblocking=True)
-    for mapping in mappings:
+    for mapping in mappings if register else mappings[1:]:
         uffd.register(mapping.address, mapping.length, RegisterMode.MISSING)
     return blocks, mappings, uffd
+
+
+def read_pages(base: int, page: int, pages: list[int]) -> list[int]:
+    """Read the first byte of each page (unregistered: the kernel fills a missing page with zeros)."""
+    scratch = ctypes.create_string_buffer(1)
+    seen = []
+    for index in pages:
+        ctypes.memmove(scratch, base + index * page, 1)
+        seen.append(scratch.raw[0])
+    return seen
 
 
 def main() -> int:
@@ -127,8 +143,14 @@ def main() -> int:
         body = msgpack.packb([ClientHello.TYPE, "one", -5, 7, "flying"])
         conn.sock.sendall(len(body).to_bytes(4, "big") + body)
         result["received"] = describe(conn.messages(10, until_eof=True))
+    elif args.mode == "self-served-touch":
+        blocks, mappings, _ = join(conn, register=False, mode=ClientMode.SELF_SERVED)
+        conn.send(Register(mappings=()))
+        result["reply"] = describe(conn.messages(10))
+        result["read"] = read_pages(mappings[0].address, blocks.blocks[0].page_size, [5, 6, 7])
+        result["received"] = describe(conn.messages(60, until_eof=True))
     else:
-        blocks, mappings, uffd = join(conn)
+        blocks, mappings, uffd = join(conn, register=args.mode != "unregistered")
         length = blocks.blocks[0].length
         base = mappings[0].address
         page = blocks.blocks[0].page_size
@@ -140,6 +162,9 @@ def main() -> int:
             table = ((base, length, len(blocks.blocks) + 3, 0),)
         elif args.mode == "fault-outside":
             table = ((base, length // 2, 0, 0),)
+        elif args.mode == "unregistered":
+            table = tuple((m.address, info.length, i, 0) for i, (m, info) in enumerate(zip(mappings, blocks.blocks)))
+            result["read"] = read_pages(base, page, [1, 2, 3])
         else:
             raise SystemExit(f"unknown mode {args.mode}")
         result["table"] = [list(entry) for entry in table]

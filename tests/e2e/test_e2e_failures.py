@@ -300,3 +300,56 @@ async def test_garbage_peers_at_the_source(e2e) -> None:
     assert report.complete and problems == {}
     assert_worker_ok(result)
     assert source_report["exit"] == 0 and source_report["complete"], source_report
+
+
+@pytest.mark.asyncio
+async def test_pages_filled_before_registration_are_dropped_and_the_client_refused(e2e) -> None:
+    """A delegated client passes a table whose block it never registered on its userfaultfd and
+    reads three missing pages first (the kernel fills them with zeros in the shared file).  The
+    service registers the ranges itself, finds the three pages it never placed, drops them
+    again and refuses the client; the pages migrate like any other, every page is right, and
+    the report says the migration is complete but not verified."""
+    seed, size = 1114, 16 * MiB
+    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
+    async with PostcopyDestination(e2e.options(source.address)) as dest:
+        source.stop()
+        worker = await e2e.worker(mode="delegated", threads=2, touches=200, seed=seed, name="bystander")
+        await wait_until(lambda: threads_in_userfault(worker.pid), "the bystander blocked")
+        rogue = await e2e.rogue("unregistered")
+        source.cont()
+        report = await bounded(dest.wait_complete(), "the migration")
+        result = await worker.result()
+        problems = check_destination(dest, seed=seed)
+    await source.report()
+
+    assert rogue["exit"] == 0 and rogue["read"] == [0, 0, 0], rogue
+    rejects = [m for m in rogue["received"] if m.get("type") == "Reject"]
+    assert rejects and rejects[0]["code"] == "mapping", rogue
+    assert "3 pages" in rejects[0]["text"] and "before the mapping was registered" in rejects[0]["text"], rejects
+    assert report.complete and problems == {}, problems
+    assert report.integrity_pages == 3 and not report.verified, report.format()
+    assert "NOT VERIFIED" in report.format()
+    assert_worker_ok(result)
+
+
+@pytest.mark.asyncio
+async def test_a_page_filled_by_an_unregistered_reader_is_rewritten(e2e) -> None:
+    """A self-served client that never registers reads three missing pages (zeros in the shared
+    file).  Each placement of those pages meets EEXIST: the service writes the source's bytes
+    over them, counts them, and reports the migration complete but not verified."""
+    seed, size = 1115, 16 * MiB
+    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
+    async with PostcopyDestination(e2e.options(source.address)) as dest:
+        source.stop()
+        rogue_run = asyncio.ensure_future(e2e.rogue("self-served-touch"))
+        await wait_until(lambda: any(c["name"] == "rogue" for c in dest.statistics().clients), "the rogue joined")
+        source.cont()
+        report = await bounded(dest.wait_complete(), "the migration")
+        problems = check_destination(dest, seed=seed)
+    rogue = await bounded(rogue_run, "the rogue")
+    await source.report()
+
+    assert rogue["exit"] == 0 and rogue["read"] == [0, 0, 0], rogue
+    assert [m["type"] for m in rogue["reply"]] == ["Accept"], rogue
+    assert report.complete and problems == {}, problems
+    assert report.integrity_pages == 3 and not report.verified, report.format()
