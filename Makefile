@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/postcopy_bench.py
+	$(BIN)/python -m aiopostcopy bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info aiopostcopy/uffd/_uffd*.so aiopostcopy/uffd/_uffd.c

@@ -1,4 +1,4 @@
-"""Command line: ``python -m aiopostcopy {demo,source,dest}``.
+"""Command line: ``python -m aiopostcopy {demo,source,dest,bench}``.
 
 * ``demo``: a whole migration on this host with no arguments: a 256 MiB
   source image with a per-page pattern, a source process and the destination
@@ -7,6 +7,8 @@
 * ``source``: serve block files to a destination (``--listen``, ``--block``).
 * ``dest``: run the destination service against a source (``--source``,
   ``--block-dir``, ``--clients``, ``--json``).
+* ``bench``: the benchmark runner (:mod:`aiopostcopy.tools.bench`): a C
+  baseline and the service's scenarios over the shaped veth (or loopback).
 
 Exit status: 0 on a complete, verified migration; 1 when the migration failed
 or a page did not verify; 2 for bad arguments.
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     dst.add_argument("--deadline", type=float, default=60.0, help="seconds the source may stay unreachable")
     dst.add_argument("--json", default=None, help="write the final report here ('-' for stdout)")
     dst.add_argument("--quiet", action="store_true", help="no progress line")
+    from aiopostcopy.tools.bench import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="measure against a C baseline over the shaped veth"))
     return parser
 
 
@@ -170,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         from aiopostcopy.tools.demo import demo_main
 
         return run(demo_main(args), args.loop)
+    if args.command == "bench":
+        from aiopostcopy.tools.bench import bench_main
+
+        return bench_main(args)
     if args.command == "source":
         return run(source_main(args), args.loop)
     return run(dest_main(args), args.loop)

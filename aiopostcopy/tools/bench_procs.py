@@ -1,0 +1,311 @@
+"""Places, processes and measurements the benchmark runner shares with benchmarks/ scripts.
+
+Theory of operation
+-------------------
+A *place* runs a child on the source side (``"src"``) or the destination side
+(``"dst"``) of the link under test: :class:`Loopback` runs both in the host
+namespace over 127.0.0.1, :class:`Veth` in the two namespaces of a
+:class:`aiopostcopy.tools.netns.LinkPair`, :class:`Pinned` wraps either to put
+every child under ``taskset``.  Every child a place starts is tracked and
+ended by its PID when the place closes.
+
+CPU time of a process is read from /proc: :func:`cpu_ns` sums every live
+thread's run time (``/proc/PID/task/*/schedstat``, nanoseconds), falling back
+to ``/proc/PID/stat`` (clock ticks) once the threads are gone.  A
+:class:`Sampler` thread polls the CPU time of the processes it watches and the
+bytes received on the destination side of the link every few milliseconds, so
+a figure can be read at any instant of a run (CPU per fault up to the moment
+the sweep was released, goodput over time).
+
+:func:`machine` and :func:`cpu_snapshot` describe the conditions of a run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import select
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["Loopback", "Veth", "Pinned", "Sampler", "cpu_ns", "first_line", "wait_exit", "stop",
+           "tail", "StderrTap", "machine", "cpu_snapshot", "other_load"]
+
+
+# --------------------------------------------------------------------------- places
+
+
+class Loopback:
+    """Both sides in the host namespace over 127.0.0.1."""
+
+    name = "loopback"
+    server_addr = sink_addr = "127.0.0.1"
+    link = None
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def popen(self, side: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
+        """Start and track a child; ``side`` ("src" or "dst") does not matter here."""
+        proc = subprocess.Popen(list(argv), **kw)
+        self._procs.append(proc)
+        return proc
+
+    def rx_bytes_path(self, pid: int) -> tuple[str, str]:
+        """Where the destination side's received bytes are counted: /proc/net/dev, ``lo``."""
+        return "/proc/net/dev", "lo"
+
+    def close(self) -> None:
+        """Stop every child we started (SIGTERM, then SIGKILL) and reap it."""
+        for proc in self._procs:
+            stop(proc, 2.0)
+        self._procs.clear()
+
+
+class Veth:
+    """The source side in ``src``, the destination side in ``dst`` of a LinkPair."""
+
+    def __init__(self, link: Any) -> None:
+        self.link = link
+        self.name = f"veth {link.rate or 'unshaped'}"
+        self.server_addr = link.src_addr
+        self.sink_addr = link.dst_addr
+
+    def popen(self, side: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
+        """Start a tracked child in the ``side`` namespace (the PID is the program's)."""
+        return self.link.popen(side, argv, **kw)
+
+    def rx_bytes_path(self, pid: int) -> tuple[str, str]:
+        """The destination's veth end, seen through a process inside the dst namespace."""
+        return f"/proc/{pid}/net/dev", self.link.dev("dst")
+
+    def close(self) -> None:
+        self.link.close()
+
+
+class Pinned:
+    """A place whose children all run under ``taskset -c CPUS``."""
+
+    def __init__(self, place: Any, cpus: str) -> None:
+        self.place, self.cpus = place, cpus
+        self.name, self.server_addr, self.sink_addr = place.name, place.server_addr, place.sink_addr
+        self.link = place.link
+
+    def popen(self, side: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
+        return self.place.popen(side, ["taskset", "-c", self.cpus, *argv], **kw)
+
+    def rx_bytes_path(self, pid: int) -> tuple[str, str]:
+        return self.place.rx_bytes_path(pid)
+
+    def close(self) -> None:
+        self.place.close()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def first_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """The first stdout line of a child, or "" if none came in time."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline().decode(errors="replace").strip() if ready else ""
+
+
+def _stat_ns(pid: int) -> int | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ns(pid: int) -> int | None:
+    """CPU time of a process, all its threads, in ns (None if it is gone)."""
+    total, found = 0, False
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tasks = []
+    for tid in tasks:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            found = True
+        except (OSError, IndexError, ValueError):
+            continue
+    return total if found else _stat_ns(pid)
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int | None, int | None]:
+    """Wait for a child; read its CPU time (ns) while it is a zombie, then reap it.
+
+    Returns:
+        (exit status, or None on timeout; CPU ns, or None).
+    """
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except OSError:
+        return proc.wait(timeout), None
+    try:
+        if not select.select([fd], [], [], timeout)[0]:
+            return None, None
+    finally:
+        os.close(fd)
+    cpu = _stat_ns(proc.pid)
+    return proc.wait(), cpu
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
+    """SIGTERM one child we started (by its PID), SIGKILL after ``grace`` s, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
+
+
+def tail(path: Path, lines: int = 8) -> str:
+    """The last lines of a log, indented."""
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "    (no log)"
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+class StderrTap:
+    """Copy a child's stderr pipe to a log; note its CPU time (ns) and the time of its first line.
+
+    The destination prints its first stderr line once connected and set up, so
+    CPU used after it is the migration's, not Python start-up's.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.cpu_at_first_line: int | None = None
+        self.first_line_at: float | None = None
+        self._proc, self._log = proc, log
+        self._thread = threading.Thread(target=self._copy, daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        assert self._proc.stderr is not None
+        with open(self._log, "wb") as out:
+            for line in self._proc.stderr:
+                if self.cpu_at_first_line is None:
+                    self.cpu_at_first_line = cpu_ns(self._proc.pid)
+                    self.first_line_at = time.monotonic()
+                out.write(line)
+
+    def join(self) -> None:
+        self._thread.join(10)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _rx_bytes(path: str, dev: str) -> int | None:
+    try:
+        for line in Path(path).read_text().splitlines()[2:]:
+            name, _, rest = line.partition(":")
+            if name.strip() == dev:
+                return int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class Sampler:
+    """Polls CPU time of watched processes and the link's received bytes every ``interval`` s.
+
+    Attributes:
+        rows: ``(monotonic time, {name: cpu ns}, rx bytes or None)``, in order.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.rows: list[tuple[float, dict[str, int], int | None]] = []
+        self._pids: dict[str, int] = {}
+        self._rx: tuple[str, str] | None = None
+        self._interval = interval
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+
+    def watch(self, name: str, pid: int) -> None:
+        self._pids[name] = pid
+
+    def count_rx(self, path: str, dev: str) -> None:
+        self._rx = (path, dev)
+
+    def start(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            cpu = {name: v for name, pid in list(self._pids.items()) if (v := cpu_ns(pid)) is not None}
+            rx = _rx_bytes(*self._rx) if self._rx else None
+            self.rows.append((time.monotonic(), cpu, rx))
+            self._done.wait(self._interval)
+
+    def cpu_at(self, name: str, when: float) -> int | None:
+        """The last CPU reading of ``name`` at or before ``when``."""
+        best = None
+        for t, cpu, _ in self.rows:
+            if t > when:
+                break
+            best = cpu.get(name, best)
+        return best
+
+    def rx_series(self) -> list[tuple[float, int]]:
+        """(time, rx bytes) readings."""
+        return [(t, rx) for t, _, rx in self.rows if rx is not None]
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+def machine() -> dict[str, Any]:
+    """Kernel, CPU model, vCPUs, virtualization, Python, event loop, load average now."""
+    cpu, hyper = "?", False
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "?":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and " hypervisor" in line:
+                hyper = True
+    except OSError:
+        pass
+    try:
+        import uvloop
+
+        loop = f"uvloop {uvloop.__version__}"
+    except ImportError:
+        loop = "stock asyncio (uvloop missing)"
+    return {"host": platform.node(), "vcpus": os.cpu_count(), "cpu": cpu, "vm": hyper,
+            "kernel": platform.release(), "python": f"{platform.python_version()} {sys.executable}",
+            "loop": loop, "load_at_start": list(os.getloadavg())}
+
+
+def cpu_snapshot() -> dict[str, float]:
+    """Machine-wide busy and steal CPU seconds (/proc/stat) and ours (this process and reaped children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    t = os.times()
+    return {"busy": (user + nice + system + irq + softirq) / tick, "steal": steal / tick,
+            "ours": t.user + t.system + t.children_user + t.children_system}
+
+
+def other_load(start: dict[str, float], end: dict[str, float], wall: float) -> dict[str, float]:
+    """CPU used outside our processes during the run (other sessions, kernel work), and steal."""
+    others = max(0.0, (end["busy"] - start["busy"]) - (end["ours"] - start["ours"]))
+    return {"ours_s": end["ours"] - start["ours"], "others_s": others, "others_vcpu": others / wall,
+            "steal_s": end["steal"] - start["steal"], "wall_s": wall}
