@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 The worker speaks the client control protocol of :mod:`aiopostcopy.core.control`
-over the service's Unix socket (wire frames; fds ride as SCM_RIGHTS on the
-sendmsg carrying a frame's first byte and wait in a FIFO; Blocks claims one per
-block, in block order)::
+over the service's Unix socket, through the same SCM_RIGHTS channel the service
+uses, driven by poll (:class:`~aiopostcopy.transport.fdstream.BlockingControlChannel`:
+wire frames; fds ride on the sendmsg carrying a frame's first byte and wait in
+a FIFO; Blocks claims one per block, in block order)::
 
     -> ClientHello(version, pid, name, mode)
     <- Blocks + one fd per block   map each block shared, open our own userfaultfd
@@ -16,9 +17,10 @@ block, in block order)::
 
 *Delegated*: the service reads our uffd, requests pages for us and wakes our
 threads; our thread only watches the socket.  *Self-served*: our thread polls
-our uffd too, maps fault addresses to (block, page) (:class:`_Pager`), wakes
-pages known placed at once, lets requested ones wait, sends new ones as
-coalesced ClientRequest runs and wakes the pages each Placed names.
+our uffd too, and a :class:`~aiopostcopy.core.pager.Pager` (the core's mapping
+table, coalescer and range sets) maps fault addresses to (block, page), wakes
+pages known placed at once, lets requested ones wait, turns new ones into
+coalesced ClientRequest runs and names the ranges each Placed wakes.
 
 The GIL: a thread faulting in plain Python (``view[i]``) blocks in the kernel
 *holding the GIL*, stopping every Python thread of the process until the page
@@ -41,10 +43,7 @@ the event loop).
 
 from __future__ import annotations
 
-import array
 import asyncio
-import bisect
-import collections
 import contextlib
 import functools
 import os
@@ -53,19 +52,21 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from aiopostcopy.core.control import SERVICE_SENDS, ClientControl, Phase
+from aiopostcopy.core.pager import Pager
+from aiopostcopy.core.ramblock import BlockTable, MappingTable
 from aiopostcopy.errors import (BusyError, ClosedError, LocalProtocolError, MappingTableError, MigrationAborted,
                                 PostcopyError, RemoteProtocolError, UffdError)
 from aiopostcopy.messages import (LIMITS, PROTOCOL_VERSION, Accept, Blocks, Bye, ClientHello, ClientMode,
-                                  ClientRequest, End, Error, ErrorCode, Message, PageRun, Placed, Register, Reject)
-from aiopostcopy.transport.wire import ConnectionClosed, Decoder, encode
+                                  End, Error, ErrorCode, Message, Placed, Register, Reject)
+from aiopostcopy.transport.fdstream import BlockingControlChannel, Event
+from aiopostcopy.transport.wire import ConnectionClosed
 from aiopostcopy.uffd import Feature, Mapping, PageFault, RegisterMode, SharedMemory, Userfaultfd
 
 __all__ = ["Client", "AsyncClient", "name_native_thread"]
 
-_FD_SIZE = array.array("i").itemsize
 _ERRORS = {ErrorCode.MAPPING: MappingTableError, ErrorCode.ABORTED: MigrationAborted, ErrorCode.BUSY: BusyError}
 _KEPT_OPEN: list[Userfaultfd] = []  #: uffds whose mappings could not be unmapped: never closed
 
@@ -83,152 +84,6 @@ def _service_error(code: ErrorCode, text: str, what: str) -> PostcopyError:
     return _ERRORS.get(code, PostcopyError)(message)
 
 
-class _Channel:
-    """The control socket: non-blocking, poll-based deadlines, the state machine, a FIFO of received fds."""
-
-    def __init__(self, sock: socket.socket, send_timeout: float) -> None:
-        sock.setblocking(False)
-        self.sock: socket.socket | None = sock
-        self.send_timeout, self.control, self._eof = send_timeout, ClientControl(), False
-        self._decoder = Decoder(allowed=SERVICE_SENDS)
-        self._events: collections.deque = collections.deque()
-        self._fds: collections.deque[int] = collections.deque()
-        self._lock = threading.Lock()
-
-    def _wait(self, events: int, deadline: float) -> None:
-        if (remaining := deadline - time.monotonic()) <= 0:
-            raise TimeoutError("the service did not answer in time")
-        poller = select.poll()
-        poller.register(self.sock, events)
-        poller.poll(max(1, int(remaining * 1000)))
-
-    def send(self, message: Message, fds: tuple[int, ...] = ()) -> None:
-        """Validate and send one frame, ``fds`` on its first byte.  Raises OSError, TimeoutError, ProtocolError."""
-        data, deadline = memoryview(encode(message)), time.monotonic() + self.send_timeout
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        with self._lock:
-            if self.sock is None:
-                raise ClosedError("the control connection is closed")
-            self.control.send(message)
-            while data:
-                try:
-                    data, ancillary = data[self.sock.sendmsg([data], ancillary, socket.MSG_NOSIGNAL):], []
-                except (BlockingIOError, InterruptedError):
-                    self._wait(select.POLLOUT, deadline)
-
-    def _read(self) -> None:
-        """One recvmsg (never blocks); queue complete messages, and ConnectionClosed at EOF."""
-        if self._eof or self.sock is None:
-            return
-        try:
-            data, ancillary, flags, _ = self.sock.recvmsg(
-                256 << 10, socket.CMSG_SPACE(LIMITS.max_blocks * _FD_SIZE), socket.MSG_CMSG_CLOEXEC)
-        except (BlockingIOError, InterruptedError):
-            return
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                self._fds.extend(array.array("i", payload[:len(payload) - len(payload) % _FD_SIZE]))
-        if flags & socket.MSG_CTRUNC:
-            raise RemoteProtocolError("the service sent more file descriptors than fit in one message")
-        self._decoder.receive_data(data)
-        while not self._eof and (event := self._decoder.next_event()) is not None:
-            self._eof = isinstance(event, ConnectionClosed)
-            if not self._eof:
-                self.control.receive(event)
-            self._events.append(event)
-
-    def receive(self) -> list:
-        """What has arrived (never blocks): messages in order, then ConnectionClosed after EOF."""
-        self._read()
-        events, self._events = list(self._events), collections.deque()
-        return events
-
-    def next_message(self, deadline: float) -> Message:
-        """Wait for one message (handshake).  Raises PostcopyError at EOF, TimeoutError."""
-        while not self._events:
-            self._wait(select.POLLIN, deadline)
-            self._read()
-        if isinstance(event := self._events.popleft(), ConnectionClosed):
-            raise PostcopyError("the service closed the control connection during the handshake")
-        return event
-
-    def take_fds(self, count: int) -> list[int]:
-        if count > len(self._fds):
-            raise RemoteProtocolError(f"message needs {count} file descriptors, {len(self._fds)} arrived")
-        return [self._fds.popleft() for _ in range(count)]
-
-    def close(self) -> None:
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            sock.close()
-        while self._fds:
-            os.close(self._fds.popleft())
-
-
-class _Pager:
-    """Self-served bookkeeping, no I/O: fault address -> (block, page), dedupe, coalesce, wake ranges.
-
-    Args:
-        mappings: ``(address, length, page_size)`` of each block's mapping, in block order.
-    """
-
-    def __init__(self, mappings: list[tuple[int, int, int]]) -> None:
-        self._blocks = mappings
-        self._order = sorted((address, block) for block, (address, _, _) in enumerate(mappings))
-        self._requested: set[tuple[int, int]] = set()
-        self._placed: set[tuple[int, int]] = set()
-        self._new: set[tuple[int, int]] = set()
-        self.threads: dict[int, int] = {}
-        self.stats = dict.fromkeys(("faults", "woken_at_once", "joined", "requested_pages", "requests",
-                                    "placed_pages", "wakes"), 0)
-
-    def fault(self, fault: PageFault) -> tuple[int, int] | None:
-        """Account one fault.  Returns the (address, length) to wake now, or None.  Raises MappingTableError."""
-        self.stats["faults"] += 1
-        self.threads[fault.thread_id] = self.threads.get(fault.thread_id, 0) + 1
-        index = bisect.bisect_right(self._order, (fault.address, len(self._blocks))) - 1
-        address, length, size = self._blocks[self._order[index][1] if index >= 0 else 0]
-        if not address <= fault.address < address + length:
-            raise MappingTableError(f"fault at {fault.address:#x} is outside every registered mapping")
-        key = (self._order[index][1], (fault.address - address) // size)
-        if key in self._placed:  # a race with Placed, or the page was discarded: wake once, then ask again
-            self._placed.discard(key)
-            self.stats["woken_at_once"] += 1
-            return address + key[1] * size, size
-        if key in self._requested or key in self._new:
-            self.stats["joined"] += 1
-        else:
-            self._new.add(key)
-        return None
-
-    def take_runs(self) -> list[PageRun]:
-        """The new pages as coalesced runs, from now on requested."""
-        runs: list[PageRun] = []
-        for block, page in sorted(self._new):
-            if runs and runs[-1].block == block and runs[-1].stop == page:
-                runs[-1] = PageRun(block=block, first=runs[-1].first, count=runs[-1].count + 1)
-            else:
-                runs.append(PageRun(block=block, first=page, count=1))
-        self._requested |= self._new
-        self.stats["requested_pages"] += len(self._new)
-        self._new.clear()
-        return runs
-
-    def placed(self, runs: tuple[PageRun, ...]) -> list[tuple[int, int]]:
-        """Mark runs placed.  Returns our (address, length) ranges to wake.  Raises RemoteProtocolError."""
-        ranges = []
-        for run in runs:
-            if run.block >= len(self._blocks) or run.stop * self._blocks[run.block][2] > self._blocks[run.block][1]:
-                raise RemoteProtocolError(f"Placed names pages outside the blocks: {run}")
-            keys = {(run.block, page) for page in range(run.first, run.stop)}
-            self._requested -= keys
-            self._placed |= keys
-            self.stats["placed_pages"] += run.count
-            address, _, size = self._blocks[run.block]
-            ranges.append((address + run.first * size, run.count * size))
-        return ranges
-
-
 class Client:
     """A worker's membership of a destination service: sync, safe to share between threads.
 
@@ -237,13 +92,14 @@ class Client:
     migration, ``block_info`` lists the blocks in index order.
     """
 
-    def __init__(self, channel: _Channel, mode: ClientMode, name: str) -> None:
+    def __init__(self, channel: BlockingControlChannel, mode: ClientMode, name: str) -> None:
         self.mode, self.name, self._channel, self.session_id, self.block_info = mode, name, channel, "", ()
+        self._control, self._send_lock = ClientControl(), threading.Lock()
         self._shms: list[SharedMemory] = []
         self._mappings: list[Mapping] = []
         self._views: dict[str, memoryview] = {}
         self._uffd: Userfaultfd | None = None
-        self._pager: _Pager | None = None
+        self._pager: Pager | None = None
         self._thread: threading.Thread | None = None
         self._wakefd, self._stopping, self._left = -1, False, False
         self._end: End | None = None
@@ -281,7 +137,8 @@ class Client:
             sock.close()
             raise PostcopyError(f"cannot reach the service at {socket_path}: {exc}") from exc
         program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
-        client = cls(_Channel(sock, timeout), ClientMode(mode), name or f"{program}-{os.getpid()}")
+        channel = BlockingControlChannel(sock, send_timeout=timeout, allowed=SERVICE_SENDS)
+        client = cls(channel, ClientMode(mode), name or f"{program}-{os.getpid()}")
         try:
             client._handshake(deadline)
         except BaseException as exc:
@@ -296,7 +153,7 @@ class Client:
         return client
 
     def _handshake(self, deadline: float) -> None:
-        self._channel.send(ClientHello(version=PROTOCOL_VERSION, pid=os.getpid(), name=self.name, mode=self.mode))
+        self._send(ClientHello(version=PROTOCOL_VERSION, pid=os.getpid(), name=self.name, mode=self.mode))
         blocks = self._expect(deadline, Blocks)
         self.session_id, self.block_info = blocks.session_id, blocks.blocks
         self._shms = [SharedMemory.adopt(fd) for fd in self._channel.take_fds(len(blocks.blocks))]
@@ -308,50 +165,76 @@ class Client:
         for mapping in self._mappings:
             self._uffd.register(mapping.address, mapping.length, RegisterMode.MISSING)
         if self.mode is ClientMode.SELF_SERVED:
-            self._pager = _Pager([(m.address, m.length, b.page_size) for m, b in zip(self._mappings, self.block_info)])
-            self._channel.send(Register(mappings=()))
+            blocks = BlockTable.from_infos(self.block_info)
+            self._pager = Pager(MappingTable.identity(blocks, [mapping.address for mapping in self._mappings]))
+            self._send(Register(mappings=()))
         else:
             table = tuple((m.address, m.length, index, 0) for index, m in enumerate(self._mappings))
-            self._channel.send(Register(mappings=table), (self._uffd.fd,))
+            self._send(Register(mappings=table), (self._uffd.fd,))
         self._expect(deadline, Accept)  # the control state machine lets nothing else through
 
     def _expect(self, deadline: float, kind: type) -> Message:
-        if isinstance(message := self._channel.next_message(deadline), (Reject, Error)):
+        if isinstance(message := self._next_message(deadline), (Reject, Error)):
             raise _service_error(message.code, message.text, f"the service refused us instead of {kind.__name__}")
         return message
+
+    # -- the control channel: the state machine checks each message both ways --------
+
+    def _send(self, message: Message, fds: Iterable[int] = ()) -> None:
+        """Check and send one message.  Raises ClosedError, OSError, TimeoutError, ProtocolError."""
+        with self._send_lock:  # the state machine and the socket see messages in one order
+            self._control.send(message)
+            self._channel.send(message, fds)
+
+    def _receive(self) -> list[Event]:
+        """What has arrived (never blocks), each message checked; ConnectionClosed last at EOF."""
+        events = self._channel.receive_nowait()
+        for event in events:
+            if not isinstance(event, ConnectionClosed):
+                self._control.receive(event)
+        return events
+
+    def _next_message(self, deadline: float) -> Message:
+        """Wait for one message (handshake).  Raises PostcopyError at EOF, TimeoutError."""
+        try:
+            event = self._channel.receive(deadline)
+        except TimeoutError:
+            raise TimeoutError("the service did not answer in time") from None
+        if isinstance(event, ConnectionClosed):
+            raise PostcopyError("the service closed the control connection during the handshake")
+        self._control.receive(event)
+        return event
 
     # -- the background thread: the control socket, and our uffd when self-served ----
 
     def _run(self) -> None:
         name_native_thread(threading.current_thread().name)
         poller = select.poll()
-        for fd in (self._wakefd, self._channel.sock.fileno()) + ((self._uffd.fd,) if self._pager else ()):
+        for fd in (self._wakefd, self._channel.fileno()) + ((self._uffd.fd,) if self._pager else ()):
             poller.register(fd, select.POLLIN)
         try:
-            self._on_events(self._channel.receive())
+            self._on_events(self._receive())
             while not self._stopping and not self._done.is_set():
                 for fd, _ in poller.poll():
                     if self._pager is not None and fd == self._uffd.fd:
                         self._serve_faults()
                     elif fd != self._wakefd:
-                        self._on_events(self._channel.receive())
+                        self._on_events(self._receive())
         except BaseException as exc:  # noqa: BLE001 - reported by wait_end()
             if isinstance(exc, RemoteProtocolError):
                 with contextlib.suppress(Exception):
-                    self._channel.send(Error(code=ErrorCode.PROTOCOL, text=str(exc)[:LIMITS.max_text]))
+                    self._send(Error(code=ErrorCode.PROTOCOL, text=str(exc)[:LIMITS.max_text]))
             self._finish(failure=exc)
 
-    def _on_events(self, events: list) -> None:
+    def _on_events(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, Placed):  # the state machine admits it in self-served mode only
-                for address, length in self._pager.placed(event.runs):
-                    self._wake(address, length)
+                self._wake(self._pager.placed(event.runs))
             elif isinstance(event, End):
                 if event.complete and self._pager is not None:
                     while self._uffd.read_events(64):  # queued faults: every page is in, just wake
                         pass
-                    for mapping in self._mappings:  # every page is in: nobody may stay asleep
-                        self._wake(mapping.address, mapping.length)
+                    self._wake(self._pager.wake_all())  # every page is in: nobody may stay asleep
                 return self._finish(end=event)
             elif isinstance(event, (Reject, Error)):
                 return self._finish(failure=_service_error(event.code, event.text, "the service dropped us"))
@@ -360,19 +243,16 @@ class Client:
                     "the service closed the control connection before End; threads waiting for pages stay blocked"))
 
     def _serve_faults(self) -> None:
-        wakes = []
+        pager, wakes = self._pager, []
         while events := self._uffd.read_events(64):
-            wakes += [w for e in events if isinstance(e, PageFault) and (w := self._pager.fault(e)) is not None]
-        runs = self._pager.take_runs()
-        for index in range(0, len(runs), LIMITS.max_runs):
-            self._channel.send(ClientRequest(runs=tuple(runs[index:index + LIMITS.max_runs])))
-            self._pager.stats["requests"] += 1
-        for address, length in wakes:
-            self._wake(address, length)
+            wakes += [w for e in events if type(e) is PageFault and (w := pager.fault(e.address, e.thread_id))]
+        for request in pager.requests():
+            self._send(request)
+        self._wake(wakes)
 
-    def _wake(self, address: int, length: int) -> None:
-        self._uffd.wake(address, length)
-        self._pager.stats["wakes"] += 1
+    def _wake(self, ranges: list[tuple[int, int]]) -> None:
+        for address, length in ranges:
+            self._uffd.wake(address, length)
 
     def _finish(self, *, end: End | None = None, failure: BaseException | None = None) -> None:
         with self._lock:
@@ -428,7 +308,7 @@ class Client:
         """Counters; self-served: faults handled here by outcome, and per faulting thread id."""
         stats = {"mode": self.mode.value, "blocks": len(self.block_info), "ended": self._done.is_set()}
         if self._pager is not None:
-            stats.update(self._pager.stats, threads=dict(self._pager.threads))
+            stats.update(self._pager.statistics(), threads=dict(self._pager.threads))
         return stats
 
     def leave(self) -> None:
@@ -456,9 +336,9 @@ class Client:
 
     def _close(self, *, complete: bool, bye: bool = True) -> None:
         self._left = self._stopping = True
-        if bye and self._channel.control.phase is not Phase.CLOSED:
+        if bye and self._control.phase is not Phase.CLOSED:
             with contextlib.suppress(OSError, PostcopyError):
-                self._channel.send(Bye())
+                self._send(Bye())
         if self._thread is not None:
             os.eventfd_write(self._wakefd, 1)
             if self._thread is not threading.current_thread():

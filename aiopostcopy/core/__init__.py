@@ -10,7 +10,8 @@ their arithmetic), ``pages`` (per-page state, one byte per page), ``waiters``,
 ``wakeups`` (who waits, and how they are woken), ``coalesce``, ``inflight``,
 ``link`` (the channels and the source's Hello), ``resume``, ``commands``,
 ``config``, ``stats`` (counters and frozen records), ``session``
-(destination), ``source_session``.
+(destination), ``source_session``, and ``pager`` (a self-served client's
+bookkeeping, for :mod:`aiopostcopy.client`).
 """
 
 from aiopostcopy.core.commands import (Abort, Command, DiscardPages, MigrationComplete,

@@ -22,16 +22,35 @@ page runs:
 The session reports arrivals with :meth:`Coalescer.settle` so the budget
 reopens.  Read-ahead (off by default) extends each fault forward by
 ``readahead_pages`` pages; those pages go only if MISSING, like any other.
+
+The coalescer reads and marks pages through :class:`PageView`: the session's
+:class:`~aiopostcopy.core.pages.PageStates`, or a self-served client's
+:class:`~aiopostcopy.core.pager.BlockRuns`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
-from aiopostcopy.core.pages import REQUESTED, PageStates
+from aiopostcopy.core.pages import REQUESTED
 from aiopostcopy.messages import PageRun
 
-__all__ = ["Coalescer"]
+__all__ = ["Coalescer", "PageView"]
+
+
+class PageView(Protocol):
+    """The pages of one block as the coalescer needs them."""
+
+    @property
+    def pages(self) -> int:
+        """Pages in the block."""
+
+    def missing_runs(self, first: int, count: int) -> list[tuple[int, int]]:
+        """The runs of ``[first, first + count)`` nobody asked for yet, in order."""
+
+    def mark(self, first: int, count: int, state: int) -> object:
+        """Mark a run (the coalescer marks REQUESTED only)."""
 
 
 class Coalescer:
@@ -84,7 +103,7 @@ class Coalescer:
         """Set the in-flight count (after a resume re-counted the REQUESTED pages)."""
         self._in_flight = pages
 
-    def flush(self, states: Sequence[PageStates]) -> list[PageRun]:
+    def flush(self, states: Sequence[PageView]) -> list[PageRun]:
         """Turn the queue into requests, marking their pages REQUESTED.
 
         Args:
@@ -108,7 +127,7 @@ class Coalescer:
         self._queue = leftover
         return runs
 
-    def _take(self, block_states: PageStates, block: int, low: int, high: int, budget: int,
+    def _take(self, block_states: PageView, block: int, low: int, high: int, budget: int,
               runs: list[PageRun], leftover: list[tuple[int, int, int]]) -> int:
         while low < high and budget > 0:
             count = min(high - low, self.max_run_pages, budget)

@@ -1,16 +1,31 @@
-"""Framed messages with file descriptors over a Unix stream socket, on asyncio.
+"""Framed messages with file descriptors over a Unix stream socket: one channel, two drivers.
 
 The client control protocol needs SCM_RIGHTS, which asyncio transports do not
-carry, so this adapter drives a non-blocking Unix socket itself with
-``loop.add_reader`` / ``loop.add_writer``.  It shares the framing of the
-migration channels (:mod:`aiopostcopy.transport.wire`).
+carry, so this module drives a non-blocking Unix socket itself.  It shares the
+framing of the migration channels (:mod:`aiopostcopy.transport.wire`).
+
+Theory of operation
+-------------------
+:class:`_FdSocket` is the one implementation of framing and fd passing; it
+never waits.  Reading is one ``recvmsg`` that feeds the decoder and queues
+the descriptors that rode along; writing pushes queued frames until the
+socket would block.  Two drivers decide *when* to call it:
+
+* :class:`ControlChannel` (the service, or an asyncio client) watches the
+  socket with ``loop.add_reader`` / ``loop.add_writer`` and hands each
+  message to a callback;
+* :class:`BlockingControlChannel` (a worker's :mod:`aiopostcopy.client`)
+  waits with ``poll`` under a deadline and returns events to its caller,
+  whose own thread may also poll the socket among other fds.
 
 File descriptors arrive as ancillary data; they are kept in arrival order in
-a FIFO and the message handler claims them with :meth:`ControlChannel.take_fds`
-(a Blocks message takes one per block, a delegated Register takes one).
-Descriptors nobody claims are closed when the channel closes, and a peer that
-sends more than ``max_pending_fds`` of them is cut off: a client cannot make
-the service hoard descriptors.
+a FIFO and the message handler claims them with ``take_fds`` (a Blocks
+message takes one per block, a delegated Register takes one).  Descriptors
+nobody claims are closed when the channel closes, and a peer that sends more
+than ``max_pending_fds`` of them is cut off: a peer cannot make us hoard
+descriptors.  A frame's descriptors ride on the sendmsg that carries its
+first byte, at most :data:`MAX_FDS_PER_SENDMSG` per sendmsg (more go one
+byte at a time); the receiver sees one FIFO either way.
 
 Close order (trio's rule): mark closed, stop watching the socket, report the
 loss once, close the socket, close unclaimed fds.
@@ -21,15 +36,19 @@ from __future__ import annotations
 import array
 import asyncio
 import os
+import select
 import socket
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Union
 
 from aiopostcopy.errors import ClosedError, RemoteProtocolError
 from aiopostcopy.messages import LIMITS, Error, ErrorCode, Message
 from aiopostcopy.transport.wire import ConnectionClosed, Decoder, encode
 
-__all__ = ["ControlChannel"]
+__all__ = ["ControlChannel", "BlockingControlChannel", "MAX_FDS_PER_SENDMSG"]
 
 _RECV_BYTES = 256 * 1024
 _FD_SIZE = array.array("i").itemsize
@@ -38,37 +57,26 @@ _FD_SIZE = array.array("i").itemsize
 #: the receiver queues them in order, so it sees one FIFO either way.
 MAX_FDS_PER_SENDMSG = 253
 
+Event = Union[Message, ConnectionClosed]  #: what a receive yields
 
-class ControlChannel:
-    """One control connection (service side or asyncio client side).
+
+class _FdSocket:
+    """Framing and fd passing over one non-blocking AF_UNIX stream socket; never waits.
 
     Args:
         sock: a connected AF_UNIX SOCK_STREAM socket; the channel owns it.
-        on_message: called with each message; claim its fds with take_fds().
-        on_lost: called once when the channel ends (None: clean EOF or our close).
         allowed: message types accepted from the peer.
         max_pending_fds: bound on received-but-unclaimed descriptors.
     """
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        on_message: Callable[[Message], None],
-        on_lost: Callable[[BaseException | None], None],
-        *,
-        allowed: frozenset[type] | None = None,
-        max_pending_fds: int = LIMITS.max_blocks,
-    ) -> None:
+    def __init__(self, sock: socket.socket, *, allowed: frozenset[type] | None,
+                 max_pending_fds: int) -> None:
         sock.setblocking(False)
         self._sock: socket.socket | None = sock
-        self._loop = asyncio.get_running_loop()
-        self._on_message = on_message
-        self._on_lost: Callable[[BaseException | None], None] | None = on_lost
         self._decoder = Decoder(allowed=allowed)
         self._fds: deque[int] = deque()
         self._max_fds = max_pending_fds
         self._out: deque[tuple[memoryview, list[int]]] = deque()
-        self._loop.add_reader(sock.fileno(), self._on_readable)
 
     @property
     def is_open(self) -> bool:
@@ -97,15 +105,120 @@ class ControlChannel:
             raise RemoteProtocolError(f"message needs {count} file descriptors, {len(self._fds)} arrived")
         return [self._fds.popleft() for _ in range(count)]
 
+    def _check_open(self) -> socket.socket:
+        if self._sock is None:
+            raise ClosedError("control channel is closed")
+        return self._sock
+
+    # -- reading -------------------------------------------------------------
+
+    def _read(self) -> bool:
+        """One recvmsg into the decoder.  Returns False when nothing was there (would block).
+
+        Raises:
+            RemoteProtocolError: too many descriptors, or a malformed frame.
+            OSError: the socket failed.
+        """
+        sock = self._check_open()
+        space = socket.CMSG_SPACE(self._max_fds * _FD_SIZE)
+        try:
+            data, ancdata, flags, _ = sock.recvmsg(_RECV_BYTES, space, socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return False
+        self._collect_fds(ancdata)
+        if flags & socket.MSG_CTRUNC:
+            raise RemoteProtocolError("too many file descriptors in one message")
+        self._decoder.receive_data(data)  # b"" at EOF: the decoder yields ConnectionClosed
+        return True
+
+    def _collect_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+                self._fds.extend(fds)
+        if len(self._fds) > self._max_fds:
+            raise RemoteProtocolError(f"peer sent more than {self._max_fds} unclaimed file descriptors")
+
+    # -- writing -------------------------------------------------------------
+
+    def _queue(self, message: Message, fds: Iterable[int]) -> None:
+        self._check_open()
+        self._out.append((memoryview(encode(message)), list(fds)))
+
+    def _push(self) -> bool:
+        """Send queued frames until done (True) or the socket would block (False).
+
+        Raises:
+            OSError: the socket failed (EPIPE when the peer is gone).
+        """
+        sock = self._check_open()
+        while self._out:
+            data, fds = self._out[0]
+            chunk, rest = (data, []) if len(fds) <= MAX_FDS_PER_SENDMSG else (data[:1], fds[MAX_FDS_PER_SENDMSG:])
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds[:MAX_FDS_PER_SENDMSG]))] if fds else []
+            try:
+                sent = sock.sendmsg([chunk], anc, socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                return False
+            if sent < len(data):
+                self._out[0] = (data[sent:], rest)  # sent >= 1: the descriptors went with it
+            else:
+                self._out.popleft()
+        return True
+
+    def _try_send_error(self, code: ErrorCode, text: str) -> None:
+        """Best effort: one Error frame straight onto the socket (we are about to close)."""
+        if self._sock is None:
+            return
+        try:
+            self._sock.send(encode(Error(code=code, text=text[: LIMITS.max_text])), socket.MSG_NOSIGNAL)
+        except OSError:
+            pass
+
+    def _close_socket(self, sock: socket.socket) -> None:
+        sock.close()
+        while self._fds:
+            os.close(self._fds.popleft())
+
+
+def _error_code(exc: RemoteProtocolError) -> ErrorCode:
+    return ErrorCode(exc.code) if exc.code in ErrorCode._value2member_map_ else ErrorCode.PROTOCOL
+
+
+class ControlChannel(_FdSocket):
+    """One control connection driven by asyncio (service side or an asyncio client).
+
+    Args:
+        sock: a connected AF_UNIX SOCK_STREAM socket; the channel owns it.
+        on_message: called with each message; claim its fds with take_fds().
+        on_lost: called once when the channel ends (None: clean EOF or our close).
+        allowed: message types accepted from the peer.
+        max_pending_fds: bound on received-but-unclaimed descriptors.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_message: Callable[[Message], None],
+        on_lost: Callable[[BaseException | None], None],
+        *,
+        allowed: frozenset[type] | None = None,
+        max_pending_fds: int = LIMITS.max_blocks,
+    ) -> None:
+        super().__init__(sock, allowed=allowed, max_pending_fds=max_pending_fds)
+        self._loop = asyncio.get_running_loop()
+        self._on_message = on_message
+        self._on_lost: Callable[[BaseException | None], None] | None = on_lost
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
     def send(self, message: Message, fds: Iterable[int] = ()) -> None:
         """Queue a message (with descriptors riding on its first byte).
 
         Raises:
             ClosedError: the channel is closed.
         """
-        if self._sock is None:
-            raise ClosedError("control channel is closed")
-        self._out.append((memoryview(encode(message)), list(fds)))
+        self._queue(message, fds)
         if len(self._out) == 1:
             self._flush()
 
@@ -117,89 +230,38 @@ class ControlChannel:
             self._try_send_error(code, str(error))
         self._shutdown(None)
 
-    # -- reading -------------------------------------------------------------
-
     def _on_readable(self) -> None:
         try:
-            data = self._receive()
-            if data is None:
-                return
-            self._decoder.receive_data(data)
-            self._drain()
+            if self._read():
+                self._drain()
         except RemoteProtocolError as exc:
-            self._try_send_error(ErrorCode(exc.code) if exc.code in ErrorCode._value2member_map_ else ErrorCode.PROTOCOL, str(exc))
+            self._try_send_error(_error_code(exc), str(exc))
             self._shutdown(exc)
-        except OSError as exc:
+        except Exception as exc:  # OSError, or a bug in a handler: end this channel visibly
             self._shutdown(exc)
-        except Exception as exc:  # a bug in a handler: end this client visibly
-            self._shutdown(exc)
-
-    def _receive(self) -> bytes | None:
-        assert self._sock is not None
-        space = socket.CMSG_SPACE(self._max_fds * _FD_SIZE)
-        try:
-            data, ancdata, flags, _ = self._sock.recvmsg(_RECV_BYTES, space, socket.MSG_CMSG_CLOEXEC)
-        except (BlockingIOError, InterruptedError):
-            return None
-        self._collect_fds(ancdata)
-        if flags & socket.MSG_CTRUNC:
-            raise RemoteProtocolError("too many file descriptors in one message")
-        return data
-
-    def _collect_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
-                self._fds.extend(fds)
-        if len(self._fds) > self._max_fds:
-            raise RemoteProtocolError(f"peer sent more than {self._max_fds} unclaimed file descriptors")
 
     def _drain(self) -> None:
         while self._sock is not None:
             event = self._decoder.next_event()
             if event is None:
                 return
-            if event is ConnectionClosed or isinstance(event, ConnectionClosed):
+            if isinstance(event, ConnectionClosed):
                 self._shutdown(None)
                 return
             self._on_message(event)
 
-    # -- writing -------------------------------------------------------------
-
     def _flush(self) -> None:
-        while self._out and self._sock is not None:
-            data, fds = self._out[0]
-            chunk, rest = (data, []) if len(fds) <= MAX_FDS_PER_SENDMSG else (data[:1], fds[MAX_FDS_PER_SENDMSG:])
-            fds = fds[:MAX_FDS_PER_SENDMSG]
-            try:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-                sent = self._sock.sendmsg([chunk], anc)
-            except (BlockingIOError, InterruptedError):
-                self._loop.add_writer(self._sock.fileno(), self._on_writable)
-                return
-            except OSError as exc:
-                self._shutdown(exc)
-                return
-            if sent < len(data):
-                self._out[0] = (data[sent:], rest)  # sent >= 1: the descriptors went with it
-            else:
-                self._out.popleft()
-        if self._sock is not None:
-            self._loop.remove_writer(self._sock.fileno())
-
-    def _on_writable(self) -> None:
-        self._flush()
-
-    def _try_send_error(self, code: ErrorCode, text: str) -> None:
         if self._sock is None:
             return
         try:
-            self._sock.send(encode(Error(code=code, text=text[: LIMITS.max_text])))
-        except OSError:
-            pass
-
-    # -- closing -------------------------------------------------------------
+            done = self._push()
+        except OSError as exc:
+            self._shutdown(exc)
+            return
+        if done:
+            self._loop.remove_writer(self._sock.fileno())
+        else:
+            self._loop.add_writer(self._sock.fileno(), self._flush)
 
     def _shutdown(self, exc: BaseException | None) -> None:
         sock, self._sock = self._sock, None
@@ -212,6 +274,102 @@ class ControlChannel:
             if callback is not None:
                 callback(exc)
         finally:
-            sock.close()
-            while self._fds:
-                os.close(self._fds.popleft())
+            self._close_socket(sock)
+
+
+class BlockingControlChannel(_FdSocket):
+    """One control connection driven by a thread: ``poll`` with deadlines, no event loop.
+
+    Sending is thread-safe (frames never interleave).  Receiving belongs to
+    one thread at a time: :meth:`receive_nowait` after the socket polled
+    readable, or :meth:`receive` to wait for one event.
+
+    Args:
+        sock: a connected AF_UNIX SOCK_STREAM socket; the channel owns it.
+        send_timeout: seconds one :meth:`send` may wait for room in the socket.
+        allowed: message types accepted from the peer.
+        max_pending_fds: bound on received-but-unclaimed descriptors.
+    """
+
+    def __init__(self, sock: socket.socket, *, send_timeout: float,
+                 allowed: frozenset[type] | None = None,
+                 max_pending_fds: int = LIMITS.max_blocks) -> None:
+        super().__init__(sock, allowed=allowed, max_pending_fds=max_pending_fds)
+        self.send_timeout = send_timeout
+        self._events: deque[Event] = deque()
+        self._eof = False
+        self._send_lock = threading.Lock()
+
+    def fileno(self) -> int:
+        """The socket's descriptor, to poll among others (readable: call receive_nowait).
+
+        Raises:
+            ClosedError: the channel is closed.
+        """
+        return self._check_open().fileno()
+
+    def send(self, message: Message, fds: Iterable[int] = ()) -> None:
+        """Send one frame (``fds`` on its first byte), waiting up to ``send_timeout`` for room.
+
+        Raises:
+            ClosedError: the channel is closed.
+            TimeoutError: the peer did not read for ``send_timeout`` seconds.
+            OSError: the socket failed (BrokenPipeError when the peer is gone).
+        """
+        deadline = time.monotonic() + self.send_timeout
+        with self._send_lock:
+            self._queue(message, fds)
+            try:
+                while not self._push():
+                    self._wait(select.POLLOUT, deadline)
+            except OSError as exc:
+                if not isinstance(exc, TimeoutError):  # a broken socket: nothing queued can go
+                    self._out.clear()
+                raise
+
+    def receive_nowait(self) -> list[Event]:
+        """What has arrived, without waiting: messages in order, then ConnectionClosed after EOF.
+
+        Raises:
+            RemoteProtocolError: too many descriptors, or a malformed or forbidden frame.
+            OSError: the socket failed.
+        """
+        self._read_once()
+        events, self._events = list(self._events), deque()
+        return events
+
+    def receive(self, deadline: float) -> Event:
+        """Wait for the next event (a message, or ConnectionClosed at EOF) until ``deadline``.
+
+        Args:
+            deadline: a ``time.monotonic()`` value.
+
+        Raises:
+            TimeoutError: nothing arrived by ``deadline``.
+            RemoteProtocolError, OSError: as :meth:`receive_nowait`.
+        """
+        while not self._events:
+            self._wait(select.POLLIN, deadline)
+            self._read_once()
+        return self._events.popleft()
+
+    def close(self) -> None:
+        """Close the socket and every unclaimed descriptor (idempotent)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._close_socket(sock)
+
+    def _read_once(self) -> None:
+        if self._eof or not self._read():
+            return
+        while not self._eof and (event := self._decoder.next_event()) is not None:
+            self._eof = isinstance(event, ConnectionClosed)
+            self._events.append(event)
+
+    def _wait(self, events: int, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the peer did not answer in time")
+        poller = select.poll()
+        poller.register(self._check_open(), events)
+        poller.poll(max(1, int(remaining * 1000)))

@@ -1,0 +1,234 @@
+"""The SCM_RIGHTS control channel: both drivers (asyncio and blocking) over real Unix sockets.
+
+Each test joins the two ends with ``socket.socketpair``; descriptors passed
+are real (pipes, checked by writing through them), and every descriptor a
+test creates is closed by the end of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import pytest
+
+from aiopostcopy.errors import ClosedError, RemoteProtocolError
+from aiopostcopy.messages import (Accept, BlockInfo, Blocks, ClientHello, ClientMode, End, Error, ErrorCode,
+                                  Register)
+from aiopostcopy.transport.fdstream import MAX_FDS_PER_SENDMSG, BlockingControlChannel, ControlChannel
+from aiopostcopy.transport.wire import ConnectionClosed, encode
+
+HELLO = ClientHello(version=1, pid=1, name="t", mode=ClientMode.DELEGATED)
+
+
+def blocks(count: int) -> Blocks:
+    return Blocks(session_id="s", blocks=tuple(BlockInfo(name=f"b{i}", length=4096, page_size=4096)
+                                               for i in range(count)))
+
+
+def pipes(count: int) -> list[tuple[int, int]]:
+    return [os.pipe() for _ in range(count)]
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def assert_same_pipe(received: int, write_end: int) -> None:
+    """``received`` is a duplicate of the read end whose write end is ``write_end``."""
+    os.write(write_end, b"x")
+    assert os.read(received, 1) == b"x"
+
+
+def claim_and_check(channel: BlockingControlChannel, ends: list[tuple[int, int]]) -> None:
+    """Receive until every descriptor of ``ends`` is there, check each is its pipe, close them."""
+    while channel.pending_fds < len(ends):  # the last descriptors may ride on later bytes
+        channel.receive_nowait()
+    got = channel.take_fds(len(ends))
+    for fd, (_, write_end) in zip(got, ends):
+        assert_same_pipe(fd, write_end)
+    close_all(got)
+
+
+def blocking_pair(**options: object) -> tuple[BlockingControlChannel, BlockingControlChannel]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return (BlockingControlChannel(a, send_timeout=2.0, **options),  # type: ignore[arg-type]
+            BlockingControlChannel(b, send_timeout=2.0, **options))  # type: ignore[arg-type]
+
+
+def soon() -> float:
+    return time.monotonic() + 5.0
+
+
+def test_blocking_channel_carries_messages_and_fds_in_order() -> None:
+    left, right = blocking_pair()
+    ends = pipes(3)
+    try:
+        left.send(HELLO)
+        left.send(blocks(3), [r for r, _ in ends])
+        left.send(End(complete=True))
+        assert right.receive(soon()) == HELLO
+        assert right.receive(soon()) == blocks(3)
+        assert right.pending_fds == 3
+        claim_and_check(right, ends)
+        assert right.receive(soon()) == End(complete=True)
+        left.close()
+        assert isinstance(right.receive(soon()), ConnectionClosed)
+        assert right.receive_nowait() == []  # after EOF nothing more, no error
+    finally:
+        left.close()
+        right.close()
+        close_all([fd for pair in ends for fd in pair])
+
+
+def test_more_fds_than_one_sendmsg_carries_arrive_as_one_fifo() -> None:
+    count = MAX_FDS_PER_SENDMSG + 20
+    left, right = blocking_pair(max_pending_fds=count)
+    ends = pipes(count)
+    try:
+        left.send(blocks(count), [r for r, _ in ends])
+        assert right.receive(soon()) == blocks(count)
+        claim_and_check(right, ends)
+    finally:
+        left.close()
+        right.close()
+        close_all([fd for pair in ends for fd in pair])
+
+
+def test_fds_nobody_claims_are_closed_with_the_channel() -> None:
+    left, right = blocking_pair()
+    read_end, write_end = os.pipe()
+    try:
+        left.send(blocks(1), [read_end])
+        assert right.receive(soon()) == blocks(1)
+        right.close()  # the duplicate of read_end goes with it: only ours is left
+        os.close(read_end)
+        with pytest.raises(BrokenPipeError):
+            os.write(write_end, b"x")
+    finally:
+        left.close()
+        os.close(write_end)
+
+
+def test_claiming_more_fds_than_arrived_and_hoarding_are_protocol_errors() -> None:
+    left, right = blocking_pair(max_pending_fds=2)
+    ends = pipes(3)
+    try:
+        left.send(HELLO)
+        assert right.receive(soon()) == HELLO
+        with pytest.raises(RemoteProtocolError, match="needs 1 file descriptors, 0 arrived"):
+            right.take_fds(1)
+        left.send(blocks(3), [r for r, _ in ends])
+        with pytest.raises(RemoteProtocolError, match="more than 2 unclaimed|too many file descriptors"):
+            right.receive(soon())
+    finally:
+        left.close()
+        right.close()
+        close_all([fd for pair in ends for fd in pair])
+
+
+def test_forbidden_messages_and_use_after_close() -> None:
+    left, right = blocking_pair(allowed=frozenset({ClientHello}))
+    try:
+        left.send(End(complete=True))
+        with pytest.raises(RemoteProtocolError):
+            right.receive(soon())
+        left.close()
+        with pytest.raises(ClosedError, match="control channel is closed"):
+            left.send(HELLO)
+    finally:
+        left.close()
+        right.close()
+
+
+def test_a_peer_that_does_not_read_makes_send_time_out_and_reading_times_out_too() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    channel = BlockingControlChannel(a, send_timeout=0.05)
+    big = Error(code=ErrorCode.PROTOCOL, text="x" * 4000)
+    try:
+        with pytest.raises(TimeoutError):
+            for _ in range(10_000):  # far more than the socket buffers hold
+                channel.send(big)
+        with pytest.raises(TimeoutError):
+            channel.receive(time.monotonic() + 0.05)
+    finally:
+        channel.close()
+        b.close()
+
+
+def test_a_peer_gone_makes_send_fail_with_an_os_error() -> None:
+    left, right = blocking_pair()
+    right.close()
+    try:
+        with pytest.raises(BrokenPipeError):
+            left.send(HELLO)
+    finally:
+        left.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])
+async def test_asyncio_and_blocking_drivers_speak_to_each_other() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    received: list = []
+    lost: asyncio.Future = asyncio.get_running_loop().create_future()
+    service = ControlChannel(a, received.append, lambda exc: lost.done() or lost.set_result(exc),
+                             allowed=frozenset({ClientHello, Register}))
+    client = BlockingControlChannel(b, send_timeout=2.0)
+    read_end, write_end = os.pipe()
+    try:
+        client.send(HELLO)
+        client.send(Register(mappings=((0x1000, 0x1000, 0, 0),)), [read_end])
+        while len(received) < 2:
+            await asyncio.sleep(0.001)
+        assert received == [HELLO, Register(mappings=((0x1000, 0x1000, 0, 0),))]
+        (fd,) = service.take_fds(1)
+        assert_same_pipe(fd, write_end)
+        os.close(fd)
+        service.send(Accept())
+        assert await asyncio.to_thread(client.receive, soon()) == Accept()
+        client.send(End(complete=True))  # not allowed from this peer: an Error, then the close
+        assert isinstance(await asyncio.wait_for(lost, 5), RemoteProtocolError)
+        assert not service.is_open
+        answer = await asyncio.to_thread(client.receive, soon())
+        assert isinstance(answer, Error) and answer.code is ErrorCode.PROTOCOL
+        assert isinstance(await asyncio.to_thread(client.receive, soon()), ConnectionClosed)
+    finally:
+        service.close()
+        client.close()
+        os.close(read_end)
+        os.close(write_end)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])
+async def test_asyncio_driver_sends_many_fds_and_large_frames_across_would_block() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    service = ControlChannel(a, lambda msg: None, lambda exc: None)
+    client = BlockingControlChannel(b, send_timeout=2.0, max_pending_fds=MAX_FDS_PER_SENDMSG + 5)
+    ends = pipes(MAX_FDS_PER_SENDMSG + 5)
+    big = Error(code=ErrorCode.IO, text="y" * 4000)
+    try:
+        for _ in range(200):  # more than the socket buffer: the writer must wait for room
+            service.send(big)
+        service.send(blocks(len(ends)), [r for r, _ in ends])
+        for _ in range(200):
+            assert await asyncio.to_thread(client.receive, soon()) == big
+        assert await asyncio.to_thread(client.receive, soon()) == blocks(len(ends))
+        await asyncio.to_thread(claim_and_check, client, ends)
+    finally:
+        service.close()
+        client.close()
+        close_all([fd for pair in ends for fd in pair])
+
+
+def test_encoded_frames_are_what_travels() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    channel = BlockingControlChannel(a, send_timeout=2.0)
+    try:
+        channel.send(HELLO)
+        assert b.recv(1 << 16) == encode(HELLO)
+    finally:
+        channel.close()
+        b.close()
