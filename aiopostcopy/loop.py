@@ -146,6 +146,7 @@ class PostcopyDestination:
         self._source = SourceChannels(self._loop, options.source, _ChannelSink(self),
                                       reconnect_interval=options.reconnect_interval, deadline=options.source_deadline)
         self._pass_pending = False
+        self._drains = 0  #: EAGAIN drains of our userfaultfd while placing (a placement's wake plan is void after one)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
         self._started_at = time.monotonic()
@@ -519,16 +520,34 @@ class PostcopyDestination:
             self._fail(MigrationAborted(command.reason))
 
     def _place(self, command: Place | PlaceZero, staging: Staging | None, *, start: int = 0, existed: int = 0) -> None:
-        assert self._placement is not None and self._uffd is not None
-        uffd = self._uffd
-        existed += self._placement.place(command, staging, lambda: self._read_faults(OWN_FD, uffd), start=start)
-        self._session.placed(command.block, command.first, command.count, time.monotonic(), existed_pages=existed)
+        """Place a run on the loop thread; its clients' threads are woken right after the copy,
+        before the session's bookkeeping (which then emits no Wake for them)."""
+        assert self._placement is not None
+        block, first, count = command.block, command.first, command.count
+        plan = self._session.wake_plan(block, first, count) if start == 0 else ()
+        drains = self._drains
+        existed += self._placement.place(command, staging, self._drain_own_events, start=start)
+        prewoken = bool(plan) and not existed and drains == self._drains
+        if prewoken:
+            for key, address, length in plan:
+                self._wake_range(key, address, length)
+        self._session.placed(block, first, count, time.monotonic(), existed_pages=existed, prewoken=prewoken)
+
+    def _drain_own_events(self) -> None:
+        """EAGAIN while placing: read our userfaultfd's events (faults, mapping changes), then retry."""
+        assert self._uffd is not None
+        self._drains += 1
+        self._read_faults(OWN_FD, self._uffd)
 
     def _wake(self, command: Wake) -> None:
-        if command.key == OWN_FD:
-            self._uffd.wake(command.start, command.length)
+        self._wake_range(command.key, command.start, command.length)
+
+    def _wake_range(self, key: object, start: int, length: int) -> None:
+        if key == OWN_FD:
+            assert self._uffd is not None
+            self._uffd.wake(start, length)
         elif self._clients is not None:
-            self._clients.wake(command.key, command.start, command.length)
+            self._clients.wake(key, start, length)
 
     # -- ending ----------------------------------------------------------------
 

@@ -308,12 +308,23 @@ class DestinationSession:
 
     # ------------------------------------------------------------ placement
 
-    def placed(self, block: int, first: int, count: int, now: float, *, existed_pages: int = 0) -> None:
+    def wake_plan(self, block: int, first: int, count: int) -> tuple[tuple[Hashable, int, int], ...]:
+        """``(key, start, length)`` ranges to wake right after the run's copy (clients' fds:
+        the copy wakes only the service's own).  Wake them, then call :meth:`placed` with
+        ``prewoken=True``: a thread resumes before the bookkeeping, not after it."""
+        if self._deferred[block]:  # discards of placing pages: the exact path wakes only what stays
+            return ()
+        return self._registry().plan(block, first, count)
+
+    def placed(self, block: int, first: int, count: int, now: float, *, existed_pages: int = 0,
+               prewoken: bool = False) -> None:
         """The loop carried out (part of) a Place/PlaceZero: the run is in memory.
 
         ``existed_pages``: pages the kernel found present (EEXIST): someone else
         filled them (the loop wrote the right bytes over them); they count as
         integrity pages, and fds woken by the copy get explicit Wakes too.
+        ``prewoken``: the loop woke :meth:`wake_plan`'s ranges right after a copy
+        that placed every page (no EEXIST, no events read in between): no Wake follows.
 
         Raises:
             InternalError: a page of the run was not PLACING.
@@ -323,7 +334,8 @@ class DestinationSession:
         self._count.integrity_pages += existed_pages
         wakeups: Wakeups = self._wakeups  # type: ignore[assignment]  (set with the blocks)
         if not self._deferred[block]:
-            self._commands.extend(wakeups.release(block, first, count, now, force=existed_pages > 0))
+            self._commands.extend(wakeups.release(block, first, count, now, force=existed_pages > 0,
+                                                  prewoken=prewoken))
         else:  # discarded while placing: drop those now and wake nobody for them
             kept = self._deferred[block].gaps(first, first + count)
             self._discard(block, self._deferred[block].intersection(first, first + count))

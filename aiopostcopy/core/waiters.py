@@ -93,6 +93,13 @@ class Waiters:
         pages = self._pages[block]
         return sorted(set(pages[bisect_left(pages, first):bisect_left(pages, first + count)]))
 
+    def peek(self, block: int, first: int, count: int) -> list[Waiter]:
+        """Every waiter on a page of the run, left in place."""
+        pages = self._pages[block]
+        low = bisect_left(pages, first)
+        high = bisect_left(pages, first + count, low)
+        return self._items[block][low:high] if low < high else []
+
     def take(self, block: int, first: int, count: int) -> list[Waiter]:
         """Remove and return every waiter on a page of the run."""
         pages = self._pages[block]

@@ -144,18 +144,44 @@ class Wakeups:
                          for start, stop in block_states.runs(run.first, run.count, _PLACED))
         return notify_commands(key, ready) if ready else []
 
+    def plan(self, block: int, first: int, count: int) -> tuple[tuple[Hashable, int, int], ...]:
+        """The wakes a placement of the run will need, ``(key, start, length)``, waiters left in place.
+
+        Only fds the copy does not wake (clients' fds: the copy goes through the
+        service's mapping).  The loop wakes these right after its copy and
+        before any bookkeeping, then reports the run with ``prewoken``.
+        """
+        waiting = self._waiters.peek(block, first, count)
+        if not waiting:
+            return ()
+        fds = self._fds
+        wanted = [w for w in waiting if not fds[w.key].woken_by_copy]
+        if len(wanted) == 1:
+            waiter = wanted[0]
+            return ((waiter.key, waiter.address, self.blocks[waiter.block].page_size),)
+        return tuple((key, start, length) for key, pieces in self._waiters.wake_ranges(wanted).items()
+                     for start, length in pieces)
+
     def release(self, block: int, first: int, count: int, now: float, *,
-                force: bool = False) -> list[Command]:
+                force: bool = False, prewoken: bool = False) -> list[Command]:
         """The run is placed: wake its waiters once each, notify self-served clients.
 
         Args:
             force: wake fds woken by the copy too (the copy found pages present,
                 or the page was placed before the fault was read).
+            prewoken: the loop already woke what :meth:`plan` gave for this run,
+                and the copy woke the rest: the waiters are accounted, no Wake follows.
 
         Returns:
             Wake commands merged per fd, then NotifyPlaced per client.
         """
-        commands: list[Command] = self._wake(self._waiters.take(block, first, count), now, force)
+        taken = self._waiters.take(block, first, count)
+        if prewoken:
+            for waiter in taken:
+                self._count.woken_waiter(waiter, now)
+            commands: list[Command] = []
+        else:
+            commands = self._wake(taken, now, force)
         if len(self._runs):
             commands.extend(self._notify(self._runs.take(block, first, count), now))
         return commands

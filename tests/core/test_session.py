@@ -193,6 +193,32 @@ def test_a_fault_is_requested_placed_and_woken() -> None:
     assert stats.faults_by_block == (2, 0)
 
 
+def test_wake_plan_names_the_clients_to_wake_and_prewoken_placement_emits_no_wake() -> None:
+    session = open_session()
+    session.fault_received("c", CLIENT_BASE + 2 * PAGE + 100, 77, 1.0)  # block 0 page 10
+    session.fault_received("c", CLIENT_BASE + 3 * PAGE, 78, 1.0)
+    session.fault_received("own", OWN_BASE + 11 * PAGE, 79, 1.0)  # woken by the copy itself
+    session.flush(1.0)
+    session.message_received(URGENT, pages(0, 10, 2), 1.5)
+    assert session.commands() == [Place(0, 10, 2, 0)]
+    assert session.wake_plan(0, 10, 2) == (("c", CLIENT_BASE + 2 * PAGE, 2 * PAGE),)
+    assert session.wake_plan(0, 12, 1) == ()  # nobody waits there
+    session.placed(0, 10, 2, 1.5, prewoken=True)
+    assert session.commands() == []
+    stats = session.statistics()
+    assert (stats.woken, stats.wakes, stats.waiting) == (3, 0, 0)
+    assert stats.latency.count == 3
+
+
+def test_no_wake_plan_while_a_discard_of_placing_pages_is_pending() -> None:
+    session = open_session()
+    session.fault_received("c", CLIENT_BASE + 2 * PAGE, 77, 1.0)  # block 0 page 10
+    session.message_received(URGENT, pages(0, 10, 1), 1.0)
+    session.commands()
+    session.message_received(URGENT, m.Discard(block=0, first=10, count=1), 1.0)
+    assert session.wake_plan(0, 10, 1) == ()
+
+
 def test_joined_fault_is_not_requested_again() -> None:
     session = open_session()
     session.fault_received("own", OWN_BASE + 3 * PAGE, 1, 0.0)
