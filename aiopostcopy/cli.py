@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     dst.add_argument("--clients", default=None, help="Unix socket path where clients join")
     dst.add_argument("--vhost-user", metavar="SOCK", action="append", default=[],
                      help="attach the vhost-user back-end listening on SOCK as a postcopy client (repeatable)")
-    dst.add_argument("--deadline", type=float, default=60.0, help="seconds the source may stay unreachable")
+    dst.add_argument("--deadline", type=float, default=60.0,
+                     help="seconds without progress from the source (no pages arriving, whatever the cause)")
     dst.add_argument("--json", default=None, help="write the final report here ('-' for stdout)")
     dst.add_argument("--quiet", action="store_true", help="no progress line")
     from aiopostcopy.tools.bench import add_bench_arguments

@@ -68,7 +68,7 @@ from aiopostcopy.core.session import DestinationSession
 from aiopostcopy.errors import MigrationAborted, SourceLostError, UffdError
 from aiopostcopy.destination.memory import BlockMemory, Staging
 from aiopostcopy.destination.placer import BackgroundPlacer, Placement
-from aiopostcopy.messages import LIMITS, Channel, Complete, Hello, Message, Pages, Request, Zero
+from aiopostcopy.messages import LIMITS, Channel, Complete, Error, ErrorCode, Hello, Message, Pages, Request, Zero
 from aiopostcopy.destination.vhost_user import FrontEndPort, VhostUserFrontEnd
 from aiopostcopy.destination.report import DestinationReport, build_report, remember_thread_name
 from aiopostcopy.transport.channels import SourceChannels
@@ -98,8 +98,11 @@ class DestinationOptions:
         session_id: identifies this migration to the source (random if None).
         session: tuning of the fault-handling session.
         reconnect_interval: seconds between attempts after the source is lost.
-        source_deadline: seconds the source may stay unreachable before the
-            migration is aborted (None: wait for an explicit abort).
+        source_deadline: seconds without progress from the source (no pages
+            arriving, whatever the cause) before the migration is aborted (None:
+            wait for an explicit abort).
+        source_idle_timeout: seconds without a byte from the source before its
+            connections count as broken and are reconnected (it is pinged meanwhile).
         vhost_user: Unix socket paths of vhost-user back-ends to attach as
             postcopy clients (docs/vhost-user.md).
     """
@@ -111,6 +114,7 @@ class DestinationOptions:
     session: DestinationConfig = dataclasses.field(default_factory=DestinationConfig)
     reconnect_interval: float = 0.1
     source_deadline: float | None = 60.0
+    source_idle_timeout: float | None = 5.0
     vhost_user: tuple[str, ...] = ()
 
 
@@ -144,7 +148,8 @@ class PostcopyDestination:
         self._hello: asyncio.Future[Hello] = self._loop.create_future()
         self._done: asyncio.Future[DestinationReport] = self._loop.create_future()
         self._source = SourceChannels(self._loop, options.source, _ChannelSink(self),
-                                      reconnect_interval=options.reconnect_interval, deadline=options.source_deadline)
+                                      reconnect_interval=options.reconnect_interval, deadline=options.source_deadline,
+                                      idle_timeout=options.source_idle_timeout)
         self._pass_pending = False
         self._drains = 0  #: EAGAIN drains of our userfaultfd while placing (a placement's wake plan is void after one)
         self._timer: asyncio.TimerHandle | None = None
@@ -293,7 +298,7 @@ class PostcopyDestination:
         if not self._hello.done():
             self._hello.set_exception(error)
             return False
-        return True
+        return self._hello.exception() is None  # setting up after the Hello failed: nothing to go back to
 
     def _payload_sink(self, channel: Channel, header: Pages, nbytes: int) -> memoryview:
         """Where a Pages payload lands, once the session has checked its size against the run."""
@@ -577,8 +582,8 @@ class PostcopyDestination:
         self._done.set_exception(exc)
         if self._clients is not None:
             self._clients.end_all(complete=False)
-        self._source.cancel_reconnect()
-        self._source.drop()
+        # Error(aborted) on the urgent channel tells the source the session is over: it lets go at once
+        self._source.close(farewell=Error(code=ErrorCode.ABORTED, text=str(exc)[:LIMITS.max_text] or "failed"))
 
 
 class _ChannelSink:

@@ -24,6 +24,14 @@ everything that happens to them goes to one event sink
   past the ``deadline``, which fails the migration (``source_failed``).
 * A loss with an error that is neither OSError nor PostcopyError is a bug in
   our own handling: the sink is failed at once and nothing is retried.
+* A watchdog looks every second.  Connections on which nothing arrived for a
+  while get a Ping (after the source's Hello); after ``idle_timeout`` seconds
+  of silence they are dropped like a broken connection (a source that accepts
+  and never speaks fails the handshake).  ``deadline`` counts seconds without
+  *progress*: messages that carry the migration forward (Pages, Zero, Discard,
+  Done), not a connect, a Hello or an Error, so a peer that accepts and then
+  sends nothing useful, or bad frames, ends the migration as surely as one
+  that cannot be reached.  Every loss and reconnection is logged with its cause.
 
 Bytes received on dropped connections are kept in
 :attr:`SourceChannels.bytes_from_closed`, so the received count never goes back.
@@ -32,17 +40,26 @@ Bytes received on dropped connections are kept in
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import time
 from typing import Protocol
 
 from aiopostcopy.errors import MigrationAborted, PostcopyError, SourceLostError
-from aiopostcopy.messages import Channel, Message, Pages
+from aiopostcopy.messages import Channel, Discard, Done, Hello, Message, Pages, Ping, Zero
 from aiopostcopy.transport.stream import FrameProtocol
 
 __all__ = ["ChannelEvents", "SourceChannels"]
 
 #: background bytes read per loop turn before the urgent channel gets a look in
 _BACKGROUND_TURN_BYTES = 64 * 1024
+#: seconds without a byte from the source before its connections count as broken
+IDLE_TIMEOUT = 5.0
+_TICK = 1.0  #: seconds between watchdog looks (at most; a third of the idle timeout if shorter)
+#: messages that are progress of the migration; a peer that only says Hello, Ping or Error makes none
+_PROGRESS = frozenset({Pages, Zero, Discard, Done})
+
+log = logging.getLogger("aiopostcopy.source")
 
 
 class ChannelEvents(Protocol):
@@ -78,8 +95,12 @@ class SourceChannels:
         source: ``(host, port)`` for TCP, or a Unix socket path.
         events: told everything that happens to the channels.
         reconnect_interval: seconds between attempts after the source is lost.
-        deadline: seconds the source may stay unreachable before the migration
-            is aborted (None: wait for an explicit abort).
+        deadline: seconds without progress from the source (pages, zero runs,
+            discards or Done, whatever the cause: unreachable, silent, answering
+            with errors) before the migration is aborted (None: wait for an
+            explicit abort).
+        idle_timeout: seconds without a byte on the open connections before
+            they count as broken (None: never); the source is pinged meanwhile.
     """
 
     def __init__(
@@ -90,15 +111,25 @@ class SourceChannels:
         *,
         reconnect_interval: float,
         deadline: float | None,
+        idle_timeout: float | None = IDLE_TIMEOUT,
     ) -> None:
         self.channels: dict[Channel, FrameProtocol] = {}
         self.bytes_from_closed = 0  #: bytes received on connections dropped so far
         self.source = source  #: where connections (and reconnections) go
+        self.last_progress = time.monotonic()  #: when the source last sent data (see _PROGRESS)
+        self.outages = 0  #: times the source was lost after the handshake
         self._loop = loop
         self._events = events
         self._reconnect_interval = reconnect_interval
         self._deadline = deadline
+        self._idle_timeout = idle_timeout
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._progress = self._progress_seen = 0  # data messages received, and as of the last tick
+        self._heard: set[Channel] = set()  # channels whose source Hello arrived: Ping is allowed
+        self._rx_seen, self._rx_at = 0, time.monotonic()
+        self._pings = itertools.count(1)
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._lost_because: str | None = None
 
     async def connect(self) -> None:
         """Open the urgent channel, then the background one.
@@ -106,10 +137,13 @@ class SourceChannels:
         Raises:
             OSError: the source could not be reached (a channel already open stays open).
         """
+        if self._watchdog is None:
+            self._arm_watchdog()
         for channel in (Channel.URGENT, Channel.BACKGROUND):
             proto = await self._open(channel)
             self.channels[channel] = proto
             self._events.channel_opened(channel, proto)
+        self._rx_at = time.monotonic()  # the silence clock starts with the new connections
 
     def send(self, channel: Channel, msg: Message) -> None:
         """Send ``msg`` on ``channel`` if it is open; otherwise it is dropped."""
@@ -140,15 +174,20 @@ class SourceChannels:
     def drop(self) -> None:
         """Abort both channels and tell the service (a reconnect replaces both)."""
         channels, self.channels = self.channels, {}
+        self._heard.clear()
+        self._rx_seen = -1
         for proto in channels.values():
             self.bytes_from_closed += proto.bytes_received
             proto.abort()
         self._events.channels_dropped(tuple(channels))
 
     def cancel_reconnect(self) -> None:
-        """Stop trying to reconnect (the migration is over)."""
+        """Stop trying to reconnect and watching the source (the migration is over)."""
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     async def stop_reconnecting(self) -> None:
         """Cancel the reconnect task, if one runs, and wait for it to end."""
@@ -161,7 +200,7 @@ class SourceChannels:
         urgent = channel is Channel.URGENT
         events = self._events
         factory = lambda: FrameProtocol(  # noqa: E731
-            lambda msg: events.message_received(channel, msg),
+            lambda msg: self._received(channel, msg),
             lambda exc: self._on_lost(channel, exc),
             payload_sink=lambda header, nbytes: events.payload_sink(channel, header, nbytes),
             yield_after=None if urgent else _BACKGROUND_TURN_BYTES,
@@ -172,6 +211,14 @@ class SourceChannels:
             _, proto = await self._loop.create_connection(factory, self.source[0], self.source[1])
         return proto
 
+    def _received(self, channel: Channel, msg: Message) -> None:
+        kind = type(msg)
+        if kind in _PROGRESS:
+            self._progress += 1
+        elif kind is Hello:
+            self._heard.add(channel)
+        self._events.message_received(channel, msg)
+
     def _on_lost(self, channel: Channel, exc: BaseException | None) -> None:
         if self.channels.get(channel) is None:
             return
@@ -179,27 +226,77 @@ class SourceChannels:
             self._events.source_failed(exc)  # a bug in our own handling: fail visibly
             return
         self.drop()
-        error = SourceLostError(f"source closed the {channel.value} channel")
+        why = f"{exc}" if exc is not None else f"the source closed the {channel.value} channel"
+        error = SourceLostError(f"lost the source at {_where(self.source)}: {why}")
         error.__cause__ = exc
         if self._events.source_lost(error) and self._reconnect_task is None:
-            self._reconnect_task = self._loop.create_task(self._reconnect(exc))
+            self.outages += 1
+            self._lost_because = why
+            log.warning("lost the source at %s (%s); reconnecting every %.1f s", _where(self.source), why,
+                        self._reconnect_interval)
+            self._reconnect_task = self._loop.create_task(self._reconnect())
 
-    async def _reconnect(self, cause: BaseException | None) -> None:
-        give_up = None if self._deadline is None else time.monotonic() + self._deadline
+    async def _reconnect(self) -> None:
+        lost_at = time.monotonic()
         try:
             while True:
                 await asyncio.sleep(self._reconnect_interval)
                 try:
                     await self.connect()
-                except OSError:
+                except OSError as exc:
                     self.drop()
-                    if give_up is not None and time.monotonic() > give_up:
-                        err = SourceLostError("source unreachable past the deadline")
-                        err.__cause__ = cause
-                        self._events.source_failed(MigrationAborted(str(err)))
-                        return
+                    self._lost_because = f"cannot connect: {exc}"
                     continue
+                log.warning("reconnected to the source at %s after %.1f s", _where(self.source),
+                            time.monotonic() - lost_at)
                 self._events.channels_restored()  # the session sends Resume when the source's Hello is back
                 return
         finally:
             self._reconnect_task = None
+
+    # -- the watchdog: silence, pings and the deadline ------------------------------
+
+    def _arm_watchdog(self) -> None:
+        tick = _TICK if self._idle_timeout is None else min(_TICK, self._idle_timeout / 3)
+        self._watchdog = self._loop.call_later(tick, self._on_watchdog)
+
+    def _on_watchdog(self) -> None:
+        """Every tick: note progress, end the migration past the deadline, ping a quiet source,
+        drop connections that stayed silent for the idle timeout."""
+        self._watchdog = None
+        now = time.monotonic()
+        if self._progress != self._progress_seen:
+            self._progress_seen, self.last_progress = self._progress, now
+        if self._deadline is not None and now - self.last_progress > self._deadline:
+            why = self._lost_because or "connected, but no pages arrived"
+            self._give_up(SourceLostError(f"no progress from the source at {_where(self.source)} for "
+                                          f"{now - self.last_progress:.0f} s (deadline {self._deadline:g} s): {why}"))
+            return
+        if self.channels:
+            self._check_silence(now)
+        self._arm_watchdog()
+
+    def _check_silence(self, now: float) -> None:
+        received = sum(proto.bytes_received for proto in self.channels.values())
+        if received != self._rx_seen:
+            self._rx_seen, self._rx_at = received, now
+            return
+        quiet = now - self._rx_at
+        if self._idle_timeout is not None and quiet >= self._idle_timeout:
+            channel = next(iter(self.channels))
+            self._on_lost(channel, SourceLostError(f"nothing received for {quiet:.1f} s"))
+            return
+        for channel in self._heard & self.channels.keys():  # a Ping only after the source's Hello
+            self.send(channel, Ping(token=next(self._pings)))
+
+    def _give_up(self, error: SourceLostError) -> None:
+        """The deadline passed: fail the handshake, or end the migration."""
+        self.cancel_reconnect()
+        self.drop()
+        log.error("%s", error)
+        if self._events.source_lost(error):
+            self._events.source_failed(MigrationAborted(str(error)))
+
+
+def _where(source: tuple[str, int] | str) -> str:
+    return source if isinstance(source, str) else f"{source[0]}:{source[1]}"

@@ -1,0 +1,128 @@
+"""Deadlines that bound: a source that is silent, talks nonsense or is stopped ends ``dest --deadline``.
+
+``--deadline`` counts seconds without progress from the source (pages, zero runs,
+discards, Done), whatever the cause; connections on which nothing arrives are
+pinged and, after the idle timeout, dropped and reconnected.  Each test runs a
+real ``python -m aiopostcopy dest`` against a peer on loopback and checks that
+it ends in time, with a non-zero status and one message naming the cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from aiopostcopy import messages as m
+from aiopostcopy.transport.wire import Decoder, encode
+
+from e2e_support import PYTHON
+
+MiB = 1 << 20
+
+
+async def _run_dest(e2e, address: tuple[str, int], deadline: float, limit: float = 20.0) -> tuple[int, str, float]:
+    argv = [PYTHON, "-m", "aiopostcopy", "dest", "--source", f"{address[0]}:{address[1]}",
+            "--block-dir", e2e.block_dir, "--deadline", str(deadline), "--quiet"]
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+    e2e.procs.add(proc)
+    _, err = await asyncio.wait_for(proc.communicate(), limit)
+    return proc.returncode, err.decode(errors="replace"), time.monotonic() - started
+
+
+class _Peer:
+    """A loopback TCP server whose connections are handled by ``talk``; closed by the test."""
+
+    def __init__(self, talk) -> None:
+        self.talk, self.connections, self.server = talk, 0, None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> tuple[str, int]:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[:2]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            await self.talk(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+
+    async def close(self) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await self.server.wait_closed()
+
+
+async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read()  # accept, read, never answer
+
+
+async def _hello_then_garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer the destination's Hello correctly, then send a frame that is no frame."""
+    decoder = Decoder()
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            return
+        decoder.receive_data(data)
+        msg = decoder.next_event()
+        if isinstance(msg, m.Hello):
+            break
+    block = m.BlockInfo(name="ram", length=1 * MiB, page_size=4096)
+    writer.write(encode(m.Hello(version=m.PROTOCOL_VERSION, session_id=msg.session_id, role=m.Role.SOURCE,
+                                channel=msg.channel, blocks=(block,))))
+    writer.write(b"\x00\x00\x00\x05\x93\xff\xff\xff\xff")
+    await writer.drain()
+    await reader.read()
+
+
+@pytest.mark.asyncio
+async def test_a_peer_that_accepts_and_never_speaks_ends_dest_at_its_deadline(e2e) -> None:
+    peer = _Peer(_silent)
+    address = await peer.start()
+    try:
+        status, err, took = await _run_dest(e2e, address, deadline=3)
+    finally:
+        await peer.close()
+    assert status != 0, err
+    assert took < 10, f"dest took {took:.1f} s"
+    assert "no progress from the source" in err and "no pages arrived" in err, err
+    assert "Traceback" not in err, err
+
+
+@pytest.mark.asyncio
+async def test_a_peer_that_says_hello_then_sends_bad_frames_ends_dest_at_its_deadline(e2e) -> None:
+    peer = _Peer(_hello_then_garbage)
+    address = await peer.start()
+    try:
+        status, err, took = await _run_dest(e2e, address, deadline=3)
+    finally:
+        await peer.close()
+    assert status != 0, err
+    assert took < 10, f"dest took {took:.1f} s"
+    assert peer.connections >= 4, "it reconnected at least once (two channels a time)"
+    assert "reconnecting" in err, err  # every loss is said, with its cause
+    assert "no progress from the source" in err, err
+    assert "Traceback" not in err, err
+
+
+@pytest.mark.asyncio
+async def test_a_stopped_source_ends_dest_at_its_deadline(e2e) -> None:
+    source = await e2e.source({"ram": e2e.image(16 * MiB, seed=1201)})
+    os.kill(source.proc.pid, signal.SIGSTOP)  # the kernel still accepts; nobody answers
+    try:
+        status, err, took = await _run_dest(e2e, source.address, deadline=3)
+    finally:
+        os.kill(source.proc.pid, signal.SIGCONT)
+        source.proc.kill()
+    assert status != 0 and took < 10, (status, took, err)
+    assert "no progress from the source" in err, err
+    assert os.listdir(e2e.block_dir) == [], "an incomplete destination leaves no block file"
