@@ -46,7 +46,7 @@ def check_hello(channel: m.Channel, msg: m.Hello, session_id: str, *,
         raise RemoteProtocolError("the source's Hello lists no blocks")
     blocks = BlockTable.from_infos(msg.blocks)
     if known is not None and blocks != known:
-        raise RemoteProtocolError("the source's block list differs from the one it sent before")
+        raise RemoteProtocolError("the source's block list differs from the one it sent before", code="session")
     return blocks
 
 

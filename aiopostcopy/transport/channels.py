@@ -22,6 +22,8 @@ everything that happens to them goes to one event sink
   until both channels are up again (``channels_restored``: the session sends
   Resume when the source's Hello is back) or the source has been unreachable
   past the ``deadline``, which fails the migration (``source_failed``).
+* A protocol error with code ``version``, ``session``, ``busy`` or
+  ``aborted`` (sent or received) ends the migration: reconnecting cannot help.
 * A loss with an error that is neither OSError nor PostcopyError is a bug in
   our own handling: the sink is failed at once and nothing is retried.
 * A watchdog looks every second.  Connections on which nothing arrived for a
@@ -45,7 +47,7 @@ import logging
 import time
 from typing import Protocol
 
-from aiopostcopy.errors import MigrationAborted, PostcopyError, SourceLostError
+from aiopostcopy.errors import MigrationAborted, PostcopyError, ProtocolError, SourceLostError
 from aiopostcopy.messages import Channel, Discard, Done, Hello, Message, Pages, Ping, Zero
 from aiopostcopy.transport.stream import FrameProtocol
 
@@ -58,6 +60,8 @@ IDLE_TIMEOUT = 5.0
 _TICK = 1.0  #: seconds between watchdog looks (at most; a third of the idle timeout if shorter)
 #: messages that are progress of the migration; a peer that only says Hello, Ping or Error makes none
 _PROGRESS = frozenset({Pages, Zero, Discard, Done})
+#: error codes after which reconnecting cannot help: the migration ends with a report
+_FINAL_CODES = frozenset({"version", "session", "busy", "aborted"})
 
 log = logging.getLogger("aiopostcopy.source")
 
@@ -224,6 +228,10 @@ class SourceChannels:
             return
         if exc is not None and not isinstance(exc, (OSError, PostcopyError)):
             self._events.source_failed(exc)  # a bug in our own handling: fail visibly
+            return
+        if isinstance(exc, ProtocolError) and exc.code in _FINAL_CODES:  # docs/protocol.md section 6
+            self._give_up(SourceLostError(f"the source at {_where(self.source)} cannot go on with this "
+                                          f"migration ({exc.code}): {exc}"))
             return
         self.drop()
         why = f"{exc}" if exc is not None else f"the source closed the {channel.value} channel"

@@ -126,3 +126,57 @@ async def test_a_stopped_source_ends_dest_at_its_deadline(e2e) -> None:
     assert status != 0 and took < 10, (status, took, err)
     assert "no progress from the source" in err, err
     assert os.listdir(e2e.block_dir) == [], "an incomplete destination leaves no block file"
+
+
+class _ChangingBlocks:
+    """Answers the first two connections (urgent, background) with one block list, drops them, and
+    answers every later connection with another list; records what the destination sent back."""
+
+    def __init__(self) -> None:
+        self.hellos = 0
+        self.errors: list[m.Error] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = Decoder()
+        msg = None
+        while not isinstance(msg, m.Hello):
+            data = await reader.read(65536)
+            if not data:
+                return
+            decoder.receive_data(data)
+            msg = decoder.next_event()
+        self.hellos += 1
+        first = self.hellos <= 2
+        block = m.BlockInfo(name="ram", length=(1 if first else 2) * MiB, page_size=4096)
+        writer.write(encode(m.Hello(version=m.PROTOCOL_VERSION, session_id=msg.session_id, role=m.Role.SOURCE,
+                                    channel=msg.channel, blocks=(block,))))
+        await writer.drain()
+        if first:
+            if self.hellos == 2:
+                await asyncio.sleep(0.2)
+                writer.transport.abort()  # a broken link: the destination reconnects
+            else:
+                await reader.read()
+            return
+        while (data := await reader.read(65536)):
+            decoder.receive_data(data)
+            while (event := decoder.next_event()) is not None:
+                if isinstance(event, m.Error):
+                    self.errors.append(event)
+
+
+@pytest.mark.asyncio
+async def test_a_block_list_changed_on_reconnect_ends_the_migration_with_error_session(e2e) -> None:
+    """docs/protocol.md 4.2: the destination checks every later block list against the first and
+    answers a different one with Error(session); section 6: after `session` it does not reconnect."""
+    talk = _ChangingBlocks()
+    peer = _Peer(talk)
+    address = await peer.start()
+    try:
+        status, err, took = await _run_dest(e2e, address, deadline=30)
+    finally:
+        await peer.close()
+    assert status != 0 and took < 10, (status, took, err)
+    assert "block list differs" in err and "(session)" in err, err
+    assert talk.hellos <= 4, f"it kept reconnecting: {talk.hellos} Hellos"
+    assert any(e.code is m.ErrorCode.SESSION for e in talk.errors), talk.errors
