@@ -582,8 +582,11 @@ class PostcopyDestination:
         self._done.set_exception(exc)
         if self._clients is not None:
             self._clients.end_all(complete=False)
-        # Error(aborted) on the urgent channel tells the source the session is over: it lets go at once
-        self._source.close(farewell=Error(code=ErrorCode.ABORTED, text=str(exc)[:LIMITS.max_text] or "failed"))
+        # An explicit abort already told the source (Error(aborted): its work ends).  Any other
+        # failure says Error(io): the source lets this session go at once and serves the next one.
+        farewell = None if self._session.aborted is not None else Error(
+            code=ErrorCode.IO, text=f"the destination failed: {exc}"[:LIMITS.max_text])
+        self._source.close(farewell=farewell)
 
 
 class _ChannelSink:
