@@ -92,8 +92,11 @@ class Client:
     migration, ``block_info`` lists the blocks in index order.
     """
 
-    def __init__(self, channel: BlockingControlChannel, mode: ClientMode, name: str) -> None:
+    def __init__(self, channel: BlockingControlChannel, mode: ClientMode, name: str, *,
+                 socket_path: str = "", rejoin: float = 0.0, timeout: float = 30.0) -> None:
         self.mode, self.name, self._channel, self.session_id, self.block_info = mode, name, channel, "", ()
+        self._socket_path, self._rejoin, self._timeout = socket_path, rejoin, timeout
+        self.rejoins = 0  #: times we joined a restarted service again
         self._control, self._send_lock = ClientControl(), threading.Lock()
         self._shms: list[SharedMemory] = []
         self._mappings: list[Mapping] = []
@@ -102,6 +105,7 @@ class Client:
         self._pager: Pager | None = None
         self._thread: threading.Thread | None = None
         self._wakefd, self._stopping, self._left = -1, False, False
+        self._rejoined: int | None = None  # the old control socket's fd, once replaced
         self._end: End | None = None
         self._failure: BaseException | None = None
         self._done, self._lock = threading.Event(), threading.Lock()
@@ -109,7 +113,7 @@ class Client:
 
     @classmethod
     def join(cls, socket_path: str, *, mode: ClientMode = ClientMode.DELEGATED, name: str | None = None,
-             timeout: float = 30.0) -> Client:
+             timeout: float = 30.0, rejoin: float = 30.0) -> Client:
         """Connect, map every block, register it with our own userfaultfd, get accepted.
 
         Args:
@@ -117,6 +121,10 @@ class Client:
             mode: DELEGATED (the service serves our uffd) or SELF_SERVED.
             name: how the service reports us; default ``<program>-<pid>``.
             timeout: seconds for the whole handshake, then for any one send.
+            rejoin: delegated: seconds to keep trying to join the service again when
+                it goes away before End (a destination restarted after a crash
+                adopts the migration); our blocked threads stay blocked meanwhile
+                and go on when it serves our userfaultfd again.  0: never.
 
         Returns:
             A running client.
@@ -129,16 +137,10 @@ class Client:
             PostcopyError: the service is unreachable, silent for ``timeout``, or hung up.
         """
         deadline = time.monotonic() + timeout
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(socket_path)
-        except OSError as exc:
-            sock.close()
-            raise PostcopyError(f"cannot reach the service at {socket_path}: {exc}") from exc
         program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
-        channel = BlockingControlChannel(sock, send_timeout=timeout, allowed=SERVICE_SENDS)
-        client = cls(channel, ClientMode(mode), name or f"{program}-{os.getpid()}")
+        channel = _connect(socket_path, timeout)
+        client = cls(channel, ClientMode(mode), name or f"{program}-{os.getpid()}", socket_path=socket_path,
+                     rejoin=rejoin, timeout=timeout)
         try:
             client._handshake(deadline)
         except BaseException as exc:
@@ -172,6 +174,50 @@ class Client:
             table = tuple((m.address, m.length, index, 0) for index, m in enumerate(self._mappings))
             self._send(Register(mappings=table), (self._uffd.fd,))
         self._expect(deadline, Accept)  # the control state machine lets nothing else through
+
+    def _rejoin_service(self) -> bool:
+        """The service went away before End (delegated): join the one that takes its place.
+
+        Retries the socket for ``rejoin`` seconds.  The new service must serve the same
+        session over the same memory (the same files: our mappings stay); we register
+        the same table with the same userfaultfd, and it wakes our threads to fault again.
+
+        Returns:
+            True when joined again; False if no service came back in time.
+
+        Raises:
+            PostcopyError: a service came back with another migration or other memory.
+        """
+        give_up = time.monotonic() + self._rejoin
+        while not self._stopping:
+            try:
+                channel = _connect(self._socket_path, self._timeout)
+            except PostcopyError:
+                if time.monotonic() > give_up:
+                    return False
+                time.sleep(0.05)
+                continue
+            with self._send_lock:
+                self._channel.close()
+                self._channel, self._control = channel, ClientControl()
+            self._send(ClientHello(version=PROTOCOL_VERSION, pid=os.getpid(), name=self.name, mode=self.mode))
+            deadline = time.monotonic() + self._timeout
+            blocks = self._expect(deadline, Blocks)
+            fds = self._channel.take_fds(len(blocks.blocks))
+            try:
+                same = blocks.session_id == self.session_id and len(fds) == len(self._shms) and all(
+                    _same_file(fd, shm.fd) for fd, shm in zip(fds, self._shms))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if not same:
+                raise PostcopyError("the service that came back serves another migration or other memory")
+            table = tuple((m.address, m.length, index, 0) for index, m in enumerate(self._mappings))
+            self._send(Register(mappings=table), (self._uffd.fd,))
+            self._expect(deadline, Accept)
+            self.rejoins += 1
+            return True
+        return False
 
     def _expect(self, deadline: float, kind: type) -> Message:
         if isinstance(message := self._next_message(deadline), (Reject, Error)):
@@ -218,8 +264,12 @@ class Client:
                 for fd, _ in poller.poll():
                     if self._pager is not None and fd == self._uffd.fd:
                         self._serve_faults()
-                    elif fd != self._wakefd:
+                    elif fd == self._channel.fileno():
                         self._on_events(self._receive())
+                if self._rejoined is not None:  # a new control socket to watch
+                    poller.unregister(self._rejoined)
+                    poller.register(self._channel.fileno(), select.POLLIN)
+                    self._rejoined = None
         except BaseException as exc:  # noqa: BLE001 - reported by wait_end()
             if isinstance(exc, RemoteProtocolError):
                 with contextlib.suppress(Exception):
@@ -239,6 +289,10 @@ class Client:
             elif isinstance(event, (Reject, Error)):
                 return self._finish(failure=_service_error(event.code, event.text, "the service dropped us"))
             elif isinstance(event, ConnectionClosed):
+                old = self._channel.fileno()
+                if self._pager is None and self._rejoin > 0 and self._rejoin_service():
+                    self._rejoined = old
+                    return None
                 return self._finish(failure=PostcopyError(
                     "the service closed the control connection before End; threads waiting for pages stay blocked"))
 
@@ -371,6 +425,22 @@ class Client:
         for shm in self._shms:
             shm.close()
         self._mappings, self._shms = [], []
+
+
+def _connect(socket_path: str, timeout: float) -> BlockingControlChannel:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+    except OSError as exc:
+        sock.close()
+        raise PostcopyError(f"cannot reach the service at {socket_path}: {exc}") from exc
+    return BlockingControlChannel(sock, send_timeout=timeout, allowed=SERVICE_SENDS)
+
+
+def _same_file(fd: int, other: int) -> bool:
+    a, b = os.fstat(fd), os.fstat(other)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 class AsyncClient:

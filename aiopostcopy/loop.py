@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import uuid
 import time
@@ -66,7 +67,8 @@ from aiopostcopy.core.commands import (
 from aiopostcopy.core.config import DestinationConfig
 from aiopostcopy.core.session import DestinationSession
 from aiopostcopy.errors import MigrationAborted, SourceLostError, UffdError
-from aiopostcopy.destination.memory import BlockMemory, Staging
+from aiopostcopy.destination.memory import (BlockMemory, Staging, adoptable_session, forget_session,
+                                            remember_session)
 from aiopostcopy.destination.placer import BackgroundPlacer, Placement
 from aiopostcopy.messages import LIMITS, Channel, Complete, Error, ErrorCode, Hello, Message, Pages, Request, Zero
 from aiopostcopy.destination.vhost_user import FrontEndPort, VhostUserFrontEnd
@@ -76,6 +78,8 @@ from aiopostcopy.transport.stream import FrameProtocol
 from aiopostcopy.uffd import Feature, PageFault, RegisterMode, Userfaultfd
 
 __all__ = ["DestinationOptions", "PostcopyDestination", "OWN_FD"]
+
+log = logging.getLogger("aiopostcopy.destination")
 
 OWN_FD = "service"  #: session key of the service's own userfaultfd
 #: Staging buffers of the background channel: one receiving, the rest queued for or being
@@ -134,7 +138,10 @@ class PostcopyDestination:
         """
         self.options = options
         self._open_userfaultfd = open_userfaultfd or (lambda: Userfaultfd.open(Feature.THREAD_ID))
-        self.session_id = options.session_id or uuid.uuid4().hex
+        # a block directory an earlier destination of a migration died in: take over its session
+        adoptable = adoptable_session(options.block_dir) if options.block_dir and not options.session_id else None
+        self._adopting = adoptable is not None
+        self.session_id = options.session_id or adoptable or uuid.uuid4().hex
         self._loop = asyncio.get_running_loop()
         self._session = DestinationSession(session_id=self.session_id, config=options.session)
         self._staging = Staging(LIMITS.max_payload)  # the urgent channel's: placed inline
@@ -264,6 +271,8 @@ class PostcopyDestination:
             self._close_own_uffd()
         if self._memory is not None:
             self._memory.close(complete=complete)
+            if self.options.block_dir is not None:
+                forget_session(self.options.block_dir)  # ended here: nothing is left to adopt
         if not complete:
             # Only after munmap: closing a userfaultfd wakes its waiters, and a
             # thread of this process retrying on a still-mapped, no longer
@@ -372,8 +381,11 @@ class PostcopyDestination:
         """Create, map and register the blocks, synchronously: the payload of the
         next Pages frame must find them (it lands in the staging buffer right away)."""
         try:
-            self._memory = BlockMemory.create(hello.blocks, self.options.block_dir)
+            self._memory = BlockMemory.create(hello.blocks, self.options.block_dir, adopt=self._adopting)
+            if self.options.block_dir is not None:
+                remember_session(self.options.block_dir, self.session_id)
             self._open_own_uffd()
+            self._adopt_present_pages()
             # one zeroed page of the largest size, made here once: both placing threads read it
             zero_page = self._staging.zeroed(max(block.page_size for block in self._memory))
             self._placement = Placement(self._uffd, self._memory, zero_page)
@@ -385,6 +397,18 @@ class PostcopyDestination:
             raise
         if not self._hello.done():
             self._hello.set_result(hello)
+
+    def _adopt_present_pages(self) -> None:
+        """Pages an earlier destination of this session placed count as placed (crash recovery)."""
+        assert self._memory is not None
+        if not self._adopting:
+            return
+        now = time.monotonic()
+        for block in self._memory:
+            self._session.adopt_present(block.index, self._memory.present_runs(block.index), now)
+        log.warning("adopted the partial blocks of session %s in %s: %d pages already here", self.session_id,
+                    self.options.block_dir, self._session.statistics().pages_placed)
+        self._schedule_pass()
 
     # -- own userfaultfd --------------------------------------------------------
 

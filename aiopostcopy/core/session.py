@@ -295,6 +295,32 @@ class DestinationSession:
         for run in runs:
             self._coalescer.add_run(run.block, run.first, run.count)  # it skips pages not MISSING
 
+    # ------------------------------------------------------------ adoption
+
+    def adopt_present(self, block: int, runs: Iterable[tuple[int, int]], now: float) -> None:
+        """Pages ``[start, stop)`` of ``block`` are already in memory: an earlier destination of
+        this session placed them before it died.  They count as placed, and the source is
+        told what is here with a Resume, as after a reconnection (now if the urgent channel
+        is open, else when the source's Hello arrives on it).
+
+        Raises:
+            InternalError: a page of a run is not MISSING.
+        """
+        states = self._check_run(block, 0, 1)
+        for start, stop in runs:
+            states.mark(start, stop - start, PLACING)  # the way every page comes in
+            states.mark(start, stop - start, PLACED)
+            self._placed += stop - start
+            self._count.pages_adopted += stop - start
+        self._link.lost = True
+        if URGENT in self._link.open:
+            self._send_resume(now)
+        if not self._complete and self._placed == self._total:
+            self._complete = True
+            self._commands.append(MigrationComplete())
+            if URGENT in self._link.open:
+                self._link.send(URGENT, m.Complete())
+
     # ------------------------------------------------------------ integrity
 
     def unplaced_runs(self, block: int, first: int, count: int) -> list[tuple[int, int]]:

@@ -164,6 +164,8 @@ class DestinationStatistics:
         blocked_by_thread: seconds blocked, per ``(fd key, thread id)``.
         faults_by_block: faults per block index.
         resumes: Resume messages sent after a reconnection.
+        pages_adopted: pages an earlier destination of the session had placed (adopted
+            from its partial block files after it died).
         integrity_pages: pages found filled by someone else before the service
             placed them (a client touched memory it had not registered): the
             right bytes were written over them, but a reader may have seen the
@@ -197,6 +199,7 @@ class DestinationStatistics:
     blocked_by_thread: Mapping[tuple[Hashable, int], float]
     faults_by_block: tuple[int, ...]
     resumes: int
+    pages_adopted: int
     integrity_pages: int
     complete: bool
     aborted: str | None
@@ -205,7 +208,7 @@ class DestinationStatistics:
 _PLAIN = ("pages_demand", "pages_background", "pages_zero", "pages_discarded", "pages_duplicate",
           "pages_requested", "pages_re_requested", "requests_sent", "faults", "bad_faults",
           "faults_joined", "faults_already_placed", "client_requests", "wakes", "woken",
-          "waiters_dropped", "resumes", "integrity_pages")
+          "waiters_dropped", "resumes", "pages_adopted", "integrity_pages")
 
 
 @dataclasses.dataclass(slots=True)
@@ -229,6 +232,7 @@ class Counters:
     woken: int = 0
     waiters_dropped: int = 0
     resumes: int = 0
+    pages_adopted: int = 0
     integrity_pages: int = 0
     faults_by_block: list[int] = dataclasses.field(default_factory=list)
     latency: LatencyRecorder = dataclasses.field(default_factory=LatencyRecorder)

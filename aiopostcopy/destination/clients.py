@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import itertools
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable
 from typing import Any
@@ -113,7 +115,7 @@ class ClientRegistry:
         if path is None:  # attached clients only (vhost-user back-ends): no control socket
             self._listener.close()
             return
-        self._listener.bind(path)
+        _bind_replacing_stale(self._listener, path)
         self._listener.listen(64)
         self._listener.setblocking(False)
         self._loop.add_reader(self._listener.fileno(), self._on_accept)
@@ -193,6 +195,19 @@ class ClientRegistry:
         self._loop.add_reader(uffd.fd, self._on_uffd_readable, client)
         self._send(client, Accept())
         self._on_uffd_readable(client)  # faults may have queued before we watched the fd
+        self._wake_mapped(client)
+
+    def _wake_mapped(self, client: ClientInfo) -> None:
+        """Wake every mapped range once: a client that joins again after its service died has
+        threads whose faults the dead service read.  Those on pages already here go on; the
+        others fault again, and this service sees it."""
+        if client.uffd is None or client.table is None:  # retired while reading its first faults
+            return
+        try:
+            for address, length, _block, _offset in client.table.entries:
+                client.uffd.wake(address, length)
+        except UffdError as exc:
+            self.retire(client, f"waking it failed: {exc}")
 
     def _verify_registration(self, uffd: Userfaultfd, table: MappingTable) -> None:
         """Make sure every range of ``table`` is registered on ``uffd`` and nothing was filled early.
@@ -414,6 +429,30 @@ class ClientRegistry:
         for client in self._retired:
             if client.channel is not None:
                 client.channel.close()
+
+
+def _bind_replacing_stale(listener: socket.socket, path: str) -> None:
+    """Bind ``path``; a socket file nobody listens on (a dead service's) is replaced.
+
+    Raises:
+        OSError: the path is taken by a live service, or by something else than a socket.
+    """
+    try:
+        listener.bind(path)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE or not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: its service is gone
+        listener.bind(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another service is listening on {path}")
 
 
 def _may_send(client: ClientInfo, kind: type) -> bool:

@@ -7,6 +7,18 @@ questions for the loop.  Files are created exclusively: a pre-existing file
 would already hold pages, which userfaultfd would never report missing, so
 stale content could pass for migrated memory.
 
+Crash recovery.  In a block directory a block lives as ``NAME.partial`` until
+the migration completes, then it is renamed ``NAME``: a file under its final
+name is always complete.  The migration's session id is kept beside them in
+``.aiopostcopy-session``.  A destination killed mid-migration leaves both; the
+next one started on the same directory *adopts* the partial files (same size
+and page size required): every page the file holds was placed by UFFDIO_COPY
+(the service never writes a missing page any other way, and a client that
+filled one early was refused), so :meth:`BlockMemory.present_runs` reports
+them (SEEK_DATA) and the session resumes the source session for the rest.
+hugetlbfs cannot say which pages a file holds: an adopted hugetlbfs block is
+emptied (punched) and migrates again whole.
+
 Discarded pages are dropped with fallocate(PUNCH_HOLE) on the backing object,
 which works for shmem and hugetlbfs alike (madvise(DONTNEED) on a shared
 mapping only drops this process's page-table entries and keeps the page).
@@ -27,7 +39,11 @@ from aiopostcopy.core.ramblock import BlockTable, MappingTable, RAMBlock
 from aiopostcopy.messages import BlockInfo
 from aiopostcopy.uffd import Ioctl, Mapping, SharedMemory
 
-__all__ = ["BlockMemory", "MappedBlock", "Staging"]
+__all__ = ["BlockMemory", "MappedBlock", "Staging", "PARTIAL_SUFFIX", "SESSION_FILE", "adoptable_session",
+           "forget_session", "remember_session"]
+
+PARTIAL_SUFFIX = ".partial"  #: a block file's name until the migration completes
+SESSION_FILE = ".aiopostcopy-session"  #: the session id of the migration a block directory holds
 
 
 @dataclasses.dataclass(slots=True)
@@ -40,6 +56,7 @@ class MappedBlock:
     mapping: Mapping
     path: str | None
     zeropage_ok: bool = False
+    adopted: bool = False  #: an earlier destination's partial file, taken over
 
     @property
     def address(self) -> int:
@@ -67,17 +84,23 @@ class BlockMemory:
         self.table = BlockTable([RAMBlock.from_info(b.info) for b in blocks])
 
     @classmethod
-    def create(cls, infos: Sequence[BlockInfo], block_dir: str | None) -> "BlockMemory":
+    def create(cls, infos: Sequence[BlockInfo], block_dir: str | None, *, adopt: bool = False) -> "BlockMemory":
         """Create and map the backing of every block.
 
+        Args:
+            adopt: take over ``NAME.partial`` files an earlier destination of the
+                same migration left in ``block_dir`` (others are created).
+
         Raises:
-            FileExistsError: a block file already exists in ``block_dir``.
-            OSError: the memory could not be created (e.g. no hugepages reserved).
+            FileExistsError: a block file already exists in ``block_dir`` (a
+                complete one, or a partial one when not adopting).
+            OSError: the memory could not be created (e.g. no hugepages reserved),
+                or an adopted file has the wrong size or page size.
         """
         blocks: list[MappedBlock] = []
         try:
             for index, info in enumerate(infos):
-                blocks.append(_create_block(index, info, block_dir))
+                blocks.append(_create_block(index, info, block_dir, adopt))
         except BaseException:
             for block in blocks:
                 _release(block, unlink=True)
@@ -107,6 +130,21 @@ class BlockMemory:
         """The service's own mapping: block i at its mapped address."""
         return MappingTable.identity(self.table, [b.address for b in self._blocks])
 
+    def present_runs(self, index: int) -> list[tuple[int, int]]:
+        """Page runs an adopted block's file already holds (none for a new block).
+
+        An adopted hugetlbfs block cannot tell: it is emptied here instead.
+        """
+        block = self._blocks[index]
+        if not block.adopted:
+            return []
+        runs = block.shm.data_runs(0, block.length)
+        if runs is None:
+            block.shm.punch_hole(0, block.length)
+            return []
+        size = block.page_size
+        return [(start // size, -(-stop // size)) for start, stop in runs]
+
     def discard(self, index: int, first: int, count: int) -> None:
         """Drop pages so that the next touch faults as missing again."""
         block = self._blocks[index]
@@ -122,21 +160,32 @@ class BlockMemory:
         """
         for block in self._blocks:
             _release(block, unlink=not complete)
+            if complete and block.path is not None and block.path.endswith(PARTIAL_SUFFIX):
+                final = block.path[:-len(PARTIAL_SUFFIX)]
+                os.rename(block.path, final)
+                block.path = final
         self._blocks = []
 
 
-def _create_block(index: int, info: BlockInfo, block_dir: str | None) -> MappedBlock:
+def _create_block(index: int, info: BlockInfo, block_dir: str | None, adopt: bool) -> MappedBlock:
     hugetlb = info.page_size != mmap.PAGESIZE
+    adopted = False
     if block_dir is None:
         shm = SharedMemory.memfd(info.name, info.length, hugetlb=hugetlb, huge_page_size=info.page_size)
         path = None
     else:
-        path = os.path.join(block_dir, _file_name(info.name))
-        shm = SharedMemory.create(path, info.length, exclusive=True)
-        if shm.page_size != info.page_size:
+        final = os.path.join(block_dir, _file_name(info.name))
+        path = final + PARTIAL_SUFFIX
+        if os.path.lexists(final):
+            raise FileExistsError(f"block file {final} exists already (a complete migration's): remove it first")
+        adopted = adopt and os.path.exists(path)
+        shm = SharedMemory.open(path) if adopted else SharedMemory.create(path, info.length, exclusive=True)
+        if shm.page_size != info.page_size or shm.size != info.length:
             shm.close()
-            os.unlink(path)
-            raise OSError(f"block {info.name!r} needs {info.page_size}-byte pages but {block_dir} gives {shm.page_size}")
+            if not adopted:
+                os.unlink(path)
+            raise OSError(f"block {info.name!r} needs {info.length} bytes of {info.page_size}-byte pages but "
+                          f"{path} has {shm.size} bytes of {shm.page_size}-byte pages")
     try:
         mapping = shm.map(info.length)
     except BaseException:
@@ -148,7 +197,7 @@ def _create_block(index: int, info: BlockInfo, block_dir: str | None) -> MappedB
         mapping.close()
         shm.close()
         raise
-    return MappedBlock(index=index, info=info, shm=shm, mapping=mapping, path=path)
+    return MappedBlock(index=index, info=info, shm=shm, mapping=mapping, path=path, adopted=adopted)
 
 
 def _file_name(name: str) -> str:
@@ -164,6 +213,33 @@ def _release(block: MappedBlock, *, unlink: bool) -> None:
             os.unlink(block.path)
         except FileNotFoundError:
             pass
+
+
+def adoptable_session(block_dir: str) -> str | None:
+    """The session id an earlier destination left in ``block_dir`` with partial blocks, or None."""
+    try:
+        with open(os.path.join(block_dir, SESSION_FILE), encoding="utf-8") as f:
+            session_id = f.read().strip()
+    except FileNotFoundError:
+        return None
+    partial = any(name.endswith(PARTIAL_SUFFIX) for name in os.listdir(block_dir))
+    return session_id if session_id and partial else None
+
+
+def remember_session(block_dir: str, session_id: str) -> None:
+    """Write the session id beside the blocks (atomically), for a destination that restarts."""
+    path = os.path.join(block_dir, SESSION_FILE)
+    with open(path + ".new", "w", encoding="utf-8") as f:
+        f.write(session_id + "\n")
+    os.replace(path + ".new", path)
+
+
+def forget_session(block_dir: str) -> None:
+    """The migration ended (complete, or given up): nothing is left to adopt."""
+    try:
+        os.unlink(os.path.join(block_dir, SESSION_FILE))
+    except FileNotFoundError:
+        pass
 
 
 class Staging:

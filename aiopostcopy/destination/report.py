@@ -54,6 +54,7 @@ class DestinationReport:
     client_requests: int
     requests_sent: int
     resumes: int
+    pages_adopted: int
     integrity_pages: int
     bytes_received: int
     goodput_gbps: float
@@ -136,6 +137,7 @@ def build_report(stats: DestinationStatistics, *, final: bool, session_id: str, 
         client_requests=stats.client_requests,
         requests_sent=stats.requests_sent,
         resumes=stats.resumes,
+        pages_adopted=stats.pages_adopted,
         integrity_pages=stats.integrity_pages,
         bytes_received=bytes_received,
         goodput_gbps=bytes_received * 8 / duration_s / 1e9,
