@@ -28,7 +28,7 @@ from aiopostcopy.core.config import DestinationConfig, SourceConfig
 from aiopostcopy.errors import PostcopyError
 from aiopostcopy.loop import DestinationOptions, PostcopyDestination
 from aiopostcopy import trace
-from aiopostcopy.source import BACKGROUND_SNDBUF, PostcopySource, SourceBlock
+from aiopostcopy.source import BACKGROUND_SNDBUF, DEFAULT_LEASE, PostcopySource, SourceBlock
 
 __all__ = ["main", "run"]
 
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run-pages", type=int, default=SourceConfig().background_run_pages, help="pages per background run")
     src.add_argument("--sndbuf", type=int, default=BACKGROUND_SNDBUF,
                      help="SO_SNDBUF of the background connection, 0 for kernel autotuning")
+    src.add_argument("--lease", type=float, default=DEFAULT_LEASE,
+                     help="seconds a session is held without a channel from its destination (default %(default)s)")
     src.add_argument("--json", default=None, help="write the final report here ('-' for stdout)")
     dst = sub.add_parser("dest", help="run the destination service")
     dst.add_argument("--source", type=parse_address, required=True, help="HOST:PORT or socket path of the source")
@@ -109,7 +111,7 @@ async def source_main(args: argparse.Namespace) -> int:
     trace.start("source")
     blocks = [SourceBlock.from_path(name, path, page_size=args.page_size) for name, path in args.block]
     config = SourceConfig(background_window_bytes=args.window, background_run_pages=args.run_pages)
-    source = PostcopySource(blocks, config=config, background_sndbuf=args.sndbuf or None)
+    source = PostcopySource(blocks, config=config, background_sndbuf=args.sndbuf or None, lease=args.lease)
     if isinstance(args.listen, str):
         where = await source.listen_unix(args.listen)
     else:

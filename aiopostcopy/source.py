@@ -1,94 +1,177 @@
-"""The source: owns the authoritative memory and serves it to one destination.
+"""The source: owns the authoritative memory and serves it to one destination at a time.
 
 Theory of operation
 -------------------
 A :class:`PostcopySource` listens on TCP (or a Unix path).  A destination
-opens two connections, each starting with a Hello that names its channel:
+opens two connections, each starting with a Hello that names its channel.
+The event loop accepts them and reads that Hello (:class:`_Greeter`); from
+then on each channel has a thread of its own, so that page data never waits
+for the loop, and the loop never waits for page data:
 
-* ``urgent``: page requests arrive here and are answered here, at once, from
-  inside the receive callback, so no background data can be queued ahead of
-  them by this process;
-* ``background``: a sender task streams every page not yet sent, restarting
+* ``urgent``: a thread reads the destination's requests with blocking
+  ``recv`` and answers each at once from that thread: ``os.preadv`` of the
+  run into the thread's buffer, one ``sendmsg`` of header and payload.  Both
+  calls release the GIL, so an urgent reply waits for no background work,
+  only for the session lock (held for bookkeeping, microseconds).
+* ``background``: a sender thread streams every page not yet sent, restarting
   near the most recent request (locality), as far as the background window
-  (bytes sent but not yet acknowledged by the destination) and the socket's
-  write buffer allow.  The window bounds how much background data can sit in
-  front of an urgent page in the link.
+  allows; its reads and sends release the GIL too.  The destination's Acks
+  and Pings on that connection are read by the loop (a FrameProtocol).
 
-The decisions (what to send next, the window, resume bookkeeping) live in the
-I/O-free :class:`~aiopostcopy.core.source_session.SourceSession`; this module
-reads page bytes, splits runs into zero and non-zero pieces (a zero page goes
-as a Zero marker, never as 4 KiB of zeros) and writes frames.
+Each thread writes through its own duplicate of the connection's socket
+(:class:`_Conn`); other threads write urgent frames under the connection's
+lock and queue background frames in its outbox, which only the sender thread
+writes, so frames never interleave.  The decisions (what to send next, the
+window, resume bookkeeping) live in the I/O-free
+:class:`~aiopostcopy.core.source_session.SourceSession`, used under one lock.
 
-One destination session is served at a time.  A destination that reconnects
-with the same session id takes over its channels again (it then sends Resume);
-a different session while one is live is refused with ``Error(busy)``.
+Blocks are read with ``preadv`` from their files, never touched through a
+mapping: a file that shrinks under the source is a short read, reported as
+:class:`BlockReadError` (logged, and an ``Error(io)`` to the destination on
+that connection), never a SIGBUS.  Zero pages go as Zero markers or as the
+``zeros`` of a Pages run, never as 4 KiB of zeros.
+
+Sessions: one destination session is served at a time.  A destination that
+reconnects with the same session id takes over its channels again (it then
+sends Resume); another session while one is held is refused with
+``Error(busy)``.  The session is released (logged, and the next destination
+is served) when the destination sends an Error other than ``aborted`` on
+either channel, or when no channel of it has been open for the lease
+(``lease`` seconds).  ``Complete`` ends the source's work
+(:meth:`PostcopySource.wait_complete`); so does ``Error(aborted)``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import mmap
+import logging
 import os
+import socket
+import threading
+import time
+from collections import deque
 from collections.abc import Mapping as MappingABC
-from functools import partial
+
+import msgpack
 
 from aiopostcopy import trace
 from aiopostcopy.core.rangeset import bounds_total
 from aiopostcopy.core.source_session import SourceConfig, SourceSession
-from aiopostcopy.errors import BusyError, PostcopyError, RemoteProtocolError
+from aiopostcopy.errors import PostcopyError, RemoteProtocolError
 from aiopostcopy.messages import (
     LIMITS,
-    Ack,
     BlockInfo,
     Channel,
-    Complete,
     Error,
     ErrorCode,
     Hello,
     Message,
     PageRun,
-    Ping,
-    Pong,
     Request,
-    Resume,
+    Role,
     Zero,
 )
-from aiopostcopy.transport.stream import FrameProtocol
-from aiopostcopy.transport.wire import encode, encode_pages_header
+from aiopostcopy.transport.stream import set_nodelay
+from aiopostcopy.transport.wire import (
+    CONNECTION_CLOSED,
+    Decoder,
+    encode,
+    header_budget,
+    migration_allowed,
+)
 
-__all__ = ["SourceBlock", "PostcopySource", "SourceReport"]
+__all__ = ["BlockReadError", "SourceBlock", "PostcopySource", "SourceReport", "DEFAULT_LEASE"]
 
-_FROM_DESTINATION = frozenset({Hello, Request, Resume, Ack, Complete, Ping, Pong, Error})
+log = logging.getLogger("aiopostcopy.source")
+
+URGENT, BACKGROUND = Channel.URGENT, Channel.BACKGROUND
+#: Default seconds a session is held with no channel open before it is released.
+DEFAULT_LEASE = 5.0
+#: Default SO_SNDBUF of the background connection (see PostcopySource).
+BACKGROUND_SNDBUF = 128 << 10
+_SEND_TIMEOUT = 60.0  #: a peer that takes no data for this long is gone
+_HELLO_BUDGET = header_budget(Hello)
+_JOIN_TIMEOUT = 5.0
+_PACK = msgpack.Packer(use_bin_type=True).pack  # one per process is safe: pack() of ints never releases the GIL
+
+
+class BlockReadError(PostcopyError, OSError):
+    """A block's backing file could not be read: it shrank under the source, or an I/O error."""
 
 
 @dataclasses.dataclass(slots=True)
 class SourceBlock:
-    """One RAMBlock the source serves, mapped read-only from a file or fd."""
+    """One RAMBlock the source serves, read with ``preadv`` from a file descriptor it owns."""
 
     name: str
-    memory: mmap.mmap
+    fd: int
+    length: int
     page_size: int = 4096
+    path: str | None = None
 
     @classmethod
     def from_path(cls, name: str, path: str, *, page_size: int = 4096) -> "SourceBlock":
-        """Map ``path`` (a snapshot file, a /dev/shm file, a hugetlbfs file)."""
+        """Open ``path`` (a snapshot file, a /dev/shm file, a hugetlbfs file)."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return cls.from_fd(name, fd, page_size=page_size)
-        finally:
+            return cls._checked(name, fd, page_size, path)
+        except BaseException:
             os.close(fd)
+            raise
 
     @classmethod
     def from_fd(cls, name: str, fd: int, *, page_size: int = 4096) -> "SourceBlock":
-        """Map an open fd (a memfd from an orchestrator); the fd may be closed after."""
+        """Serve an open fd (a memfd from an orchestrator); the block keeps a duplicate."""
+        dup = os.dup(fd)
+        try:
+            return cls._checked(name, dup, page_size, None)
+        except BaseException:
+            os.close(dup)
+            raise
+
+    @classmethod
+    def _checked(cls, name: str, fd: int, page_size: int, path: str | None) -> "SourceBlock":
         size = os.fstat(fd).st_size
         if size == 0 or size % page_size:
             raise ValueError(f"block {name!r}: size {size} is not a positive multiple of {page_size}")
-        return cls(name=name, memory=mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ), page_size=page_size)
+        return cls(name=name, fd=fd, length=size, page_size=page_size, path=path)
 
     def info(self) -> BlockInfo:
-        return BlockInfo(name=self.name, length=len(self.memory), page_size=self.page_size)
+        return BlockInfo(name=self.name, length=self.length, page_size=self.page_size)
+
+    def read_into(self, view: memoryview, first: int) -> None:
+        """Fill ``view`` with the pages from page ``first`` on.
+
+        Raises:
+            BlockReadError: the file ends before them (it shrank) or the read failed.
+        """
+        offset, got, want = first * self.page_size, 0, len(view)
+        while got < want:
+            try:
+                n = os.preadv(self.fd, [view[got:]], offset + got)
+            except OSError as exc:
+                raise BlockReadError(exc.errno, f"{self._where()}: reading at byte {offset + got} failed: "
+                                                f"{exc.strerror}") from exc
+            if n == 0:
+                raise BlockReadError(self._shrunk(offset + got))
+            got += n
+
+    def _where(self) -> str:
+        return f"block {self.name!r}" + (f" ({self.path})" if self.path else "")
+
+    def _shrunk(self, offset: int) -> str:
+        try:
+            now = f"{os.fstat(self.fd).st_size} bytes"
+        except OSError:
+            now = "unknown"
+        return (f"{self._where()}: page {offset // self.page_size} is past the end of the file, which shrank "
+                f"to {now} of the {self.length} served")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,10 +185,178 @@ class SourceReport:
     pages_zero: int
     bytes_sent: int
     connections: int
+    sessions_released: int = 0
 
 
-#: Default SO_SNDBUF of the background connection (see PostcopySource).
-BACKGROUND_SNDBUF = 128 << 10
+class _RunBuffer:
+    """A thread's staging memory for the run it sends: grown on demand, reused."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def take(self, nbytes: int) -> bytearray:
+        if nbytes > len(self.buffer):
+            self.buffer = bytearray(nbytes)
+        return self.buffer
+
+
+class _Conn:
+    """One channel's connection after its Hello: a duplicate of the socket for the threads.
+
+    The owning thread (urgent reader, background sender) closes the duplicate
+    when it ends, under :attr:`lock`; anyone may :meth:`send` under that lock
+    until then.  :meth:`shut` (any thread) wakes the owner.
+    """
+
+    def __init__(self, channel: Channel, transport: asyncio.Transport, session: SourceSession) -> None:
+        self.channel = channel
+        self.transport = transport
+        self.session = session
+        self.sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        # urgent: blocking (the loop no longer reads it); background: the loop reads it, so it stays
+        # non-blocking and sends wait in poll()
+        self.sock.settimeout(None if channel is Channel.URGENT else _SEND_TIMEOUT)
+        self.lock = threading.Lock()
+        self.outbox: deque[bytes] = deque()  # background frames, written by the sender thread
+        self.wake = threading.Event()
+        self.closed = False  # the socket is closed (or, urgent, reading is over)
+        self.ending = False  # shut() was called: the owning thread ends
+        self.farewell = False  # background: end once the outbox (its last frame an Error) is written
+        self.thread: threading.Thread | None = None
+
+    def send(self, buffers: list[bytes | memoryview | bytearray]) -> None:
+        """Write whole frames (one sendmsg when the socket takes them)."""
+        with self.lock:
+            if self.closed:
+                raise ConnectionAbortedError("connection closed")
+            _sendmsg_all(self.sock, buffers)
+
+    def try_send(self, frame: bytes) -> None:
+        self.send_or_drop([frame])
+
+    def send_or_drop(self, buffers: list[bytes | memoryview | bytearray]) -> None:
+        """Send, or drop the frames if the peer is gone: a reader goes on reading what the peer
+        sent before it closed (an Error(aborted) behind requests it no longer wants answered)."""
+        try:
+            self.send(buffers)
+        except OSError:
+            pass
+
+    def shut(self) -> None:
+        """Wake the owning thread: its recv sees EOF, its send fails."""
+        self.ending = True
+        self.wake.set()
+        with self.lock:
+            if not self.closed:
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def release(self) -> None:
+        """The owning thread is done with the socket."""
+        with self.lock:
+            self.closed = True
+            self.sock.close()
+
+
+def _sendmsg_all(sock: socket.socket, buffers: list[bytes | memoryview | bytearray]) -> None:
+    while True:
+        sent = sock.sendmsg(buffers)
+        while buffers and sent >= len(buffers[0]):
+            sent -= len(buffers[0])
+            buffers = buffers[1:]
+        if not buffers:
+            return
+        if sent:
+            buffers = [memoryview(buffers[0])[sent:], *buffers[1:]]
+
+
+class _Greeter(asyncio.Protocol):
+    """Reads a new connection's first frame, the destination's Hello, then hands the connection on."""
+
+    def __init__(self, source: "PostcopySource") -> None:
+        self._source = source
+        self._data = bytearray()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        set_nodelay(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._data += data
+        if len(self._data) < 4:
+            return
+        size = int.from_bytes(self._data[:4], "big")
+        if len(self._data) < 4 + size and size <= _HELLO_BUDGET:
+            return
+        decoder = Decoder(allowed=frozenset({Hello}))
+        try:
+            decoder.receive_data(self._data[:4 + size])
+            hello = decoder.next_event()
+            if type(hello) is not Hello:
+                raise RemoteProtocolError("the first message on a connection must be Hello")
+        except RemoteProtocolError as exc:
+            return _refuse(self._transport, exc)
+        self._transport.pause_reading()
+        self._source._greeted(self._transport, hello, bytes(self._data[4 + size:]))
+
+    def eof_received(self) -> bool:
+        return False
+
+
+class _BackgroundReader(asyncio.Protocol):
+    """The loop's side of a background connection: the destination's Acks, Pings and Errors.
+
+    It never writes: a refusal (a malformed or misplaced frame) goes to the
+    sender thread's outbox as the connection's last frame, so it cannot land
+    inside a Pages frame the thread is writing.
+    """
+
+    def __init__(self, source: "PostcopySource", conn: _Conn) -> None:
+        self._source = source
+        self._conn = conn
+        self._decoder = Decoder(allowed=migration_allowed(Role.SOURCE, BACKGROUND))
+        self._over = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._over:
+            return
+        try:
+            self._decoder.receive_data(data)
+            while not self._over and (msg := self._decoder.next_event()) is not None:
+                if msg is CONNECTION_CLOSED:
+                    return self._end(None)
+                self._source._on_background(self._conn, msg)
+        except RemoteProtocolError as exc:
+            self._conn.outbox.append(encode(_error_of(exc)))
+            self._conn.farewell = True
+            self._conn.wake.set()
+            self._end(exc)
+
+    def eof_received(self) -> bool:
+        self.data_received(b"")
+        return True  # the sender thread may still be writing its last frames
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._end(exc)
+
+    def _end(self, exc: BaseException | None) -> None:
+        if not self._over:
+            self._over = True
+            self._source._lost(self._conn, exc, drop=not self._conn.farewell)
+
+
+def _refuse(transport: asyncio.Transport, exc: RemoteProtocolError) -> None:
+    transport.write(encode(_error_of(exc)))
+    transport.close()
+
+
+def _error_of(exc: BaseException) -> Error:
+    code = getattr(exc, "code", ErrorCode.PROTOCOL.value)
+    code = ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.PROTOCOL
+    return Error(code=code, text=str(exc)[: LIMITS.max_text])
 
 
 class PostcopySource:
@@ -121,23 +372,31 @@ class PostcopySource:
             4 MiB per-socket queue limit) a reply waited behind megabytes.
             The kernel doubles the value; 128 KiB kept the sweep near the
             link rate on the benchmark's 10 Gbit/s link.
+        lease: seconds a session is held with none of its channels open
+            (waiting for the destination to reconnect and Resume) before it
+            is released and another destination may start.
     """
 
     def __init__(self, blocks: list[SourceBlock], *, config: SourceConfig | None = None,
-                 background_sndbuf: int | None = BACKGROUND_SNDBUF) -> None:
+                 background_sndbuf: int | None = BACKGROUND_SNDBUF, lease: float = DEFAULT_LEASE) -> None:
         if not blocks:
             raise ValueError("a source needs at least one block")
+        if lease <= 0:
+            raise ValueError(f"the lease must be positive, got {lease}")
         self._blocks = blocks
         self._sndbuf = background_sndbuf
+        self._lease = lease
         self._config = config or SourceConfig()
-        self._session = SourceSession(blocks=[b.info() for b in blocks], config=self._config)
-        self._channels: dict[Channel, FrameProtocol] = {}
-        self._session_id: str | None = None
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()  # the session and the counters
+        self._session = self._new_session()
+        self._conns: dict[Channel, _Conn] = {}
+        self._threads: list[threading.Thread] = []
+        self._lease_timer: asyncio.TimerHandle | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._done: asyncio.Future[SourceReport] = asyncio.get_running_loop().create_future()
-        self._background_wakeup = asyncio.Event()
-        self._background_task: asyncio.Task[None] | None = None
-        self._counts = {"urgent": 0, "background": 0, "zero": 0, "bytes": 0, "connections": 0}
+        self._done: asyncio.Future[SourceReport] = self._loop.create_future()
+        self._counts = dict.fromkeys(("urgent", "background", "zero", "bytes", "connections"), 0)
+        self._released = 0
         self._zero_page = {b.page_size: bytes(b.page_size) for b in blocks}
 
     @classmethod
@@ -145,189 +404,178 @@ class PostcopySource:
         """Build a source from ``{block name: file path}``."""
         return cls([SourceBlock.from_path(name, path) for name, path in paths.items()], config=config)
 
+    def _new_session(self) -> SourceSession:
+        return SourceSession(blocks=[b.info() for b in self._blocks], config=self._config)
+
     # -- lifecycle -----------------------------------------------------------
 
     async def listen(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Start listening on TCP; returns the bound (host, port)."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._new_protocol, host, port)
-        self._start_background()
+        self._server = await self._loop.create_server(self._new_greeter, host, port)
         return self._server.sockets[0].getsockname()[:2]
 
     async def listen_unix(self, path: str) -> str:
         """Start listening on a Unix stream socket path."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(self._new_protocol, path)
-        self._start_background()
+        self._server = await self._loop.create_unix_server(self._new_greeter, path)
         return path
 
     async def wait_complete(self) -> SourceReport:
-        """Wait until the destination says every page is placed (Complete)."""
+        """Wait until the destination says every page is placed (Complete), or aborts."""
         return await asyncio.shield(self._done)
 
     async def close(self) -> None:
-        """Stop listening, drop the channels and the sender task, unmap the blocks."""
+        """Stop listening, drop the channels and their threads, close the blocks."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        for proto in list(self._channels.values()):
-            proto.close()
-        self._channels.clear()
-        if self._background_task is not None:
-            self._background_task.cancel()
-            await asyncio.gather(self._background_task, return_exceptions=True)
-            self._background_task = None
+        self._cancel_lease()
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        self._conns.clear()
+        threads, self._threads = self._threads, []
+        for thread in threads:
+            thread.join(_JOIN_TIMEOUT)
         if not self._done.done():
             self._done.set_result(self._report(complete=False))
-        for block in self._blocks:
-            try:
-                block.memory.close()
-            except BufferError:  # a view still sits in a write buffer: freed with it
-                pass
+        if not any(t.is_alive() for t in threads):  # a thread still reading keeps its block's fd
+            for block in self._blocks:
+                block.close()
 
     def statistics(self) -> SourceReport:
-        return self._report(complete=self._done.done() and self._done.result().complete)
+        return self._report(complete=self._done.done() and not self._done.exception()
+                            and self._done.result().complete)
 
     # -- connections -----------------------------------------------------------
 
-    def _new_protocol(self) -> FrameProtocol:
-        holder: list[FrameProtocol] = []
-        proto = FrameProtocol(
-            lambda msg: self._on_message(holder[0], msg),
-            lambda exc: self._on_lost(holder[0], exc),
-            allowed=_FROM_DESTINATION,
-        )
-        holder.append(proto)
+    def _new_greeter(self) -> _Greeter:
         self._counts["connections"] += 1
-        return proto
+        return _Greeter(self)
 
-    def _channel_of(self, proto: FrameProtocol) -> Channel | None:
-        for channel, known in self._channels.items():
-            if known is proto:
-                return channel
-        return None
+    def _greeted(self, transport: asyncio.Transport, hello: Hello, rest: bytes) -> None:
+        """A connection said Hello: adopt it as its channel, or refuse it."""
+        channel = hello.channel
+        try:
+            with self._lock:
+                self._session.message_received(channel, hello, time.monotonic())
+        except RemoteProtocolError as exc:
+            return _refuse(transport, exc)
+        old = self._conns.pop(channel, None)
+        if old is not None:
+            self._drop(old)
+        self._cancel_lease()
+        conn = self._conns[channel] = _Conn(channel, transport, self._session)
+        if channel is URGENT:
+            self._start(conn, self._serve_urgent, rest)
+        else:
+            self._adopt_background(conn, rest)
 
-    def _on_message(self, proto: FrameProtocol, msg: Message) -> None:
-        channel = self._channel_of(proto)
-        if channel is None:
-            channel = self._adopt_channel(proto, msg)
-            if channel is None:
-                return
-        now = asyncio.get_running_loop().time()
-        if type(msg) is Error:
-            self._finish(complete=False)
-            proto.close()
-            return
-        if trace.ENABLED and type(msg) is Request:
-            for run in msg.runs:
-                trace.mark("src-request", run.block, run.first)
-        self._session.message_received(channel, msg, now)
-        if isinstance(msg, Complete):
-            self._finish(complete=True)
-        self._pump_urgent()
-        self._background_wakeup.set()
+    def _start(self, conn: _Conn, target: object, *args: object) -> None:
+        with self._lock:
+            frames = self._drain_locked(conn.session)
+        for frame in frames:
+            conn.try_send(frame)
+        conn.thread = threading.Thread(target=target, args=(conn, *args), daemon=True,
+                                       name=f"aiopostcopy-source-{conn.channel.value}")
+        self._threads = [t for t in self._threads if t.is_alive()] + [conn.thread]
+        conn.thread.start()
 
-    def _adopt_channel(self, proto: FrameProtocol, msg: Message) -> Channel | None:
-        if not isinstance(msg, Hello):
-            raise RemoteProtocolError("the first message on a connection must be Hello")
-        live = self._session_id is not None and any(p.is_open for p in self._channels.values())
-        if live and msg.session_id != self._session_id:
-            proto.close(_busy(f"source is serving session {self._session_id!r}"))
-            return None
-        self._session_id = msg.session_id
-        old = self._channels.get(msg.channel)
-        if old is not None and old is not proto:
-            old.abort()
-        self._channels[msg.channel] = proto
-        if msg.channel is Channel.BACKGROUND and self._sndbuf is not None:
-            proto.set_send_buffer(self._sndbuf)
-        return msg.channel
+    def _adopt_background(self, conn: _Conn, rest: bytes) -> None:
+        if self._sndbuf is not None and conn.sock.family in (socket.AF_INET, socket.AF_INET6):
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+        proto = _BackgroundReader(self, conn)
+        conn.transport.set_protocol(proto)
+        self._start(conn, self._sweep)
+        if rest:
+            proto.data_received(rest)
+        conn.transport.resume_reading()
 
-    def _on_lost(self, proto: FrameProtocol, exc: BaseException | None) -> None:
-        channel = self._channel_of(proto)
-        if channel is not None and self._channels.get(channel) is proto:
-            del self._channels[channel]
-            self._session.connection_lost(channel, asyncio.get_running_loop().time())
+    def _drain_locked(self, session: SourceSession) -> list[bytes]:
+        """Drain the session's messages (lock held): background ones to the sender's outbox;
+        returns the urgent frames for the caller to send."""
+        urgent: list[bytes] = []
+        for channel, msg in session.messages_to_send():
+            conn = self._conns.get(channel)
+            if conn is None or conn.session is not session:
+                continue
+            if channel is URGENT:
+                urgent.append(encode(msg))
+            else:
+                conn.outbox.append(encode(msg))
+                conn.wake.set()
+        return urgent
+
+    def _lost(self, conn: _Conn, exc: BaseException | None, *, drop: bool = True) -> None:
+        """A channel ended (loop thread): tell the session, maybe start the lease.
+
+        ``drop=False`` leaves the connection to its thread, which writes its last frame
+        (a refusal) and then ends; the thread reports the loss again, with drop.
+        """
+        if self._conns.get(conn.channel) is conn:
+            del self._conns[conn.channel]
+            with self._lock:
+                conn.session.connection_lost(conn.channel, time.monotonic())
+            if drop:
+                self._drop(conn)
+            if not self._conns:
+                self._start_lease()
+        elif drop and conn.thread is not None and not conn.ending:
+            self._drop(conn)
         if exc is not None and not isinstance(exc, (PostcopyError, OSError)):
             self._fail(exc)
 
-    # -- sending -------------------------------------------------------------
+    def _drop(self, conn: _Conn) -> None:
+        conn.shut()
+        conn.transport.abort()
 
-    def _send_messages(self) -> None:
-        for channel, msg in self._session.messages_to_send():
-            proto = self._channels.get(channel)
-            if proto is not None and proto.is_open:
-                proto.send(msg)
+    # -- the session's end -----------------------------------------------------
 
-    def _pump_urgent(self) -> None:
-        self._send_messages()
-        proto = self._channels.get(Channel.URGENT)
-        while proto is not None and proto.is_open:
-            run = self._session.next_urgent()
-            if run is None:
-                break
-            self._send_run(Channel.URGENT, proto, run)
-            if trace.ENABLED:
-                trace.mark("src-reply", run.block, run.first)
-        self._send_messages()
+    def _start_lease(self) -> None:
+        session = self._session
+        if session.session_id is None or session.complete or session.aborted or self._done.done():
+            return
+        self._cancel_lease()
+        self._lease_timer = self._loop.call_later(self._lease, self._lease_over, session)
 
-    def _start_background(self) -> None:
-        if self._background_task is None:
-            self._background_task = asyncio.get_running_loop().create_task(self._background_sender())
-            self._background_task.add_done_callback(self._on_background_done)
+    def _cancel_lease(self) -> None:
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+            self._lease_timer = None
 
-    async def _background_sender(self) -> None:
-        while True:
-            await self._background_wakeup.wait()
-            self._background_wakeup.clear()
-            await self._send_background_burst()
+    def _lease_over(self, session: SourceSession) -> None:
+        self._lease_timer = None
+        if session is self._session and not self._conns:
+            self._release(f"no channel from its destination for {self._lease:g} s")
 
-    async def _send_background_burst(self) -> None:
-        while True:
-            proto = self._channels.get(Channel.BACKGROUND)
-            if proto is None or not proto.is_open:
-                return
-            await proto.wait_writable()
-            if not proto.is_open:
-                return
-            run = self._session.next_background()
-            if run is None:
-                self._send_messages()
-                return
-            self._send_run(Channel.BACKGROUND, proto, run)
-            await asyncio.sleep(0)  # let urgent requests in between chunks
+    def _release(self, why: str) -> None:
+        """Forget the session (its destination is gone) and serve the next destination."""
+        if self._done.done():
+            return
+        log.warning("aiopostcopy source: released session %r: %s", self._session.session_id, why)
+        self._cancel_lease()
+        conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            self._drop(conn)
+        with self._lock:
+            self._session = self._new_session()
+            self._counts.update(urgent=0, background=0, zero=0, bytes=0)
+        self._released += 1
 
-    def _on_background_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._fail(task.exception())
-
-    def _send_run(self, channel: Channel, proto: FrameProtocol, run: PageRun) -> None:
-        """Send one run as one frame: Zero if every page is zero, else Pages whose
-        ``zeros`` names the zero pages and whose payload gathers the others (one writev)."""
-        block = self._blocks[run.block]
-        size = block.page_size
-        zeros = _zero_bounds(block.memory, self._zero_page[size], run, size)
-        zero = bounds_total(zeros)
-        nbytes = (run.count - zero) * size
-        if not nbytes:
-            frames: list[bytes | memoryview] = [encode(Zero(block=run.block, first=run.first, count=run.count))]
+    def _destination_error(self, session: SourceSession, msg: Error) -> None:
+        """The destination sent Error (loop thread): aborted ends the source, anything else the session."""
+        if session is not self._session:
+            return
+        if msg.code is ErrorCode.ABORTED:
+            with self._lock:
+                session.abort()
+            log.warning("aiopostcopy source: session %r aborted by its destination: %s", session.session_id, msg.text)
+            self._finish(complete=False)
         else:
-            memory, base = memoryview(block.memory), run.first * size
-            frames = [encode_pages_header(run.block, run.first, run.count, nbytes, zeros)]
-            at = 0
-            for i in range(0, len(zeros) + 2, 2):
-                low, high = (zeros[i], zeros[i + 1]) if i < len(zeros) else (run.count, run.count)
-                if low > at:
-                    frames.append(memory[base + at * size : base + low * size])
-                at = high
-        proto.send_frames(frames)
-        self._counts["zero"] += zero
-        self._counts["urgent" if channel is Channel.URGENT else "background"] += run.count - zero
-        self._counts["bytes"] += nbytes
-        self._session.sent(channel, run, nbytes)
+            self._release(f"the destination sent Error({msg.code.value}): {msg.text}")
 
-    # -- ending --------------------------------------------------------------
+    def _completed(self, session: SourceSession) -> None:
+        if session is self._session and session.complete:
+            self._finish(complete=True)
 
     def _finish(self, *, complete: bool) -> None:
         if not self._done.done():
@@ -339,35 +587,195 @@ class PostcopySource:
 
     def _report(self, *, complete: bool) -> SourceReport:
         c = self._counts
-        return SourceReport(
-            session_id=self._session_id,
-            complete=complete,
-            pages_urgent=c["urgent"],
-            pages_background=c["background"],
-            pages_zero=c["zero"],
-            bytes_sent=c["bytes"],
-            connections=c["connections"],
-        )
+        return SourceReport(session_id=self._session.session_id, complete=complete, pages_urgent=c["urgent"],
+                            pages_background=c["background"], pages_zero=c["zero"], bytes_sent=c["bytes"],
+                            connections=c["connections"], sessions_released=self._released)
+
+    # -- the urgent channel's thread -------------------------------------------
+
+    def _serve_urgent(self, conn: _Conn, rest: bytes) -> None:
+        """Read the urgent channel and answer every request from this thread."""
+        decoder = Decoder(allowed=migration_allowed(Role.SOURCE, URGENT))
+        staging = _RunBuffer()
+        error: BaseException | None = None
+        try:
+            if rest:
+                decoder.receive_data(rest)
+            while not conn.closed:
+                msg = decoder.next_event()
+                if msg is None:
+                    view = decoder.get_buffer()
+                    n = conn.sock.recv_into(view)
+                    decoder.receive_data(b"") if n == 0 else decoder.buffer_updated(n)
+                elif msg is CONNECTION_CLOSED:
+                    break
+                else:
+                    self._on_urgent(conn, msg, staging)
+        except BaseException as exc:  # reported to the loop, which fails the source on a bug
+            error = self._thread_error(conn, exc)
+        finally:
+            conn.release()
+            self._loop.call_soon_threadsafe(self._lost, conn, error)
+
+    def _on_urgent(self, conn: _Conn, msg: Message, staging: _RunBuffer) -> None:
+        if type(msg) is Error:
+            self._loop.call_soon_threadsafe(self._destination_error, conn.session, msg)
+            conn.closed = True  # read no more: the destination closes after an Error
+            return
+        runs: list[PageRun] = []
+        with self._lock:
+            conn.session.message_received(URGENT, msg, time.monotonic())
+            frames = self._drain_locked(conn.session)
+            while (run := conn.session.next_urgent()) is not None:
+                runs.append(run)
+        if frames:
+            conn.send_or_drop(frames)
+        if trace.ENABLED and type(msg) is Request:
+            for run in msg.runs:
+                trace.mark("src-request", run.block, run.first)
+        for run in runs:
+            self._send_run(conn, run, staging)
+            if trace.ENABLED:
+                trace.mark("src-reply", run.block, run.first)
+        if type(msg) is not Request:
+            self._loop.call_soon_threadsafe(self._after_urgent, conn.session)
+
+    def _after_urgent(self, session: SourceSession) -> None:
+        """A Resume, Complete or Ping went through the session: wake the sweep, maybe finish."""
+        self._completed(session)
+        conn = self._conns.get(BACKGROUND)
+        if conn is not None:
+            conn.wake.set()
+
+    def _thread_error(self, conn: _Conn, exc: BaseException) -> BaseException | None:
+        """What a channel thread's exception means: tell the peer, log, return what to report."""
+        log.debug("aiopostcopy source: the %s channel's thread ends", conn.channel.value, exc_info=exc)
+        if isinstance(exc, RemoteProtocolError):
+            conn.try_send(encode(_error_of(exc)))
+            return exc
+        if isinstance(exc, BlockReadError):
+            log.error("aiopostcopy source: %s", exc)
+            conn.try_send(encode(Error(code=ErrorCode.IO, text=str(exc)[: LIMITS.max_text])))
+            return exc
+        if isinstance(exc, OSError):
+            return None if conn.closed else exc
+        return exc
+
+    # -- the background channel ------------------------------------------------
+
+    def _on_background(self, conn: _Conn, msg: Message) -> None:
+        """A message on the background channel (loop thread): Ack, Ping, Pong or Error."""
+        if type(msg) is Error:
+            return self._destination_error(conn.session, msg)
+        with self._lock:
+            conn.session.message_received(BACKGROUND, msg, time.monotonic())
+            frames = self._drain_locked(conn.session)
+        urgent = self._conns.get(URGENT)
+        for frame in frames:
+            if urgent is not None:
+                urgent.try_send(frame)
+        conn.wake.set()
+
+    def _sweep(self, conn: _Conn) -> None:
+        """The background sender thread: stream the sweep while the window allows."""
+        staging = _RunBuffer()
+        error: BaseException | None = None
+        try:
+            while not conn.ending and not conn.closed:
+                conn.wake.clear()
+                with self._lock:
+                    run = conn.session.next_background()
+                    frames = self._drain_locked(conn.session)
+                self._send_urgent_frames(frames)
+                self._flush_outbox(conn)
+                if conn.farewell:
+                    break
+                if run is None:
+                    conn.wake.wait()
+                else:
+                    self._send_run(conn, run, staging)
+        except BaseException as exc:
+            error = self._thread_error(conn, exc)
+        finally:
+            conn.release()
+            self._loop.call_soon_threadsafe(self._lost, conn, error)
+
+    def _send_urgent_frames(self, frames: list[bytes]) -> None:
+        urgent = self._conns.get(URGENT)
+        if frames and urgent is not None:
+            for frame in frames:
+                urgent.try_send(frame)
+
+    def _flush_outbox(self, conn: _Conn) -> None:
+        while conn.outbox:
+            conn.send([conn.outbox.popleft()])
+
+    # -- sending a run -----------------------------------------------------------
+
+    def _send_run(self, conn: _Conn, run: PageRun, staging: _RunBuffer) -> None:
+        """Read ``run`` and send it as one frame: Zero if every page is zero, else Pages whose
+        ``zeros`` names the zero pages and whose payload holds the others, packed together."""
+        block = self._blocks[run.block]
+        size = block.page_size
+        buffer = staging.take(run.count * size)
+        view = memoryview(buffer)[: run.count * size]
+        block.read_into(view, run.first)
+        zeros = _zero_bounds(buffer, self._zero_page[size], 0, run.count, size)
+        zero = bounds_total(zeros)
+        nbytes = (run.count - zero) * size
+        with self._lock:  # before sending: the destination's Ack for these bytes may come back at once
+            if conn.session is self._session:
+                c = self._counts
+                c["zero"] += zero
+                c["urgent" if conn.channel is URGENT else "background"] += run.count - zero
+                c["bytes"] += nbytes
+            conn.session.sent(conn.channel, run, nbytes)
+        send = conn.send_or_drop if conn.channel is URGENT else conn.send
+        if not nbytes:
+            send([encode(Zero(block=run.block, first=run.first, count=run.count))])
+        else:
+            if zeros:
+                _pack_data_pages(view, zeros, run.count, size)
+            send([_pages_header(run.block, run.first, run.count, nbytes, zeros), view[:nbytes]])
 
 
-def _busy(text: str) -> RemoteProtocolError:
-    return RemoteProtocolError(text, code=ErrorCode.BUSY.value)
+def _pages_header(block: int, first: int, count: int, nbytes: int, zeros: tuple[int, ...]) -> bytes:
+    """The frame of a Pages run without its payload, as wire.encode_pages_header writes it, for a
+    run the session handed out (so in range): without building a message object to validate it."""
+    header = _PACK((3, block, first, count, nbytes, zeros))
+    return len(header).to_bytes(4, "big") + header
 
 
-def _zero_bounds(memory: mmap.mmap, zero: bytes, run: PageRun, size: int) -> tuple[int, ...]:
-    """The all-zero stretches of ``run`` as flattened bounds relative to ``run.first`` (Pages.zeros).
+def _pack_data_pages(view: memoryview, zeros: tuple[int, ...], count: int, size: int) -> None:
+    """Move the data pages of a run (those outside ``zeros``) to the front of ``view``, in order."""
+    at = page = 0
+    for i in range(0, len(zeros) + 2, 2):
+        low, high = (zeros[i], zeros[i + 1]) if i < len(zeros) else (count, count)
+        if low > page:
+            if at != page:
+                view[at * size:(at + low - page) * size] = view[page * size:low * size]
+            at += low - page
+        page = high
+
+
+def _zero_bounds(memory: bytearray | bytes, zero: bytes, start: int, count: int, size: int) -> tuple[int, ...]:
+    """The all-zero pages among ``count`` pages at byte ``start`` of ``memory``, as flattened
+    bounds relative to the first of them (Pages.zeros).
 
     Three strided slices (a C copy each) read the first, middle and last byte
     of every page; only pages whose three bytes are all zero are compared
     with a zero page in full.  Most data pages are ruled out without a
     Python step of their own.
     """
-    start = run.first * size
-    end = start + run.count * size
+    if count == 1:  # the urgent case: one page, most often data
+        if memory[start] | memory[start + size // 2] | memory[start + size - 1]:
+            return ()
+        return (0, 1) if memory.find(zero, start, start + size) == start else ()
+    end = start + count * size
     probe = 0
     for offset in (0, size // 2, size - 1):
         probe |= int.from_bytes(memory[start + offset:end:size], "little")
-    flags = probe.to_bytes(run.count, "little")  # byte i is 0: page i may be zero
+    flags = probe.to_bytes(count, "little")  # byte i is 0: page i may be zero
     bounds: list[int] = []
     last = -2
     index = flags.find(0)

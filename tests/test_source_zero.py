@@ -1,4 +1,5 @@
-"""The source's zero-page scan: exactly the all-zero pages of a run, as Pages.zeros bounds."""
+"""The source's zero-page scan (exactly the all-zero pages of a run, as Pages.zeros bounds) and the
+packing of a run's data pages into one payload."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiopostcopy.messages import PageRun
-from aiopostcopy.source import _zero_bounds
+from aiopostcopy.source import _pack_data_pages, _zero_bounds
 
 PAGE = 4096
 
@@ -40,7 +40,7 @@ def test_zero_bounds_finds_exactly_the_zero_pages(kinds: list[str], first: int, 
                 memory[at + rng.choice([1, PAGE // 2 + 1, PAGE - 2])] = 1 + rng.randrange(255)
             elif kind == "one-byte":
                 memory[at + rng.randrange(PAGE)] = 1 + rng.randrange(255)
-        got = _zero_bounds(memory, bytes(PAGE), PageRun(block=0, first=first, count=len(kinds)), PAGE)
+        got = _zero_bounds(memory, bytes(PAGE), first * PAGE, len(kinds), PAGE)
     assert got == bounds_of([k == "zero" for k in kinds])
 
 
@@ -48,4 +48,16 @@ def test_zero_bounds_finds_exactly_the_zero_pages(kinds: list[str], first: int, 
 def test_zero_bounds_of_huge_pages(size: int) -> None:
     with mmap.mmap(-1, 3 * size) as memory:
         memory[size + size - 1] = 7  # only the last byte of the middle page
-        assert _zero_bounds(memory, bytes(size), PageRun(block=0, first=0, count=3), size) == (0, 1, 2, 3)
+        assert _zero_bounds(memory, bytes(size), 0, 3, size) == (0, 1, 2, 3)
+        assert _zero_bounds(memory, bytes(size), size, 1, size) == ()
+
+
+@settings(max_examples=60, deadline=None)
+@given(zero_pages=st.lists(st.booleans(), min_size=1, max_size=40))
+def test_packing_keeps_exactly_the_data_pages_in_order(zero_pages: list[bool]) -> None:
+    pages = [bytes(PAGE) if zero else bytes([1 + i % 255]) * PAGE for i, zero in enumerate(zero_pages)]
+    buffer = bytearray(b"".join(pages))
+    zeros = _zero_bounds(buffer, bytes(PAGE), 0, len(pages), PAGE)
+    _pack_data_pages(memoryview(buffer), zeros, len(pages), PAGE)
+    data = b"".join(p for p, zero in zip(pages, zero_pages) if not zero)
+    assert bytes(buffer[:len(data)]) == data

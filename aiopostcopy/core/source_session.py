@@ -56,6 +56,8 @@ from aiopostcopy.errors import LocalProtocolError, RemoteProtocolError
 __all__ = ["SourceConfig", "SourceSession"]
 
 URGENT, BACKGROUND = m.Channel.URGENT, m.Channel.BACKGROUND
+#: the one channel each of these messages may arrive on (docs/protocol.md, section 4.1)
+_ONLY_ON = {m.Request: URGENT, m.Resume: URGENT, m.Complete: URGENT, m.Ack: BACKGROUND}
 
 
 @dataclasses.dataclass(slots=True)
@@ -119,6 +121,10 @@ class SourceSession:
         handler = self._handlers.get(type(msg))
         if handler is None:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the destination")
+        only = _ONLY_ON.get(type(msg))
+        if only is not None and only is not channel:
+            raise RemoteProtocolError(f"{type(msg).__name__} on the {channel.value} channel (it belongs on the "
+                                      f"{only.value} channel)")
         handler(channel, msg)
 
     def _on_hello(self, channel: m.Channel, msg: m.Hello) -> None:
@@ -163,9 +169,10 @@ class SourceSession:
         if msg.session_id != self.session_id:
             raise RemoteProtocolError(f"resume for session {msg.session_id!r}", code="session")
         received = [RangeSet() for _ in self.blocks]
-        for block, bounds in msg.received:
+        for block, bounds in msg.received:  # pages we do not have: the destination holds another block list
             if block >= len(self.blocks) or (bounds and bounds[-1] > self.blocks[block].pages):
-                raise RemoteProtocolError(f"resume: block {block} bounds out of range", code="block")
+                raise RemoteProtocolError(f"resume: block {block} bounds out of range: not this source's "
+                                          f"block list", code="session")
             received[block] = RangeSet.from_bounds(bounds)
         for run in msg.pending:
             self.blocks.check_run(run.block, run.first, run.count)
@@ -198,6 +205,11 @@ class SourceSession:
             return
         raise RemoteProtocolError(f"the destination sent error {msg.code.value}: {msg.text}",
                                   code=msg.code.value)
+
+    def abort(self) -> None:
+        """The destination aborted the migration (its Error(aborted) may have outrun its channel)."""
+        self.aborted = True
+        self._urgent.clear()
 
     def connection_lost(self, channel: m.Channel, now: float) -> None:
         """A channel broke: drop what was queued for it; wait for Hello and Resume."""

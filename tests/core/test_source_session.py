@@ -215,3 +215,41 @@ def test_huge_pages_are_split_to_the_payload_limit() -> None:
     session.message_received(BACKGROUND, dest_hello(BACKGROUND), 0.0)
     first = session.next_background()
     assert first is not None and first.count * (2 << 20) <= m.LIMITS.max_payload
+
+
+@pytest.mark.parametrize("msg", [m.Request(runs=(run(0, 1, 1),)), m.Complete(),
+                                 m.Resume(session_id="s1", received=())],
+                         ids=["request", "complete", "resume"])
+def test_urgent_only_messages_on_the_background_channel_are_refused(msg: m.Message) -> None:
+    """docs/protocol.md 4.1: Request, Resume and Complete belong on the urgent channel only."""
+    session = opened()
+    with pytest.raises(RemoteProtocolError) as info:
+        session.message_received(BACKGROUND, msg, 0.0)
+    assert info.value.code == "protocol"
+    assert not session.complete and session.next_urgent() is None
+
+
+def test_ack_on_the_urgent_channel_is_refused() -> None:
+    session = opened()
+    with pytest.raises(RemoteProtocolError):
+        session.message_received(URGENT, m.Ack(nbytes=PAGE), 0.0)
+
+
+@pytest.mark.parametrize("received", [((2, (0, 1)),), ((0, (0, 11)),)], ids=["unknown-block", "past-the-end"])
+def test_a_resume_for_another_block_list_is_a_session_error(received: tuple) -> None:
+    """A destination whose received set does not fit this source's blocks migrated another block
+    list: Error(session), which ends its migration, not Error(block), which it would retry."""
+    session = opened()
+    with pytest.raises(RemoteProtocolError) as info:
+        session.message_received(URGENT, m.Resume(session_id="s1", received=received), 0.0)
+    assert info.value.code == "session"
+
+
+def test_abort_stops_serving_and_refuses_the_session_again() -> None:
+    session = opened()
+    session.message_received(URGENT, m.Request(runs=(run(0, 1, 1),)), 0.0)
+    session.abort()
+    assert session.next_urgent() is None and session.next_background() is None
+    with pytest.raises(RemoteProtocolError) as info:
+        session.message_received(URGENT, dest_hello(URGENT), 0.0)
+    assert info.value.code == "aborted"

@@ -69,7 +69,7 @@ async def test_one_delegated_client_two_threads(e2e) -> None:
     try:
         async with PostcopyDestination(e2e.options(await proxy.start())) as dest:
             proxy.hold()
-            background = source._channels[Channel.BACKGROUND]._transport.get_extra_info("socket")
+            background = source._conns[Channel.BACKGROUND].sock
             assert background.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * BACKGROUND_SNDBUF
             worker = await e2e.worker(mode="delegated", threads=2, touches=300, seed=seed, name="one-client")
             await wait_until(lambda: blocked_somewhere(dest) >= 2, "both worker threads blocked on a missing page")
