@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run-pages", type=int, default=SourceConfig().background_run_pages, help="pages per background run")
     src.add_argument("--sndbuf", type=int, default=BACKGROUND_SNDBUF,
                      help="SO_SNDBUF of the background connection, 0 for kernel autotuning")
+    src.add_argument("--sweep-after-idle", type=float, default=None, metavar="SECONDS",
+                     help="demand first: hold the background stream until pages were requested and then "
+                          "none for SECONDS (benchmarks measure the demand path alone this way)")
     src.add_argument("--lease", type=float, default=DEFAULT_LEASE,
                      help="seconds a session is held without a channel from its destination (default %(default)s)")
     src.add_argument("--json", default=None, help="write the final report here ('-' for stdout)")
@@ -111,7 +114,8 @@ async def source_main(args: argparse.Namespace) -> int:
     trace.start("source")
     blocks = [SourceBlock.from_path(name, path, page_size=args.page_size) for name, path in args.block]
     config = SourceConfig(background_window_bytes=args.window, background_run_pages=args.run_pages)
-    source = PostcopySource(blocks, config=config, background_sndbuf=args.sndbuf or None, lease=args.lease)
+    source = PostcopySource(blocks, config=config, background_sndbuf=args.sndbuf or None, lease=args.lease,
+                            sweep_after_idle=args.sweep_after_idle)
     if isinstance(args.listen, str):
         where = await source.listen_unix(args.listen)
     else:

@@ -48,6 +48,7 @@ import dataclasses
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -86,6 +87,8 @@ __all__ = ["BlockReadError", "SourceBlock", "PostcopySource", "SourceReport", "D
 log = logging.getLogger("aiopostcopy.source")
 
 URGENT, BACKGROUND = Channel.URGENT, Channel.BACKGROUND
+_SWEEP_WATCH = 0.01  #: seconds between looks of a demand-first source at its demand
+_SWEEP_HOLD_MAX = 30.0  #: a demand-first source sweeps after this long in any case
 #: Default seconds a session is held with no channel open before it is released.
 DEFAULT_LEASE = 5.0
 #: Default SO_SNDBUF of the background connection (see PostcopySource).
@@ -375,10 +378,14 @@ class PostcopySource:
         lease: seconds a session is held with none of its channels open
             (waiting for the destination to reconnect and Resume) before it
             is released and another destination may start.
+        sweep_after_idle: demand first: hold the background stream until pages
+            were requested and then none for this many seconds (or 30 s went
+            by), e.g. to measure the demand path alone.  None: sweep at once.
     """
 
     def __init__(self, blocks: list[SourceBlock], *, config: SourceConfig | None = None,
-                 background_sndbuf: int | None = BACKGROUND_SNDBUF, lease: float = DEFAULT_LEASE) -> None:
+                 background_sndbuf: int | None = BACKGROUND_SNDBUF, lease: float = DEFAULT_LEASE,
+                 sweep_after_idle: float | None = None) -> None:
         if not blocks:
             raise ValueError("a source needs at least one block")
         if lease <= 0:
@@ -398,6 +405,12 @@ class PostcopySource:
         self._counts = dict.fromkeys(("urgent", "background", "zero", "bytes", "connections"), 0)
         self._released = 0
         self._zero_page = {b.page_size: bytes(b.page_size) for b in blocks}
+        self._sweep_open = threading.Event()  # cleared by hold_sweep(): only requested pages go
+        self._sweep_open.set()
+        if sweep_after_idle is not None:
+            self.hold_sweep()
+            self._loop.call_later(_SWEEP_WATCH, self._release_when_idle, sweep_after_idle,
+                                  time.monotonic(), (0, time.monotonic()))
 
     @classmethod
     def from_paths(cls, paths: MappingABC[str, str], *, config: SourceConfig | None = None) -> "PostcopySource":
@@ -441,6 +454,29 @@ class PostcopySource:
         if not any(t.is_alive() for t in threads):  # a thread still reading keeps its block's fd
             for block in self._blocks:
                 block.close()
+
+    def hold_sweep(self) -> None:
+        """Send requested pages only, no background stream, until :meth:`release_sweep`
+        (to measure the demand path alone, or to give a link to something else for a while)."""
+        self._sweep_open.clear()
+
+    def release_sweep(self) -> None:
+        """Let the background stream go on."""
+        self._sweep_open.set()
+        for conn in list(self._conns.values()):
+            conn.wake.set()
+
+    def _release_when_idle(self, idle: float, began: float, last: tuple[int, float]) -> None:
+        served, now = self._counts["urgent"] + self._counts["zero"], time.monotonic()
+        if served != last[0]:
+            last = (served, now)
+        if (served and now - last[1] > idle) or now - began > _SWEEP_HOLD_MAX:
+            log.info("sweep released at %.6f after %.2f s, %d pages served on demand", now, now - began, served)
+            print(f"aiopostcopy source: sweep released at {now:.6f} after {now - began:.2f} s, "
+                  f"{served} pages served on demand", file=sys.stderr, flush=True)
+            self.release_sweep()
+        else:
+            self._loop.call_later(_SWEEP_WATCH, self._release_when_idle, idle, began, last)
 
     def statistics(self) -> SourceReport:
         return self._report(complete=self._done.done() and not self._done.exception()
@@ -683,15 +719,16 @@ class PostcopySource:
         try:
             while not conn.ending and not conn.closed:
                 conn.wake.clear()
+                sweeping = self._sweep_open.is_set()
                 with self._lock:
-                    run = conn.session.next_background()
+                    run = conn.session.next_background() if sweeping else None
                     frames = self._drain_locked(conn.session)
                 self._send_urgent_frames(frames)
                 self._flush_outbox(conn)
                 if conn.farewell:
                     break
                 if run is None:
-                    conn.wake.wait()
+                    conn.wake.wait(None if sweeping else 0.05)
                 else:
                     self._send_run(conn, run, staging)
         except BaseException as exc:

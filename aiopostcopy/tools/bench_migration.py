@@ -17,15 +17,12 @@ destination to finish, and collects:
   destination and the source over the run and the bytes received on the
   destination side of the link over time.
 
-A *gated* scenario runs the source as ``python -m
-aiopostcopy.tools.bench_migration gated-source ...``: the stock source whose
-background sender sends nothing until no page was served on demand for
-``GATE_IDLE_S`` (the workers are done), then sweeps as normal so the migration
+A *gated* scenario runs the stock source with ``--sweep-after-idle GATE_IDLE_S``:
+it sends nothing in the background until no page was served on demand for
+that long (the workers are done), then sweeps as normal so the migration
 completes.  It prints the CLOCK_MONOTONIC time of the release, so CPU used by
 the destination and the source up to that instant is CPU spent on demand
-faults alone.  The gate is built on the source's private
-``_send_background_burst``, ``_background_wakeup`` and ``_counts``: if they
-change, it fails loudly.
+faults alone.
 
 Every failure (a process exiting non-zero, a page that does not verify, an
 incomplete report) is returned in ``errors``; nothing is raised for them.
@@ -52,7 +49,6 @@ __all__ = ["Scenario", "run_migration", "make_image", "verify_file", "BLOCK", "P
 BLOCK = "ram"
 PAGE = 4096
 GATE_IDLE_S = 0.25  #: gated source: release the sweep once no page was served for this long
-GATE_MAX_S = 30.0  #: gated source: release it after this long in any case
 _RELEASED = re.compile(r"sweep released at ([0-9.]+)")
 
 
@@ -100,12 +96,10 @@ def _start(ctx: Context, side: str, argv: Sequence[str], log: Path | None, **kw:
 
 def _start_source(ctx: Context, sc: Scenario, run: Path) -> tuple[subprocess.Popen[bytes], str]:
     py = sys.executable
-    if sc.gated:
-        cmd = [py, "-m", "aiopostcopy.tools.bench_migration", "gated-source"]
-    else:
-        cmd = list(ctx.source_prefix or [py, "-m", "aiopostcopy"])
+    cmd = list(ctx.source_prefix or [py, "-m", "aiopostcopy"])
+    gate = ["--sweep-after-idle", str(GATE_IDLE_S)] if sc.gated else []
     argv = [*cmd, "source", "--listen", f"{ctx.place.server_addr}:0", "--block", f"{BLOCK}={ctx.image}",
-            "--json", str(run / "source.json"), *sc.source_args]
+            "--json", str(run / "source.json"), *gate, *sc.source_args]
     source = _start(ctx, "src", argv, run / "source.err", stdout=subprocess.PIPE)
     line = first_line(source, 30)
     if "listening on" not in line:
@@ -284,48 +278,3 @@ def make_image(path: Path, size: int, seed: int) -> None:
         f.truncate(size)
         with mmap.mmap(f.fileno(), size) as memory:
             fill(memory, 0, PAGE, seed, assume_zeroed=True)
-
-
-# --------------------------------------------------------------------------- the gated source
-
-
-def gated_source(argv: list[str]) -> int:
-    """``python -m aiopostcopy`` ARGV with the source's sweep held while demand faults flow."""
-    import asyncio
-
-    from aiopostcopy import cli
-    from aiopostcopy.source import PostcopySource
-
-    class GatedSource(PostcopySource):  # type: ignore[misc]
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, **kw)
-            self.gate_open = False
-            self._began = time.monotonic()
-            self._last = (-1, self._began)
-            asyncio.get_running_loop().call_later(0.05, self._watch)
-
-        def _watch(self) -> None:
-            served = self._counts["urgent"] + self._counts["zero"]
-            now = time.monotonic()
-            if served != self._last[0]:
-                self._last = (served, now)
-            if (served and now - self._last[1] > GATE_IDLE_S) or now - self._began > GATE_MAX_S:
-                self.gate_open = True
-                print(f"gated source: sweep released at {now:.6f} after {now - self._began:.2f} s, "
-                      f"{served} pages served on demand", file=sys.stderr, flush=True)
-                self._background_wakeup.set()
-            else:
-                asyncio.get_running_loop().call_later(0.01, self._watch)
-
-        async def _send_background_burst(self) -> None:
-            if self.gate_open:
-                await super()._send_background_burst()
-
-    cli.PostcopySource = GatedSource
-    return cli.main(argv)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["gated-source"]:
-        sys.exit("usage: python -m aiopostcopy.tools.bench_migration gated-source SOURCE-ARGS...")
-    sys.exit(gated_source(sys.argv[2:]))
