@@ -55,6 +55,9 @@ from typing import Any, Callable, Sequence
 REQUEST_SIZE = 16
 REPLY_SIZE = 4096
 BULK_CHUNK = 1 << 20
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from aiopostcopy.tools.bench_procs import Loopback, Veth  # noqa: E402  (places shared with the bench runner)
+
 C_REFERENCE = {"rr_p50_us": 28.0, "bulk_gbps": 1.17}
 """C figures over the shaped veth from DESIGN.md section 5 (another run: orientation only)."""
 
@@ -190,88 +193,6 @@ def role_bulk_source(host: str, port: int, total: int) -> None:
     sock.shutdown(socket.SHUT_WR)
     sock.recv(1)  # wait for the sink to finish reading
     sock.close()
-
-
-# --------------------------------------------------------------------------- places
-
-
-class Loopback:
-    """Runs both ends in the host namespace over 127.0.0.1.
-
-    Attributes:
-        name: Column label.
-        server_addr: Address the rr server binds (and the client dials).
-        sink_addr: Address the bulk sink binds.
-    """
-
-    name = "loopback"
-    server_addr = sink_addr = "127.0.0.1"
-
-    def __init__(self) -> None:
-        """Start with no processes."""
-        self._procs: list[subprocess.Popen[bytes]] = []
-
-    def popen(self, side: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
-        """Start and track a child; ``side`` is ignored on loopback.
-
-        Args:
-            side: ``"src"`` or ``"dst"``.
-            argv: The command line.
-            **kw: Passed to :class:`subprocess.Popen`.
-
-        Returns:
-            The child.
-        """
-        proc = subprocess.Popen(list(argv), **kw)
-        self._procs.append(proc)
-        return proc
-
-    def close(self) -> None:
-        """Stop every child we started (SIGTERM, then SIGKILL) and reap it."""
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            proc.wait()
-        self._procs.clear()
-
-
-class Veth:
-    """Runs the source side in ``src`` and the destination side in ``dst``.
-
-    Attributes:
-        name: Column label.
-        link: The LinkPair.
-        server_addr: The rr server's (source's) address.
-        sink_addr: The bulk sink's (destination's) address.
-    """
-
-    def __init__(self, link: Any) -> None:
-        """Wrap an open LinkPair.
-
-        Args:
-            link: An :class:`aiopostcopy.tools.netns.LinkPair`.
-        """
-        self.link = link
-        self.name = f"veth {link.rate or 'unshaped'}"
-        self.server_addr = link.src_addr
-        self.sink_addr = link.dst_addr
-
-    def popen(self, side: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
-        """Start a tracked child in the ``side`` namespace.
-
-        Args:
-            side: ``"src"`` or ``"dst"``.
-            argv: The command line.
-            **kw: Passed to :class:`subprocess.Popen`.
-
-        Returns:
-            The child.
-        """
-        return self.link.popen(side, argv, **kw)
 
 
 # --------------------------------------------------------------------------- orchestration

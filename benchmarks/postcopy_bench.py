@@ -73,9 +73,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
-import platform
 import pstats
 import select
 import shutil
@@ -94,10 +92,14 @@ ROOT = HERE.parent
 BLOCK = "ram"
 PAGE = 4096
 SCENARIOS = ("fault-quiet", "fault-bg", "fault-nobg", "idle", "mixed")
-QUIET_IDLE_S = 0.25  #: fault-quiet: no page served for this long after the first: release the sweep
-QUIET_MAX_S = 30.0  #: fault-quiet: release the sweep after this long in any case
 C_REFERENCE = {"rr_p50_us": 28.0, "fault_p50_us": 38.0, "bulk_gbps": 1.17, "bulk_copy_gbps": 0.9}
 """DESIGN.md section 5, C over the shaped veth, another run: orientation only."""
+
+
+sys.path.insert(0, str(ROOT))
+from aiopostcopy.tools.bench_migration import make_image, verify_file  # noqa: E402
+from aiopostcopy.tools.bench_procs import (Pinned, cpu_snapshot, first_line, machine, other_load, stop,  # noqa: E402
+                                           tail)
 
 
 def _import_baseline() -> Any:
@@ -137,69 +139,7 @@ def role_worker(sock: str, argv: list[str]) -> int:
     return workload.main(argv + ["--socket", sock])
 
 
-def role_gated_source(argv: list[str]) -> int:
-    """``python -m aiopostcopy source`` with the sweep held back while demand faults flow.
-
-    Benchmark harness only (scenario ``fault-quiet``): the background sender
-    sends nothing until no page was served for ``QUIET_IDLE_S`` after the first
-    one (the toucher is done and waits for End), or ``QUIET_MAX_S`` after the
-    source started; then the sweep runs as normal and the migration completes.
-    Built on the source's private ``_send_background_burst``,
-    ``_background_wakeup`` and ``_counts``: if they change, this fails loudly.
-
-    Args:
-        argv: Arguments for ``python -m aiopostcopy source``.
-
-    Returns:
-        The source's exit status.
-    """
-    sys.path.insert(0, str(ROOT))
-    import asyncio
-
-    from aiopostcopy import cli
-    from aiopostcopy.source import PostcopySource
-
-    class GatedSource(PostcopySource):  # type: ignore[misc]
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, **kw)
-            self.gate_open = False
-            self._began = time.monotonic()
-            self._last = (-1, self._began)
-            asyncio.get_running_loop().call_later(0.05, self._watch)
-
-        def _watch(self) -> None:
-            served = self._counts["urgent"] + self._counts["zero"]
-            now = time.monotonic()
-            if served != self._last[0]:
-                self._last = (served, now)
-            if (served and now - self._last[1] > QUIET_IDLE_S) or now - self._began > QUIET_MAX_S:
-                self.gate_open = True
-                print(f"gated source: sweep released after {now - self._began:.2f} s, "
-                      f"{served} pages served on demand", file=sys.stderr, flush=True)
-                self._background_wakeup.set()
-            else:
-                asyncio.get_running_loop().call_later(0.02, self._watch)
-
-        async def _send_background_burst(self) -> None:
-            if self.gate_open:
-                await super()._send_background_burst()
-
-    cli.PostcopySource = GatedSource
-    return cli.main(argv)
-
-
 # --------------------------------------------------------------------------- processes
-
-
-class Pinned:
-    """A place whose children all run under ``taskset -c CPUS`` (baseline and service alike)."""
-
-    def __init__(self, place: Any, cpus: str) -> None:
-        self._place, self.cpus = place, cpus
-        self.name, self.server_addr, self.sink_addr = place.name, place.server_addr, place.sink_addr
-
-    def popen(self, side: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
-        return self._place.popen(side, ["taskset", "-c", self.cpus, *argv], **kw)
 
 
 class Runner:
@@ -220,13 +160,6 @@ class Runner:
             return self.place.popen(side, list(argv), env=self.env, cwd=str(ROOT), **kw)
         with open(log, "wb") as err:
             return self.place.popen(side, list(argv), stderr=err, env=self.env, cwd=str(ROOT), **kw)
-
-
-def _first_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    """The first stdout line of a child, or "" if none came in time."""
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    return proc.stdout.readline().decode(errors="replace").strip() if ready else ""
 
 
 def cpu_times(pid: int) -> tuple[float, float] | None:
@@ -293,25 +226,6 @@ class StderrTap:
         self._thread.join(10)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM one child we started (by its PID), SIGKILL after 3 s, and reap it."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(3)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _tail(path: Path, lines: int = 8) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join("    " + line for line in text[-lines:])
-
-
 # --------------------------------------------------------------------------- one migration
 
 
@@ -348,9 +262,9 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
     else:
         src_argv += [f"--{k}={v}" for k, v in (("window", args.window), ("run-pages", args.run_pages)) if v]
     source = runner.start("src", src_argv, run / "source.err", stdout=subprocess.PIPE)
-    line = _first_line(source, 30)
+    line = first_line(source, 30)
     if "listening on" not in line:
-        raise RuntimeError(f"source did not start: {line!r}\n{_tail(run / 'source.err')}")
+        raise RuntimeError(f"source did not start: {line!r}\n{tail(run / 'source.err')}")
     address = line.rsplit(" ", 1)[1]
     src_cpu0 = cpu_times(source.pid)
 
@@ -369,8 +283,8 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
                  "--raw-latencies", "--timeout", "120", "--json", str(run / f"worker{i}.json")]
         workers.append(runner.start("dst", wargv, run / f"worker{i}.err", stdout=subprocess.PIPE))
     for i, w in enumerate(workers):
-        if _first_line(w, 30) != "ready":
-            raise RuntimeError(f"worker {i} did not start\n{_tail(run / f'worker{i}.err')}")
+        if first_line(w, 30) != "ready":
+            raise RuntimeError(f"worker {i} did not start\n{tail(run / f'worker{i}.err')}")
 
     dest_argv = [py, "-m", "aiopostcopy", "dest", "--source", address, "--block-dir", str(run / "dest"),
                  "--clients", sock, "--json", str(run / "dest.json"), "--quiet"]
@@ -385,25 +299,25 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
     dest_cpu = _cpu_delta(dest_end, tap.cpu_at_first_line)
     if dest_rc is None:
         errors.append(f"{scenario}: destination still running after {args.timeout} s: stopped")
-        _stop(dest)
+        stop(dest)
     elif dest_rc != 0:
-        errors.append(f"{scenario}: destination exited {dest_rc}\n{_tail(run / 'dest.err')}")
+        errors.append(f"{scenario}: destination exited {dest_rc}\n{tail(run / 'dest.err')}")
     if dest_rc != 0:  # nobody will end these: stop them now rather than wait for their timeouts
         for proc in (source, *workers):
-            _stop(proc)
+            stop(proc)
     src_rc, src_end = wait_with_cpu(source, 30)
     src_cpu = _cpu_delta(src_end, src_cpu0)
     if src_rc is None:
-        _stop(source)
+        stop(source)
     if src_rc != 0:
-        errors.append(f"{scenario}: source exited {src_rc}\n{_tail(run / 'source.err')}")
+        errors.append(f"{scenario}: source exited {src_rc}\n{tail(run / 'source.err')}")
 
     samples: list[int] = []
     worker_reports = []
     for i, w in enumerate(workers):
         rc, _ = wait_with_cpu(w, 60)
         if rc is None:
-            _stop(w)
+            stop(w)
         try:
             rep = json.loads((run / f"worker{i}.json").read_text())
         except (OSError, ValueError) as exc:
@@ -413,7 +327,7 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
         if rc != 0 or not rep.get("ok"):
             errors.append(f"{scenario}: worker {i} ({specs[i][0]}) exit {rc}, ok={rep.get('ok')}, "
                           f"bad pages {rep.get('bad_page_count')}, error {rep.get('error')}\n"
-                          f"{_tail(run / f'worker{i}.err')}")
+                          f"{tail(run / f'worker{i}.err')}")
 
     report: dict[str, Any] = {}
     try:
@@ -475,26 +389,6 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
                                            "join_ms", "touch_ms", "verify_ms", "client", "error")}
                     for r in worker_reports],
     }
-
-
-def verify_file(path: Path, seed: int) -> list[int]:
-    """Check every page of a block file against the pattern; returns the bad pages."""
-    from aiopostcopy.tools.pattern import verify_block
-
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as memory:
-            return verify_block(memory, 0, PAGE, seed)
-
-
-def make_image(path: Path, size: int, seed: int) -> None:
-    """Write the pattern image the source serves (zero pages left as holes)."""
-    from aiopostcopy.tools.pattern import fill
-
-    with open(path, "w+b") as f:
-        f.truncate(size)
-        with mmap.mmap(f.fileno(), size) as memory:
-            fill(memory, 0, PAGE, seed, assume_zeroed=True)
 
 
 # --------------------------------------------------------------------------- figures
@@ -627,46 +521,6 @@ def report_lines(base: dict[str, float], faults: dict[str, dict[str, Any]],
 # --------------------------------------------------------------------------- conditions
 
 
-def machine() -> dict[str, Any]:
-    """nproc, CPU model, kernel, virtualization, Python, load average."""
-    cpu, hyper = "?", False
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "?":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and " hypervisor" in line:
-                hyper = True
-    except OSError:
-        pass
-    try:
-        import uvloop
-
-        loop = f"uvloop {uvloop.__version__}"
-    except ImportError:
-        loop = "stock asyncio (uvloop missing)"
-    return {"host": platform.node(), "nproc": os.cpu_count(), "cpu": cpu, "vm": hyper,
-            "kernel": platform.release(), "python": f"{platform.python_version()} {sys.executable}",
-            "loop": loop, "loadavg_start": os.getloadavg()}
-
-
-def cpu_snapshot() -> dict[str, float]:
-    """Machine-wide busy and steal CPU seconds (/proc/stat) and ours (this process and reaped children)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    t = os.times()
-    return {"busy": (user + nice + system + irq + softirq) / tick, "steal": steal / tick,
-            "ours": t.user + t.system + t.children_user + t.children_system}
-
-
-def other_load(start: dict[str, float], end: dict[str, float], wall: float) -> dict[str, float]:
-    """CPU used by processes not started here during the run (approximate: kernel work for our
-    traffic outside our processes' time also lands here), and steal time."""
-    others = max(0.0, (end["busy"] - start["busy"]) - (end["ours"] - start["ours"]))
-    return {"ours_s": end["ours"] - start["ours"], "others_s": others, "others_vcpu": others / wall,
-            "steal_s": end["steal"] - start["steal"], "wall_s": wall}
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -762,7 +616,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:2] == ["--role", "worker"]:
         return role_worker(argv[2], argv[3:])
     if argv[:2] == ["--role", "gated-source"]:
-        return role_gated_source(argv[2:])
+        sys.path.insert(0, str(ROOT))
+        from aiopostcopy.tools.bench_migration import gated_source
+
+        return gated_source(argv[2:])
     args = _parser().parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = set(scenarios) - set(SCENARIOS)
@@ -789,10 +646,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"veth between two namespaces, tbf rate {rate} burst {netns.DEFAULT_BURST} "
                  f"limit {netns.DEFAULT_LIMIT} both ways" if rate else "veth between two namespaces, unshaped")
     header = [
-        f"machine: {info['host']} Linux {info['kernel']}, nproc {info['nproc']}, {info['cpu']}, "
+        f"machine: {info['host']} Linux {info['kernel']}, nproc {info['vcpus']}, {info['cpu']}, "
         f"{'VM (hypervisor flag)' if info['vm'] else 'no hypervisor flag'}",
         f"python: {info['python']}; service loop {info['loop']}",
-        f"load average at start: {' '.join(f'{v:.2f}' for v in info['loadavg_start'])}",
+        f"load average at start: {' '.join(f'{v:.2f}' for v in info['load_at_start'])}",
         f"link: {link_text}",
         f"run: block {args.size} MiB 4 KiB pages seed {args.seed}; {args.repeat} rounds x "
         f"[baseline rr {args.rr_count}+{args.rr_warmup} warm-up, bulk {args.bulk_mb} MiB, "
@@ -833,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx = {"image": image, "workdir": workdir, "args": args}
         total = args.bulk_mb << 20
 
-        one_cpu = Pinned(getattr(place, "_place", place), args.one_cpu) if args.one_cpu else None
+        one_cpu = Pinned(getattr(place, "place", place), args.one_cpu) if args.one_cpu else None
 
         def baseline() -> None:
             rr.extend(lb.measure_rr(place, args.rr_count, args.rr_warmup))
@@ -896,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if link is not None:
             link.close()
         elif place is not None:
-            getattr(place, "_place", place).close()
+            getattr(place, "place", place).close()
         if args.keep:
             log(f"kept {workdir} (remove it when done)")
         else:

@@ -65,10 +65,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=256, help="image size in MiB (256)")
     p.add_argument("--seed", type=int, default=1, help="pattern seed (1)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"subset of {','.join(SCENARIOS)}")
-    p.add_argument("--touches", type=int, default=None, help="touches of the single toucher (3000; 1000 quick)")
+    p.add_argument("--touches", type=int, default=None, help="touches of the single toucher (3000; 2000 quick)")
     p.add_argument("--clients", type=int, default=4, help="workers in mixed and rate (4)")
     p.add_argument("--threads", type=int, default=2, help="threads per worker in mixed and rate (2)")
-    p.add_argument("--mixed-touches", type=int, default=None, help="touches per thread, mixed/rate (1500; 500 quick)")
+    p.add_argument("--mixed-touches", type=int, default=None, help="touches per thread, mixed/rate (1500; 1000 quick)")
     p.add_argument("--c-threads", type=int, default=None, help="faulting threads of the C fault rate "
                                                                "(default: clients x threads)")
     p.add_argument("--bulk-mb", type=int, default=None, help="C bulk MiB per run (1024; 512 quick)")
@@ -81,13 +81,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 def _defaults(args: argparse.Namespace) -> argparse.Namespace:
     quick = args.quick
-    for name, full, fast in (("repeat", 3, 1), ("touches", 3000, 1000), ("mixed_touches", 1500, 500),
+    for name, full, fast in (("repeat", 3, 1), ("touches", 3000, 2000), ("mixed_touches", 1500, 1000),
                              ("bulk_mb", 1024, 512)):
         if getattr(args, name) is None:
             setattr(args, name, fast if quick else full)
     if args.c_threads is None:
         args.c_threads = args.clients * args.threads
-    args.rr_count, args.c_touches = (3000, 1000) if quick else (10000, 3000)
+    args.rr_count, args.c_touches = (5000, 2000) if quick else (10000, 3000)
     return args
 
 
@@ -248,7 +248,7 @@ def bench_main(args: argparse.Namespace) -> int:
     if args.plot:
         from aiopostcopy.tools import bench_plot
 
-        print(bench_plot.plot(Path(args.plot), c, runs), flush=True)
+        print(bench_plot.plot(Path(args.plot), c, runs, figures["hit_floor_us"]), flush=True)
     if errors:
         bar = "!" * 78
         print(f"\n{bar}\nFAILED: {len(errors)} problem(s)\n" + "\n".join(errors) + f"\n{bar}", flush=True)
