@@ -19,7 +19,7 @@ One invocation measures, round by round, on one place (a
   ``dst``, so each fault is timed in the faulting thread itself:
 
   - ``fault-quiet``: ONE worker, delegated, one thread; the source's sweep is
-    held back while the toucher faults (``--role gated-source``: the stock
+    held back while the toucher faults (``--sweep-after-idle``: the stock
     source with its background sender gated until no page was served for
     0.25 s), then released so the migration completes.  The demand path alone.
   - ``fault-bg``: the same with the sweep running as normal.
@@ -97,7 +97,7 @@ C_REFERENCE = {"rr_p50_us": 28.0, "fault_p50_us": 38.0, "bulk_gbps": 1.17, "bulk
 
 
 sys.path.insert(0, str(ROOT))
-from aiopostcopy.tools.bench_migration import make_image, verify_file  # noqa: E402
+from aiopostcopy.tools.bench_migration import GATE_IDLE_S, make_image, verify_file  # noqa: E402
 from aiopostcopy.tools.bench_procs import (Pinned, cpu_snapshot, first_line, machine, other_load, stop,  # noqa: E402
                                            tail)
 
@@ -251,12 +251,13 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
     errors: list[str] = []
     place = runner.place
 
-    src_cmd = [py, str(Path(__file__).resolve()), "--role", "gated-source"] if scenario == "fault-quiet" \
-        else [py, "-m", "aiopostcopy"]
+    src_cmd = [py, "-m", "aiopostcopy"]
     if profile is not None:
         src_cmd = _profiled(py, f"{profile}.source", src_cmd[1:], args.profile_clock)
     src_argv = [*src_cmd, "source", "--listen", f"{place.server_addr}:0",
                 "--block", f"{BLOCK}={ctx['image']}", "--json", str(run / "source.json")]
+    if scenario == "fault-quiet":  # demand first: the sweep waits until the toucher is done
+        src_argv += ["--sweep-after-idle", str(GATE_IDLE_S)]
     if scenario == "fault-nobg":
         src_argv += ["--window", "4096", "--run-pages", "1"]
     else:
@@ -615,11 +616,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["--role", "worker"]:
         return role_worker(argv[2], argv[3:])
-    if argv[:2] == ["--role", "gated-source"]:
-        sys.path.insert(0, str(ROOT))
-        from aiopostcopy.tools.bench_migration import gated_source
-
-        return gated_source(argv[2:])
     args = _parser().parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = set(scenarios) - set(SCENARIOS)
