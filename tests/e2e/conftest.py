@@ -108,6 +108,8 @@ class E2E:
     def options(self, source: tuple[str, int] | str, *, block_dir: bool = True, clients: bool = True,
                 config: DestinationConfig | None = None, **kw: Any) -> DestinationOptions:
         kw.setdefault("source_deadline", 30.0)
+        # tests hold sources with SIGSTOP while clients join: no idle reconnection in that time
+        kw.setdefault("source_idle_timeout", 30.0)
         return DestinationOptions(source=source, block_dir=self.block_dir if block_dir else None,
                                   control_path=self.socket if clients else None,
                                   session=config or DestinationConfig(), **kw)
