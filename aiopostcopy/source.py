@@ -770,10 +770,9 @@ class PostcopySource:
         send = conn.send_or_drop if conn.channel is URGENT else conn.send
         if not nbytes:
             send([encode(Zero(block=run.block, first=run.first, count=run.count))])
-        else:
-            if zeros:
-                _pack_data_pages(view, zeros, run.count, size)
-            send([_pages_header(run.block, run.first, run.count, nbytes, zeros), view[:nbytes]])
+        else:  # the data pages go out as the stretches between zero pages: one sendmsg, no packing copy
+            send([_pages_header(run.block, run.first, run.count, nbytes, zeros),
+                  *_data_stretches(view, zeros, run.count, size)])
 
 
 def _pages_header(block: int, first: int, count: int, nbytes: int, zeros: tuple[int, ...]) -> bytes:
@@ -783,16 +782,17 @@ def _pages_header(block: int, first: int, count: int, nbytes: int, zeros: tuple[
     return len(header).to_bytes(4, "big") + header
 
 
-def _pack_data_pages(view: memoryview, zeros: tuple[int, ...], count: int, size: int) -> None:
-    """Move the data pages of a run (those outside ``zeros``) to the front of ``view``, in order."""
-    at = page = 0
+def _data_stretches(view: memoryview, zeros: tuple[int, ...], count: int, size: int) -> list[memoryview]:
+    """The data pages of a run (those outside ``zeros``), in order, as views of ``view``."""
+    if not zeros:
+        return [view]
+    stretches, page = [], 0
     for i in range(0, len(zeros) + 2, 2):
         low, high = (zeros[i], zeros[i + 1]) if i < len(zeros) else (count, count)
         if low > page:
-            if at != page:
-                view[at * size:(at + low - page) * size] = view[page * size:low * size]
-            at += low - page
+            stretches.append(view[page * size:low * size])
         page = high
+    return stretches
 
 
 def _zero_bounds(memory: bytearray | bytes, zero: bytes, start: int, count: int, size: int) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiopostcopy.source import _pack_data_pages, _zero_bounds
+from aiopostcopy.source import _data_stretches, _zero_bounds
 
 PAGE = 4096
 
@@ -54,10 +54,10 @@ def test_zero_bounds_of_huge_pages(size: int) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(zero_pages=st.lists(st.booleans(), min_size=1, max_size=40))
-def test_packing_keeps_exactly_the_data_pages_in_order(zero_pages: list[bool]) -> None:
+def test_the_data_stretches_are_exactly_the_data_pages_in_order(zero_pages: list[bool]) -> None:
     pages = [bytes(PAGE) if zero else bytes([1 + i % 255]) * PAGE for i, zero in enumerate(zero_pages)]
     buffer = bytearray(b"".join(pages))
     zeros = _zero_bounds(buffer, bytes(PAGE), 0, len(pages), PAGE)
-    _pack_data_pages(memoryview(buffer), zeros, len(pages), PAGE)
+    stretches = _data_stretches(memoryview(buffer), zeros, len(pages), PAGE)
     data = b"".join(p for p, zero in zip(pages, zero_pages) if not zero)
-    assert bytes(buffer[:len(data)]) == data
+    assert b"".join(bytes(s) for s in stretches) == data
