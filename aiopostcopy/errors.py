@@ -22,6 +22,7 @@ errno, so code written against plain ``os`` calls keeps working.
      ├─ MigrationAborted (explicit abort or deadline)
      ├─ ClosedError (used after we closed it)
      ├─ BusyError (two users of one resource)
+ ├─ ConfigurationError (an input refused before the migration starts)
  └─ NetnsError (an ip/tc command of the tools failed)
     InternalError (a broken invariant: a bug)
 """
@@ -48,6 +49,7 @@ __all__ = [
     "MigrationAborted",
     "ClosedError",
     "BusyError",
+    "ConfigurationError",
     "InternalError",
     "uffd_error_from_errno",
 ]
@@ -144,6 +146,14 @@ class ClosedError(PostcopyError):
 
 class BusyError(PostcopyError):
     """Two users wanted a resource that serves one."""
+
+
+class ConfigurationError(PostcopyError):
+    """An input refused before the migration starts: a block file, a block
+    directory (missing rights, wrong filesystem, no room), an address.
+
+    The message names the object (path, address, filesystem type) and the cause.
+    """
 
 
 class NetnsError(PostcopyError, RuntimeError):

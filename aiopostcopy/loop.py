@@ -161,14 +161,16 @@ class PostcopyDestination:
         """Connect to the source, create and register the blocks, open the control socket.
 
         Raises:
-            SourceLostError: the source could not be reached.
+            SourceLostError: the source could not be reached, or left before its Hello.
+            ConfigurationError: the block directory cannot hold the blocks.
+            OSError: a block could not be created (e.g. FileExistsError, naming the path).
             UffdError: userfaultfd could not be opened or registered.
         """
         try:
             await self._source.connect()
-            await self._hello
         except OSError as exc:
             raise SourceLostError(f"cannot reach source {self.options.source!r}: {exc}") from exc
+        await self._hello  # a local error setting up the blocks comes through as itself
         if self.options.control_path is not None or self.options.vhost_user:
             assert self._memory is not None
             port = ServicePort(session_id=self.session_id, session=self._session, memory=self._memory,

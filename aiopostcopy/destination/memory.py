@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 from aiopostcopy.core.ramblock import BlockTable, MappingTable, RAMBlock
+from aiopostcopy.errors import ConfigurationError
 from aiopostcopy.messages import BlockInfo
 from aiopostcopy.uffd import Ioctl, Mapping, SharedMemory
 
@@ -71,9 +72,12 @@ class BlockMemory:
         """Create and map the backing of every block.
 
         Raises:
+            ConfigurationError: ``block_dir`` has no room for every block.
             FileExistsError: a block file already exists in ``block_dir``.
             OSError: the memory could not be created (e.g. no hugepages reserved).
         """
+        if block_dir is not None:
+            _check_room(infos, block_dir)
         blocks: list[MappedBlock] = []
         try:
             for index, info in enumerate(infos):
@@ -149,6 +153,19 @@ def _create_block(index: int, info: BlockInfo, block_dir: str | None) -> MappedB
         shm.close()
         raise
     return MappedBlock(index=index, info=info, shm=shm, mapping=mapping, path=path)
+
+
+def _check_room(infos: Sequence[BlockInfo], block_dir: str) -> None:
+    """Refuse before creating anything when the filesystem reports too little room
+    (tmpfs files are sparse: a full one fails only when a page is placed)."""
+    st = os.statvfs(block_dir)
+    if st.f_blocks == 0:  # no limit reported (hugetlbfs without size=): mapping reserves the pages
+        return
+    need = sum(info.length for info in infos)
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise ConfigurationError(f"block dir {block_dir}: no room for the blocks "
+                                 f"({need} bytes needed, {free} bytes free)")
 
 
 def _file_name(name: str) -> str:
