@@ -39,7 +39,7 @@ from typing import Any, NoReturn
 
 from aiopostcopy import trace
 from aiopostcopy.core.config import DestinationConfig, SourceConfig
-from aiopostcopy.errors import ConfigurationError, MigrationAborted, PostcopyError, SourceLostError
+from aiopostcopy.errors import ConfigurationError, PostcopyError, SourceLostError, SourceUnreachableError
 from aiopostcopy.loop import DestinationOptions, PostcopyDestination
 from aiopostcopy.source import BACKGROUND_SNDBUF, PostcopySource, SourceBlock
 from aiopostcopy.tools.preflight import check_port, check_source_blocks, prepare_block_dir
@@ -286,6 +286,8 @@ def _cause_text(exc: BaseException) -> str:
     cause = exc.__cause__
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror
+    if isinstance(cause, PostcopyError):  # e.g. the source's Error: busy serving another session
+        return str(cause)
     return str(exc)
 
 
@@ -459,6 +461,8 @@ async def _start_dest(args: argparse.Namespace, record: RunRecord) -> PostcopyDe
             if isinstance(exc, asyncio.TimeoutError):
                 raise _Unreachable(f"source {address} accepted the connection but did not complete the "
                                    f"handshake within {args.handshake_timeout:g} s (--handshake-timeout)") from None
+            if not isinstance(exc, SourceUnreachableError):
+                raise _Unreachable(f"source {address} ended the handshake: {_cause_text(exc)}") from None
             if not args.wait:
                 raise _Unreachable(f"cannot reach source {address}: {_cause_text(exc)} "
                                    "(start the source first, or pass --wait)") from None

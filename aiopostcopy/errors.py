@@ -19,6 +19,7 @@ errno, so code written against plain ``os`` calls keeps working.
      │                             UffdUnavailableError (no way to open a userfaultfd)
      ├─ MappingTableError (a client's mapping table is invalid)
      ├─ SourceLostError (transport broke; __cause__ set)
+ │   └─ SourceUnreachableError (no connection could be opened at all)
      ├─ MigrationAborted (explicit abort or deadline)
      ├─ ClosedError (used after we closed it)
      ├─ BusyError (two users of one resource)
@@ -46,6 +47,7 @@ __all__ = [
     "UffdUnavailableError",
     "MappingTableError",
     "SourceLostError",
+    "SourceUnreachableError",
     "MigrationAborted",
     "ClosedError",
     "BusyError",
@@ -134,6 +136,11 @@ class MappingTableError(PostcopyError, ValueError):
 
 class SourceLostError(PostcopyError):
     """The connection to the source broke; ``__cause__`` holds the reason."""
+
+
+class SourceUnreachableError(SourceLostError):
+    """No connection to the source could be opened (refused, no route, no such socket);
+    ``__cause__`` holds the OSError."""
 
 
 class MigrationAborted(PostcopyError):
