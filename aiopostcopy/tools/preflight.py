@@ -46,20 +46,31 @@ class BlockDir:
     Attributes:
         path: the directory.
         fs_type: ``"tmpfs"`` or ``"hugetlbfs"``.
-        created: it did not exist and was made here (remove it again if the run fails).
+        created: the topmost directory made here (``path`` or one of its parents),
+            None if ``path`` existed.
     """
 
     path: str
     fs_type: str
-    created: bool
+    created: str | None
 
     def remove_if_empty(self) -> None:
-        """Remove the directory if this run created it and left nothing in it."""
-        if self.created:
-            try:
-                os.rmdir(self.path)
-            except OSError:
-                pass  # not empty (complete blocks stay for the workload) or already gone
+        """Remove the directories this run created, as far as it left them empty."""
+        _remove_created(self.path, self.created)
+
+
+def _remove_created(path: str, top: str | None) -> None:
+    if top is None:
+        return
+    current = os.path.abspath(path)
+    while True:
+        try:
+            os.rmdir(current)
+        except OSError:
+            return  # not empty (complete blocks stay for the workload) or already gone
+        if current == top:
+            return
+        current = os.path.dirname(current)
 
 
 def prepare_block_dir(path: str) -> BlockDir:
@@ -84,20 +95,22 @@ def prepare_block_dir(path: str) -> BlockDir:
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigurationError(f"block dir {path}: permission denied (cannot create files in it)")
     except BaseException:
-        if created:
-            os.rmdir(path)
+        _remove_created(path, created)
         raise
     return BlockDir(path, fs_type, created)
 
 
-def _make_dir(path: str) -> bool:
+def _make_dir(path: str) -> str | None:
+    """Create ``path`` and missing parents; the topmost one created (None: it existed)."""
+    top, parent = None, os.path.abspath(path)
+    while not os.path.exists(parent):
+        top, parent = parent, os.path.dirname(parent)
     try:
-        os.makedirs(path, mode=0o700)
-    except FileExistsError:
-        return False
+        os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as exc:
+        _remove_created(path, top)
         raise ConfigurationError(f"block dir {path}: cannot create it: {exc.strerror}") from None
-    return True
+    return top
 
 
 def filesystem_type(path: str, magic: int | None = None) -> str:

@@ -229,7 +229,7 @@ CASES = [
          lambda w: ("cannot reach source 127.0.0.1:", "Connection refused", "--wait")),
     Case("dest-wait-past-deadline",
          lambda w: ["dest", "--source", f"127.0.0.1:{_free_port()}", "--wait", "--deadline", "1",
-                    "--block-dir", w.path("never"), "--json", w.path("report.json")], 3,
+                    "--block-dir", w.path("never") + "/a/b", "--json", w.path("report.json")], 3,
          lambda w: ("cannot reach source 127.0.0.1:", "waited 1 s")),
     Case("dest-silent-peer", _silent_peer, 3, lambda w: ("did not complete the handshake within 1 s",)),
     Case("dest-json-dir-missing",
