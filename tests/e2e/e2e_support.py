@@ -158,9 +158,9 @@ class SourceProcess:
 
     async def report(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         """Wait for the source to exit; its final JSON report plus ``exit``."""
-        out, _ = await asyncio.wait_for(self.proc.communicate(), timeout)
+        out = await asyncio.wait_for(self.proc.stdout.read(), timeout)  # stderr: forwarded by start_source
         result = parse_json_output(out)
-        result["exit"] = self.proc.returncode
+        result["exit"] = await asyncio.wait_for(self.proc.wait(), timeout)
         return result
 
 
@@ -210,9 +210,9 @@ class Worker:
 
     async def result(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         """Its JSON report plus ``exit`` (the exit status)."""
-        out, _ = await asyncio.wait_for(self.proc.communicate(), timeout)
+        out = await asyncio.wait_for(self.proc.stdout.read(), timeout)  # stderr: forwarded by start_source
         result = parse_json_output(out)
-        result["exit"] = self.proc.returncode
+        result["exit"] = await asyncio.wait_for(self.proc.wait(), timeout)
         return result
 
 
