@@ -10,27 +10,77 @@
 * ``bench``: the benchmark runner (:mod:`aiopostcopy.tools.bench`): a C
   baseline and the service's scenarios over the shaped veth (or loopback).
 
-Exit status: 0 on a complete, verified migration; 1 when the migration failed
-or a page did not verify; 2 for bad arguments.
+Theory of operation
+-------------------
+``source`` and ``dest`` check their input before anything is opened
+(:mod:`aiopostcopy.tools.preflight`), then run the library roles.  Whatever
+ends a run (completion, a failure, bad input, a signal) goes through one
+:class:`RunRecord`: it logs one line naming the cause and the object, writes
+the ``--json`` report (every exit, success or not) and returns the exit
+status below.  Logs go through :mod:`logging` to stderr (and ``--log-file``)
+with timestamps; stdout carries only what was asked for there: the source's
+``listening on`` line, or the JSON report with ``--json -`` (then the
+announcement goes to stderr).  A traceback is printed only for a bug in
+aiopostcopy itself, and only with ``-v``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
+import logging
 import os
 import signal
 import sys
-from typing import Any
+import time
+from typing import Any, NoReturn
 
-from aiopostcopy.core.config import DestinationConfig, SourceConfig
-from aiopostcopy.errors import PostcopyError
-from aiopostcopy.loop import DestinationOptions, PostcopyDestination
 from aiopostcopy import trace
+from aiopostcopy.core.config import DestinationConfig, SourceConfig
+from aiopostcopy.errors import ConfigurationError, PostcopyError, SourceLostError, SourceUnreachableError
+from aiopostcopy.loop import DestinationOptions, PostcopyDestination
 from aiopostcopy.source import BACKGROUND_SNDBUF, DEFAULT_LEASE, PostcopySource, SourceBlock
+from aiopostcopy.tools.preflight import check_port, check_source_blocks, prepare_block_dir
 
-__all__ = ["main", "run"]
+__all__ = ["main", "run", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_UNREACHABLE", "EXIT_INTERRUPTED"]
+
+EXIT_OK = 0  #: the migration completed and verified (source: the destination said Complete)
+EXIT_FAILED = 1  #: the migration failed, was aborted, or did not verify
+EXIT_USAGE = 2  #: bad arguments or input, refused before any page moved
+EXIT_UNREACHABLE = 3  #: dest: the source could not be reached, or never completed its handshake
+EXIT_INTERRUPTED = 130  #: SIGINT or SIGTERM
+
+EXIT_CODES = """exit status:
+  0    the migration completed and every page verified (source: the destination said Complete)
+  1    the migration failed, was aborted (--deadline) or did not verify
+  2    bad arguments or input, refused before any page moved: an address, a block file,
+       the block dir (created if missing; must be tmpfs or hugetlbfs, writable, with room),
+       a stale block file, a busy port
+  3    dest: the source could not be reached (see --wait) or never completed its handshake
+  130  interrupted (SIGINT or SIGTERM)"""
+
+log = logging.getLogger("aiopostcopy")
+
+
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("aiopostcopy")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line naming the argument and the cause, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_address(text: str) -> tuple[str, int] | str:
@@ -40,7 +90,10 @@ def parse_address(text: str) -> tuple[str, int] | str:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT or a socket path, got {text!r}")
-    return host.strip("[]"), int(port)
+    try:
+        return host.strip("[]"), check_port(int(port), text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_block(text: str) -> tuple[str, str]:
@@ -50,41 +103,93 @@ def parse_block(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def _logging_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (debug)")
+    common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress line")
+    common.add_argument("--log-file", default=None, help="also append the log (timestamped) to this file")
+    common.add_argument("--json", default=None,
+                        help="write the report here on every exit, success or not ('-': stdout, which then "
+                             "carries nothing else)")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m aiopostcopy", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m aiopostcopy", description=__doc__.split("\n\n")[0],
+                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"aiopostcopy {version()}")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop (default uvloop)")
     sub = parser.add_subparsers(dest="command", required=True)
     from aiopostcopy.tools.demo import add_demo_arguments
 
     add_demo_arguments(sub.add_parser("demo", help="a whole migration on this host, verified page by page"))
-    src = sub.add_parser("source", help="serve RAMBlocks to a destination")
-    src.add_argument("--listen", type=parse_address, default=("127.0.0.1", 4444), help="HOST:PORT or socket path")
+    common = _logging_options()
+    role = {"parents": [common], "epilog": EXIT_CODES, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    src = sub.add_parser("source", help="serve RAMBlocks to a destination", **role)
+    src.add_argument("--listen", type=parse_address, default=("127.0.0.1", 4444),
+                     help="HOST:PORT or socket path (default 127.0.0.1:4444, loopback only)")
     src.add_argument("--block", type=parse_block, action="append", required=True, help="NAME=PATH, repeatable")
-    src.add_argument("--page-size", type=int, default=4096, help="page size of the blocks (4096 or 2097152)")
-    src.add_argument("--window", type=int, default=SourceConfig().background_window_bytes, help="background window bytes")
-    src.add_argument("--run-pages", type=int, default=SourceConfig().background_run_pages, help="pages per background run")
+    src.add_argument("--page-size", type=_positive(int), default=4096, help="page size of the blocks (4096 or 2097152)")
+    src.add_argument("--window", type=_positive(int), default=SourceConfig().background_window_bytes,
+                     help="background window bytes")
+    src.add_argument("--run-pages", type=_positive(int), default=SourceConfig().background_run_pages,
+                     help="pages per background run")
     src.add_argument("--sndbuf", type=int, default=BACKGROUND_SNDBUF,
                      help="SO_SNDBUF of the background connection, 0 for kernel autotuning")
-    src.add_argument("--sweep-after-idle", type=float, default=None, metavar="SECONDS",
+    src.add_argument("--lease", type=_positive(float), default=DEFAULT_LEASE,
+                     help=f"seconds a session is held with no channel open before the next destination may "
+                          f"start (default {DEFAULT_LEASE:g})")
+    src.add_argument("--sweep-after-idle", type=_positive(float), default=None, metavar="SECONDS",
                      help="demand first: hold the background stream until pages were requested and then "
                           "none for SECONDS (benchmarks measure the demand path alone this way)")
-    src.add_argument("--lease", type=float, default=DEFAULT_LEASE,
-                     help="seconds a session is held without a channel from its destination (default %(default)s)")
-    src.add_argument("--json", default=None, help="write the final report here ('-' for stdout)")
-    dst = sub.add_parser("dest", help="run the destination service")
+    dst = sub.add_parser("dest", help="run the destination service", **role)
     dst.add_argument("--source", type=parse_address, required=True, help="HOST:PORT or socket path of the source")
-    dst.add_argument("--block-dir", default=None, help="directory for the block files (default: memfd)")
+    dst.add_argument("--block-dir", default=None,
+                     help="directory for the block files, created if missing; tmpfs or hugetlbfs (default: memfd)")
     dst.add_argument("--clients", default=None, help="Unix socket path where clients join")
     dst.add_argument("--vhost-user", metavar="SOCK", action="append", default=[],
                      help="attach the vhost-user back-end listening on SOCK as a postcopy client (repeatable)")
-    dst.add_argument("--deadline", type=float, default=60.0,
-                     help="seconds without progress from the source (no pages arriving, whatever the cause)")
-    dst.add_argument("--json", default=None, help="write the final report here ('-' for stdout)")
-    dst.add_argument("--quiet", action="store_true", help="no progress line")
+    dst.add_argument("--deadline", type=_positive(float), default=60.0,
+                     help="seconds without progress from the source (no pages arriving, whatever the cause: "
+                          "unreachable, silent, refusing); also bounds --wait; default 60")
+    dst.add_argument("--wait", action="store_true", help="wait (up to --deadline) for a source that is not up yet")
+    dst.add_argument("--handshake-timeout", type=_positive(float), default=10.0,
+                     help="seconds a reachable source has to answer Hello (default 10)")
     from aiopostcopy.tools.bench import add_bench_arguments
 
     add_bench_arguments(sub.add_parser("bench", help="measure against a C baseline over the shaped veth"))
     return parser
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Timestamped log lines on stderr (and ``--log-file``) for the ``aiopostcopy`` loggers."""
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    formatter = logging.Formatter("%(asctime)s.%(msecs)03d %(name)s %(levelname)s %(message)s",
+                                  datefmt="%Y-%m-%dT%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if args.log_file:
+        try:
+            handlers.append(logging.FileHandler(args.log_file, encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigurationError(f"--log-file {args.log_file}: {exc.strerror}") from None
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
 
 
 def run(coro: Any, loop_name: str = "uvloop") -> Any:
@@ -99,81 +204,294 @@ def run(coro: Any, loop_name: str = "uvloop") -> Any:
     return asyncio.run(coro)
 
 
-def write_json(path: str | None, data: dict[str, Any]) -> None:
-    if path is None:
-        return
-    text = json.dumps(data, indent=2, default=str)
-    if path == "-":
-        print(text)
-    else:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+# ----------------------------------------------------------------------------- one run's record
 
 
-async def source_main(args: argparse.Namespace) -> int:
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class RunRecord:
+    """What one ``source`` or ``dest`` run reports on exit, whatever ends it."""
+
+    def __init__(self, role: str, args: argparse.Namespace) -> None:
+        self.role = role
+        self.args = args
+        self.log = logging.getLogger(f"aiopostcopy.{role}")
+        self.fields: dict[str, Any] = {"role": role, "version": version(), "started_at": _now(),
+                                       "blocks": [], "page_size": None}
+        self.interrupted: str | None = None  #: the signal's name once one arrived
+
+    def set_blocks(self, blocks: list[dict[str, Any]]) -> None:
+        """The block table: name, size (bytes), page_size, path (None for a memfd)."""
+        self.fields["blocks"] = blocks
+        sizes = {b["page_size"] for b in blocks}
+        self.fields["page_size"] = sizes.pop() if len(sizes) == 1 else None
+
+    def finish(self, code: int, error: str | None = None, report: dict[str, Any] | None = None) -> int:
+        """Log ``error`` (one line), write the JSON report, return ``code``."""
+        if self.interrupted and code != EXIT_OK:
+            code, error = EXIT_INTERRUPTED, f"interrupted by {self.interrupted}"
+        if error is not None:
+            self.log.error("%s", error)
+        data = dict(report or {})
+        data.update(self.fields, ok=code == EXIT_OK, exit_code=code, error=error, ended_at=_now())
+        self._write_json(data)
+        return code
+
+    def fail(self, exc: BaseException) -> int:
+        """Classify ``exc`` into an exit status and a one-line message; finish."""
+        code, message = describe(exc, self.args)
+        if code == EXIT_FAILED and not isinstance(exc, PostcopyError):
+            self.log.debug("internal error", exc_info=exc)
+        return self.finish(code, message)
+
+    def _write_json(self, data: dict[str, Any]) -> None:
+        path = self.args.json
+        if path is None:
+            return
+        text = json.dumps(data, indent=2, default=str)
+        if path == "-":
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+            return
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as exc:
+            self.log.error("cannot write --json %s: %s", path, exc.strerror)
+
+
+def format_address(address: tuple[str, int] | str) -> str:
+    if isinstance(address, str):
+        return address
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe(exc: BaseException, args: argparse.Namespace) -> tuple[int, str]:
+    """An exit status and one line naming the cause and the object."""
+    if isinstance(exc, ConfigurationError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, _Unreachable):
+        return EXIT_UNREACHABLE, str(exc)
+    if isinstance(exc, SourceLostError):
+        return EXIT_UNREACHABLE, f"source {format_address(args.source)}: {_cause_text(exc)}"
+    if isinstance(exc, FileExistsError):
+        return EXIT_USAGE, (f"block file {exc.filename} already exists (a stale file would pass for migrated "
+                            "memory): remove it or use an empty --block-dir")
+    if isinstance(exc, PostcopyError):
+        return EXIT_FAILED, str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return EXIT_USAGE, f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, OSError):
+        return EXIT_FAILED, f"{exc.strerror or exc}"
+    return EXIT_FAILED, f"internal error (a bug in aiopostcopy): {type(exc).__name__}: {exc} (-v shows where)"
+
+
+def _cause_text(exc: BaseException) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    if isinstance(cause, PostcopyError):  # e.g. the source's Error: busy serving another session
+        return str(cause)
+    return str(exc)
+
+
+class _Unreachable(Exception):
+    """dest could not start a session with the source (exit status 3)."""
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class Interrupts:
+    """SIGINT/SIGTERM: before :meth:`on_signal` is given a callback, cancel the
+    running task (start-up ends at once); after, call it (e.g. abort cleanly).
+    A second signal always cancels."""
+
+    def __init__(self, record: RunRecord) -> None:
+        self._record = record
+        self._task = asyncio.current_task()
+        self._callback: Any = None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._fire, sig)
+
+    def on_signal(self, callback: Any) -> None:
+        self._callback = callback
+
+    def _fire(self, sig: int) -> None:
+        first = self._record.interrupted is None
+        self._record.interrupted = signal.Signals(sig).name
+        if self._callback is None or not first:
+            if self._task is not None:
+                self._task.cancel()
+            return
+        result = self._callback()
+        if asyncio.iscoroutine(result):
+            asyncio.get_running_loop().create_task(result)
+
+
+# ----------------------------------------------------------------------------- source
+
+
+async def source_main(args: argparse.Namespace, record: RunRecord) -> int:
+    interrupts = Interrupts(record)
+    record.fields["listen"] = format_address(args.listen)
+    try:
+        check_source_blocks(args.block, args.page_size)
+        blocks = [SourceBlock.from_path(name, path, page_size=args.page_size) for name, path in args.block]
+    except (ConfigurationError, OSError) as exc:  # a file that changed under the checks
+        return record.finish(EXIT_USAGE, describe(exc, args)[1])
+    except ValueError as exc:
+        return record.finish(EXIT_USAGE, str(exc))
+    except asyncio.CancelledError:
+        return record.finish(EXIT_INTERRUPTED, "interrupted")
+    record.set_blocks([{"name": b.name, "size": b.length, "page_size": b.page_size, "path": path}
+                       for b, (_, path) in zip(blocks, args.block)])
     trace.start("source")
-    blocks = [SourceBlock.from_path(name, path, page_size=args.page_size) for name, path in args.block]
     config = SourceConfig(background_window_bytes=args.window, background_run_pages=args.run_pages)
     source = PostcopySource(blocks, config=config, background_sndbuf=args.sndbuf or None, lease=args.lease,
                             sweep_after_idle=args.sweep_after_idle)
-    if isinstance(args.listen, str):
-        where = await source.listen_unix(args.listen)
-    else:
-        host, port = await source.listen(*args.listen)
-        where = f"{host}:{port}"
-    print(f"aiopostcopy source: listening on {where}", flush=True)
-    _stop_on_signals(source.close)
     try:
+        where = await _listen(source, args.listen)
+        record.fields["listen"] = where
+        _announce(args, f"aiopostcopy source: listening on {where}")
+        interrupts.on_signal(source.close)
         report = await source.wait_complete()
+    except ConfigurationError as exc:
+        return record.finish(EXIT_USAGE, str(exc))
+    except asyncio.CancelledError:
+        return record.finish(EXIT_INTERRUPTED, "interrupted")
+    except Exception as exc:
+        return record.fail(exc)
     finally:
         await source.close()
-    print(f"aiopostcopy source: {'complete' if report.complete else 'stopped'}: {report.pages_urgent} urgent, "
-          f"{report.pages_background} background, {report.pages_zero} zero pages", file=sys.stderr)
-    write_json(args.json, report.__dict__ if hasattr(report, "__dict__") else _dataclass_dict(report))
-    return 0 if report.complete else 1
+    record.log.info("%s: %d urgent, %d background, %d zero pages sent (urgent and background include pages "
+                    "sent twice)", "complete" if report.complete else "stopped", report.pages_urgent,
+                    report.pages_background, report.pages_zero)
+    error = None if report.complete else "the destination left before completing"
+    return record.finish(EXIT_OK if report.complete else EXIT_FAILED, error, _asdict(report))
 
 
-async def dest_main(args: argparse.Namespace) -> int:
-    trace.start("dest")
-    options = DestinationOptions(source=args.source, block_dir=args.block_dir, control_path=args.clients,
-                                 source_deadline=args.deadline, session=DestinationConfig(),
-                                 vhost_user=tuple(args.vhost_user))
-    dest = PostcopyDestination(options)
+async def _listen(source: PostcopySource, address: tuple[str, int] | str) -> str:
     try:
-        await dest.start()
-        print(f"aiopostcopy dest: {len(dest.blocks)} blocks, userfaultfd via {dest.uffd_mode}", file=sys.stderr)
+        if isinstance(address, str):
+            return await source.listen_unix(address)
+        host, port = await source.listen(*address)
+    except OSError as exc:
+        cause = exc.strerror or str(exc)
+        if "address already in use" in str(exc).lower():
+            cause = "address already in use"
+        raise ConfigurationError(f"cannot listen on {format_address(address)}: {cause}") from None
+    return format_address((host, port))
+
+
+def _announce(args: argparse.Namespace, line: str) -> None:
+    """The machine-read line: on stdout, unless stdout carries the JSON report."""
+    stream = sys.stderr if args.json == "-" else sys.stdout
+    print(line, file=stream, flush=True)
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+# ----------------------------------------------------------------------------- dest
+
+
+async def dest_main(args: argparse.Namespace, record: RunRecord) -> int:
+    interrupts = Interrupts(record)
+    record.fields.update(source=format_address(args.source), block_dir=args.block_dir)
+    block_dir = None
+    dest: PostcopyDestination | None = None
+    try:
+        if args.block_dir is not None:
+            block_dir = prepare_block_dir(args.block_dir)
+            if block_dir.created:
+                record.log.info("created block dir %s (%s)", block_dir.path, block_dir.fs_type)
+        dest = await _start_dest(args, record)
+        record.set_blocks(_dest_blocks(dest))
+        record.log.info("%d blocks, userfaultfd via %s", len(dest.blocks), dest.uffd_mode)
         if not args.quiet:
             from aiopostcopy.tools.progress import ProgressLine
 
             dest.on_progress(ProgressLine(sys.stderr).update)
-        _stop_on_signals(lambda: dest.abort("interrupted"))
+        interrupts.on_signal(lambda: dest.abort(f"interrupted by {record.interrupted}"))
         report = await dest.wait_complete()
-    except PostcopyError as exc:
-        print(f"aiopostcopy dest: failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
+    except asyncio.CancelledError:
+        return await _dest_failed(record, dest, block_dir, EXIT_INTERRUPTED, "interrupted")
+    except Exception as exc:
+        code, message = describe(exc, args)
+        return await _dest_failed(record, dest, block_dir, code, message, exc)
+    await dest.close()
+    record.log.info("%s", report.format())
+    if report.verified:
+        return record.finish(EXIT_OK, None, report.to_dict())
+    return record.finish(EXIT_FAILED, f"{report.integrity_pages} pages did not verify", report.to_dict())
+
+
+async def _dest_failed(record: RunRecord, dest: PostcopyDestination | None, block_dir: Any, code: int,
+                       message: str, exc: BaseException | None = None) -> int:
+    report = None
+    if dest is not None:
+        try:
+            report = dest.statistics().to_dict()
+        except Exception:  # not started far enough to have figures
+            report = None
         await dest.close()
-    print(report.format(), file=sys.stderr)
-    write_json(args.json, report.to_dict())
-    return 0 if report.verified else 1
+    if block_dir is not None:
+        block_dir.remove_if_empty()
+    if exc is not None and code == EXIT_FAILED and not isinstance(exc, (PostcopyError, OSError)):
+        record.log.debug("internal error", exc_info=exc)
+    return record.finish(code, message, report)
 
 
-def _stop_on_signals(callback: Any) -> None:
-    loop = asyncio.get_running_loop()
+async def _start_dest(args: argparse.Namespace, record: RunRecord) -> PostcopyDestination:
+    """Start a destination; with ``--wait``, retry an unreachable source until ``--deadline``."""
+    options = DestinationOptions(source=args.source, block_dir=args.block_dir, control_path=args.clients,
+                                 source_deadline=args.deadline, session=DestinationConfig(),
+                                 vhost_user=tuple(args.vhost_user))
+    give_up = time.monotonic() + args.deadline
+    waited = False
+    trace.start("dest")
+    while True:
+        dest = PostcopyDestination(options)
+        try:
+            await asyncio.wait_for(dest.start(), args.handshake_timeout)
+            return dest
+        except (SourceLostError, asyncio.TimeoutError) as exc:
+            await dest.close()
+            address = format_address(args.source)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise _Unreachable(f"source {address} accepted the connection but did not complete the "
+                                   f"handshake within {args.handshake_timeout:g} s (--handshake-timeout)") from None
+            if not isinstance(exc, SourceUnreachableError):
+                raise _Unreachable(f"source {address} ended the handshake: {_cause_text(exc)}") from None
+            if not args.wait:
+                raise _Unreachable(f"cannot reach source {address}: {_cause_text(exc)} "
+                                   "(start the source first, or pass --wait)") from None
+            if time.monotonic() >= give_up:
+                raise _Unreachable(f"cannot reach source {address}: {_cause_text(exc)} "
+                                   f"(waited {args.deadline:g} s, --deadline)") from None
+            if not waited:
+                record.log.info("waiting up to %g s for source %s (%s)", args.deadline, address, _cause_text(exc))
+                waited = True
+            await asyncio.sleep(min(0.2, max(0.0, give_up - time.monotonic())))
+        except BaseException:
+            await dest.close()
+            raise
 
-    def stop() -> None:
-        result = callback()
-        if asyncio.iscoroutine(result):
-            loop.create_task(result)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+def _dest_blocks(dest: PostcopyDestination) -> list[dict[str, Any]]:
+    return [{"name": b.name, "size": b.length, "page_size": b.page_size, "path": dest.block_path(b.name)}
+            for b in dest.blocks]
 
 
-def _dataclass_dict(obj: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
+# ----------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +504,26 @@ def main(argv: list[str] | None = None) -> int:
         from aiopostcopy.tools.bench import bench_main
 
         return bench_main(args)
-    if args.command == "source":
-        return run(source_main(args), args.loop)
-    return run(dest_main(args), args.loop)
+    record = RunRecord(args.command, args)
+    try:
+        setup_logging(args)
+        _check_json_path(args.json)
+        role = source_main if args.command == "source" else dest_main
+        return int(run(role(args, record), args.loop))
+    except ConfigurationError as exc:
+        if str(exc).startswith("--json "):
+            args.json = None  # the report has nowhere to go: the one line says why
+        return record.finish(EXIT_USAGE, str(exc))
+    except KeyboardInterrupt:
+        record.interrupted = record.interrupted or "SIGINT"
+        return record.finish(EXIT_INTERRUPTED, "interrupted")
+
+
+def _check_json_path(path: str | None) -> None:
+    if path is None or path == "-":
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigurationError(f"--json {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConfigurationError(f"--json {path}: cannot write in {parent}")

@@ -19,9 +19,11 @@ errno, so code written against plain ``os`` calls keeps working.
      │                             UffdUnavailableError (no way to open a userfaultfd)
      ├─ MappingTableError (a client's mapping table is invalid)
      ├─ SourceLostError (transport broke; __cause__ set)
+ │   └─ SourceUnreachableError (no connection could be opened at all)
      ├─ MigrationAborted (explicit abort or deadline)
      ├─ ClosedError (used after we closed it)
      ├─ BusyError (two users of one resource)
+ ├─ ConfigurationError (an input refused before the migration starts)
  └─ NetnsError (an ip/tc command of the tools failed)
     InternalError (a broken invariant: a bug)
 """
@@ -45,9 +47,11 @@ __all__ = [
     "UffdUnavailableError",
     "MappingTableError",
     "SourceLostError",
+    "SourceUnreachableError",
     "MigrationAborted",
     "ClosedError",
     "BusyError",
+    "ConfigurationError",
     "InternalError",
     "uffd_error_from_errno",
 ]
@@ -134,6 +138,11 @@ class SourceLostError(PostcopyError):
     """The connection to the source broke; ``__cause__`` holds the reason."""
 
 
+class SourceUnreachableError(SourceLostError):
+    """No connection to the source could be opened (refused, no route, no such socket);
+    ``__cause__`` holds the OSError."""
+
+
 class MigrationAborted(PostcopyError):
     """The migration ended by explicit abort or deadline before every page arrived."""
 
@@ -144,6 +153,14 @@ class ClosedError(PostcopyError):
 
 class BusyError(PostcopyError):
     """Two users wanted a resource that serves one."""
+
+
+class ConfigurationError(PostcopyError):
+    """An input refused before the migration starts: a block file, a block
+    directory (missing rights, wrong filesystem, no room), an address.
+
+    The message names the object (path, address, filesystem type) and the cause.
+    """
 
 
 class NetnsError(PostcopyError, RuntimeError):

@@ -66,7 +66,7 @@ from aiopostcopy.core.commands import (
 )
 from aiopostcopy.core.config import DestinationConfig
 from aiopostcopy.core.session import DestinationSession
-from aiopostcopy.errors import MigrationAborted, SourceLostError, UffdError
+from aiopostcopy.errors import MigrationAborted, SourceLostError, SourceUnreachableError, UffdError
 from aiopostcopy.destination.memory import (BlockMemory, Staging, adoptable_session, forget_session,
                                             remember_session)
 from aiopostcopy.destination.placer import BackgroundPlacer, Placement
@@ -173,14 +173,17 @@ class PostcopyDestination:
         """Connect to the source, create and register the blocks, open the control socket.
 
         Raises:
-            SourceLostError: the source could not be reached.
+            SourceUnreachableError: no connection to the source could be opened.
+            SourceLostError: the source closed the connection before its Hello.
+            ConfigurationError: the block directory cannot hold the blocks.
+            OSError: a block could not be created (e.g. FileExistsError, naming the path).
             UffdError: userfaultfd could not be opened or registered.
         """
         try:
             await self._source.connect()
-            await self._hello
         except OSError as exc:
-            raise SourceLostError(f"cannot reach source {self.options.source!r}: {exc}") from exc
+            raise SourceUnreachableError(f"cannot reach source {self.options.source!r}: {exc}") from exc
+        await self._hello  # a local error setting up the blocks comes through as itself
         if self.options.control_path is not None or self.options.vhost_user:
             assert self._memory is not None
             port = ServicePort(session_id=self.session_id, session=self._session, memory=self._memory,

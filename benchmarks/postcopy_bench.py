@@ -288,7 +288,7 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
             raise RuntimeError(f"worker {i} did not start\n{tail(run / f'worker{i}.err')}")
 
     dest_argv = [py, "-m", "aiopostcopy", "dest", "--source", address, "--block-dir", str(run / "dest"),
-                 "--clients", sock, "--json", str(run / "dest.json"), "--quiet"]
+                 "--clients", sock, "--json", str(run / "dest.json")]
     if profile is not None:
         dest_argv = _profiled(py, str(profile), dest_argv[1:], args.profile_clock)
     began = time.monotonic()

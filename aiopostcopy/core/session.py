@@ -126,6 +126,8 @@ class DestinationSession:
             return
         if type(msg) is m.Hello:
             return self._on_hello(channel, msg, now)
+        if type(msg) is m.Error:  # before the Hello too: a refusal (busy, session, version) says why
+            return self._on_control(channel, msg, now)
         if channel not in self._link.open:
             raise RemoteProtocolError(f"{type(msg).__name__} on the {channel.value} channel "
                                       "before the source's Hello")

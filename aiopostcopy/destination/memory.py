@@ -29,6 +29,7 @@ path writes page payloads into; its address is what UFFDIO_COPY copies from.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import mmap
@@ -36,6 +37,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 from aiopostcopy.core.ramblock import BlockTable, MappingTable, RAMBlock
+from aiopostcopy.errors import ConfigurationError
 from aiopostcopy.messages import BlockInfo
 from aiopostcopy.uffd import Ioctl, Mapping, SharedMemory
 
@@ -92,11 +94,14 @@ class BlockMemory:
                 same migration left in ``block_dir`` (others are created).
 
         Raises:
+            ConfigurationError: ``block_dir`` has no room for every block.
             FileExistsError: a block file already exists in ``block_dir`` (a
                 complete one, or a partial one when not adopting).
             OSError: the memory could not be created (e.g. no hugepages reserved),
                 or an adopted file has the wrong size or page size.
         """
+        if block_dir is not None:
+            _check_room(infos, block_dir, adopt)
         blocks: list[MappedBlock] = []
         try:
             for index, info in enumerate(infos):
@@ -198,6 +203,24 @@ def _create_block(index: int, info: BlockInfo, block_dir: str | None, adopt: boo
         shm.close()
         raise
     return MappedBlock(index=index, info=info, shm=shm, mapping=mapping, path=path, adopted=adopted)
+
+
+def _check_room(infos: Sequence[BlockInfo], block_dir: str, adopt: bool) -> None:
+    """Refuse before creating anything when the filesystem reports too little room
+    (tmpfs files are sparse: a full one fails only when a page is placed).  Pages
+    that partial files being adopted already hold need no more room."""
+    st = os.statvfs(block_dir)
+    if st.f_blocks == 0:  # no limit reported (hugetlbfs without size=): mapping reserves the pages
+        return
+    need = sum(info.length for info in infos)
+    if adopt:
+        for info in infos:
+            with contextlib.suppress(FileNotFoundError):
+                need -= os.stat(os.path.join(block_dir, _file_name(info.name) + PARTIAL_SUFFIX)).st_blocks * 512
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise ConfigurationError(f"block dir {block_dir}: no room for the blocks "
+                                 f"({need} bytes needed, {free} bytes free)")
 
 
 def _file_name(name: str) -> str:

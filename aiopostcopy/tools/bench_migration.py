@@ -180,7 +180,7 @@ def run_migration(ctx: Context, sc: Scenario, tag: str) -> dict[str, Any]:
         stop(source)
         raise
     dest_argv = [*(ctx.dest_prefix or [sys.executable, "-m", "aiopostcopy"]), "dest", "--source", address,
-                 "--block-dir", str(run / "dest"), "--clients", sock, "--json", str(run / "dest.json"), "--quiet"]
+                 "--block-dir", str(run / "dest"), "--clients", sock, "--json", str(run / "dest.json")]
     sampler = Sampler(0.01)
     began = time.monotonic()
     dest = _start(ctx, "dst", dest_argv, None, stderr=subprocess.PIPE)

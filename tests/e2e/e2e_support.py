@@ -111,11 +111,11 @@ class Processes:
 
 
 async def spawn(procs: Processes, argv: list[str], *, stdin: bool = False,
-                env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
-    """Start ``argv`` with stdout piped (stderr goes to the test's captured stderr)."""
+                env: dict[str, str] | None = None, stderr: int | None = None) -> asyncio.subprocess.Process:
+    """Start ``argv`` with stdout piped (stderr goes to the test's captured stderr unless piped)."""
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-        env=env)
+        env=env, stderr=stderr)
     return procs.add(proc)
 
 
@@ -158,9 +158,9 @@ class SourceProcess:
 
     async def report(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         """Wait for the source to exit; its final JSON report plus ``exit``."""
-        out, _ = await asyncio.wait_for(self.proc.communicate(), timeout)
+        out = await asyncio.wait_for(self.proc.stdout.read(), timeout)  # stderr: forwarded by start_source
         result = parse_json_output(out)
-        result["exit"] = self.proc.returncode
+        result["exit"] = await asyncio.wait_for(self.proc.wait(), timeout)
         return result
 
 
@@ -175,18 +175,31 @@ def source_argv(blocks: dict[str, str], *, listen: str = "127.0.0.1:0", window: 
     return argv
 
 
-async def read_listening(proc: asyncio.subprocess.Process, timeout: float = 30.0) -> tuple[str, int]:
-    """Read the source's ``aiopostcopy source: listening on HOST:PORT`` line."""
-    line = (await asyncio.wait_for(proc.stdout.readline(), timeout)).decode()
-    if "listening on" not in line:
-        raise AssertionError(f"source did not start (exit {proc.returncode}): {line!r}")
+async def read_listening(proc: asyncio.subprocess.Process, stream: asyncio.StreamReader,
+                         timeout: float = 30.0) -> tuple[str, int]:
+    """Read the source's ``aiopostcopy source: listening on HOST:PORT`` line from ``stream``
+    (stderr with ``--json -``: stdout carries only the report); earlier lines go to our stderr."""
+    while True:
+        line = (await asyncio.wait_for(stream.readline(), timeout)).decode()
+        if "listening on" in line:
+            break
+        if not line:
+            raise AssertionError(f"source did not start (exit {await proc.wait()})")
+        sys.stderr.write(line)
     host, _, port = line.rsplit(" ", 1)[1].strip().rpartition(":")
     return host, int(port)
 
 
+async def _forward(stream: asyncio.StreamReader) -> None:
+    while line := await stream.readline():
+        sys.stderr.write(line.decode(errors="replace"))
+
+
 async def start_source(procs: Processes, blocks: dict[str, str], **options: Any) -> SourceProcess:
-    proc = await spawn(procs, source_argv(blocks, **options))
-    return SourceProcess(proc, await read_listening(proc))
+    proc = await spawn(procs, source_argv(blocks, **options), stderr=asyncio.subprocess.PIPE)
+    address = await read_listening(proc, proc.stderr)
+    procs.closers.append(asyncio.get_running_loop().create_task(_forward(proc.stderr)).cancel)
+    return SourceProcess(proc, address)
 
 
 class Worker:
@@ -197,9 +210,9 @@ class Worker:
 
     async def result(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         """Its JSON report plus ``exit`` (the exit status)."""
-        out, _ = await asyncio.wait_for(self.proc.communicate(), timeout)
+        out = await asyncio.wait_for(self.proc.stdout.read(), timeout)  # stderr: forwarded by start_source
         result = parse_json_output(out)
-        result["exit"] = self.proc.returncode
+        result["exit"] = await asyncio.wait_for(self.proc.wait(), timeout)
         return result
 
 

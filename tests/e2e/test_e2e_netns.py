@@ -23,14 +23,15 @@ from e2e_support import HERE, PYTHON, source_argv
 MiB = 1 << 20
 
 
-def _line(proc: subprocess.Popen, timeout: float = 60.0) -> dict:
-    """The next JSON line of ``proc`` (blocking; run it in a thread)."""
+def _line(proc: subprocess.Popen, timeout: float = 60.0, *, stderr: bool = False) -> dict:
+    """The next JSON line of ``proc``'s stdout (or stderr) (blocking; run it in a thread)."""
     import select
 
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    stream = proc.stderr if stderr else proc.stdout
+    ready, _, _ = select.select([stream], [], [], timeout)
     if not ready:
         raise AssertionError(f"no output from pid {proc.pid} within {timeout} s")
-    line = proc.stdout.readline()
+    line = stream.readline()
     if not line:
         raise AssertionError(f"pid {proc.pid} exited ({proc.wait()}) without output")
     return json.loads(line) if line.lstrip().startswith("{") else {"line": line}
@@ -48,8 +49,8 @@ async def test_four_mixed_clients_over_shaped_veth(e2e) -> None:
     run = asyncio.to_thread
     with netns.LinkPair() as link:
         source = link.popen("src", source_argv({"ram": image}, listen=f"{link.src_addr}:0"),
-                            stdout=subprocess.PIPE, text=True)
-        listening = (await run(_line, source))["line"]
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        listening = (await run(_line, source, stderr=True))["line"]  # stdout carries only the JSON report
         assert "listening on" in listening, listening
         port = int(listening.rsplit(":", 1)[1])
         runner = link.popen("dst", [PYTHON, os.path.join(HERE, "dest_runner.py"), "--source", f"{link.src_addr}:{port}",
