@@ -145,6 +145,7 @@ async def soak(args: argparse.Namespace) -> int:
                 worker = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "aiopostcopy.tools.workload", "--socket", sock, "--mode", mode,
                     "--threads", "2", "--touches", str(args.touches), "--seed", str(args.seed),
+                    "--slot-base", str(2 * len(workers)),  # each thread its own random order
                     "--name", f"soak-{len(workers)}", "--timeout", str(args.minutes * 60 * 3), "--json", "-",
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
                 procs.append(worker)
@@ -181,8 +182,9 @@ async def soak(args: argparse.Namespace) -> int:
         print(f"soak: {duration:.0f} s, {args.size} MiB, {len(workers)} clients, {proxy.cuts} link cuts "
               f"({restarts} with a source restart), dest resumes {report.get('resumes')}, "
               f"faults {report.get('faults')}, client requests {report.get('client_requests')}")
-        print(f"  dest fds: first {fds[0]}, last {fds[-1]}, max {max(fds)}; RssAnon KiB: first {anon[0]}, "
-              f"last {anon[-1]}, max {max(anon)} ({len(samples)} samples)")
+        print(f"  dest fds: first {fds[0]}, last {fds[-1]}, max {max(fds)} (each client holds its control socket, "
+              f"and a delegated one its userfaultfd, until End); RssAnon KiB: first {anon[0]}, last {anon[-1]}, "
+              f"max {max(anon)} ({len(samples)} samples)")
         print(f"  dest exit {dest.returncode}, verified {report.get('verified')}; wrong pages in the block file: "
               f"{wrong}; clients with a bad page or failure: {len(bad_clients)}")
         ok = dest.returncode == 0 and report.get("verified") and wrong == 0 and not bad_clients
