@@ -428,6 +428,7 @@ async def dest_main(args: argparse.Namespace, record: RunRecord) -> int:
         code, message = describe(exc, args)
         return await _dest_failed(record, dest, block_dir, code, message, exc)
     await dest.close()
+    record.set_blocks(_dest_blocks(dest))  # complete block files have their final names now
     record.log.info("%s", report.format())
     if report.verified:
         return record.finish(EXIT_OK, None, report.to_dict())

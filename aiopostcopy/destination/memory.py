@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import dataclasses
 import mmap
 import os
@@ -182,7 +183,7 @@ def _create_block(index: int, info: BlockInfo, block_dir: str | None, adopt: boo
         final = os.path.join(block_dir, _file_name(info.name))
         path = final + PARTIAL_SUFFIX
         if os.path.lexists(final):
-            raise FileExistsError(f"block file {final} exists already (a complete migration's): remove it first")
+            raise FileExistsError(errno.EEXIST, "a complete block file exists already", final)
         adopted = adopt and os.path.exists(path)
         shm = SharedMemory.open(path) if adopted else SharedMemory.create(path, info.length, exclusive=True)
         if shm.page_size != info.page_size or shm.size != info.length:

@@ -63,7 +63,7 @@ _PROGRESS = frozenset({Pages, Zero, Discard, Done})
 #: error codes after which reconnecting cannot help: the migration ends with a report
 _FINAL_CODES = frozenset({"version", "session", "busy", "aborted"})
 
-log = logging.getLogger("aiopostcopy.source")
+log = logging.getLogger("aiopostcopy.dest")
 
 
 class ChannelEvents(Protocol):
@@ -134,6 +134,7 @@ class SourceChannels:
         self._pings = itertools.count(1)
         self._watchdog: asyncio.TimerHandle | None = None
         self._lost_because: str | None = None
+        self._stopped = False  # given up: no channel is opened any more
 
     async def connect(self) -> None:
         """Open the urgent channel, then the background one.
@@ -145,6 +146,9 @@ class SourceChannels:
             self._arm_watchdog()
         for channel in (Channel.URGENT, Channel.BACKGROUND):
             proto = await self._open(channel)
+            if self._stopped:  # given up while this one was connecting
+                proto.abort()
+                return
             self.channels[channel] = proto
             self._events.channel_opened(channel, proto)
         self._rx_at = time.monotonic()  # the silence clock starts with the new connections
@@ -299,10 +303,10 @@ class SourceChannels:
 
     def _give_up(self, error: SourceLostError) -> None:
         """The deadline passed: fail the handshake, or end the migration."""
+        self._stopped = True
         self.cancel_reconnect()
         self.drop()
-        log.error("%s", error)
-        if self._events.source_lost(error):
+        if self._events.source_lost(error):  # the caller reports the failure
             self._events.source_failed(MigrationAborted(str(error)))
 
 

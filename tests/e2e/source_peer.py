@@ -73,7 +73,7 @@ class SourceWithLog(sup.SourceProcess):
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                                                     stdin=asyncio.subprocess.DEVNULL)
         procs.add(proc)
-        source = cls(proc, await sup.read_listening(proc))
+        source = cls(proc, await sup.read_listening(proc, proc.stderr))
         source.lines = []
         source._stderr = asyncio.get_running_loop().create_task(source._collect())
         return source

@@ -38,7 +38,7 @@ async def test_a_destination_killed_after_its_hello_frees_the_source(e2e) -> Non
     os.mkdir(dead_dir)
     dest = await asyncio.create_subprocess_exec(
         PYTHON, "-m", "aiopostcopy", "dest", "--source", "%s:%d" % source.address, "--block-dir", dead_dir,
-        "--quiet", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
     e2e.procs.add(dest)
     line = await bounded(dest.stderr.readline(), "the destination's first line")
     assert b"blocks" in line, line  # printed once the source's Hello is in

@@ -96,14 +96,10 @@ class HeldSource:
 
     def __init__(self, image: str) -> None:
         self.source = PostcopySource([SourceBlock.from_path("ram", image)])
-        self.released = asyncio.Event()
-        burst = self.source._send_background_burst
+        self.source.hold_sweep()
 
-        async def held_burst() -> None:
-            await self.released.wait()
-            await burst()
-
-        self.source._send_background_burst = held_burst  # type: ignore[method-assign]
+    def release(self) -> None:
+        self.source.release_sweep()
 
 
 async def wait_eventfd(fd: int, what: str) -> None:
@@ -133,7 +129,7 @@ async def test_testpmd_forwards_a_packet_from_postcopy_memory(e2e) -> None:
         assert front_end.net_header_size == guest.header_size
         front_end.kick(1)  # the transmit queue has a packet
         await wait_eventfd(front_end.call_fd(0), "testpmd to use a receive buffer (call eventfd)")
-        held.released.set()
+        held.release()
         report = await bounded(dest.wait_complete(), "the migration to complete")
         name = front_end.name
         assert report.complete, report.format()
@@ -185,7 +181,7 @@ async def test_back_end_killed_while_running_is_retired(e2e) -> None:
             return any(c["key"] == name and c["error"] for c in dest.statistics().clients)
 
         await wait_until(retired, "the dead back-end to be retired")
-        held.released.set()
+        held.release()
         report = await bounded(dest.wait_complete(), "the migration to complete without it")
         assert report.complete, report.format()
         (client,) = [c for c in report.clients if c["key"] == name]
