@@ -58,11 +58,11 @@ from aiopostcopy.core.control import SERVICE_SENDS, ClientControl, Phase
 from aiopostcopy.core.pager import Pager
 from aiopostcopy.core.ramblock import BlockTable, MappingTable
 from aiopostcopy.errors import (BusyError, ClosedError, LocalProtocolError, MappingTableError, MigrationAborted,
-                                PostcopyError, RemoteProtocolError, UffdError)
+                                PostcopyError, RemoteProtocolError, ServiceGoneError, UffdError)
 from aiopostcopy.messages import (LIMITS, PROTOCOL_VERSION, Accept, Blocks, Bye, ClientHello, ClientMode,
                                   End, Error, ErrorCode, Message, Placed, Register, Reject)
 from aiopostcopy.transport.fdstream import BlockingControlChannel, Event
-from aiopostcopy.transport.wire import ConnectionClosed
+from aiopostcopy.transport.wire import CONNECTION_CLOSED, ConnectionClosed
 from aiopostcopy.uffd import Feature, Mapping, PageFault, RegisterMode, SharedMemory, Userfaultfd
 
 __all__ = ["Client", "AsyncClient", "name_native_thread"]
@@ -195,29 +195,36 @@ class Client:
             except PostcopyError:
                 if time.monotonic() > give_up:
                     return False
-                time.sleep(0.05)
+                time.sleep(0.01)
                 continue
-            with self._send_lock:
-                self._channel.close()
-                self._channel, self._control = channel, ClientControl()
-            self._send(ClientHello(version=PROTOCOL_VERSION, pid=os.getpid(), name=self.name, mode=self.mode))
-            deadline = time.monotonic() + self._timeout
-            blocks = self._expect(deadline, Blocks)
-            fds = self._channel.take_fds(len(blocks.blocks))
             try:
-                same = blocks.session_id == self.session_id and len(fds) == len(self._shms) and all(
-                    _same_file(fd, shm.fd) for fd, shm in zip(fds, self._shms))
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            if not same:
-                raise PostcopyError("the service that came back serves another migration or other memory")
-            table = tuple((m.address, m.length, index, 0) for index, m in enumerate(self._mappings))
-            self._send(Register(mappings=table), (self._uffd.fd,))
-            self._expect(deadline, Accept)
-            self.rejoins += 1
-            return True
+                return self._join_again(channel)
+            except ConnectionError:  # that service went away during the handshake: try the next
+                continue
         return False
+
+    def _join_again(self, channel: BlockingControlChannel) -> bool:
+        """One handshake with a service that came back; True once accepted."""
+        with self._send_lock:
+            self._channel.close()
+            self._channel, self._control = channel, ClientControl()
+        self._send(ClientHello(version=PROTOCOL_VERSION, pid=os.getpid(), name=self.name, mode=self.mode))
+        deadline = time.monotonic() + self._timeout
+        blocks = self._expect(deadline, Blocks)
+        fds = self._channel.take_fds(len(blocks.blocks))
+        try:
+            same = blocks.session_id == self.session_id and len(fds) == len(self._shms) and all(
+                _same_file(fd, shm.fd) for fd, shm in zip(fds, self._shms))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if not same:
+            raise PostcopyError("the service that came back serves another migration or other memory")
+        table = tuple((m.address, m.length, index, 0) for index, m in enumerate(self._mappings))
+        self._send(Register(mappings=table), (self._uffd.fd,))
+        self._expect(deadline, Accept)
+        self.rejoins += 1
+        return True
 
     def _expect(self, deadline: float, kind: type) -> Message:
         if isinstance(message := self._next_message(deadline), (Reject, Error)):
@@ -233,8 +240,12 @@ class Client:
             self._channel.send(message, fds)
 
     def _receive(self) -> list[Event]:
-        """What has arrived (never blocks), each message checked; ConnectionClosed last at EOF."""
-        events = self._channel.receive_nowait()
+        """What has arrived (never blocks), each message checked; ConnectionClosed last at EOF
+        (a connection reset by a service that died counts as its end too)."""
+        try:
+            events = self._channel.receive_nowait()
+        except ConnectionError:
+            return [CONNECTION_CLOSED]
         for event in events:
             if not isinstance(event, ConnectionClosed):
                 self._control.receive(event)
@@ -247,7 +258,7 @@ class Client:
         except TimeoutError:
             raise TimeoutError("the service did not answer in time") from None
         if isinstance(event, ConnectionClosed):
-            raise PostcopyError("the service closed the control connection during the handshake")
+            raise ServiceGoneError("the service closed the control connection during the handshake")
         self._control.receive(event)
         return event
 
@@ -360,7 +371,8 @@ class Client:
 
     def statistics(self) -> dict:
         """Counters; self-served: faults handled here by outcome, and per faulting thread id."""
-        stats = {"mode": self.mode.value, "blocks": len(self.block_info), "ended": self._done.is_set()}
+        stats = {"mode": self.mode.value, "blocks": len(self.block_info), "ended": self._done.is_set(),
+                 "rejoins": self.rejoins, "failure": None if self._failure is None else str(self._failure)}
         if self._pager is not None:
             stats.update(self._pager.statistics(), threads=dict(self._pager.threads))
         return stats

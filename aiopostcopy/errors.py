@@ -23,6 +23,7 @@ errno, so code written against plain ``os`` calls keeps working.
      ├─ MigrationAborted (explicit abort or deadline)
      ├─ ClosedError (used after we closed it)
      ├─ BusyError (two users of one resource)
+ ├─ ServiceGoneError (also ConnectionError: a client's service hung up)
  ├─ ConfigurationError (an input refused before the migration starts)
  └─ NetnsError (an ip/tc command of the tools failed)
     InternalError (a broken invariant: a bug)
@@ -35,6 +36,7 @@ import errno as _errno
 __all__ = [
     "PostcopyError",
     "NetnsError",
+    "ServiceGoneError",
     "ProtocolError",
     "LocalProtocolError",
     "RemoteProtocolError",
@@ -177,6 +179,10 @@ class NetnsError(PostcopyError, RuntimeError):
         self.returncode = returncode
         self.stderr = stderr
         super().__init__(f"{' '.join(self.argv)!s} failed ({returncode}): {stderr}")
+
+
+class ServiceGoneError(PostcopyError, ConnectionError):
+    """A client's service closed the control connection (it was not us): it may come back."""
 
 
 class InternalError(Exception):

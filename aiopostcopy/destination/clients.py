@@ -280,9 +280,17 @@ class ClientRegistry:
         return client
 
     def _join_after_end(self, client: ClientInfo, msg: Register) -> None:
-        """Every page is already placed: accept, then end at once."""
+        """Every page is already placed: accept, wake what may wait (a client joining again
+        after its service died has threads blocked since), then end at once."""
         if msg.mappings:
-            os.close(client.channel.take_fds(1)[0])  # nothing will ever wait on it
+            uffd = Userfaultfd.adopt(client.channel.take_fds(1)[0])
+            try:
+                for address, length, _block, _offset in msg.mappings:
+                    uffd.wake(address, length)
+            except UffdError:
+                pass  # an invalid range: its own threads can only be on valid ones
+            finally:
+                uffd.close()  # every page is in: closing it zero-fills nothing
         self._send(client, Accept())
         self._end(client, complete=True)
 

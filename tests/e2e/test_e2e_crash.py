@@ -57,7 +57,7 @@ async def _start_dest(e2e, address: tuple[str, int], json_path: str) -> asyncio.
 async def test_a_destination_killed_mid_migration_is_started_again_and_completes(e2e) -> None:
     seed, size = 1301, 128 * MiB
     image = e2e.image(size, seed=seed)
-    source = await e2e.source({"ram": image}, window=256 << 10)
+    source = await e2e.source({"ram": image}, window=64 << 10)  # a slow sweep: the client rejoins in time
     partial = os.path.join(e2e.block_dir, "ram.partial")
 
     first = await _start_dest(e2e, source.address, os.path.join(e2e.workdir, "first.json"))
@@ -88,9 +88,9 @@ async def test_a_destination_killed_mid_migration_is_started_again_and_completes
         report = json.load(f)
     assert report["complete"] and report["verified"], report
     assert report["pages_adopted"] * 4096 >= placed_before, (report["pages_adopted"], placed_before)
-    assert [c["name"] for c in report["clients"]] == ["survivor"], report["clients"]  # it joined again
-    assert result["exit"] == 0 and result.get("ok") and result.get("end_complete"), result
+    assert result["exit"] == 0 and result.get("ok") and result.get("end_complete"), json.dumps(result)[:3000]
     assert result.get("bad_page_count") == 0, result.get("bad_pages")
+    assert result["client"]["rejoins"] == 1, result["client"]  # it joined the restarted service
     final = os.path.join(e2e.block_dir, "ram")
     assert not os.path.exists(partial) and os.path.exists(final)
     with open(image, "rb") as want, open(final, "rb") as got:
