@@ -482,6 +482,7 @@ class OperatorServer:
         self.path = path
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._streams: set[asyncio.Task[None]] = set()  #: connections streaming events
 
     async def start(self) -> None:
         """Create the socket (mode 0600, never readable by others even for an instant) and serve.
@@ -510,6 +511,8 @@ class OperatorServer:
         if server is None:
             return
         server.close()
+        if self._streams:  # let the last event (complete, failed) reach its subscribers
+            await asyncio.wait(set(self._streams), timeout=1.0)
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
@@ -531,6 +534,7 @@ class OperatorServer:
             pass
         finally:
             self._connections.discard(task)
+            self._streams.discard(task)
             writer.close()
 
     async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -585,6 +589,9 @@ class OperatorServer:
 
     async def _stream_events(self, request: ControlRequest, writer: asyncio.StreamWriter) -> None:
         events = self._port.events()
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
         reply: dict[str, Any] = {"ok": True, "protocol": PROTOCOL_VERSION}
         if request.id is not None:
             reply["id"] = request.id
