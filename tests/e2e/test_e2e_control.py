@@ -63,12 +63,13 @@ async def start_source(procs: Processes, image: str) -> tuple[asyncio.subprocess
     return proc, await read_listening(proc)
 
 
-async def start_dest(e2e, address: tuple[str, int], rate: str) -> Dest:
+async def start_dest(e2e, address: tuple[str, int], rate: str, *, clients: bool = False) -> Dest:
     control = os.path.join(e2e.workdir, "control.sock")
     json_path = os.path.join(e2e.workdir, "dest.json")
     proc = await spawn(e2e.procs, [PYTHON, "-m", "aiopostcopy", "dest", "--source", f"{address[0]}:{address[1]}",
                                    "--block-dir", e2e.block_dir, "--control", control, "--max-bandwidth", rate,
-                                   "--deadline", "30", "--quiet", "--json", json_path])
+                                   "--deadline", "30", "--quiet", "--json", json_path,
+                                   *(["--clients", e2e.socket] if clients else [])])
     await wait_until(lambda: os.path.exists(control) or proc.returncode is not None, "the control socket")
     assert proc.returncode is None, f"dest exited with status {proc.returncode}"
     return Dest(proc, control, e2e.block_dir, json_path)
@@ -172,9 +173,13 @@ async def test_status_during_the_run_and_set_max_bandwidth_slows_the_background(
 async def test_events_see_a_source_loss_and_recover_resumes_from_a_source_on_another_port(e2e) -> None:
     image = e2e.image(16 * MiB, seed=SEED)
     first, first_address = await start_source(e2e.procs, image)
-    dest = await start_dest(e2e, first_address, "2M")
+    dest = await start_dest(e2e, first_address, "2M", clients=True)
     reader = EventReader(await spawn(e2e.procs, [PYTHON, "-m", "aiopostcopy", "events", "--control", dest.control]))
     await wait_until(lambda: subscribers(dest.control) >= 1, "the events subscription")
+    worker = await e2e.worker(threads=2, touches=50, seed=SEED, name="ops-worker")
+    joined = await reader.wait_for("client_joined")
+    rogue = await e2e.rogue("table-past-block")
+    retired = await reader.wait_for("client_retired")
     async with ControlClient(dest.control) as client:
         await wait_until_done(client, 512)
         first.kill()
@@ -193,6 +198,11 @@ async def test_events_see_a_source_loss_and_recover_resumes_from_a_source_on_ano
     assert await reader.end() == 0
     await bounded(second.wait(), "the second source to exit")
     report = dest.report()
+    result = await worker.result()
+
+    assert joined["pid"] == worker.pid and joined["mode"] == "delegated"
+    assert rogue["exit"] == 0 and retired["key"] != joined["key"] and "past" in retired["error"], (rogue, retired)
+    assert result["exit"] == 0 and result.get("ok") and result.get("bad_page_count") == 0, result
 
     assert lost["source"] == f"{first_address[0]}:{first_address[1]}"
     assert regained["source"] == f"{second_address[0]}:{second_address[1]}" and regained["outage_s"] >= 0
