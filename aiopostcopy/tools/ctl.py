@@ -184,15 +184,62 @@ async def control_main(args: argparse.Namespace) -> int:
 
 
 async def _status(client: ControlClient, args: argparse.Namespace) -> int:
-    while True:
-        status = await client.status()
-        if args.json:
-            print(json.dumps(status, default=str, indent=None if args.watch else 2), flush=True)
-        else:
-            print(format_status(status) + ("\n" if args.watch else ""), flush=True)
-        if not args.watch or status["state"] in ("complete", "failed", "cancelled"):
-            return EXIT_REFUSED if status["state"] in ("failed", "cancelled") else EXIT_OK
-        await asyncio.sleep(max(args.interval, 0.05))
+    if not args.watch:
+        return _show(await client.status(), args)
+    # The service exits soon after the end: a second connection hears the last event even then.
+    last = asyncio.ensure_future(_last_event(args.control))
+    try:
+        while True:
+            try:
+                status = await client.status()
+            except ControlUnreachable:
+                if not last.done():
+                    raise
+                status = None
+            if last.done():
+                return _show_end(last.result(), args)
+            assert status is not None
+            code = _show(status, args)
+            if status["state"] in ("complete", "failed", "cancelled"):
+                return code
+            await asyncio.wait([last], timeout=max(args.interval, 0.05))
+    finally:
+        last.cancel()
+
+
+def _show(status: dict[str, Any], args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(status, default=str, indent=None if args.watch else 2), flush=True)
+    else:
+        print(format_status(status) + ("\n" if args.watch else ""), flush=True)
+    return EXIT_REFUSED if status["state"] in ("failed", "cancelled") else EXIT_OK
+
+
+def _show_end(event: dict[str, Any] | None, args: argparse.Namespace) -> int:
+    """The migration ended between two samples: show its last event."""
+    if event is None:
+        raise ControlUnreachable(f"control socket {args.control} closed before the migration's end was seen")
+    if args.json:
+        print(json.dumps(event, default=str), flush=True)
+    elif event["event"] == "complete":
+        print(f"complete: {event['pages_total']} pages in {event['duration_s']:.2f} s"
+              f"{'' if event['verified'] else ' (NOT verified: ' + str(event['integrity_pages']) + ' pages)'}",
+              flush=True)
+    else:
+        print(f"{'cancelled' if event.get('cancelled') else 'failed'}: {event.get('error')}", flush=True)
+    return EXIT_OK if event["event"] == "complete" and event.get("verified") else EXIT_REFUSED
+
+
+async def _last_event(path: str) -> dict[str, Any] | None:
+    """The last event of the migration (complete or failed), or None if the stream broke first."""
+    last = None
+    try:
+        async with ControlClient(path) as client:
+            async for event in client.events():
+                last = event
+    except (ControlUnreachable, ControlRefused, OSError, ValueError):
+        return None
+    return last if last is not None and last["event"] in ("complete", "failed") else None
 
 
 async def _events(client: ControlClient, args: argparse.Namespace) -> int:

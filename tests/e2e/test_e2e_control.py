@@ -233,12 +233,60 @@ async def test_cancel_ends_dest_with_its_exit_status_and_a_json_report(e2e) -> N
     missing = os.path.join(e2e.workdir, "nothing.sock")
     code, _ = await verb(e2e.procs, "status", "--control", missing)
     assert code == 3, "an unreachable control socket has its own exit status"
+    watch = await spawn(e2e.procs, [PYTHON, "-m", "aiopostcopy", "status", "--control", dest.control, "--watch",
+                                    "--json", "--interval", "0.2"])
+    first_sample = json.loads(await bounded(watch.stdout.readline(), "a first --watch sample"))
     code, _ = await verb(e2e.procs, "cancel", "--control", dest.control, "--reason", "operator test")
     assert code == 0
     assert await dest.exit() == EXIT_CANCELLED
+    watched, _ = await bounded(watch.communicate(), "status --watch to end")
+    last_sample = json.loads(watched.splitlines()[-1])
     await bounded(source.wait(), "the source to exit after the cancel")
     report = dest.report()
     assert report["ok"] is False and report["exit_code"] == EXIT_CANCELLED and report["state"] == "cancelled"
     assert "operator test" in report["error"] and report["aborted"] == "operator test"
     assert 64 <= report["pages_done"] < report["pages_total"] == 4096
     assert not os.path.exists(dest.control), "the control socket is removed on exit"
+    assert first_sample["state"] == "running" and watch.returncode == 1, (first_sample["state"], watch.returncode)
+    assert last_sample.get("state") == "cancelled" or (last_sample.get("event") == "failed"
+                                                       and last_sample["cancelled"] is True), last_sample
+
+
+@pytest.mark.asyncio
+async def test_the_library_api_recovers_from_a_live_source_to_another(e2e) -> None:
+    """The same verbs in process, typed: recover while the old source still serves (its channels are
+    dropped, as after a loss), events as OperatorEvent, and recover refused once the migration is over."""
+    from aiopostcopy.errors import ClosedError
+    from aiopostcopy.loop import PostcopyDestination
+    from e2e_support import check_destination
+
+    image = e2e.image(16 * MiB, seed=SEED)
+    first, first_address = await start_source(e2e.procs, image)
+    second, second_address = await start_source(e2e.procs, image)
+    async with PostcopyDestination(e2e.options(first_address, clients=False, max_bandwidth=2_000_000)) as dest:
+        events = dest.events()
+        assert dest.max_bandwidth == 2_000_000 and dest.state == "running"
+        await wait_until(lambda: dest.status().pages_done >= 256, "some pages from the first source")
+        dest.recover(second_address)
+        seen = []
+        async for event in events:
+            seen.append(event)
+            if event.kind == "source_regained":
+                dest.set_max_bandwidth(None)
+        report = await bounded(dest.wait_complete(), "the migration from the second source")
+        final = dest.status()
+        problems = check_destination(dest, seed=SEED)
+        with pytest.raises(ClosedError):
+            dest.recover(first_address)
+        dest.cancel()  # over already: nothing to cancel, nothing changes
+        assert dest.state == "complete"
+    first.kill()
+    await first.wait()
+    await bounded(second.wait(), "the second source to exit")
+
+    kinds = [event.kind for event in seen]
+    assert kinds == ["source_lost", "source_regained", "complete"], kinds
+    assert "recover" in seen[0].fields["error"] and seen[1].fields["source"] == f"{second_address[0]}:{second_address[1]}"
+    assert final.state == "complete" and final.remaining_s == 0.0 and final.outages == 1
+    assert final.max_bandwidth is None and final.source == seen[1].fields["source"]
+    assert report.complete and report.resumes >= 1 and problems == {}
