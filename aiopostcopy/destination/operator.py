@@ -263,7 +263,8 @@ class OperatorStatus:
             max_bandwidth=self.max_bandwidth,
             pages_done=report.pages_placed,
             pages_by_kind={"demand": report.pages_demand, "background": report.pages_background,
-                           "zero": report.pages_zero, "duplicate": report.pages_duplicate},
+                           "zero": report.pages_zero, "adopted": report.pages_adopted,
+                           "duplicate": report.pages_duplicate},
             rate_bytes_per_s=self.rate_bytes_per_s,
             remaining_s=self.remaining_s,
             outages=self.outages,
@@ -581,6 +582,9 @@ class OperatorServer:
         except PostcopyError as exc:  # the service refused: the migration is over
             await _write(writer, ControlError("bad_state", str(exc)).to_reply(request.id))
             return
+        except Exception as exc:  # a bug of ours: say so, then let the loop's handler show it
+            await _write(writer, ControlError("internal", f"{type(exc).__name__}: {exc}").to_reply(request.id))
+            raise
         if request.id is not None:
             reply["id"] = request.id
         await _write(writer, reply)

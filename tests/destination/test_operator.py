@@ -209,7 +209,7 @@ def test_bad_requests_say_what_is_wrong(line, words) -> None:
 
 def _report(**overrides) -> DestinationReport:
     fields = dict(session_id="s", final=False, complete=False, aborted=None, duration_s=1.0, pages_total=100,
-                  pages_placed=40, pages_demand=5, pages_background=30, pages_zero=5, pages_duplicate=0, faults=5,
+                  pages_placed=40, pages_adopted=0, pages_demand=5, pages_background=30, pages_zero=5, pages_duplicate=0, faults=5,
                   faults_joined=0, faults_already_placed=0, bad_faults=0, client_requests=0, requests_sent=5,
                   resumes=0, integrity_pages=0, bytes_received=143360, goodput_gbps=0.001,
                   service_latency_us={"p50": 50.0, "p90": 90.0, "p99": 99.0, "max": 120.0},
@@ -296,7 +296,8 @@ async def test_the_socket_is_owner_only_and_answers_each_verb(socket_dir) -> Non
         await server.close()
     assert status["ok"] and status["id"] == "a"
     assert status["status"]["state"] == "running" and status["status"]["pages_done"] == 40
-    assert status["status"]["pages_by_kind"] == {"demand": 5, "background": 30, "zero": 5, "duplicate": 0}
+    assert status["status"]["pages_by_kind"] == {"demand": 5, "background": 30, "zero": 5, "adopted": 0,
+                                                   "duplicate": 0}
     assert status["status"]["protocol"] == 1 and status["status"]["remaining_s"] == 2.0
     assert bad == {"ok": False, "error": {"code": "bad_request", "message": bad["error"]["message"]}}
     assert "outside 1..65535" in bad["error"]["message"]

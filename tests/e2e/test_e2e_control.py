@@ -60,7 +60,7 @@ async def start_source(procs: Processes, image: str) -> tuple[asyncio.subprocess
     """A source process on a fresh port, sending short background runs (16 pages) so the cap is smooth."""
     proc = await spawn(procs, [PYTHON, "-m", "aiopostcopy", "source", "--listen", "127.0.0.1:0", "--run-pages",
                                "16", "--block", f"ram={image}"])
-    return proc, await read_listening(proc)
+    return proc, await read_listening(proc, proc.stdout)
 
 
 async def start_dest(e2e, address: tuple[str, int], rate: str, *, clients: bool = False) -> Dest:
