@@ -1,4 +1,4 @@
-"""Command line: ``python -m aiopostcopy {demo,source,dest,bench}``.
+"""Command line: ``python -m aiopostcopy {demo,source,dest,bench,status,events,recover,cancel,set}``.
 
 * ``demo``: a whole migration on this host with no arguments: a 256 MiB
   source image with a per-page pattern, a source process and the destination
@@ -7,6 +7,9 @@
 * ``source``: serve block files to a destination (``--listen``, ``--block``).
 * ``dest``: run the destination service against a source (``--source``,
   ``--block-dir``, ``--clients``, ``--json``).
+* ``status``, ``events``, ``recover``, ``cancel``, ``set``: an operator's
+  verbs on a running ``dest --control PATH`` (:mod:`aiopostcopy.tools.ctl`,
+  docs/control.md).
 * ``bench``: the benchmark runner (:mod:`aiopostcopy.tools.bench`): a C
   baseline and the service's scenarios over the shaped veth (or loopback).
 
@@ -44,12 +47,14 @@ from aiopostcopy.loop import DestinationOptions, PostcopyDestination
 from aiopostcopy.source import BACKGROUND_SNDBUF, DEFAULT_LEASE, PostcopySource, SourceBlock
 from aiopostcopy.tools.preflight import check_port, check_source_blocks, prepare_block_dir
 
-__all__ = ["main", "run", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_UNREACHABLE", "EXIT_INTERRUPTED"]
+__all__ = ["main", "run", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_UNREACHABLE", "EXIT_CANCELLED",
+           "EXIT_INTERRUPTED"]
 
 EXIT_OK = 0  #: the migration completed and verified (source: the destination said Complete)
 EXIT_FAILED = 1  #: the migration failed, was aborted, or did not verify
 EXIT_USAGE = 2  #: bad arguments or input, refused before any page moved
 EXIT_UNREACHABLE = 3  #: dest: the source could not be reached, or never completed its handshake
+EXIT_CANCELLED = 4  #: dest: the operator cancelled the migration (control socket ``cancel``)
 EXIT_INTERRUPTED = 130  #: SIGINT or SIGTERM
 
 EXIT_CODES = """exit status:
@@ -59,6 +64,7 @@ EXIT_CODES = """exit status:
        the block dir (created if missing; must be tmpfs or hugetlbfs, writable, with room),
        a stale block file, a busy port
   3    dest: the source could not be reached (see --wait) or never completed its handshake
+  4    dest: cancelled by the operator (cancel on the --control socket, docs/control.md)
   130  interrupted (SIGINT or SIGTERM)"""
 
 log = logging.getLogger("aiopostcopy")
@@ -168,10 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
     dst.add_argument("--wait", action="store_true", help="wait (up to --deadline) for a source that is not up yet")
     dst.add_argument("--handshake-timeout", type=_positive(float), default=10.0,
                      help="seconds a reachable source has to answer Hello (default 10)")
+    dst.add_argument("--control", default=None, metavar="PATH",
+                     help="the operator's control socket (owner-only; docs/control.md)")
+    dst.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
+                     help="cap the background stream: bytes/s, optional k/M/G suffix (powers of 1000); "
+                          "pages asked for by faults are never held back")
     from aiopostcopy.tools.bench import add_bench_arguments
 
     add_bench_arguments(sub.add_parser("bench", help="measure against a C baseline over the shaped veth"))
+    from aiopostcopy.tools.ctl import add_control_arguments
+
+    add_control_arguments(sub)
     return parser
+
+
+def _rate(text: str) -> int | None:
+    from aiopostcopy.destination.operator import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def setup_logging(args: argparse.Namespace) -> None:
@@ -426,6 +449,8 @@ async def dest_main(args: argparse.Namespace, record: RunRecord) -> int:
         return await _dest_failed(record, dest, block_dir, EXIT_INTERRUPTED, "interrupted")
     except Exception as exc:
         code, message = describe(exc, args)
+        if dest is not None and dest.state == "cancelled":
+            code = EXIT_CANCELLED
         return await _dest_failed(record, dest, block_dir, code, message, exc)
     await dest.close()
     record.set_blocks(_dest_blocks(dest))  # complete block files have their final names now
@@ -440,7 +465,7 @@ async def _dest_failed(record: RunRecord, dest: PostcopyDestination | None, bloc
     report = None
     if dest is not None:
         try:
-            report = dest.statistics().to_dict()
+            report = (dest.status() if dest.state == "cancelled" else dest.statistics()).to_dict()
         except Exception:  # not started far enough to have figures
             report = None
         await dest.close()
@@ -455,7 +480,8 @@ async def _start_dest(args: argparse.Namespace, record: RunRecord) -> PostcopyDe
     """Start a destination; with ``--wait``, retry an unreachable source until ``--deadline``."""
     options = DestinationOptions(source=args.source, block_dir=args.block_dir, control_path=args.clients,
                                  source_deadline=args.deadline, session=DestinationConfig(),
-                                 vhost_user=tuple(args.vhost_user))
+                                 vhost_user=tuple(args.vhost_user), operator_path=args.control,
+                                 max_bandwidth=args.max_bandwidth)
     give_up = time.monotonic() + args.deadline
     waited = False
     trace.start("dest")
@@ -505,6 +531,10 @@ def main(argv: list[str] | None = None) -> int:
         from aiopostcopy.tools.bench import bench_main
 
         return bench_main(args)
+    if args.command in ("status", "events", "recover", "cancel", "set"):
+        from aiopostcopy.tools.ctl import control_main
+
+        return run(control_main(args), "asyncio")
     record = RunRecord(args.command, args)
     try:
         setup_logging(args)

@@ -25,6 +25,14 @@ Every source of work is a callback on the event loop:
 * a control message arrives from a client;
 * the session's timer fires.
 
+An operator may watch and steer the migration (:mod:`aiopostcopy.destination.operator`,
+docs/control.md): :meth:`PostcopyDestination.status`, :meth:`~PostcopyDestination.events`,
+:meth:`~PostcopyDestination.recover`, :meth:`~PostcopyDestination.cancel` and
+:meth:`~PostcopyDestination.set_max_bandwidth`, also served on a Unix socket
+(``operator_path``).  The bandwidth cap charges every background payload to a
+token bucket and holds the background channel while it is in debt, exactly as
+a full set of staging buffers does; urgent pages are never charged.
+
 Each of them schedules one *pass* (``call_soon``, at most one pending): the
 pass flushes the session (faults of this loop turn coalesced into runs), sends
 what the session wants sent, carries out its commands and re-arms the single
@@ -48,7 +56,7 @@ import logging
 import os
 import uuid
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiopostcopy import trace
@@ -66,9 +74,19 @@ from aiopostcopy.core.commands import (
 )
 from aiopostcopy.core.config import DestinationConfig
 from aiopostcopy.core.session import DestinationSession
-from aiopostcopy.errors import MigrationAborted, SourceLostError, SourceUnreachableError, UffdError
+from aiopostcopy.errors import ClosedError, MigrationAborted, SourceLostError, SourceUnreachableError, UffdError
 from aiopostcopy.destination.memory import (BlockMemory, Staging, adoptable_session, forget_session,
                                             remember_session)
+from aiopostcopy.destination.operator import (
+    TERMINAL_EVENTS,
+    Monitor,
+    OperatorEvent,
+    OperatorPort,
+    OperatorServer,
+    OperatorStatus,
+    TokenBucket,
+    format_source,
+)
 from aiopostcopy.destination.placer import BackgroundPlacer, Placement
 from aiopostcopy.messages import LIMITS, Channel, Complete, Error, ErrorCode, Hello, Message, Pages, Request, Zero
 from aiopostcopy.destination.vhost_user import FrontEndPort, VhostUserFrontEnd
@@ -109,6 +127,10 @@ class DestinationOptions:
             connections count as broken and are reconnected (it is pinged meanwhile).
         vhost_user: Unix socket paths of vhost-user back-ends to attach as
             postcopy clients (docs/vhost-user.md).
+        operator_path: Unix socket path of the operator's control socket
+            (docs/control.md); None for none.
+        max_bandwidth: cap of the background stream in bytes per second
+            (None: no cap); urgent pages are never held back.
     """
 
     source: tuple[str, int] | str
@@ -120,6 +142,8 @@ class DestinationOptions:
     source_deadline: float | None = 60.0
     source_idle_timeout: float | None = 5.0
     vhost_user: tuple[str, ...] = ()
+    operator_path: str | None = None
+    max_bandwidth: int | None = None
 
 
 class PostcopyDestination:
@@ -166,6 +190,16 @@ class PostcopyDestination:
         self._next_progress = 0.0
         self._named_threads: set[int] = set()
         self._closed = False
+        # the operator's view (docs/control.md)
+        self._monitor = Monitor(self._started_at)
+        self._bucket = TokenBucket(options.max_bandwidth, self._started_at) if options.max_bandwidth else None
+        self._throttle: asyncio.TimerHandle | None = None  #: set while the cap holds the background channel
+        self._subscribers: set[asyncio.Queue[OperatorEvent | None]] = set()
+        self._observing = False
+        self._last_event: OperatorEvent | None = None
+        self._error: str | None = None
+        self._cancelled = False
+        self._operator: OperatorServer | None = None
 
     # -- public --------------------------------------------------------------
 
@@ -189,6 +223,11 @@ class PostcopyDestination:
             port = ServicePort(session_id=self.session_id, session=self._session, memory=self._memory,
                                read_faults=self._serve_faults, schedule_pass=self._schedule_pass)
             self._clients = ClientRegistry(port, self.options.control_path)
+        if self.options.operator_path is not None:
+            self._operator = OperatorServer(OperatorPort(
+                status=self.status, events=self.events, recover=self.recover, cancel=self.cancel,
+                set_max_bandwidth=self.set_max_bandwidth), self.options.operator_path)
+            await self._operator.start()
         self._schedule_pass()
         if self.options.vhost_user:
             assert self._clients is not None and self._memory is not None
@@ -253,6 +292,141 @@ class PostcopyDestination:
         """Call ``callback`` with a statistics snapshot at most every 50 ms, and once at the end."""
         self._progress.append(callback)
 
+    # -- the operator's verbs (docs/control.md) -----------------------------------
+
+    @property
+    def state(self) -> str:
+        """``running``, ``source_lost``, ``complete``, ``failed`` or ``cancelled``."""
+        if self._done.done():
+            if self._cancelled:
+                return "cancelled"
+            return "failed" if self._error is not None else "complete"
+        return "source_lost" if self._monitor.source_down else "running"
+
+    @property
+    def max_bandwidth(self) -> int | None:
+        """The background stream's cap in bytes per second (None: no cap)."""
+        return self._bucket.rate if self._bucket is not None else None
+
+    def status(self) -> OperatorStatus:
+        """A live :class:`OperatorStatus`: the statistics plus state, source, rate, estimate and outages."""
+        report = self.statistics()
+        now = time.monotonic()
+        byte_rate, page_rate = self._monitor.rates(now, report.bytes_received, report.pages_placed)
+        left = report.pages_total - report.pages_placed
+        remaining = 0.0 if left <= 0 else (left / page_rate if page_rate > 0 else None)
+        channels = self._source.channels
+        return OperatorStatus(
+            state=self.state, source=format_source(self._source.source),
+            source_connected=len(channels) == 2 and all(p.is_open for p in channels.values()),
+            max_bandwidth=self.max_bandwidth, rate_bytes_per_s=byte_rate, remaining_s=remaining,
+            outages=self._monitor.outages, outage_s=self._monitor.outage_s(now), error=self._error, report=report)
+
+    def events(self) -> AsyncIterator[OperatorEvent]:
+        """Events from now on (subscribed at the call), ending after ``complete`` or ``failed``.
+
+        Client and integrity events are noticed on the progress tick (at most
+        50 ms late while the migration runs).  A subscriber more than 4096
+        events behind gets an ``overflow`` event and its stream ends.
+        """
+        queue: asyncio.Queue[OperatorEvent | None] = asyncio.Queue(maxsize=4096)
+        if not self._observing:
+            self._observing = True
+            self.on_progress(self._observe)
+        if self._done.done():
+            if self._last_event is not None:
+                queue.put_nowait(self._last_event)
+            queue.put_nowait(None)
+        else:
+            self._subscribers.add(queue)
+        return self._event_stream(queue)
+
+    async def _event_stream(self, queue: asyncio.Queue[OperatorEvent | None]) -> AsyncIterator[OperatorEvent]:
+        try:
+            while (event := await queue.get()) is not None:
+                yield event
+        finally:
+            self._subscribers.discard(queue)
+
+    def recover(self, source: tuple[str, int] | str) -> None:
+        """Point the service at a new source address and reconnect now (QEMU's ``migrate_recover``).
+
+        Channels still open to the old source are dropped, as after a loss; the
+        new source gets Resume with what has arrived, and a full ``source_deadline``.
+
+        Raises:
+            ClosedError: the migration is over.
+        """
+        if self._done.done() or self._closed:
+            raise ClosedError(f"the migration is over ({self.state}): nothing to recover")
+        self._source.redirect(source)
+
+    def cancel(self, reason: str = "cancelled by the operator") -> None:
+        """End the migration now (an :meth:`abort` that :attr:`state` reports as ``cancelled``)."""
+        if not self._done.done():
+            self._cancelled = True
+            self.abort(reason)
+
+    def set_max_bandwidth(self, rate: int | None) -> None:
+        """Cap the background stream at ``rate`` bytes per second (None or 0: no cap).
+
+        Raises:
+            ValueError: a negative rate.
+        """
+        if rate is not None and rate < 0:
+            raise ValueError(f"max_bandwidth cannot be negative, got {rate}")
+        self._bucket = TokenBucket(rate, time.monotonic()) if rate else None
+        if self._throttle is not None:
+            self._throttle.cancel()
+            self._unthrottle()
+
+    def _emit(self, kind: str, **fields: object) -> None:
+        event = OperatorEvent(kind=kind, time=time.time(), fields=fields)
+        terminal = kind in TERMINAL_EVENTS
+        if terminal:
+            self._last_event = event
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(event)
+                if terminal:
+                    queue.put_nowait(None)
+            except asyncio.QueueFull:
+                self._subscribers.discard(queue)
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(OperatorEvent(kind="overflow", time=event.time, fields={}))
+                queue.put_nowait(None)
+        if terminal:
+            self._subscribers.clear()
+
+    def _observe(self, report: DestinationReport) -> None:
+        """A progress tick: client and integrity events, and a rate sample."""
+        registry = self._clients
+        active = [c.key for c in registry if registry.get(c.key) is c] if registry is not None else []
+        for kind, fields in self._monitor.observe(report.clients, active, report.integrity_pages):
+            self._emit(kind, **fields)
+        self._monitor.sample(time.monotonic(), report.bytes_received, report.pages_placed)
+
+    # -- the bandwidth cap -------------------------------------------------------
+
+    def _throttle_if_over(self) -> None:
+        """Hold the background channel until the cap's budget is paid back."""
+        assert self._bucket is not None
+        delay = self._bucket.wait_time(time.monotonic())
+        if delay > 0:
+            self._source.hold_background()
+            self._throttle = self._loop.call_later(delay, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self._throttle = None
+        if self._done.done() or self._closed:
+            return
+        delay = self._bucket.wait_time(time.monotonic()) if self._bucket is not None else 0.0
+        if delay > 0:  # early (uvloop's timers have 1 ms resolution): still held, wait the rest
+            self._throttle = self._loop.call_later(delay, self._unthrottle)
+        elif self._placer is None or self._placer.has_free():
+            self._source.release_background()
+
     async def close(self) -> None:
         """Release everything in order; safe to call twice."""
         if self._closed:
@@ -261,6 +435,10 @@ class PostcopyDestination:
         if not self._done.done():
             self._fail(MigrationAborted("destination closed before completion"))
             self._done.exception()  # retrieved here: closing early is not an error to log
+        if self._throttle is not None:
+            self._throttle.cancel()
+        if self._operator is not None:
+            await self._operator.close()
         await self._source.stop_reconnecting()
         for front_end in self._vhost_user:
             await front_end.close()  # after completion: POSTCOPY_END first
@@ -288,7 +466,8 @@ class PostcopyDestination:
 
     def _channel_opened(self, channel: Channel, proto: FrameProtocol) -> None:
         """A channel to the source is up: hold it while every buffer is out, then say Hello."""
-        if channel is Channel.BACKGROUND and self._placer is not None and not self._placer.has_free():
+        if channel is Channel.BACKGROUND and (self._throttle is not None or
+                                              (self._placer is not None and not self._placer.has_free())):
             proto.hold()  # released when a placement in flight gives its buffer back
         proto.send(self._session.hello(channel))
 
@@ -310,12 +489,26 @@ class PostcopyDestination:
         if not self._hello.done():
             self._hello.set_exception(error)
             return False
-        return self._hello.exception() is None  # setting up after the Hello failed: nothing to go back to
+        if self._hello.exception() is not None:  # setting up after the Hello failed: nothing to go back to
+            return False
+        self._monitor.source_lost(time.monotonic())
+        self._emit("source_lost", source=format_source(self._source.source), error=str(error))
+        return True
+
+    def _channels_restored(self) -> None:
+        """Both channels are up again after a loss (the session sends Resume on the source's Hello)."""
+        outage = self._monitor.source_regained(time.monotonic())
+        self._emit("source_regained", source=format_source(self._source.source), outage_s=outage)
+        self._schedule_pass()
 
     def _payload_sink(self, channel: Channel, header: Pages, nbytes: int) -> memoryview:
         """Where a Pages payload lands, once the session has checked its size against the run."""
         self._session.check_payload(header, nbytes)
-        if channel is Channel.URGENT or self._placer is None:
+        if channel is Channel.URGENT:
+            return self._staging.view(nbytes)
+        if self._bucket is not None:  # the cap: charged here, held after the message if in debt
+            self._bucket.charge(nbytes, time.monotonic())
+        if self._placer is None:
             return self._staging.view(nbytes)
         self._placer.give_back(self._receiving)  # a payload whose message never came (an error)
         self._receiving = self._placer.take()
@@ -334,6 +527,8 @@ class PostcopyDestination:
             trace.mark("woken", msg.block, msg.first)
         else:
             self._run_commands(self._staging)
+        if channel is Channel.BACKGROUND and self._bucket is not None and self._throttle is None:
+            self._throttle_if_over()
         if channel is Channel.BACKGROUND or self._session.pass_due:  # an urgent reply seldom leaves work
             self._schedule_pass()
 
@@ -376,7 +571,7 @@ class PostcopyDestination:
             return
         finally:
             self._placer.give_back(staging)
-        if self._placer.has_free():  # a Zero run's job frees no buffer
+        if self._placer.has_free() and self._throttle is None:  # a Zero run's job frees no buffer
             self._source.release_background()
         self._schedule_pass()
 
@@ -602,11 +797,15 @@ class PostcopyDestination:
             self._clients.end_all(complete=True)
         self._close_own_uffd()
         self._done.set_result(report)
+        self._emit("complete", pages_total=report.pages_total, duration_s=report.duration_s,
+                   verified=report.verified, integrity_pages=report.integrity_pages, resumes=report.resumes)
 
     def _fail(self, exc: BaseException) -> None:
         if self._done.done():
             return
+        self._error = str(exc) or type(exc).__name__
         self._done.set_exception(exc)
+        self._emit("failed", error=self._error, cancelled=self._cancelled)
         if self._clients is not None:
             self._clients.end_all(complete=False)
         # An explicit abort already told the source (Error(aborted): its work ends).  Any other
@@ -628,5 +827,5 @@ class _ChannelSink:
         self.payload_sink = service._payload_sink
         self.channels_dropped = service._channels_dropped
         self.source_lost = service._source_lost
-        self.channels_restored = service._schedule_pass
+        self.channels_restored = service._channels_restored
         self.source_failed = service._fail

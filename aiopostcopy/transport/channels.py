@@ -35,6 +35,11 @@ everything that happens to them goes to one event sink
   sends nothing useful, or bad frames, ends the migration as surely as one
   that cannot be reached.  Every loss and reconnection is logged with its cause.
 
+:meth:`SourceChannels.redirect` (an operator's ``recover``) sends every
+connection from then on to a new address: an outage's next attempt starts at
+once (an attempt already under way finishes first), channels still open to the
+old source are dropped as after a loss, and the deadline starts again.
+
 Bytes received on dropped connections are kept in
 :attr:`SourceChannels.bytes_from_closed`, so the received count never goes back.
 """
@@ -42,6 +47,7 @@ Bytes received on dropped connections are kept in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -135,6 +141,7 @@ class SourceChannels:
         self._watchdog: asyncio.TimerHandle | None = None
         self._lost_because: str | None = None
         self._stopped = False  # given up: no channel is opened any more
+        self._retry_now = asyncio.Event()  #: set by :meth:`redirect`: the next attempt goes at once
 
     async def connect(self) -> None:
         """Open the urgent channel, then the background one.
@@ -169,6 +176,16 @@ class SourceChannels:
         proto = self.channels.get(Channel.BACKGROUND)
         if proto is not None:
             proto.release()
+
+    def redirect(self, source: tuple[str, int] | str) -> None:
+        """Connect to ``source`` from now on, at once: drop channels still open to the old one
+        (as after a loss) or cut the current outage's wait short; the deadline starts again."""
+        if self._reconnect_task is None and self.channels:
+            self.drop()
+            self._lost(f"left it for {_where(source)} (recover)", None)
+        self.source = source
+        self.last_progress = time.monotonic()
+        self._retry_now.set()
 
     def close(self, farewell: Message | None = None) -> None:
         """Stop reconnecting; close the open channels, sending ``farewell`` on the urgent one first."""
@@ -238,7 +255,10 @@ class SourceChannels:
                                           f"migration ({exc.code}): {exc}"))
             return
         self.drop()
-        why = f"{exc}" if exc is not None else f"the source closed the {channel.value} channel"
+        self._lost(f"{exc}" if exc is not None else f"the source closed the {channel.value} channel", exc)
+
+    def _lost(self, why: str, exc: BaseException | None) -> None:
+        """The channels were dropped: tell the sink, and reconnect if it wants."""
         error = SourceLostError(f"lost the source at {_where(self.source)}: {why}")
         error.__cause__ = exc
         if self._events.source_lost(error) and self._reconnect_task is None:
@@ -252,7 +272,7 @@ class SourceChannels:
         lost_at = time.monotonic()
         try:
             while True:
-                await asyncio.sleep(self._reconnect_interval)
+                await self._pause()
                 try:
                     await self.connect()
                 except OSError as exc:
@@ -265,6 +285,13 @@ class SourceChannels:
                 return
         finally:
             self._reconnect_task = None
+
+    async def _pause(self) -> None:
+        """Wait ``reconnect_interval``, or less if :meth:`redirect` says go."""
+        if not self._retry_now.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._retry_now.wait(), self._reconnect_interval)
+        self._retry_now.clear()
 
     # -- the watchdog: silence, pings and the deadline ------------------------------
 
