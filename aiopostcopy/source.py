@@ -492,15 +492,18 @@ class PostcopySource:
         """A connection said Hello: adopt it as its channel, or refuse it."""
         channel = hello.channel
         try:
+            # One locked step: the session queues its Hello answer for this channel, and the
+            # channel's connection is registered.  Another thread draining the session in
+            # between would find no connection for the answer and drop it.
             with self._lock:
                 self._session.message_received(channel, hello, time.monotonic())
+                old = self._conns.pop(channel, None)
+                conn = self._conns[channel] = _Conn(channel, transport, self._session)
         except RemoteProtocolError as exc:
             return _refuse(transport, exc)
-        old = self._conns.pop(channel, None)
         if old is not None:
             self._drop(old)
         self._cancel_lease()
-        conn = self._conns[channel] = _Conn(channel, transport, self._session)
         if channel is URGENT:
             self._start(conn, self._serve_urgent, rest)
         else:
