@@ -74,7 +74,8 @@ from aiopostcopy.core.commands import (
 )
 from aiopostcopy.core.config import DestinationConfig
 from aiopostcopy.core.session import DestinationSession
-from aiopostcopy.errors import ClosedError, MigrationAborted, SourceLostError, SourceUnreachableError, UffdError
+from aiopostcopy.errors import (ClosedError, MigrationAborted, PageExistsError, SourceLostError, SourceUnreachableError,
+                               UffdError, UffdRetry)
 from aiopostcopy.destination.memory import (BlockMemory, Staging, adoptable_session, forget_session,
                                             remember_session)
 from aiopostcopy.destination.operator import (
@@ -93,6 +94,7 @@ from aiopostcopy.destination.vhost_user import FrontEndPort, VhostUserFrontEnd
 from aiopostcopy.destination.report import DestinationReport, build_report, remember_thread_name
 from aiopostcopy.transport.channels import SourceChannels
 from aiopostcopy.transport.stream import FrameProtocol
+from aiopostcopy.transport.wire import encode_page_request
 from aiopostcopy.uffd import Feature, PageFault, RegisterMode, Userfaultfd
 
 __all__ = ["DestinationOptions", "PostcopyDestination", "OWN_FD"]
@@ -106,6 +108,7 @@ OWN_FD = "service"  #: session key of the service's own userfaultfd
 #: (benchmarks/postcopy_bench.py).  Virtual memory: only the bytes received are touched.
 _BACKGROUND_BUFFERS = 4
 _PROGRESS_INTERVAL = 0.05  #: seconds between progress callbacks
+_READ_BATCH = 64  #: uffd_msg read per read(2) from a userfaultfd
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -516,6 +519,10 @@ class PostcopyDestination:
 
     def _on_source_message(self, channel: Channel, msg: Message) -> None:
         now = time.monotonic()
+        if (channel is Channel.URGENT and type(msg) is Pages and msg.count == 1 and not msg.zeros
+                and msg.data is None and not trace.ENABLED and self._placement is not None
+                and self._urgent_page(msg.block, msg.first, now)):
+            return
         self._session.message_received(channel, msg, now)
         if self._memory is None and type(msg) is Hello:
             self._set_up_memory(msg)
@@ -531,6 +538,31 @@ class PostcopyDestination:
             self._throttle_if_over()
         if channel is Channel.BACKGROUND or self._session.pass_due:  # an urgent reply seldom leaves work
             self._schedule_pass()
+
+    def _urgent_page(self, block: int, page: int, now: float) -> bool:
+        """The urgent path of an answer: one page in staging, placed with one UFFDIO_COPY and its
+        clients' threads woken at once, with no message handling, no commands and no pass.
+        Returns False when the session wants the general path (nothing done then)."""
+        needed = self._session.urgent_page(block, page)
+        if needed is None:
+            return False
+        if needed:
+            plan = self._session.wake_plan(block, page, 1)
+            mapped = self._memory.block(block)  # type: ignore[union-attr]  (set with the placement)
+            try:
+                self._uffd.copy(mapped.address + page * mapped.page_size, self._staging.address,  # type: ignore[union-attr]
+                                mapped.page_size)
+            except (PageExistsError, UffdRetry):  # filled by someone else, or EAGAIN: the exact path
+                self._place(Place(block, page, 1, 0), self._staging)
+                self._run_commands(None)
+                return True
+            for key, address, length in plan:
+                self._wake_range(key, address, length)
+            self._session.placed(block, page, 1, now, prewoken=bool(plan))
+            self._run_commands(None)
+        if self._session.pass_due:
+            self._schedule_pass()
+        return True
 
     def _hand_over(self, msg: Message) -> None:
         """Send a background message's placements to the placement thread; the rest runs here."""
@@ -636,24 +668,49 @@ class PostcopyDestination:
 
     def _serve_faults(self, key: str, uffd: Userfaultfd) -> None:
         """A userfaultfd is readable: read its faults and run the pass in the same callback,
-        so the faults of this read batch go to the source coalesced, without a loop turn."""
-        self._read_faults(key, uffd)
+        so the faults of this read batch go to the source coalesced, without a loop turn.
+
+        The quiet fault, one read alone on a missing page with nothing queued, is
+        the urgent path: its Request is encoded and written here, with no pass.
+        """
+        now = time.monotonic()
+        events = uffd.read_events(_READ_BATCH)
+        if len(events) == 1 and not self._pass_pending and type(events[0]) is PageFault:
+            event = events[0]
+            if event.thread_id not in self._named_threads:
+                self._remember_thread(key, event.thread_id)
+            asked = self._session.fault_request(key, event.address, event.thread_id, now)
+            if asked is not None:
+                if trace.ENABLED:
+                    trace.mark("request", *asked)
+                self._source.send_frame(Channel.URGENT, encode_page_request(*asked))
+                self._rearm_timer(now)
+                if self._progress and now >= self._next_progress:
+                    self._schedule_pass()
+                return
+        else:
+            self._take_events(key, events, now)
+            if len(events) == _READ_BATCH:
+                self._read_faults(key, uffd)
         self._pass()
 
     def _read_faults(self, key: object, uffd: Userfaultfd) -> None:
         """Drain every queued event of ``uffd`` into the session (faults); the caller runs or schedules the pass."""
         now = time.monotonic()
         while True:
-            events = uffd.read_events(64)
-            if not events:
+            events = uffd.read_events(_READ_BATCH)
+            self._take_events(key, events, now)
+            if len(events) < _READ_BATCH:  # a short read emptied the queue
                 break
-            for event in events:
-                if type(event) is PageFault:
-                    if event.thread_id not in self._named_threads:
-                        self._remember_thread(key, event.thread_id)
-                    self._session.fault_received(key, event.address, event.thread_id, now)
-                elif self._clients is not None:
-                    self._clients.non_cooperative_event(key, event)
+
+    def _take_events(self, key: object, events: list, now: float) -> None:
+        for event in events:
+            if type(event) is PageFault:
+                if event.thread_id not in self._named_threads:
+                    self._remember_thread(key, event.thread_id)
+                self._session.fault_received(key, event.address, event.thread_id, now)
+            elif self._clients is not None:
+                self._clients.non_cooperative_event(key, event)
 
     def _remember_thread(self, key: object, tid: int) -> None:
         """Read a faulting thread's name from /proc while it still exists."""

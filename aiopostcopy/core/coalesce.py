@@ -91,6 +91,20 @@ class Coalescer:
         """Queue one faulted page (plus read-ahead) for the next flush."""
         self._queue.append((block, page, page + 1 + self.readahead_pages))
 
+    def take_page(self, block_states: PageView, page: int) -> bool:
+        """Request one MISSING faulted page at once, without a flush, if nothing asks first.
+
+        Only when the queue is empty (no earlier fault to coalesce with or to
+        overtake), no read-ahead is configured and the budget has room: the page
+        becomes REQUESTED and counts in flight, and True is returned (the caller
+        sends it).  Otherwise nothing changes and False is returned.
+        """
+        if self._queue or self.readahead_pages or self._in_flight >= self.max_in_flight_pages:
+            return False
+        block_states.mark(page, 1, REQUESTED)
+        self._in_flight += 1
+        return True
+
     def add_run(self, block: int, first: int, count: int) -> None:
         """Queue a run of pages (a self-served client's request) for the next flush."""
         self._queue.append((block, first, first + count))

@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 Every run sent in a Request is remembered with the time it was sent, oldest
-first, in a deque.  Nothing is removed when pages arrive: an entry is dropped
+first, in a deque of plain ``(sent, block, first, stop)`` tuples (no message
+object per request: a quiet fault's request is remembered by one append).  Nothing is removed when pages arrive: an entry is dropped
 lazily when it reaches the head and none of its pages is REQUESTED any more
 (one ``bytes.find`` over at most ``max_run_pages`` bytes).  So the head is
 always the oldest run still waiting, and the next time-out is its send time
@@ -38,14 +39,18 @@ class InFlight:
 
     def __init__(self, timeout: float | None) -> None:
         self.timeout = timeout
-        self._runs: deque[tuple[float, PageRun]] = deque()
+        self._runs: deque[tuple[float, int, int, int]] = deque()
 
     def __len__(self) -> int:
         return len(self._runs)
 
     def sent(self, runs: Iterable[PageRun], now: float) -> None:
         """Remember runs sent at ``now``."""
-        self._runs.extend((now, run) for run in runs)
+        self._runs.extend((now, run.block, run.first, run.first + run.count) for run in runs)
+
+    def sent_page(self, block: int, page: int, now: float) -> None:
+        """Remember one page sent alone at ``now`` (a quiet fault's request)."""
+        self._runs.append((now, block, page, page + 1))
 
     def restart(self, runs: Iterable[PageRun], now: float) -> None:
         """Forget everything; ``runs`` were (re)sent at ``now`` (after a resume)."""
@@ -57,7 +62,7 @@ class InFlight:
         if self.timeout is None:
             return None
         runs = self._runs
-        while runs and states[runs[0][1].block].find(REQUESTED, runs[0][1].first, runs[0][1].stop) is None:
+        while runs and states[runs[0][1]].find(REQUESTED, runs[0][2], runs[0][3]) is None:
             runs.popleft()
         return runs[0][0] + self.timeout if runs else None
 
@@ -70,7 +75,7 @@ class InFlight:
             return []
         again: list[PageRun] = []
         while self._runs and self._runs[0][0] + self.timeout <= now:
-            run = self._runs.popleft()[1]
-            again.extend(PageRun(block=run.block, first=start, count=stop - start)
-                         for start, stop in states[run.block].runs(run.first, run.count, _REQUESTED))
+            _, block, first, stop = self._runs.popleft()
+            again.extend(PageRun(block=block, first=start, count=end - start)
+                         for start, end in states[block].runs(first, stop - first, _REQUESTED))
         return again

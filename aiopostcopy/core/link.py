@@ -106,6 +106,10 @@ class Link:
         """Payload bytes arrived on the background channel."""
         self._unacked += nbytes
 
+    def urgent_ready(self) -> bool:
+        """The urgent channel is open and nothing is queued (a frame sent now keeps the order)."""
+        return not self._queue and m.Channel.URGENT in self.open
+
     @property
     def pending(self) -> bool:
         """Messages are queued, or an Ack is due."""

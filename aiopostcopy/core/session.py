@@ -205,6 +205,33 @@ class DestinationSession:
             self._commands.append(Place(block, start, n, start - first - skipped, inside))
         self._count.pages_duplicate += count
 
+    def urgent_page(self, block: int, page: int) -> bool | None:
+        """One data page (``Pages`` of count 1, no zeros) arrived on the urgent channel, its
+        payload checked by :meth:`check_payload`: the urgent path's form of :meth:`message_received`.
+
+        Returns:
+            True: the page is needed; it is PLACING and counted, and the caller
+            places it, then calls :meth:`placed` (with :meth:`wake_plan` first).
+            False: not needed (placed or arriving already), counted as a duplicate.
+            None: nothing done; the caller hands the message to :meth:`message_received`
+            (the session is aborted, the channel is not open, or a Discard waits on the block).
+        """
+        if self._aborted is not None or self._deferred[block] or URGENT not in self._link.open:
+            return None
+        states = self._states[block]
+        state = states[page]
+        if state == REQUESTED:
+            states.mark(page, 1, PLACING)
+            self._coalescer.settle(1)
+            self._count.pages_demand += 1
+            return True
+        if state == MISSING:
+            states.mark(page, 1, PLACING)
+            self._count.pages_background += 1
+            return True
+        self._count.pages_duplicate += 1
+        return False
+
     def _on_discard(self, channel: m.Channel, msg: m.Discard, now: float) -> None:
         states = self._check_run(msg.block, msg.first, msg.count)
         if self._complete:
@@ -284,6 +311,45 @@ class DestinationSession:
             self._count.faults_joined += 1
         elif not joined:
             self._coalescer.add(waiter.block, waiter.page)
+
+    def fault_request(self, key: Hashable, address: int, thread_id: int, now: float) -> tuple[int, int] | None:
+        """:meth:`fault_received` for a fault read alone: the usual case is answered at once.
+
+        When the page is MISSING, nobody waits for it yet, nothing is queued
+        (no fault to coalesce with, no message to keep ahead) and the urgent
+        channel is open with room in the in-flight budget, the page becomes
+        REQUESTED, is accounted as one Request, and ``(block, page)`` is
+        returned: the caller sends ``Request([[block, page, 1]])`` on the urgent
+        channel now, with no pass.  Otherwise the fault goes the way of
+        :meth:`fault_received` and None is returned (the caller runs the pass).
+
+        Raises:
+            LocalProtocolError: ``key`` is not a registered delegated fd.
+        """
+        if self._aborted is not None or not self._link.urgent_ready():
+            self.fault_received(key, address, thread_id, now)
+            return None
+        found = self._registry().fault(key, address, thread_id, now)
+        if found is None:
+            self._commands.append(UnknownFault(key, address, thread_id))
+            return None
+        waiter, joined = found
+        block, page = waiter.block, waiter.page
+        states = self._states[block]
+        state = states[page]
+        if state == MISSING and not joined and self._coalescer.take_page(states, page):
+            self._count.pages_requested += 1
+            self._count.requests_sent += 1
+            self._in_flight.sent_page(block, page, now)
+            return block, page
+        if state == PLACED:
+            self._count.faults_already_placed += 1
+            self._commands.extend(self._wakeups.release(block, page, 1, now, force=True))  # type: ignore[union-attr]
+        elif state != MISSING:
+            self._count.faults_joined += 1
+        elif not joined:
+            self._coalescer.add(block, page)
+        return None
 
     def client_request(self, key: Hashable, runs: Iterable[m.PageRun], now: float) -> None:
         """A self-served client needs these runs; NotifyPlaced answers as they land.

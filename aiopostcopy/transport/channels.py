@@ -166,6 +166,12 @@ class SourceChannels:
         if proto is not None and proto.is_open:
             proto.send(msg)
 
+    def send_frame(self, channel: Channel, frame: bytes) -> None:
+        """Send an already-encoded frame on ``channel`` if it is open; otherwise it is dropped."""
+        proto = self.channels.get(channel)
+        if proto is not None and proto.is_open:
+            proto.send_frames((frame,))
+
     def hold_background(self) -> None:
         """Deliver no more background messages until :meth:`release_background`."""
         proto = self.channels.get(Channel.BACKGROUND)

@@ -1,0 +1,96 @@
+"""The urgent path's shortcuts (a fault read alone, a one-page answer) leave the session exactly
+as the general path does: same states, counters, requests, wakes and time-outs."""
+
+from __future__ import annotations
+
+from aiopostcopy import messages as m
+from aiopostcopy.core import Wake
+from aiopostcopy.core.coalesce import Coalescer
+from aiopostcopy.core.pages import MISSING, PLACING, REQUESTED, PageStates
+from aiopostcopy.transport.wire import encode, encode_page_request
+
+from tests.core.test_session import (BACKGROUND, CLIENT_BASE, OWN_BASE, PAGE, URGENT, open_session, pages,
+                                     place_all, requests, run, source_hello)
+
+
+def test_page_request_frame_is_the_request_encoded() -> None:
+    for block, page in [(0, 0), (1, 127), (3, 128), (7, 65535), (2, 65536), (255, (1 << 32) + 5)]:
+        assert encode_page_request(block, page) == encode(m.Request(runs=(run(block, page, 1),)))
+
+
+def test_fault_alone_is_requested_at_once_and_accounted() -> None:
+    session = open_session(request_timeout=2.0)
+    assert session.fault_request("c", CLIENT_BASE + 3 * PAGE + 17, 42, 1.0) == (0, 11)  # "c" maps pages 8..15
+    assert requests(session) == []  # the caller sends it: nothing queued behind its back
+    stats = session.statistics()
+    assert (stats.faults, stats.pages_requested, stats.requests_sent) == (1, 1, 1)
+    # the in-flight record works as for a flushed request: re-sent once overdue
+    assert session.get_timer() == 3.0
+    session.handle_timer(3.5)
+    assert requests(session) == [run(0, 11, 1)]
+
+
+def test_fault_alone_falls_back_when_something_is_queued_or_joined() -> None:
+    session = open_session()
+    session.fault_received("c", CLIENT_BASE + PAGE, 1, 0.0)  # queued, not flushed
+    assert session.fault_request("c", CLIENT_BASE + 2 * PAGE, 2, 0.0) is None
+    session.flush(0.0)
+    assert requests(session) == [run(0, 9, 2)]  # coalesced with the queued one
+    assert session.fault_request("own", OWN_BASE + 9 * PAGE, 3, 0.0) is None  # REQUESTED: it joins
+    assert session.statistics().faults_joined == 1
+
+
+def test_fault_alone_waits_for_a_queued_message_and_the_urgent_channel() -> None:
+    session = open_session()
+    session.connection_lost(URGENT, 0.0)
+    assert session.fault_request("c", CLIENT_BASE, 1, 0.0) is None  # no channel: queued for the pass
+    session.message_received(URGENT, source_hello(URGENT), 0.1)  # the Resume is queued first
+    session.flush(0.1)
+    sent = session.messages_to_send()
+    assert [type(msg) for _, msg in sent] == [m.Resume, m.Request]
+
+
+def test_urgent_page_matches_the_general_answer() -> None:
+    fast, slow = open_session(), open_session()
+    for session in (fast, slow):
+        session.fault_request("c", CLIENT_BASE + 5 * PAGE, 9, 0.0)
+    assert fast.urgent_page(0, 13) is True
+    plan = fast.wake_plan(0, 13, 1)
+    assert plan == (("c", CLIENT_BASE + 5 * PAGE, PAGE),)
+    fast.placed(0, 13, 1, 0.5, prewoken=True)
+    slow.message_received(URGENT, pages(0, 13, 1), 0.5)
+    others = place_all(slow, 0.5)
+    assert others == [Wake("c", CLIENT_BASE + 5 * PAGE, PAGE)]
+    a, b = fast.statistics(), slow.statistics()
+    for name in ("pages_placed", "pages_demand", "pages_background", "pages_duplicate", "woken", "faults"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert fast.urgent_page(0, 13) is False  # again: a duplicate
+    assert fast.statistics().pages_duplicate == 1
+    assert fast.urgent_page(0, 6) is True and fast.statistics().pages_background == 1  # nobody asked
+
+
+def test_urgent_page_leaves_exceptional_cases_to_the_general_path() -> None:
+    session = open_session()
+    session.connection_lost(URGENT, 0.0)
+    assert session.urgent_page(0, 1) is None
+    session.message_received(URGENT, source_hello(URGENT), 0.0)
+    session.abort("test", 0.0)
+    assert session.urgent_page(0, 1) is None
+
+
+def test_coalescer_take_page_only_with_nothing_ahead() -> None:
+    states = PageStates(8)
+    coalescer = Coalescer(max_run_pages=4, max_in_flight_pages=1)
+    assert coalescer.take_page(states, 2) and states[2] == REQUESTED and coalescer.in_flight == 1
+    assert not coalescer.take_page(states, 3)  # the budget is spent
+    coalescer.settle(1)
+    coalescer.add(0, 5)
+    assert not coalescer.take_page(states, 4) and states[4] == MISSING  # a fault is queued first
+    assert not Coalescer(readahead_pages=2).take_page(states, 6)
+    assert states[6] == MISSING and states.count(PLACING) == 0
+
+
+def test_background_channel_unaffected() -> None:
+    session = open_session()
+    session.message_received(BACKGROUND, pages(0, 0, 4), 0.0)
+    assert session.urgent_page(0, 1) is False  # PLACING already: the sweep's copy is placed
