@@ -520,7 +520,7 @@ class PostcopyDestination:
     def _on_source_message(self, channel: Channel, msg: Message) -> None:
         now = time.monotonic()
         if (channel is Channel.URGENT and type(msg) is Pages and msg.count == 1 and not msg.zeros
-                and msg.data is None and not trace.ENABLED and self._placement is not None
+                and msg.data is None and self._placement is not None
                 and self._urgent_page(msg.block, msg.first, now)):
             return
         self._session.message_received(channel, msg, now)
@@ -546,6 +546,8 @@ class PostcopyDestination:
         needed = self._session.urgent_page(block, page)
         if needed is None:
             return False
+        if trace.ENABLED:
+            trace.mark("reply", block, page)
         if needed:
             plan = self._session.wake_plan(block, page, 1)
             mapped = self._memory.block(block)  # type: ignore[union-attr]  (set with the placement)
@@ -558,6 +560,8 @@ class PostcopyDestination:
                 return True
             for key, address, length in plan:
                 self._wake_range(key, address, length)
+            if trace.ENABLED:
+                trace.mark("woken", block, page)
             self._session.placed(block, page, 1, now, prewoken=bool(plan))
             self._run_commands(None)
         if self._session.pass_due:

@@ -641,6 +641,10 @@ class PostcopySource:
             if rest:
                 decoder.receive_data(rest)
             while not conn.closed:
+                asked = decoder.take_page_request()
+                if asked is not None:
+                    self._urgent_page(conn, *asked, staging)
+                    continue
                 msg = decoder.next_event()
                 if msg is None:
                     view = decoder.get_buffer()
@@ -678,6 +682,20 @@ class PostcopySource:
                 trace.mark("src-reply", run.block, run.first)
         if type(msg) is not Request:
             self._loop.call_soon_threadsafe(self._after_urgent, conn.session)
+
+    def _urgent_page(self, conn: _Conn, block: int, page: int, staging: _RunBuffer) -> None:
+        """A Request for one page (a fault), taken from the decoder as ``(block, page)``: answered
+        at once when the session has nothing before it, else handled as the Request it is."""
+        with self._lock:
+            alone = conn.session.urgent_page(block, page)
+        run = PageRun(block=block, first=page, count=1)
+        if not alone:
+            return self._on_urgent(conn, Request(runs=(run,)), staging)
+        if trace.ENABLED:
+            trace.mark("src-request", block, page)
+        self._send_run(conn, run, staging)
+        if trace.ENABLED:
+            trace.mark("src-reply", block, page)
 
     def _after_urgent(self, session: SourceSession) -> None:
         """A Resume, Complete or Ping went through the session: wake the sweep, maybe finish."""

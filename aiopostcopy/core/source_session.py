@@ -221,6 +221,26 @@ class SourceSession:
 
     # ------------------------------------------------------------ what to send
 
+    def urgent_page(self, block: int, page: int) -> bool:
+        """A Request for one page (the usual fault), answered at once: accounted as
+        :meth:`message_received` and :meth:`next_urgent` would, when nothing goes before it
+        (no request or message queued) and the urgent channel is open on a live session.
+        Returns False, with nothing changed, otherwise: the caller takes the general path.
+
+        Raises:
+            RemoteProtocolError: the page is outside the blocks (state unchanged).
+        """
+        if self._urgent or self._queue or self.complete or self.aborted or URGENT not in self._open:
+            return False
+        self.blocks.check_run(block, page, 1)
+        count = self._count
+        count.requests += 1
+        count.request_runs += 1
+        count.pages_sent_urgent += 1
+        self._cursor = (block, page + 1)
+        self._sent[block].add(page, page + 1)
+        return True
+
     def next_urgent(self) -> m.PageRun | None:
         """The next requested run to send on the urgent channel, or None."""
         if not self._urgent or URGENT not in self._open or self.complete or self.aborted:

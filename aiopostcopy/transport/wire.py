@@ -412,6 +412,33 @@ class Decoder:
             self._error = exc
             raise
 
+    def take_page_request(self) -> tuple[int, int] | None:
+        """The urgent path's shortcut: if the next frame is a Request for exactly one page, consume
+        it and return ``(block, page)`` without building messages; otherwise consume nothing and
+        return None (:meth:`next_event` then decodes it, and rejects it if it is bad).
+
+        Only a frame that is valid as :meth:`next_event` would decode it is taken (types,
+        limits, no trailing bytes); the page's range in the blocks is the caller's to check.
+        """
+        start, avail = self._start, self._end - self._start
+        if avail < PREFIX_SIZE + 7 or self._pending is not None or self._error is not None:
+            return None
+        buf = self._buf
+        if buf[start + 4] != 0x92 or buf[start + 5] != 2 or buf[start + 6] != 0x91 or buf[start + 7] != 0x93:
+            return None  # not [2, [[...]]]: another message, or a Request of several runs
+        size = _PREFIX.unpack_from(buf, start)[0]
+        if avail < PREFIX_SIZE + size or size > 24 or Request.TYPE not in self._budget:
+            return None
+        try:
+            _, ((block, page, count),) = msgpack.unpackb(self._view[start + PREFIX_SIZE:start + PREFIX_SIZE + size])
+        except Exception:  # malformed: next_event says why
+            return None
+        if (count != 1 or type(block) is not int or type(page) is not int or type(count) is not int
+                or not 0 <= block < LIMITS.max_blocks or not 0 <= page < 1 << 46):
+            return None
+        self._start = start + PREFIX_SIZE + size
+        return block, page
+
     def _check_alive(self) -> None:
         if self._error is not None:
             raise self._error.with_traceback(None)

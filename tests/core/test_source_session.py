@@ -253,3 +253,29 @@ def test_abort_stops_serving_and_refuses_the_session_again() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         session.message_received(URGENT, dest_hello(URGENT), 0.0)
     assert info.value.code == "aborted"
+
+
+# ------------------------------------------------------------ the one-page urgent path
+
+
+def test_urgent_page_is_accounted_like_a_request() -> None:
+    fast, slow = opened(), opened()
+    assert fast.urgent_page(1, 4) is True
+    slow.message_received(URGENT, m.Request(runs=(run(1, 4, 1),)), 0.0)
+    assert slow.next_urgent() == run(1, 4, 1) and slow.next_urgent() is None
+    a, b = fast.statistics(), slow.statistics()
+    assert (a.requests, a.request_runs, a.pages_sent_urgent) == (b.requests, b.request_runs, b.pages_sent_urgent)
+    assert sweep(fast) == sweep(slow)  # the sweep skips the page sent and starts after it alike
+
+
+def test_urgent_page_defers_to_what_is_queued_and_checks_the_range() -> None:
+    session = opened()
+    session.message_received(URGENT, m.Request(runs=(run(0, 1, 2),)), 0.0)
+    assert session.urgent_page(0, 5) is False  # a request is queued before it
+    assert session.next_urgent() == run(0, 1, 2)
+    session.message_received(URGENT, m.Ping(token=3), 0.0)
+    assert session.urgent_page(0, 5) is False  # a Pong must go first
+    session.messages_to_send()
+    with pytest.raises(RemoteProtocolError):
+        session.urgent_page(1, 6)
+    assert session.urgent_page(1, 5) is True
