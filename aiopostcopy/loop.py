@@ -11,8 +11,8 @@ on its mappings and serves clients on a Unix control socket.
 Every source of work is a callback on the event loop:
 
 * a userfaultfd is readable (``add_reader``, one per fd: the service's own and
-  each delegated client's): drain every queued ``uffd_msg`` and feed the
-  faults to the :class:`~aiopostcopy.core.session.DestinationSession`;
+  each delegated client's): read the queued ``uffd_msg`` (up to a short
+  read, which means the queue is empty) and feed the faults to the :class:`~aiopostcopy.core.session.DestinationSession`;
 * a message arrives on a channel: Pages payloads were received straight into
   page-aligned staging memory.  On the urgent channel the resulting ``Place``
   commands are carried out at once, before the next payload may reuse the
@@ -39,6 +39,18 @@ what the session wants sent, carries out its commands and re-arms the single
 timer.  The session decides; this module only carries out.  Its clock is
 ``time.monotonic()``, not ``loop.time()``: uvloop's loop time has 1 ms
 resolution, too coarse for fault latencies of tens of microseconds.
+
+The urgent path (a quiet fault, the case a blocked vCPU pays for) skips the
+pass at both ends.  A read of a userfaultfd that yields one fault on a missing
+page, with nothing queued ahead of it, is accounted by
+:meth:`~aiopostcopy.core.session.DestinationSession.fault_request` and its
+Request frame (:func:`~aiopostcopy.transport.wire.encode_page_request`) is
+written in that same callback.  A one-page answer on the urgent channel is
+accounted by :meth:`~aiopostcopy.core.session.DestinationSession.urgent_page`,
+placed with one UFFDIO_COPY from staging and its clients' threads woken before
+the bookkeeping, with no message dispatch and no commands.  Anything unusual
+(EEXIST, EAGAIN, a Discard pending, a lost channel) falls back to the general
+path, which the session treats identically.
 
 Kernel rules kept here (DESIGN.md section 2): a client's page is placed
 through *our* mapping and its thread woken on *its* fd; EEXIST counts as
