@@ -31,6 +31,16 @@ mapping: a file that shrinks under the source is a short read, reported as
 that connection), never a SIGBUS.  Zero pages go as Zero markers or as the
 ``zeros`` of a Pages run, never as 4 KiB of zeros.
 
+Sparse files (a memory snapshot with holes): each block's holes are found
+once, with SEEK_DATA/SEEK_HOLE, when the source starts (:meth:`SourceBlock.holes`),
+and cached: a snapshot does not change while it is served.  The sweep sends a
+hole as Zero runs without reading it, and reads the data between holes in runs
+of ``background_run_pages``; a requested run is read only where it is not a
+hole.  If the file changes anyway, data written into a hole after the map was
+taken reaches the destination as zeros (as any write during the migration may
+or may not reach it); a file that shrinks is still an ``Error(io)``: a hole run
+checks the file's size before it is sent as zeros.
+
 Sessions: one destination session is served at a time.  A destination that
 reconnects with the same session id takes over its channels again (it then
 sends Resume); another session while one is held is refused with
@@ -44,7 +54,9 @@ either channel, or when no channel of it has been open for the lease
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import socket
@@ -57,7 +69,7 @@ from collections.abc import Mapping as MappingABC
 import msgpack
 
 from aiopostcopy import trace
-from aiopostcopy.core.rangeset import bounds_total
+from aiopostcopy.core.rangeset import RangeSet, bounds_total
 from aiopostcopy.core.source_session import SourceConfig, SourceSession
 from aiopostcopy.errors import PostcopyError, RemoteProtocolError
 from aiopostcopy.messages import (
@@ -97,6 +109,7 @@ _SEND_TIMEOUT = 60.0  #: a peer that takes no data for this long is gone
 _HELLO_BUDGET = header_budget(Hello)
 _JOIN_TIMEOUT = 5.0
 _PACK = msgpack.Packer(use_bin_type=True).pack  # one per process is safe: pack() of ints never releases the GIL
+_ZEROS = memoryview(bytes(LIMITS.max_payload))  #: copied over the hole pages of a run that is read in part
 
 
 class BlockReadError(PostcopyError, OSError):
@@ -112,12 +125,15 @@ class SourceBlock:
     length: int
     page_size: int = 4096
     path: str | None = None
+    _holes: RangeSet | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_path(cls, name: str, path: str, *, page_size: int = 4096) -> "SourceBlock":
         """Open ``path`` (a snapshot file, a /dev/shm file, a hugetlbfs file)."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            with contextlib.suppress(OSError):  # the sweep reads it in order: let the kernel read ahead
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             return cls._checked(name, fd, page_size, path)
         except BaseException:
             os.close(fd)
@@ -142,6 +158,61 @@ class SourceBlock:
 
     def info(self) -> BlockInfo:
         return BlockInfo(name=self.name, length=self.length, page_size=self.page_size)
+
+    def holes(self) -> RangeSet:
+        """The pages the file holds no data in (SEEK_DATA/SEEK_HOLE), as page runs.
+
+        Found on the first call and cached: the file must not change while it
+        is served (see the module docstring).  A page partly data counts as data;
+        a filesystem that cannot tell reports no holes.
+        """
+        if self._holes is None:
+            self._holes = RangeSet(_hole_pages(self.fd, self.length, self.page_size))
+        return self._holes
+
+    def hole_bounds(self, first: int, count: int) -> tuple[int, ...]:
+        """The hole pages among ``count`` pages from ``first``, as bounds relative to ``first``."""
+        return tuple(bound - first for run in self.holes().intersection(first, first + count) for bound in run)
+
+    def check_size(self) -> None:
+        """The file still holds every page served (checked before a hole is sent as zeros).
+
+        Raises:
+            BlockReadError: it shrank.
+        """
+        try:
+            size = os.fstat(self.fd).st_size
+        except OSError as exc:
+            raise BlockReadError(exc.errno, f"{self._where()}: fstat failed: {exc.strerror}") from exc
+        if size < self.length:
+            raise BlockReadError(self._shrunk(size))
+
+    def read_data(self, view: memoryview, first: int, holes: tuple[int, ...]) -> int:
+        """Fill ``view`` with the pages from page ``first`` on, reading only the pages
+        outside ``holes`` (bounds relative to ``first``) and zeroing the others.
+
+        Returns:
+            The bytes read from the file.
+
+        Raises:
+            BlockReadError: as :meth:`read_into`.
+        """
+        if not holes:
+            self.read_into(view, first)
+            return len(view)
+        size, page, done = self.page_size, 0, 0
+        count = len(view) // size
+        for i in range(0, len(holes) + 2, 2):
+            low, high = (holes[i], holes[i + 1]) if i < len(holes) else (count, count)
+            if low > page:
+                self.read_into(view[page * size:low * size], first + page)
+                done += (low - page) * size
+            if high > low:
+                view[low * size:high * size] = _ZEROS[:(high - low) * size]
+            page = high
+        if holes:
+            self.check_size()
+        return done
 
     def read_into(self, view: memoryview, first: int) -> None:
         """Fill ``view`` with the pages from page ``first`` on.
@@ -177,9 +248,37 @@ class SourceBlock:
             self.fd = -1
 
 
+def _hole_pages(fd: int, length: int, page_size: int) -> list[tuple[int, int]]:
+    """Page runs of the first ``length`` bytes of ``fd`` that hold no data (SEEK_DATA)."""
+    pages, holes, page = length // page_size, [], 0
+    while page < pages:
+        try:
+            data = os.lseek(fd, page * page_size, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data from here to the end
+                holes.append((page, pages))
+                break
+            return []  # the filesystem cannot tell: no holes
+        start = data // page_size
+        if start > page:
+            holes.append((page, min(start, pages)))
+        if start >= pages:
+            break
+        try:
+            end = os.lseek(fd, data, os.SEEK_HOLE)
+        except OSError:
+            return []
+        page = -(-end // page_size)
+    return holes
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class SourceReport:
-    """What the source did for one destination session."""
+    """What the source did for one destination session.
+
+    ``bytes_read`` is what was read from the block files, ``pages_hole`` the
+    pages sent as zeros from a file's holes without reading them.
+    """
 
     session_id: str | None
     complete: bool
@@ -189,6 +288,8 @@ class SourceReport:
     bytes_sent: int
     connections: int
     sessions_released: int = 0
+    bytes_read: int = 0
+    pages_hole: int = 0
 
 
 class _RunBuffer:
@@ -402,7 +503,7 @@ class PostcopySource:
         self._lease_timer: asyncio.TimerHandle | None = None
         self._server: asyncio.AbstractServer | None = None
         self._done: asyncio.Future[SourceReport] = self._loop.create_future()
-        self._counts = dict.fromkeys(("urgent", "background", "zero", "bytes", "connections"), 0)
+        self._counts = dict.fromkeys(("urgent", "background", "zero", "bytes", "connections", "read", "hole"), 0)
         self._released = 0
         self._zero_page = {b.page_size: bytes(b.page_size) for b in blocks}
         self._sweep_open = threading.Event()  # cleared by hold_sweep(): only requested pages go
@@ -418,7 +519,8 @@ class PostcopySource:
         return cls([SourceBlock.from_path(name, path) for name, path in paths.items()], config=config)
 
     def _new_session(self) -> SourceSession:
-        return SourceSession(blocks=[b.info() for b in self._blocks], config=self._config)
+        return SourceSession(blocks=[b.info() for b in self._blocks], config=self._config,
+                             holes=[list(b.holes()) for b in self._blocks])
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -597,7 +699,7 @@ class PostcopySource:
             self._drop(conn)
         with self._lock:
             self._session = self._new_session()
-            self._counts.update(urgent=0, background=0, zero=0, bytes=0)
+            self._counts.update(urgent=0, background=0, zero=0, bytes=0, read=0, hole=0)
         self._released += 1
 
     def _destination_error(self, session: SourceSession, msg: Error) -> None:
@@ -628,7 +730,8 @@ class PostcopySource:
         c = self._counts
         return SourceReport(session_id=self._session.session_id, complete=complete, pages_urgent=c["urgent"],
                             pages_background=c["background"], pages_zero=c["zero"], bytes_sent=c["bytes"],
-                            connections=c["connections"], sessions_released=self._released)
+                            connections=c["connections"], sessions_released=self._released,
+                            bytes_read=c["read"], pages_hole=c["hole"])
 
     # -- the urgent channel's thread -------------------------------------------
 
@@ -757,15 +860,22 @@ class PostcopySource:
         ``zeros`` names the zero pages and whose payload holds the others, packed together."""
         block = self._blocks[run.block]
         size = block.page_size
-        buffer = staging.take(run.count * size)
-        view = memoryview(buffer)[: run.count * size]
-        block.read_into(view, run.first)
-        zeros = _zero_bounds(buffer, self._zero_page[size], 0, run.count, size)
+        holes = block.hole_bounds(run.first, run.count)
+        if holes == (0, run.count):  # a hole of a sparse file: zeros, nothing to read
+            block.check_size()
+            view, zeros, read = memoryview(b""), holes, 0
+        else:
+            buffer = staging.take(run.count * size)
+            view = memoryview(buffer)[: run.count * size]
+            read = block.read_data(view, run.first, holes)
+            zeros = _zero_bounds(buffer, self._zero_page[size], 0, run.count, size)
         zero = bounds_total(zeros)
         nbytes = (run.count - zero) * size
         with self._lock:  # before sending: the destination's Ack for these bytes may come back at once
             if conn.session is self._session:
                 c = self._counts
+                c["read"] += read
+                c["hole"] += bounds_total(holes)
                 c["zero"] += zero
                 c["urgent" if conn.channel is URGENT else "background"] += run.count - zero
                 c["bytes"] += nbytes

@@ -15,6 +15,12 @@ messages and asks it, whenever a channel can take more, for the next run:
   likely next).  It pauses while ``background_window_bytes`` are
   unacknowledged and queues Done once everything has gone.
 
+Holes: a block may come with the page runs its file is known to hold no data
+in (a sparse snapshot's holes, from SEEK_DATA/SEEK_HOLE).  The sweep hands a
+hole out as one run as long as a Zero frame allows (no read, no payload) and
+ends a data run where the next hole begins, so that the server reads data
+runs whole and never reads a hole.
+
 The server reads the page bytes itself, splits each run into zero and
 non-zero sub-runs, sends Zero/Pages, and reports :meth:`~SourceSession.sent`
 (payload bytes; zero runs count 0).  Drain :meth:`~SourceSession.messages_to_send`
@@ -58,6 +64,8 @@ __all__ = ["SourceConfig", "SourceSession"]
 URGENT, BACKGROUND = m.Channel.URGENT, m.Channel.BACKGROUND
 #: the one channel each of these messages may arrive on (docs/protocol.md, section 4.1)
 _ONLY_ON = {m.Request: URGENT, m.Resume: URGENT, m.Complete: URGENT, m.Ack: BACKGROUND}
+#: the longest run a Zero frame names (its count field)
+MAX_ZERO_RUN = 1 << 32
 
 
 @dataclasses.dataclass(slots=True)
@@ -80,10 +88,13 @@ class SourceSession:
         blocks: the memory served, in protocol order.
         session_id: accept only this session, or None for the first that says Hello.
         config: tuning; defaults to ``SourceConfig()``.
+        holes: per block, ``(start, stop)`` page runs known to be all zero without
+            reading them (a sparse file's holes); the sweep sends each as Zero runs.
     """
 
     def __init__(self, *, blocks: Sequence[m.BlockInfo], session_id: str | None = None,
-                 config: SourceConfig | None = None) -> None:
+                 config: SourceConfig | None = None,
+                 holes: Sequence[Sequence[tuple[int, int]]] | None = None) -> None:
         self.blocks = BlockTable.from_infos(blocks)
         self.config = config if config is not None else SourceConfig()
         self.session_id = session_id
@@ -91,6 +102,9 @@ class SourceSession:
         self._open: set[m.Channel] = set()
         self._queue: list[tuple[m.Channel, m.Message]] = []
         self._sent = [RangeSet() for _ in self.blocks]
+        self._holes = [RangeSet(runs) for runs in holes] if holes is not None else [RangeSet() for _ in self.blocks]
+        if len(self._holes) != len(self.blocks):
+            raise ValueError(f"holes for {len(self._holes)} blocks, but {len(self.blocks)} blocks")
         self._discards = DiscardTracker(len(self.blocks))
         self._urgent: deque[m.PageRun] = deque()
         self._cursor = (0, 0)
@@ -252,11 +266,22 @@ class SourceSession:
                 self._queue.append((BACKGROUND, m.Done(pages=self._background_pages)))
             return None
         block, start, stop = gap
-        stop = min(stop, start + self.config.background_run_pages, start + self._limits[block])
+        stop = self._clip_sweep_run(block, start, stop)
         self._sent[block].add(start, stop)
         self._cursor = (block, stop)
         self._count.pages_sent_background += stop - start
         return m.PageRun(block=block, first=start, count=stop - start)
+
+    def _clip_sweep_run(self, block: int, start: int, stop: int) -> int:
+        """Where a sweep run from ``start`` ends: a hole goes whole (up to a Zero frame's
+        count), data up to the run length, the frame's limits, or the next hole."""
+        holes = self._holes[block]
+        if start in holes:
+            hole_end = holes.first_gap_from(start, self.blocks[block].pages)
+            return min(stop, hole_end[0] if hole_end is not None else stop, start + MAX_ZERO_RUN)
+        stop = min(stop, start + self.config.background_run_pages, start + self._limits[block])
+        ahead = holes.intersection(start, stop)
+        return ahead[0][0] if ahead else stop
 
     def _next_gap(self) -> tuple[int, int, int] | None:
         """First unsent run at or after the cursor, wrapping around once."""
@@ -291,6 +316,7 @@ class SourceSession:
 
     def _queue_discard(self, block: int, start: int, stop: int) -> None:
         self._sent[block].subtract(start, stop)
+        self._holes[block].subtract(start, stop)  # the memory changed: read these pages
         self._queue.extend(self._discards.issue(block, start, stop, self._open))
         self._done_sent = False
 
