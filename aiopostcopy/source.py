@@ -69,13 +69,16 @@ from collections.abc import Mapping as MappingABC
 import msgpack
 
 from aiopostcopy import trace
+from aiopostcopy.core.digests import changed_bounds, page_digests, zero_digest
 from aiopostcopy.core.rangeset import RangeSet, bounds_total
 from aiopostcopy.core.source_session import SourceConfig, SourceSession
 from aiopostcopy.errors import PostcopyError, RemoteProtocolError
 from aiopostcopy.messages import (
     LIMITS,
     BlockInfo,
+    Changed,
     Channel,
+    Digests,
     Error,
     ErrorCode,
     Hello,
@@ -277,7 +280,9 @@ class SourceReport:
     """What the source did for one destination session.
 
     ``bytes_read`` is what was read from the block files, ``pages_hole`` the
-    pages sent as zeros from a file's holes without reading them.
+    pages sent as zeros from a file's holes without reading them.  From an
+    earlier copy: ``pages_compared`` pages of the destination's copy were
+    compared by digest, ``pages_changed`` of them differed (and were sent).
     """
 
     session_id: str | None
@@ -290,6 +295,8 @@ class SourceReport:
     sessions_released: int = 0
     bytes_read: int = 0
     pages_hole: int = 0
+    pages_compared: int = 0
+    pages_changed: int = 0
 
 
 class _RunBuffer:
@@ -503,7 +510,8 @@ class PostcopySource:
         self._lease_timer: asyncio.TimerHandle | None = None
         self._server: asyncio.AbstractServer | None = None
         self._done: asyncio.Future[SourceReport] = self._loop.create_future()
-        self._counts = dict.fromkeys(("urgent", "background", "zero", "bytes", "connections", "read", "hole"), 0)
+        self._counts = dict.fromkeys(("urgent", "background", "zero", "bytes", "connections", "read", "hole",
+                                     "compared", "changed"), 0)
         self._released = 0
         self._zero_page = {b.page_size: bytes(b.page_size) for b in blocks}
         self._sweep_open = threading.Event()  # cleared by hold_sweep(): only requested pages go
@@ -699,7 +707,7 @@ class PostcopySource:
             self._drop(conn)
         with self._lock:
             self._session = self._new_session()
-            self._counts.update(urgent=0, background=0, zero=0, bytes=0, read=0, hole=0)
+            self._counts.update(urgent=0, background=0, zero=0, bytes=0, read=0, hole=0, compared=0, changed=0)
         self._released += 1
 
     def _destination_error(self, session: SourceSession, msg: Error) -> None:
@@ -731,7 +739,8 @@ class PostcopySource:
         return SourceReport(session_id=self._session.session_id, complete=complete, pages_urgent=c["urgent"],
                             pages_background=c["background"], pages_zero=c["zero"], bytes_sent=c["bytes"],
                             connections=c["connections"], sessions_released=self._released,
-                            bytes_read=c["read"], pages_hole=c["hole"])
+                            bytes_read=c["read"], pages_hole=c["hole"], pages_compared=c["compared"],
+                            pages_changed=c["changed"])
 
     # -- the urgent channel's thread -------------------------------------------
 
@@ -765,13 +774,18 @@ class PostcopySource:
             conn.closed = True  # read no more: the destination closes after an Error
             return
         runs: list[PageRun] = []
+        comparisons: list[Digests] = []
         with self._lock:
             conn.session.message_received(URGENT, msg, time.monotonic())
             frames = self._drain_locked(conn.session)
             while (run := conn.session.next_urgent()) is not None:
                 runs.append(run)
+            while (digests := conn.session.next_comparison()) is not None:
+                comparisons.append(digests)
         if frames:
             conn.send_or_drop(frames)
+        for digests in comparisons:
+            self._send_changed(conn, digests, staging)
         if trace.ENABLED and type(msg) is Request:
             for run in msg.runs:
                 trace.mark("src-request", run.block, run.first)
@@ -852,6 +866,30 @@ class PostcopySource:
     def _flush_outbox(self, conn: _Conn) -> None:
         while conn.outbox:
             conn.send([conn.outbox.popleft()])
+
+    # -- from an earlier copy ------------------------------------------------------
+
+    def _send_changed(self, conn: _Conn, msg: Digests, staging: _RunBuffer) -> None:
+        """Answer a destination's Digests with Changed: digest our own pages of its run (holes
+        without reading them) and name those whose digest differs."""
+        block = self._blocks[msg.block]
+        size, count = block.page_size, len(msg.digests)
+        holes = block.hole_bounds(msg.first, count)
+        if holes == (0, count):
+            block.check_size()
+            ours, read = [zero_digest(size)] * count, 0
+        else:
+            view = memoryview(staging.take(count * size))[: count * size]
+            read = block.read_data(view, msg.first, holes)
+            ours = page_digests(view, size, count)
+        changed = changed_bounds(msg.digests, ours)
+        with self._lock:
+            if conn.session is self._session:
+                c = self._counts
+                c["read"] += read
+                c["compared"] += count
+                c["changed"] += bounds_total(changed)
+        conn.send_or_drop([encode(Changed(block=msg.block, first=msg.first, count=count, changed=changed))])
 
     # -- sending a run -----------------------------------------------------------
 

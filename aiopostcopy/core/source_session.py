@@ -34,6 +34,13 @@ the destination may have missed are repeated after the next Resume (see
 postcopy (QEMU's discard phase): one sent late can cross the destination's
 Complete, which the destination rejects as a protocol error.
 
+Starting from an earlier copy (feature ``from-copy``): a destination whose
+Hello names the feature holds an earlier copy of the memory.  Its Digests
+are queued for the server (:meth:`~SourceSession.next_comparison`), which
+hashes its own pages and answers Changed; the sweep is held until the
+session's first Resume, which tells which pages of the copy the destination
+kept (the unchanged ones): only the others are ever sent.
+
 Sessions: the first destination Hello fixes the session id (or the one
 given).  A Hello with another id while it runs is refused with
 RemoteProtocolError code ``busy`` (``session`` once it completed, and any
@@ -53,6 +60,7 @@ from collections.abc import Sequence
 
 from aiopostcopy import messages as m
 from aiopostcopy.core.config import WINDOW_FEATURE, SourceConfig
+from aiopostcopy.core.digests import FROM_COPY_FEATURE
 from aiopostcopy.core.discards import DiscardTracker
 from aiopostcopy.core.ramblock import BlockTable
 from aiopostcopy.core.rangeset import RangeSet
@@ -63,7 +71,7 @@ __all__ = ["SourceConfig", "SourceSession"]
 
 URGENT, BACKGROUND = m.Channel.URGENT, m.Channel.BACKGROUND
 #: the one channel each of these messages may arrive on (docs/protocol.md, section 4.1)
-_ONLY_ON = {m.Request: URGENT, m.Resume: URGENT, m.Complete: URGENT, m.Ack: BACKGROUND}
+_ONLY_ON = {m.Request: URGENT, m.Resume: URGENT, m.Complete: URGENT, m.Ack: BACKGROUND, m.Digests: URGENT}
 #: the longest run a Zero frame names (its count field)
 MAX_ZERO_RUN = 1 << 32
 
@@ -107,6 +115,9 @@ class SourceSession:
             raise ValueError(f"holes for {len(self._holes)} blocks, but {len(self.blocks)} blocks")
         self._discards = DiscardTracker(len(self.blocks))
         self._urgent: deque[m.PageRun] = deque()
+        self._comparisons: deque[m.Digests] = deque()
+        self._copy_pending = False  # from-copy: the sweep waits for the first Resume
+        self._resumed = False
         self._cursor = (0, 0)
         self._unacked = self._background_pages = 0
         self._done_sent = self.complete = self.aborted = False
@@ -116,7 +127,8 @@ class SourceSession:
         self._count = _Counts()
         self._handlers = {m.Request: self._on_request, m.Resume: self._on_resume,
                           m.Ack: self._on_ack, m.Complete: self._on_complete,
-                          m.Ping: self._on_ping, m.Pong: self._on_pong, m.Error: self._on_error}
+                          m.Ping: self._on_ping, m.Pong: self._on_pong, m.Error: self._on_error,
+                          m.Digests: self._on_digests}
 
     # ------------------------------------------------------------ messages in
 
@@ -161,9 +173,12 @@ class SourceSession:
         if channel is BACKGROUND:
             self._unacked = self._background_pages = 0
             self._done_sent = False
+        if FROM_COPY_FEATURE in msg.features and not self._resumed:
+            self._copy_pending = True
         window = f"{WINDOW_FEATURE}{self.config.background_window_bytes}"
         self._queue.append((channel, m.Hello(version=m.PROTOCOL_VERSION, session_id=msg.session_id,
-                                             role=m.Role.SOURCE, channel=channel, features=(window,),
+                                             role=m.Role.SOURCE, channel=channel,
+                                             features=(window, FROM_COPY_FEATURE),
                                              blocks=self.blocks.infos())))
 
     def _reject(self, text: str, code: str) -> RemoteProtocolError:
@@ -192,12 +207,21 @@ class SourceSession:
             self.blocks.check_run(run.block, run.first, run.count)
         self._sent = received
         self._urgent = deque(msg.pending)
+        self._comparisons.clear()
+        self._copy_pending, self._resumed = False, True
         self._count.resumes += 1
         self._done_sent = False
         for block, start, stop in self._discards.replay(received):
             self._queue_discard(block, start, stop)
         if msg.pending:
             self._cursor = (msg.pending[0].block, msg.pending[0].stop)
+
+    def _on_digests(self, channel: m.Channel, msg: m.Digests) -> None:
+        if not self._copy_pending:
+            raise RemoteProtocolError("Digests outside a from-copy comparison (the destination's Hello did not "
+                                      "name from-copy, or its Resume came already)")
+        self.blocks.check_run(msg.block, msg.first, len(msg.digests))
+        self._comparisons.append(msg)
 
     def _on_ack(self, channel: m.Channel, msg: m.Ack) -> None:
         self._unacked = max(0, self._unacked - msg.nbytes)
@@ -228,6 +252,8 @@ class SourceSession:
     def connection_lost(self, channel: m.Channel, now: float) -> None:
         """A channel broke: drop what was queued for it; wait for Hello and Resume."""
         self._open.discard(channel)
+        if channel is URGENT:
+            self._comparisons.clear()  # the destination sends them again, or gives the copy up
         self._queue = [(ch, msg) for ch, msg in self._queue if ch is not channel]
         self._discards.lost(channel)
         if channel is BACKGROUND:
@@ -249,13 +275,19 @@ class SourceSession:
         self._count.pages_sent_urgent += run.count
         return run
 
+    def next_comparison(self) -> m.Digests | None:
+        """The next Digests for the server to answer with Changed (urgent channel), or None."""
+        if not self._comparisons or URGENT not in self._open or self.complete or self.aborted:
+            return None
+        return self._comparisons.popleft()
+
     def next_background(self) -> m.PageRun | None:
         """The next sweep run for the background channel, or None.
 
         None when the channel is closed, the window is full, or every page
         has been handed out (then Done is queued, once).
         """
-        if BACKGROUND not in self._open or self.complete or self.aborted:
+        if BACKGROUND not in self._open or self.complete or self.aborted or self._copy_pending:
             return None
         if self._unacked >= self.config.background_window_bytes:
             return None
