@@ -657,7 +657,11 @@ class PostcopyDestination:
         for block, block_runs in enumerate(runs):
             self._session.adopt_present(block, block_runs, now)  # then Resume: the source sweeps the rest
         if self.options.block_dir is not None:
-            remember_session(self.options.block_dir, self.session_id)
+            try:
+                remember_session(self.options.block_dir, self.session_id)
+            except OSError as exc:  # hugetlbfs takes no write(); its blocks could not be adopted anyway
+                log.warning("cannot keep the session id in %s (%s): a restarted destination will not resume "
+                            "this migration", self.options.block_dir, exc.strerror)
         if comparison.source_compares is False:
             log.warning("the source cannot compare an earlier copy (no from-copy in its Hello): the copy is "
                         "dropped and every page migrates")

@@ -82,9 +82,8 @@ async def test_from_copy_on_shmem_sends_only_the_changed_pages(e2e) -> None:
     source = await SourceWithLog.start(e2e.procs, {"ram": image})
     proc = subprocess.run(dest_argv(source.address, e2e.block_dir), capture_output=True, timeout=120)
     dest = parse_json_output(proc.stdout)
-    result = await source.report()
-
     assert proc.returncode == 0, (dest, proc.stderr.decode()[-2000:])
+    result = await source.report()
     assert differing_pages(image, os.path.join(e2e.block_dir, "ram"), size) == []
     assert result["exit"] == 0 and result["complete"], result
     assert_only_changes_sent(result, dest, pages, changed, holes)
@@ -162,9 +161,9 @@ async def test_from_copy_on_hugetlbfs_sends_only_the_changed_pages(e2e) -> None:
         source = await SourceWithLog.start(e2e.procs, {"ram": image}, page_size=HUGE)
         proc = subprocess.run(dest_argv(source.address, block_dir), capture_output=True, timeout=120)
         dest = parse_json_output(proc.stdout)
-        result = await source.report()
         try:
             assert proc.returncode == 0, (dest, proc.stderr.decode()[-2000:])
+            result = await source.report()
             assert differing_pages(image, copy, size) == []
         finally:
             with contextlib.suppress(FileNotFoundError):
