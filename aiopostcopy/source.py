@@ -41,6 +41,12 @@ taken reaches the destination as zeros (as any write during the migration may
 or may not reach it); a file that shrinks is still an ``Error(io)``: a hole run
 checks the file's size before it is sent as zeros.
 
+From an earlier copy (feature ``from-copy``, docs/protocol.md section 4.10):
+the urgent thread answers each Digests of the destination's copy with
+Changed, digesting its own pages of the run (read like any run, holes not at
+all) in :meth:`PostcopySource._send_changed`; the sweep waits for the Resume
+that follows, so only the pages that changed travel.
+
 Sessions: one destination session is served at a time.  A destination that
 reconnects with the same session id takes over its channels again (it then
 sends Resume); another session while one is held is refused with
