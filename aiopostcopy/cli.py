@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     dst.add_argument("--source", type=parse_address, required=True, help="HOST:PORT or socket path of the source")
     dst.add_argument("--block-dir", default=None,
                      help="directory for the block files, created if missing; tmpfs or hugetlbfs (default: memfd)")
+    dst.add_argument("--from-copy", action="store_true",
+                     help="the block files in --block-dir (NAME or NAME.partial) hold an earlier copy: only the "
+                          "pages the source finds changed (by page digest) migrate; the rest stay")
     dst.add_argument("--clients", default=None, help="Unix socket path where clients join")
     dst.add_argument("--vhost-user", metavar="SOCK", action="append", default=[],
                      help="attach the vhost-user back-end listening on SOCK as a postcopy client (repeatable)")
@@ -431,6 +434,8 @@ async def dest_main(args: argparse.Namespace, record: RunRecord) -> int:
     record.fields.update(source=format_address(args.source), block_dir=args.block_dir)
     block_dir = None
     dest: PostcopyDestination | None = None
+    if args.from_copy and args.block_dir is None:
+        return record.finish(EXIT_USAGE, "--from-copy needs --block-dir, the directory that holds the copy")
     try:
         if args.block_dir is not None:
             block_dir = prepare_block_dir(args.block_dir)
@@ -479,6 +484,7 @@ async def _dest_failed(record: RunRecord, dest: PostcopyDestination | None, bloc
 async def _start_dest(args: argparse.Namespace, record: RunRecord) -> PostcopyDestination:
     """Start a destination; with ``--wait``, retry an unreachable source until ``--deadline``."""
     options = DestinationOptions(source=args.source, block_dir=args.block_dir, control_path=args.clients,
+                                 from_copy=args.from_copy,
                                  source_deadline=args.deadline, session=DestinationConfig(),
                                  vhost_user=tuple(args.vhost_user), operator_path=args.control,
                                  max_bandwidth=args.max_bandwidth)

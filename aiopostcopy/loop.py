@@ -85,9 +85,10 @@ from aiopostcopy.core.commands import (
     Wake,
 )
 from aiopostcopy.core.config import DestinationConfig
+from aiopostcopy.core.digests import FROM_COPY_FEATURE
 from aiopostcopy.core.session import DestinationSession
-from aiopostcopy.errors import (ClosedError, MigrationAborted, PageExistsError, SourceLostError, SourceUnreachableError,
-                               UffdError, UffdRetry)
+from aiopostcopy.errors import (ClosedError, MigrationAborted, PageExistsError, RemoteProtocolError, SourceLostError,
+                               SourceUnreachableError, UffdError, UffdRetry)
 from aiopostcopy.destination.memory import (BlockMemory, Staging, adoptable_session, forget_session,
                                             remember_session)
 from aiopostcopy.destination.operator import (
@@ -100,8 +101,10 @@ from aiopostcopy.destination.operator import (
     TokenBucket,
     format_source,
 )
+from aiopostcopy.destination.fromcopy import CopyComparison
 from aiopostcopy.destination.placer import BackgroundPlacer, Placement
-from aiopostcopy.messages import LIMITS, Channel, Complete, Error, ErrorCode, Hello, Message, Pages, Request, Zero
+from aiopostcopy.messages import (LIMITS, Changed, Channel, Complete, Error, ErrorCode, Hello, Message, Pages,
+                                  Request, Zero)
 from aiopostcopy.destination.vhost_user import FrontEndPort, VhostUserFrontEnd
 from aiopostcopy.destination.report import DestinationReport, build_report, remember_thread_name
 from aiopostcopy.transport.channels import SourceChannels
@@ -146,6 +149,9 @@ class DestinationOptions:
             (docs/control.md); None for none.
         max_bandwidth: cap of the background stream in bytes per second
             (None: no cap); urgent pages are never held back.
+        from_copy: the block files in ``block_dir`` hold an earlier copy of the
+            memory: only the pages the source says changed migrate (docs/protocol.md,
+            section 4.10); no client is admitted before the comparison ends.
     """
 
     source: tuple[str, int] | str
@@ -159,6 +165,7 @@ class DestinationOptions:
     vhost_user: tuple[str, ...] = ()
     operator_path: str | None = None
     max_bandwidth: int | None = None
+    from_copy: bool = False
 
 
 class PostcopyDestination:
@@ -178,11 +185,17 @@ class PostcopyDestination:
         self.options = options
         self._open_userfaultfd = open_userfaultfd or (lambda: Userfaultfd.open(Feature.THREAD_ID))
         # a block directory an earlier destination of a migration died in: take over its session
-        adoptable = adoptable_session(options.block_dir) if options.block_dir and not options.session_id else None
+        adoptable = (adoptable_session(options.block_dir)
+                     if options.block_dir and not options.session_id and not options.from_copy else None)
+        if options.from_copy and options.block_dir is None:
+            raise ValueError("from_copy needs a block_dir holding the copy")
         self._adopting = adoptable is not None
         self.session_id = options.session_id or adoptable or uuid.uuid4().hex
         self._loop = asyncio.get_running_loop()
         self._session = DestinationSession(session_id=self.session_id, config=options.session)
+        self._comparison: CopyComparison | None = None
+        if options.from_copy:
+            self._session.features = (FROM_COPY_FEATURE,)
         self._staging = Staging(LIMITS.max_payload)  # the urgent channel's: placed inline
         self._placement: Placement | None = None
         self._placer: BackgroundPlacer | None = None
@@ -233,6 +246,8 @@ class PostcopyDestination:
         except OSError as exc:
             raise SourceUnreachableError(f"cannot reach source {self.options.source!r}: {exc}") from exc
         await self._hello  # a local error setting up the blocks comes through as itself
+        if self._comparison is not None:
+            await self._compare_copy(self._comparison)
         if self.options.control_path is not None or self.options.vhost_user:
             assert self._memory is not None
             port = ServicePort(session_id=self.session_id, session=self._session, memory=self._memory,
@@ -496,6 +511,8 @@ class PostcopyDestination:
         now = time.monotonic()
         for channel in channels:
             self._session.connection_lost(channel, now)
+        if self._comparison is not None and Channel.URGENT in channels:
+            self._comparison.abandon()  # the pages not yet compared migrate
 
     def _source_lost(self, error: SourceLostError) -> bool:
         """Reconnect after a loss, unless the handshake never finished or the migration is over."""
@@ -509,6 +526,11 @@ class PostcopyDestination:
         self._monitor.source_lost(time.monotonic())
         self._emit("source_lost", source=format_source(self._source.source), error=str(error))
         return True
+
+    def _copy_changed(self, msg: Changed) -> None:
+        if self._comparison is None:
+            raise RemoteProtocolError("Changed while no earlier copy is being compared")
+        self._comparison.answered(msg)
 
     def _channels_restored(self) -> None:
         """Both channels are up again after a loss (the session sends Resume on the source's Hello)."""
@@ -535,9 +557,13 @@ class PostcopyDestination:
                 and msg.data is None and self._placement is not None
                 and self._urgent_page(msg.block, msg.first, now)):
             return
+        if type(msg) is Changed:
+            return self._copy_changed(msg)
         self._session.message_received(channel, msg, now)
         if self._memory is None and type(msg) is Hello:
             self._set_up_memory(msg)
+        if type(msg) is Hello and channel is Channel.URGENT and self._comparison is not None:
+            self._comparison.source_compares = FROM_COPY_FEATURE in msg.features
         if channel is Channel.BACKGROUND and self._placer is not None:
             self._hand_over(msg)
         elif trace.ENABLED and type(msg) in (Pages, Zero):
@@ -627,8 +653,11 @@ class PostcopyDestination:
         """Create, map and register the blocks, synchronously: the payload of the
         next Pages frame must find them (it lands in the staging buffer right away)."""
         try:
-            self._memory = BlockMemory.create(hello.blocks, self.options.block_dir, adopt=self._adopting)
-            if self.options.block_dir is not None:
+            self._memory = BlockMemory.create(hello.blocks, self.options.block_dir, adopt=self._adopting,
+                                              from_copy=self.options.from_copy)
+            if self.options.from_copy:  # remembered once the copy is compared (a crash before: nothing to adopt)
+                self._comparison = CopyComparison(self._memory)
+            elif self.options.block_dir is not None:
                 remember_session(self.options.block_dir, self.session_id)
             self._open_own_uffd()
             self._adopt_present_pages()
@@ -657,6 +686,35 @@ class PostcopyDestination:
         self._schedule_pass()
 
     # -- own userfaultfd --------------------------------------------------------
+
+    async def _compare_copy(self, comparison: CopyComparison) -> None:
+        """from_copy: digest the copy, let the source say what changed, punch that, keep the rest."""
+        assert self._memory is not None
+        digests = await asyncio.to_thread(comparison.prepare)
+        exchange = asyncio.ensure_future(comparison.exchange(
+            digests, lambda msg: self._source.send(Channel.URGENT, msg), lambda: self._session.is_open(Channel.URGENT)))
+        await asyncio.wait([exchange, self._done], return_when=asyncio.FIRST_COMPLETED)
+        comparison.abandon()
+        await exchange
+        if self._done.done():  # the migration ended meanwhile: wait_complete() says how
+            return
+        runs, result = comparison.finish()
+        self._comparison = None
+        now = time.monotonic()
+        for block, block_runs in enumerate(runs):
+            self._session.adopt_present(block, block_runs, now)  # then Resume: the source sweeps the rest
+        if self.options.block_dir is not None:
+            try:
+                remember_session(self.options.block_dir, self.session_id)
+            except OSError as exc:  # hugetlbfs takes no write(); its blocks could not be adopted anyway
+                log.warning("cannot keep the session id in %s (%s): a restarted destination will not resume "
+                            "this migration", self.options.block_dir, exc.strerror)
+        if comparison.source_compares is False:
+            log.warning("the source cannot compare an earlier copy (no from-copy in its Hello): the copy is "
+                        "dropped and every page migrates")
+        log.info("from an earlier copy: %d pages held, %d unchanged and kept, %d changed, %d not compared",
+                 result.held, result.unchanged, result.changed, result.unanswered)
+        self._schedule_pass()
 
     def _open_own_uffd(self) -> None:
         assert self._memory is not None

@@ -62,6 +62,8 @@ __all__ = [
     "Placed",
     "End",
     "Bye",
+    "Digests",
+    "Changed",
     "Message",
 ]
 
@@ -85,6 +87,7 @@ class Limits:
     max_features: int = 64  #: feature names in a Hello
     max_text: int = 4096  #: characters of an Error / Reject text
     max_zero_runs: int = 4096  #: stretches of zero pages inside one Pages run
+    max_digests: int = 4096  #: page digests in one Digests message (feature from-copy)
 
 
 LIMITS = Limits()
@@ -606,15 +609,77 @@ class Bye:
     TYPE: ClassVar[int] = 28
 
 
+@_frozen
+class Digests:
+    """Destination -> source (urgent, feature ``from-copy``): digests of pages of an earlier copy.
+
+    ``digests[i]`` is the 64-bit digest (BLAKE2b, 8 bytes, big-endian) of page
+    ``first + i`` of block ``block`` as the destination's copy holds it.  The
+    source answers each with one :class:`Changed`, in order.
+    """
+
+    TYPE: ClassVar[int] = 13
+    block: int
+    first: int
+    digests: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        digests = self.digests
+        if type(digests) is not tuple or not 1 <= len(digests) <= LIMITS.max_digests:
+            raise _fail(f"digests: 1..{LIMITS.max_digests} digests in a tuple")
+        _check_run("digests", self.block, self.first, len(digests))
+        if self.first + len(digests) > 1 << 46:
+            raise _fail("digests: pages past 2**46")
+        if set(map(type, digests)) != {int} or min(digests) < 0 or max(digests) >= 1 << 64:
+            raise _fail("digests: each digest is an integer in [0, 2**64)")
+
+    @property
+    def run(self) -> PageRun:
+        return PageRun(block=self.block, first=self.first, count=len(self.digests))
+
+
+@_frozen
+class Changed:
+    """Source -> destination (urgent, feature ``from-copy``): the answer to one Digests.
+
+    The run is the Digests' own; ``changed`` lists the pages whose digest is
+    not the source's as flattened bounds relative to ``first`` (as
+    :attr:`Pages.zeros`, possibly empty: nothing changed).
+    """
+
+    TYPE: ClassVar[int] = 14
+    block: int
+    first: int
+    count: int
+    changed: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_run("changed", self.block, self.first, self.count)
+        if self.count > LIMITS.max_digests:
+            raise _fail(f"changed: count must be at most {LIMITS.max_digests}")
+        bounds = self.changed
+        if type(bounds) is not tuple or len(bounds) % 2:
+            raise _fail("changed: bounds must be an even-length tuple")
+        if bounds:
+            if set(map(type, bounds)) != {int} or bounds[0] < 0 or bounds[-1] > self.count:
+                raise _fail(f"changed: bounds must be integers in [0, {self.count}]")
+            if not all(map(operator.lt, bounds, itertools.islice(bounds, 1, None))):
+                raise _fail("changed: bounds must be strictly increasing")
+
+    @property
+    def run(self) -> PageRun:
+        return PageRun(block=self.block, first=self.first, count=self.count)
+
+
 Message = Union[
     Hello, Request, Pages, Zero, Discard, Resume, Done, Complete, Ack, Ping, Pong, Error,
-    ClientHello, Blocks, Register, Accept, Reject, ClientRequest, Placed, End, Bye,
+    ClientHello, Blocks, Register, Accept, Reject, ClientRequest, Placed, End, Bye, Digests, Changed,
 ]
 
 MESSAGE_TYPES: dict[int, type] = {
     cls.TYPE: cls
     for cls in (
         Hello, Request, Pages, Zero, Discard, Resume, Done, Complete, Ack, Ping, Pong, Error,
-        ClientHello, Blocks, Register, Accept, Reject, ClientRequest, Placed, End, Bye,
+        ClientHello, Blocks, Register, Accept, Reject, ClientRequest, Placed, End, Bye, Digests, Changed,
     )
 }

@@ -31,6 +31,22 @@ mapping: a file that shrinks under the source is a short read, reported as
 that connection), never a SIGBUS.  Zero pages go as Zero markers or as the
 ``zeros`` of a Pages run, never as 4 KiB of zeros.
 
+Sparse files (a memory snapshot with holes): each block's holes are found
+once, with SEEK_DATA/SEEK_HOLE, when the source starts (:meth:`SourceBlock.holes`),
+and cached: a snapshot does not change while it is served.  The sweep sends a
+hole as Zero runs without reading it, and reads the data between holes in runs
+of ``background_run_pages``; a requested run is read only where it is not a
+hole.  If the file changes anyway, data written into a hole after the map was
+taken reaches the destination as zeros (as any write during the migration may
+or may not reach it); a file that shrinks is still an ``Error(io)``: a hole run
+checks the file's size before it is sent as zeros.
+
+From an earlier copy (feature ``from-copy``, docs/protocol.md section 4.10):
+the urgent thread answers each Digests of the destination's copy with
+Changed, digesting its own pages of the run (read like any run, holes not at
+all) in :meth:`PostcopySource._send_changed`; the sweep waits for the Resume
+that follows, so only the pages that changed travel.
+
 Sessions: one destination session is served at a time.  A destination that
 reconnects with the same session id takes over its channels again (it then
 sends Resume); another session while one is held is refused with
@@ -44,7 +60,9 @@ either channel, or when no channel of it has been open for the lease
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import socket
@@ -57,13 +75,16 @@ from collections.abc import Mapping as MappingABC
 import msgpack
 
 from aiopostcopy import trace
-from aiopostcopy.core.rangeset import bounds_total
+from aiopostcopy.core.digests import changed_bounds, page_digests, zero_digest
+from aiopostcopy.core.rangeset import RangeSet, bounds_total
 from aiopostcopy.core.source_session import SourceConfig, SourceSession
 from aiopostcopy.errors import PostcopyError, RemoteProtocolError
 from aiopostcopy.messages import (
     LIMITS,
     BlockInfo,
+    Changed,
     Channel,
+    Digests,
     Error,
     ErrorCode,
     Hello,
@@ -97,6 +118,7 @@ _SEND_TIMEOUT = 60.0  #: a peer that takes no data for this long is gone
 _HELLO_BUDGET = header_budget(Hello)
 _JOIN_TIMEOUT = 5.0
 _PACK = msgpack.Packer(use_bin_type=True).pack  # one per process is safe: pack() of ints never releases the GIL
+_ZEROS = memoryview(bytes(LIMITS.max_payload))  #: copied over the hole pages of a run that is read in part
 
 
 class BlockReadError(PostcopyError, OSError):
@@ -112,12 +134,15 @@ class SourceBlock:
     length: int
     page_size: int = 4096
     path: str | None = None
+    _holes: RangeSet | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_path(cls, name: str, path: str, *, page_size: int = 4096) -> "SourceBlock":
         """Open ``path`` (a snapshot file, a /dev/shm file, a hugetlbfs file)."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            with contextlib.suppress(OSError):  # the sweep reads it in order: let the kernel read ahead
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             return cls._checked(name, fd, page_size, path)
         except BaseException:
             os.close(fd)
@@ -142,6 +167,61 @@ class SourceBlock:
 
     def info(self) -> BlockInfo:
         return BlockInfo(name=self.name, length=self.length, page_size=self.page_size)
+
+    def holes(self) -> RangeSet:
+        """The pages the file holds no data in (SEEK_DATA/SEEK_HOLE), as page runs.
+
+        Found on the first call and cached: the file must not change while it
+        is served (see the module docstring).  A page partly data counts as data;
+        a filesystem that cannot tell reports no holes.
+        """
+        if self._holes is None:
+            self._holes = RangeSet(_hole_pages(self.fd, self.length, self.page_size))
+        return self._holes
+
+    def hole_bounds(self, first: int, count: int) -> tuple[int, ...]:
+        """The hole pages among ``count`` pages from ``first``, as bounds relative to ``first``."""
+        return tuple(bound - first for run in self.holes().intersection(first, first + count) for bound in run)
+
+    def check_size(self) -> None:
+        """The file still holds every page served (checked before a hole is sent as zeros).
+
+        Raises:
+            BlockReadError: it shrank.
+        """
+        try:
+            size = os.fstat(self.fd).st_size
+        except OSError as exc:
+            raise BlockReadError(exc.errno, f"{self._where()}: fstat failed: {exc.strerror}") from exc
+        if size < self.length:
+            raise BlockReadError(self._shrunk(size))
+
+    def read_data(self, view: memoryview, first: int, holes: tuple[int, ...]) -> int:
+        """Fill ``view`` with the pages from page ``first`` on, reading only the pages
+        outside ``holes`` (bounds relative to ``first``) and zeroing the others.
+
+        Returns:
+            The bytes read from the file.
+
+        Raises:
+            BlockReadError: as :meth:`read_into`.
+        """
+        if not holes:
+            self.read_into(view, first)
+            return len(view)
+        size, page, done = self.page_size, 0, 0
+        count = len(view) // size
+        for i in range(0, len(holes) + 2, 2):
+            low, high = (holes[i], holes[i + 1]) if i < len(holes) else (count, count)
+            if low > page:
+                self.read_into(view[page * size:low * size], first + page)
+                done += (low - page) * size
+            if high > low:
+                view[low * size:high * size] = _ZEROS[:(high - low) * size]
+            page = high
+        if holes:
+            self.check_size()
+        return done
 
     def read_into(self, view: memoryview, first: int) -> None:
         """Fill ``view`` with the pages from page ``first`` on.
@@ -177,9 +257,39 @@ class SourceBlock:
             self.fd = -1
 
 
+def _hole_pages(fd: int, length: int, page_size: int) -> list[tuple[int, int]]:
+    """Page runs of the first ``length`` bytes of ``fd`` that hold no data (SEEK_DATA)."""
+    pages, holes, page = length // page_size, [], 0
+    while page < pages:
+        try:
+            data = os.lseek(fd, page * page_size, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data from here to the end
+                holes.append((page, pages))
+                break
+            return []  # the filesystem cannot tell: no holes
+        start = data // page_size
+        if start > page:
+            holes.append((page, min(start, pages)))
+        if start >= pages:
+            break
+        try:
+            end = os.lseek(fd, data, os.SEEK_HOLE)
+        except OSError:
+            return []
+        page = -(-end // page_size)
+    return holes
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class SourceReport:
-    """What the source did for one destination session."""
+    """What the source did for one destination session.
+
+    ``bytes_read`` is what was read from the block files, ``pages_hole`` the
+    pages sent as zeros from a file's holes without reading them.  From an
+    earlier copy: ``pages_compared`` pages of the destination's copy were
+    compared by digest, ``pages_changed`` of them differed (and were sent).
+    """
 
     session_id: str | None
     complete: bool
@@ -189,6 +299,10 @@ class SourceReport:
     bytes_sent: int
     connections: int
     sessions_released: int = 0
+    bytes_read: int = 0
+    pages_hole: int = 0
+    pages_compared: int = 0
+    pages_changed: int = 0
 
 
 class _RunBuffer:
@@ -402,7 +516,8 @@ class PostcopySource:
         self._lease_timer: asyncio.TimerHandle | None = None
         self._server: asyncio.AbstractServer | None = None
         self._done: asyncio.Future[SourceReport] = self._loop.create_future()
-        self._counts = dict.fromkeys(("urgent", "background", "zero", "bytes", "connections"), 0)
+        self._counts = dict.fromkeys(("urgent", "background", "zero", "bytes", "connections", "read", "hole",
+                                     "compared", "changed"), 0)
         self._released = 0
         self._zero_page = {b.page_size: bytes(b.page_size) for b in blocks}
         self._sweep_open = threading.Event()  # cleared by hold_sweep(): only requested pages go
@@ -418,7 +533,8 @@ class PostcopySource:
         return cls([SourceBlock.from_path(name, path) for name, path in paths.items()], config=config)
 
     def _new_session(self) -> SourceSession:
-        return SourceSession(blocks=[b.info() for b in self._blocks], config=self._config)
+        return SourceSession(blocks=[b.info() for b in self._blocks], config=self._config,
+                             holes=[list(b.holes()) for b in self._blocks])
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -597,7 +713,7 @@ class PostcopySource:
             self._drop(conn)
         with self._lock:
             self._session = self._new_session()
-            self._counts.update(urgent=0, background=0, zero=0, bytes=0)
+            self._counts.update(urgent=0, background=0, zero=0, bytes=0, read=0, hole=0, compared=0, changed=0)
         self._released += 1
 
     def _destination_error(self, session: SourceSession, msg: Error) -> None:
@@ -628,7 +744,9 @@ class PostcopySource:
         c = self._counts
         return SourceReport(session_id=self._session.session_id, complete=complete, pages_urgent=c["urgent"],
                             pages_background=c["background"], pages_zero=c["zero"], bytes_sent=c["bytes"],
-                            connections=c["connections"], sessions_released=self._released)
+                            connections=c["connections"], sessions_released=self._released,
+                            bytes_read=c["read"], pages_hole=c["hole"], pages_compared=c["compared"],
+                            pages_changed=c["changed"])
 
     # -- the urgent channel's thread -------------------------------------------
 
@@ -666,13 +784,18 @@ class PostcopySource:
             conn.closed = True  # read no more: the destination closes after an Error
             return
         runs: list[PageRun] = []
+        comparisons: list[Digests] = []
         with self._lock:
             conn.session.message_received(URGENT, msg, time.monotonic())
             frames = self._drain_locked(conn.session)
             while (run := conn.session.next_urgent()) is not None:
                 runs.append(run)
+            while (digests := conn.session.next_comparison()) is not None:
+                comparisons.append(digests)
         if frames:
             conn.send_or_drop(frames)
+        for digests in comparisons:
+            self._send_changed(conn, digests, staging)
         if trace.ENABLED and type(msg) is Request:
             for run in msg.runs:
                 trace.mark("src-request", run.block, run.first)
@@ -768,6 +891,30 @@ class PostcopySource:
         while conn.outbox:
             conn.send([conn.outbox.popleft()])
 
+    # -- from an earlier copy ------------------------------------------------------
+
+    def _send_changed(self, conn: _Conn, msg: Digests, staging: _RunBuffer) -> None:
+        """Answer a destination's Digests with Changed: digest our own pages of its run (holes
+        without reading them) and name those whose digest differs."""
+        block = self._blocks[msg.block]
+        size, count = block.page_size, len(msg.digests)
+        holes = block.hole_bounds(msg.first, count)
+        if holes == (0, count):
+            block.check_size()
+            ours, read = [zero_digest(size)] * count, 0
+        else:
+            view = memoryview(staging.take(count * size))[: count * size]
+            read = block.read_data(view, msg.first, holes)
+            ours = page_digests(view, size, count)
+        changed = changed_bounds(msg.digests, ours)
+        with self._lock:
+            if conn.session is self._session:
+                c = self._counts
+                c["read"] += read
+                c["compared"] += count
+                c["changed"] += bounds_total(changed)
+        conn.send_or_drop([encode(Changed(block=msg.block, first=msg.first, count=count, changed=changed))])
+
     # -- sending a run -----------------------------------------------------------
 
     def _send_run(self, conn: _Conn, run: PageRun, staging: _RunBuffer) -> None:
@@ -775,15 +922,22 @@ class PostcopySource:
         ``zeros`` names the zero pages and whose payload holds the others, packed together."""
         block = self._blocks[run.block]
         size = block.page_size
-        buffer = staging.take(run.count * size)
-        view = memoryview(buffer)[: run.count * size]
-        block.read_into(view, run.first)
-        zeros = _zero_bounds(buffer, self._zero_page[size], 0, run.count, size)
+        holes = block.hole_bounds(run.first, run.count)
+        if holes == (0, run.count):  # a hole of a sparse file: zeros, nothing to read
+            block.check_size()
+            view, zeros, read = memoryview(b""), holes, 0
+        else:
+            buffer = staging.take(run.count * size)
+            view = memoryview(buffer)[: run.count * size]
+            read = block.read_data(view, run.first, holes)
+            zeros = _zero_bounds(buffer, self._zero_page[size], 0, run.count, size)
         zero = bounds_total(zeros)
         nbytes = (run.count - zero) * size
         with self._lock:  # before sending: the destination's Ack for these bytes may come back at once
             if conn.session is self._session:
                 c = self._counts
+                c["read"] += read
+                c["hole"] += bounds_total(holes)
                 c["zero"] += zero
                 c["urgent" if conn.channel is URGENT else "background"] += run.count - zero
                 c["bytes"] += nbytes

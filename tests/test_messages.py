@@ -8,8 +8,8 @@ import pytest
 
 from aiopostcopy.errors import LocalProtocolError
 from aiopostcopy.messages import (
-    LIMITS, MESSAGE_TYPES, Ack, Accept, BlockInfo, Blocks, Bye, Channel, ClientHello, ClientMode,
-    ClientRequest, Complete, Discard, Done, End, Error, ErrorCode, Hello, PageRun, Pages, Ping,
+    LIMITS, MESSAGE_TYPES, Ack, Accept, BlockInfo, Blocks, Bye, Changed, Channel, ClientHello, ClientMode,
+    ClientRequest, Complete, Digests, Discard, Done, End, Error, ErrorCode, Hello, PageRun, Pages, Ping,
     Placed, Pong, Register, Reject, Request, Resume, Role, Zero,
 )
 
@@ -42,6 +42,8 @@ GOOD = {
     Placed: dict(runs=(RUN,)),
     End: dict(complete=False),
     Bye: dict(),
+    Digests: dict(block=0, first=(1 << 46) - LIMITS.max_digests, digests=(0, (1 << 64) - 1) * (LIMITS.max_digests // 2)),
+    Changed: dict(block=0, first=7, count=LIMITS.max_digests, changed=(0, 1, 5, LIMITS.max_digests)),
 }
 
 #: (class, field, bad value): each must raise LocalProtocolError
@@ -86,6 +88,12 @@ BAD = [
     (Reject, "code", None), (Reject, "text", "\ud800"),
     (ClientRequest, "runs", ()), (Placed, "runs", ()), (Placed, "runs", (None,)),
     (End, "complete", 1), (End, "complete", None),
+    (Digests, "digests", ()), (Digests, "digests", (0,) * (LIMITS.max_digests + 1)), (Digests, "digests", [1]),
+    (Digests, "digests", (-1,)), (Digests, "digests", (1 << 64,)), (Digests, "digests", (1.0,)),
+    (Digests, "digests", (True,)), (Digests, "first", 1 << 46), (Digests, "block", LIMITS.max_blocks),
+    (Changed, "count", 0), (Changed, "count", LIMITS.max_digests + 1), (Changed, "changed", (1,)),
+    (Changed, "changed", (2, 1)), (Changed, "changed", (0, 1, 1, 2)), (Changed, "changed", (0, LIMITS.max_digests + 1)),
+    (Changed, "changed", [0, 1]), (Changed, "changed", (0, True)), (Changed, "changed", None),
 ]
 
 

@@ -87,6 +87,7 @@ class DestinationSession:
         self._placed = self._total = 0
         self._complete, self._aborted = False, None
         self._count = Counters()
+        self.features: tuple[str, ...] = ()  #: named in our Hellos (e.g. from-copy)
         self._handlers = {m.Pages: self._on_data, m.Zero: self._on_data, m.Discard: self._on_discard,
                           **dict.fromkeys((m.Done, m.Error, m.Ping, m.Pong), self._on_control)}
 
@@ -95,7 +96,7 @@ class DestinationSession:
     def hello(self, channel: m.Channel) -> m.Hello:
         """Our Hello for a (re)connecting channel."""
         return m.Hello(version=m.PROTOCOL_VERSION, session_id=self.session_id,
-                       role=m.Role.DESTINATION, channel=channel)
+                       role=m.Role.DESTINATION, channel=channel, features=self.features)
 
     def commands(self) -> list[Command]:
         """Commands to carry out, in order (drains)."""

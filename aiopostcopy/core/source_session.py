@@ -15,6 +15,12 @@ messages and asks it, whenever a channel can take more, for the next run:
   likely next).  It pauses while ``background_window_bytes`` are
   unacknowledged and queues Done once everything has gone.
 
+Holes: a block may come with the page runs its file is known to hold no data
+in (a sparse snapshot's holes, from SEEK_DATA/SEEK_HOLE).  The sweep hands a
+hole out as one run as long as a Zero frame allows (no read, no payload) and
+ends a data run where the next hole begins, so that the server reads data
+runs whole and never reads a hole.
+
 The server reads the page bytes itself, splits each run into zero and
 non-zero sub-runs, sends Zero/Pages, and reports :meth:`~SourceSession.sent`
 (payload bytes; zero runs count 0).  Drain :meth:`~SourceSession.messages_to_send`
@@ -27,6 +33,13 @@ the destination may have missed are repeated after the next Resume (see
 :mod:`aiopostcopy.core.discards`).  Discards belong to the start of
 postcopy (QEMU's discard phase): one sent late can cross the destination's
 Complete, which the destination rejects as a protocol error.
+
+Starting from an earlier copy (feature ``from-copy``): a destination whose
+Hello names the feature holds an earlier copy of the memory.  Its Digests
+are queued for the server (:meth:`~SourceSession.next_comparison`), which
+hashes its own pages and answers Changed; the sweep is held until the
+session's first Resume, which tells which pages of the copy the destination
+kept (the unchanged ones): only the others are ever sent.
 
 Sessions: the first destination Hello fixes the session id (or the one
 given).  A Hello with another id while it runs is refused with
@@ -47,6 +60,7 @@ from collections.abc import Sequence
 
 from aiopostcopy import messages as m
 from aiopostcopy.core.config import WINDOW_FEATURE, SourceConfig
+from aiopostcopy.core.digests import FROM_COPY_FEATURE
 from aiopostcopy.core.discards import DiscardTracker
 from aiopostcopy.core.ramblock import BlockTable
 from aiopostcopy.core.rangeset import RangeSet
@@ -57,7 +71,9 @@ __all__ = ["SourceConfig", "SourceSession"]
 
 URGENT, BACKGROUND = m.Channel.URGENT, m.Channel.BACKGROUND
 #: the one channel each of these messages may arrive on (docs/protocol.md, section 4.1)
-_ONLY_ON = {m.Request: URGENT, m.Resume: URGENT, m.Complete: URGENT, m.Ack: BACKGROUND}
+_ONLY_ON = {m.Request: URGENT, m.Resume: URGENT, m.Complete: URGENT, m.Ack: BACKGROUND, m.Digests: URGENT}
+#: the longest run a Zero frame names (its count field)
+MAX_ZERO_RUN = 1 << 32
 
 
 @dataclasses.dataclass(slots=True)
@@ -80,10 +96,13 @@ class SourceSession:
         blocks: the memory served, in protocol order.
         session_id: accept only this session, or None for the first that says Hello.
         config: tuning; defaults to ``SourceConfig()``.
+        holes: per block, ``(start, stop)`` page runs known to be all zero without
+            reading them (a sparse file's holes); the sweep sends each as Zero runs.
     """
 
     def __init__(self, *, blocks: Sequence[m.BlockInfo], session_id: str | None = None,
-                 config: SourceConfig | None = None) -> None:
+                 config: SourceConfig | None = None,
+                 holes: Sequence[Sequence[tuple[int, int]]] | None = None) -> None:
         self.blocks = BlockTable.from_infos(blocks)
         self.config = config if config is not None else SourceConfig()
         self.session_id = session_id
@@ -91,8 +110,14 @@ class SourceSession:
         self._open: set[m.Channel] = set()
         self._queue: list[tuple[m.Channel, m.Message]] = []
         self._sent = [RangeSet() for _ in self.blocks]
+        self._holes = [RangeSet(runs) for runs in holes] if holes is not None else [RangeSet() for _ in self.blocks]
+        if len(self._holes) != len(self.blocks):
+            raise ValueError(f"holes for {len(self._holes)} blocks, but {len(self.blocks)} blocks")
         self._discards = DiscardTracker(len(self.blocks))
         self._urgent: deque[m.PageRun] = deque()
+        self._comparisons: deque[m.Digests] = deque()
+        self._copy_pending = False  # from-copy: the sweep waits for the first Resume
+        self._resumed = False
         self._cursor = (0, 0)
         self._unacked = self._background_pages = 0
         self._done_sent = self.complete = self.aborted = False
@@ -102,7 +127,8 @@ class SourceSession:
         self._count = _Counts()
         self._handlers = {m.Request: self._on_request, m.Resume: self._on_resume,
                           m.Ack: self._on_ack, m.Complete: self._on_complete,
-                          m.Ping: self._on_ping, m.Pong: self._on_pong, m.Error: self._on_error}
+                          m.Ping: self._on_ping, m.Pong: self._on_pong, m.Error: self._on_error,
+                          m.Digests: self._on_digests}
 
     # ------------------------------------------------------------ messages in
 
@@ -147,9 +173,12 @@ class SourceSession:
         if channel is BACKGROUND:
             self._unacked = self._background_pages = 0
             self._done_sent = False
+        if FROM_COPY_FEATURE in msg.features and not self._resumed:
+            self._copy_pending = True
         window = f"{WINDOW_FEATURE}{self.config.background_window_bytes}"
         self._queue.append((channel, m.Hello(version=m.PROTOCOL_VERSION, session_id=msg.session_id,
-                                             role=m.Role.SOURCE, channel=channel, features=(window,),
+                                             role=m.Role.SOURCE, channel=channel,
+                                             features=(window, FROM_COPY_FEATURE),
                                              blocks=self.blocks.infos())))
 
     def _reject(self, text: str, code: str) -> RemoteProtocolError:
@@ -178,12 +207,21 @@ class SourceSession:
             self.blocks.check_run(run.block, run.first, run.count)
         self._sent = received
         self._urgent = deque(msg.pending)
+        self._comparisons.clear()
+        self._copy_pending, self._resumed = False, True
         self._count.resumes += 1
         self._done_sent = False
         for block, start, stop in self._discards.replay(received):
             self._queue_discard(block, start, stop)
         if msg.pending:
             self._cursor = (msg.pending[0].block, msg.pending[0].stop)
+
+    def _on_digests(self, channel: m.Channel, msg: m.Digests) -> None:
+        if not self._copy_pending:
+            raise RemoteProtocolError("Digests outside a from-copy comparison (the destination's Hello did not "
+                                      "name from-copy, or its Resume came already)")
+        self.blocks.check_run(msg.block, msg.first, len(msg.digests))
+        self._comparisons.append(msg)
 
     def _on_ack(self, channel: m.Channel, msg: m.Ack) -> None:
         self._unacked = max(0, self._unacked - msg.nbytes)
@@ -214,6 +252,8 @@ class SourceSession:
     def connection_lost(self, channel: m.Channel, now: float) -> None:
         """A channel broke: drop what was queued for it; wait for Hello and Resume."""
         self._open.discard(channel)
+        if channel is URGENT:
+            self._comparisons.clear()  # the destination sends them again, or gives the copy up
         self._queue = [(ch, msg) for ch, msg in self._queue if ch is not channel]
         self._discards.lost(channel)
         if channel is BACKGROUND:
@@ -255,13 +295,19 @@ class SourceSession:
         self._count.pages_sent_urgent += run.count
         return run
 
+    def next_comparison(self) -> m.Digests | None:
+        """The next Digests for the server to answer with Changed (urgent channel), or None."""
+        if not self._comparisons or URGENT not in self._open or self.complete or self.aborted:
+            return None
+        return self._comparisons.popleft()
+
     def next_background(self) -> m.PageRun | None:
         """The next sweep run for the background channel, or None.
 
         None when the channel is closed, the window is full, or every page
         has been handed out (then Done is queued, once).
         """
-        if BACKGROUND not in self._open or self.complete or self.aborted:
+        if BACKGROUND not in self._open or self.complete or self.aborted or self._copy_pending:
             return None
         if self._unacked >= self.config.background_window_bytes:
             return None
@@ -272,11 +318,22 @@ class SourceSession:
                 self._queue.append((BACKGROUND, m.Done(pages=self._background_pages)))
             return None
         block, start, stop = gap
-        stop = min(stop, start + self.config.background_run_pages, start + self._limits[block])
+        stop = self._clip_sweep_run(block, start, stop)
         self._sent[block].add(start, stop)
         self._cursor = (block, stop)
         self._count.pages_sent_background += stop - start
         return m.PageRun(block=block, first=start, count=stop - start)
+
+    def _clip_sweep_run(self, block: int, start: int, stop: int) -> int:
+        """Where a sweep run from ``start`` ends: a hole goes whole (up to a Zero frame's
+        count), data up to the run length, the frame's limits, or the next hole."""
+        holes = self._holes[block]
+        if start in holes:
+            hole_end = holes.first_gap_from(start, self.blocks[block].pages)
+            return min(stop, hole_end[0] if hole_end is not None else stop, start + MAX_ZERO_RUN)
+        stop = min(stop, start + self.config.background_run_pages, start + self._limits[block])
+        ahead = holes.intersection(start, stop)
+        return ahead[0][0] if ahead else stop
 
     def _next_gap(self) -> tuple[int, int, int] | None:
         """First unsent run at or after the cursor, wrapping around once."""
@@ -311,6 +368,7 @@ class SourceSession:
 
     def _queue_discard(self, block: int, start: int, stop: int) -> None:
         self._sent[block].subtract(start, stop)
+        self._holes[block].subtract(start, stop)  # the memory changed: read these pages
         self._queue.extend(self._discards.issue(block, start, stop, self._open))
         self._done_sent = False
 

@@ -19,6 +19,12 @@ them (SEEK_DATA) and the session resumes the source session for the rest.
 hugetlbfs cannot say which pages a file holds: an adopted hugetlbfs block is
 emptied (punched) and migrates again whole.
 
+Starting from an earlier copy (``from_copy``): a block file left under its
+final name by an earlier, completed migration (or a ``.partial`` one) is
+renamed ``NAME.partial`` and taken over like an adopted file, but none of its
+pages counts as migrated until the source has compared them
+(:mod:`aiopostcopy.destination.fromcopy`); a block without a file is created.
+
 Discarded pages are dropped with fallocate(PUNCH_HOLE) on the backing object,
 which works for shmem and hugetlbfs alike (madvise(DONTNEED) on a shared
 mapping only drops this process's page-table entries and keeps the page).
@@ -87,12 +93,16 @@ class BlockMemory:
         self.table = BlockTable([RAMBlock.from_info(b.info) for b in blocks])
 
     @classmethod
-    def create(cls, infos: Sequence[BlockInfo], block_dir: str | None, *, adopt: bool = False) -> "BlockMemory":
+    def create(cls, infos: Sequence[BlockInfo], block_dir: str | None, *, adopt: bool = False,
+               from_copy: bool = False) -> "BlockMemory":
         """Create and map the backing of every block.
 
         Args:
             adopt: take over ``NAME.partial`` files an earlier destination of the
                 same migration left in ``block_dir`` (others are created).
+            from_copy: take over ``NAME`` (renamed ``NAME.partial``) or
+                ``NAME.partial`` files holding an earlier copy (others are created);
+                their pages still have to be compared with the source.
 
         Raises:
             ConfigurationError: ``block_dir`` has no room for every block.
@@ -102,11 +112,14 @@ class BlockMemory:
                 or an adopted file has the wrong size or page size.
         """
         if block_dir is not None:
-            _check_room(infos, block_dir, adopt)
+            if from_copy:
+                for info in infos:
+                    _copy_to_partial(info, block_dir)
+            _check_room(infos, block_dir, adopt or from_copy)
         blocks: list[MappedBlock] = []
         try:
             for index, info in enumerate(infos):
-                blocks.append(_create_block(index, info, block_dir, adopt))
+                blocks.append(_create_block(index, info, block_dir, adopt or from_copy))
         except BaseException:
             for block in blocks:
                 _release(block, unlink=True)
@@ -204,6 +217,16 @@ def _create_block(index: int, info: BlockInfo, block_dir: str | None, adopt: boo
         shm.close()
         raise
     return MappedBlock(index=index, info=info, shm=shm, mapping=mapping, path=path, adopted=adopted)
+
+
+def _copy_to_partial(info: BlockInfo, block_dir: str) -> None:
+    """An earlier copy under the block's final name becomes its partial file (not yet verified)."""
+    final = os.path.join(block_dir, _file_name(info.name))
+    if not os.path.lexists(final):
+        return
+    if os.path.lexists(final + PARTIAL_SUFFIX):
+        raise FileExistsError(errno.EEXIST, "both a block file and its .partial exist: which is the copy?", final)
+    os.rename(final, final + PARTIAL_SUFFIX)
 
 
 def _check_room(infos: Sequence[BlockInfo], block_dir: str, adopt: bool) -> None:

@@ -69,8 +69,14 @@ class DestinationReport:
         """A JSON-ready dict."""
         data = dataclasses.asdict(self)
         data["verified"] = self.verified
+        data["pages_from_source"] = self.pages_from_source
         data["blocked_threads"] = [dataclasses.asdict(t) for t in self.blocked_threads]
         return data
+
+    @property
+    def pages_from_source(self) -> int:
+        """Pages placed from what the source sent (the others were here: an earlier copy, a crash's files)."""
+        return self.pages_placed - self.pages_adopted
 
     @property
     def verified(self) -> bool:
@@ -91,6 +97,10 @@ class DestinationReport:
             f"p99 {lat['p99']:.0f} max {lat['max']:.0f}",
             f"  {self.bytes_received / 1e6:.1f} MB in {self.duration_s:.2f} s = {self.goodput_gbps:.2f} Gbit/s",
         ]
+        if self.pages_adopted:
+            lines.append(f"  {self.pages_from_source} of {self.pages_total} pages came from the source; "
+                         f"{self.pages_adopted} were here already (an earlier copy, unchanged, or a crashed "
+                         "destination's files)")
         if self.integrity_pages:
             lines.append(f"  NOT VERIFIED: {self.integrity_pages} pages were found filled by someone else before the "
                          "service placed them (rewritten with the right bytes; a reader may have seen zeros)")

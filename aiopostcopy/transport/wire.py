@@ -51,7 +51,7 @@ import msgpack
 from aiopostcopy.errors import ProtocolError, RemoteProtocolError, LocalProtocolError
 from aiopostcopy.messages import (
     LIMITS, MESSAGE_TYPES, Ack, Accept, BlockInfo, Blocks, Bye, Channel, ClientHello, ClientMode,
-    ClientRequest, Complete, Discard, Done, End, Error, ErrorCode, Hello, Limits, Message, PageRun,
+    Changed, ClientRequest, Complete, Digests, Discard, Done, End, Error, ErrorCode, Hello, Limits, Message, PageRun,
     Pages, Ping, Placed, Pong, Register, Reject, Request, Resume, Role, Zero,
 )
 
@@ -111,6 +111,8 @@ _FIELDS_OUT: dict[type, Callable[[Any], tuple]] = {
     Placed: lambda m: (_runs_out(m.runs),),
     End: lambda m: (m.complete,),
     Bye: lambda m: (),
+    Digests: lambda m: (m.block, m.first, m.digests),
+    Changed: lambda m: (m.block, m.first, m.count, m.changed),
 }
 
 
@@ -216,6 +218,8 @@ _BUILD: dict[int, Callable[[tuple], Message]] = {
     Placed.TYPE: lambda f: Placed(runs=_runs_in(f[1])),
     End.TYPE: lambda f: End(complete=f[1]),
     Bye.TYPE: lambda f: Bye(),
+    Digests.TYPE: lambda f: Digests(block=f[1], first=f[2], digests=f[3]),
+    Changed.TYPE: lambda f: Changed(block=f[1], first=f[2], count=f[3], changed=f[4]),
 }
 
 #: first header byte of each type: a fixarray of 1 + number of fields
@@ -252,6 +256,7 @@ def header_budget(cls: type, limits: Limits = LIMITS) -> int:
         ClientHello: 2 * i + name + enum, Blocks: name + a + limits.max_blocks * block,
         Register: a + limits.max_blocks * (1 + 4 * i), Accept: 0, Reject: enum + s(limits.max_text),
         ClientRequest: runs, Placed: runs, End: 1, Bye: 0,
+        Digests: 2 * i + a + limits.max_digests * i, Changed: 3 * i + a + (limits.max_digests + 1) * i,
     }[cls]
     return min(limits.max_header, 2 + body)
 
@@ -263,9 +268,9 @@ def _budgets(limits: Limits) -> dict[int, int]:
 
 _BOTH: Final = frozenset({Hello, Ping, Pong, Error})
 _MIGRATION_ALLOWED: Final = {
-    (Role.SOURCE, Channel.URGENT): _BOTH | {Request, Resume, Complete},
+    (Role.SOURCE, Channel.URGENT): _BOTH | {Request, Resume, Complete, Digests},
     (Role.SOURCE, Channel.BACKGROUND): _BOTH | {Ack},
-    (Role.DESTINATION, Channel.URGENT): _BOTH | {Pages, Zero, Discard},
+    (Role.DESTINATION, Channel.URGENT): _BOTH | {Pages, Zero, Discard, Changed},
     (Role.DESTINATION, Channel.BACKGROUND): _BOTH | {Pages, Zero, Discard, Done},
 }
 

@@ -1,0 +1,151 @@
+"""A source serving a sparse memory snapshot: holes go as zero runs without being read.
+
+Real source process (``python -m aiopostcopy source``), real destination,
+every page of the result compared with the snapshot.  The source's report
+says how many bytes it read from the file (``bytes_read``) and how many pages
+it sent from holes (``pages_hole``): the holes must cost no read.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from aiopostcopy.loop import PostcopyDestination
+from aiopostcopy.messages import Channel, Complete, Error, ErrorCode, PageRun, Pages, Request, Zero
+from aiopostcopy.tools.pattern import expected_pages
+
+from e2e_support import bounded
+from source_peer import RawChannel, SourceWithLog
+
+PAGE = 4096
+GiB = 1 << 30
+
+
+def make_sparse_snapshot(path: str, size: int, data_runs: list[tuple[int, int]], *, seed: int) -> int:
+    """A sparse file of ``size`` bytes holding the pattern (zero pages included, written as
+    data) in ``data_runs`` page runs and holes elsewhere; returns the data bytes written."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for first, count in data_runs:
+            os.pwrite(f.fileno(), expected_pages(0, first, count, PAGE, seed=seed, zero_every=7), first * PAGE)
+    return sum(count for _, count in data_runs) * PAGE
+
+
+def spread_runs(pages: int, fraction: float, stretches: int) -> list[tuple[int, int]]:
+    """``stretches`` data runs, evenly spread, covering about ``fraction`` of ``pages``."""
+    step = pages // stretches
+    length = int(pages * fraction) // stretches
+    return [(i * step + (i * 37) % (step - length), length) for i in range(stretches)]
+
+
+def differing_pages(path_a: str, path_b: str, size: int, chunk: int = 16 << 20) -> list[int]:
+    """The pages whose bytes differ between two files (both read with pread, holes as zeros)."""
+    bad: list[int] = []
+    with open(path_a, "rb") as a, open(path_b, "rb") as b:
+        for offset in range(0, size, chunk):
+            left, right = os.pread(a.fileno(), chunk, offset), os.pread(b.fileno(), chunk, offset)
+            if left == right:
+                continue
+            for at in range(0, max(len(left), len(right)), PAGE):
+                if left[at:at + PAGE] != right[at:at + PAGE]:
+                    bad.append((offset + at) // PAGE)
+    return bad
+
+
+def loopback_wire_seconds(nbytes: int) -> float:
+    """Seconds a plain TCP stream takes to carry ``nbytes`` over loopback (the baseline)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    received = [0]
+
+    def sink() -> None:
+        conn, _ = server.accept()
+        buffer = bytearray(1 << 20)
+        with conn:
+            while n := conn.recv_into(buffer):
+                received[0] += n
+
+    thread = threading.Thread(target=sink)
+    thread.start()
+    payload = bytes(1 << 20)
+    began = time.monotonic()
+    with socket.create_connection(server.getsockname()) as client:
+        for _ in range(nbytes // len(payload)):
+            client.sendall(payload)
+    thread.join()
+    server.close()
+    return time.monotonic() - began
+
+
+@pytest.mark.asyncio
+async def test_a_one_gib_snapshot_of_90_percent_holes_migrates_without_reading_them(e2e) -> None:
+    seed, size = 2101, GiB
+    pages = size // PAGE
+    snapshot = os.path.join(e2e.workdir, "snap.raw")
+    data_bytes = make_sparse_snapshot(snapshot, size, spread_runs(pages, 0.10, 50), seed=seed)
+    assert os.stat(snapshot).st_blocks * 512 == data_bytes  # the holes really are holes
+    source = await SourceWithLog.start(e2e.procs, {"ram": snapshot})
+    began = time.monotonic()
+    async with PostcopyDestination(e2e.options(source.address, clients=False)) as dest:
+        report = await bounded(dest.wait_complete(), "the migration of the sparse snapshot")
+        seconds = time.monotonic() - began
+    result = await source.report()
+    bad = differing_pages(snapshot, os.path.join(e2e.block_dir, "ram"), size)
+
+    assert report.complete and report.pages_placed == pages, report.format()
+    assert bad == [], f"{len(bad)} pages differ, the first {bad[:10]}"
+    assert result["exit"] == 0 and result["complete"], result
+    hole_pages = pages - data_bytes // PAGE
+    assert result["bytes_read"] == data_bytes, result  # each data page read once, no hole read
+    assert result["pages_hole"] == hole_pages, result
+    assert result["bytes_sent"] < data_bytes, result  # the pattern's zero pages travel as markers
+    wire = loopback_wire_seconds(result["bytes_sent"])
+    print(f"sparse snapshot: {size >> 20} MiB image, {data_bytes >> 20} MiB data, {result['bytes_sent'] >> 20} MiB "
+          f"sent, migration {seconds:.3f} s, loopback wire time of the data {wire:.3f} s, "
+          f"ratio {seconds / wire:.2f}", file=sys.stderr)
+
+
+@pytest.mark.asyncio
+async def test_requests_inside_holes_are_answered_as_zero_without_reading(e2e) -> None:
+    seed, size = 2102, 16 << 20
+    snapshot = os.path.join(e2e.workdir, "snap.raw")
+    make_sparse_snapshot(snapshot, size, [(100, 8)], seed=seed)  # pages 100..107 hold data; 105 is a zero page
+    source = await SourceWithLog.start(e2e.procs, {"ram": snapshot})
+    urgent, _ = await RawChannel.open(source.address, Channel.URGENT, "holes")  # no background: no sweep
+    urgent.send(Request(runs=(PageRun(block=0, first=10, count=4),)))
+    zero = await urgent.next()
+    assert zero == Zero(block=0, first=10, count=4), zero
+    urgent.send(Request(runs=(PageRun(block=0, first=96, count=16),)))  # hole, data, hole
+    pages = await urgent.next()
+    assert isinstance(pages, Pages) and (pages.first, pages.count) == (96, 16), pages
+    expected = expected_pages(0, 100, 8, PAGE, seed=seed, zero_every=7)
+    zero_in_data = [i for i in range(8) if expected[i * PAGE:(i + 1) * PAGE] == bytes(PAGE)]
+    data = b"".join(expected[i * PAGE:(i + 1) * PAGE] for i in range(8) if i not in zero_in_data)
+    assert bytes(urgent.payloads[-1]) == data
+    urgent.send(Complete())
+    result = await source.report()
+    await urgent.close()
+    assert result["bytes_read"] == 8 * PAGE, result  # only the data pages of the second request
+    assert result["pages_hole"] == 4 + 8, result
+
+
+@pytest.mark.asyncio
+async def test_a_snapshot_truncated_under_its_holes_is_still_an_io_error(e2e) -> None:
+    size = 8 << 20
+    snapshot = os.path.join(e2e.workdir, "snap.raw")
+    make_sparse_snapshot(snapshot, size, [(0, 4)], seed=7)
+    source = await SourceWithLog.start(e2e.procs, {"ram": snapshot}, "--lease", "1")
+    urgent, _ = await RawChannel.open(source.address, Channel.URGENT, "shrinking")
+    os.truncate(snapshot, size // 2)  # the cached hole map still says "hole" past the new end
+    urgent.send(Request(runs=(PageRun(block=0, first=size // PAGE - 1, count=1),)))
+    error = await urgent.next_of(Error)
+    assert isinstance(error, Error) and error.code is ErrorCode.IO and "shrank" in error.text, error
+    await urgent.close()
+    assert source.proc.returncode is None, "the source died"
+    source.kill()
+    await source.proc.wait()
