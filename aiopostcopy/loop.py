@@ -54,6 +54,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import ssl
 import uuid
 import time
 from collections.abc import AsyncIterator, Callable
@@ -131,6 +132,11 @@ class DestinationOptions:
             (docs/control.md); None for none.
         max_bandwidth: cap of the background stream in bytes per second
             (None: no cap); urgent pages are never held back.
+        tls: open the channels over TLS with this client context, which must
+            require and check the source's certificate
+            (``aiopostcopy.transport.tls.TlsConfig.client_context()``); None: plain.
+        tls_server_name: the name the source's certificate must carry (default:
+            the host part of ``source``).
     """
 
     source: tuple[str, int] | str
@@ -144,6 +150,8 @@ class DestinationOptions:
     vhost_user: tuple[str, ...] = ()
     operator_path: str | None = None
     max_bandwidth: int | None = None
+    tls: ssl.SSLContext | None = None
+    tls_server_name: str | None = None
 
 
 class PostcopyDestination:
@@ -180,7 +188,8 @@ class PostcopyDestination:
         self._done: asyncio.Future[DestinationReport] = self._loop.create_future()
         self._source = SourceChannels(self._loop, options.source, _ChannelSink(self),
                                       reconnect_interval=options.reconnect_interval, deadline=options.source_deadline,
-                                      idle_timeout=options.source_idle_timeout)
+                                      idle_timeout=options.source_idle_timeout, tls=options.tls,
+                                      server_name=options.tls_server_name)
         self._pass_pending = False
         self._drains = 0  #: EAGAIN drains of our userfaultfd while placing (a placement's wake plan is void after one)
         self._timer: asyncio.TimerHandle | None = None
