@@ -25,6 +25,21 @@ writes, so frames never interleave.  The decisions (what to send next, the
 window, resume bookkeeping) live in the I/O-free
 :class:`~aiopostcopy.core.source_session.SourceSession`, used under one lock.
 
+TLS (``tls=``, docs/protocol.md "Transport"): the loop does the handshake in
+the greeter (:class:`_TlsGreeter`, an :class:`ssl.SSLObject` over memory BIOs,
+:class:`~aiopostcopy.transport.tls.ServerTls`); the connection then goes to its
+thread as a :class:`_TlsConn`, whose writers encrypt under the send lock and
+whose urgent reader decrypts what it receives, and the background reader
+decrypts in the loop.  The threads and their order of writes stay as they are;
+without TLS nothing of this runs (the plain :class:`_Conn` sends with
+``sendmsg`` and reads with ``recv_into`` as before).  A failed handshake, or a
+peer on the wrong side of TLS, is logged in one line naming the peer and the
+reason; that connection is closed and the source goes on serving.
+
+``max_bandwidth`` caps the sweep: a token bucket in the sender thread charged
+with each run's payload; the thread waits before its next run while the
+bucket is in debt.  Urgent replies are never charged or held.
+
 Blocks are read with ``preadv`` from their files, never touched through a
 mapping: a file that shrinks under the source is a short read, reported as
 :class:`BlockReadError` (logged, and an ``Error(io)`` to the destination on
