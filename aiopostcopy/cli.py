@@ -42,19 +42,22 @@ from typing import Any, NoReturn
 
 from aiopostcopy import trace
 from aiopostcopy.core.config import DestinationConfig, SourceConfig
-from aiopostcopy.errors import ConfigurationError, PostcopyError, SourceLostError, SourceUnreachableError
+from aiopostcopy.errors import (ConfigurationError, PostcopyError, SourceLostError, SourceUnreachableError,
+                                TlsHandshakeError)
 from aiopostcopy.loop import DestinationOptions, PostcopyDestination
 from aiopostcopy.source import BACKGROUND_SNDBUF, DEFAULT_LEASE, PostcopySource, SourceBlock
+from aiopostcopy.transport.tls import TlsConfig
 from aiopostcopy.tools.preflight import check_port, check_source_blocks, prepare_block_dir
 
 __all__ = ["main", "run", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_UNREACHABLE", "EXIT_CANCELLED",
-           "EXIT_INTERRUPTED"]
+           "EXIT_TLS", "EXIT_INTERRUPTED"]
 
 EXIT_OK = 0  #: the migration completed and verified (source: the destination said Complete)
 EXIT_FAILED = 1  #: the migration failed, was aborted, or did not verify
 EXIT_USAGE = 2  #: bad arguments or input, refused before any page moved
 EXIT_UNREACHABLE = 3  #: dest: the source could not be reached, or never completed its handshake
 EXIT_CANCELLED = 4  #: dest: the operator cancelled the migration (control socket ``cancel``)
+EXIT_TLS = 5  #: dest: the TLS handshake with the source failed (certificate, name, a peer without TLS)
 EXIT_INTERRUPTED = 130  #: SIGINT or SIGTERM
 
 EXIT_CODES = """exit status:
@@ -65,6 +68,8 @@ EXIT_CODES = """exit status:
        a stale block file, a busy port
   3    dest: the source could not be reached (see --wait) or never completed its handshake
   4    dest: cancelled by the operator (cancel on the --control socket, docs/control.md)
+  5    dest: the TLS handshake with the source failed: its certificate is not from --tls-ca
+       or does not carry its name, it refused ours, or one side runs without TLS
   130  interrupted (SIGINT or SIGTERM)"""
 
 log = logging.getLogger("aiopostcopy")
@@ -122,6 +127,37 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _tls_options(parser: argparse.ArgumentParser, *, dest: bool) -> None:
+    group = parser.add_argument_group("TLS with mutual authentication (all three, or none: plain TCP)")
+    peer = "the source" if dest else "the destination"
+    group.add_argument("--tls-cert", metavar="FILE", default=None, help="this side's certificate (PEM)")
+    group.add_argument("--tls-key", metavar="FILE", default=None, help="its private key (PEM, unencrypted)")
+    group.add_argument("--tls-ca", metavar="FILE", default=None,
+                       help=f"the CA that must have signed {peer}'s certificate (PEM)")
+    if dest:
+        group.add_argument("--tls-server-name", metavar="NAME", default=None,
+                           help="the name the source's certificate must carry (default: the host of --source)")
+
+
+def tls_context(args: argparse.Namespace, *, server: bool) -> Any:
+    """The ssl.SSLContext the TLS options ask for, or None without them.
+
+    Raises:
+        ConfigurationError: some but not all of them, or a file that cannot be used.
+    """
+    files = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
+    given = [name for name, path in files.items() if path]
+    if not given:
+        if getattr(args, "tls_server_name", None):
+            raise ConfigurationError("--tls-server-name needs --tls-cert, --tls-key and --tls-ca")
+        return None
+    if len(given) < len(files):
+        missing = ", ".join(name for name in files if name not in given)
+        raise ConfigurationError(f"TLS needs --tls-cert, --tls-key and --tls-ca: {missing} missing")
+    config = TlsConfig(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+    return config.server_context() if server else config.client_context()
+
+
 def _logging_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (debug)")
@@ -161,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--sweep-after-idle", type=_positive(float), default=None, metavar="SECONDS",
                      help="demand first: hold the background stream until pages were requested and then "
                           "none for SECONDS (benchmarks measure the demand path alone this way)")
+    src.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
+                     help="cap the background stream: bytes/s, optional k/M/G suffix (powers of 1000); "
+                          "replies to page requests are never held back")
+    _tls_options(src, dest=False)
     dst = sub.add_parser("dest", help="run the destination service", **role)
     dst.add_argument("--source", type=parse_address, required=True, help="HOST:PORT or socket path of the source")
     dst.add_argument("--block-dir", default=None,
@@ -182,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     dst.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
                      help="cap the background stream: bytes/s, optional k/M/G suffix (powers of 1000); "
                           "pages asked for by faults are never held back")
+    _tls_options(dst, dest=True)
     from aiopostcopy.tools.bench import add_bench_arguments
 
     add_bench_arguments(sub.add_parser("bench", help="measure against a C baseline over the shaped veth"))
@@ -299,6 +340,8 @@ def describe(exc: BaseException, args: argparse.Namespace) -> tuple[int, str]:
     """An exit status and one line naming the cause and the object."""
     if isinstance(exc, ConfigurationError):
         return EXIT_USAGE, str(exc)
+    if isinstance(exc, TlsHandshakeError):
+        return EXIT_TLS, str(exc)
     if isinstance(exc, _Unreachable):
         return EXIT_UNREACHABLE, str(exc)
     if isinstance(exc, SourceLostError):
@@ -376,10 +419,17 @@ async def source_main(args: argparse.Namespace, record: RunRecord) -> int:
         return record.finish(EXIT_INTERRUPTED, "interrupted")
     record.set_blocks([{"name": b.name, "size": b.length, "page_size": b.page_size, "path": path}
                        for b, (_, path) in zip(blocks, args.block)])
+    try:
+        tls = tls_context(args, server=True)
+    except ConfigurationError as exc:
+        for block in blocks:
+            block.close()
+        return record.finish(EXIT_USAGE, str(exc))
+    record.fields["tls"] = tls is not None
     trace.start("source")
     config = SourceConfig(background_window_bytes=args.window, background_run_pages=args.run_pages)
     source = PostcopySource(blocks, config=config, background_sndbuf=args.sndbuf or None, lease=args.lease,
-                            sweep_after_idle=args.sweep_after_idle)
+                            sweep_after_idle=args.sweep_after_idle, tls=tls, max_bandwidth=args.max_bandwidth)
     try:
         where = await _listen(source, args.listen)
         record.fields["listen"] = where
@@ -483,11 +533,16 @@ async def _dest_failed(record: RunRecord, dest: PostcopyDestination | None, bloc
 
 async def _start_dest(args: argparse.Namespace, record: RunRecord) -> PostcopyDestination:
     """Start a destination; with ``--wait``, retry an unreachable source until ``--deadline``."""
+    tls = tls_context(args, server=False)
+    if tls is not None and isinstance(args.source, str) and not args.tls_server_name:
+        raise ConfigurationError(f"TLS to the Unix socket {args.source} needs --tls-server-name (the name in the "
+                                 "source's certificate)")
+    record.fields["tls"] = tls is not None
     options = DestinationOptions(source=args.source, block_dir=args.block_dir, control_path=args.clients,
                                  from_copy=args.from_copy,
                                  source_deadline=args.deadline, session=DestinationConfig(),
                                  vhost_user=tuple(args.vhost_user), operator_path=args.control,
-                                 max_bandwidth=args.max_bandwidth)
+                                 max_bandwidth=args.max_bandwidth, tls=tls, tls_server_name=args.tls_server_name)
     give_up = time.monotonic() + args.deadline
     waited = False
     trace.start("dest")
@@ -498,6 +553,8 @@ async def _start_dest(args: argparse.Namespace, record: RunRecord) -> PostcopyDe
             return dest
         except (SourceLostError, asyncio.TimeoutError) as exc:
             await dest.close()
+            if isinstance(exc, TlsHandshakeError):  # no use waiting: the certificates must change
+                raise
             address = format_address(args.source)
             if isinstance(exc, asyncio.TimeoutError):
                 raise _Unreachable(f"source {address} accepted the connection but did not complete the "

@@ -145,6 +145,11 @@ class SourceUnreachableError(SourceLostError):
     ``__cause__`` holds the OSError."""
 
 
+class TlsHandshakeError(SourceLostError):
+    """The TLS handshake with the source failed: a certificate refused or not trusted, a name
+    that does not match, or a peer without TLS; ``__cause__`` holds the ssl.SSLError."""
+
+
 class MigrationAborted(PostcopyError):
     """The migration ended by explicit abort or deadline before every page arrived."""
 

@@ -66,6 +66,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import ssl
 import uuid
 import time
 from collections.abc import AsyncIterator, Callable
@@ -152,6 +153,11 @@ class DestinationOptions:
         from_copy: the block files in ``block_dir`` hold an earlier copy of the
             memory: only the pages the source says changed migrate (docs/protocol.md,
             section 4.10); no client is admitted before the comparison ends.
+        tls: open the channels over TLS with this client context, which must
+            require and check the source's certificate
+            (``aiopostcopy.transport.tls.TlsConfig.client_context()``); None: plain.
+        tls_server_name: the name the source's certificate must carry (default:
+            the host part of ``source``).
     """
 
     source: tuple[str, int] | str
@@ -166,6 +172,8 @@ class DestinationOptions:
     operator_path: str | None = None
     max_bandwidth: int | None = None
     from_copy: bool = False
+    tls: ssl.SSLContext | None = None
+    tls_server_name: str | None = None
 
 
 class PostcopyDestination:
@@ -208,7 +216,8 @@ class PostcopyDestination:
         self._done: asyncio.Future[DestinationReport] = self._loop.create_future()
         self._source = SourceChannels(self._loop, options.source, _ChannelSink(self),
                                       reconnect_interval=options.reconnect_interval, deadline=options.source_deadline,
-                                      idle_timeout=options.source_idle_timeout)
+                                      idle_timeout=options.source_idle_timeout, tls=options.tls,
+                                      server_name=options.tls_server_name)
         self._pass_pending = False
         self._drains = 0  #: EAGAIN drains of our userfaultfd while placing (a placement's wake plan is void after one)
         self._timer: asyncio.TimerHandle | None = None

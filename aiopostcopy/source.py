@@ -25,6 +25,21 @@ writes, so frames never interleave.  The decisions (what to send next, the
 window, resume bookkeeping) live in the I/O-free
 :class:`~aiopostcopy.core.source_session.SourceSession`, used under one lock.
 
+TLS (``tls=``, docs/protocol.md "Transport"): the loop does the handshake in
+the greeter (:class:`_TlsGreeter`, an :class:`ssl.SSLObject` over memory BIOs,
+:class:`~aiopostcopy.transport.tls.ServerTls`); the connection then goes to its
+thread as a :class:`_TlsConn`, whose writers encrypt under the send lock and
+whose urgent reader decrypts what it receives, and the background reader
+decrypts in the loop.  The threads and their order of writes stay as they are;
+without TLS nothing of this runs (the plain :class:`_Conn` sends with
+``sendmsg`` and reads with ``recv_into`` as before).  A failed handshake, or a
+peer on the wrong side of TLS, is logged in one line naming the peer and the
+reason; that connection is closed and the source goes on serving.
+
+``max_bandwidth`` caps the sweep: a token bucket in the sender thread charged
+with each run's payload; the thread waits before its next run while the
+bucket is in debt.  Urgent replies are never charged or held.
+
 Blocks are read with ``preadv`` from their files, never touched through a
 mapping: a file that shrinks under the source is a short read, reported as
 :class:`BlockReadError` (logged, and an ``Error(io)`` to the destination on
@@ -66,6 +81,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -94,7 +110,9 @@ from aiopostcopy.messages import (
     Role,
     Zero,
 )
+from aiopostcopy.destination.operator import TokenBucket
 from aiopostcopy.transport.stream import set_nodelay
+from aiopostcopy.transport.tls import ServerTls, check_context, describe_tls_error, looks_like_tls
 from aiopostcopy.transport.wire import (
     CONNECTION_CLOSED,
     Decoder,
@@ -117,6 +135,7 @@ BACKGROUND_SNDBUF = 128 << 10
 _SEND_TIMEOUT = 60.0  #: a peer that takes no data for this long is gone
 _HELLO_BUDGET = header_budget(Hello)
 _JOIN_TIMEOUT = 5.0
+_REFUSAL_REPEAT = 2.0  #: seconds in which the same refusal of the same host is logged once
 _PACK = msgpack.Packer(use_bin_type=True).pack  # one per process is safe: pack() of ints never releases the GIL
 _ZEROS = memoryview(bytes(LIMITS.max_payload))  #: copied over the hole pages of a run that is read in part
 
@@ -333,6 +352,7 @@ class _Conn:
         # urgent: blocking (the loop no longer reads it); background: the loop reads it, so it stays
         # non-blocking and sends wait in poll()
         self.sock.settimeout(None if channel is Channel.URGENT else _SEND_TIMEOUT)
+        self.recv_into = self.sock.recv_into  #: the urgent thread reads requests with this
         self.lock = threading.Lock()
         self.outbox: deque[bytes] = deque()  # background frames, written by the sender thread
         self.wake = threading.Event()
@@ -377,6 +397,32 @@ class _Conn:
             self.sock.close()
 
 
+class _TlsConn(_Conn):
+    """A channel's connection over TLS: the same threads, each encrypting what it sends and
+    decrypting what it reads on the raw socket, through the connection's :class:`ServerTls`."""
+
+    def __init__(self, channel: Channel, transport: asyncio.Transport, session: SourceSession,
+                 tls: ServerTls) -> None:
+        super().__init__(channel, transport, session)
+        self.tls = tls
+        self.recv_into = self._recv_into  # type: ignore[method-assign]
+
+    def send(self, buffers: list[bytes | memoryview | bytearray]) -> None:
+        with self.lock:
+            if self.closed:
+                raise ConnectionAbortedError("connection closed")
+            _sendmsg_all(self.sock, [self.tls.encrypt(buffers)])
+
+    def _recv_into(self, view: memoryview) -> int:
+        """Plaintext into ``view`` (blocking): 0 at the end of the stream."""
+        while (n := self.tls.read_into(view)) is None:
+            data = self.sock.recv(65536)
+            if not data:
+                return 0
+            self.tls.feed(data)
+        return n
+
+
 def _sendmsg_all(sock: socket.socket, buffers: list[bytes | memoryview | bytearray]) -> None:
     while True:
         sent = sock.sendmsg(buffers)
@@ -402,6 +448,8 @@ class _Greeter(asyncio.Protocol):
         set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
+        if not self._plain(data):
+            return
         self._data += data
         if len(self._data) < 4:
             return
@@ -415,12 +463,92 @@ class _Greeter(asyncio.Protocol):
             if type(hello) is not Hello:
                 raise RemoteProtocolError("the first message on a connection must be Hello")
         except RemoteProtocolError as exc:
-            return _refuse(self._transport, exc)
+            return _refuse(self._transport, exc, getattr(self, "_tls", None))
         self._transport.pause_reading()
-        self._source._greeted(self._transport, hello, bytes(self._data[4 + size:]))
+        self._handed_over(hello, bytes(self._data[4 + size:]))
+
+    def _handed_over(self, hello: Hello, rest: bytes) -> None:
+        self._source._greeted(self._transport, hello, rest)
 
     def eof_received(self) -> bool:
         return False
+
+    def _plain(self, data: bytes) -> bool:
+        """The first bytes from a plain destination; False (and refused) if they open a TLS handshake."""
+        if self._data or not looks_like_tls(data):
+            return True
+        self._source._refused(self._transport, "it opened a TLS handshake, but this source does not use TLS "
+                                               "(start it with --tls-cert, --tls-key and --tls-ca)")
+        _refuse(self._transport, RemoteProtocolError("this source does not use TLS"))  # the peer: not TLS
+        return False
+
+
+class _TlsGreeter(_Greeter):
+    """The TLS handshake with the destination, then its Hello (decrypted), as :class:`_Greeter`.
+
+    A peer that does not open with a TLS handshake is answered with a plain
+    Error frame (a destination without TLS can read it); a failed handshake
+    sends the TLS alert.  Either way the source logs one line naming the peer
+    and the cause, closes that connection and goes on serving.
+    """
+
+    def __init__(self, source: "PostcopySource", context: ssl.SSLContext) -> None:
+        super().__init__(source)
+        self._tls = ServerTls(context)
+        self._started = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport.is_closing():
+            return
+        if not self._started:
+            self._started = True
+            if not looks_like_tls(data):
+                return self._not_tls()
+        if not self._tls.handshake_done:
+            try:
+                reply = self._tls.handshake(data)
+            except ssl.SSLError as exc:
+                return self._failed(exc)
+            if reply:
+                self._transport.write(reply)
+            if not self._tls.handshake_done:
+                return
+            data = b""
+        try:
+            plain = self._tls.decrypt(data)
+        except ssl.SSLError as exc:
+            return self._failed(exc)
+        if plain:
+            super().data_received(plain)
+
+    def _plain(self, data: bytes) -> bool:
+        return True  # plaintext, after the handshake
+
+    def _handed_over(self, hello: Hello, rest: bytes) -> None:
+        if self._transport.get_write_buffer_size():  # never with the source's contexts: see TlsConfig
+            self._source._refused(self._transport, "TLS data still queued after the handshake")
+            return self._transport.close()
+        self._source._greeted(self._transport, hello, rest, self._tls)
+
+    def _not_tls(self) -> None:
+        self._source._refused(self._transport, "it did not open a TLS handshake (a destination without --tls-cert?)")
+        self._transport.write(encode(Error(code=ErrorCode.PROTOCOL, text="this source requires TLS with a client "
+                                           "certificate (--tls-cert, --tls-key, --tls-ca)")))
+        self._transport.close()
+
+    def _failed(self, exc: ssl.SSLError) -> None:
+        self._source._refused(self._transport, f"TLS handshake failed: {describe_tls_error(exc)}")
+        alert = self._tls.pending()
+        if alert:
+            self._transport.write(alert)
+        self._transport.close()
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+    return f"a peer on {transport.get_extra_info('sockname') or 'a Unix socket'}"
 
 
 class _BackgroundReader(asyncio.Protocol):
@@ -465,8 +593,34 @@ class _BackgroundReader(asyncio.Protocol):
             self._source._lost(self._conn, exc, drop=not self._conn.farewell)
 
 
-def _refuse(transport: asyncio.Transport, exc: RemoteProtocolError) -> None:
-    transport.write(encode(_error_of(exc)))
+class _TlsReader(asyncio.Protocol):
+    """The loop's side of a TLS background connection: decrypts, then hands on to a :class:`_BackgroundReader`."""
+
+    def __init__(self, tls: ServerTls, reader: _BackgroundReader) -> None:
+        self._tls = tls
+        self._reader = reader
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            plain = self._tls.decrypt(data)
+        except ssl.SSLZeroReturnError:  # the destination closed TLS: an end of stream
+            self._reader.eof_received()
+            return
+        except ssl.SSLError as exc:
+            return self._reader.connection_lost(exc)
+        if plain:
+            self._reader.data_received(plain)
+
+    def eof_received(self) -> bool:
+        return self._reader.eof_received()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._reader.connection_lost(exc)
+
+
+def _refuse(transport: asyncio.Transport, exc: RemoteProtocolError, tls: ServerTls | None = None) -> None:
+    frame = encode(_error_of(exc))
+    transport.write(tls.encrypt([frame]) if tls is not None else frame)
     transport.close()
 
 
@@ -495,15 +649,33 @@ class PostcopySource:
         sweep_after_idle: demand first: hold the background stream until pages
             were requested and then none for this many seconds (or 30 s went
             by), e.g. to measure the demand path alone.  None: sweep at once.
+        tls: serve both channels over TLS with this server context, which must
+            require the destination's certificate (``TlsConfig.server_context()``
+            builds one); a peer that fails the handshake is logged and refused,
+            and the source goes on serving.  None: plain TCP.
+        max_bandwidth: cap of the background stream in bytes per second (data
+            pages' payload; None: no cap).  Replies to requests are never held back.
+
+    Raises:
+        ValueError: no blocks, a bound out of range, or a TLS context that
+            does not require the peer's certificate.
     """
 
     def __init__(self, blocks: list[SourceBlock], *, config: SourceConfig | None = None,
                  background_sndbuf: int | None = BACKGROUND_SNDBUF, lease: float = DEFAULT_LEASE,
-                 sweep_after_idle: float | None = None) -> None:
+                 sweep_after_idle: float | None = None, tls: ssl.SSLContext | None = None,
+                 max_bandwidth: int | None = None) -> None:
         if not blocks:
             raise ValueError("a source needs at least one block")
         if lease <= 0:
             raise ValueError(f"the lease must be positive, got {lease}")
+        if max_bandwidth is not None and max_bandwidth <= 0:
+            raise ValueError(f"max_bandwidth must be positive or None, got {max_bandwidth}")
+        if tls is not None:
+            check_context(tls, server=True)
+        self._tls = tls
+        self._max_bandwidth = max_bandwidth
+        self._last_refusal: tuple[tuple[str, str] | None, float] = (None, 0.0)
         self._blocks = blocks
         self._sndbuf = background_sndbuf
         self._lease = lease
@@ -602,9 +774,17 @@ class PostcopySource:
 
     def _new_greeter(self) -> _Greeter:
         self._counts["connections"] += 1
-        return _Greeter(self)
+        return _Greeter(self) if self._tls is None else _TlsGreeter(self, self._tls)
 
-    def _greeted(self, transport: asyncio.Transport, hello: Hello, rest: bytes) -> None:
+    def _refused(self, transport: asyncio.BaseTransport, why: str) -> None:
+        """Log a refused connection, once for a destination's pair (its second channel says the same)."""
+        peer = _peer(transport)
+        key, now = (peer.rpartition(":")[0], why), time.monotonic()
+        repeated = self._last_refusal[0] == key and now - self._last_refusal[1] < _REFUSAL_REPEAT
+        self._last_refusal = (key, now)
+        log.log(logging.DEBUG if repeated else logging.WARNING, "aiopostcopy source: refused %s: %s", peer, why)
+
+    def _greeted(self, transport: asyncio.Transport, hello: Hello, rest: bytes, tls: ServerTls | None = None) -> None:
         """A connection said Hello: adopt it as its channel, or refuse it."""
         channel = hello.channel
         try:
@@ -614,9 +794,10 @@ class PostcopySource:
             with self._lock:
                 self._session.message_received(channel, hello, time.monotonic())
                 old = self._conns.pop(channel, None)
-                conn = self._conns[channel] = _Conn(channel, transport, self._session)
+                conn = self._conns[channel] = (_Conn(channel, transport, self._session) if tls is None
+                                               else _TlsConn(channel, transport, self._session, tls))
         except RemoteProtocolError as exc:
-            return _refuse(transport, exc)
+            return _refuse(transport, exc, tls)
         if old is not None:
             self._drop(old)
         self._cancel_lease()
@@ -639,10 +820,13 @@ class PostcopySource:
         if self._sndbuf is not None and conn.sock.family in (socket.AF_INET, socket.AF_INET6):
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
         proto = _BackgroundReader(self, conn)
-        conn.transport.set_protocol(proto)
+        tls = getattr(conn, "tls", None)
+        conn.transport.set_protocol(proto if tls is None else _TlsReader(tls, proto))
         self._start(conn, self._sweep)
         if rest:
             proto.data_received(rest)
+        if tls is not None:  # records already fed during the greeting
+            _TlsReader(tls, proto).data_received(b"")
         conn.transport.resume_reading()
 
     def _drain_locked(self, session: SourceSession) -> list[bytes]:
@@ -766,7 +950,7 @@ class PostcopySource:
                 msg = decoder.next_event()
                 if msg is None:
                     view = decoder.get_buffer()
-                    n = conn.sock.recv_into(view)
+                    n = conn.recv_into(view)
                     decoder.receive_data(b"") if n == 0 else decoder.buffer_updated(n)
                 elif msg is CONNECTION_CLOSED:
                     break
@@ -859,22 +1043,26 @@ class PostcopySource:
     def _sweep(self, conn: _Conn) -> None:
         """The background sender thread: stream the sweep while the window allows."""
         staging = _RunBuffer()
+        bucket = TokenBucket(self._max_bandwidth, time.monotonic()) if self._max_bandwidth else None
         error: BaseException | None = None
         try:
             while not conn.ending and not conn.closed:
                 conn.wake.clear()
                 sweeping = self._sweep_open.is_set()
+                hold = bucket.wait_time(time.monotonic()) if bucket is not None else 0.0
                 with self._lock:
-                    run = conn.session.next_background() if sweeping else None
+                    run = conn.session.next_background() if sweeping and not hold else None
                     frames = self._drain_locked(conn.session)
                 self._send_urgent_frames(frames)
                 self._flush_outbox(conn)
                 if conn.farewell:
                     break
                 if run is None:
-                    conn.wake.wait(None if sweeping else 0.05)
-                else:
+                    conn.wake.wait(hold or (None if sweeping else 0.05))
+                elif bucket is None:
                     self._send_run(conn, run, staging)
+                else:
+                    bucket.charge(self._send_run(conn, run, staging), time.monotonic())
         except BaseException as exc:
             error = self._thread_error(conn, exc)
         finally:
@@ -917,9 +1105,10 @@ class PostcopySource:
 
     # -- sending a run -----------------------------------------------------------
 
-    def _send_run(self, conn: _Conn, run: PageRun, staging: _RunBuffer) -> None:
+    def _send_run(self, conn: _Conn, run: PageRun, staging: _RunBuffer) -> int:
         """Read ``run`` and send it as one frame: Zero if every page is zero, else Pages whose
-        ``zeros`` names the zero pages and whose payload holds the others, packed together."""
+        ``zeros`` names the zero pages and whose payload holds the others, packed together.
+        Returns the payload's bytes (what a bandwidth cap charges)."""
         block = self._blocks[run.block]
         size = block.page_size
         holes = block.hole_bounds(run.first, run.count)
@@ -948,6 +1137,7 @@ class PostcopySource:
         else:  # the data pages go out as the stretches between zero pages: one sendmsg, no packing copy
             send([_pages_header(run.block, run.first, run.count, nbytes, zeros),
                   *_data_stretches(view, zeros, run.count, size)])
+        return nbytes
 
 
 def _pages_header(block: int, first: int, count: int, nbytes: int, zeros: tuple[int, ...]) -> bytes:

@@ -23,16 +23,19 @@ from aiopostcopy.uffd import supported_features
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE_MIB = 16
-SCENARIOS = ("quiet", "sweep", "mixed", "idle", "rate")
-LATENCIES = ("c_fault_us", "fault_quiet_us", "fault_sweep_us", "fault_mixed_us")
+SCENARIOS = ("quiet", "sweep", "mixed", "idle", "rate", "quiet_tls", "idle_tls")
+LATENCIES = ("c_fault_us", "fault_quiet_us", "fault_sweep_us", "fault_mixed_us", "fault_quiet_tls_us")
 NUMBERS = ("link_bulk_gbps", "goodput_idle_gbps", "goodput_mixed_gbps", "mixed_faults_per_s", "mixed_duration_s",
-           "wire_time_s", "dest_cpu_us_per_fault", "source_cpu_us_per_fault")
+           "wire_time_s", "dest_cpu_us_per_fault", "source_cpu_us_per_fault", "goodput_idle_tls_gbps",
+           "goodput_idle_tls_ratio")
 CONDITIONS = ("kernel", "cpu", "vcpus", "load_at_start", "loop", "link")
 
 
 def _skip_unless_runnable() -> None:
     if shutil.which("gcc") is None:
         pytest.skip("the C baseline needs gcc")
+    if shutil.which("openssl") is None:
+        pytest.skip("the TLS scenarios need the openssl command")
     try:
         supported_features()
     except UffdError as exc:
@@ -63,6 +66,9 @@ def test_every_key_is_there_with_a_sane_type(bench_json: dict) -> None:
     # the C fault and the quiet fault (sweep held) always fault; with the sweep running on a
     # small image the workers may find every page placed already
     assert bench_json["c_fault_us"]["count"] > 0 and bench_json["fault_quiet_us"]["count"] > 0
+    assert bench_json["fault_quiet_tls_us"]["count"] > 0, "no fault timed over TLS"
+    ratio = bench_json["fault_quiet_tls_ratio"]  # TLS against the same run's plain figures
+    assert isinstance(ratio["p50"], float) and ratio["p50"] > 0 and ratio["p99"] > 0, ratio
     for key in NUMBERS:
         assert isinstance(bench_json[key], float) and bench_json[key] >= 0, (key, bench_json[key])
     assert bench_json["link_bulk_gbps"] > 0 and bench_json["goodput_idle_gbps"] > 0

@@ -19,6 +19,9 @@ image.  Then, ``--repeat`` rounds of:
    - ``idle``: no worker: the sweep's goodput;
    - ``rate``: 4 x 2 threads with the sweep held: faults per second, and CPU per
      demand fault of the destination and the source up to the sweep's release;
+   - ``quiet_tls`` and ``idle_tls``: ``quiet`` and ``idle`` with both channels
+     over TLS (certificates made with ``openssl`` for the run), reported with
+     their ratio to the same run's plain figures: what TLS costs;
 
 and a last C baseline, so every scenario is bracketed by baselines.  The
 table gives each figure with its ratio to the same run's baseline and the goal
@@ -48,11 +51,11 @@ from typing import Any, Callable
 from aiopostcopy.tools import bench_report
 from aiopostcopy.tools.bench_c import CBaseline, CBuildError
 from aiopostcopy.tools.bench_migration import Context, Scenario, make_image, run_migration
-from aiopostcopy.tools.bench_procs import Loopback, Pinned, Veth, cpu_snapshot, machine, other_load
+from aiopostcopy.tools.bench_procs import Loopback, Pinned, Veth, cpu_snapshot, machine, make_tls_files, other_load
 
 __all__ = ["add_bench_arguments", "bench_main", "SCENARIOS"]
 
-SCENARIOS = ("quiet", "sweep", "mixed", "idle", "rate")
+SCENARIOS = ("quiet", "sweep", "mixed", "idle", "rate", "quiet_tls", "idle_tls")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -113,7 +116,9 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
     one = (("delegated", 1, args.touches),)
     known = {"quiet": Scenario("quiet", gated=True, workers=one), "sweep": Scenario("sweep", workers=one),
              "mixed": Scenario("mixed", workers=many), "idle": Scenario("idle"),
-             "rate": Scenario("rate", gated=True, workers=many)}
+             "rate": Scenario("rate", gated=True, workers=many),
+             "quiet_tls": Scenario("quiet_tls", gated=True, workers=one, tls=True),
+             "idle_tls": Scenario("idle_tls", tls=True)}
     return [known[s] for s in args.scenarios.split(",") if s]
 
 
@@ -172,8 +177,10 @@ def _measure(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[dict
             place = _place(args)
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
                                                               if p))
+            tls = (make_tls_files(workdir / "tls", place.server_addr) if any(sc.tls for sc in scenarios(args))
+                   else None)
             ctx = Context(place=place, image=workdir / "source.img", workdir=workdir, seed=args.seed,
-                          timeout=args.timeout, env=env, keep=args.keep)
+                          timeout=args.timeout, env=env, keep=args.keep, tls=tls)
             for rnd in range(args.repeat):
                 log(f"round {rnd + 1}/{args.repeat}")
                 _c_round(cb, place, args, c, log)

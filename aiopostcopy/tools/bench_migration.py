@@ -17,6 +17,9 @@ destination to finish, and collects:
   destination and the source over the run and the bytes received on the
   destination side of the link over time.
 
+A *TLS* scenario runs both with ``--tls-cert/--tls-key/--tls-ca`` (the
+certificates of ``Context.tls``): the same migration, both channels over TLS.
+
 A *gated* scenario runs the stock source with ``--sweep-after-idle GATE_IDLE_S``:
 it sends nothing in the background until no page was served on demand for
 that long (the workers are done), then sweeps as normal so the migration
@@ -61,12 +64,14 @@ class Scenario:
         gated: Hold the sweep until demand faults stop.
         workers: (mode, threads, touches per thread) of each worker.
         source_args: Extra ``aiopostcopy source`` options.
+        tls: Both channels over TLS (the certificates of ``Context.tls``).
     """
 
     name: str
     gated: bool = False
     workers: tuple[tuple[str, int, int], ...] = ()
     source_args: tuple[str, ...] = field(default=())
+    tls: bool = False
 
 
 @dataclass
@@ -82,6 +87,7 @@ class Context:
     keep: bool = False
     source_prefix: Sequence[str] | None = None  #: replaces [python, -m, aiopostcopy] for the source
     dest_prefix: Sequence[str] | None = None  #: the same for the destination
+    tls: Any = None  #: a bench_procs.TlsFiles for the TLS scenarios
 
 
 # --------------------------------------------------------------------------- processes
@@ -99,13 +105,21 @@ def _start_source(ctx: Context, sc: Scenario, run: Path) -> tuple[subprocess.Pop
     cmd = list(ctx.source_prefix or [py, "-m", "aiopostcopy"])
     gate = ["--sweep-after-idle", str(GATE_IDLE_S)] if sc.gated else []
     argv = [*cmd, "source", "--listen", f"{ctx.place.server_addr}:0", "--block", f"{BLOCK}={ctx.image}",
-            "--json", str(run / "source.json"), *gate, *sc.source_args]
+            "--json", str(run / "source.json"), *gate, *sc.source_args, *_tls_options(ctx, sc, "source")]
     source = _start(ctx, "src", argv, run / "source.err", stdout=subprocess.PIPE)
     line = first_line(source, 30)
     if "listening on" not in line:
         stop(source)
         raise RuntimeError(f"source did not start: {line!r}\n{tail(run / 'source.err')}")
     return source, line.rsplit(" ", 1)[1]
+
+
+def _tls_options(ctx: Context, sc: Scenario, role: str) -> list[str]:
+    if not sc.tls:
+        return []
+    if ctx.tls is None:
+        raise RuntimeError(f"scenario {sc.name} needs TLS certificates (Context.tls)")
+    return list(ctx.tls.options(role))
 
 
 def _start_workers(ctx: Context, sc: Scenario, run: Path, sock: str) -> list[subprocess.Popen[bytes]]:
@@ -180,7 +194,8 @@ def run_migration(ctx: Context, sc: Scenario, tag: str) -> dict[str, Any]:
         stop(source)
         raise
     dest_argv = [*(ctx.dest_prefix or [sys.executable, "-m", "aiopostcopy"]), "dest", "--source", address,
-                 "--block-dir", str(run / "dest"), "--clients", sock, "--json", str(run / "dest.json")]
+                 "--block-dir", str(run / "dest"), "--clients", sock, "--json", str(run / "dest.json"),
+                 *_tls_options(ctx, sc, "dest")]
     sampler = Sampler(0.01)
     began = time.monotonic()
     dest = _start(ctx, "dst", dest_argv, None, stderr=subprocess.PIPE)

@@ -18,6 +18,8 @@ a figure can be read at any instant of a run (CPU per fault up to the moment
 the sweep was released, goodput over time).
 
 :func:`machine` and :func:`cpu_snapshot` describe the conditions of a run.
+:func:`make_tls_files` makes a throwaway CA and the two certificates of the
+TLS scenarios with the ``openssl`` command (P-256 keys, valid for a day).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import os
 import platform
 import select
+import shutil
 import subprocess
 import sys
 import threading
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["Loopback", "Veth", "Pinned", "Sampler", "cpu_ns", "first_line", "wait_exit", "stop",
-           "tail", "StderrTap", "machine", "cpu_snapshot", "other_load"]
+           "tail", "StderrTap", "machine", "cpu_snapshot", "other_load", "TlsFiles", "make_tls_files"]
 
 
 # --------------------------------------------------------------------------- places
@@ -309,3 +312,49 @@ def other_load(start: dict[str, float], end: dict[str, float], wall: float) -> d
     others = max(0.0, (end["busy"] - start["busy"]) - (end["ours"] - start["ours"]))
     return {"ours_s": end["ours"] - start["ours"], "others_s": others, "others_vcpu": others / wall,
             "steal_s": end["steal"] - start["steal"], "wall_s": wall}
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+class TlsFiles:
+    """A CA and a certificate for each side, in ``directory`` (PEM): the TLS options of each role."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def options(self, role: str) -> list[str]:
+        """``--tls-cert/--tls-key/--tls-ca`` of ``role`` (``source`` or ``dest``)."""
+        d = self.directory
+        return ["--tls-cert", str(d / f"{role}.pem"), "--tls-key", str(d / f"{role}.key"), "--tls-ca", str(d / "ca.pem")]
+
+
+def make_tls_files(directory: Path, host: str) -> TlsFiles:
+    """A CA and certificates for ``source`` (naming ``host``) and ``dest``, made with ``openssl``.
+
+    Raises:
+        RuntimeError: no ``openssl`` command, or it failed.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RuntimeError("the TLS scenarios need the openssl command (apt-get install -y openssl), "
+                           "or leave them out with --scenarios")
+    directory.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        done = subprocess.run([openssl, *args], capture_output=True, text=True, timeout=60)
+        if done.returncode:
+            raise RuntimeError(f"openssl {args[0]} failed: {done.stderr.strip()[-300:]}")
+
+    d = directory
+    run("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"), "-days", "1",
+        "-subj", "/CN=aiopostcopy bench CA")
+    for role in ("source", "dest"):
+        (d / f"{role}.ext").write_text(f"subjectAltName=IP:{host}\n" if role == "source"
+                                       else "subjectAltName=DNS:aiopostcopy-dest\n")
+        run("req", *ec, "-keyout", str(d / f"{role}.key"), "-out", str(d / f"{role}.csr"),
+            "-subj", f"/CN=aiopostcopy bench {role}")
+        run("x509", "-req", "-in", str(d / f"{role}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
+            "-CAcreateserial", "-out", str(d / f"{role}.pem"), "-days", "1", "-extfile", str(d / f"{role}.ext"))
+    return TlsFiles(directory)

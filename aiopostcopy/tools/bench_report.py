@@ -10,7 +10,8 @@ percentiles), takes medians of per-run rates, and derives every JSON key the
 issue names; :func:`table` prints each figure beside its ratio to the same
 run's baseline (the C fault for latencies and fault rates, the C bulk stream
 for goodput, the wire time for the migration's duration) and the goal it is
-held to.  A fault sample below the C rr p50 of this run cannot be a remote
+held to.  The TLS scenarios are given against the same run's plain ones
+(``fault_quiet_tls_ratio``, ``goodput_idle_tls_ratio``): what TLS costs.  A fault sample below the C rr p50 of this run cannot be a remote
 fault (a page placed between the worker's mincore check and its touch) and is
 counted as a hit.
 """
@@ -69,7 +70,7 @@ def summarize(c: dict[str, list[Any]], runs: list[dict[str, Any]]) -> dict[str, 
         "hit_floor_us": floor,
     }
     for key, name in (("fault_quiet_us", "quiet"), ("fault_sweep_us", "sweep"), ("fault_mixed_us", "mixed"),
-                      ("fault_rate_us", "rate")):
+                      ("fault_rate_us", "rate"), ("fault_quiet_tls_us", "quiet_tls")):
         out[key] = _dist([v for r in by.get(name, []) for v in r["samples_ns"]], floor)
     out.update(
         goodput_idle_gbps=_median([r["wire_gbps"] for r in by.get("idle", [])]),
@@ -82,12 +83,22 @@ def summarize(c: dict[str, list[Any]], runs: list[dict[str, Any]]) -> dict[str, 
         source_cpu_us_per_fault=_per_fault_us(by.get("rate", []), "source_cpu_demand_s"),
         dest_cpu_us_per_fault_mixed=_per_fault_us(mixed, "dest_cpu_s"),
         source_cpu_us_per_fault_mixed=_per_fault_us(mixed, "source_cpu_s"),
+        goodput_idle_tls_gbps=_median([r["wire_gbps"] for r in by.get("idle_tls", [])]),
         pages_verified=sum(r["pages_verified"] for r in runs),
         pages_total=sum(r["pages_total"] for r in runs),
         migrations=len(runs),
         workers_ok=all(r["workers_ok"] for r in runs),
     )
+    out.update(_tls_cost(out))
     return out
+
+
+def _tls_cost(f: dict[str, Any]) -> dict[str, Any]:
+    """TLS against plain, same run: fault latency (p50, p99) and idle goodput, as ratios (0.0: not measured)."""
+    quiet, tls = f["fault_quiet_us"], f["fault_quiet_tls_us"]
+    share = lambda a, b: a / b if a and b else 0.0  # noqa: E731
+    return {"fault_quiet_tls_ratio": {"p50": share(tls["p50"], quiet["p50"]), "p99": share(tls["p99"], quiet["p99"])},
+            "goodput_idle_tls_ratio": share(f["goodput_idle_tls_gbps"], f["goodput_idle_gbps"])}
 
 
 def _ratio(a: float, b: float) -> str:
@@ -135,6 +146,21 @@ def _rate_rows(f: dict[str, Any], threads: str, c_threads: int) -> list[tuple[st
     return rows
 
 
+def _tls_rows(f: dict[str, Any]) -> list[tuple[str, ...]]:
+    """What TLS costs: the TLS scenarios against the C baseline, and against plain in the last column."""
+    rows = []
+    d, c, r = f["fault_quiet_tls_us"], f["c_fault_us"], f["fault_quiet_tls_ratio"]
+    if d["count"]:
+        rows.append(("fault, 1 thread, sweep held, TLS, us", f"{d['p50']:.1f}", f"{d['p99']:.1f}",
+                     _ratio(d["p50"], c["p50"]), _ratio(d["p99"], c["p99"]),
+                     f"{r['p50']:.2f}/{r['p99']:.2f}x plain"))
+    if f["goodput_idle_tls_gbps"]:
+        rows.append(("goodput, no clients, TLS, GB/s", f"{f['goodput_idle_tls_gbps']:.3f}", "",
+                     _ratio(f["goodput_idle_tls_gbps"], f["link_bulk_gbps"]), "",
+                     f"{f['goodput_idle_tls_ratio']:.2f}x plain"))
+    return rows
+
+
 def table(f: dict[str, Any], threads: str, c_threads: int) -> list[str]:
     """The report: latencies against the C fault, rates against the C link, each with its goal."""
     head = ("measure", "p50/value", "p99", "x C/link", "x C p99", "goal")
@@ -145,4 +171,7 @@ def table(f: dict[str, Any], threads: str, c_threads: int) -> list[str]:
     out += [line(r) for r in _latency_rows(f, threads)]
     out.append("")
     out += [line(r) for r in _rate_rows(f, threads, c_threads)]
+    tls = _tls_rows(f)
+    if tls:
+        out += ["", *(line(r) for r in tls)]
     return out

@@ -50,12 +50,15 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import ssl
 import time
+from collections.abc import Callable
 from typing import Protocol
 
-from aiopostcopy.errors import MigrationAborted, PostcopyError, ProtocolError, SourceLostError
+from aiopostcopy.errors import MigrationAborted, PostcopyError, ProtocolError, SourceLostError, TlsHandshakeError
 from aiopostcopy.messages import Channel, Discard, Done, Hello, Message, Pages, Ping, Zero
 from aiopostcopy.transport.stream import FrameProtocol
+from aiopostcopy.transport.tls import check_context, describe_tls_error
 
 __all__ = ["ChannelEvents", "SourceChannels"]
 
@@ -111,6 +114,13 @@ class SourceChannels:
             explicit abort).
         idle_timeout: seconds without a byte on the open connections before
             they count as broken (None: never); the source is pinged meanwhile.
+        tls: open both channels over TLS with this client context (it must
+            require and check the source's certificate); None: plain.
+        server_name: the name the source's certificate must carry (default:
+            the host part of the source's TCP address; required for a Unix path).
+
+    Raises:
+        ValueError: a TLS context that does not authenticate the source.
     """
 
     def __init__(
@@ -122,7 +132,13 @@ class SourceChannels:
         reconnect_interval: float,
         deadline: float | None,
         idle_timeout: float | None = IDLE_TIMEOUT,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> None:
+        if tls is not None:
+            check_context(tls, server=False)
+        self._tls = tls
+        self._server_name = server_name
         self.channels: dict[Channel, FrameProtocol] = {}
         self.bytes_from_closed = 0  #: bytes received on connections dropped so far
         self.source = source  #: where connections (and reconnections) go
@@ -236,10 +252,35 @@ class SourceChannels:
             payload_sink=lambda header, nbytes: events.payload_sink(channel, header, nbytes),
             yield_after=None if urgent else _BACKGROUND_TURN_BYTES,
         )
+        if self._tls is not None:
+            return await self._open_tls(factory)
         if isinstance(self.source, str):
             _, proto = await self._loop.create_unix_connection(factory, self.source)
         else:
             _, proto = await self._loop.create_connection(factory, self.source[0], self.source[1])
+        return proto
+
+    async def _open_tls(self, factory: Callable[[], FrameProtocol]) -> FrameProtocol:
+        """Connect and complete the TLS handshake.
+
+        Raises:
+            TlsHandshakeError: the handshake failed (certificate, name, a peer without TLS).
+            OSError: the source could not be reached.
+        """
+        source = self.source
+        name = self._server_name or (None if isinstance(source, str) else source[0])
+        if name is None:
+            raise TlsHandshakeError(f"TLS to the Unix socket {source} needs the source's certificate name "
+                                    "(--tls-server-name)")
+        try:
+            if isinstance(source, str):
+                _, proto = await self._loop.create_unix_connection(factory, source, ssl=self._tls,
+                                                                   server_hostname=name)
+            else:
+                _, proto = await self._loop.create_connection(factory, source[0], source[1], ssl=self._tls,
+                                                              server_hostname=name)
+        except ssl.SSLError as exc:
+            raise _tls_failed(source, exc) from exc
         return proto
 
     def _received(self, channel: Channel, msg: Message) -> None:
@@ -265,7 +306,11 @@ class SourceChannels:
 
     def _lost(self, why: str, exc: BaseException | None) -> None:
         """The channels were dropped: tell the sink, and reconnect if it wants."""
-        error = SourceLostError(f"lost the source at {_where(self.source)}: {why}")
+        if isinstance(exc, ssl.SSLError):  # TLS 1.3: the source refuses our certificate after our handshake
+            error: SourceLostError = _tls_failed(self.source, exc)
+            why = describe_tls_error(exc)
+        else:
+            error = SourceLostError(f"lost the source at {_where(self.source)}: {why}")
         error.__cause__ = exc
         if self._events.source_lost(error) and self._reconnect_task is None:
             self.outages += 1
@@ -284,6 +329,10 @@ class SourceChannels:
                 except OSError as exc:
                     self.drop()
                     self._lost_because = f"cannot connect: {exc}"
+                    continue
+                except TlsHandshakeError as exc:  # the source may come back with the right certificate
+                    self.drop()
+                    self._lost_because = str(exc)
                     continue
                 log.warning("reconnected to the source at %s after %.1f s", _where(self.source),
                             time.monotonic() - lost_at)
@@ -341,6 +390,10 @@ class SourceChannels:
         self.drop()
         if self._events.source_lost(error):  # the caller reports the failure
             self._events.source_failed(MigrationAborted(str(error)))
+
+
+def _tls_failed(source: tuple[str, int] | str, exc: ssl.SSLError) -> TlsHandshakeError:
+    return TlsHandshakeError(f"TLS handshake with the source at {_where(source)} failed: {describe_tls_error(exc)}")
 
 
 def _where(source: tuple[str, int] | str) -> str:
