@@ -31,6 +31,13 @@ mapping: a file that shrinks under the source is a short read, reported as
 that connection), never a SIGBUS.  Zero pages go as Zero markers or as the
 ``zeros`` of a Pages run, never as 4 KiB of zeros.
 
+Huge pages: a page larger than a frame's usual payload (1 GiB) goes whole in
+one Pages frame (docs/protocol.md, "Huge pages"), read and written in pieces of
+``max_payload`` bytes so that the wire starts at once and runs at line rate.
+While an urgent one is on its way, the sweep waits between its own frames
+and pieces (the faulting thread waits for every byte of the page), so the
+faulted page has the link alone.
+
 Sessions: one destination session is served at a time.  A destination that
 reconnects with the same session id takes over its channels again (it then
 sends Resume); another session while one is held is refused with
@@ -149,7 +156,11 @@ class SourceBlock:
         Raises:
             BlockReadError: the file ends before them (it shrank) or the read failed.
         """
-        offset, got, want = first * self.page_size, 0, len(view)
+        self.read_at(view, first * self.page_size)
+
+    def read_at(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from byte ``offset`` on (see :meth:`read_into`)."""
+        got, want = 0, len(view)
         while got < want:
             try:
                 n = os.preadv(self.fd, [view[got:]], offset + got)
@@ -199,6 +210,12 @@ class _RunBuffer:
 
     def take(self, nbytes: int) -> bytearray:
         if nbytes > len(self.buffer):
+            self.buffer = bytearray(nbytes)
+        return self.buffer
+
+    def piece(self, nbytes: int) -> bytearray:
+        """A buffer of exactly ``nbytes`` (a huge page's pieces are read into it)."""
+        if len(self.buffer) != nbytes:
             self.buffer = bytearray(nbytes)
         return self.buffer
 
@@ -407,6 +424,8 @@ class PostcopySource:
         self._zero_page = {b.page_size: bytes(b.page_size) for b in blocks}
         self._sweep_open = threading.Event()  # cleared by hold_sweep(): only requested pages go
         self._sweep_open.set()
+        self._no_urgent_huge = threading.Event()  # cleared while an urgent huge page is sent: the sweep waits
+        self._no_urgent_huge.set()
         if sweep_after_idle is not None:
             self.hold_sweep()
             self._loop.call_later(_SWEEP_WATCH, self._release_when_idle, sweep_after_idle,
@@ -733,6 +752,7 @@ class PostcopySource:
                 if run is None:
                     conn.wake.wait(None if sweeping else 0.05)
                 else:
+                    self._no_urgent_huge.wait()  # a faulted huge page has the link alone
                     self._send_run(conn, run, staging)
         except BaseException as exc:
             error = self._thread_error(conn, exc)
@@ -757,6 +777,8 @@ class PostcopySource:
         ``zeros`` names the zero pages and whose payload holds the others, packed together."""
         block = self._blocks[run.block]
         size = block.page_size
+        if size > LIMITS.max_payload:
+            return self._send_huge_page(conn, run, staging)
         buffer = staging.take(run.count * size)
         view = memoryview(buffer)[: run.count * size]
         block.read_into(view, run.first)
@@ -776,6 +798,69 @@ class PostcopySource:
         else:  # the data pages go out as the stretches between zero pages: one sendmsg, no packing copy
             send([_pages_header(run.block, run.first, run.count, nbytes, zeros),
                   *_data_stretches(view, zeros, run.count, size)])
+
+
+    def _send_huge_page(self, conn: _Conn, run: PageRun, staging: _RunBuffer) -> None:
+        """Send one page larger than ``max_payload`` (a run of one): Zero if it is all zero, else one
+        Pages frame written piece by piece as each piece is read (the link busy from the first one)."""
+        block, urgent = self._blocks[run.block], conn.channel is URGENT
+        piece, base = staging.piece(LIMITS.max_payload), run.first * block.page_size
+        if urgent:
+            self._no_urgent_huge.clear()
+        try:
+            offset = _first_data(block, piece, base)
+            nbytes = 0 if offset >= block.page_size else block.page_size
+            with self._lock:
+                if conn.session is self._session:
+                    self._counts["zero" if not nbytes else "urgent" if urgent else "background"] += 1
+                    self._counts["bytes"] += nbytes
+                conn.session.sent(conn.channel, run, nbytes)
+            if not nbytes:
+                frame = [encode(Zero(block=run.block, first=run.first, count=1))]
+                return conn.send_or_drop(frame) if urgent else conn.send(frame)
+            pieces = _huge_frame(block, run, piece, offset)
+            if urgent:  # other threads write urgent frames too: this one goes whole, under the lock
+                with conn.lock:
+                    for buffers in pieces:
+                        if conn.closed:
+                            return
+                        _sendmsg_all(conn.sock, buffers)
+                return
+            for buffers in pieces:
+                self._no_urgent_huge.wait()
+                conn.send(buffers)
+        except BlockReadError:
+            raise
+        except OSError:
+            if not urgent:  # as send_or_drop: a reader goes on reading what the peer sent before it closed
+                raise
+        finally:
+            if urgent:
+                self._no_urgent_huge.set()
+
+
+def _first_data(block: SourceBlock, piece: bytearray, base: int) -> int:
+    """Read the page at byte ``base`` piece by piece until a piece holds data (left in ``piece``);
+    returns its offset in the page, or the page size if the page is all zero."""
+    zero = bytes(len(piece))
+    offset = 0
+    while offset < block.page_size:
+        block.read_at(memoryview(piece), base + offset)
+        if piece != zero:
+            break
+        offset += len(piece)
+    return offset
+
+
+def _huge_frame(block: SourceBlock, run: PageRun, piece: bytearray, offset: int):
+    """The buffers of a huge page's Pages frame, by pieces: the header, the zero pieces before
+    ``offset`` and the piece read there (in ``piece``), then each next piece as it is read."""
+    size, view = block.page_size, memoryview(piece)
+    zero = memoryview(bytes(len(piece)))
+    yield [_pages_header(run.block, run.first, 1, size, ()), *([zero] * (offset // len(piece))), view]
+    for at in range(offset + len(piece), size, len(piece)):
+        block.read_at(view, run.first * size + at)
+        yield [view]
 
 
 def _pages_header(block: int, first: int, count: int, nbytes: int, zeros: tuple[int, ...]) -> bytes:
