@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
 import socket
@@ -841,10 +842,14 @@ class PostcopySource:
 
 def _first_data(block: SourceBlock, piece: bytearray, base: int) -> int:
     """Read the page at byte ``base`` piece by piece until a piece holds data (left in ``piece``);
-    returns its offset in the page, or the page size if the page is all zero."""
-    zero = bytes(len(piece))
-    offset = 0
-    while offset < block.page_size:
+    returns its offset in the page, or the page size if the page is all zero.  Holes of a
+    sparse file (SEEK_DATA) are skipped unread: a snapshot's empty gigabyte costs no read."""
+    zero, size = bytes(len(piece)), block.page_size
+    try:
+        offset = min(size, (os.lseek(block.fd, base, os.SEEK_DATA) - base) // len(piece) * len(piece))
+    except OSError as exc:  # ENXIO: nothing but holes from here on; others: no SEEK_DATA here
+        offset = size if exc.errno == errno.ENXIO else 0
+    while offset < size:
         block.read_at(memoryview(piece), base + offset)
         if piece != zero:
             break

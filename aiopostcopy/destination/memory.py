@@ -54,6 +54,7 @@ __all__ = ["BlockMemory", "MappedBlock", "Staging", "PARTIAL_SUFFIX", "SESSION_F
 
 PARTIAL_SUFFIX = ".partial"  #: a block file's name until the migration completes
 SESSION_FILE = ".aiopostcopy-session"  #: the session id of the migration a block directory holds
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  #: linux/mman.h
 
 
 @dataclasses.dataclass(slots=True)
@@ -369,4 +370,24 @@ class Staging:
         if self._zeros is None or len(self._zeros) < size:
             self._zeros = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self._zeros_address = ctypes.addressof(ctypes.c_char.from_buffer(self._zeros))
+            _map_zero_page(self._zeros)
         return self._zeros_address
+
+
+def _map_zero_page(memory: mmap.mmap) -> None:
+    """Map the kernel's zero page all over ``memory`` now (no memory used).
+
+    UFFDIO_COPY on hugetlbfs copies from the source with page faults disabled;
+    a source page not mapped yet sends it down a slow path that allocates a
+    *second* huge page for the copy, which fails with ENOMEM when the pool
+    holds exactly the pages the blocks reserved.  MADV_POPULATE_READ (Linux
+    5.14) maps the zero page without allocating; older kernels read one byte
+    of each page instead.
+    """
+    try:
+        memory.madvise(_MADV_POPULATE_READ)
+    except OSError:
+        view = memoryview(memory)
+        for offset in range(0, len(memory), mmap.PAGESIZE):
+            view[offset]  # noqa: B018  (a read fault maps the zero page)
+
