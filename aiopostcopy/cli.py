@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--listen", type=parse_address, default=("127.0.0.1", 4444),
                      help="HOST:PORT or socket path (default 127.0.0.1:4444, loopback only)")
     src.add_argument("--block", type=parse_block, action="append", required=True, help="NAME=PATH, repeatable")
-    src.add_argument("--page-size", type=_positive(int), default=4096, help="page size of the blocks (4096 or 2097152)")
+    src.add_argument("--page-size", type=_positive(int), default=4096, help="page size of the blocks (4096, 2097152 or 1073741824)")
     src.add_argument("--window", type=_positive(int), default=SourceConfig().background_window_bytes,
                      help="background window bytes")
     src.add_argument("--run-pages", type=_positive(int), default=SourceConfig().background_run_pages,

@@ -557,7 +557,7 @@ class PostcopyDestination:
         if self._placer is None:
             return self._staging.view(nbytes)
         self._placer.give_back(self._receiving)  # a payload whose message never came (an error)
-        self._receiving = self._placer.take()
+        self._receiving = self._placer.take(nbytes)
         return self._receiving.view(nbytes)
 
     def _on_source_message(self, channel: Channel, msg: Message) -> None:
@@ -670,11 +670,15 @@ class PostcopyDestination:
                 remember_session(self.options.block_dir, self.session_id)
             self._open_own_uffd()
             self._adopt_present_pages()
+            largest = max(block.page_size for block in self._memory)
+            if largest > LIMITS.max_payload:  # a 1 GiB page arrives whole in one frame (docs/protocol.md)
+                self._staging = Staging.huge(largest)
             # one zeroed page of the largest size, made here once: both placing threads read it
-            zero_page = self._staging.zeroed(max(block.page_size for block in self._memory))
+            zero_page = self._staging.zeroed(largest)
             self._placement = Placement(self._uffd, self._memory, zero_page)
             self._placer = BackgroundPlacer(self._loop, self._placement, buffers=_BACKGROUND_BUFFERS,
-                                            buffer_size=LIMITS.max_payload, on_done=self._background_placed)
+                                            buffer_size=LIMITS.max_payload, on_done=self._background_placed,
+                                            huge_page_size=largest)
         except BaseException as exc:
             if not self._hello.done():
                 self._hello.set_exception(exc)

@@ -88,11 +88,22 @@ class Limits:
     max_text: int = 4096  #: characters of an Error / Reject text
     max_zero_runs: int = 4096  #: stretches of zero pages inside one Pages run
     max_digests: int = 4096  #: page digests in one Digests message (feature from-copy)
+    #: the largest page size, and so the largest payload of a one-page Pages frame:
+    #: a page larger than ``max_payload`` (1 GiB) travels whole in one frame of its own
+    max_page_size: int = 1 << 30
+
+    def payload_ok(self, nbytes: object, count: int, zeros: tuple[int, ...] = ()) -> bool:
+        """``nbytes`` may follow a Pages header of ``count`` pages with ``zeros``: 1..max_payload
+        bytes, or one page alone (count 1, no zeros) of up to ``max_page_size`` bytes."""
+        if type(nbytes) is not int or nbytes < 1:
+            return False
+        return nbytes <= self.max_payload or (count == 1 and not zeros and nbytes <= self.max_page_size)
 
 
 LIMITS = Limits()
 
-PAGE_SIZES = frozenset({4096, 2 << 20})
+#: 4 KiB base pages, and the x86-64 huge page sizes (2 MiB, 1 GiB) of hugetlbfs
+PAGE_SIZES = frozenset({4096, 2 << 20, 1 << 30})
 
 
 class Channel(str, enum.Enum):
@@ -205,7 +216,7 @@ class BlockInfo:
 
     name: str
     length: int  #: bytes, a multiple of page_size
-    page_size: int  #: 4096 or 2 MiB
+    page_size: int  #: 4096, 2 MiB or 1 GiB
 
     def __post_init__(self) -> None:
         _check_str("block name", self.name, LIMITS.max_name)
@@ -318,8 +329,9 @@ class Pages:
             if type(self.data) not in (bytes, bytearray, memoryview):
                 raise _fail("pages: data must be bytes, bytearray, memoryview or None")
             size = self.data.nbytes if type(self.data) is memoryview else len(self.data)
-            if not 1 <= size <= LIMITS.max_payload:
-                raise _fail(f"pages: data must hold 1..{LIMITS.max_payload} bytes, got {size}")
+            if not LIMITS.payload_ok(size, self.count, self.zeros):
+                raise _fail(f"pages: data must hold 1..{LIMITS.max_payload} bytes (or one page alone of up to "
+                            f"{LIMITS.max_page_size}), got {size}")
         if self.zeros != ():  # (a nil, 0 or false from a peer must fail here too, not later)
             _check_zeros(self.zeros, self.count)
 

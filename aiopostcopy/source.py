@@ -62,6 +62,13 @@ Changed, digesting its own pages of the run (read like any run, holes not at
 all) in :meth:`PostcopySource._send_changed`; the sweep waits for the Resume
 that follows, so only the pages that changed travel.
 
+Huge pages: a page larger than a frame's usual payload (1 GiB) goes whole in
+one Pages frame (docs/protocol.md, "Huge pages"), read and written in pieces of
+``max_payload`` bytes so that the wire starts at once and runs at line rate.
+While an urgent one is on its way, the sweep waits between its own frames
+and pieces (the faulting thread waits for every byte of the page), so the
+faulted page has the link alone.
+
 Sessions: one destination session is served at a time.  A destination that
 reconnects with the same session id takes over its channels again (it then
 sends Resume); another session while one is held is refused with
@@ -248,7 +255,11 @@ class SourceBlock:
         Raises:
             BlockReadError: the file ends before them (it shrank) or the read failed.
         """
-        offset, got, want = first * self.page_size, 0, len(view)
+        self.read_at(view, first * self.page_size)
+
+    def read_at(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from byte ``offset`` on (see :meth:`read_into`)."""
+        got, want = 0, len(view)
         while got < want:
             try:
                 n = os.preadv(self.fd, [view[got:]], offset + got)
@@ -335,6 +346,12 @@ class _RunBuffer:
             self.buffer = bytearray(nbytes)
         return self.buffer
 
+    def piece(self, nbytes: int) -> bytearray:
+        """A buffer of exactly ``nbytes`` (a huge page's pieces are read into it)."""
+        if len(self.buffer) != nbytes:
+            self.buffer = bytearray(nbytes)
+        return self.buffer
+
 
 class _Conn:
     """One channel's connection after its Hello: a duplicate of the socket for the threads.
@@ -366,7 +383,11 @@ class _Conn:
         with self.lock:
             if self.closed:
                 raise ConnectionAbortedError("connection closed")
-            _sendmsg_all(self.sock, buffers)
+            self.write_locked(buffers)
+
+    def write_locked(self, buffers: list[bytes | memoryview | bytearray]) -> None:
+        """Write bytes of a frame; the caller holds :attr:`lock` (a frame in pieces stays whole)."""
+        _sendmsg_all(self.sock, buffers)
 
     def try_send(self, frame: bytes) -> None:
         self.send_or_drop([frame])
@@ -407,11 +428,8 @@ class _TlsConn(_Conn):
         self.tls = tls
         self.recv_into = self._recv_into  # type: ignore[method-assign]
 
-    def send(self, buffers: list[bytes | memoryview | bytearray]) -> None:
-        with self.lock:
-            if self.closed:
-                raise ConnectionAbortedError("connection closed")
-            _sendmsg_all(self.sock, [self.tls.encrypt(buffers)])
+    def write_locked(self, buffers: list[bytes | memoryview | bytearray]) -> None:
+        _sendmsg_all(self.sock, [self.tls.encrypt(buffers)])
 
     def _recv_into(self, view: memoryview) -> int:
         """Plaintext into ``view`` (blocking): 0 at the end of the stream."""
@@ -694,6 +712,8 @@ class PostcopySource:
         self._zero_page = {b.page_size: bytes(b.page_size) for b in blocks}
         self._sweep_open = threading.Event()  # cleared by hold_sweep(): only requested pages go
         self._sweep_open.set()
+        self._no_urgent_huge = threading.Event()  # cleared while an urgent huge page is sent: the sweep waits
+        self._no_urgent_huge.set()
         if sweep_after_idle is not None:
             self.hold_sweep()
             self._loop.call_later(_SWEEP_WATCH, self._release_when_idle, sweep_after_idle,
@@ -1059,7 +1079,9 @@ class PostcopySource:
                     break
                 if run is None:
                     conn.wake.wait(hold or (None if sweeping else 0.05))
-                elif bucket is None:
+                    continue
+                self._no_urgent_huge.wait()  # a faulted huge page has the link alone
+                if bucket is None:
                     self._send_run(conn, run, staging)
                 else:
                     bucket.charge(self._send_run(conn, run, staging), time.monotonic())
@@ -1111,6 +1133,8 @@ class PostcopySource:
         Returns the payload's bytes (what a bandwidth cap charges)."""
         block = self._blocks[run.block]
         size = block.page_size
+        if size > LIMITS.max_payload:
+            return self._send_huge_page(conn, run, staging)
         holes = block.hole_bounds(run.first, run.count)
         if holes == (0, run.count):  # a hole of a sparse file: zeros, nothing to read
             block.check_size()
@@ -1138,6 +1162,76 @@ class PostcopySource:
             send([_pages_header(run.block, run.first, run.count, nbytes, zeros),
                   *_data_stretches(view, zeros, run.count, size)])
         return nbytes
+
+
+    def _send_huge_page(self, conn: _Conn, run: PageRun, staging: _RunBuffer) -> int:
+        """Send one page larger than ``max_payload`` (a run of one): Zero if it is all zero, else one
+        Pages frame written piece by piece as each piece is read (the link busy from the first one)."""
+        block, urgent = self._blocks[run.block], conn.channel is URGENT
+        piece, base = staging.piece(LIMITS.max_payload), run.first * block.page_size
+        if urgent:
+            self._no_urgent_huge.clear()
+        try:
+            offset = _first_data(block, piece, base)
+            nbytes = 0 if offset >= block.page_size else block.page_size
+            with self._lock:
+                if conn.session is self._session:
+                    self._counts["zero" if not nbytes else "urgent" if urgent else "background"] += 1
+                    self._counts["bytes"] += nbytes
+                conn.session.sent(conn.channel, run, nbytes)
+            if not nbytes:
+                frame = [encode(Zero(block=run.block, first=run.first, count=1))]
+                conn.send_or_drop(frame) if urgent else conn.send(frame)
+                return 0
+            pieces = _huge_frame(block, run, piece, offset)
+            if urgent:  # other threads write urgent frames too: this one goes whole, under the lock
+                with conn.lock:
+                    for buffers in pieces:
+                        if conn.closed:
+                            return nbytes
+                        conn.write_locked(buffers)
+                return nbytes
+            for buffers in pieces:
+                self._no_urgent_huge.wait()
+                conn.send(buffers)
+            return nbytes
+        except BlockReadError:
+            raise
+        except OSError:
+            if not urgent:  # as send_or_drop: a reader goes on reading what the peer sent before it closed
+                raise
+            return 0
+        finally:
+            if urgent:
+                self._no_urgent_huge.set()
+
+
+def _first_data(block: SourceBlock, piece: bytearray, base: int) -> int:
+    """Read the page at byte ``base`` piece by piece until a piece holds data (left in ``piece``);
+    returns its offset in the page, or the page size if the page is all zero.  Holes of a
+    sparse file (SEEK_DATA) are skipped unread: a snapshot's empty gigabyte costs no read."""
+    zero, size = bytes(len(piece)), block.page_size
+    try:
+        offset = min(size, (os.lseek(block.fd, base, os.SEEK_DATA) - base) // len(piece) * len(piece))
+    except OSError as exc:  # ENXIO: nothing but holes from here on; others: no SEEK_DATA here
+        offset = size if exc.errno == errno.ENXIO else 0
+    while offset < size:
+        block.read_at(memoryview(piece), base + offset)
+        if piece != zero:
+            break
+        offset += len(piece)
+    return offset
+
+
+def _huge_frame(block: SourceBlock, run: PageRun, piece: bytearray, offset: int):
+    """The buffers of a huge page's Pages frame, by pieces: the header, the zero pieces before
+    ``offset`` and the piece read there (in ``piece``), then each next piece as it is read."""
+    size, view = block.page_size, memoryview(piece)
+    zero = memoryview(bytes(len(piece)))
+    yield [_pages_header(run.block, run.first, 1, size, ()), *([zero] * (offset // len(piece))), view]
+    for at in range(offset + len(piece), size, len(piece)):
+        block.read_at(view, run.first * size + at)
+        yield [view]
 
 
 def _pages_header(block: int, first: int, count: int, nbytes: int, zeros: tuple[int, ...]) -> bytes:

@@ -79,6 +79,21 @@ def test_every_key_is_there_with_a_sane_type(bench_json: dict) -> None:
 
 
 @pytest.mark.slow
+def test_huge_pages_are_measured_or_skipped_with_a_reason(bench_json: dict) -> None:
+    """2 MiB and 1 GiB faults against the page's wire time, unless the machine cannot (then: why)."""
+    for key, unit in (("2m", "us"), ("1g", "ms")):
+        reason = bench_json["huge_skipped"].get(key)
+        if reason is not None:
+            assert isinstance(reason, str) and reason, key
+            continue
+        fault, wire = bench_json[f"fault_huge_{key}_{unit}"], bench_json[f"wire_huge_{key}_{unit}"]
+        assert fault["count"] > 0 and 0 < fault["p50"] <= fault["max"], (key, fault)
+        assert wire > 0 and bench_json[f"ratio_huge_{key}"] == fault["p50"] / wire
+        assert bench_json[f"huge_{key}_pages_verified"] > 0
+    assert bench_json["huge_errors"] == []
+
+
+@pytest.mark.slow
 def test_every_migration_verified_every_page(bench_json: dict) -> None:
     pages = (SIZE_MIB << 20) // 4096
     runs = bench_json["runs"]

@@ -158,6 +158,7 @@ class DestinationSession:
         self._deferred = [RangeSet() for _ in blocks]
         self._total = blocks.total_pages
         self._count.faults_by_block = [0] * len(blocks)
+        self._count.huge_sizes = [block.page_size if block.page_size > 4096 else 0 for block in blocks]
 
     def _check_run(self, block: int, first: int, count: int) -> PageStates:
         self.blocks.check_run(block, first, count)  # type: ignore[union-attr]  (after Hello)

@@ -33,6 +33,7 @@ __all__ = ["LatencyHistogram", "LatencyRecorder", "Counters", "DestinationStatis
 SUB = 8  #: buckets per power of two (and exact buckets below SUB us)
 _SUB_BITS = SUB.bit_length() - 1
 BUCKETS = SUB + (40 - _SUB_BITS) * SUB  #: up to 2**40 us (12 days); the last bucket takes the rest
+HUGE_WAITS_KEPT = 4096  #: huge-page waits kept one by one (a 1 GiB page is a second's wait: few of them)
 
 
 def bucket_of(microseconds: int) -> int:
@@ -170,6 +171,9 @@ class DestinationStatistics:
             placed them (a client touched memory it had not registered): the
             right bytes were written over them, but a reader may have seen the
             wrong ones, so the migration is not verified.
+        huge_fault_waits: ``(page_size, seconds)`` of each huge-page wait answered
+            (a fault, or a self-served client's request, on a block of pages larger
+            than 4 KiB), oldest first; at most :data:`HUGE_WAITS_KEPT`.
         complete: every page is placed.
         aborted: the abort reason, or None.
     """
@@ -201,6 +205,7 @@ class DestinationStatistics:
     resumes: int
     pages_adopted: int
     integrity_pages: int
+    huge_fault_waits: tuple[tuple[int, float], ...]
     complete: bool
     aborted: str | None
 
@@ -240,6 +245,18 @@ class Counters:
     faults_by_fd: dict[Hashable, int] = dataclasses.field(default_factory=dict)
     blocked_by_thread: dict[tuple[Hashable, int], float] = dataclasses.field(default_factory=dict)
     done_channels: set[Channel] = dataclasses.field(default_factory=set)
+    #: per block index: its page size if larger than 4 KiB (its waits are kept), else 0
+    huge_sizes: list[int] = dataclasses.field(default_factory=list)
+    huge_waits: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+
+    def huge_wait(self, block: int, seconds: float) -> None:
+        """Keep a wait for a page of ``block`` if its pages are huge (the newest HUGE_WAITS_KEPT)."""
+        size = self.huge_sizes[block] if block < len(self.huge_sizes) else 0
+        if size:
+            waits = self.huge_waits
+            if len(waits) >= HUGE_WAITS_KEPT:
+                del waits[:len(waits) // 2]
+            waits.append((size, seconds))
 
     def fault(self, block: int, key: Hashable) -> None:
         """One fault on ``block`` translated, read from fd ``key``."""
@@ -259,6 +276,8 @@ class Counters:
         self.woken += 1
         seconds = max(now - waiter.since, 0.0)
         self.latency.record(seconds)
+        if self.huge_sizes and self.huge_sizes[waiter.block]:
+            self.huge_wait(waiter.block, seconds)
         by_fd, by_thread = self.blocked_by_fd, self.blocked_by_thread
         key, thread = waiter.key, (waiter.key, waiter.thread_id)
         by_fd[key] = by_fd.get(key, 0.0) + seconds
@@ -268,6 +287,7 @@ class Counters:
         """A self-served client's wait (or part of it) was answered at ``now``."""
         seconds = max(now - piece.since, 0.0)
         self.blocked_by_fd[piece.key] = self.blocked_by_fd.get(piece.key, 0.0) + seconds
+        self.huge_wait(piece.block, seconds)
 
     def snapshot(self, *, still_blocked: Iterable[Waiter], now: float | None,
                  **fields: object) -> DestinationStatistics:
@@ -282,7 +302,7 @@ class Counters:
         return DestinationStatistics(
             **plain, **fields, latency=self.latency.snapshot(),  # type: ignore[arg-type]
             blocked_by_fd=by_fd, blocked_by_thread=by_thread, faults_by_fd=dict(self.faults_by_fd),
-            faults_by_block=tuple(self.faults_by_block))
+            faults_by_block=tuple(self.faults_by_block), huge_fault_waits=tuple(self.huge_waits))
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,8 +1,8 @@
 """The destination's memory: RAMBlock backing objects, their mappings, and staging buffers.
 
 :class:`BlockMemory` creates one shared-memory object per RAMBlock (a memfd,
-or a file in a block directory: /dev/shm, a hugetlbfs mount for 2 MiB pages,
-or any shared filesystem), maps it once in the service, and answers address
+or a file in a block directory: /dev/shm, or a hugetlbfs mount whose page
+size, 2 MiB or 1 GiB, the blocks must have), maps it once in the service, and answers address
 questions for the loop.  Files are created exclusively: a pre-existing file
 would already hold pages, which userfaultfd would never report missing, so
 stale content could pass for migrated memory.
@@ -31,6 +31,11 @@ mapping only drops this process's page-table entries and keeps the page).
 
 :class:`Staging` is a page-aligned anonymous mapping that a channel's receive
 path writes page payloads into; its address is what UFFDIO_COPY copies from.
+A page larger than a frame's usual payload (1 GiB) arrives whole in one
+frame and is placed with one UFFDIO_COPY (hugetlbfs places whole pages only),
+so a channel that may receive one needs a staging buffer of that size:
+:meth:`Staging.huge` makes it up front and touches it (transparent huge pages
+where allowed), so that receiving into it never page-faults on the fault path.
 """
 
 from __future__ import annotations
@@ -41,18 +46,21 @@ import errno
 import dataclasses
 import mmap
 import os
+import urllib.parse
 from collections.abc import Iterator, Sequence
 
 from aiopostcopy.core.ramblock import BlockTable, MappingTable, RAMBlock
 from aiopostcopy.errors import ConfigurationError
 from aiopostcopy.messages import BlockInfo
 from aiopostcopy.uffd import Ioctl, Mapping, SharedMemory
+from aiopostcopy.uffd.hugepages import available_huge_pages, hugetlbfs_page_size, pool_hint
 
 __all__ = ["BlockMemory", "MappedBlock", "Staging", "PARTIAL_SUFFIX", "SESSION_FILE", "adoptable_session",
            "forget_session", "remember_session"]
 
 PARTIAL_SUFFIX = ".partial"  #: a block file's name until the migration completes
 SESSION_FILE = ".aiopostcopy-session"  #: the session id of the migration a block directory holds
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  #: linux/mman.h
 
 
 @dataclasses.dataclass(slots=True)
@@ -232,7 +240,12 @@ def _copy_to_partial(info: BlockInfo, block_dir: str) -> None:
 def _check_room(infos: Sequence[BlockInfo], block_dir: str, adopt: bool) -> None:
     """Refuse before creating anything when the filesystem reports too little room
     (tmpfs files are sparse: a full one fails only when a page is placed).  Pages
-    that partial files being adopted already hold need no more room."""
+    that partial files being adopted already hold need no more room.  On hugetlbfs
+    the room is the pool's free huge pages of the mount's size (a mapping reserves
+    them all when it is made)."""
+    huge = hugetlbfs_page_size(block_dir)
+    if huge is not None:
+        return _check_huge_room(infos, block_dir, huge, adopt)
     st = os.statvfs(block_dir)
     if st.f_blocks == 0:  # no limit reported (hugetlbfs without size=): mapping reserves the pages
         return
@@ -245,6 +258,33 @@ def _check_room(infos: Sequence[BlockInfo], block_dir: str, adopt: bool) -> None
     if need > free:
         raise ConfigurationError(f"block dir {block_dir}: no room for the blocks "
                                  f"({need} bytes needed, {free} bytes free)")
+
+
+def _check_huge_room(infos: Sequence[BlockInfo], block_dir: str, huge: int, adopt: bool) -> None:
+    """A hugetlbfs block dir holds blocks of exactly its page size, as many as free huge pages allow."""
+    for info in infos:
+        if info.page_size != huge:
+            raise ConfigurationError(
+                f"block dir {block_dir} is a hugetlbfs mount of {_size(huge)} pages, but block {info.name!r} "
+                f"has {_size(info.page_size)} pages (its {info.length} bytes must be a multiple of {huge}: "
+                f"mount hugetlbfs with pagesize={_size(info.page_size).replace(' ', '')}, or use /dev/shm)")
+    need = 0
+    for info in infos:
+        partial = os.path.join(block_dir, _file_name(info.name) + PARTIAL_SUFFIX)
+        if not (adopt and os.path.exists(partial)):  # an adopted file keeps the pages it has
+            need += info.length // huge
+    free = available_huge_pages(huge)
+    if free is not None and need > free:
+        raise ConfigurationError(
+            f"block dir {block_dir} (hugetlbfs, {_size(huge)} pages): the blocks need {need} huge pages, "
+            f"only {max(free, 0)} are free; {pool_hint(huge, need - max(free, 0))}")
+
+
+def _size(nbytes: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift and nbytes % (1 << shift) == 0:
+            return f"{nbytes >> shift} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _file_name(name: str) -> str:
@@ -264,20 +304,36 @@ def _release(block: MappedBlock, *, unlink: bool) -> None:
 
 def adoptable_session(block_dir: str) -> str | None:
     """The session id an earlier destination left in ``block_dir`` with partial blocks, or None."""
+    path = os.path.join(block_dir, SESSION_FILE)
     try:
-        with open(os.path.join(block_dir, SESSION_FILE), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             session_id = f.read().strip()
     except FileNotFoundError:
-        return None
+        session_id = _named_session(block_dir)
     partial = any(name.endswith(PARTIAL_SUFFIX) for name in os.listdir(block_dir))
     return session_id if session_id and partial else None
 
 
 def remember_session(block_dir: str, session_id: str) -> None:
-    """Write the session id beside the blocks (atomically), for a destination that restarts."""
+    """Write the session id beside the blocks (atomically), for a destination that restarts.
+
+    hugetlbfs files take no write() (nor symlinks): there the id is kept in the
+    name of an empty file, ``.aiopostcopy-session=<id, percent-encoded>``, if
+    that name fits (a long id with many odd characters is not remembered).
+    """
     path = os.path.join(block_dir, SESSION_FILE)
-    with open(path + ".new", "w", encoding="utf-8") as f:
-        f.write(session_id + "\n")
+    try:
+        with open(path + ".new", "w", encoding="utf-8") as f:
+            f.write(session_id + "\n")
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        os.unlink(path + ".new")
+        _forget_named_session(block_dir)
+        name = SESSION_FILE + "=" + urllib.parse.quote(session_id, safe="")
+        if len(os.fsencode(name)) <= 255:
+            os.close(os.open(os.path.join(block_dir, name), os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        return
     os.replace(path + ".new", path)
 
 
@@ -287,6 +343,21 @@ def forget_session(block_dir: str) -> None:
         os.unlink(os.path.join(block_dir, SESSION_FILE))
     except FileNotFoundError:
         pass
+    _forget_named_session(block_dir)
+
+
+def _named_session(block_dir: str) -> str | None:
+    for name in os.listdir(block_dir):
+        if name.startswith(SESSION_FILE + "="):
+            return urllib.parse.unquote(name[len(SESSION_FILE) + 1:])
+    return None
+
+
+def _forget_named_session(block_dir: str) -> None:
+    for name in os.listdir(block_dir):
+        if name.startswith(SESSION_FILE + "="):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(block_dir, name))
 
 
 class Staging:
@@ -297,11 +368,21 @@ class Staging:
     """
 
     def __init__(self, size: int) -> None:
+        self.size = size
         self._memory = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._view = memoryview(self._memory)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
         self._zeros: mmap.mmap | None = None
         self._zeros_address = 0
+
+    @classmethod
+    def huge(cls, size: int) -> "Staging":
+        """A buffer for one page of ``size`` bytes, backed and touched now (not on the fault path)."""
+        staging = cls(size)
+        with contextlib.suppress(AttributeError, OSError):  # transparent huge pages: 512x fewer faults
+            staging._memory.madvise(mmap.MADV_HUGEPAGE)
+        ctypes.memset(staging.address, 0, size)
+        return staging
 
     def view(self, nbytes: int) -> memoryview:
         """The first ``nbytes`` of the buffer, where the next payload lands."""
@@ -312,4 +393,24 @@ class Staging:
         if self._zeros is None or len(self._zeros) < size:
             self._zeros = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self._zeros_address = ctypes.addressof(ctypes.c_char.from_buffer(self._zeros))
+            _map_zero_page(self._zeros)
         return self._zeros_address
+
+
+def _map_zero_page(memory: mmap.mmap) -> None:
+    """Map the kernel's zero page all over ``memory`` now (no memory used).
+
+    UFFDIO_COPY on hugetlbfs copies from the source with page faults disabled;
+    a source page not mapped yet sends it down a slow path that allocates a
+    *second* huge page for the copy, which fails with ENOMEM when the pool
+    holds exactly the pages the blocks reserved.  MADV_POPULATE_READ (Linux
+    5.14) maps the zero page without allocating; older kernels read one byte
+    of each page instead.
+    """
+    try:
+        memory.madvise(_MADV_POPULATE_READ)
+    except OSError:
+        view = memoryview(memory)
+        for offset in range(0, len(memory), mmap.PAGESIZE):
+            view[offset]  # noqa: B018  (a read fault maps the zero page)
+

@@ -39,6 +39,11 @@ Flow control: a Pages payload needs a free buffer before its header is
 decoded, so the loop holds the background channel's messages while every
 buffer is out (:meth:`BackgroundPlacer.has_free`) and releases them when a
 placement finishes.
+
+Pages larger than a buffer (1 GiB: docs/protocol.md, "Huge pages") arrive
+whole, one per frame, into one extra buffer of that size; while it is out
+(received into, then placed with one UFFDIO_COPY on the thread) nothing else
+is taken, so at most one such page is between the wire and its placement.
 """
 
 from __future__ import annotations
@@ -165,29 +170,43 @@ class BackgroundPlacer:
         placement: carries the commands out.
         buffers: staging buffers in the pool (one is received into while the
             others are placed).
-        buffer_size: bytes each (the largest payload a frame may carry).
+        buffer_size: bytes each (the largest payload a frame of several pages may carry).
         on_done: called on the loop thread when a submitted job finishes.
+        huge_page_size: the largest page size of the blocks; a page larger than
+            ``buffer_size`` gets a buffer of its own (see the module docstring).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, placement: Placement, *, buffers: int, buffer_size: int,
-                 on_done: PlacementDone) -> None:
+                 on_done: PlacementDone, huge_page_size: int = 0) -> None:
         self._loop, self._placement, self._on_done = loop, placement, on_done
         self._free = [Staging(buffer_size) for _ in range(buffers)]
+        self._buffer_size = buffer_size
+        self._huge = Staging.huge(huge_page_size) if huge_page_size > buffer_size else None
+        self._huge_out = False
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aiopostcopy-placer",
                                                                initializer=_lower_priority)
         self._closed = False
 
     def has_free(self) -> bool:
-        return bool(self._free)
+        return bool(self._free) and not self._huge_out
 
-    def take(self) -> Staging:
-        """A free staging buffer (the caller holds input while none is free)."""
-        if not self._free:  # a bug, not a connection problem: fail the migration visibly
+    def take(self, nbytes: int = 0) -> Staging:
+        """A free staging buffer for ``nbytes`` (the caller holds input while none is free)."""
+        if nbytes > self._buffer_size:
+            if self._huge is None or self._huge_out or nbytes > self._huge.size:
+                raise InternalError(f"no staging buffer for a {nbytes}-byte page")
+            self._huge_out = True
+            return self._huge
+        if not self._free or self._huge_out:  # a bug, not a connection problem: fail the migration visibly
             raise InternalError("no free staging buffer: the background channel was not held")
         return self._free.pop()
 
     def give_back(self, staging: Staging | None) -> None:
-        if staging is not None:
+        if staging is None:
+            return
+        if staging is self._huge:
+            self._huge_out = False
+        else:
             self._free.append(staging)
 
     def submit(self, commands: Sequence[Place | PlaceZero], staging: Staging | None) -> None:

@@ -22,6 +22,8 @@ image.  Then, ``--repeat`` rounds of:
    - ``quiet_tls`` and ``idle_tls``: ``quiet`` and ``idle`` with both channels
      over TLS (certificates made with ``openssl`` for the run), reported with
      their ratio to the same run's plain figures: what TLS costs;
+   - ``huge`` (once, after the rounds): faults on 2 MiB and 1 GiB pages against
+     the page's wire time at this run's bulk rate (:mod:`aiopostcopy.tools.bench_huge`);
 
 and a last C baseline, so every scenario is bracketed by baselines.  The
 table gives each figure with its ratio to the same run's baseline and the goal
@@ -50,12 +52,13 @@ from typing import Any, Callable
 
 from aiopostcopy.tools import bench_report
 from aiopostcopy.tools.bench_c import CBaseline, CBuildError
+from aiopostcopy.tools.bench_huge import huge_table, run_huge
 from aiopostcopy.tools.bench_migration import Context, Scenario, make_image, run_migration
 from aiopostcopy.tools.bench_procs import Loopback, Pinned, Veth, cpu_snapshot, machine, make_tls_files, other_load
 
 __all__ = ["add_bench_arguments", "bench_main", "SCENARIOS"]
 
-SCENARIOS = ("quiet", "sweep", "mixed", "idle", "rate", "quiet_tls", "idle_tls")
+SCENARIOS = ("quiet", "sweep", "mixed", "idle", "rate", "quiet_tls", "idle_tls", "huge")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -119,7 +122,7 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
              "rate": Scenario("rate", gated=True, workers=many),
              "quiet_tls": Scenario("quiet_tls", gated=True, workers=one, tls=True),
              "idle_tls": Scenario("idle_tls", tls=True)}
-    return [known[s] for s in args.scenarios.split(",") if s]
+    return [known[s] for s in args.scenarios.split(",") if s in known]  # huge runs once, after the rounds
 
 
 def _c_round(cb: CBaseline, place: Any, args: argparse.Namespace, c: dict[str, list[Any]],
@@ -187,6 +190,8 @@ def _measure(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[dict
                 for sc in scenarios(args):
                     runs.append(run_migration(ctx, sc, f"r{rnd}-{sc.name}"))
                     _log_run(runs[-1], c, log)
+            if "huge" in args.scenarios.split(","):
+                c["huge"] = [run_huge(ctx, bench_report._median(c["bulk"]), args.quick, log)]
             log("final C baseline")
             _c_round(cb, place, args, c, log)
             if place.link is not None:
@@ -242,9 +247,11 @@ def bench_main(args: argparse.Namespace) -> int:
         print(f"aiopostcopy bench: failed: {exc}", file=sys.stderr)
         return 1
     figures = bench_report.summarize(c, runs)
+    figures.update(*c.get("huge", ()))
     noise = other_load(cpu0, cpu_snapshot(), time.monotonic() - started)
-    errors = [e for r in runs for e in r["errors"]]
-    lines = ["", *bench_report.table(figures, threads, args.c_threads), "", *qdisc,
+    errors = [e for r in runs for e in r["errors"]] + figures.get("huge_errors", [])
+    lines = ["", *bench_report.table(figures, threads, args.c_threads), "",
+             *(huge_table(figures) + [""] if c.get("huge") else []), *qdisc,
              f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; wall {noise['wall_s']:.0f} s; "
              f"CPU not ours ~{noise['others_vcpu'] * 100:.0f}% of one vCPU; steal {noise['steal_s']:.1f} s",
              f"verification: {figures['migrations']} migrations, {figures['pages_verified']}/{figures['pages_total']} "
@@ -270,7 +277,7 @@ def write_json(path: Path, figures: dict[str, Any], info: dict[str, Any], header
     """Every figure, the conditions, the per-run details (without raw samples) and any errors."""
     conditions = {**info, "load_at_end": list(os.getloadavg()), "cpu_outside": noise, "header": header}
     body = {**figures, "conditions": conditions, "options": vars(args), "errors": errors,
-            "c_runs": {k: v for k, v in c.items() if k not in ("rr", "fault")},
+            "c_runs": {k: v for k, v in c.items() if k not in ("rr", "fault", "huge")},
             "runs": [{k: v for k, v in r.items() if k not in ("samples_ns", "rx")} for r in runs]}
     path.write_text(json.dumps(body, indent=2, default=str) + "\n")
 

@@ -65,6 +65,8 @@ class Scenario:
         workers: (mode, threads, touches per thread) of each worker.
         source_args: Extra ``aiopostcopy source`` options.
         tls: Both channels over TLS (the certificates of ``Context.tls``).
+        block_dir: the destination's block dir (default: a directory of the run under /dev/shm).
+        page_size: the image's page size (what the block file is verified with).
     """
 
     name: str
@@ -72,6 +74,8 @@ class Scenario:
     workers: tuple[tuple[str, int, int], ...] = ()
     source_args: tuple[str, ...] = field(default=())
     tls: bool = False
+    block_dir: str | None = None
+    page_size: int = 4096
 
 
 @dataclass
@@ -194,7 +198,7 @@ def run_migration(ctx: Context, sc: Scenario, tag: str) -> dict[str, Any]:
         stop(source)
         raise
     dest_argv = [*(ctx.dest_prefix or [sys.executable, "-m", "aiopostcopy"]), "dest", "--source", address,
-                 "--block-dir", str(run / "dest"), "--clients", sock, "--json", str(run / "dest.json"),
+                 "--block-dir", sc.block_dir or str(run / "dest"), "--clients", sock, "--json", str(run / "dest.json"),
                  *_tls_options(ctx, sc, "dest")]
     sampler = Sampler(0.01)
     began = time.monotonic()
@@ -229,7 +233,7 @@ def run_migration(ctx: Context, sc: Scenario, tag: str) -> dict[str, Any]:
     elif not (report.get("complete") and report.get("pages_placed") == report.get("pages_total")):
         errors.append(f"{sc.name}: destination report incomplete: placed {report.get('pages_placed')}"
                       f"/{report.get('pages_total')}, aborted {report.get('aborted')}")
-    bad = verify_file(run / "dest" / BLOCK, ctx.seed) if dest_rc == 0 else None
+    bad = verify_file(Path(sc.block_dir or run / "dest") / BLOCK, ctx.seed, sc.page_size) if dest_rc == 0 else None
     if bad:
         errors.append(f"{sc.name}: {len(bad)} pages of the destination block file do not verify, first {bad[:10]}")
     released = _released_at(run) if sc.gated else None
@@ -272,17 +276,18 @@ def _figures(report: dict[str, Any], workers: list[dict[str, Any]], bad: list[in
         "workers_ok": all(r.get("ok") for r in workers),
         "worker_pages_checked": sum(1 for r in workers if r.get("ok")),
         "service_latency_us": report.get("service_latency_us"),
+        "huge_page_waits": report.get("huge_page_waits"),
     }
 
 
-def verify_file(path: Path, seed: int) -> list[int]:
+def verify_file(path: Path, seed: int, page_size: int = PAGE) -> list[int]:
     """Check every page of a block file against the pattern; returns the bad pages."""
     from aiopostcopy.tools.pattern import verify_block
 
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as memory:
-            return verify_block(memory, 0, PAGE, seed)
+            return verify_block(memory, 0, page_size, seed)
 
 
 def make_image(path: Path, size: int, seed: int) -> None:

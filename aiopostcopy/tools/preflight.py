@@ -14,7 +14,11 @@ naming the object (path, address, filesystem type) and the cause:
   The filesystem is recognised by ``statfs(2)``'s ``f_type`` magic and named
   from /proc/self/mountinfo.  Room for the blocks is checked by the service
   itself once the source has said how large they are (their sizes are not
-  known before its Hello).
+  known before its Hello).  A hugetlbfs mount holds only pages of its own
+  size (``pagesize=`` mount option: 2 MiB or 1 GiB), taken from the kernel's
+  pool of that size: a mount whose pool has no free page is refused here,
+  with the sysfs file that grows it; the service checks the exact count
+  (and that the blocks have the mount's page size) once it knows the blocks.
 * :func:`check_source_blocks` (source): names unique, every path an existing,
   readable regular file whose size is a positive multiple of the page size.
 * :func:`check_port`: a TCP port is 0-65535 (0: any free port).
@@ -30,6 +34,7 @@ import stat
 from collections.abc import Sequence
 
 from aiopostcopy.errors import ConfigurationError
+from aiopostcopy.uffd.hugepages import available_huge_pages, pool_hint
 
 __all__ = ["BlockDir", "prepare_block_dir", "check_source_blocks", "check_port", "filesystem_type",
            "TMPFS_MAGIC", "HUGETLBFS_MAGIC"]
@@ -48,11 +53,15 @@ class BlockDir:
         fs_type: ``"tmpfs"`` or ``"hugetlbfs"``.
         created: the topmost directory made here (``path`` or one of its parents),
             None if ``path`` existed.
+        huge_page_size: the mount's page size on hugetlbfs, else None.
+        huge_pages_free: huge pages of that size free in the kernel's pool (hugetlbfs).
     """
 
     path: str
     fs_type: str
     created: str | None
+    huge_page_size: int | None = None
+    huge_pages_free: int | None = None
 
     def remove_if_empty(self) -> None:
         """Remove the directories this run created, as far as it left them empty."""
@@ -94,10 +103,22 @@ def prepare_block_dir(path: str) -> BlockDir:
             raise ConfigurationError(f"block dir {path}: read-only file system ({fs_type})")
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigurationError(f"block dir {path}: permission denied (cannot create files in it)")
+        huge, free = _huge_pool(path) if fs_type == "hugetlbfs" else (None, None)
     except BaseException:
         _remove_created(path, created)
         raise
-    return BlockDir(path, fs_type, created)
+    return BlockDir(path, fs_type, created, huge, free)
+
+
+def _huge_pool(path: str) -> tuple[int, int | None]:
+    """A hugetlbfs block dir's page size and free pages; refused when its pool has none free."""
+    huge = os.statvfs(path).f_bsize
+    free = available_huge_pages(huge)
+    if free is not None and free <= 0:
+        raise ConfigurationError(
+            f"block dir {path}: hugetlbfs mount of {huge >> 20} MiB pages, but no huge page of that size is "
+            f"free; {pool_hint(huge, 1).replace('e.g.', 'e.g. (one page per page of the blocks)')}")
+    return huge, free
 
 
 def _make_dir(path: str) -> str | None:

@@ -119,8 +119,8 @@ class Toucher:
 
     def resident(self, block: int, page: int, vec: ctypes.Array) -> bool:
         """Whether the page is in memory already (mincore; a touch of it will not fault)."""
-        size = self.infos[block].page_size
-        if _libc.mincore(ctypes.c_void_p(self.bases[block] + page * size), ctypes.c_size_t(size), vec) != 0:
+        size = self.infos[block].page_size  # asked about its first 4 KiB: a huge page is there whole or not
+        if _libc.mincore(ctypes.c_void_p(self.bases[block] + page * size), ctypes.c_size_t(4096), vec) != 0:
             return False  # unknown: count the touch as a fault, as before
         return bool(vec[0] & 1)
 
@@ -135,7 +135,7 @@ def _touch_loop(toucher: Toucher, args: argparse.Namespace, index: int, out: dic
     name_native_thread(f"touch-{slot}")
     rng = random.Random(args.seed * 1_000_003 + slot)
     scratch = ctypes.create_string_buffer(8)
-    vec = (ctypes.c_ubyte * 512)()  # mincore's vector: one byte per 4 KiB of a page up to 2 MiB
+    vec = (ctypes.c_ubyte * 1)()  # mincore's vector: one byte, for the first 4 KiB of the page
     latencies, tally, seen = out["latencies"], out["tally"], out["seen"]
     offset = 8 * slot if args.counters else COUNTER_BYTES
     start = toucher.total * index // max(args.threads, 1)

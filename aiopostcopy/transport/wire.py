@@ -175,8 +175,9 @@ def encode_pages_header(block: int, first: int, count: int, nbytes: int, zeros: 
         LocalProtocolError: a field is out of range.
     """
     Pages(block=block, first=first, count=count, zeros=zeros)  # validates the run
-    if type(nbytes) is not int or not 1 <= nbytes <= limits.max_payload:
-        raise LocalProtocolError(f"pages nbytes must be in [1, {limits.max_payload}], got {nbytes!r}")
+    if not limits.payload_ok(nbytes, count, zeros):
+        raise LocalProtocolError(f"pages nbytes must be in [1, {limits.max_payload}] (or one page of up to "
+                                 f"{limits.max_page_size}), got {nbytes!r}")
     return _frame((Pages.TYPE, block, first, count, nbytes, zeros), limits)
 
 
@@ -318,6 +319,7 @@ class Decoder:
         budgets = _budgets(limits)
         self._budget = {cls.TYPE: budgets[cls.TYPE] for cls in classes}
         self._max_header, self._max_payload = limits.max_header, limits.max_payload
+        self._limits = limits
         self._unpacker = msgpack.Unpacker(
             use_list=False, raw=False, strict_map_key=True, max_buffer_size=limits.max_header,
             read_size=min(_CHUNK, limits.max_header),  # initial buffer; it grows on demand
@@ -502,8 +504,9 @@ class Decoder:
 
     def _pages_header(self, fields: tuple) -> Message | None:
         nbytes = fields[4]
-        if type(nbytes) is not int or not 1 <= nbytes <= self._max_payload:
-            raise RemoteProtocolError(f"pages nbytes must be in [1, {self._max_payload}], got {nbytes!r:.40}")
+        if not self._limits.payload_ok(nbytes, fields[3], fields[5]):
+            raise RemoteProtocolError(f"pages nbytes must be in [1, {self._max_payload}] (or one page of up to "
+                                      f"{self._limits.max_page_size}), got {nbytes!r:.40}")
         self._pending = self._build(Pages.TYPE, fields)
         self._need, self._filled = nbytes, 0
         if self._make_sink is not None:

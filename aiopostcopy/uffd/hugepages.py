@@ -13,7 +13,8 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["default_page_size", "hugetlbfs_mount", "default_huge_page_size", "HugePageReservation"]
+__all__ = ["default_page_size", "hugetlbfs_mount", "default_huge_page_size", "HugePageReservation",
+           "available_huge_pages", "pool_hint", "hugetlbfs_page_size"]
 
 _SYSFS = "/sys/kernel/mm/hugepages/hugepages-{kib}kB/{name}"
 
@@ -52,10 +53,48 @@ def hugetlbfs_mount() -> str | None:
     return None
 
 
+def hugetlbfs_page_size(path: str) -> int | None:
+    """The huge page size of the hugetlbfs mount ``path`` is on, or None if it is on another filesystem."""
+    real, best, fs_type = os.path.realpath(path), "", None
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mount_point = fields[1].replace("\\040", " ")
+                inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+                if inside and len(mount_point) >= len(best):
+                    best, fs_type = mount_point, fields[2]
+    except OSError:
+        return None
+    return os.statvfs(path).f_bsize if fs_type == "hugetlbfs" else None
+
+
 def _pool_path(page_size: int, name: str) -> str:
     if name == "nr_hugepages" and page_size == default_huge_page_size():
         return "/proc/sys/vm/nr_hugepages"
     return _SYSFS.format(kib=page_size // 1024, name=name)
+
+
+def available_huge_pages(page_size: int) -> int | None:
+    """Huge pages of ``page_size`` a new mapping can still reserve (free minus already
+    reserved), or None when the kernel has no pool of that size."""
+    try:
+        return _read_int(_SYSFS.format(kib=page_size // 1024, name="free_hugepages")) - \
+            _read_int(_SYSFS.format(kib=page_size // 1024, name="resv_hugepages"))
+    except (OSError, ValueError):
+        return None
+
+
+def pool_hint(page_size: int, pages: int) -> str:
+    """How an administrator makes ``pages`` more huge pages of ``page_size`` available."""
+    path = _SYSFS.format(kib=page_size // 1024, name="nr_hugepages")
+    try:
+        now = _read_int(path)
+    except (OSError, ValueError):
+        return f"this kernel has no pool of {page_size}-byte huge pages"
+    return f"grow the pool, e.g. echo {now + pages} > {path}"
 
 
 def _read_int(path: str) -> int:

@@ -118,6 +118,15 @@ def test_pages_golden_header() -> None:
     assert encode_pages_header(0, 16, 3, 8192, (1, 2)).hex() == "0000000b" "96" "03" "00" "10" "03" "cd2000" "920102"
 
 
+def test_one_huge_page_may_exceed_max_payload() -> None:
+    """A 1 GiB page travels whole in one frame of its own (docs/protocol.md section 4.4.1)."""
+    header = encode_pages_header(0, 3, 1, LIMITS.max_page_size)
+    decoder = Decoder(payload_sink=lambda msg, nbytes: memoryview(bytearray(nbytes)))
+    decoder.receive_data(header)
+    decoder.receive_data(b"\1" * (1 << 20))
+    assert decoder.next_event() is None  # the rest of the page is due
+
+
 def test_encode_refuses() -> None:
     with pytest.raises(LocalProtocolError):
         encode(Pages(block=0, first=0, count=1))
@@ -126,7 +135,11 @@ def test_encode_refuses() -> None:
     with pytest.raises(LocalProtocolError):
         encode_pages_header(0, 0, 1, 0)
     with pytest.raises(LocalProtocolError):
-        encode_pages_header(0, 0, 1, LIMITS.max_payload + 1)
+        encode_pages_header(0, 0, 2, LIMITS.max_payload + 1)  # more than max_payload: one page alone only
+    with pytest.raises(LocalProtocolError):
+        encode_pages_header(0, 0, 1, LIMITS.max_page_size + 1)
+    with pytest.raises(LocalProtocolError):
+        encode_pages_header(0, 0, 1, LIMITS.max_payload + 1, (0, 1))
     with pytest.raises(LocalProtocolError):
         encode_pages_header(-1, 0, 1, 4096)
     with pytest.raises(LocalProtocolError):
@@ -194,7 +207,8 @@ def test_disallowed_type_is_refused_before_its_header_arrives() -> None:
 
 @pytest.mark.parametrize("header", [
     [99], [0], [2], [2, (0, 1, 1), 1], [8, 1], [3, 0, 0, 1], [12, "nope", "x"], [12, "io", b"bytes"],
-    [3, 0, 0, 1, 0], [3, 0, 0, 1, LIMITS.max_payload + 1], [3, 0, 0, 1, -1], [3, 0, 0, 1, True],
+    [3, 0, 0, 1, 0], [3, 0, 0, 2, LIMITS.max_payload + 1, []], [3, 0, 0, 1, LIMITS.max_page_size + 1, []],
+    [3, 0, 0, 4, LIMITS.max_payload + 1, [0, 1]], [3, 0, 0, 1, -1], [3, 0, 0, 1, True],
     [7, 1.5], [20, 1, 1, "n", "bogus"], [9, {"a": 1}], [10, msgpack.ExtType(1, b"x")],
     [1, 1, "s", "source", "urgent", [], [["ram", 4096, 4095]]], [22, [[1, 2, 3]]], [21, "s", []],
     [6, "s", [[0, [5, 1]]], []], [6, "s", [[0, [0, 1]], [0, [4, 5]]], []], [2, [[0, 0, 1]] * 4097],
