@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiopostcopy.core.control import TRANSITIONS, ServiceControl, Side, version_reject
+from aiopostcopy.core.control import TRANSITIONS, Phase, ServiceControl, Side, version_reject
 from aiopostcopy.core.ramblock import MappingTable
 from aiopostcopy.core.commands import NotifyPlaced, UnknownFault
 from aiopostcopy.core.session import DestinationSession
@@ -57,7 +57,7 @@ from aiopostcopy.messages import (
     Register,
     Reject,
 )
-from aiopostcopy.transport.fdstream import ControlChannel
+from aiopostcopy.transport.fdstream import ControlChannel, error_for
 from aiopostcopy.uffd import ForkEvent, RegisterMode, RemapEvent, Userfaultfd
 
 __all__ = ["ClientRegistry", "ClientInfo", "ServicePort"]
@@ -149,6 +149,7 @@ class ClientRegistry:
                 lambda msg, c=client: self._on_message(c, msg),
                 lambda exc, c=client: self._on_lost(c, exc),
                 allowed=_FROM_CLIENT,
+                refusal=lambda exc, c=client: self._refusal(c, exc),
             )
             client.pid = client.channel.peer_pid()
 
@@ -355,12 +356,22 @@ class ClientRegistry:
 
     def _reject(self, client: ClientInfo, code: ErrorCode, text: str) -> None:
         """Refuse (Reject while joining, Error once running) and retire the client."""
-        kind = Reject if _may_send(client, Reject) else Error
+        kind = _refusal_kind(client, code)
         if client.channel is not None and client.channel.is_open and _may_send(client, kind):
             msg = kind(code=code, text=text[:4000])
             client.control.send(msg)
             client.channel.send(msg)
         self.retire(client, text)
+
+    def _refusal(self, client: ClientInfo, exc: RemoteProtocolError) -> Message:
+        """The last frame for a frame the decoder refused: a Register whose table is
+        malformed gets Reject(mapping) naming the entry, anything else Error(code)."""
+        answer = error_for(exc)
+        kind = _refusal_kind(client, answer.code)
+        if kind is Reject and _may_send(client, Reject):
+            answer = Reject(code=answer.code, text=answer.text)
+            client.control.send(answer)
+        return answer
 
     def _on_lost(self, client: ClientInfo, exc: BaseException | None) -> None:
         if client.key not in self._clients:  # ended earlier (abort kept its fds): its socket
@@ -465,6 +476,13 @@ def _bind_replacing_stale(listener: socket.socket, path: str) -> None:
 
 def _may_send(client: ClientInfo, kind: type) -> bool:
     return (Side.SERVICE, client.control.phase, kind) in TRANSITIONS
+
+
+def _refusal_kind(client: ClientInfo, code: ErrorCode) -> type:
+    """Reject while the client joins (in ADVISE only for a refused Register's table), else Error."""
+    if client.control.phase is Phase.ADVISE and code is not ErrorCode.MAPPING:
+        return Error
+    return Reject if _may_send(client, Reject) else Error
 
 
 _HANDLERS = {

@@ -1,0 +1,142 @@
+"""The code does what docs/protocol.md says, where the two once disagreed.
+
+* section 4.2: there is one protocol version and no negotiation: a Hello of
+  version 2 gets ``Error(version)`` from a real source, which goes on serving
+  the next destination; a ClientHello of version 2 gets ``Reject(version)``
+  and no Blocks (section 5.2);
+* section 5.2: a mapping table the service cannot accept, even one whose frame
+  the decoder refuses (an entry of three integers, a length of 0, no entry
+  at all), is answered with ``Reject(mapping)`` naming it, and the service
+  closes; the other clients and the migration go on;
+* section 5.2: a client answers End with Bye and the service reads it before
+  closing; a client that never says Bye does not hold the service up.
+
+Every test ends with the page-by-page check of the destination's memory and
+of the bystander clients' own checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from aiopostcopy.loop import PostcopyDestination
+from aiopostcopy.messages import PROTOCOL_VERSION, Channel, Hello, Role
+from aiopostcopy.transport.wire import ConnectionClosed, Decoder, encode
+
+from e2e_support import bounded, check_destination, threads_in_userfault, wait_until
+
+MiB = 1 << 20
+
+
+def assert_worker_ok(result: dict) -> None:
+    assert result["exit"] == 0 and result.get("ok") and result.get("end_complete"), json.dumps(result)
+    assert result.get("bad_page_count") == 0, result.get("bad_pages")
+
+
+async def _hello_of_version(address: tuple[str, int], version: int) -> tuple[list, bool]:
+    """Send one destination Hello of ``version``; what came back, and whether the source closed."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(encode(Hello(version=version, session_id="from-the-future", role=Role.DESTINATION,
+                                  channel=Channel.URGENT)))
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 20)  # to EOF
+    finally:
+        writer.close()
+        await asyncio.gather(writer.wait_closed(), return_exceptions=True)
+    decoder, got, closed = Decoder(), [], False
+    decoder.receive_data(data)
+    decoder.receive_data(b"")
+    while (event := decoder.next_event()) is not None:
+        if isinstance(event, ConnectionClosed):
+            closed = True
+            break
+        got.append(event)
+    return got, closed
+
+
+# ----------------------------------------------------------------------------- versions
+
+
+@pytest.mark.asyncio
+async def test_a_hello_of_version_2_gets_error_version_and_the_source_serves_on(e2e) -> None:
+    """Section 4.2: the source answers a version 2 Hello with Error(version) and closes, sends no
+    Hello, and is not held by it: the next destination (version 1) completes with every page right."""
+    seed, size = 901, 8 * MiB
+    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
+    got, closed = await bounded(_hello_of_version(source.address, PROTOCOL_VERSION + 1), "the source's answer")
+    async with PostcopyDestination(e2e.options(source.address, clients=False)) as dest:
+        report = await bounded(dest.wait_complete(), "the migration after the refused Hello")
+        problems = check_destination(dest, seed=seed)
+    source_report = await source.report()
+
+    assert [type(m).__name__ for m in got] == ["Error"] and got[0].code.value == "version", got
+    assert str(PROTOCOL_VERSION + 1) in got[0].text, got
+    assert closed, "the source did not close after Error(version)"
+    assert report.complete and problems == {}
+    assert source_report["exit"] == 0 and source_report["complete"], source_report
+
+
+@pytest.mark.asyncio
+async def test_a_client_hello_of_version_2_gets_reject_version(e2e) -> None:
+    """Section 5.2: a ClientHello of version 2 gets Reject(version), no Blocks and no descriptor,
+    and the connection closes; a client beside it is not disturbed."""
+    seed, size = 902, 16 * MiB
+    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
+    async with PostcopyDestination(e2e.options(source.address)) as dest:
+        source.stop()
+        worker = await e2e.worker(mode="delegated", threads=2, touches=200, seed=seed, name="bystander")
+        await wait_until(lambda: threads_in_userfault(worker.pid), "the bystander blocked")
+        rogue = await e2e.rogue("version-2")
+        source.cont()
+        report = await bounded(dest.wait_complete(), "the migration")
+        result = await worker.result()
+        problems = check_destination(dest, seed=seed)
+    await source.report()
+
+    assert rogue["exit"] == 0, rogue
+    assert [m["type"] for m in rogue["received"]] == ["Reject"], rogue
+    assert rogue["received"][0]["code"] == "version" and rogue["fds"] == 0, rogue
+    assert rogue["eof"], rogue
+    assert report.complete and problems == {}
+    assert_worker_ok(result)
+
+
+# ----------------------------------------------------------------------------- mapping tables
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode, names", [
+    ("table-short-entry", "entry 0"),
+    ("table-zero-length", "entry 0: length"),
+    ("table-empty", "at least one mapping"),
+])
+async def test_a_malformed_mapping_table_gets_reject_mapping(e2e, mode, names) -> None:
+    """Section 5.2: a Register whose table the decoder or the state machine refuses as it stands
+    gets Reject(mapping) naming the entry (not Error), and the service closes; the bystander
+    client and the migration are not disturbed, and every page is right."""
+    seed, size = 903, 16 * MiB
+    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
+    async with PostcopyDestination(e2e.options(source.address)) as dest:
+        source.stop()
+        worker = await e2e.worker(mode="delegated", threads=2, touches=200, seed=seed, name="bystander")
+        await wait_until(lambda: threads_in_userfault(worker.pid), "the bystander blocked")
+        rogue = await e2e.rogue(mode)
+        source.cont()
+        report = await bounded(dest.wait_complete(), "the migration")
+        result = await worker.result()
+        problems = check_destination(dest, seed=seed)
+    await source.report()
+
+    assert rogue["exit"] == 0, rogue
+    assert [m["type"] for m in rogue["received"]] == ["Reject"], rogue
+    reject = rogue["received"][0]
+    assert reject["code"] == "mapping" and names in reject["text"], reject
+    assert rogue["eof"], rogue
+    refused = [c for c in report.clients if c["pid"] == rogue["pid"]]
+    assert len(refused) == 1 and refused[0]["error"], report.clients
+    assert report.complete and problems == {}
+    assert_worker_ok(result)
