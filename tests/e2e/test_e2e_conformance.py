@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import pytest
 
@@ -140,3 +141,83 @@ async def test_a_malformed_mapping_table_gets_reject_mapping(e2e, mode, names) -
     assert len(refused) == 1 and refused[0]["error"], report.clients
     assert report.complete and problems == {}
     assert_worker_ok(result)
+
+
+# ----------------------------------------------------------------------------- the end of a client
+
+
+def assert_block_file(image: str, final: str) -> None:
+    """The destination's block file equals the source image, MiB by MiB (cmp)."""
+    with open(image, "rb") as want, open(final, "rb") as got:
+        offset = 0
+        while chunk := want.read(MiB):
+            assert got.read(len(chunk)) == chunk, f"{final} differs from {image} in the MiB at {offset:#x}"
+            offset += len(chunk)
+        assert not got.read(1), f"{final} is longer than {image}"
+
+
+@pytest.mark.asyncio
+async def test_clients_answer_end_with_bye_and_the_service_reads_it(e2e) -> None:
+    """Section 5.2: a delegated and a self-served client answer End with Bye, and the service,
+    closed the moment the migration completes, reads both Byes before it closes: neither client
+    meets a closed socket, neither is reported with an error, and every page is right."""
+    seed, size = 904, 16 * MiB
+    image = e2e.image(size, seed=seed)
+    source = await e2e.source({"ram": image})
+    async with PostcopyDestination(e2e.options(source.address)) as dest:
+        source.stop()
+        workers = [await e2e.worker(mode=mode, threads=2, touches=200, seed=seed, name=f"ender-{mode}")
+                   for mode in ("delegated", "self-served")]
+        for worker in workers:
+            await wait_until(lambda: threads_in_userfault(worker.pid), f"worker {worker.pid} blocked")
+        source.cont()
+        report = await bounded(dest.wait_complete(), "the migration")
+    # closed at once: the workers get End while the service is closing
+    results = [await worker.result() for worker in workers]
+    await source.report()
+
+    for result in results:
+        assert_worker_ok(result)
+        assert result["client"]["bye"] == "sent", result["client"]
+    seen = {c.pid: c for c in dest._clients}  # test-only look inside the registry
+    assert all(seen[w.pid].said_bye and seen[w.pid].error is None for w in workers), seen
+    assert report.complete and all(c["error"] is None for c in report.clients), report.clients
+    assert_block_file(image, os.path.join(e2e.block_dir, "ram"))
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_never_says_bye_does_not_hold_the_service(e2e) -> None:
+    """Section 5.2: a client that gets End and neither says Bye nor closes is closed by the
+    service after its short grace; closing the destination does not wait for it, and a
+    well-behaved client beside it ends normally."""
+    seed, size = 905, 16 * MiB
+    image = e2e.image(size, seed=seed)
+    source = await e2e.source({"ram": image})
+    dest = PostcopyDestination(e2e.options(source.address))
+    await dest.start()
+    try:
+        source.stop()
+        worker = await e2e.worker(mode="delegated", threads=2, touches=200, seed=seed, name="polite")
+        await wait_until(lambda: threads_in_userfault(worker.pid), "the polite client blocked")
+        silent = asyncio.ensure_future(e2e.rogue("no-bye"))
+        await wait_until(lambda: sum(1 for c in dest._clients if c.name == "rogue" and c.uffd) == 1,
+                         "the silent client accepted")
+        source.cont()
+        report = await bounded(dest.wait_complete(), "the migration")
+        problems = check_destination(dest, seed=seed)
+    finally:
+        await bounded(dest.close(), "closing the destination beside a client that never says Bye")
+    rogue = await bounded(silent, "the silent client")
+    result = await worker.result()
+    await source.report()
+
+    assert rogue["exit"] == 0 and [m["type"] for m in rogue["reply"]] == ["Accept"], rogue
+    assert rogue["received"] == [{"type": "End", "complete": True}], rogue
+    assert rogue["tail"] == [] and rogue["eof"] and rogue["closed_after_s"] is not None, rogue
+    polite = next(c for c in dest._clients if c.pid == worker.pid)
+    silent_info = next(c for c in dest._clients if c.pid == rogue["pid"])
+    assert polite.said_bye and not silent_info.said_bye, (polite, silent_info)
+    assert report.complete and problems == {}
+    assert_worker_ok(result)
+    assert result["client"]["bye"] == "sent", result["client"]
+    assert_block_file(image, os.path.join(e2e.block_dir, "ram"))
