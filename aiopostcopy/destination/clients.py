@@ -388,6 +388,7 @@ class ClientRegistry:
         return answer
 
     def _on_lost(self, client: ClientInfo, exc: BaseException | None) -> None:
+        client.channel = None  # a retired client's record stays for the report; its buffers go now
         if client.key not in self._clients:  # ended earlier (abort kept its fds): its socket
             self._close_fds(client)          # is gone, so no thread of it can still wait
             self._note_goodbye()
