@@ -23,8 +23,9 @@ import os
 
 import pytest
 
+from aiopostcopy.errors import SourceLostError
 from aiopostcopy.loop import PostcopyDestination
-from aiopostcopy.messages import PROTOCOL_VERSION, Channel, Hello, Role
+from aiopostcopy.messages import PROTOCOL_VERSION, BlockInfo, Channel, Hello, Role
 from aiopostcopy.transport.wire import ConnectionClosed, Decoder, encode
 
 from e2e_support import bounded, check_destination, threads_in_userfault, wait_until
@@ -79,6 +80,47 @@ async def test_a_hello_of_version_2_gets_error_version_and_the_source_serves_on(
     assert closed, "the source did not close after Error(version)"
     assert report.complete and problems == {}
     assert source_report["exit"] == 0 and source_report["complete"], source_report
+
+
+@pytest.mark.asyncio
+async def test_a_source_hello_of_version_2_ends_the_destination_with_error_version(e2e) -> None:
+    """Section 4.2, the other way: a source that answers with a Hello of version 2 gets
+    Error(version) and a closed connection, and the destination ends at once (version is final,
+    section 6) with an error that says so, instead of reconnecting."""
+    heard: list = []
+
+    async def future_source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = Decoder()
+        hello = None
+        while hello is None and (data := await reader.read(65536)):
+            decoder.receive_data(data)
+            hello = decoder.next_event()
+        if hello is None:
+            return writer.close()
+        block = BlockInfo(name="ram", length=MiB, page_size=4096)
+        writer.write(encode(Hello(version=PROTOCOL_VERSION + 1, session_id=hello.session_id, role=Role.SOURCE,
+                                  channel=hello.channel, blocks=(block,))))
+        await writer.drain()
+        decoder.receive_data(await asyncio.wait_for(reader.read(), 20))  # to the destination's close
+        decoder.receive_data(b"")
+        while (event := decoder.next_event()) is not None and not isinstance(event, ConnectionClosed):
+            heard.append(event)
+        writer.close()
+
+    server = await asyncio.start_server(future_source, "127.0.0.1", 0)
+    address = server.sockets[0].getsockname()[:2]
+    try:
+        with pytest.raises(SourceLostError) as failure:  # at once: in start(), on the first Hello
+            async with PostcopyDestination(e2e.options(address, clients=False, block_dir=False)) as dest:
+                await bounded(dest.wait_complete(), "the destination to give up")
+        await wait_until(lambda: heard, "the destination's answer to the source")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    assert "version" in str(failure.value), failure.value
+    errors = [m for m in heard if type(m).__name__ == "Error"]
+    assert errors and errors[0].code.value == "version", heard
 
 
 @pytest.mark.asyncio
