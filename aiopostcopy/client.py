@@ -13,7 +13,7 @@ a FIFO; Blocks claims one per block, in block order)::
                                    (THREAD_ID), register every mapping MISSING
     -> Register(table) + uffd fd (delegated)  |  Register(()) (self-served)
     <- Accept ... End(complete)    running; every page placed (or aborted)
-    -> Bye
+    -> Bye                         at once, from our thread; the service then closes
 
 *Delegated*: the service reads our uffd, requests pages for us and wakes our
 threads; our thread only watches the socket.  *Self-served*: our thread polls
@@ -107,6 +107,7 @@ class Client:
         self._wakefd, self._stopping, self._left = -1, False, False
         self._rejoined: int | None = None  # the old control socket's fd, once replaced
         self._end: End | None = None
+        self._bye: str | None = None  #: after End: "sent", or why it could not be
         self._failure: BaseException | None = None
         self._done, self._lock = threading.Event(), threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
@@ -296,6 +297,7 @@ class Client:
                     while self._uffd.read_events(64):  # queued faults: every page is in, just wake
                         pass
                     self._wake(self._pager.wake_all())  # every page is in: nobody may stay asleep
+                self._say_bye()
                 return self._finish(end=event)
             elif isinstance(event, (Reject, Error)):
                 return self._finish(failure=_service_error(event.code, event.text, "the service dropped us"))
@@ -306,6 +308,15 @@ class Client:
                     return None
                 return self._finish(failure=PostcopyError(
                     "the service closed the control connection before End; threads waiting for pages stay blocked"))
+
+    def _say_bye(self) -> None:
+        """Answer End with Bye at once: we need nothing more from the service, which waits
+        a short grace for it before it closes (docs/protocol.md section 5.2)."""
+        try:
+            self._send(Bye())
+            self._bye = "sent"
+        except (OSError, PostcopyError) as exc:  # the service went away first: End was its last word
+            self._bye = f"not sent: {type(exc).__name__}: {exc}"
 
     def _serve_faults(self) -> None:
         pager, wakes = self._pager, []
@@ -372,13 +383,15 @@ class Client:
     def statistics(self) -> dict:
         """Counters; self-served: faults handled here by outcome, and per faulting thread id."""
         stats = {"mode": self.mode.value, "blocks": len(self.block_info), "ended": self._done.is_set(),
-                 "rejoins": self.rejoins, "failure": None if self._failure is None else str(self._failure)}
+                 "rejoins": self.rejoins, "failure": None if self._failure is None else str(self._failure),
+                 "bye": self._bye}
         if self._pager is not None:
             stats.update(self._pager.statistics(), threads=dict(self._pager.threads))
         return stats
 
     def leave(self) -> None:
-        """After End: say Bye, stop the thread, unregister, close the uffd, unmap, close the fds.
+        """After End (our thread said Bye when it came): stop the thread, unregister, close the uffd,
+        unmap, close the fds.
 
         Views from :attr:`blocks` are released; drop slices of them first.
 

@@ -482,7 +482,7 @@ class PostcopyDestination:
         for front_end in self._vhost_user:
             await front_end.close()  # after completion: POSTCOPY_END first
         if self._clients is not None:
-            self._clients.close(complete=self._session.complete)
+            await self._clients.aclose(complete=self._session.complete)  # waits briefly for Byes
         self._source.close()
         if self._placer is not None:
             self._placer.close()  # a placement still running must end before munmap

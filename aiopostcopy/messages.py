@@ -142,13 +142,13 @@ class ErrorCode(str, enum.Enum):
     INTERNAL = "internal"  #: a bug on the sending side
 
 
-def _fail(message: str) -> LocalProtocolError:
-    return LocalProtocolError(message)
+def _fail(message: str, code: str | None = None) -> LocalProtocolError:
+    return LocalProtocolError(message, code=code)
 
 
-def _check_int(name: str, value: object, low: int, high: int) -> None:
+def _check_int(name: str, value: object, low: int, high: int, code: str | None = None) -> None:
     if type(value) is not int or not low <= value <= high:
-        raise _fail(f"{name} must be an integer in [{low}, {high}], got {value!r:.80}")
+        raise _fail(f"{name} must be an integer in [{low}, {high}], got {value!r:.80}", code)
 
 
 def _encodable(value: str) -> bool:
@@ -543,16 +543,24 @@ class Register:
     mappings: tuple[tuple[int, int, int, int], ...]
 
     def __post_init__(self) -> None:
+        # Code ``mapping``: a frame that decodes but holds a bad table is refused
+        # with Reject(mapping) naming the entry, like a table that fails the
+        # service's own checks (docs/protocol.md, sections 3 and 5.2).
+        mapping = ErrorCode.MAPPING.value
         if type(self.mappings) is not tuple or len(self.mappings) > LIMITS.max_blocks:
-            raise _fail(f"register: at most {LIMITS.max_blocks} mappings")
-        for entry in self.mappings:
+            raise _fail(f"register: the mapping table must be an array of at most {LIMITS.max_blocks} "
+                        "entries", mapping)
+        for index, entry in enumerate(self.mappings):
             if type(entry) is not tuple or len(entry) != 4:
-                raise _fail("register: entries are (address, length, block, offset)")
-            address, length, block, offset = entry
-            _check_int("mapping address", address, 1, (1 << 64) - 1)
-            _check_int("mapping length", length, 1, LIMITS.max_block_length)
-            _check_int("mapping block", block, 0, LIMITS.max_blocks - 1)
-            _check_int("mapping offset", offset, 0, LIMITS.max_block_length)
+                raise _fail(f"register: mapping entry {index}: expected [address, length, block, offset], "
+                            f"got {entry!r:.120}", mapping)
+            for name, value, low, high in zip(_ENTRY_FIELDS, entry, _ENTRY_LOW, _ENTRY_HIGH):
+                _check_int(f"register: mapping entry {index}: {name}", value, low, high, mapping)
+
+
+_ENTRY_FIELDS = ("address", "length", "block", "offset")
+_ENTRY_LOW = (1, 1, 0, 0)
+_ENTRY_HIGH = ((1 << 64) - 1, LIMITS.max_block_length, LIMITS.max_blocks - 1, LIMITS.max_block_length)
 
 
 @_frozen

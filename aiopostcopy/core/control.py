@@ -17,6 +17,8 @@ Rule 1. Every transition is one row of :data:`TRANSITIONS`:
             CONNECTED --ClientHello--> HELLO --Blocks--> ADVISE --Register--> LISTEN
             LISTEN --Accept--> RUNNING --End--> ENDED
             HELLO/LISTEN --Reject--> CLOSED
+            ADVISE --Reject--> CLOSED  (the service refuses a Register whose table
+                                        is malformed: the Register did not count)
             RUNNING: ClientRequest (client), Placed (service) keep RUNNING
 
 Rule 2. The client may send Bye, and either side may send Error, in every
@@ -76,6 +78,7 @@ TRANSITIONS: Final[dict[tuple[Side, Phase, type], Phase]] = {
     (_S, _P.HELLO, Blocks): _P.ADVISE,
     (_S, _P.HELLO, Reject): _P.CLOSED,
     (_C, _P.ADVISE, Register): _P.LISTEN,
+    (_S, _P.ADVISE, Reject): _P.CLOSED,  # a Register refused as it stands: its table is malformed
     (_S, _P.LISTEN, Accept): _P.RUNNING,
     (_S, _P.LISTEN, Reject): _P.CLOSED,
     (_C, _P.RUNNING, ClientRequest): _P.RUNNING,

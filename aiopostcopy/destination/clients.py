@@ -18,6 +18,11 @@ and file descriptors.
   retired in order (stop reading its fd, drop its waiters in the session,
   close our copy of the fd, close the socket).  Nothing it did reaches the
   other clients: every per-client failure ends in :meth:`ClientRegistry.retire`.
+* End: the client answers Bye at once, and the service closes that
+  connection when it reads it.  Shutting down (:meth:`ClientRegistry.aclose`)
+  waits at most :data:`BYE_GRACE` seconds for the Byes still due, so a
+  client's Bye does not meet a closed socket, and a client that never says
+  it does not hold the service up.
 
 A dead client gives no signal on its userfaultfd, which is why the socket's
 EOF is what retires it.
@@ -36,7 +41,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiopostcopy.core.control import TRANSITIONS, ServiceControl, Side, version_reject
+from aiopostcopy.core.control import TRANSITIONS, Phase, ServiceControl, Side, version_reject
 from aiopostcopy.core.ramblock import MappingTable
 from aiopostcopy.core.commands import NotifyPlaced, UnknownFault
 from aiopostcopy.core.session import DestinationSession
@@ -57,10 +62,13 @@ from aiopostcopy.messages import (
     Register,
     Reject,
 )
-from aiopostcopy.transport.fdstream import ControlChannel
+from aiopostcopy.transport.fdstream import ControlChannel, error_for
 from aiopostcopy.uffd import ForkEvent, RegisterMode, RemapEvent, Userfaultfd
 
-__all__ = ["ClientRegistry", "ClientInfo", "ServicePort"]
+__all__ = ["ClientRegistry", "ClientInfo", "ServicePort", "BYE_GRACE"]
+
+#: Seconds a closing service waits for the Bye of clients it sent End (they answer at once).
+BYE_GRACE = 1.0
 
 _FROM_CLIENT = frozenset({ClientHello, Register, ClientRequest, Bye, Error})
 
@@ -98,6 +106,7 @@ class ClientInfo:
     control: ServiceControl = dataclasses.field(default_factory=ServiceControl)
     error: str | None = None
     children: list[Userfaultfd] = dataclasses.field(default_factory=list)
+    said_bye: bool = False  #: the client said Bye (after End: it read End and left in order)
 
 
 class ClientRegistry:
@@ -110,6 +119,7 @@ class ClientRegistry:
         self._clients: dict[str, ClientInfo] = {}
         self._retired: list[ClientInfo] = []
         self._ids = itertools.count(1)
+        self._byes: asyncio.Future[None] | None = None  # set while aclose() waits for Byes
         self.path = path
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         if path is None:  # attached clients only (vhost-user back-ends): no control socket
@@ -149,6 +159,7 @@ class ClientRegistry:
                 lambda msg, c=client: self._on_message(c, msg),
                 lambda exc, c=client: self._on_lost(c, exc),
                 allowed=_FROM_CLIENT,
+                refusal=lambda exc, c=client: self._refusal(c, exc),
             )
             client.pid = client.channel.peer_pid()
 
@@ -299,7 +310,11 @@ class ClientRegistry:
         self._port.schedule_pass()
 
     def _on_bye(self, client: ClientInfo, msg: Bye) -> None:
-        self.retire(client, None)
+        client.said_bye = True
+        if client.key in self._clients:  # leaving before End
+            self.retire(client, None)
+        elif client.channel is not None:  # the answer to End: this connection is done
+            client.channel.close()
 
     def _on_error(self, client: ClientInfo, msg: Error) -> None:
         self.retire(client, f"client reported {msg.code.value}: {msg.text}")
@@ -355,16 +370,28 @@ class ClientRegistry:
 
     def _reject(self, client: ClientInfo, code: ErrorCode, text: str) -> None:
         """Refuse (Reject while joining, Error once running) and retire the client."""
-        kind = Reject if _may_send(client, Reject) else Error
+        kind = _refusal_kind(client, code)
         if client.channel is not None and client.channel.is_open and _may_send(client, kind):
             msg = kind(code=code, text=text[:4000])
             client.control.send(msg)
             client.channel.send(msg)
         self.retire(client, text)
 
+    def _refusal(self, client: ClientInfo, exc: RemoteProtocolError) -> Message:
+        """The last frame for a frame the decoder refused: a Register whose table is
+        malformed gets Reject(mapping) naming the entry, anything else Error(code)."""
+        answer = error_for(exc)
+        kind = _refusal_kind(client, answer.code)
+        if kind is Reject and _may_send(client, Reject):
+            answer = Reject(code=answer.code, text=answer.text)
+            client.control.send(answer)
+        return answer
+
     def _on_lost(self, client: ClientInfo, exc: BaseException | None) -> None:
+        client.channel = None  # a retired client's record stays for the report; its buffers go now
         if client.key not in self._clients:  # ended earlier (abort kept its fds): its socket
             self._close_fds(client)          # is gone, so no thread of it can still wait
+            self._note_goodbye()
             return
         if exc is None and client.key in self._clients and client.control.phase.value not in ("ended", "closed"):
             exc = ConnectionError("control connection closed before End")
@@ -425,7 +452,34 @@ class ClientRegistry:
         self._retired.append(client)
 
     def close(self, *, complete: bool) -> None:
-        """Stop accepting; end every client; remove the socket file."""
+        """Stop accepting; end every client; close every connection now; remove the socket file."""
+        self._stop_listening()
+        self.end_all(complete=complete)
+        self._close_channels()
+
+    async def aclose(self, *, complete: bool, grace: float = BYE_GRACE) -> None:
+        """:meth:`close`, but first wait up to ``grace`` seconds for the Bye of each ended client."""
+        self._stop_listening()
+        self.end_all(complete=complete)
+        if self._awaiting_bye():
+            self._byes = self._loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._byes), grace)
+            except asyncio.TimeoutError:
+                pass  # a client that does not answer End is closed all the same
+            finally:
+                self._byes = None
+        self._close_channels()
+
+    def _awaiting_bye(self) -> list[ClientInfo]:
+        return [c for c in self._retired
+                if c.channel is not None and c.channel.is_open and c.control.phase is Phase.ENDED]
+
+    def _note_goodbye(self) -> None:
+        if self._byes is not None and not self._byes.done() and not self._awaiting_bye():
+            self._byes.set_result(None)
+
+    def _stop_listening(self) -> None:
         if self._listener.fileno() >= 0:
             self._loop.remove_reader(self._listener.fileno())
             self._listener.close()
@@ -433,7 +487,8 @@ class ClientRegistry:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-        self.end_all(complete=complete)
+
+    def _close_channels(self) -> None:
         for client in self._retired:
             if client.channel is not None:
                 client.channel.close()
@@ -465,6 +520,13 @@ def _bind_replacing_stale(listener: socket.socket, path: str) -> None:
 
 def _may_send(client: ClientInfo, kind: type) -> bool:
     return (Side.SERVICE, client.control.phase, kind) in TRANSITIONS
+
+
+def _refusal_kind(client: ClientInfo, code: ErrorCode) -> type:
+    """Reject while the client joins (in ADVISE only for a refused Register's table), else Error."""
+    if client.control.phase is Phase.ADVISE and code is not ErrorCode.MAPPING:
+        return Error
+    return Reject if _may_send(client, Reject) else Error
 
 
 _HANDLERS = {

@@ -48,7 +48,7 @@ from aiopostcopy.errors import ClosedError, RemoteProtocolError
 from aiopostcopy.messages import LIMITS, Error, ErrorCode, Message
 from aiopostcopy.transport.wire import ConnectionClosed, Decoder, encode
 
-__all__ = ["ControlChannel", "BlockingControlChannel", "MAX_FDS_PER_SENDMSG"]
+__all__ = ["ControlChannel", "BlockingControlChannel", "MAX_FDS_PER_SENDMSG", "error_for"]
 
 _RECV_BYTES = 256 * 1024
 _FD_SIZE = array.array("i").itemsize
@@ -167,12 +167,12 @@ class _FdSocket:
                 self._out.popleft()
         return True
 
-    def _try_send_error(self, code: ErrorCode, text: str) -> None:
-        """Best effort: one Error frame straight onto the socket (we are about to close)."""
+    def _try_send_last(self, message: Message) -> None:
+        """Best effort: one last frame straight onto the socket (we are about to close)."""
         if self._sock is None:
             return
         try:
-            self._sock.send(encode(Error(code=code, text=text[: LIMITS.max_text])), socket.MSG_NOSIGNAL)
+            self._sock.send(encode(message), socket.MSG_NOSIGNAL)
         except OSError:
             pass
 
@@ -186,6 +186,11 @@ def _error_code(exc: RemoteProtocolError) -> ErrorCode:
     return ErrorCode(exc.code) if exc.code in ErrorCode._value2member_map_ else ErrorCode.PROTOCOL
 
 
+def error_for(exc: RemoteProtocolError) -> Message:
+    """The default answer to a frame the decoder refused: ``Error(code, text)``."""
+    return Error(code=_error_code(exc), text=str(exc)[: LIMITS.max_text])
+
+
 class ControlChannel(_FdSocket):
     """One control connection driven by asyncio (service side or an asyncio client).
 
@@ -195,6 +200,9 @@ class ControlChannel(_FdSocket):
         on_lost: called once when the channel ends (None: clean EOF or our close).
         allowed: message types accepted from the peer.
         max_pending_fds: bound on received-but-unclaimed descriptors.
+        refusal: the last frame to send when the decoder refuses a frame
+            (the service answers a malformed mapping table with Reject);
+            default :func:`error_for`, ``Error(code, text)``.
     """
 
     def __init__(
@@ -205,9 +213,11 @@ class ControlChannel(_FdSocket):
         *,
         allowed: frozenset[type] | None = None,
         max_pending_fds: int = LIMITS.max_blocks,
+        refusal: Callable[[RemoteProtocolError], Message] = error_for,
     ) -> None:
         super().__init__(sock, allowed=allowed, max_pending_fds=max_pending_fds)
         self._loop = asyncio.get_running_loop()
+        self._refusal = refusal
         self._on_message = on_message
         self._on_lost: Callable[[BaseException | None], None] | None = on_lost
         self._loop.add_reader(sock.fileno(), self._on_readable)
@@ -227,7 +237,7 @@ class ControlChannel(_FdSocket):
         if self._sock is None:
             return
         if error is not None:
-            self._try_send_error(code, str(error))
+            self._try_send_last(Error(code=code, text=str(error)[: LIMITS.max_text]))
         self._shutdown(None)
 
     def _on_readable(self) -> None:
@@ -235,7 +245,7 @@ class ControlChannel(_FdSocket):
             if self._read():
                 self._drain()
         except RemoteProtocolError as exc:
-            self._try_send_error(_error_code(exc), str(exc))
+            self._try_send_last(self._refusal(exc))
             self._shutdown(exc)
         except Exception as exc:  # OSError, or a bug in a handler: end this channel visibly
             self._shutdown(exc)

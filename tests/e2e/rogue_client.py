@@ -15,6 +15,12 @@
                       with zeros in the shared file).
 ``self-served-touch`` joins self-served, registers nothing, and reads pages 5, 6 and 7 of
                       block 0 (zeros again), then stays until the migration ends.
+``version-2``         a ClientHello of protocol version 2.
+``table-short-entry`` a Register frame (with our uffd) whose one entry has three integers.
+``table-zero-length`` a Register frame whose entry has length 0 (out of range).
+``table-empty``       a delegated Register with no entry at all (and our uffd).
+``no-bye``            joins delegated with a valid table, waits for End and never says Bye
+                      (nor closes): reports whether and when the service closed on its own.
 
 It prints one JSON object: what the service sent back (message type, code,
 text), whether the service closed the connection, and for ``fault-outside``
@@ -128,6 +134,13 @@ def read_pages(base: int, page: int, pages: list[int]) -> list[int]:
     return seen
 
 
+RAW_TABLES = {
+    "table-short-entry": lambda base, page: [[base, page, 0]],
+    "table-zero-length": lambda base, page: [[base, 0, 0, 0]],
+    "table-empty": lambda base, page: [],
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--socket", required=True)
@@ -143,6 +156,29 @@ def main() -> int:
         body = msgpack.packb([ClientHello.TYPE, "one", -5, 7, "flying"])
         conn.sock.sendall(len(body).to_bytes(4, "big") + body)
         result["received"] = describe(conn.messages(10, until_eof=True))
+    elif args.mode == "version-2":
+        conn.send(ClientHello(version=PROTOCOL_VERSION + 1, pid=os.getpid(), name="rogue",
+                              mode=ClientMode.DELEGATED))
+        result["received"] = describe(conn.messages(10, until_eof=True))
+        result["fds"] = len(conn.fds)
+    elif args.mode in RAW_TABLES:
+        blocks, mappings, uffd = join(conn)
+        page = blocks.blocks[0].page_size
+        table = RAW_TABLES[args.mode](mappings[0].address, page)
+        result["table"] = table
+        body = msgpack.packb([Register.TYPE, table])  # by hand: Register() would refuse it
+        conn.sock.sendmsg([len(body).to_bytes(4, "big") + body],
+                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [uffd.fd]))])
+        result["received"] = describe(conn.messages(10, until_eof=True))
+    elif args.mode == "no-bye":
+        blocks, mappings, uffd = join(conn)
+        table = tuple((m.address, info.length, i, 0) for i, (m, info) in enumerate(zip(mappings, blocks.blocks)))
+        conn.send(Register(mappings=table), (uffd.fd,))
+        result["reply"] = describe(conn.messages(10))
+        result["received"] = describe(conn.messages(120))  # End
+        ended = time.monotonic()
+        result["tail"] = describe(conn.messages(120, until_eof=True))  # then nothing until the service closes
+        result["closed_after_s"] = round(time.monotonic() - ended, 3) if conn.eof else None
     elif args.mode == "self-served-touch":
         blocks, mappings, _ = join(conn, register=False, mode=ClientMode.SELF_SERVED)
         conn.send(Register(mappings=()))
