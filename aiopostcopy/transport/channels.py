@@ -172,6 +172,9 @@ class SourceChannels:
             if self._stopped:  # given up while this one was connecting
                 proto.abort()
                 return
+            if not proto.is_open:  # accepted, then closed before we could say Hello (a dying source)
+                raise ConnectionResetError(f"the source at {_where(self.source)} closed the "
+                                           f"{channel.value} connection at once")
             self.channels[channel] = proto
             self._events.channel_opened(channel, proto)
         self._rx_at = time.monotonic()  # the silence clock starts with the new connections

@@ -52,6 +52,8 @@ __all__ = ["ControlChannel", "BlockingControlChannel", "MAX_FDS_PER_SENDMSG", "e
 
 _RECV_BYTES = 256 * 1024
 _FD_SIZE = array.array("i").itemsize
+# plain ints: the socket module's flags are IntFlag members, whose operators run Python code per message
+_MSG_CTRUNC, _MSG_CMSG_CLOEXEC, _MSG_NOSIGNAL = int(socket.MSG_CTRUNC), int(socket.MSG_CMSG_CLOEXEC), int(socket.MSG_NOSIGNAL)
 #: Linux's SCM_MAX_FD: descriptors one sendmsg may carry.  A message with more
 #: sends them on its first bytes, this many per byte (one sendmsg per byte);
 #: the receiver queues them in order, so it sees one FIFO either way.
@@ -122,11 +124,11 @@ class _FdSocket:
         sock = self._check_open()
         space = socket.CMSG_SPACE(self._max_fds * _FD_SIZE)
         try:
-            data, ancdata, flags, _ = sock.recvmsg(_RECV_BYTES, space, socket.MSG_CMSG_CLOEXEC)
+            data, ancdata, flags, _ = sock.recvmsg(_RECV_BYTES, space, _MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return False
         self._collect_fds(ancdata)
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             raise RemoteProtocolError("too many file descriptors in one message")
         self._decoder.receive_data(data)  # b"" at EOF: the decoder yields ConnectionClosed
         return True
@@ -158,7 +160,7 @@ class _FdSocket:
             chunk, rest = (data, []) if len(fds) <= MAX_FDS_PER_SENDMSG else (data[:1], fds[MAX_FDS_PER_SENDMSG:])
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds[:MAX_FDS_PER_SENDMSG]))] if fds else []
             try:
-                sent = sock.sendmsg([chunk], anc, socket.MSG_NOSIGNAL)
+                sent = sock.sendmsg([chunk], anc, _MSG_NOSIGNAL)
             except (BlockingIOError, InterruptedError):
                 return False
             if sent < len(data):

@@ -100,6 +100,23 @@ async def _dest_against(e2e, talk, limit: float = 20.0) -> tuple[_Peer, int, str
     return peer, status, err, took
 
 
+async def _close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.transport.abort()  # accept, then reset: a source dying as it is reached
+
+
+@pytest.mark.asyncio
+async def test_a_peer_that_closes_every_connection_at_once_ends_dest_with_the_cause(e2e) -> None:
+    peer = _Peer(_close_at_once)
+    address = await peer.start()
+    try:
+        status, err, took = await _run_dest(e2e, address, deadline=3)
+    finally:
+        await peer.close()
+    assert status != 0 and took < 10, (status, took, err)
+    assert "closed the urgent" in err, err  # the cause, named
+    assert "Traceback" not in err and "exception was never retrieved" not in err, err
+
+
 @pytest.mark.asyncio
 async def test_a_peer_that_accepts_and_never_speaks_ends_dest_at_its_deadline(e2e) -> None:
     _, _, err, _ = await _dest_against(e2e, _silent)
