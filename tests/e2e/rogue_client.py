@@ -11,10 +11,12 @@
                       of a page in the second half (registered with our uffd, but not in
                       the table the service was given).
 ``unregistered``      a valid table and a uffd, but block 0 never registered on it, and
-                      pages 1, 2 and 3 of block 0 read before Register (which fills them
-                      with zeros in the shared file).
-``self-served-touch`` joins self-served, registers nothing, and reads pages 5, 6 and 7 of
-                      block 0 (zeros again), then stays until the migration ends.
+                      the 4th, 3rd and 2nd last pages of block 0 read before Register (which
+                      fills them with zeros in the shared file).  Pages at the end: the sweep
+                      starts at the beginning, so what it sent before the test stopped the
+                      source cannot have placed them.
+``self-served-touch`` joins self-served, registers nothing, and reads the 8th, 7th and 6th last
+                      pages of block 0 (zeros again), then stays until the migration ends.
 ``version-2``         a ClientHello of protocol version 2.
 ``table-short-entry`` a Register frame (with our uffd) whose one entry has three integers.
 ``table-zero-length`` a Register frame whose entry has length 0 (out of range).
@@ -183,7 +185,8 @@ def main() -> int:
         blocks, mappings, _ = join(conn, register=False, mode=ClientMode.SELF_SERVED)
         conn.send(Register(mappings=()))
         result["reply"] = describe(conn.messages(10))
-        result["read"] = read_pages(mappings[0].address, blocks.blocks[0].page_size, [5, 6, 7])
+        pages = blocks.blocks[0].length // blocks.blocks[0].page_size
+        result["read"] = read_pages(mappings[0].address, blocks.blocks[0].page_size, [pages - 8, pages - 7, pages - 6])
         result["received"] = describe(conn.messages(60, until_eof=True))
     else:
         blocks, mappings, uffd = join(conn, register=args.mode != "unregistered")
@@ -200,7 +203,8 @@ def main() -> int:
             table = ((base, length // 2, 0, 0),)
         elif args.mode == "unregistered":
             table = tuple((m.address, info.length, i, 0) for i, (m, info) in enumerate(zip(mappings, blocks.blocks)))
-            result["read"] = read_pages(base, page, [1, 2, 3])
+            last = length // page - 1
+            result["read"] = read_pages(base, page, [last - 3, last - 2, last - 1])
         else:
             raise SystemExit(f"unknown mode {args.mode}")
         result["table"] = [list(entry) for entry in table]
