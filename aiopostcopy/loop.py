@@ -278,7 +278,11 @@ class PostcopyDestination:
                 await front_end.start()
 
     async def __aenter__(self) -> "PostcopyDestination":
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:  # what start() made (blocks, fds, sockets) must not outlive it
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
