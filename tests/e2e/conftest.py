@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import pytest_asyncio
@@ -125,6 +125,35 @@ class E2E:
 
     async def rogue(self, mode: str) -> dict[str, Any]:
         return await sup.run_rogue(self.procs, "--socket", self.socket, mode)
+
+    async def rogue_beside_bystander(self, mode: str, *, seed: int, size: int = 16 << 20) -> "RogueRun":
+        """The migration of a ``size`` image with a delegated bystander client blocked in faults
+        (the source stopped) while a rogue client in ``mode`` tries to join; then the source runs
+        on and the migration completes.  What every rogue-client test checks is in the result."""
+        from aiopostcopy.loop import PostcopyDestination
+
+        source = await self.source({"ram": self.image(size, seed=seed)})
+        async with PostcopyDestination(self.options(source.address)) as dest:
+            source.stop()
+            worker = await self.worker(mode="delegated", threads=2, touches=200, seed=seed, name="bystander")
+            await sup.wait_until(lambda: sup.threads_in_userfault(worker.pid), "the bystander blocked")
+            rogue = await self.rogue(mode)
+            source.cont()
+            report = await sup.bounded(dest.wait_complete(), "the migration")
+            result = await worker.result()
+            problems = sup.check_destination(dest, seed=seed)
+        await source.report()
+        return RogueRun(rogue, report, result, problems)
+
+
+class RogueRun(NamedTuple):
+    """What :meth:`E2E.rogue_beside_bystander` saw: the rogue's own account, the destination's
+    report, the bystander's result and the destination's page check (empty: every page right)."""
+
+    rogue: dict[str, Any]
+    report: Any
+    bystander: Any
+    problems: dict[str, list[str]]
 
 
 @pytest_asyncio.fixture

@@ -127,18 +127,7 @@ async def test_a_source_hello_of_version_2_ends_the_destination_with_error_versi
 async def test_a_client_hello_of_version_2_gets_reject_version(e2e) -> None:
     """Section 5.2: a ClientHello of version 2 gets Reject(version), no Blocks and no descriptor,
     and the connection closes; a client beside it is not disturbed."""
-    seed, size = 902, 16 * MiB
-    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
-    async with PostcopyDestination(e2e.options(source.address)) as dest:
-        source.stop()
-        worker = await e2e.worker(mode="delegated", threads=2, touches=200, seed=seed, name="bystander")
-        await wait_until(lambda: threads_in_userfault(worker.pid), "the bystander blocked")
-        rogue = await e2e.rogue("version-2")
-        source.cont()
-        report = await bounded(dest.wait_complete(), "the migration")
-        result = await worker.result()
-        problems = check_destination(dest, seed=seed)
-    await source.report()
+    rogue, report, result, problems = await e2e.rogue_beside_bystander("version-2", seed=902)
 
     assert rogue["exit"] == 0, rogue
     assert [m["type"] for m in rogue["received"]] == ["Reject"], rogue
@@ -161,18 +150,7 @@ async def test_a_malformed_mapping_table_gets_reject_mapping(e2e, mode, names) -
     """Section 5.2: a Register whose table the decoder or the state machine refuses as it stands
     gets Reject(mapping) naming the entry (not Error), and the service closes; the bystander
     client and the migration are not disturbed, and every page is right."""
-    seed, size = 903, 16 * MiB
-    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
-    async with PostcopyDestination(e2e.options(source.address)) as dest:
-        source.stop()
-        worker = await e2e.worker(mode="delegated", threads=2, touches=200, seed=seed, name="bystander")
-        await wait_until(lambda: threads_in_userfault(worker.pid), "the bystander blocked")
-        rogue = await e2e.rogue(mode)
-        source.cont()
-        report = await bounded(dest.wait_complete(), "the migration")
-        result = await worker.result()
-        problems = check_destination(dest, seed=seed)
-    await source.report()
+    rogue, report, result, problems = await e2e.rogue_beside_bystander(mode, seed=903)
 
     assert rogue["exit"] == 0, rogue
     assert [m["type"] for m in rogue["received"]] == ["Reject"], rogue

@@ -165,18 +165,7 @@ async def test_link_reset_with_requests_in_flight(e2e) -> None:
 async def test_garbage_on_the_control_socket(e2e, mode) -> None:
     """Scenario 11: a client that sends garbage gets an Error and is retired; a blocked client
     beside it is not disturbed and finishes."""
-    seed, size = 1111, 16 * MiB
-    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
-    async with PostcopyDestination(e2e.options(source.address)) as dest:
-        source.stop()
-        worker = await e2e.worker(mode="delegated", threads=2, touches=200, seed=seed, name="bystander")
-        await wait_until(lambda: threads_in_userfault(worker.pid), "the bystander blocked")
-        rogue = await e2e.rogue(mode)
-        source.cont()
-        report = await bounded(dest.wait_complete(), "the migration")
-        result = await worker.result()
-        problems = check_destination(dest, seed=seed)
-    await source.report()
+    rogue, report, result, problems = await e2e.rogue_beside_bystander(mode, seed=1111)
 
     assert rogue["exit"] == 0, rogue
     assert rogue["eof"], f"the service did not close the rogue's connection: {rogue}"
@@ -224,18 +213,7 @@ async def test_fault_outside_the_mapping_table(e2e) -> None:
     """Scenario 11: a delegated client faults at an address its table does not cover: the service
     reports a mapping error and retires it (its thread stays blocked, never fed zeros), the page
     still arrives intact for everyone else."""
-    seed, size = 1113, 16 * MiB
-    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
-    async with PostcopyDestination(e2e.options(source.address)) as dest:
-        source.stop()
-        worker = await e2e.worker(mode="delegated", threads=2, touches=200, seed=seed, name="bystander")
-        await wait_until(lambda: threads_in_userfault(worker.pid), "the bystander blocked")
-        rogue = await e2e.rogue("fault-outside")
-        source.cont()
-        report = await bounded(dest.wait_complete(), "the migration")
-        result = await worker.result()
-        problems = check_destination(dest, seed=seed)
-    await source.report()
+    rogue, report, result, problems = await e2e.rogue_beside_bystander("fault-outside", seed=1113)
 
     assert [m["type"] for m in rogue["reply"]] == ["Accept"], rogue
     errors = [m for m in rogue["received"] if m.get("type") == "Error"]
@@ -309,18 +287,7 @@ async def test_pages_filled_before_registration_are_dropped_and_the_client_refus
     service registers the ranges itself, finds the three pages it never placed, drops them
     again and refuses the client; the pages migrate like any other, every page is right, and
     the report says the migration is complete but not verified."""
-    seed, size = 1114, 16 * MiB
-    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
-    async with PostcopyDestination(e2e.options(source.address)) as dest:
-        source.stop()
-        worker = await e2e.worker(mode="delegated", threads=2, touches=200, seed=seed, name="bystander")
-        await wait_until(lambda: threads_in_userfault(worker.pid), "the bystander blocked")
-        rogue = await e2e.rogue("unregistered")
-        source.cont()
-        report = await bounded(dest.wait_complete(), "the migration")
-        result = await worker.result()
-        problems = check_destination(dest, seed=seed)
-    await source.report()
+    rogue, report, result, problems = await e2e.rogue_beside_bystander("unregistered", seed=1114)
 
     assert rogue["exit"] == 0 and rogue["read"] == [0, 0, 0], rogue
     rejects = [m for m in rogue["received"] if m.get("type") == "Reject"]
