@@ -147,6 +147,10 @@ _PACK = msgpack.Packer(use_bin_type=True).pack  # one per process is safe: pack(
 _ZEROS = memoryview(bytes(LIMITS.max_payload))  #: copied over the hole pages of a run that is read in part
 
 
+#: Shorter holes of a block file are read with the data around them (see SourceBlock.holes).
+MIN_HOLE_BYTES = 1 << 20
+
+
 class BlockReadError(PostcopyError, OSError):
     """A block's backing file could not be read: it shrank under the source, or an I/O error."""
 
@@ -199,10 +203,15 @@ class SourceBlock:
 
         Found on the first call and cached: the file must not change while it
         is served (see the module docstring).  A page partly data counts as data;
-        a filesystem that cannot tell reports no holes.
+        a filesystem that cannot tell reports no holes.  Only holes of at least
+        :data:`MIN_HOLE_BYTES` count: a short hole (a tmpfs file's zero page
+        among data) is read with its run, whose zero scan sends it as ``zeros``,
+        rather than cutting the sweep into short frames.
         """
         if self._holes is None:
-            self._holes = RangeSet(_hole_pages(self.fd, self.length, self.page_size))
+            runs = _hole_pages(self.fd, self.length, self.page_size)
+            shortest = max(1, MIN_HOLE_BYTES // self.page_size)
+            self._holes = RangeSet([(start, stop) for start, stop in runs if stop - start >= shortest])
         return self._holes
 
     def hole_bounds(self, first: int, count: int) -> tuple[int, ...]:

@@ -114,16 +114,18 @@ async def test_a_one_gib_snapshot_of_90_percent_holes_migrates_without_reading_t
 async def test_requests_inside_holes_are_answered_as_zero_without_reading(e2e) -> None:
     seed, size = 2102, 16 << 20
     snapshot = os.path.join(e2e.workdir, "snap.raw")
-    make_sparse_snapshot(snapshot, size, [(100, 8)], seed=seed)  # pages 100..107 hold data; 105 is a zero page
+    # pages 1000..1007 hold data (1005 is a zero page); the holes around them are longer than
+    # MIN_HOLE_BYTES, so they count as holes (shorter ones are read with their run)
+    make_sparse_snapshot(snapshot, size, [(1000, 8)], seed=seed)
     source = await SourceWithLog.start(e2e.procs, {"ram": snapshot})
     urgent, _ = await RawChannel.open(source.address, Channel.URGENT, "holes")  # no background: no sweep
     urgent.send(Request(runs=(PageRun(block=0, first=10, count=4),)))
     zero = await urgent.next()
     assert zero == Zero(block=0, first=10, count=4), zero
-    urgent.send(Request(runs=(PageRun(block=0, first=96, count=16),)))  # hole, data, hole
+    urgent.send(Request(runs=(PageRun(block=0, first=996, count=16),)))  # hole, data, hole
     pages = await urgent.next()
-    assert isinstance(pages, Pages) and (pages.first, pages.count) == (96, 16), pages
-    expected = expected_pages(0, 100, 8, PAGE, seed=seed, zero_every=7)
+    assert isinstance(pages, Pages) and (pages.first, pages.count) == (996, 16), pages
+    expected = expected_pages(0, 1000, 8, PAGE, seed=seed, zero_every=7)
     zero_in_data = [i for i in range(8) if expected[i * PAGE:(i + 1) * PAGE] == bytes(PAGE)]
     data = b"".join(expected[i * PAGE:(i + 1) * PAGE] for i in range(8) if i not in zero_in_data)
     assert bytes(urgent.payloads[-1]) == data
@@ -149,3 +151,24 @@ async def test_a_snapshot_truncated_under_its_holes_is_still_an_io_error(e2e) ->
     assert source.proc.returncode is None, "the source died"
     source.kill()
     await source.proc.wait()
+
+
+def test_short_holes_are_read_with_their_run_and_long_ones_are_not(e2e) -> None:
+    """A tmpfs image with a one-page hole every seventh page (as a pattern writer leaves its zero
+    pages) has no holes for the sweep, which would otherwise cut it into frames of six pages; a
+    hole of MIN_HOLE_BYTES or more is one."""
+    from aiopostcopy.source import MIN_HOLE_BYTES, SourceBlock
+
+    path = os.path.join(e2e.workdir, "dotted.raw")
+    size = 8 << 20
+    long_first, long_pages = 1024, MIN_HOLE_BYTES // PAGE
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for page in range(size // PAGE):
+            if page % 7 and not long_first <= page < long_first + long_pages:
+                os.pwrite(f.fileno(), b"\x01" * PAGE, page * PAGE)
+    block = SourceBlock.from_path("ram", path)
+    try:
+        assert list(block.holes()) == [(long_first, long_first + long_pages)]
+    finally:
+        block.close()
