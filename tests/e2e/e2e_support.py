@@ -64,6 +64,16 @@ def check_memory(view: Any, block_index: int, page_size: int, *, seed: int, zero
     return described
 
 
+def check_block_file(path: str, *, seed: int, page_size: int = 4096) -> list[str]:
+    """Every page of a block file a destination left (block 0 of the pattern), as :func:`check_memory`."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as memory:
+        view = memoryview(memory)
+        try:
+            return check_memory(view, 0, page_size, seed=seed)
+        finally:
+            view.release()
+
+
 def check_destination(dest: Any, *, seed: int, zero_every: int = 7, counters_ok: bool = False) -> dict[str, list[str]]:
     """Check every block of a completed destination through its own mapping; {name: problems}."""
     problems = {}

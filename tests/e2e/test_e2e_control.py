@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import mmap
 import os
 import stat
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 
 from aiopostcopy.tools.ctl import ControlClient
-from e2e_support import PYTHON, TIMEOUT, Processes, bounded, check_memory, read_listening, spawn, wait_until
+from e2e_support import PYTHON, TIMEOUT, Processes, bounded, check_block_file, read_listening, spawn, wait_until
 
 MiB = 1 << 20
 SEED = 1234
@@ -47,13 +46,7 @@ class Dest:
 
     def bad_pages(self) -> list[str]:
         """Every page of the block file the destination left, against the pattern."""
-        with open(os.path.join(self.block_dir, "ram"), "rb") as f:
-            with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as memory:
-                view = memoryview(memory)
-                try:
-                    return check_memory(view, 0, 4096, seed=SEED)
-                finally:
-                    view.release()
+        return check_block_file(os.path.join(self.block_dir, "ram"), seed=SEED)
 
 
 async def start_source(procs: Processes, image: str) -> tuple[asyncio.subprocess.Process, tuple[str, int]]:

@@ -12,7 +12,6 @@ against the source's pattern.
 from __future__ import annotations
 
 import asyncio
-import mmap
 import os
 import time
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 from aiopostcopy.loop import PostcopyDestination
 from aiopostcopy.transport.tls import TlsConfig
 from e2e_support import (PYTHON, TIMEOUT, SourceProcess, blocked_somewhere, bounded, check_destination,
-                         check_memory, parse_json_output, read_listening, source_argv, spawn, wait_until)
+                         check_block_file, parse_json_output, read_listening, source_argv, spawn, wait_until)
 from tls_support import Pki, make_pki, needs_openssl
 
 pytestmark = needs_openssl
@@ -69,13 +68,7 @@ async def run_dest(e2e: Any, address: tuple[str, int], *extra: str) -> tuple[int
 
 def bad_pages(block_dir: str) -> list[str]:
     """Every page of the block file a destination left, against the pattern."""
-    with open(os.path.join(block_dir, "ram"), "rb") as f:
-        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as memory:
-            view = memoryview(memory)
-            try:
-                return check_memory(view, 0, 4096, seed=SEED)
-            finally:
-                view.release()
+    return check_block_file(os.path.join(block_dir, "ram"), seed=SEED)
 
 
 def error_lines(log: str) -> list[str]:
