@@ -600,24 +600,27 @@ class PostcopyDestination:
         if trace.ENABLED:
             trace.mark("reply", block, page)
         if needed:
-            plan = self._session.wake_plan(block, page, 1)
-            mapped = self._memory.block(block)  # type: ignore[union-attr]  (set with the placement)
-            try:
-                self._uffd.copy(mapped.address + page * mapped.page_size, self._staging.address,  # type: ignore[union-attr]
-                                mapped.page_size)
-            except (PageExistsError, UffdRetry):  # filled by someone else, or EAGAIN: the exact path
-                self._place(Place(block, page, 1, 0), self._staging)
-                self._run_commands(None)
-                return True
-            for key, address, length in plan:
-                self._wake_range(key, address, length)
-            if trace.ENABLED:
-                trace.mark("woken", block, page)
-            self._session.placed(block, page, 1, now, prewoken=bool(plan))
+            self._place_page(block, page, now)
             self._run_commands(None)
         if self._session.pass_due:
             self._schedule_pass()
         return True
+
+    def _place_page(self, block: int, page: int, now: float) -> None:
+        """:meth:`_place` of one page from the urgent staging buffer, in one UFFDIO_COPY call; a page
+        found present (EEXIST) or a retry (EAGAIN) goes the exact way, through :meth:`_place`."""
+        plan = self._session.wake_plan(block, page, 1)
+        mapped = self._memory.block(block)  # type: ignore[union-attr]  (set with the placement)
+        try:
+            self._uffd.copy(mapped.address + page * mapped.page_size, self._staging.address,  # type: ignore[union-attr]
+                            mapped.page_size)
+        except (PageExistsError, UffdRetry):
+            return self._place(Place(block, page, 1, 0), self._staging)
+        for key, address, length in plan:
+            self._wake_range(key, address, length)
+        if trace.ENABLED:
+            trace.mark("woken", block, page)
+        self._session.placed(block, page, 1, now, prewoken=bool(plan))
 
     def _hand_over(self, msg: Message) -> None:
         """Send a background message's placements to the placement thread; the rest runs here."""

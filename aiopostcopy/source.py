@@ -379,6 +379,7 @@ class _Conn:
         # non-blocking and sends wait in poll()
         self.sock.settimeout(None if channel is Channel.URGENT else _SEND_TIMEOUT)
         self.recv_into = self.sock.recv_into  #: the urgent thread reads requests with this
+        self.tls: ServerTls | None = None  #: set by _TlsConn
         self.lock = threading.Lock()
         self.outbox: deque[bytes] = deque()  # background frames, written by the sender thread
         self.wake = threading.Event()
@@ -469,6 +470,7 @@ class _Greeter(asyncio.Protocol):
         self._source = source
         self._data = bytearray()
         self._transport: asyncio.Transport | None = None
+        self._tls: ServerTls | None = None  #: set by _TlsGreeter
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -490,7 +492,7 @@ class _Greeter(asyncio.Protocol):
             if type(hello) is not Hello:
                 raise RemoteProtocolError("the first message on a connection must be Hello")
         except RemoteProtocolError as exc:
-            return _refuse(self._transport, exc, getattr(self, "_tls", None))
+            return _refuse(self._transport, exc, self._tls)
         self._transport.pause_reading()
         self._handed_over(hello, bytes(self._data[4 + size:]))
 
@@ -849,7 +851,7 @@ class PostcopySource:
         if self._sndbuf is not None and conn.sock.family in (socket.AF_INET, socket.AF_INET6):
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
         proto = _BackgroundReader(self, conn)
-        tls = getattr(conn, "tls", None)
+        tls = conn.tls
         conn.transport.set_protocol(proto if tls is None else _TlsReader(tls, proto))
         self._start(conn, self._sweep)
         if rest:
@@ -1172,7 +1174,6 @@ class PostcopySource:
                   *_data_stretches(view, zeros, run.count, size)])
         return nbytes
 
-
     def _send_huge_page(self, conn: _Conn, run: PageRun, staging: _RunBuffer) -> int:
         """Send one page larger than ``max_payload`` (a run of one): Zero if it is all zero, else one
         Pages frame written piece by piece as each piece is read (the link busy from the first one)."""
@@ -1219,7 +1220,7 @@ def _first_data(block: SourceBlock, piece: bytearray, base: int) -> int:
     """Read the page at byte ``base`` piece by piece until a piece holds data (left in ``piece``);
     returns its offset in the page, or the page size if the page is all zero.  Holes of a
     sparse file (SEEK_DATA) are skipped unread: a snapshot's empty gigabyte costs no read."""
-    zero, size = bytes(len(piece)), block.page_size
+    zero, size = _ZEROS[:len(piece)], block.page_size
     try:
         offset = min(size, (os.lseek(block.fd, base, os.SEEK_DATA) - base) // len(piece) * len(piece))
     except OSError as exc:  # ENXIO: nothing but holes from here on; others: no SEEK_DATA here
@@ -1236,7 +1237,7 @@ def _huge_frame(block: SourceBlock, run: PageRun, piece: bytearray, offset: int)
     """The buffers of a huge page's Pages frame, by pieces: the header, the zero pieces before
     ``offset`` and the piece read there (in ``piece``), then each next piece as it is read."""
     size, view = block.page_size, memoryview(piece)
-    zero = memoryview(bytes(len(piece)))
+    zero = _ZEROS[:len(piece)]
     yield [_pages_header(run.block, run.first, 1, size, ()), *([zero] * (offset // len(piece))), view]
     for at in range(offset + len(piece), size, len(piece)):
         block.read_at(view, run.first * size + at)

@@ -49,6 +49,7 @@ from aiopostcopy.core.ramblock import BlockTable, MappingTable
 from aiopostcopy.core.rangeset import RangeSet, bounds_total, chunks, clip_bounds
 from aiopostcopy.core.resume import requested_runs, resume_for
 from aiopostcopy.core.stats import Counters, DestinationStatistics
+from aiopostcopy.core.waiters import Waiter
 from aiopostcopy.core.wakeups import Wakeups
 from aiopostcopy.errors import InternalError, LocalProtocolError, RemoteProtocolError
 
@@ -300,15 +301,18 @@ class DestinationSession:
         Raises:
             LocalProtocolError: ``key`` is not a registered delegated fd.
         """
-        wakeups = self._registry()
-        found = wakeups.fault(key, address, thread_id, now)
+        found = self._registry().fault(key, address, thread_id, now)
         if found is None:
             return self._commands.append(UnknownFault(key, address, thread_id))
-        waiter, joined = found
+        self._route_fault(*found, now)
+
+    def _route_fault(self, waiter: Waiter, joined: bool, now: float) -> None:
+        """A recorded fault, by its page's state: woken now, joined to a request, or queued."""
         state = self._states[waiter.block][waiter.page]
         if state == PLACED:
             self._count.faults_already_placed += 1
-            self._commands.extend(wakeups.release(waiter.block, waiter.page, 1, now, force=True))
+            self._commands.extend(self._wakeups.release(waiter.block, waiter.page, 1, now,  # type: ignore[union-attr]
+                                                        force=True))
         elif state != MISSING:
             self._count.faults_joined += 1
         elif not joined:
@@ -338,19 +342,12 @@ class DestinationSession:
         waiter, joined = found
         block, page = waiter.block, waiter.page
         states = self._states[block]
-        state = states[page]
-        if state == MISSING and not joined and self._coalescer.take_page(states, page):
+        if states[page] == MISSING and not joined and self._coalescer.take_page(states, page):
             self._count.pages_requested += 1
             self._count.requests_sent += 1
             self._in_flight.sent_page(block, page, now)
             return block, page
-        if state == PLACED:
-            self._count.faults_already_placed += 1
-            self._commands.extend(self._wakeups.release(block, page, 1, now, force=True))  # type: ignore[union-attr]
-        elif state != MISSING:
-            self._count.faults_joined += 1
-        elif not joined:
-            self._coalescer.add(block, page)
+        self._route_fault(waiter, joined, now)
         return None
 
     def client_request(self, key: Hashable, runs: Iterable[m.PageRun], now: float) -> None:
