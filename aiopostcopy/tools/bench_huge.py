@@ -32,13 +32,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 from aiopostcopy.tools.bench_migration import Context, Scenario, run_migration
+from aiopostcopy.uffd.hugepages import private_hugetlbfs
 
 __all__ = ["SIZES", "run_huge", "huge_figures", "huge_table"]
 
@@ -96,20 +95,14 @@ def _run_size(ctx: Context, key: str, size: int, pages: int, touches: int) -> di
 
 @contextlib.contextmanager
 def _mount(size: int) -> Iterator[str]:
-    """A private hugetlbfs mount of ``size`` pages; emptied and unmounted on exit."""
-    path = tempfile.mkdtemp(prefix="aiopostcopy-bench-hugetlbfs-")
-    done = subprocess.run(["mount", "-t", "hugetlbfs", "-o", f"pagesize={size >> 20}M", "none", path],
-                          capture_output=True, text=True)
-    if done.returncode:
-        os.rmdir(path)
-        raise _Skip(f"cannot mount hugetlbfs with pagesize={size >> 20}M: {done.stderr.strip()}")
-    try:
+    """A private hugetlbfs mount of ``size`` pages (:func:`private_hugetlbfs`); a mount that
+    cannot be made skips the scenario, saying why."""
+    with contextlib.ExitStack() as stack:
+        try:
+            path = stack.enter_context(private_hugetlbfs(size, prefix="aiopostcopy-bench-hugetlbfs-"))
+        except OSError as exc:
+            raise _Skip(str(exc)) from exc
         yield path
-    finally:
-        for name in os.listdir(path):
-            os.unlink(os.path.join(path, name))
-        subprocess.run(["umount", path], check=False)
-        os.rmdir(path)
 
 
 def _data_seed(seed: int) -> int:

@@ -5,16 +5,23 @@ hugetlbfs memory comes only from a pool the administrator sizes
 ``hugepages-<N>kB/nr_hugepages`` files for others); an mmap of a hugetlbfs
 object fails with ENOMEM when the pool is short.  :class:`HugePageReservation`
 grows the pool for the length of a ``with`` block (root only) and puts the old
-value back on exit, so tests and benchmarks leave the machine as they found it.
+value back on exit, and :func:`private_hugetlbfs` mounts a hugetlbfs of one page
+size for a ``with`` block, so tests and benchmarks leave the machine as they
+found it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
 
 __all__ = ["default_page_size", "hugetlbfs_mount", "default_huge_page_size", "HugePageReservation",
-           "available_huge_pages", "pool_hint", "hugetlbfs_page_size"]
+           "available_huge_pages", "pool_hint", "hugetlbfs_page_size", "private_hugetlbfs"]
 
 _SYSFS = "/sys/kernel/mm/hugepages/hugepages-{kib}kB/{name}"
 
@@ -163,3 +170,34 @@ class HugePageReservation:
 
     def __repr__(self) -> str:
         return f"<HugePageReservation pages={self.pages} size={self.page_size} old={self.old} target={self.target}>"
+
+
+@contextlib.contextmanager
+def private_hugetlbfs(page_size: int, *, prefix: str = "aiopostcopy-hugetlbfs-") -> Iterator[str]:
+    """A hugetlbfs of ``page_size`` pages mounted on a new temporary directory (root only);
+    on exit its files are removed, it is unmounted and the directory removed.
+
+    Raises (on entry):
+        OSError: not root, no mount(8), no huge pages of that size, or the mount failed
+            (the message says which; nothing is left behind).
+    """
+    if os.geteuid() != 0:
+        raise PermissionError(errno.EPERM, "mounting hugetlbfs needs root")
+    if shutil.which("mount") is None:
+        raise OSError(errno.ENOENT, "mounting hugetlbfs needs mount(8)")
+    if not os.path.exists(_SYSFS.format(kib=page_size // 1024, name="nr_hugepages")):
+        raise OSError(errno.ENOTSUP, f"this kernel has no {page_size}-byte huge pages")
+    path = tempfile.mkdtemp(prefix=prefix)
+    option = f"pagesize={page_size // 1024}K"
+    done = subprocess.run(["mount", "-t", "hugetlbfs", "-o", option, "none", path], capture_output=True, text=True)
+    if done.returncode:
+        os.rmdir(path)
+        raise OSError(errno.EIO, f"cannot mount hugetlbfs ({option}): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        for name in os.listdir(path):  # the huge pages go back to the pool even if umount fails
+            target = os.path.join(path, name)
+            shutil.rmtree(target) if os.path.isdir(target) else os.unlink(target)
+        subprocess.run(["umount", path], check=False)
+        os.rmdir(path)

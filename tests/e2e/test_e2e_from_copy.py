@@ -14,13 +14,13 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 
 import pytest
 
 from aiopostcopy.loop import PostcopyDestination
 from aiopostcopy.tools.pattern import is_zero_page
 from aiopostcopy.uffd import SharedMemory
+from aiopostcopy.uffd.hugepages import private_hugetlbfs
 
 from e2e_support import PYTHON, bounded, parse_json_output, running_clients, wait_until
 from source_peer import SourceWithLog
@@ -128,22 +128,17 @@ def hugetlbfs_mount(pages: int):
         pytest.skip("needs root and 2 MiB huge pages")
     with open(knob) as f:
         old = int(f.read())
-    mount = tempfile.mkdtemp(prefix="apc-hugetlbfs-")
     try:
         with open(knob, "w") as f:
             f.write(str(old + pages))
         with open(knob) as f:
             if int(f.read()) < old + pages:
                 pytest.skip(f"could not reserve {pages} huge pages")
-        subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", mount], check=True)
-        try:
+        with private_hugetlbfs(HUGE, prefix="apc-hugetlbfs-") as mount:
             yield mount
-        finally:
-            subprocess.run(["umount", mount], check=False)
     finally:
         with open(knob, "w") as f:
             f.write(str(old))
-        os.rmdir(mount)
 
 
 @pytest.mark.asyncio

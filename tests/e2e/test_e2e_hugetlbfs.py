@@ -16,8 +16,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import subprocess
-import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -29,7 +27,7 @@ from aiopostcopy.messages import BlockInfo
 from aiopostcopy.tools.pattern import is_zero_page
 from aiopostcopy.tools.preflight import prepare_block_dir
 from aiopostcopy.uffd import HugePageReservation
-from aiopostcopy.uffd.hugepages import available_huge_pages
+from aiopostcopy.uffd.hugepages import available_huge_pages, private_hugetlbfs
 
 from e2e_support import bounded, check_destination, mode_of, running_clients, threads_in_userfault, wait_until
 
@@ -45,23 +43,12 @@ def _pool(page_size: int) -> int:
 @contextlib.contextmanager
 def hugetlbfs(page_size: int) -> Iterator[str]:
     """A private hugetlbfs mount of ``page_size`` pages; emptied and unmounted on exit."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting hugetlbfs and reserving huge pages need root")
-    if not os.path.exists(_POOL.format(kib=page_size // 1024)):
-        pytest.skip(f"this kernel has no {page_size}-byte huge pages")
-    path = tempfile.mkdtemp(prefix="aiopostcopy-hugetlbfs-")
-    option = f"pagesize={page_size // MiB}M"
-    done = subprocess.run(["mount", "-t", "hugetlbfs", "-o", option, "none", path], capture_output=True, text=True)
-    if done.returncode:
-        os.rmdir(path)
-        pytest.skip(f"cannot mount hugetlbfs ({option}): {done.stderr.strip()}")
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            path = stack.enter_context(private_hugetlbfs(page_size))
+        except OSError as exc:
+            pytest.skip(str(exc))
         yield path
-    finally:
-        for name in os.listdir(path):
-            os.unlink(os.path.join(path, name))
-        subprocess.run(["umount", path], check=True)
-        os.rmdir(path)
 
 
 @contextlib.contextmanager

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
-import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -13,6 +11,7 @@ import pytest
 
 from aiopostcopy.uffd import Mapping, SharedMemory, default_page_size, hugetlbfs_mount
 from aiopostcopy.uffd.binding import ffi
+from aiopostcopy.uffd.hugepages import private_hugetlbfs
 
 from .helpers import PAGE, Resources, read_events, require_root
 
@@ -122,18 +121,12 @@ def test_create_open_adopt_unlink_in_dev_shm(res: Resources) -> None:
 def hugetlbfs_dir() -> Iterator[str]:
     """A private hugetlbfs mount (2 MiB pages), unmounted afterwards."""
     require_root()
-    if shutil.which("mount") is None or not os.path.isdir(f"/sys/kernel/mm/hugepages/hugepages-{HUGE // 1024}kB"):
-        pytest.skip("needs mount(8) and 2 MiB huge pages")
-    path = tempfile.mkdtemp(prefix="apc-hugetlbfs-")
-    done = subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", path], capture_output=True)
-    if done.returncode != 0:
-        os.rmdir(path)
-        pytest.skip(f"cannot mount hugetlbfs: {done.stderr.decode().strip()}")
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            path = stack.enter_context(private_hugetlbfs(HUGE, prefix="apc-hugetlbfs-"))
+        except OSError as exc:
+            pytest.skip(str(exc))
         yield path
-    finally:
-        subprocess.run(["umount", path], check=True)
-        os.rmdir(path)
 
 
 @pytest.mark.root
