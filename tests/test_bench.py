@@ -94,6 +94,20 @@ def test_huge_pages_are_measured_or_skipped_with_a_reason(bench_json: dict) -> N
 
 
 @pytest.mark.slow
+def test_the_sparse_snapshot_is_measured_and_verified(bench_json: dict) -> None:
+    """A 1 GiB snapshot of 90% holes: only its data is read and sent, every page compared."""
+    from aiopostcopy.tools.bench_sparse import IMAGE_BYTES
+
+    assert bench_json["sparse_errors"] == []
+    assert bench_json["sparse_pages_verified"] == IMAGE_BYTES // 4096
+    data, sent = bench_json["sparse_data_bytes"], bench_json["sparse_bytes_sent"]
+    assert bench_json["sparse_bytes_read"] == data and 0 < sent < data
+    assert bench_json["sparse_pages_hole"] == (IMAGE_BYTES - data) // 4096
+    wire, duration = bench_json["sparse_wire_s"], bench_json["sparse_duration_s"]
+    assert wire > 0 and duration > 0 and bench_json["ratio_sparse"] == duration / wire
+
+
+@pytest.mark.slow
 def test_every_migration_verified_every_page(bench_json: dict) -> None:
     pages = (SIZE_MIB << 20) // 4096
     runs = bench_json["runs"]

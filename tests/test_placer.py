@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import select
+import threading
 
 import pytest
 
 from aiopostcopy.core.commands import Place, PlaceZero
 from aiopostcopy.destination.memory import Staging
+from aiopostcopy.destination import placer
 from aiopostcopy.destination.placer import Interrupted, Placement
 from aiopostcopy.uffd import RegisterMode, SharedMemory, Userfaultfd
 
@@ -17,6 +20,7 @@ PAGE = 4096
 @dataclasses.dataclass
 class Block:
     address: int
+    shm: SharedMemory
     page_size: int = PAGE
     zeropage_ok: bool = True
 
@@ -36,18 +40,20 @@ def region():
     uffd = Userfaultfd.open()
     uffd.register(mapping.address, mapping.length, RegisterMode.MISSING)
     try:
-        yield uffd, mapping, Placement(uffd, Memory(Block(mapping.address)), 0)
+        yield uffd, mapping, Placement(uffd, Memory(Block(mapping.address, shm)), 0)
     finally:
         uffd.close()
         mapping.close()
         shm.close()
 
 
-def test_scattered_existing_pages_are_counted_not_fatal(region) -> None:
+@pytest.mark.parametrize("allocate", [False, True], ids=["zeropage", "fallocate"])
+def test_scattered_existing_pages_are_counted_not_fatal(region, monkeypatch, allocate) -> None:
     """Every other page is there already: the kernel stops at each with EAGAIN-after-progress
     (or EEXIST); that is progress, not a changing mapping, on the loop thread and on the
-    placement thread (drain None) alike."""
+    placement thread (drain None) alike.  A run filled with fallocate finds them with SEEK_DATA."""
     uffd, mapping, placement = region
+    monkeypatch.setattr(placer, "ALLOCATE_MIN_PAGES", 64 if allocate else 1 << 40)
     one = Staging(PAGE)
     for page in range(1, 2400, 2):
         uffd.copy(mapping.address + page * PAGE, one.address, PAGE)
@@ -75,3 +81,30 @@ def test_place_with_zero_stretches_from_the_packed_payload(region) -> None:
 def test_interrupted_carries_where_to_go_on() -> None:
     exc = Interrupted(7, 2)
     assert (exc.page, exc.existed) == (7, 2)
+
+
+def test_a_long_zero_run_is_allocated_and_its_waiter_woken(region) -> None:
+    """fallocate puts the run's pages into the file without a fault and wakes a thread waiting
+    on one of them; SEEK_DATA shows only the touched page, and held_runs punches the others
+    out so that they can be placed again (UFFDIO_COPY over an allocated page is EEXIST)."""
+    uffd, mapping, placement = region
+    shm = placement._memory.block(0).shm
+    waiter = threading.Thread(target=mapping.touch, args=(100 * PAGE, PAGE))
+    waiter.start()
+    assert select.select([uffd.fileno()], [], [], 10)[0], "the waiter did not fault"
+    assert placement.place(PlaceZero(0, 0, 2400), None, None) == 0
+    waiter.join(10)
+    assert not waiter.is_alive(), "the waiting thread was not woken"
+    mapping.touch(0, 2400 * PAGE)  # present: no fault, or this would block for ever
+    assert bytes(mapping.buffer()[:2400 * PAGE]) == bytes(2400 * PAGE)
+    assert shm.data_runs(0, 2400 * PAGE) == [(0, 2400 * PAGE)]  # every page now touched
+
+    assert placement.place(PlaceZero(0, 0, 2400), None, None) == 2400  # all there already: counted
+    shm.punch_hole(0, 2400 * PAGE)
+    assert placement.place(PlaceZero(0, 0, 2400), None, None) == 0
+    mapping.touch(7 * PAGE, PAGE)
+    assert shm.held_runs() == [(7 * PAGE, 8 * PAGE)]  # the untouched allocated pages: punched
+    one = Staging(PAGE)
+    one.view(PAGE)[:] = b"\x05" * PAGE
+    uffd.copy(mapping.address + 9 * PAGE, one.address, PAGE)  # missing again, so placeable
+    assert bytes(mapping.buffer()[9 * PAGE:10 * PAGE]) == b"\x05" * PAGE

@@ -83,7 +83,7 @@ class CopyComparison:
         messages: list[m.Digests] = []
         for block in self._memory:
             size = block.page_size
-            runs = block.shm.data_runs(0, block.length)
+            runs = block.shm.held_runs()  # fallocated zero pages nobody touched are punched (missing)
             if runs is None:  # hugetlbfs: fill the holes, then every page is held
                 os.posix_fallocate(block.shm.fd, 0, block.length)
                 runs = [(0, block.length)]

@@ -12,10 +12,12 @@ the migration completes, then it is renamed ``NAME``: a file under its final
 name is always complete.  The migration's session id is kept beside them in
 ``.aiopostcopy-session``.  A destination killed mid-migration leaves both; the
 next one started on the same directory *adopts* the partial files (same size
-and page size required): every page the file holds was placed by UFFDIO_COPY
+and page size required): every page the file holds was placed by the service
 (the service never writes a missing page any other way, and a client that
 filled one early was refused), so :meth:`BlockMemory.present_runs` reports
 them (SEEK_DATA) and the session resumes the source session for the rest.
+Zero runs placed with fallocate and never touched since read as holes there:
+they are punched and migrate again (as zero runs, a few bytes on the wire).
 hugetlbfs cannot say which pages a file holds: an adopted hugetlbfs block is
 emptied (punched) and migrates again whole.
 
@@ -165,7 +167,7 @@ class BlockMemory:
         block = self._blocks[index]
         if not block.adopted:
             return []
-        runs = block.shm.data_runs(0, block.length)
+        runs = block.shm.held_runs()  # zero pages fallocated and never touched are punched: missing again
         if runs is None:
             block.shm.punch_hole(0, block.length)
             return []

@@ -24,6 +24,8 @@ image.  Then, ``--repeat`` rounds of:
      their ratio to the same run's plain figures: what TLS costs;
    - ``huge`` (once, after the rounds): faults on 2 MiB and 1 GiB pages against
      the page's wire time at this run's bulk rate (:mod:`aiopostcopy.tools.bench_huge`);
+   - ``sparse`` (once, after the rounds): a 1 GiB snapshot, 90% holes, against the
+     wire time of what crossed at this run's bulk rate (:mod:`aiopostcopy.tools.bench_sparse`);
 
 and a last C baseline, so every scenario is bracketed by baselines.  The
 table gives each figure with its ratio to the same run's baseline and the goal
@@ -53,12 +55,13 @@ from typing import Any, Callable
 from aiopostcopy.tools import bench_report
 from aiopostcopy.tools.bench_c import CBaseline, CBuildError
 from aiopostcopy.tools.bench_huge import huge_table, run_huge
+from aiopostcopy.tools.bench_sparse import run_sparse, sparse_table
 from aiopostcopy.tools.bench_migration import Context, Scenario, make_image, run_migration
 from aiopostcopy.tools.bench_procs import Loopback, Pinned, Veth, cpu_snapshot, machine, make_tls_files, other_load
 
 __all__ = ["add_bench_arguments", "bench_main", "SCENARIOS"]
 
-SCENARIOS = ("quiet", "sweep", "mixed", "idle", "rate", "quiet_tls", "idle_tls", "huge")
+SCENARIOS = ("quiet", "sweep", "mixed", "idle", "rate", "quiet_tls", "idle_tls", "huge", "sparse")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -192,6 +195,8 @@ def _measure(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[dict
                     _log_run(runs[-1], c, log)
             if "huge" in args.scenarios.split(","):
                 c["huge"] = [run_huge(ctx, bench_report._median(c["bulk"]), args.quick, log)]
+            if "sparse" in args.scenarios.split(","):
+                c["sparse"] = [run_sparse(ctx, bench_report._median(c["bulk"]), log)]
             log("final C baseline")
             _c_round(cb, place, args, c, log)
             if place.link is not None:
@@ -247,11 +252,12 @@ def bench_main(args: argparse.Namespace) -> int:
         print(f"aiopostcopy bench: failed: {exc}", file=sys.stderr)
         return 1
     figures = bench_report.summarize(c, runs)
-    figures.update(*c.get("huge", ()))
+    figures.update(*c.get("huge", ()), *c.get("sparse", ()))
     noise = other_load(cpu0, cpu_snapshot(), time.monotonic() - started)
-    errors = [e for r in runs for e in r["errors"]] + figures.get("huge_errors", [])
+    errors = [e for r in runs for e in r["errors"]] + figures.get("huge_errors", []) + figures.get("sparse_errors", [])
     lines = ["", *bench_report.table(figures, threads, args.c_threads), "",
-             *(huge_table(figures) + [""] if c.get("huge") else []), *qdisc,
+             *(huge_table(figures) + [""] if c.get("huge") else []),
+             *(sparse_table(figures) + [""] if c.get("sparse") else []), *qdisc,
              f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; wall {noise['wall_s']:.0f} s; "
              f"CPU not ours ~{noise['others_vcpu'] * 100:.0f}% of one vCPU; steal {noise['steal_s']:.1f} s",
              f"verification: {figures['migrations']} migrations, {figures['pages_verified']}/{figures['pages_total']} "
@@ -277,7 +283,7 @@ def write_json(path: Path, figures: dict[str, Any], info: dict[str, Any], header
     """Every figure, the conditions, the per-run details (without raw samples) and any errors."""
     conditions = {**info, "load_at_end": list(os.getloadavg()), "cpu_outside": noise, "header": header}
     body = {**figures, "conditions": conditions, "options": vars(args), "errors": errors,
-            "c_runs": {k: v for k, v in c.items() if k not in ("rr", "fault", "huge")},
+            "c_runs": {k: v for k, v in c.items() if k not in ("rr", "fault", "huge", "sparse")},
             "runs": [{k: v for k, v in r.items() if k not in ("samples_ns", "rx")} for r in runs]}
     path.write_text(json.dumps(body, indent=2, default=str) + "\n")
 

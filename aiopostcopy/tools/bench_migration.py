@@ -47,7 +47,7 @@ from typing import Any, Sequence
 
 from aiopostcopy.tools.bench_procs import Sampler, StderrTap, cpu_ns, first_line, stop, tail, wait_exit
 
-__all__ = ["Scenario", "run_migration", "make_image", "verify_file", "BLOCK", "PAGE"]
+__all__ = ["Scenario", "run_migration", "make_image", "verify_file", "differing_pages", "BLOCK", "PAGE"]
 
 BLOCK = "ram"
 PAGE = 4096
@@ -67,6 +67,8 @@ class Scenario:
         tls: Both channels over TLS (the certificates of ``Context.tls``).
         block_dir: the destination's block dir (default: a directory of the run under /dev/shm).
         page_size: the image's page size (what the block file is verified with).
+        reference: compare the block file with this file byte for byte, page by page,
+            instead of with the pattern (an image that is not all pattern).
     """
 
     name: str
@@ -76,6 +78,7 @@ class Scenario:
     tls: bool = False
     block_dir: str | None = None
     page_size: int = 4096
+    reference: Path | None = None
 
 
 @dataclass
@@ -233,7 +236,11 @@ def run_migration(ctx: Context, sc: Scenario, tag: str) -> dict[str, Any]:
     elif not (report.get("complete") and report.get("pages_placed") == report.get("pages_total")):
         errors.append(f"{sc.name}: destination report incomplete: placed {report.get('pages_placed')}"
                       f"/{report.get('pages_total')}, aborted {report.get('aborted')}")
-    bad = verify_file(Path(sc.block_dir or run / "dest") / BLOCK, ctx.seed, sc.page_size) if dest_rc == 0 else None
+    bad = None
+    if dest_rc == 0:
+        block = Path(sc.block_dir or run / "dest") / BLOCK
+        bad = (differing_pages(block, sc.reference, sc.page_size) if sc.reference is not None
+               else verify_file(block, ctx.seed, sc.page_size))
     if bad:
         errors.append(f"{sc.name}: {len(bad)} pages of the destination block file do not verify, first {bad[:10]}")
     released = _released_at(run) if sc.gated else None
@@ -288,6 +295,23 @@ def verify_file(path: Path, seed: int, page_size: int = PAGE) -> list[int]:
         size = os.fstat(f.fileno()).st_size
         with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as memory:
             return verify_block(memory, 0, page_size, seed)
+
+
+def differing_pages(path: Path | str, reference: Path | str, page_size: int = PAGE,
+                    chunk: int = 16 << 20) -> list[int]:
+    """The pages whose bytes differ between two files (holes read as zeros; a shorter file's
+    missing tail differs)."""
+    bad: list[int] = []
+    with open(path, "rb") as a, open(reference, "rb") as b:
+        size = max(os.fstat(a.fileno()).st_size, os.fstat(b.fileno()).st_size)
+        for offset in range(0, size, chunk):
+            left, right = os.pread(a.fileno(), chunk, offset), os.pread(b.fileno(), chunk, offset)
+            if left == right:
+                continue
+            for at in range(0, max(len(left), len(right)), page_size):
+                if left[at:at + page_size] != right[at:at + page_size]:
+                    bad.append((offset + at) // page_size)
+    return bad
 
 
 def make_image(path: Path, size: int, seed: int) -> None:

@@ -8,6 +8,14 @@ its address (what userfaultfd is registered on) and is unmapped by
 ``close()``.  All calls that may wait on a userfaultfd event (munmap,
 madvise) go through cffi, so the GIL is released while they wait.
 
+Filling pages with zeros: :meth:`SharedMemory.allocate` (fallocate, mode 0)
+puts pages into the file without touching any mapping.  A shmem page put there
+this way is present to userfaultfd (a touch finds it and zeroes it; nothing
+faults as missing) but SEEK_DATA still reports it as a hole until someone
+touches it, so a file read back with :meth:`SharedMemory.held_runs` has such
+pages punched out: they read as zeros either way, and a punched page can be
+placed again (UFFDIO_COPY of a page already in the file is EEXIST).
+
 Discarding pages: ``madvise(DONTNEED)`` on a shared mapping only drops this
 process's page-table entries (the page stays in the file), so to make pages
 missing again use :meth:`SharedMemory.punch_hole` (fallocate PUNCH_HOLE; also
@@ -305,6 +313,36 @@ class SharedMemory:
         """
         mode = lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE
         check_os(lib.apc_fallocate(self._fileno(), mode, offset, length), "fallocate(PUNCH_HOLE)")
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Put zero pages into ``[offset, offset + length)`` of the file (fallocate, mode 0;
+        pages already there are kept).  See the module docstring for what it means to
+        userfaultfd and SEEK_DATA.
+
+        Raises:
+            OSError: the call failed (ENOSPC, ENOMEM: the filesystem or the pool is full).
+        """
+        check_os(lib.apc_fallocate(self._fileno(), 0, offset, length), "fallocate")
+
+    def held_runs(self) -> list[tuple[int, int]] | None:
+        """Byte ranges of the whole file that hold data (:meth:`data_runs`), every other
+        page punched out so that it is missing to userfaultfd (see the module docstring).
+
+        Returns:
+            The ranges, or None on hugetlbfs (which cannot tell; nothing is punched).
+
+        Raises:
+            OSError: lseek or fallocate failed.
+        """
+        runs = self.data_runs(0, self.size)
+        if runs is None:
+            return None
+        position = 0
+        for start, stop in [*runs, (self.size, self.size)]:
+            if start > position:
+                self.punch_hole(position, start - position)
+            position = stop
+        return runs
 
     def data_runs(self, offset: int, length: int) -> list[tuple[int, int]] | None:
         """Byte ranges of ``[offset, offset + length)`` that hold pages (SEEK_DATA / SEEK_HOLE).

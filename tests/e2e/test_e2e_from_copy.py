@@ -18,13 +18,13 @@ import subprocess
 import pytest
 
 from aiopostcopy.loop import PostcopyDestination
+from aiopostcopy.tools.bench_migration import differing_pages
 from aiopostcopy.tools.pattern import is_zero_page
 from aiopostcopy.uffd import SharedMemory
 from aiopostcopy.uffd.hugepages import private_hugetlbfs
 
 from e2e_support import PYTHON, bounded, parse_json_output, running_clients, wait_until
 from source_peer import SourceWithLog
-from test_e2e_sparse import differing_pages
 
 PAGE = 4096
 MiB = 1 << 20
@@ -84,7 +84,7 @@ async def test_from_copy_on_shmem_sends_only_the_changed_pages(e2e) -> None:
     dest = parse_json_output(proc.stdout)
     assert proc.returncode == 0, (dest, proc.stderr.decode()[-2000:])
     result = await source.report()
-    assert differing_pages(image, os.path.join(e2e.block_dir, "ram"), size) == []
+    assert differing_pages(os.path.join(e2e.block_dir, "ram"), image) == []
     assert result["exit"] == 0 and result["complete"], result
     assert_only_changes_sent(result, dest, pages, changed, holes)
 
@@ -109,7 +109,7 @@ async def test_from_copy_with_a_client_faulting_into_changed_pages(e2e) -> None:
     result = await source.report()
 
     assert worker_result["exit"] == 0 and worker_result.get("bad_page_count") == 0, worker_result
-    assert differing_pages(image, os.path.join(e2e.block_dir, "ram"), size) == []
+    assert differing_pages(os.path.join(e2e.block_dir, "ram"), image) == []
     sent = result["pages_urgent"] + result["pages_background"] + result["pages_zero"]
     # each changed or missing page once, plus a page requested while the sweep had it on the way
     assert len(changed) + len(holes) <= sent <= len(changed) + len(holes) + report.pages_duplicate, result
@@ -159,7 +159,7 @@ async def test_from_copy_on_hugetlbfs_sends_only_the_changed_pages(e2e) -> None:
         try:
             assert proc.returncode == 0, (dest, proc.stderr.decode()[-2000:])
             result = await source.report()
-            assert differing_pages(image, copy, size) == []
+            assert differing_pages(copy, image) == []
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(copy)

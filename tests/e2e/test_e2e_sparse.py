@@ -8,6 +8,7 @@ it sent from holes (``pages_hole``): the holes must cost no read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -18,44 +19,16 @@ import pytest
 
 from aiopostcopy.loop import PostcopyDestination
 from aiopostcopy.messages import Channel, Complete, Error, ErrorCode, PageRun, Pages, Request, Zero
+from aiopostcopy.tools.bench_migration import differing_pages
+from aiopostcopy.tools.bench_sparse import spread_runs, write_sparse_image
 from aiopostcopy.tools.pattern import expected_pages
+from aiopostcopy.uffd import SharedMemory
 
 from e2e_support import bounded
 from source_peer import RawChannel, SourceWithLog
 
 PAGE = 4096
 GiB = 1 << 30
-
-
-def make_sparse_snapshot(path: str, size: int, data_runs: list[tuple[int, int]], *, seed: int) -> int:
-    """A sparse file of ``size`` bytes holding the pattern (zero pages included, written as
-    data) in ``data_runs`` page runs and holes elsewhere; returns the data bytes written."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for first, count in data_runs:
-            os.pwrite(f.fileno(), expected_pages(0, first, count, PAGE, seed=seed, zero_every=7), first * PAGE)
-    return sum(count for _, count in data_runs) * PAGE
-
-
-def spread_runs(pages: int, fraction: float, stretches: int) -> list[tuple[int, int]]:
-    """``stretches`` data runs, evenly spread, covering about ``fraction`` of ``pages``."""
-    step = pages // stretches
-    length = int(pages * fraction) // stretches
-    return [(i * step + (i * 37) % (step - length), length) for i in range(stretches)]
-
-
-def differing_pages(path_a: str, path_b: str, size: int, chunk: int = 16 << 20) -> list[int]:
-    """The pages whose bytes differ between two files (both read with pread, holes as zeros)."""
-    bad: list[int] = []
-    with open(path_a, "rb") as a, open(path_b, "rb") as b:
-        for offset in range(0, size, chunk):
-            left, right = os.pread(a.fileno(), chunk, offset), os.pread(b.fileno(), chunk, offset)
-            if left == right:
-                continue
-            for at in range(0, max(len(left), len(right)), PAGE):
-                if left[at:at + PAGE] != right[at:at + PAGE]:
-                    bad.append((offset + at) // PAGE)
-    return bad
 
 
 def loopback_wire_seconds(nbytes: int) -> float:
@@ -87,7 +60,7 @@ async def test_a_one_gib_snapshot_of_90_percent_holes_migrates_without_reading_t
     seed, size = 2101, GiB
     pages = size // PAGE
     snapshot = os.path.join(e2e.workdir, "snap.raw")
-    data_bytes = make_sparse_snapshot(snapshot, size, spread_runs(pages, 0.10, 50), seed=seed)
+    data_bytes = write_sparse_image(snapshot, size, spread_runs(pages, 0.10, 50), seed=seed)
     assert os.stat(snapshot).st_blocks * 512 == data_bytes  # the holes really are holes
     source = await SourceWithLog.start(e2e.procs, {"ram": snapshot})
     began = time.monotonic()
@@ -95,7 +68,7 @@ async def test_a_one_gib_snapshot_of_90_percent_holes_migrates_without_reading_t
         report = await bounded(dest.wait_complete(), "the migration of the sparse snapshot")
         seconds = time.monotonic() - began
     result = await source.report()
-    bad = differing_pages(snapshot, os.path.join(e2e.block_dir, "ram"), size)
+    bad = differing_pages(os.path.join(e2e.block_dir, "ram"), snapshot)
 
     assert report.complete and report.pages_placed == pages, report.format()
     assert bad == [], f"{len(bad)} pages differ, the first {bad[:10]}"
@@ -116,7 +89,7 @@ async def test_requests_inside_holes_are_answered_as_zero_without_reading(e2e) -
     snapshot = os.path.join(e2e.workdir, "snap.raw")
     # pages 1000..1007 hold data (1005 is a zero page); the holes around them are longer than
     # MIN_HOLE_BYTES, so they count as holes (shorter ones are read with their run)
-    make_sparse_snapshot(snapshot, size, [(1000, 8)], seed=seed)
+    write_sparse_image(snapshot, size, [(1000, 8)], seed=seed)
     source = await SourceWithLog.start(e2e.procs, {"ram": snapshot})
     urgent, _ = await RawChannel.open(source.address, Channel.URGENT, "holes")  # no background: no sweep
     urgent.send(Request(runs=(PageRun(block=0, first=10, count=4),)))
@@ -140,7 +113,7 @@ async def test_requests_inside_holes_are_answered_as_zero_without_reading(e2e) -
 async def test_a_snapshot_truncated_under_its_holes_is_still_an_io_error(e2e) -> None:
     size = 8 << 20
     snapshot = os.path.join(e2e.workdir, "snap.raw")
-    make_sparse_snapshot(snapshot, size, [(0, 4)], seed=7)
+    write_sparse_image(snapshot, size, [(0, 4)], seed=7)
     source = await SourceWithLog.start(e2e.procs, {"ram": snapshot}, "--lease", "1")
     urgent, _ = await RawChannel.open(source.address, Channel.URGENT, "shrinking")
     os.truncate(snapshot, size // 2)  # the cached hole map still says "hole" past the new end
@@ -172,3 +145,30 @@ def test_short_holes_are_read_with_their_run_and_long_ones_are_not(e2e) -> None:
         assert list(block.holes()) == [(long_first, long_first + long_pages)]
     finally:
         block.close()
+
+
+@pytest.mark.asyncio
+async def test_holes_filled_by_allocation_are_migrated_again_from_that_copy(e2e) -> None:
+    """The destination fills a snapshot's holes with fallocate: pages that read as holes until
+    touched.  Started again from that block file (``from_copy``), the untouched ones are punched
+    and come again as Zero runs (UFFDIO_COPY over an allocated page would be EEXIST), the data
+    pages are adopted: no data crosses the wire, and every page matches."""
+    seed, size = 2104, 64 << 20
+    pages = size // PAGE
+    snapshot = os.path.join(e2e.workdir, "snap.raw")
+    data_bytes = write_sparse_image(snapshot, size, spread_runs(pages, 0.10, 4), seed=seed)
+    block = os.path.join(e2e.block_dir, "ram")
+    for round_ in ("first", "from the copy"):
+        source = await SourceWithLog.start(e2e.procs, {"ram": snapshot})
+        async with PostcopyDestination(e2e.options(source.address, clients=False,
+                                                   from_copy=round_ != "first")) as dest:
+            report = await bounded(dest.wait_complete(), f"the migration {round_}")
+        result = await source.report()
+        assert report.verified and report.pages_placed == pages, (round_, report.format())  # no EEXIST
+        assert differing_pages(block, snapshot) == [], round_
+        assert result["exit"] == 0 and result["complete"], (round_, result)
+        with contextlib.closing(SharedMemory.open(block)) as shm:  # the holes were allocated, not written
+            assert sum(stop - start for start, stop in shm.data_runs(0, size)) == data_bytes, round_
+    hole_pages = pages - data_bytes // PAGE
+    assert result["pages_compared"] == data_bytes // PAGE and result["pages_changed"] == 0, result
+    assert result["pages_zero"] == hole_pages and result["bytes_sent"] == 0, result
