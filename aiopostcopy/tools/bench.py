@@ -252,7 +252,8 @@ def bench_main(args: argparse.Namespace) -> int:
         print(f"aiopostcopy bench: failed: {exc}", file=sys.stderr)
         return 1
     figures = bench_report.summarize(c, runs)
-    figures.update(*c.get("huge", ()), *c.get("sparse", ()))
+    for once in (*c.get("huge", ()), *c.get("sparse", ())):  # the scenarios run once, after the rounds
+        figures.update(once)
     noise = other_load(cpu0, cpu_snapshot(), time.monotonic() - started)
     errors = [e for r in runs for e in r["errors"]] + figures.get("huge_errors", []) + figures.get("sparse_errors", [])
     lines = ["", *bench_report.table(figures, threads, args.c_threads), "",
