@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import select
+import subprocess
 import threading
 
 import pytest
@@ -53,7 +55,7 @@ def test_scattered_existing_pages_are_counted_not_fatal(region, monkeypatch, all
     (or EEXIST); that is progress, not a changing mapping, on the loop thread and on the
     placement thread (drain None) alike.  A run filled with fallocate finds them with SEEK_DATA."""
     uffd, mapping, placement = region
-    monkeypatch.setattr(placer, "ALLOCATE_MIN_PAGES", 64 if allocate else 1 << 40)
+    monkeypatch.setattr(placer, "ALLOCATE_ALIGN", placer.ALLOCATE_ALIGN if allocate else 1 << 40)
     one = Staging(PAGE)
     for page in range(1, 2400, 2):
         uffd.copy(mapping.address + page * PAGE, one.address, PAGE)
@@ -101,10 +103,42 @@ def test_a_long_zero_run_is_allocated_and_its_waiter_woken(region) -> None:
 
     assert placement.place(PlaceZero(0, 0, 2400), None, None) == 2400  # all there already: counted
     shm.punch_hole(0, 2400 * PAGE)
-    assert placement.place(PlaceZero(0, 0, 2400), None, None) == 0
+    assert placement.place(PlaceZero(0, 0, 2048), None, None) == 0  # all of it aligned: all allocated
     mapping.touch(7 * PAGE, PAGE)
     assert shm.held_runs() == [(7 * PAGE, 8 * PAGE)]  # the untouched allocated pages: punched
     one = Staging(PAGE)
     one.view(PAGE)[:] = b"\x05" * PAGE
     uffd.copy(mapping.address + 9 * PAGE, one.address, PAGE)  # missing again, so placeable
     assert bytes(mapping.buffer()[9 * PAGE:10 * PAGE]) == b"\x05" * PAGE
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_allocation_never_reaches_past_the_run_on_a_huge_tmpfs(tmp_path) -> None:
+    """On a tmpfs mounted huge=always fallocate allocates 2 MiB folios: only the run's aligned
+    middle may be allocated, or pages next to it (not arrived yet) would become present."""
+    mount = tmp_path / "huge"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "huge=always,size=64m", "none", str(mount)]).returncode:
+        pytest.skip("cannot mount a tmpfs with huge=always here")
+    try:
+        pages = (16 << 20) // PAGE
+        shm = SharedMemory.create(str(mount / "ram"), pages * PAGE)
+        mapping = shm.map()
+        uffd = Userfaultfd.open()
+        uffd.register(mapping.address, mapping.length, RegisterMode.MISSING)
+        try:
+            placement = Placement(uffd, Memory(Block(mapping.address, shm)), 0)
+            first, count = 100, 1400  # pages 512..1024 are the aligned middle; 100..512 and 1024..1500 the ends
+            assert placement.place(PlaceZero(0, first, count), None, None) == 0
+            one = Staging(PAGE)
+            one.view(PAGE)[:] = b"\x07" * PAGE
+            for page in (0, first - 1, first + count, 2047, 2048, pages - 1):  # still missing: placeable
+                uffd.copy(mapping.address + page * PAGE, one.address, PAGE)
+            mapping.touch(first * PAGE, count * PAGE)  # every page of the run present: no fault
+            assert bytes(mapping.buffer()[first * PAGE:(first + count) * PAGE]) == bytes(count * PAGE)
+        finally:
+            uffd.close()
+            mapping.close()
+            shm.close()
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

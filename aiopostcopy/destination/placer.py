@@ -21,14 +21,17 @@ zeroed huge page is copied instead).  Kernel rules (DESIGN.md section 2):
   is retried.  Only these count against the retry bound; a run of a thousand
   scattered existing pages is not a failure.
 
-A long zero run on shmem (``ALLOCATE_MIN_PAGES`` or more) is put into the
+The 2 MiB-aligned stretches of a zero run on shmem (``ALLOCATE_ALIGN``) are put into the
 block's file with fallocate instead: the kernel only allocates the pages (a
 touch zeroes one when it first maps it), about twice as fast as UFFDIO_ZEROPAGE,
 which maps each page into the service as it goes.  A sparse snapshot's holes
 are almost all such runs.  fallocate keeps pages already there instead of
 failing, so those are found first (SEEK_DATA, which shows only pages someone
 wrote or touched) and treated as EEXIST would be; and fallocate wakes nobody,
-so the range is woken on the service's userfaultfd after it.
+so the range is woken on the service's userfaultfd after it.  Only aligned
+stretches: on a tmpfs mounted ``huge=`` (or with shmem THP enabled), fallocate
+allocates whole huge folios, and one reaching past the run would make pages
+present that have not arrived (the next UFFDIO_COPY there is EEXIST).
 
 One try is one C call (``Userfaultfd.place_run``) for the rest of the run,
 every stretch included, so the GIL is released once per run.
@@ -74,8 +77,18 @@ __all__ = ["BackgroundPlacer", "Placement", "PlacementDone"]
 
 #: EAGAIN retries of one run before giving up (each one drains events first).
 MAX_EAGAIN = 1000
-#: A zero run of at least this many shmem pages is filled with fallocate, not UFFDIO_ZEROPAGE.
-ALLOCATE_MIN_PAGES = 64
+
+def _pmd_size() -> int:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+#: fallocate fills the stretches of a shmem zero run that are whole, aligned multiples of this
+#: (the largest folio shmem allocates, a PMD: 2 MiB on x86-64); the ends go by UFFDIO_ZEROPAGE.
+ALLOCATE_ALIGN = _pmd_size()
 #: How much nicer than the loop thread the placement thread runs (see _lower_priority).
 PLACER_NICENESS = 10
 
@@ -131,14 +144,23 @@ class Placement:
         else:
             assert staging is not None, "Place without its staging buffer"
             src, zeros = staging.address + command.payload_offset * size, command.zeros
-        if type(command) is PlaceZero and block.zeropage_ok and command.count - start >= ALLOCATE_MIN_PAGES:
-            return self._allocate(block, command, start)
         zero_src = 0 if block.zeropage_ok else self._zero_page
-        existed = retries = 0
-        page = start
-        while page < command.count:
+        if type(command) is PlaceZero and block.zeropage_ok:
+            low, high = _allocatable(command.first, command.count, size)
+            if low < high and start < high:  # copy the head, allocate the aligned middle, copy the tail
+                existed = self._copy(dst, src, size, low, (0, low), zero_src, start, drain, 0) if start < low else 0
+                existed += self._allocate(block, command.first + max(start, low), high - max(start, low))
+                return self._copy(dst, src, size, command.count, zeros, zero_src, high, drain, existed)
+        return self._copy(dst, src, size, command.count, zeros, zero_src, start, drain, 0)
+
+    def _copy(self, dst: int, src: int, size: int, count: int, zeros: tuple[int, ...], zero_src: int, page: int,
+              drain: Callable[[], None] | None, existed: int) -> int:
+        """Place pages ``[page, count)`` of a run with the ioctls (see :meth:`place`); returns
+        ``existed`` plus the pages found there already."""
+        retries = 0
+        while page < count:
             try:
-                self._uffd.place_run(dst, src, size, command.count, zeros, zero_src=zero_src, start=page)
+                self._uffd.place_run(dst, src, size, count, zeros, zero_src=zero_src, start=page)
                 break
             except PageExistsError as exc:  # someone else filled it: write the right bytes, go on after it
                 _overwrite(dst + exc.page * size, src, size, zeros, exc.page)
@@ -152,14 +174,13 @@ class Placement:
                     raise Interrupted(exc.page, existed) from exc
                 retries += 1
                 if retries > MAX_EAGAIN:
-                    raise UffdError(11, f"placing {command.count} pages at {dst:#x} kept failing "
-                                        "with EAGAIN") from exc
+                    raise UffdError(11, f"placing {count} pages at {dst:#x} kept failing with EAGAIN") from exc
                 drain()
         return existed
 
-
-    def _allocate(self, block: MappedBlock, command: PlaceZero, start: int) -> int:
-        """A long zero run on shmem: fallocate, not UFFDIO_ZEROPAGE (see the module docstring).
+    def _allocate(self, block: MappedBlock, first: int, count: int) -> int:
+        """Zero pages ``[first, first + count)`` of a shmem block with fallocate (see the module
+        docstring); returns how many were there already.
 
         Pages already in the file (SEEK_DATA) were filled by someone else, as
         EEXIST would say: they are zeroed through the mapping and counted.  A page
@@ -168,7 +189,7 @@ class Placement:
         ioctls wake them; fallocate does not).
         """
         size = block.page_size
-        offset, length = (command.first + start) * size, (command.count - start) * size
+        offset, length = first * size, count * size
         existed = 0
         for low, high in block.shm.data_runs(offset, length) or ():
             low, high = low // size * size, -(-high // size) * size
@@ -177,6 +198,14 @@ class Placement:
         block.shm.allocate(offset, length)
         self._uffd.wake(block.address + offset, length)
         return existed
+
+
+def _allocatable(first: int, count: int, page_size: int) -> tuple[int, int]:
+    """The part of a zero run (pages relative to ``first``) that fallocate may fill: whole
+    ALLOCATE_ALIGN stretches, so that no folio it allocates reaches a page outside the run."""
+    per = ALLOCATE_ALIGN // page_size
+    low, high = -(-first // per) * per, (first + count) // per * per
+    return (low - first, high - first) if high > low else (0, 0)
 
 
 def _overwrite(address: int, src: int, size: int, zeros: tuple[int, ...], page: int) -> None:
