@@ -167,8 +167,12 @@ async def test_holes_filled_by_allocation_are_migrated_again_from_that_copy(e2e)
         assert report.verified and report.pages_placed == pages, (round_, report.format())  # no EEXIST
         assert differing_pages(block, snapshot) == [], round_
         assert result["exit"] == 0 and result["complete"], (round_, result)
-        with contextlib.closing(SharedMemory.open(block)) as shm:  # the holes were allocated, not written
-            assert sum(stop - start for start, stop in shm.data_runs(0, size)) == data_bytes, round_
-    hole_pages = pages - data_bytes // PAGE
-    assert result["pages_compared"] == data_bytes // PAGE and result["pages_changed"] == 0, result
-    assert result["pages_zero"] == hole_pages and result["bytes_sent"] == 0, result
+        with contextlib.closing(SharedMemory.open(block)) as shm:
+            held = sum(stop - start for start, stop in shm.data_runs(0, size)) // PAGE
+        # the holes' aligned middles were allocated, not written: they read as holes (the data and
+        # the holes' unaligned ends, placed with UFFDIO_ZEROPAGE, read as data)
+        assert data_bytes // PAGE <= held < pages // 2, (round_, held)
+        if round_ == "first":
+            held_after_first = held
+    assert result["pages_compared"] == held_after_first and result["pages_changed"] == 0, result
+    assert result["pages_zero"] == pages - held_after_first and result["bytes_sent"] == 0, result
