@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import select
-import subprocess
 import threading
 
 import pytest
@@ -15,6 +14,7 @@ from aiopostcopy.destination.memory import Staging
 from aiopostcopy.destination import placer
 from aiopostcopy.destination.placer import Interrupted, Placement
 from aiopostcopy.uffd import RegisterMode, SharedMemory, Userfaultfd
+from aiopostcopy.uffd.hugepages import private_mount
 
 PAGE = 4096
 
@@ -112,17 +112,17 @@ def test_a_long_zero_run_is_allocated_and_its_waiter_woken(region) -> None:
     assert bytes(mapping.buffer()[9 * PAGE:10 * PAGE]) == b"\x05" * PAGE
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
-def test_allocation_never_reaches_past_the_run_on_a_huge_tmpfs(tmp_path) -> None:
+def test_allocation_never_reaches_past_the_run_on_a_huge_tmpfs() -> None:
     """On a tmpfs mounted huge=always fallocate allocates 2 MiB folios: only the run's aligned
     middle may be allocated, or pages next to it (not arrived yet) would become present."""
-    mount = tmp_path / "huge"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "huge=always,size=64m", "none", str(mount)]).returncode:
-        pytest.skip("cannot mount a tmpfs with huge=always here")
+    try:
+        mount = private_mount("tmpfs", "huge=always,size=64m", prefix="aiopostcopy-test-thp-")
+        path = mount.__enter__()
+    except OSError as exc:
+        pytest.skip(f"no tmpfs with huge=always here: {exc}")
     try:
         pages = (16 << 20) // PAGE
-        shm = SharedMemory.create(str(mount / "ram"), pages * PAGE)
+        shm = SharedMemory.create(os.path.join(path, "ram"), pages * PAGE)
         mapping = shm.map()
         uffd = Userfaultfd.open()
         uffd.register(mapping.address, mapping.length, RegisterMode.MISSING)
@@ -141,4 +141,4 @@ def test_allocation_never_reaches_past_the_run_on_a_huge_tmpfs(tmp_path) -> None
             mapping.close()
             shm.close()
     finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        mount.__exit__(None, None, None)

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 
-__all__ = ["default_page_size", "hugetlbfs_mount", "default_huge_page_size", "HugePageReservation",
+__all__ = ["default_page_size", "hugetlbfs_mount", "private_mount", "default_huge_page_size", "HugePageReservation",
            "available_huge_pages", "pool_hint", "hugetlbfs_page_size", "private_hugetlbfs"]
 
 _SYSFS = "/sys/kernel/mm/hugepages/hugepages-{kib}kB/{name}"
@@ -181,22 +181,34 @@ def private_hugetlbfs(page_size: int, *, prefix: str = "aiopostcopy-hugetlbfs-")
         OSError: not root, no mount(8), no huge pages of that size, or the mount failed
             (the message says which; nothing is left behind).
     """
-    if os.geteuid() != 0:
-        raise PermissionError(errno.EPERM, "mounting hugetlbfs needs root")
-    if shutil.which("mount") is None:
-        raise OSError(errno.ENOENT, "mounting hugetlbfs needs mount(8)")
     if not os.path.exists(_SYSFS.format(kib=page_size // 1024, name="nr_hugepages")):
         raise OSError(errno.ENOTSUP, f"this kernel has no {page_size}-byte huge pages")
+    with private_mount("hugetlbfs", f"pagesize={page_size // 1024}K", prefix=prefix) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def private_mount(fstype: str, options: str, *, prefix: str) -> Iterator[str]:
+    """A ``fstype`` mounted with ``options`` on a new temporary directory (root only; e.g. a
+    tmpfs with ``huge=within_size``, whose files get transparent huge pages); on exit its files
+    are removed, it is unmounted and the directory removed.
+
+    Raises (on entry):
+        OSError: not root, no mount(8), or the mount failed (nothing is left behind).
+    """
+    if os.geteuid() != 0:
+        raise PermissionError(errno.EPERM, f"mounting {fstype} needs root")
+    if shutil.which("mount") is None:
+        raise OSError(errno.ENOENT, f"mounting {fstype} needs mount(8)")
     path = tempfile.mkdtemp(prefix=prefix)
-    option = f"pagesize={page_size // 1024}K"
-    done = subprocess.run(["mount", "-t", "hugetlbfs", "-o", option, "none", path], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", fstype, "-o", options, "none", path], capture_output=True, text=True)
     if done.returncode:
         os.rmdir(path)
-        raise OSError(errno.EIO, f"cannot mount hugetlbfs ({option}): {done.stderr.strip()}")
+        raise OSError(errno.EIO, f"cannot mount {fstype} ({options}): {done.stderr.strip()}")
     try:
         yield path
     finally:
-        for name in os.listdir(path):  # the huge pages go back to the pool even if umount fails
+        for name in os.listdir(path):  # the pages go back (to the pool) even if umount fails
             target = os.path.join(path, name)
             shutil.rmtree(target) if os.path.isdir(target) else os.unlink(target)
         subprocess.run(["umount", path], check=False)
