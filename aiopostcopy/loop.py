@@ -608,9 +608,29 @@ class PostcopyDestination:
 
     def _place_page(self, block: int, page: int, now: float) -> None:
         """:meth:`_place` of one page from the urgent staging buffer, in one UFFDIO_COPY call; a page
-        found present (EEXIST) or a retry (EAGAIN) goes the exact way, through :meth:`_place`."""
-        plan = self._session.wake_plan(block, page, 1)
+        found present (EEXIST) or a retry (EAGAIN) goes the exact way, through :meth:`_place`.
+
+        When the threads waiting on the page are all on one delegated client's userfaultfd
+        (the usual fault), the copy goes through that fd into the client's mapping of the
+        shared memory: the one ioctl places the page for everyone and wakes them, as CRIU's
+        lazy-pages daemon places pages into the process it restores.  Any failure there
+        (the client gone or unmapping, the page present) leaves the page to the service's
+        own mapping, whose errors the exact path handles."""
         mapped = self._memory.block(block)  # type: ignore[union-attr]  (set with the placement)
+        target = self._session.copy_target(block, page) if self._clients is not None else None
+        if target is not None:
+            uffd = self._clients.uffd_of(target[0])  # type: ignore[union-attr]
+            if uffd is not None:
+                try:
+                    uffd.copy(target[1], self._staging.address, mapped.page_size)  # type: ignore[union-attr]
+                except (UffdError, ClosedError):
+                    pass
+                else:
+                    if trace.ENABLED:
+                        trace.mark("woken", block, page)
+                    self._session.copied_to_client(block, page, now)
+                    return
+        plan = self._session.wake_plan(block, page, 1)
         try:
             self._uffd.copy(mapped.address + page * mapped.page_size, self._staging.address,  # type: ignore[union-attr]
                             mapped.page_size)

@@ -401,6 +401,22 @@ class DestinationSession:
 
     # ------------------------------------------------------------ placement
 
+    def copy_target(self, block: int, page: int) -> tuple[Hashable, int] | None:
+        """For a page :meth:`urgent_page` said is needed: ``(key, address)`` of the one delegated
+        fd all its waiters are on.  Placing the page with UFFDIO_COPY through that fd, at that
+        address in its process, puts it in the shared memory and wakes them in one call; then
+        call :meth:`placed` with ``prewoken=True``.  None: place through the service's own
+        mapping and wake :meth:`wake_plan`'s ranges (several fds wait, or none, or a Discard
+        waits on the block)."""
+        if self._deferred[block]:
+            return None
+        return self._registry().copy_target(block, page)
+
+    def copied_to_client(self, block: int, page: int, now: float) -> None:
+        """The page went in through :meth:`copy_target`'s fd (which woke its waiters): :meth:`placed`."""
+        self._count.copies_to_client += 1
+        self.placed(block, page, 1, now, prewoken=True)
+
     def wake_plan(self, block: int, first: int, count: int) -> tuple[tuple[Hashable, int, int], ...]:
         """``(key, start, length)`` ranges to wake right after the run's copy (clients' fds:
         the copy wakes only the service's own).  Wake them, then call :meth:`placed` with

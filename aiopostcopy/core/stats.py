@@ -155,6 +155,8 @@ class DestinationStatistics:
         faults_already_placed: faults on a page already placed (woken at once).
         client_requests: runs asked for by self-served clients.
         wakes: Wake commands emitted.
+        copies_to_client: demand pages placed with UFFDIO_COPY through the one delegated
+            fd waiting on them, which woke its threads in the same call (no Wake needed).
         woken: waiters woken (each exactly once).
         waiters_dropped: waiters of retired fds, dropped unwoken; always
             ``faults == woken + waiters_dropped + waiting``.
@@ -194,6 +196,7 @@ class DestinationStatistics:
     faults_already_placed: int
     client_requests: int
     wakes: int
+    copies_to_client: int
     woken: int
     waiters_dropped: int
     waiting: int
@@ -212,7 +215,7 @@ class DestinationStatistics:
 
 _PLAIN = ("pages_demand", "pages_background", "pages_zero", "pages_discarded", "pages_duplicate",
           "pages_requested", "pages_re_requested", "requests_sent", "faults", "bad_faults",
-          "faults_joined", "faults_already_placed", "client_requests", "wakes", "woken",
+          "faults_joined", "faults_already_placed", "client_requests", "wakes", "copies_to_client", "woken",
           "waiters_dropped", "resumes", "pages_adopted", "integrity_pages")
 
 
@@ -234,6 +237,7 @@ class Counters:
     faults_already_placed: int = 0
     client_requests: int = 0
     wakes: int = 0
+    copies_to_client: int = 0
     woken: int = 0
     waiters_dropped: int = 0
     resumes: int = 0

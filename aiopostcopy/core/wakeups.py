@@ -162,6 +162,21 @@ class Wakeups:
         return tuple((key, start, length) for key, pieces in self._waiters.wake_ranges(wanted).items()
                      for start, length in pieces)
 
+    def copy_target(self, block: int, page: int) -> tuple[Hashable, int] | None:
+        """``(key, address)`` when every waiter on the page is on one delegated fd, at one address:
+        a UFFDIO_COPY through that fd places the page (shared memory) and wakes them all in one
+        call.  None otherwise (no waiter, several fds, or the service's own among them)."""
+        waiting = self._waiters.peek(block, page, 1)
+        if not waiting:
+            return None
+        key, address = waiting[0].key, waiting[0].address
+        if self._fds[key].woken_by_copy:
+            return None
+        for waiter in waiting:
+            if waiter.key != key or waiter.address != address:
+                return None
+        return key, address
+
     def release(self, block: int, first: int, count: int, now: float, *,
                 force: bool = False, prewoken: bool = False) -> list[Command]:
         """The run is placed: wake its waiters once each, notify self-served clients.

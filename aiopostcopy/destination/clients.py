@@ -341,6 +341,11 @@ class ClientRegistry:
         elif isinstance(event, RemapEvent):
             self.retire(client, "client moved a registered mapping (mremap); it must register again")
 
+    def uffd_of(self, key: object) -> Userfaultfd | None:
+        """The userfaultfd of delegated client ``key`` (None: unknown, self-served or closed)."""
+        client = self._clients.get(key)  # type: ignore[arg-type]
+        return client.uffd if client is not None else None
+
     def wake(self, key: object, start: int, length: int) -> None:
         client = self._clients.get(key)  # type: ignore[arg-type]
         if client is None or client.uffd is None:

@@ -56,6 +56,7 @@ class DestinationReport:
     faults: int
     faults_joined: int
     faults_already_placed: int
+    copies_to_client: int
     bad_faults: int
     client_requests: int
     requests_sent: int
@@ -154,6 +155,7 @@ def build_report(stats: DestinationStatistics, *, final: bool, session_id: str, 
         faults=stats.faults,
         faults_joined=stats.faults_joined,
         faults_already_placed=stats.faults_already_placed,
+        copies_to_client=stats.copies_to_client,
         bad_faults=stats.bad_faults,
         client_requests=stats.client_requests,
         requests_sent=stats.requests_sent,

@@ -69,6 +69,28 @@ def test_urgent_page_matches_the_general_answer() -> None:
     assert fast.urgent_page(0, 6) is True and fast.statistics().pages_background == 1  # nobody asked
 
 
+def test_copy_target_is_the_one_delegated_fd_waiting() -> None:
+    session = open_session()
+    session.fault_request("c", CLIENT_BASE + 5 * PAGE, 9, 0.0)
+    session.fault_received("c", CLIENT_BASE + 5 * PAGE + 8, 10, 0.0)  # a second thread, same fd and page
+    assert session.urgent_page(0, 13) is True
+    assert session.copy_target(0, 13) == ("c", CLIENT_BASE + 5 * PAGE)
+    session.copied_to_client(0, 13, 0.5)
+    stats = session.statistics()
+    assert (stats.copies_to_client, stats.woken, stats.wakes, stats.waiting) == (1, 2, 0, 0)
+    assert session.commands() == []  # the copy woke them: no Wake
+    assert session.copy_target(0, 14) is None  # nobody waits
+
+
+def test_copy_target_is_none_when_another_fd_or_the_service_waits() -> None:
+    session = open_session()
+    session.fault_request("c", CLIENT_BASE + 5 * PAGE, 9, 0.0)
+    session.fault_received("own", OWN_BASE + 13 * PAGE, 3, 0.0)  # the service's own fd, same page
+    assert session.copy_target(0, 13) is None
+    session.fault_request("own", OWN_BASE + 2 * PAGE, 4, 0.0)  # only the service's own fd
+    assert session.copy_target(0, 2) is None
+
+
 def test_urgent_page_leaves_exceptional_cases_to_the_general_path() -> None:
     session = open_session()
     session.connection_lost(URGENT, 0.0)

@@ -210,7 +210,7 @@ def test_bad_requests_say_what_is_wrong(line, words) -> None:
 def _report(**overrides) -> DestinationReport:
     fields = dict(session_id="s", final=False, complete=False, aborted=None, duration_s=1.0, pages_total=100,
                   pages_placed=40, pages_adopted=0, pages_demand=5, pages_background=30, pages_zero=5, pages_duplicate=0, faults=5,
-                  faults_joined=0, faults_already_placed=0, bad_faults=0, client_requests=0, requests_sent=5,
+                  faults_joined=0, faults_already_placed=0, copies_to_client=0, bad_faults=0, client_requests=0, requests_sent=5,
                   resumes=0, integrity_pages=0, bytes_received=143360, goodput_gbps=0.001,
                   service_latency_us={"p50": 50.0, "p90": 90.0, "p99": 99.0, "max": 120.0},
                   blocked_by_client_s={}, faults_by_client={}, blocked_threads=(), faults_by_block={}, clients=())

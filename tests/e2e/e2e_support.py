@@ -175,13 +175,15 @@ class SourceProcess:
 
 
 def source_argv(blocks: dict[str, str], *, listen: str = "127.0.0.1:0", window: int | None = None,
-                page_size: int = 4096, loop: str = "uvloop") -> list[str]:
+                page_size: int = 4096, loop: str = "uvloop", sweep_after_idle: float | None = None) -> list[str]:
     argv = [PYTHON, "-m", "aiopostcopy", "--loop", loop, "source", "--listen", listen, "--page-size", str(page_size),
             "--json", "-"]
     for name, path in blocks.items():
         argv += ["--block", f"{name}={path}"]
     if window is not None:
         argv += ["--window", str(window)]
+    if sweep_after_idle is not None:  # no sweep until no page was asked for that long
+        argv += ["--sweep-after-idle", str(sweep_after_idle)]
     return argv
 
 

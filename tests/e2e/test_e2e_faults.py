@@ -79,6 +79,32 @@ async def test_one_page_many_clients_requested_once(e2e) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_delegated_fault_is_placed_through_the_clients_own_userfaultfd(e2e) -> None:
+    """A fault of one delegated client, alone on its page: the answer goes in with one UFFDIO_COPY
+    through the client's userfaultfd, into its mapping of the shared memory, which wakes the thread
+    (``copies_to_client``); the page is then there for everyone, and every page verifies."""
+    seed, size = 611, 16 * MiB
+    pages = size // 4096
+    wanted = [p for p in range(pages) if not is_zero_page(0, p, seed)][::500]
+    source = await e2e.source({"ram": e2e.image(size, seed=seed)}, sweep_after_idle=2.0)  # faults first
+    async with PostcopyDestination(e2e.options(source.address)) as dest:
+        client = await e2e.touch_client(mode="delegated", name="alone", seed=seed)
+        for page in wanted:  # one page at a time: each fault alone
+            await client.touch([page])
+            event = await client.event("touched")
+            assert len(event["latency_us"]) == 1, event
+        report = await bounded(dest.wait_complete(), "the migration")
+        result = await client.finish()
+        problems = check_destination(dest, seed=seed)
+    await source.report()
+
+    assert report.complete and problems == {}
+    assert_client_ok(result)
+    assert report.pages_demand == len(wanted), report.format()  # the sweep waited for them
+    assert report.copies_to_client == len(wanted), report.format()
+
+
+@pytest.mark.asyncio
 async def test_fault_on_page_placed_meanwhile(e2e) -> None:
     """Scenario 7: a delegated client faults on a page while the background sweep is placing it;
     the fault joins the placement in progress (or, if the service reads it later, finds the page
