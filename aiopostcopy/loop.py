@@ -600,13 +600,13 @@ class PostcopyDestination:
         if trace.ENABLED:
             trace.mark("reply", block, page)
         if needed:
-            self._place_page(block, page, now)
+            self._place_page(block, page)
             self._run_commands(None)
         if self._session.pass_due:
             self._schedule_pass()
         return True
 
-    def _place_page(self, block: int, page: int, now: float) -> None:
+    def _place_page(self, block: int, page: int) -> None:
         """:meth:`_place` of one page from the urgent staging buffer, in one UFFDIO_COPY call; a page
         found present (EEXIST) or a retry (EAGAIN) goes the exact way, through :meth:`_place`.
 
@@ -628,7 +628,7 @@ class PostcopyDestination:
                 else:
                     if trace.ENABLED:
                         trace.mark("woken", block, page)
-                    self._session.copied_to_client(block, page, now)
+                    self._session.copied_to_client(block, page, time.monotonic())  # woken after the copy
                     return
         plan = self._session.wake_plan(block, page, 1)
         try:
@@ -640,7 +640,7 @@ class PostcopyDestination:
             self._wake_range(key, address, length)
         if trace.ENABLED:
             trace.mark("woken", block, page)
-        self._session.placed(block, page, 1, now, prewoken=bool(plan))
+        self._session.placed(block, page, 1, time.monotonic(), prewoken=bool(plan))  # a 1 GiB copy takes a second
 
     def _hand_over(self, msg: Message) -> None:
         """Send a background message's placements to the placement thread; the rest runs here."""
