@@ -120,6 +120,9 @@ class E2E:
     async def worker(self, **kw: Any) -> sup.Worker:
         return await sup.start_worker(self.procs, self.socket, **kw)
 
+    async def blocked_workers(self, dest: Any, count: int, *, name: str, **kw: Any) -> list[sup.Worker]:
+        return await sup.start_blocked_workers(self.procs, self.socket, dest, count, name=name, **kw)
+
     async def touch_client(self, **kw: Any) -> sup.TouchClient:
         return await sup.start_touch_client(self.procs, self.socket, **kw)
 

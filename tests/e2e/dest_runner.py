@@ -50,12 +50,8 @@ async def main(args: argparse.Namespace) -> int:
             if line.strip() != "go":
                 emit(event="result", ok=False, error=f"expected 'go', got {line!r}")
                 return 1
-            workers = [await sup.start_worker(procs, socket_path, mode=sup.mode_of(i), threads=args.threads,
-                                              touches=args.touches, seed=args.seed, name=f"netns-{i}")
-                       for i in range(args.clients)]
-            await sup.wait_until(lambda: sup.running_clients(dest) == args.clients, "clients accepted")
-            for worker in workers:
-                await sup.wait_until(lambda: sup.threads_in_userfault(worker.pid), f"worker {worker.pid} blocked")
+            workers = await sup.start_blocked_workers(procs, socket_path, dest, args.clients, name="netns",
+                                                      threads=args.threads, touches=args.touches, seed=args.seed)
             emit(event="blocked")
             report = await sup.bounded(dest.wait_complete(), "the migration")
             results = [await w.result() for w in workers]

@@ -247,6 +247,18 @@ async def start_worker(procs: Processes, socket_path: str, **options: Any) -> Wo
     return Worker(await spawn(procs, argv), argv)
 
 
+async def start_blocked_workers(procs: Processes, socket_path: str, dest: Any, count: int, *, name: str,
+                                **options: Any) -> list[Worker]:
+    """``count`` workers (modes alternating, :func:`mode_of`) named ``name-i``, accepted by ``dest``
+    and each with a thread blocked on a missing page (the caller holds the source)."""
+    workers = [await start_worker(procs, socket_path, mode=mode_of(i), name=f"{name}-{i}", **options)
+               for i in range(count)]
+    await wait_until(lambda: running_clients(dest) == count, f"{count} clients accepted")
+    for worker in workers:
+        await wait_until(lambda: threads_in_userfault(worker.pid), f"worker {worker.pid} blocked on a page")
+    return workers
+
+
 def mode_of(index: int) -> str:
     """Mixed modes: even clients delegated, odd ones self-served."""
     return ("delegated", "self-served")[index % 2]

@@ -50,11 +50,7 @@ async def test_client_killed_mid_fault(e2e) -> None:
     source = await e2e.source({"ram": e2e.image(size, seed=seed)})
     async with PostcopyDestination(e2e.options(source.address)) as dest:
         source.stop()
-        workers = [await e2e.worker(mode=mode_of(i), threads=2, touches=300, seed=seed, name=f"victim-{i}")
-                   for i in range(4)]
-        await wait_until(lambda: running_clients(dest) == 4, "four clients accepted")
-        for worker in workers:
-            await wait_until(lambda: threads_in_userfault(worker.pid), f"worker {worker.pid} blocked on a page")
+        workers = await e2e.blocked_workers(dest, 4, name="victim", threads=2, touches=300, seed=seed)
         victims, survivors = workers[:2], workers[2:]
         keys = {c.key: c.pid for c in dest._clients}
         for victim in victims:

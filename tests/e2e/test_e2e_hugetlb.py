@@ -18,7 +18,7 @@ from aiopostcopy.loop import PostcopyDestination
 from aiopostcopy.tools.pattern import is_zero_page
 from aiopostcopy.uffd import HugePageReservation, default_huge_page_size
 
-from e2e_support import bounded, check_destination, mode_of, running_clients, threads_in_userfault, wait_until
+from e2e_support import bounded, check_destination
 
 MiB = 1 << 20
 HUGE = 2 * MiB
@@ -41,11 +41,7 @@ async def test_two_megabyte_pages(e2e) -> None:
         async with PostcopyDestination(e2e.options(source.address, block_dir=False)) as dest:
             source.stop()
             assert [(b.name, b.page_size) for b in dest.blocks] == [("ram", HUGE)]
-            workers = [await e2e.worker(mode=mode_of(i), threads=2, touches=10, seed=seed, name=f"huge-{i}")
-                       for i in range(2)]
-            await wait_until(lambda: running_clients(dest) == 2, "two clients accepted")
-            for worker in workers:
-                await wait_until(lambda: threads_in_userfault(worker.pid), f"worker {worker.pid} blocked")
+            workers = await e2e.blocked_workers(dest, 2, name="huge", threads=2, touches=10, seed=seed)
             source.cont()
             report = await bounded(dest.wait_complete(), "the migration")
             results = [await w.result() for w in workers]

@@ -29,7 +29,7 @@ from aiopostcopy.tools.preflight import prepare_block_dir
 from aiopostcopy.uffd import HugePageReservation
 from aiopostcopy.uffd.hugepages import available_huge_pages, private_hugetlbfs
 
-from e2e_support import bounded, check_destination, mode_of, running_clients, threads_in_userfault, wait_until
+from e2e_support import bounded, check_destination, running_clients, threads_in_userfault, wait_until
 
 MiB, GiB = 1 << 20, 1 << 30
 _POOL = "/sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages"
@@ -80,11 +80,7 @@ async def test_hugetlbfs_block_dir_with_2m_pages(e2e) -> None:
         async with PostcopyDestination(options) as dest:
             source.stop()
             assert dest.block_path("ram") == os.path.join(mount, "ram.partial")
-            workers = [await e2e.worker(mode=mode_of(i), threads=2, touches=10, seed=seed, name=f"hugetlbfs-{i}")
-                       for i in range(2)]
-            await wait_until(lambda: running_clients(dest) == 2, "two clients accepted")
-            for worker in workers:
-                await wait_until(lambda: threads_in_userfault(worker.pid), f"worker {worker.pid} blocked")
+            workers = await e2e.blocked_workers(dest, 2, name="hugetlbfs", threads=2, touches=10, seed=seed)
             source.cont()
             report = await bounded(dest.wait_complete(), "the migration")
             results = [await w.result() for w in workers]
