@@ -32,6 +32,7 @@ errno, so code written against plain ``os`` calls keeps working.
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Sequence
 
 __all__ = [
     "PostcopyError",
@@ -179,7 +180,7 @@ class NetnsError(PostcopyError, RuntimeError):
         stderr: What it printed on stderr, stripped.
     """
 
-    def __init__(self, argv: "Sequence[str]", returncode: int | None, stderr: str) -> None:
+    def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str) -> None:
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr = stderr

@@ -617,19 +617,8 @@ class PostcopyDestination:
         (the client gone or unmapping, the page present) leaves the page to the service's
         own mapping, whose errors the exact path handles."""
         mapped = self._memory.block(block)  # type: ignore[union-attr]  (set with the placement)
-        target = self._session.copy_target(block, page) if self._clients is not None else None
-        if target is not None:
-            uffd = self._clients.uffd_of(target[0])  # type: ignore[union-attr]
-            if uffd is not None:
-                try:
-                    uffd.copy(target[1], self._staging.address, mapped.page_size)  # type: ignore[union-attr]
-                except (UffdError, ClosedError):
-                    pass
-                else:
-                    if trace.ENABLED:
-                        trace.mark("woken", block, page)
-                    self._session.copied_to_client(block, page, time.monotonic())  # woken after the copy
-                    return
+        if self._copy_to_client(block, page, mapped.page_size):
+            return
         plan = self._session.wake_plan(block, page, 1)
         try:
             self._uffd.copy(mapped.address + page * mapped.page_size, self._staging.address,  # type: ignore[union-attr]
@@ -641,6 +630,22 @@ class PostcopyDestination:
         if trace.ENABLED:
             trace.mark("woken", block, page)
         self._session.placed(block, page, 1, time.monotonic(), prewoken=bool(plan))  # a 1 GiB copy takes a second
+
+    def _copy_to_client(self, block: int, page: int, size: int) -> bool:
+        """Place the urgent page through the userfaultfd of the one delegated client waiting on it
+        (see :meth:`_place_page`); False: no such client, or the copy failed (nothing placed)."""
+        target = self._session.copy_target(block, page) if self._clients is not None else None
+        uffd = self._clients.uffd_of(target[0]) if target is not None else None  # type: ignore[union-attr]
+        if uffd is None:
+            return False
+        try:
+            uffd.copy(target[1], self._staging.address, size)  # type: ignore[index,union-attr]
+        except (UffdError, ClosedError):
+            return False
+        if trace.ENABLED:
+            trace.mark("woken", block, page)
+        self._session.copied_to_client(block, page, time.monotonic())  # woken after the copy
+        return True
 
     def _hand_over(self, msg: Message) -> None:
         """Send a background message's placements to the placement thread; the rest runs here."""

@@ -46,7 +46,7 @@ from aiopostcopy.core.ramblock import MappingTable
 from aiopostcopy.core.commands import NotifyPlaced, UnknownFault
 from aiopostcopy.core.session import DestinationSession
 from aiopostcopy.destination.memory import BlockMemory
-from aiopostcopy.errors import BusyError, MappingTableError, PostcopyError, ProtocolError, RemoteProtocolError, UffdError
+from aiopostcopy.errors import BusyError, MappingTableError, ProtocolError, RemoteProtocolError, UffdError
 from aiopostcopy.messages import (
     Accept,
     Blocks,

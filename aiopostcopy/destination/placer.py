@@ -21,8 +21,8 @@ zeroed huge page is copied instead).  Kernel rules (DESIGN.md section 2):
   is retried.  Only these count against the retry bound; a run of a thousand
   scattered existing pages is not a failure.
 
-The 2 MiB-aligned stretches of a zero run on shmem (``ALLOCATE_ALIGN``) are put into the
-block's file with fallocate instead: the kernel only allocates the pages (a
+The 2 MiB-aligned stretches of a zero run on shmem (``ALLOCATE_ALIGN``) are
+put into the block's file with fallocate instead: the kernel only allocates the pages (a
 touch zeroes one when it first maps it), about twice as fast as UFFDIO_ZEROPAGE,
 which maps each page into the service as it goes.  A sparse snapshot's holes
 are almost all such runs.  fallocate keeps pages already there instead of
@@ -40,8 +40,9 @@ Urgent pages are placed inline on the loop thread: that is the shortest path
 from a reply to a woken thread.  The background sweep goes to
 :class:`BackgroundPlacer`: one worker thread fed from a small pool of staging
 buffers, and a second one for zero runs (they need no buffer, and a sparse
-image's holes are then filled while its data is being copied).  cffi releases the GIL during the ioctl, so a megabyte being copied
-into place no longer holds up the loop's fault reading and urgent replies.
+image's holes are then filled while its data is being copied).  cffi releases
+the GIL during the ioctl, so a megabyte being copied into place no longer
+holds up the loop's fault reading and urgent replies.
 The session already allows placement to finish later (pages stay PLACING, so
 an urgent copy of the same page is skipped and its waiters wait for the
 background copy).  The worker never drains events: on EAGAIN it hands the
@@ -77,6 +78,9 @@ __all__ = ["BackgroundPlacer", "Placement", "PlacementDone"]
 
 #: EAGAIN retries of one run before giving up (each one drains events first).
 MAX_EAGAIN = 1000
+#: How much nicer than the loop thread the placement thread runs (see _lower_priority).
+PLACER_NICENESS = 10
+
 
 def _pmd_size() -> int:
     try:
@@ -89,8 +93,6 @@ def _pmd_size() -> int:
 #: fallocate fills the stretches of a shmem zero run that are whole, aligned multiples of this
 #: (the largest folio shmem allocates, a PMD: 2 MiB on x86-64); the ends go by UFFDIO_ZEROPAGE.
 ALLOCATE_ALIGN = _pmd_size()
-#: How much nicer than the loop thread the placement thread runs (see _lower_priority).
-PLACER_NICENESS = 10
 
 #: (commands placed, each with how many of its pages existed already; commands left undone,
 #: each with the page to go on from and the pages found existing so far; the staging buffer;

@@ -52,7 +52,6 @@ from aiopostcopy.core.vhost_user import (
     MemoryRegion,
     Phase,
     Reply,
-    Request,
     Step,
     VhostFeature,
     Virtqueue,
