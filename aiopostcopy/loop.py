@@ -40,12 +40,14 @@ timer.  The session decides; this module only carries out.  Its clock is
 ``time.monotonic()``, not ``loop.time()``: uvloop's loop time has 1 ms
 resolution, too coarse for fault latencies of tens of microseconds.
 
-The urgent path (a quiet fault, the case a blocked vCPU pays for) skips the
-pass at both ends.  A read of a userfaultfd that yields one fault on a missing
-page, with nothing queued ahead of it, is accounted by
-:meth:`~aiopostcopy.core.session.DestinationSession.fault_request` and its
-Request frame (:func:`~aiopostcopy.transport.wire.encode_page_request`) is
-written in that same callback.  A one-page answer on the urgent channel is
+The urgent path (a fault, the case a blocked vCPU pays for) skips the pass at
+both ends.  Each fault of a read of a userfaultfd on a missing page, with
+nothing queued ahead of it, is accounted by
+:meth:`~aiopostcopy.core.session.DestinationSession.fault_request`, and the
+read's pages go out in one Request frame
+(:func:`~aiopostcopy.transport.wire.encode_page_requests`) written in that same
+callback.  A one-page answer on the urgent channel takes the decoder's one-page lane
+straight into the urgent staging buffer (no message is built) and is
 accounted by :meth:`~aiopostcopy.core.session.DestinationSession.urgent_page`,
 placed with one UFFDIO_COPY from staging and its clients' threads woken before
 the bookkeeping, with no message dispatch and no commands.  Anything unusual
@@ -110,7 +112,7 @@ from aiopostcopy.destination.vhost_user import FrontEndPort, VhostUserFrontEnd
 from aiopostcopy.destination.report import DestinationReport, build_report, remember_thread_name
 from aiopostcopy.transport.channels import SourceChannels
 from aiopostcopy.transport.stream import FrameProtocol
-from aiopostcopy.transport.wire import encode_page_request
+from aiopostcopy.transport.wire import encode_page_request, encode_page_requests
 from aiopostcopy.uffd import Feature, PageFault, RegisterMode, Userfaultfd
 
 __all__ = ["DestinationOptions", "PostcopyDestination", "OWN_FD"]
@@ -564,12 +566,22 @@ class PostcopyDestination:
         self._receiving = self._placer.take(nbytes)
         return self._receiving.view(nbytes)
 
+    def _page_sink(self, block: int, page: int, nbytes: int) -> memoryview | None:
+        """Where the payload of a one-page Pages on the urgent channel lands: the urgent staging
+        buffer, once the session has checked the page; None before the placement exists."""
+        if self._placement is None:
+            return None
+        self._session.check_page(block, page, nbytes)
+        return self._staging.view(nbytes)
+
+    def _page_landed(self, block: int, page: int) -> None:
+        """A one-page answer is in the urgent staging buffer: the urgent path, or the general
+        one with the Pages message it stands for."""
+        if not self._urgent_page(block, page, time.monotonic()):
+            self._on_source_message(Channel.URGENT, Pages(block=block, first=page, count=1))
+
     def _on_source_message(self, channel: Channel, msg: Message) -> None:
         now = time.monotonic()
-        if (channel is Channel.URGENT and type(msg) is Pages and msg.count == 1 and not msg.zeros
-                and msg.data is None and self._placement is not None
-                and self._urgent_page(msg.block, msg.first, now)):
-            return
         if type(msg) is Changed:
             return self._copy_changed(msg)
         self._session.message_received(channel, msg, now)
@@ -786,32 +798,47 @@ class PostcopyDestination:
         self._serve_faults(OWN_FD, self._uffd)
 
     def _serve_faults(self, key: str, uffd: Userfaultfd) -> None:
-        """A userfaultfd is readable: read its faults and run the pass in the same callback,
-        so the faults of this read batch go to the source coalesced, without a loop turn.
+        """A userfaultfd is readable: read its faults and send their Request in the same callback.
 
-        The quiet fault, one read alone on a missing page with nothing queued, is
-        the urgent path: its Request is encoded and written here, with no pass.
+        The urgent path: each fault of the read on a missing page, with nothing
+        queued ahead of it, is accounted by the session's ``fault_request`` and
+        the pages go out in one Request frame, written here with no pass.  Any
+        other fault (joined, already placed, queued behind others, unknown) and
+        any other event goes the general way, and the pass then runs in this
+        same callback, so nothing read here waits for a loop turn.
         """
         now = time.monotonic()
         events = uffd.read_events(_READ_BATCH)
-        if len(events) == 1 and not self._pass_pending and type(events[0]) is PageFault:
-            event = events[0]
-            if event.thread_id not in self._named_threads:
-                self._remember_thread(key, event.thread_id)
-            asked = self._session.fault_request(key, event.address, event.thread_id, now)
-            if asked is not None:
-                if trace.ENABLED:
-                    trace.mark("request", *asked)
-                self._source.send_frame(Channel.URGENT, encode_page_request(*asked))
-                self._rearm_timer(now)
-                if self._progress and now >= self._next_progress:
-                    self._schedule_pass()
-                return
-        else:
+        if self._pass_pending or len(events) == _READ_BATCH:  # a backlog: coalesce it all in the pass
             self._take_events(key, events, now)
             if len(events) == _READ_BATCH:
                 self._read_faults(key, uffd)
-        self._pass()
+            return self._pass()
+        session, asked, general = self._session, [], False
+        for event in events:
+            if type(event) is PageFault:
+                if event.thread_id not in self._named_threads:
+                    self._remember_thread(key, event.thread_id)
+                page = session.fault_request(key, event.address, event.thread_id, now, new_request=not asked)
+                if page is not None:
+                    asked.append(page)
+                else:
+                    general = True
+            else:
+                general = True
+                if self._clients is not None:
+                    self._clients.non_cooperative_event(key, event)
+        if asked:
+            if trace.ENABLED:
+                for block, page in asked:
+                    trace.mark("request", block, page)
+            self._source.send_frame(Channel.URGENT, encode_page_request(*asked[0]) if len(asked) == 1
+                                    else encode_page_requests(asked))
+            self._rearm_timer(now)
+        if general:
+            self._pass()
+        elif self._progress and now >= self._next_progress:
+            self._schedule_pass()
 
     def _read_faults(self, key: object, uffd: Userfaultfd) -> None:
         """Drain every queued event of ``uffd`` into the session (faults); the caller runs or schedules the pass."""
@@ -994,13 +1021,15 @@ class PostcopyDestination:
 class _ChannelSink:
     """The service's side of its :class:`SourceChannels` (a ``ChannelEvents``): bound methods, no extra call."""
 
-    __slots__ = ("channel_opened", "message_received", "payload_sink", "channels_dropped", "source_lost",
-                 "channels_restored", "source_failed")
+    __slots__ = ("channel_opened", "message_received", "payload_sink", "page_sink", "page_landed",
+                 "channels_dropped", "source_lost", "channels_restored", "source_failed")
 
     def __init__(self, service: PostcopyDestination) -> None:
         self.channel_opened = service._channel_opened
         self.message_received = service._on_source_message
         self.payload_sink = service._payload_sink
+        self.page_sink = service._page_sink
+        self.page_landed = service._page_landed
         self.channels_dropped = service._channels_dropped
         self.source_lost = service._source_lost
         self.channels_restored = service._channels_restored

@@ -179,6 +179,16 @@ class DestinationSession:
             raise RemoteProtocolError(f"pages: {nbytes} bytes of payload for {_data_pages(msg)} data pages "
                                       f"of {states.page_size} bytes", code=m.ErrorCode.BLOCK.value)
 
+    def check_page(self, block: int, page: int, nbytes: int) -> None:
+        """:meth:`check_payload` for a Pages of one page and no zeros (the one-page lane).
+
+        Raises:
+            RemoteProtocolError: as :meth:`check_payload`.
+        """
+        states = self._states
+        if not (0 <= block < len(states) and 0 <= page < states[block].pages and nbytes == states[block].page_size):
+            self.check_payload(m.Pages(block=block, first=page, count=1), nbytes)  # raises, saying why
+
     def _on_data(self, channel: m.Channel, msg: m.Pages | m.Zero, now: float) -> None:
         """Pages or Zero arrived: place the pages still needed, skip the rest."""
         block, first, count = msg.block, msg.first, msg.count
@@ -318,16 +328,20 @@ class DestinationSession:
         elif not joined:
             self._coalescer.add(waiter.block, waiter.page)
 
-    def fault_request(self, key: Hashable, address: int, thread_id: int, now: float) -> tuple[int, int] | None:
-        """:meth:`fault_received` for a fault read alone: the usual case is answered at once.
+    def fault_request(self, key: Hashable, address: int, thread_id: int, now: float, *,
+                      new_request: bool = True) -> tuple[int, int] | None:
+        """:meth:`fault_received` answered at once, for each fault of a read: the usual case.
 
         When the page is MISSING, nobody waits for it yet, nothing is queued
         (no fault to coalesce with, no message to keep ahead) and the urgent
         channel is open with room in the in-flight budget, the page becomes
-        REQUESTED, is accounted as one Request, and ``(block, page)`` is
-        returned: the caller sends ``Request([[block, page, 1]])`` on the urgent
-        channel now, with no pass.  Otherwise the fault goes the way of
-        :meth:`fault_received` and None is returned (the caller runs the pass).
+        REQUESTED and ``(block, page)`` is returned: the caller sends it on the
+        urgent channel now, with no pass, in one Request with the other pages
+        this method returned for the same read: ``new_request=False`` says the
+        page joins an earlier page's Request (it is not counted as another one).
+        Otherwise the fault
+        goes the way of :meth:`fault_received` and None is returned (the caller
+        runs the pass).
 
         Raises:
             LocalProtocolError: ``key`` is not a registered delegated fd.
@@ -344,7 +358,7 @@ class DestinationSession:
         states = self._states[block]
         if states[page] == MISSING and not joined and self._coalescer.take_page(states, page):
             self._count.pages_requested += 1
-            self._count.requests_sent += 1
+            self._count.requests_sent += new_request
             self._in_flight.sent_page(block, page, now)
             return block, page
         self._route_fault(waiter, joined, now)

@@ -87,6 +87,13 @@ class ChannelEvents(Protocol):
     def payload_sink(self, channel: Channel, header: Pages, nbytes: int) -> memoryview:
         """Where a Pages payload of ``nbytes`` on a channel lands."""
 
+    def page_sink(self, block: int, page: int, nbytes: int) -> memoryview | None:
+        """Where the payload of a one-page Pages on the urgent channel lands (a demand page's
+        answer); None: the general way (``payload_sink``, then ``message_received``)."""
+
+    def page_landed(self, block: int, page: int) -> None:
+        """A page :meth:`page_sink` took is in its memory (instead of ``message_received``)."""
+
     def channels_dropped(self, channels: tuple[Channel, ...]) -> None:
         """Channels were dropped (aborted), in the order they were opened."""
 
@@ -253,6 +260,8 @@ class SourceChannels:
             lambda msg: self._received(channel, msg),
             lambda exc: self._on_lost(channel, exc),
             payload_sink=lambda header, nbytes: events.payload_sink(channel, header, nbytes),
+            page_sink=events.page_sink if urgent else None,
+            on_page=self._page_landed if urgent else None,
             yield_after=None if urgent else _BACKGROUND_TURN_BYTES,
         )
         if self._tls is not None:
@@ -293,6 +302,10 @@ class SourceChannels:
         elif kind is Hello:
             self._heard.add(channel)
         self._events.message_received(channel, msg)
+
+    def _page_landed(self, block: int, page: int) -> None:
+        self._progress += 1  # a Pages message, in the one-page lane's form
+        self._events.page_landed(block, page)
 
     def _on_lost(self, channel: Channel, exc: BaseException | None) -> None:
         if self.channels.get(channel) is None:

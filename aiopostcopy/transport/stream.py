@@ -32,12 +32,13 @@ from collections.abc import Callable
 
 from aiopostcopy.errors import ClosedError, ProtocolError, RemoteProtocolError
 from aiopostcopy.messages import LIMITS, Error, ErrorCode, Limits, Message
-from aiopostcopy.transport.wire import ConnectionClosed, Decoder, PayloadSink, encode, encode_pages_header
+from aiopostcopy.transport.wire import ConnectionClosed, Decoder, PageSink, PayloadSink, encode, encode_pages_header
 
 __all__ = ["FrameProtocol", "set_nodelay"]
 
 OnMessage = Callable[[Message], None]
 OnLost = Callable[[BaseException | None], None]
+OnPage = Callable[[int, int], None]
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -54,6 +55,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
         on_message: called with every decoded message, in order.
         on_lost: called once when the connection ends (None for a clean EOF).
         payload_sink: staging memory provider for Pages payloads (see wire.Decoder).
+        page_sink: the one-page lane's memory (see wire.Decoder); its pages go to ``on_page``.
+        on_page: called as ``on_page(block, page)`` for each page the ``page_sink`` took,
+            in order with the messages (required with ``page_sink``).
         allowed: message types accepted from the peer.
         limits: protocol bounds.
         yield_after: after this many bytes received in one loop turn, stop
@@ -67,13 +71,18 @@ class FrameProtocol(asyncio.BufferedProtocol):
         on_lost: OnLost,
         *,
         payload_sink: PayloadSink | None = None,
+        page_sink: PageSink | None = None,
+        on_page: OnPage | None = None,
         allowed: frozenset[type] | None = None,
         limits: Limits = LIMITS,
         yield_after: int | None = None,
     ) -> None:
         self._on_message = on_message
         self._on_lost: OnLost | None = on_lost
-        self._decoder = Decoder(limits=limits, allowed=allowed, payload_sink=payload_sink)
+        if (page_sink is None) != (on_page is None):
+            raise ValueError("page_sink and on_page go together")
+        self._on_page = on_page
+        self._decoder = Decoder(limits=limits, allowed=allowed, payload_sink=payload_sink, page_sink=page_sink)
         self._transport: asyncio.Transport | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -230,6 +239,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 event = self._decoder.next_event()
                 if event is None:
                     return
+                if type(event) is tuple:  # a page of the one-page lane
+                    self._on_page(*event)  # type: ignore[misc]  (set with the page sink)
+                    continue
                 if event is ConnectionClosed or isinstance(event, ConnectionClosed):
                     self._closing = True
                     if self._transport is not None:

@@ -56,8 +56,9 @@ from aiopostcopy.messages import (
 )
 
 __all__ = [
-    "ConnectionClosed", "CONNECTION_CLOSED", "Decoder", "PayloadSink", "PREFIX_SIZE", "encode",
-    "encode_page_request", "encode_pages_header", "header_budget", "migration_allowed",
+    "ConnectionClosed", "CONNECTION_CLOSED", "Decoder", "PageLanded", "PageSink", "PayloadSink", "PREFIX_SIZE",
+    "encode",
+    "encode_page_request", "encode_page_requests", "encode_pages_header", "header_budget", "migration_allowed",
 ]
 
 PREFIX_SIZE: Final = 4
@@ -69,6 +70,9 @@ _SHRINK_ABOVE = 1 << 20  #: an empty buffer larger than this is given back
 _PACKER = msgpack.Packer(use_bin_type=True)
 
 PayloadSink = Callable[[Pages, int], memoryview]
+PageSink = Callable[[int, int, int], "memoryview | None"]
+#: The decoder's event for a page taken by the one-page lane: ``(block, page)``, its payload in the page sink's memory.
+PageLanded = tuple[int, int]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -152,6 +156,24 @@ def encode_page_request(block: int, page: int) -> bytes:
     """The frame of ``Request([[block, page, 1]])``, byte for byte what :func:`encode` makes,
     without building the message (a quiet fault's request; the caller checked the page)."""
     header = _PACKER.pack((Request.TYPE, ((block, page, 1),)))
+    return _PREFIX.pack(len(header)) + header
+
+
+def encode_page_requests(pages: list[tuple[int, int]]) -> bytes:
+    """The frame of one Request for ``pages`` (``(block, page)`` pairs, in the order faulted),
+    each page following its predecessor in the same block joined to its run: what :func:`encode`
+    makes of that Request, without building the message (the faults of one read)."""
+    runs: list[list[int]] = []
+    last = None
+    for block, page in pages:
+        if last is not None and last[0] == block and last[1] + last[2] == page:
+            last[2] += 1
+        else:
+            last = [block, page, 1]
+            runs.append(last)
+    if len(runs) > LIMITS.max_runs:
+        raise LocalProtocolError(f"more than {LIMITS.max_runs} runs")
+    header = _PACKER.pack((Request.TYPE, runs))
     return _PREFIX.pack(len(header)) + header
 
 
@@ -306,13 +328,21 @@ class Decoder:
             ``nbytes`` writable bytes that receives a Pages payload
             (``header`` is the Pages message, ``data`` None).  It may raise a
             ProtocolError to refuse the run (bad block, size).
+        page_sink: the one-page lane (a demand page's answer): for a Pages
+            header of one page and no zeros, ``page_sink(block, page, nbytes)``
+            returns a writable memoryview of exactly ``nbytes`` bytes for its
+            payload, or None to take the general way (``payload_sink`` and a
+            Pages message); it may raise a ProtocolError as ``payload_sink``
+            does.  A page taken by it is returned as the event ``(block,
+            page)``, a :data:`PageLanded`, once its payload is in that memory:
+            no message is built.
 
     Raises:
         TypeError: ``allowed`` holds something that is not a message class.
     """
 
     def __init__(self, *, limits: Limits = LIMITS, allowed: frozenset[type] | None = None,
-                 payload_sink: PayloadSink | None = None) -> None:
+                 payload_sink: PayloadSink | None = None, page_sink: PageSink | None = None) -> None:
         classes = MESSAGE_TYPES.values() if allowed is None else allowed
         if not set(classes) <= set(MESSAGE_TYPES.values()):
             raise TypeError(f"allowed holds non-message types: {set(classes) - set(MESSAGE_TYPES.values())}")
@@ -328,10 +358,11 @@ class Decoder:
                                              limits.max_blocks, limits.max_features))
         self._parsed = 0  # header bytes fed to the unpacker, to detect trailing bytes
         self._make_sink = payload_sink
+        self._page_sink = page_sink
         self._buf = bytearray(_CHUNK)
         self._view = memoryview(self._buf)
         self._start = self._end = 0  # unread bytes are _buf[_start:_end]
-        self._pending: Pages | None = None  # a Pages header whose payload is due
+        self._pending: Pages | PageLanded | None = None  # a Pages header whose payload is due
         self._sink: memoryview | None = None
         self._filled = self._need = 0  # payload bytes in the sink / expected
         self._eof = False
@@ -401,12 +432,13 @@ class Decoder:
 
     # --------------------------------------------------------------- output
 
-    def next_event(self) -> Message | ConnectionClosed | None:
+    def next_event(self) -> Message | PageLanded | ConnectionClosed | None:
         """Decode the next message.
 
         Returns:
-            A message; CONNECTION_CLOSED after a clean EOF; None if more
-            data is needed.
+            A message; a :data:`PageLanded` for a page the ``page_sink``
+            took; CONNECTION_CLOSED after a clean EOF; None if more data is
+            needed.
 
         Raises:
             RemoteProtocolError: malformed, unwanted or truncated input; the
@@ -507,6 +539,8 @@ class Decoder:
         if not self._limits.payload_ok(nbytes, fields[3], fields[5]):
             raise RemoteProtocolError(f"pages nbytes must be in [1, {self._max_payload}] (or one page of up to "
                                       f"{self._limits.max_page_size}), got {nbytes!r:.40}")
+        if fields[3] == 1 and fields[5] == () and self._page_sink is not None and self._page_lane(fields, nbytes):
+            return self._payload_event()
         self._pending = self._build(Pages.TYPE, fields)
         self._need, self._filled = nbytes, 0
         if self._make_sink is not None:
@@ -516,6 +550,26 @@ class Decoder:
             self._start += take
             self._filled = take
         return self._payload_event()
+
+    def _page_lane(self, fields: tuple, nbytes: int) -> bool:
+        """Open the page sink for a one-page header (fields checked as Pages checks them);
+        False: the sink declined, or a field is not what a valid Pages has (the general way says why)."""
+        block, page, count = fields[1], fields[2], fields[3]
+        if not (type(block) is int and type(page) is int and type(count) is int
+                and 0 <= block < LIMITS.max_blocks and 0 <= page < 1 << 46):
+            return False
+        try:
+            sink = self._page_sink(block, page, nbytes)  # type: ignore[misc]
+        except ProtocolError as exc:
+            raise _remote(exc, "pages refused") from exc
+        if sink is None:
+            return False
+        self._pending, self._sink, self._need = (block, page), sink, nbytes
+        take = min(nbytes, self._end - self._start)
+        sink[:take] = self._view[self._start:self._start + take]
+        self._start += take
+        self._filled = take
+        return True
 
     def _open_sink(self, msg: Pages, nbytes: int) -> memoryview:
         assert self._make_sink is not None

@@ -7,7 +7,7 @@ from aiopostcopy import messages as m
 from aiopostcopy.core import Wake
 from aiopostcopy.core.coalesce import Coalescer
 from aiopostcopy.core.pages import MISSING, PLACING, REQUESTED, PageStates
-from aiopostcopy.transport.wire import encode, encode_page_request
+from aiopostcopy.transport.wire import encode, encode_page_request, encode_page_requests
 
 from tests.core.test_session import (BACKGROUND, CLIENT_BASE, OWN_BASE, PAGE, URGENT, open_session, pages,
                                      place_all, requests, run, source_hello)
@@ -16,6 +16,27 @@ from tests.core.test_session import (BACKGROUND, CLIENT_BASE, OWN_BASE, PAGE, UR
 def test_page_request_frame_is_the_request_encoded() -> None:
     for block, page in [(0, 0), (1, 127), (3, 128), (7, 65535), (2, 65536), (255, (1 << 32) + 5)]:
         assert encode_page_request(block, page) == encode(m.Request(runs=(run(block, page, 1),)))
+
+
+def test_page_requests_frame_joins_following_pages_into_runs() -> None:
+    pages_faulted = [(0, 5), (0, 6), (0, 7), (1, 8), (0, 8), (0, 3), (0, 4), (2, 1 << 40)]
+    expected = (run(0, 5, 3), run(1, 8, 1), run(0, 8, 1), run(0, 3, 2), run(2, 1 << 40, 1))
+    assert encode_page_requests(pages_faulted) == encode(m.Request(runs=expected))
+    assert encode_page_requests([(3, 9)]) == encode_page_request(3, 9)
+
+
+def test_faults_of_one_read_are_requested_at_once_as_one_request() -> None:
+    session = open_session(request_timeout=2.0)
+    asked = [session.fault_request("c", CLIENT_BASE + 3 * PAGE, 1, 1.0),
+             session.fault_request("c", CLIENT_BASE + 4 * PAGE, 2, 1.0, new_request=False),
+             session.fault_request("c", CLIENT_BASE + 3 * PAGE + 8, 3, 1.0, new_request=False),  # joins page 11
+             session.fault_request("own", OWN_BASE + PAGE, 4, 1.0, new_request=False)]
+    assert asked == [(0, 11), (0, 12), None, (0, 1)]
+    assert requests(session) == []
+    stats = session.statistics()
+    assert (stats.faults, stats.faults_joined, stats.pages_requested, stats.requests_sent) == (4, 1, 3, 1)
+    session.handle_timer(3.5)  # each page in flight: asked again once overdue
+    assert sorted(requests(session), key=lambda r: r.first) == [run(0, 1, 1), run(0, 11, 1), run(0, 12, 1)]
 
 
 def test_fault_alone_is_requested_at_once_and_accounted() -> None:
