@@ -211,6 +211,7 @@ class PostcopyDestination:
         self._placer: BackgroundPlacer | None = None
         self._receiving: Staging | None = None  # background buffer the current payload lands in
         self._memory: BlockMemory | None = None
+        self._page_sizes: tuple[int, ...] = ()  # of the blocks, by index
         self._uffd: Userfaultfd | None = None
         self._clients: ClientRegistry | None = None
         self._vhost_user: list[VhostUserFrontEnd] = []  # one per back-end
@@ -575,10 +576,22 @@ class PostcopyDestination:
         return self._staging.view(nbytes)
 
     def _page_landed(self, block: int, page: int) -> None:
-        """A one-page answer is in the urgent staging buffer: the urgent path, or the general
-        one with the Pages message it stands for."""
-        if not self._urgent_page(block, page, time.monotonic()):
-            self._on_source_message(Channel.URGENT, Pages(block=block, first=page, count=1))
+        """A one-page answer is in the urgent staging buffer: the urgent path, placed with one
+        UFFDIO_COPY and its clients' threads woken at once, with no message handling, no
+        commands and no pass; or, when the session wants it, the general path with the Pages
+        message it stands for."""
+        session = self._session
+        wanted = session.urgent_page(block, page, target=self._clients is not None)
+        if wanted is None:
+            return self._on_source_message(Channel.URGENT, Pages(block=block, first=page, count=1))
+        if trace.ENABLED:
+            trace.mark("reply", block, page)
+        if wanted is not False:
+            if wanted is True or not self._copy_to_client(block, page, wanted):
+                self._place_page(block, page)
+            self._run_commands(None)
+        if session.pass_due:
+            self._schedule_pass()
 
     def _on_source_message(self, channel: Channel, msg: Message) -> None:
         now = time.monotonic()
@@ -602,22 +615,6 @@ class PostcopyDestination:
         if channel is Channel.BACKGROUND or self._session.pass_due:  # an urgent reply seldom leaves work
             self._schedule_pass()
 
-    def _urgent_page(self, block: int, page: int, now: float) -> bool:
-        """The urgent path of an answer: one page in staging, placed with one UFFDIO_COPY and its
-        clients' threads woken at once, with no message handling, no commands and no pass.
-        Returns False when the session wants the general path (nothing done then)."""
-        needed = self._session.urgent_page(block, page)
-        if needed is None:
-            return False
-        if trace.ENABLED:
-            trace.mark("reply", block, page)
-        if needed:
-            self._place_page(block, page)
-            self._run_commands(None)
-        if self._session.pass_due:
-            self._schedule_pass()
-        return True
-
     def _place_page(self, block: int, page: int) -> None:
         """:meth:`_place` of one page from the urgent staging buffer, in one UFFDIO_COPY call; a page
         found present (EEXIST) or a retry (EAGAIN) goes the exact way, through :meth:`_place`.
@@ -625,12 +622,10 @@ class PostcopyDestination:
         When the threads waiting on the page are all on one delegated client's userfaultfd
         (the usual fault), the copy goes through that fd into the client's mapping of the
         shared memory: the one ioctl places the page for everyone and wakes them, as CRIU's
-        lazy-pages daemon places pages into the process it restores.  Any failure there
-        (the client gone or unmapping, the page present) leaves the page to the service's
-        own mapping, whose errors the exact path handles."""
+        lazy-pages daemon places pages into the process it restores (:meth:`_copy_to_client`,
+        tried first).  Any failure there (the client gone or unmapping, the page present)
+        leaves the page to this, the service's own mapping, whose errors the exact path handles."""
         mapped = self._memory.block(block)  # type: ignore[union-attr]  (set with the placement)
-        if self._copy_to_client(block, page, mapped.page_size):
-            return
         plan = self._session.wake_plan(block, page, 1)
         try:
             self._uffd.copy(mapped.address + page * mapped.page_size, self._staging.address,  # type: ignore[union-attr]
@@ -643,15 +638,15 @@ class PostcopyDestination:
             trace.mark("woken", block, page)
         self._session.placed(block, page, 1, time.monotonic(), prewoken=bool(plan))  # a 1 GiB copy takes a second
 
-    def _copy_to_client(self, block: int, page: int, size: int) -> bool:
-        """Place the urgent page through the userfaultfd of the one delegated client waiting on it
-        (see :meth:`_place_page`); False: no such client, or the copy failed (nothing placed)."""
-        target = self._session.copy_target(block, page) if self._clients is not None else None
-        uffd = self._clients.uffd_of(target[0]) if target is not None else None  # type: ignore[union-attr]
+    def _copy_to_client(self, block: int, page: int, target: tuple[object, int]) -> bool:
+        """Place the urgent page through the userfaultfd of the one delegated client waiting on it,
+        ``target`` = ``(key, address)`` (see :meth:`_place_page`); False: the client is gone, or
+        the copy failed (nothing placed)."""
+        uffd = self._clients.uffd_of(target[0])  # type: ignore[union-attr]  (a target means clients)
         if uffd is None:
             return False
         try:
-            uffd.copy(target[1], self._staging.address, size)  # type: ignore[index,union-attr]
+            uffd.copy(target[1], self._staging.address, self._page_sizes[block])
         except (UffdError, ClosedError):
             return False
         if trace.ENABLED:
@@ -708,6 +703,7 @@ class PostcopyDestination:
         try:
             self._memory = BlockMemory.create(hello.blocks, self.options.block_dir, adopt=self._adopting,
                                               from_copy=self.options.from_copy)
+            self._page_sizes = tuple(block.page_size for block in self._memory)
             if self.options.from_copy:  # remembered once the copy is compared (a crash before: nothing to adopt)
                 self._comparison = CopyComparison(self._memory)
             elif self.options.block_dir is not None:

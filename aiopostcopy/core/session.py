@@ -218,13 +218,15 @@ class DestinationSession:
             self._commands.append(Place(block, start, n, start - first - skipped, inside))
         self._count.pages_duplicate += count
 
-    def urgent_page(self, block: int, page: int) -> bool | None:
+    def urgent_page(self, block: int, page: int, *, target: bool = False) -> bool | tuple[Hashable, int] | None:
         """One data page (``Pages`` of count 1, no zeros) arrived on the urgent channel, its
-        payload checked by :meth:`check_payload`: the urgent path's form of :meth:`message_received`.
+        payload checked by :meth:`check_page`: the urgent path's form of :meth:`message_received`.
 
         Returns:
             True: the page is needed; it is PLACING and counted, and the caller
             places it, then calls :meth:`placed` (with :meth:`wake_plan` first).
+            ``(key, address)``, with ``target``: as True, and :meth:`copy_target`
+            found the one delegated fd all its waiters are on.
             False: not needed (placed or arriving already), counted as a duplicate.
             None: nothing done; the caller hands the message to :meth:`message_received`
             (the session is aborted, the channel is not open, or a Discard waits on the block).
@@ -237,13 +239,13 @@ class DestinationSession:
             states.mark(page, 1, PLACING)
             self._coalescer.settle(1)
             self._count.pages_demand += 1
-            return True
-        if state == MISSING:
+        elif state == MISSING:
             states.mark(page, 1, PLACING)
             self._count.pages_background += 1
-            return True
-        self._count.pages_duplicate += 1
-        return False
+        else:
+            self._count.pages_duplicate += 1
+            return False
+        return (target and self._wakeups.copy_target(block, page)) or True  # type: ignore[union-attr]
 
     def _on_discard(self, channel: m.Channel, msg: m.Discard, now: float) -> None:
         states = self._check_run(msg.block, msg.first, msg.count)

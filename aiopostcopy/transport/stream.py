@@ -83,6 +83,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             raise ValueError("page_sink and on_page go together")
         self._on_page = on_page
         self._decoder = Decoder(limits=limits, allowed=allowed, payload_sink=payload_sink, page_sink=page_sink)
+        self.get_buffer = self._decoder.get_buffer  # type: ignore[method-assign]  (the loop reads into it: no extra call)
         self._transport: asyncio.Transport | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -103,7 +104,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if not self.connected.done():
             self.connected.set_result(None)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
+    def get_buffer(self, sizehint: int) -> memoryview:  # the decoder's own, bound in __init__
         return self._decoder.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:

@@ -65,6 +65,7 @@ PREFIX_SIZE: Final = 4
 _PREFIX = struct.Struct(">I")
 _CHUNK = 64 << 10  #: free space get_buffer() offers outside a payload
 _SHRINK_ABOVE = 1 << 20  #: an empty buffer larger than this is given back
+_ONE_PAGE_HEADER = 32  #: the longest header of one page: [3, block, page, 1, nbytes, []] with 9-byte integers
 #: Shared: validated messages hold only exact int/str/bool/tuple/list, so pack() runs no
 #: Python code and cannot release the GIL or re-enter midway.
 _PACKER = msgpack.Packer(use_bin_type=True)
@@ -358,7 +359,8 @@ class Decoder:
                                              limits.max_blocks, limits.max_features))
         self._parsed = 0  # header bytes fed to the unpacker, to detect trailing bytes
         self._make_sink = payload_sink
-        self._page_sink = page_sink
+        self._page_sink = page_sink if Pages.TYPE in self._budget else None
+        self._one_page_payload = max(limits.max_payload, limits.max_page_size)  # LIMITS.payload_ok of one page
         self._buf = bytearray(_CHUNK)
         self._view = memoryview(self._buf)
         self._start = self._end = 0  # unread bytes are _buf[_start:_end]
@@ -404,10 +406,14 @@ class Decoder:
             The unfilled tail of the payload sink while a sink payload is
             due, otherwise free space in the internal buffer (never empty).
         """
-        self._check_alive()
-        if self._sink_open():
-            return self._sink[self._filled:self._need]
-        self._make_room(min(max(sizehint, _CHUNK), _SHRINK_ABOVE))
+        if self._error is not None:
+            self._check_alive()
+        sink = self._sink
+        if sink is not None and self._filled < self._need:
+            return sink[self._filled:self._need]
+        want = _CHUNK if sizehint <= _CHUNK else min(sizehint, _SHRINK_ABOVE)
+        if len(self._buf) - self._end < want or len(self._buf) > _SHRINK_ABOVE:  # else _make_room does nothing
+            self._make_room(want)
         return self._view[self._end:]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -416,11 +422,13 @@ class Decoder:
         Raises:
             ValueError: more than that view could hold.
         """
-        self._check_alive()
-        room = self._need - self._filled if self._sink_open() else len(self._buf) - self._end
+        if self._error is not None:
+            self._check_alive()
+        sinking = self._sink is not None and self._filled < self._need
+        room = self._need - self._filled if sinking else len(self._buf) - self._end
         if not 0 <= nbytes <= room:
             raise ValueError(f"buffer_updated({nbytes}) but only {room} bytes were offered")
-        if self._sink_open():
+        if sinking:
             self._filled += nbytes
         else:
             self._end += nbytes
@@ -444,9 +452,16 @@ class Decoder:
             RemoteProtocolError: malformed, unwanted or truncated input; the
                 decoder is dead afterwards and re-raises it on every call.
         """
-        self._check_alive()
+        if self._error is not None:
+            self._check_alive()
         try:
-            return self._payload_event() if self._pending is not None else self._frame_event()
+            if self._pending is not None:
+                return self._payload_event()
+            if self._page_sink is not None:
+                landed = self._page_frame()
+                if landed is not False:
+                    return landed  # type: ignore[return-value]
+            return self._frame_event()
         except Exception as exc:
             self._error = exc
             raise
@@ -539,8 +554,6 @@ class Decoder:
         if not self._limits.payload_ok(nbytes, fields[3], fields[5]):
             raise RemoteProtocolError(f"pages nbytes must be in [1, {self._max_payload}] (or one page of up to "
                                       f"{self._limits.max_page_size}), got {nbytes!r:.40}")
-        if fields[3] == 1 and fields[5] == () and self._page_sink is not None and self._page_lane(fields, nbytes):
-            return self._payload_event()
         self._pending = self._build(Pages.TYPE, fields)
         self._need, self._filled = nbytes, 0
         if self._make_sink is not None:
@@ -551,12 +564,28 @@ class Decoder:
             self._filled = take
         return self._payload_event()
 
-    def _page_lane(self, fields: tuple, nbytes: int) -> bool:
-        """Open the page sink for a one-page header (fields checked as Pages checks them);
-        False: the sink declined, or a field is not what a valid Pages has (the general way says why)."""
-        block, page, count = fields[1], fields[2], fields[3]
-        if not (type(block) is int and type(page) is int and type(count) is int
-                and 0 <= block < LIMITS.max_blocks and 0 <= page < 1 << 46):
+    def _page_frame(self) -> PageLanded | None | bool:
+        """The one-page lane: a whole header ``[3, block, page, 1, nbytes, []]`` at the frame's
+        start, valid as :meth:`next_event` would decode it, whose page the page sink takes.
+
+        Returns:
+            False: not taken, nothing consumed (another frame, a header not all here, a field
+            a valid Pages does not have, or the sink declined): the general way decodes it.
+            Otherwise :meth:`_payload_event`'s answer: the page, or None until its payload is in.
+        """
+        start, buf = self._start, self._buf
+        if self._end - start < PREFIX_SIZE + 7 or buf[start + 4] != 0x96 or buf[start + 5] != 3:
+            return False
+        size, at = _PREFIX.unpack_from(buf, start)[0], start + PREFIX_SIZE
+        if size > _ONE_PAGE_HEADER or self._end - at < size or buf[at + size - 1] != 0x90:
+            return False
+        try:
+            _, block, page, count, nbytes, zeros = msgpack.unpackb(self._view[at:at + size], use_list=False)
+        except Exception:  # malformed or trailing bytes: the general way says why
+            return False
+        if not (type(block) is int and type(page) is int and type(count) is int and type(nbytes) is int
+                and count == 1 and zeros == () and 0 <= block < LIMITS.max_blocks and 0 <= page < 1 << 46
+                and 1 <= nbytes <= self._one_page_payload):
             return False
         try:
             sink = self._page_sink(block, page, nbytes)  # type: ignore[misc]
@@ -564,12 +593,12 @@ class Decoder:
             raise _remote(exc, "pages refused") from exc
         if sink is None:
             return False
-        self._pending, self._sink, self._need = (block, page), sink, nbytes
-        take = min(nbytes, self._end - self._start)
-        sink[:take] = self._view[self._start:self._start + take]
-        self._start += take
-        self._filled = take
-        return True
+        at += size
+        take = min(nbytes, self._end - at)
+        sink[:take] = self._view[at:at + take]
+        self._start = at + take
+        self._pending, self._sink, self._need, self._filled = (block, page), sink, nbytes, take
+        return self._payload_event()
 
     def _open_sink(self, msg: Pages, nbytes: int) -> memoryview:
         assert self._make_sink is not None

@@ -103,6 +103,20 @@ def test_copy_target_is_the_one_delegated_fd_waiting() -> None:
     assert session.copy_target(0, 14) is None  # nobody waits
 
 
+def test_urgent_page_names_the_copy_target_when_asked() -> None:
+    session = open_session()
+    session.fault_request("c", CLIENT_BASE + 5 * PAGE, 9, 0.0)
+    session.fault_received("own", OWN_BASE + 2 * PAGE, 3, 0.0)  # queued: page 2 stays MISSING with a waiter
+    session.fault_received("c", CLIENT_BASE + 6 * PAGE, 4, 0.0)  # queued behind it: MISSING, a client waits
+    assert session.urgent_page(0, 13, target=True) == ("c", CLIENT_BASE + 5 * PAGE)  # REQUESTED, one client
+    assert session.urgent_page(0, 14, target=True) == ("c", CLIENT_BASE + 6 * PAGE)  # MISSING, one client
+    assert session.urgent_page(0, 2, target=True) is True  # the service's own fd: its own mapping
+    assert session.urgent_page(0, 3, target=True) is True  # nobody waits
+    assert session.urgent_page(0, 13, target=True) is False  # PLACING already
+    stats = session.statistics()
+    assert (stats.pages_demand, stats.pages_background, stats.pages_duplicate) == (1, 3, 1)
+
+
 def test_copy_target_is_none_when_another_fd_or_the_service_waits() -> None:
     session = open_session()
     session.fault_request("c", CLIENT_BASE + 5 * PAGE, 9, 0.0)
