@@ -16,6 +16,11 @@ eats.  Every case runs ``--repeat`` times and the median is reported.
   scan produces: they coalesce into runs of ``max_run_pages``.
 * ``faults client``: random faults from a client fd with its own mapping
   table, so every placement also emits Wake commands.
+* ``urgent path``: what the service does now for a client's fault: each
+  fault of a read of ``--threads`` faults requested at once (``fault_request``),
+  then each answer taken on the urgent path (``urgent_page`` with its copy
+  target, ``copied_to_client``), as when every page is placed through the
+  client's own userfaultfd.  The per-fault bookkeeping of the fault path.
 * ``sweep``: background Pages of 64 pages through ``message_received`` and
   ``placed`` (pages/s of sweep bookkeeping, no faults).
 * ``PageStates``: ``mark`` REQUESTED -> PLACING -> PLACED in runs of 64 pages.
@@ -114,6 +119,31 @@ def fault_case(pages: int, faults: int, batch: int, *, sequential: bool, client:
     elapsed = time.perf_counter() - start
     stats = session.statistics()
     assert stats.woken == len(order), (stats.woken, len(order))
+    return len(order) / elapsed
+
+
+def urgent_case(pages: int, faults: int, threads: int) -> float:
+    """Faults per second through fault_request + urgent_page(target) + copied_to_client."""
+    session = destination(pages, client=True)
+    order = list(range(pages))
+    random.Random(1).shuffle(order)
+    order = order[:faults]
+    start = time.perf_counter()
+    for index in range(0, len(order), threads):
+        now = time.perf_counter() - start
+        asked = []
+        for tid, page in enumerate(order[index:index + threads]):
+            found = session.fault_request("fd", CLIENT_BASE + page * PAGE + 8, tid, now, new_request=not asked)
+            assert found is not None
+            asked.append(found)
+        for block, page in asked:
+            target = session.urgent_page(block, page, target=True)
+            assert type(target) is tuple
+            session.copied_to_client(block, page, now)
+            session.commands()
+    elapsed = time.perf_counter() - start
+    stats = session.statistics()
+    assert stats.woken == stats.copies_to_client == len(order), (stats.woken, len(order))
     return len(order) / elapsed
 
 
@@ -245,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", type=int, default=100_000, help="faults per fault case")
     parser.add_argument("--batch", type=int, default=64, help="faults per loop pass")
     parser.add_argument("--repeat", type=int, default=3, help="runs per case (median reported)")
+    parser.add_argument("--threads", type=int, default=8, help="faults per read in the urgent path case")
     args = parser.parse_args(argv)
     pages = args.block_mb * (1 << 20) // PAGE
     faults = min(args.faults, pages)
@@ -256,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             pages, faults, args.batch, sequential=False, client=False)), naive_random),
         ("faults random (client fd, Wake)", "faults/s", median(args.repeat, lambda: fault_case(
             pages, faults, args.batch, sequential=False, client=True)), naive_random),
+        (f"urgent path (client fd, {args.threads}/read)", "faults/s", median(args.repeat, lambda: urgent_case(
+            pages, faults, args.threads)), naive_random),
         ("  of which: building Pages msgs", "msgs/s", median(args.repeat, lambda: message_case(faults)), None),
         ("baseline: naive handler, sequential", "faults/s", naive_sequential, None),
         ("faults sequential (own fd)", "faults/s", median(args.repeat, lambda: fault_case(
