@@ -127,6 +127,16 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _not_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
 def _tls_options(parser: argparse.ArgumentParser, *, dest: bool) -> None:
     group = parser.add_argument_group("TLS with mutual authentication (all three, or none: plain TCP)")
     peer = "the source" if dest else "the destination"
@@ -189,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="background window bytes")
     src.add_argument("--run-pages", type=_positive(int), default=SourceConfig().background_run_pages,
                      help="pages per background run")
+    src.add_argument("--sweep-bridge", type=_not_negative, default=SourceConfig().sweep_bridge_pages,
+                     metavar="PAGES", help="send again at most this many pages already answered on the urgent "
+                                           "channel to keep a background run whole (0: never send a page twice)")
     src.add_argument("--sndbuf", type=int, default=BACKGROUND_SNDBUF,
                      help="SO_SNDBUF of the background connection, 0 for kernel autotuning")
     src.add_argument("--lease", type=_positive(float), default=DEFAULT_LEASE,
@@ -427,7 +440,8 @@ async def source_main(args: argparse.Namespace, record: RunRecord) -> int:
         return record.finish(EXIT_USAGE, str(exc))
     record.fields["tls"] = tls is not None
     trace.start("source")
-    config = SourceConfig(background_window_bytes=args.window, background_run_pages=args.run_pages)
+    config = SourceConfig(background_window_bytes=args.window, background_run_pages=args.run_pages,
+                          sweep_bridge_pages=args.sweep_bridge)
     source = PostcopySource(blocks, config=config, background_sndbuf=args.sndbuf or None, lease=args.lease,
                             sweep_after_idle=args.sweep_after_idle, tls=tls, max_bandwidth=args.max_bandwidth)
     try:

@@ -63,15 +63,23 @@ class SourceConfig:
         background_run_pages: longest run handed out by the sweep.
         background_window_bytes: background payload bytes that may be sent
             and not yet acknowledged; the sweep pauses when it is full.
+        sweep_bridge_pages: a sweep run that would stop at pages already sent
+            (answers to Requests ahead of the sweep) goes on over at most this
+            many of them, sending them again, when unsent pages follow: one
+            frame of up to ``background_run_pages`` instead of a frame per
+            stretch between faulted pages.  0: never send a page twice.
 
     Raises:
-        ValueError: a bound is not positive.
+        ValueError: a bound is not positive (the bridge: negative).
     """
 
     max_run_pages: int = 64
     background_run_pages: int = 256
     background_window_bytes: int = 8 << 20
+    sweep_bridge_pages: int = 4
 
     def __post_init__(self) -> None:
         if min(self.max_run_pages, self.background_run_pages, self.background_window_bytes) < 1:
             raise ValueError("source bounds must be positive")
+        if self.sweep_bridge_pages < 0:
+            raise ValueError("sweep_bridge_pages must not be negative")

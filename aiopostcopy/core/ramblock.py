@@ -174,13 +174,14 @@ class MappingTable:
     Build it with :meth:`build` (validates) or :meth:`identity`.
     """
 
-    __slots__ = ("blocks", "_starts", "_entries", "_by_block", "_block_offsets")
+    __slots__ = ("blocks", "_starts", "_page_sizes", "_entries", "_by_block", "_block_offsets")
 
     def __init__(self, blocks: BlockTable, entries: list[tuple[int, int, int, int]]) -> None:
         # Private: use build() or identity(). ``entries`` are validated and sorted by address.
         self.blocks = blocks
         self._entries = entries
         self._starts = [entry[0] for entry in entries]
+        self._page_sizes = [block.page_size for block in blocks]
         per_block: list[list[tuple[int, int, int]]] = [[] for _ in range(len(blocks))]
         for address, length, block, offset in entries:
             per_block[block].append((offset, offset + length, address))
@@ -244,7 +245,7 @@ class MappingTable:
         start, length, block, offset = self._entries[index]
         if address >= start + length:
             return None
-        return block, (offset + address - start) // self.blocks[block].page_size
+        return block, (offset + address - start) // self._page_sizes[block]
 
     def address_of(self, block: int, page: int) -> int | None:
         """Address of ``page`` of ``block`` in this space (the first mapping of it), or None."""

@@ -90,6 +90,47 @@ def test_sweep_covers_every_page_once_starting_after_the_last_request() -> None:
     assert session.messages_to_send() == []  # Done only once
 
 
+def answer(session: SourceSession, *runs: m.PageRun) -> None:
+    """Requests for ``runs``, answered on the urgent channel."""
+    session.message_received(URGENT, m.Request(runs=runs), 0.0)
+    while session.next_urgent() is not None:
+        pass
+
+
+@pytest.mark.parametrize("bridge, expected", [
+    (4, [run(0, 0, 10)]),  # one frame: pages 3 and 6-7 go again
+    (1, [run(0, 0, 6), run(0, 8, 2)]),  # the stretch 6-7 is longer than the bridge
+    (0, [run(0, 0, 3), run(0, 4, 2), run(0, 8, 2)]),  # never a page twice
+])
+def test_the_sweep_bridges_short_stretches_of_answered_pages(bridge: int, expected: list[m.PageRun]) -> None:
+    session = opened(sweep_bridge_pages=bridge)
+    answer(session, run(0, 3, 1), run(0, 6, 2))
+    session.message_received(URGENT, m.Request(runs=(run(1, 5, 1),)), 0.0)  # the cursor: block 1
+    session.next_urgent()
+    runs = sweep(session)
+    assert runs[:-1] == expected and runs[-1] == run(1, 0, 5)  # block 1 after the cursor wraps
+    sent = {(r.block, p) for r in runs for p in range(r.first, r.stop)}
+    assert sent >= {(0, p) for p in (0, 1, 2, 4, 5, 8, 9)} | {(1, p) for p in range(5)}  # every unsent page
+    assert session.messages_to_send() == [(BACKGROUND, m.Done(pages=sum(r.count for r in runs)))]
+
+
+def test_the_sweep_never_bridges_pages_the_destination_holds() -> None:
+    session = opened(sweep_bridge_pages=4)
+    answer(session, run(0, 3, 1))
+    session.connection_lost(URGENT, 1.0)
+    session.connection_lost(BACKGROUND, 1.0)
+    for channel in (URGENT, BACKGROUND):
+        session.message_received(channel, dest_hello(channel), 2.0)
+    session.message_received(URGENT, m.Resume(session_id="s1", received=((0, (3, 4, 6, 7)),)), 2.0)
+    runs = sorted(sweep(session), key=lambda r: (r.block, r.first))  # from the cursor, after page 3
+    assert runs == [run(0, 0, 3), run(0, 4, 2), run(0, 7, 3), run(1, 0, 6)]
+
+
+def test_the_bridge_is_never_negative() -> None:
+    with pytest.raises(ValueError):
+        SourceConfig(sweep_bridge_pages=-1)
+
+
 def test_background_window_pauses_until_acked() -> None:
     session = opened(background_run_pages=2, background_window_bytes=4 * PAGE)
     assert len(sweep(session)) == 2
