@@ -200,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run-pages", type=_positive(int), default=SourceConfig().background_run_pages,
                      help="pages per background run")
     src.add_argument("--sweep-bridge", type=_not_negative, default=SourceConfig().sweep_bridge_pages,
-                     metavar="PAGES", help="send again at most this many pages already answered on the urgent "
-                                           "channel to keep a background run whole (0: never send a page twice)")
+                     metavar="PAGES", help="send again at most this many pages already sent (answers to faults) to "
+                                           "keep a background run whole (0: never send a page twice)")
     src.add_argument("--sndbuf", type=int, default=BACKGROUND_SNDBUF,
                      help="SO_SNDBUF of the background connection, 0 for kernel autotuning")
     src.add_argument("--lease", type=_positive(float), default=DEFAULT_LEASE,

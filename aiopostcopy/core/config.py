@@ -67,7 +67,8 @@ class SourceConfig:
             (answers to Requests ahead of the sweep) goes on over at most this
             many of them, sending them again, when unsent pages follow: one
             frame of up to ``background_run_pages`` instead of a frame per
-            stretch between faulted pages.  0: never send a page twice.
+            stretch between faulted pages.  Pages the destination said it
+            holds (a Resume) are never sent again.  0: never send a page twice.
 
     Raises:
         ValueError: a bound is not positive (the bridge: negative).

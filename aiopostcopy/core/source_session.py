@@ -110,7 +110,7 @@ class SourceSession:
         self._open: set[m.Channel] = set()
         self._queue: list[tuple[m.Channel, m.Message]] = []
         self._sent = [RangeSet() for _ in self.blocks]
-        self._answered = [RangeSet() for _ in self.blocks]  # sent on the urgent channel: the sweep may bridge them
+        self._held = [RangeSet() for _ in self.blocks]  # the destination's own, as its last Resume said: never bridged
         self._holes = [RangeSet(runs) for runs in holes] if holes is not None else [RangeSet() for _ in self.blocks]
         if len(self._holes) != len(self.blocks):
             raise ValueError(f"holes for {len(self._holes)} blocks, but {len(self.blocks)} blocks")
@@ -207,7 +207,7 @@ class SourceSession:
         for run in msg.pending:
             self.blocks.check_run(run.block, run.first, run.count)
         self._sent = received
-        self._answered = [RangeSet() for _ in self.blocks]  # held by the destination now: never sent again
+        self._held = [ranges.copy() for ranges in received]
         self._urgent = deque(msg.pending)
         self._comparisons.clear()
         self._copy_pending, self._resumed = False, True
@@ -281,7 +281,6 @@ class SourceSession:
         count.pages_sent_urgent += 1
         self._cursor = (block, page + 1)
         self._sent[block].add(page, page + 1)
-        self._answered[block].add(page, page + 1)
         return True
 
     def next_urgent(self) -> m.PageRun | None:
@@ -295,7 +294,6 @@ class SourceSession:
                                               count=run.count - limit))
             run = m.PageRun(block=run.block, first=run.first, count=limit)
         self._sent[run.block].add(run.first, run.stop)
-        self._answered[run.block].add(run.first, run.stop)
         self._count.pages_sent_urgent += run.count
         return run
 
@@ -330,15 +328,15 @@ class SourceSession:
         return m.PageRun(block=block, first=start, count=stop - start)
 
     def _bridge(self, block: int, start: int, stop: int) -> int:
-        """Extend the unsent gap ``[start, stop)`` over short stretches of pages sent on the urgent
-        channel to the unsent ones after them, up to the run length (see
-        ``SourceConfig.sweep_bridge_pages``); pages the destination held (a Resume, an earlier
-        copy) are never bridged."""
+        """Extend the unsent gap ``[start, stop)`` over short stretches of pages this source sent
+        (answers to Requests ahead of the sweep) to the unsent ones after them, up to the run
+        length (see ``SourceConfig.sweep_bridge_pages``).  Pages the destination said it holds
+        (its Resume: an earlier copy, a reconnection) are never bridged."""
         bridge, longest = self.config.sweep_bridge_pages, start + self.config.background_run_pages
-        pages, sent, answered = self.blocks[block].pages, self._sent[block], self._answered[block]
+        pages, sent, held = self.blocks[block].pages, self._sent[block], self._held[block]
         while bridge and stop < min(longest, pages):
             after = sent.first_gap_from(stop, pages)
-            if after is None or after[0] - stop > bridge or not answered.covers(stop, after[0]):
+            if after is None or after[0] - stop > bridge or (held and held.intersection(stop, after[0])):
                 break
             stop = after[1]
         return stop
@@ -387,7 +385,7 @@ class SourceSession:
 
     def _queue_discard(self, block: int, start: int, stop: int) -> None:
         self._sent[block].subtract(start, stop)
-        self._answered[block].subtract(start, stop)
+        self._held[block].subtract(start, stop)
         self._holes[block].subtract(start, stop)  # the memory changed: read these pages
         self._queue.extend(self._discards.issue(block, start, stop, self._open))
         self._done_sent = False
