@@ -137,6 +137,20 @@ def _not_negative(text: str) -> int:
     return value
 
 
+#: ``dest --nice``: measured with 4 clients x 2 faulting threads on 2 vCPUs (benchmarks/README.md)
+DEFAULT_DEST_NICE = -5
+
+
+def _nice(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a nice value, got {text!r}") from None
+    if not -20 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"a nice value is -20..19, got {text}")
+    return value
+
+
 def _tls_options(parser: argparse.ArgumentParser, *, dest: bool) -> None:
     group = parser.add_argument_group("TLS with mutual authentication (all three, or none: plain TCP)")
     peer = "the source" if dest else "the destination"
@@ -235,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     dst.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
                      help="cap the background stream: bytes/s, optional k/M/G suffix (powers of 1000); "
                           "pages asked for by faults are never held back")
+    dst.add_argument("--nice", type=_nice, default=DEFAULT_DEST_NICE,
+                     help=f"nice value of the thread serving faults while the migration runs (default "
+                          f"{DEFAULT_DEST_NICE}: the workload threads it wakes do not preempt it; needs root or "
+                          f"CAP_SYS_NICE, else it stays as it was; 0: the default priority)")
     _tls_options(dst, dest=True)
     from aiopostcopy.tools.bench import add_bench_arguments
 
@@ -556,7 +574,8 @@ async def _start_dest(args: argparse.Namespace, record: RunRecord) -> PostcopyDe
                                  from_copy=args.from_copy,
                                  source_deadline=args.deadline, session=DestinationConfig(),
                                  vhost_user=tuple(args.vhost_user), operator_path=args.control,
-                                 max_bandwidth=args.max_bandwidth, tls=tls, tls_server_name=args.tls_server_name)
+                                 max_bandwidth=args.max_bandwidth, tls=tls, tls_server_name=args.tls_server_name,
+                                 nice=args.nice)
     give_up = time.monotonic() + args.deadline
     waited = False
     trace.start("dest")

@@ -69,6 +69,7 @@ import dataclasses
 import logging
 import os
 import ssl
+import threading
 import uuid
 import time
 from collections.abc import AsyncIterator, Callable
@@ -105,7 +106,7 @@ from aiopostcopy.destination.operator import (
     format_source,
 )
 from aiopostcopy.destination.fromcopy import CopyComparison
-from aiopostcopy.destination.placer import BackgroundPlacer, Placement
+from aiopostcopy.destination.placer import BackgroundPlacer, Placement, set_niceness
 from aiopostcopy.messages import (LIMITS, Changed, Channel, Complete, Error, ErrorCode, Hello, Message, Pages,
                                   Request, Zero)
 from aiopostcopy.destination.vhost_user import FrontEndPort, VhostUserFrontEnd
@@ -160,6 +161,11 @@ class DestinationOptions:
             (``aiopostcopy.transport.tls.TlsConfig.client_context()``); None: plain.
         tls_server_name: the name the source's certificate must carry (default:
             the host part of ``source``).
+        nice: the nice value of the loop thread, the one that serves faults, while
+            the service runs (None: leave it).  A value below the workload's keeps
+            the threads it wakes from preempting it between faults; lowering it
+            needs root or CAP_SYS_NICE (without, it stays as it was, and the log
+            says so).  The zero-run thread keeps the value from before.
     """
 
     source: tuple[str, int] | str
@@ -176,6 +182,7 @@ class DestinationOptions:
     from_copy: bool = False
     tls: ssl.SSLContext | None = None
     tls_server_name: str | None = None
+    nice: int | None = None
 
 
 class PostcopyDestination:
@@ -212,6 +219,7 @@ class PostcopyDestination:
         self._receiving: Staging | None = None  # background buffer the current payload lands in
         self._memory: BlockMemory | None = None
         self._page_sizes: tuple[int, ...] = ()  # of the blocks, by index
+        self._base_nice: int | None = None  # the loop thread's nice value before options.nice
         self._uffd: Userfaultfd | None = None
         self._clients: ClientRegistry | None = None
         self._vhost_user: list[VhostUserFrontEnd] = []  # one per back-end
@@ -253,6 +261,7 @@ class PostcopyDestination:
             OSError: a block could not be created (e.g. FileExistsError, naming the path).
             UffdError: userfaultfd could not be opened or registered.
         """
+        self._raise_priority()
         try:
             await self._source.connect()
         except OSError as exc:
@@ -279,6 +288,16 @@ class PostcopyDestination:
             for path in self.options.vhost_user:  # the fault loop serves them while they set up
                 self._vhost_user.append(front_end := VhostUserFrontEnd(port, path))
                 await front_end.start()
+
+    def _raise_priority(self) -> None:
+        """Give the loop thread ``options.nice`` (kept for :meth:`close` to restore)."""
+        if self.options.nice is None or self._base_nice is not None:
+            return
+        tid = threading.get_native_id()
+        self._base_nice = os.getpriority(os.PRIO_PROCESS, tid)
+        if not set_niceness(self.options.nice):
+            log.info("the fault path stays at nice %d: nice %d needs root or CAP_SYS_NICE",
+                     self._base_nice, self.options.nice)
 
     async def __aenter__(self) -> "PostcopyDestination":
         try:
@@ -478,6 +497,8 @@ class PostcopyDestination:
         if self._closed:
             return
         self._closed = True
+        if self._base_nice is not None:  # back to what it was (raising a nice value needs no privilege)
+            set_niceness(self._base_nice)
         if not self._done.done():
             self._fail(MigrationAborted("destination closed before completion"))
             self._done.exception()  # retrieved here: closing early is not an error to log
@@ -718,7 +739,7 @@ class PostcopyDestination:
             self._placement = Placement(self._uffd, self._memory, zero_page)
             self._placer = BackgroundPlacer(self._loop, self._placement, buffers=_BACKGROUND_BUFFERS,
                                             buffer_size=LIMITS.max_payload, on_done=self._background_placed,
-                                            huge_page_size=largest)
+                                            huge_page_size=largest, zero_niceness=self._base_nice)
         except BaseException as exc:
             if not self._hello.done():
                 self._hello.set_exception(exc)

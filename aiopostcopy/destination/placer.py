@@ -240,10 +240,12 @@ class BackgroundPlacer:
         on_done: called on the loop thread when a submitted job finishes.
         huge_page_size: the largest page size of the blocks; a page larger than
             ``buffer_size`` gets a buffer of its own (see the module docstring).
+        zero_niceness: the nice value of the zero-run thread (None: the one it
+            inherits from the loop thread, which may run at a raised priority).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, placement: Placement, *, buffers: int, buffer_size: int,
-                 on_done: PlacementDone, huge_page_size: int = 0) -> None:
+                 on_done: PlacementDone, huge_page_size: int = 0, zero_niceness: int | None = None) -> None:
         self._loop, self._placement, self._on_done = loop, placement, on_done
         self._free = [Staging(buffer_size) for _ in range(buffers)]
         self._buffer_size = buffer_size
@@ -253,7 +255,9 @@ class BackgroundPlacer:
                                                                initializer=_lower_priority)
         # not niced: its work is the kernel's (page allocation), and a niced one fell behind the
         # data (a sparse snapshot's migration took 1.1x longer)
-        self._zero_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aiopostcopy-zero")
+        self._zero_executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="aiopostcopy-zero", initializer=None if zero_niceness is None else set_niceness,
+            initargs=() if zero_niceness is None else (zero_niceness,))
         self._closed = False
 
     def has_free(self) -> bool:
@@ -313,6 +317,16 @@ class BackgroundPlacer:
             pass
 
 
+def set_niceness(niceness: int) -> bool:
+    """Set the calling thread's nice value (Linux keeps one per thread); False: not allowed
+    (a lower value than now needs root or CAP_SYS_NICE), nothing changed."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except OSError:
+        return False
+    return True
+
+
 def _lower_priority() -> None:
     """Run the placement thread at a lower priority than the rest of the process.
 
@@ -322,7 +336,4 @@ def _lower_priority() -> None:
     scheduler lets the fault path run first; the sweep uses what is left.
     Raising one's own nice value needs no privilege; failing to is harmless.
     """
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PLACER_NICENESS)
-    except OSError:
-        pass
+    set_niceness(PLACER_NICENESS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 
 import pytest
 
@@ -35,6 +36,28 @@ async def test_client_joining_after_completion(e2e) -> None:
     for result in results:
         assert result["exit"] == 0 and result["ok"] and result["bad_page_count"] == 0, result
     assert after.faults == 0 and after.client_requests == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(os.geteuid() != 0, reason="a lower nice value needs root or CAP_SYS_NICE")
+async def test_the_fault_path_runs_at_the_nice_value_asked_and_gives_it_back(e2e) -> None:
+    """options.nice: the loop thread (this one) serves the faults at that nice value while the
+    migration runs, every page right; closing gives the thread back the value it had."""
+    seed, size, tid = 1310, 8 * MiB, threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, tid)
+    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
+    async with PostcopyDestination(e2e.options(source.address, nice=before - 3)) as dest:
+        during = os.getpriority(os.PRIO_PROCESS, tid)
+        worker = await e2e.worker(mode="delegated", threads=2, touches=300, seed=seed, name="niced")
+        report = await bounded(dest.wait_complete(), "the migration")
+        result = await worker.result()
+        problems = check_destination(dest, seed=seed)
+    after = os.getpriority(os.PRIO_PROCESS, tid)
+    await source.report()
+
+    assert (during, after) == (before - 3, before)
+    assert report.complete and problems == {}
+    assert result["exit"] == 0 and result["ok"] and result["bad_page_count"] == 0, result
 
 
 async def _close_early(e2e, seed: int, *, wait: bool) -> None:
