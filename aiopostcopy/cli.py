@@ -141,11 +141,13 @@ def _not_negative(text: str) -> int:
 DEFAULT_DEST_NICE = -5
 
 
-def _nice(text: str) -> int:
+def _nice(text: str) -> int | None:
+    if text == "keep":
+        return None
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a nice value, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a nice value or 'keep', got {text!r}") from None
     if not -20 <= value <= 19:
         raise argparse.ArgumentTypeError(f"a nice value is -20..19, got {text}")
     return value
@@ -214,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run-pages", type=_positive(int), default=SourceConfig().background_run_pages,
                      help="pages per background run")
     src.add_argument("--sweep-bridge", type=_not_negative, default=SourceConfig().sweep_bridge_pages,
-                     metavar="PAGES", help="send again at most this many pages already sent (answers to faults) to "
-                                           "keep a background run whole (0: never send a page twice)")
+                     metavar="PAGES", help="send again a stretch of at most this many pages already sent (answers "
+                                           "to faults) to keep a background run whole; at most an eighth of "
+                                           "the run in all (0: never send a page twice)")
     src.add_argument("--sndbuf", type=int, default=BACKGROUND_SNDBUF,
                      help="SO_SNDBUF of the background connection, 0 for kernel autotuning")
     src.add_argument("--lease", type=_positive(float), default=DEFAULT_LEASE,
@@ -252,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     dst.add_argument("--nice", type=_nice, default=DEFAULT_DEST_NICE,
                      help=f"nice value of the thread serving faults while the migration runs (default "
                           f"{DEFAULT_DEST_NICE}: the workload threads it wakes do not preempt it; needs root or "
-                          f"CAP_SYS_NICE, else it stays as it was; 0: the default priority)")
+                          f"CAP_SYS_NICE, else it stays as it was; 'keep': leave it as inherited)")
     _tls_options(dst, dest=True)
     from aiopostcopy.tools.bench import add_bench_arguments
 

@@ -165,7 +165,9 @@ class DestinationOptions:
             the service runs (None: leave it).  A value below the workload's keeps
             the threads it wakes from preempting it between faults; lowering it
             needs root or CAP_SYS_NICE (without, it stays as it was, and the log
-            says so).  The zero-run thread keeps the value from before.
+            says so).  :meth:`close` gives the thread its value back.  Threads it
+            starts meanwhile inherit the value (an executor's workers keep it);
+            the zero-run thread is given the value from before.
     """
 
     source: tuple[str, int] | str
@@ -220,6 +222,7 @@ class PostcopyDestination:
         self._memory: BlockMemory | None = None
         self._page_sizes: tuple[int, ...] = ()  # of the blocks, by index
         self._base_nice: int | None = None  # the loop thread's nice value before options.nice
+        self._nice_thread = 0  # that thread's id
         self._uffd: Userfaultfd | None = None
         self._clients: ClientRegistry | None = None
         self._vhost_user: list[VhostUserFrontEnd] = []  # one per back-end
@@ -293,7 +296,7 @@ class PostcopyDestination:
         """Give the loop thread ``options.nice`` (kept for :meth:`close` to restore)."""
         if self.options.nice is None or self._base_nice is not None:
             return
-        tid = threading.get_native_id()
+        self._nice_thread = tid = threading.get_native_id()
         self._base_nice = os.getpriority(os.PRIO_PROCESS, tid)
         if not set_niceness(self.options.nice):
             log.info("the fault path stays at nice %d: nice %d needs root or CAP_SYS_NICE",
@@ -498,7 +501,8 @@ class PostcopyDestination:
             return
         self._closed = True
         if self._base_nice is not None:  # back to what it was (raising a nice value needs no privilege)
-            set_niceness(self._base_nice)
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, self._nice_thread, self._base_nice)
         if not self._done.done():
             self._fail(MigrationAborted("destination closed before completion"))
             self._done.exception()  # retrieved here: closing early is not an error to log
@@ -832,30 +836,35 @@ class PostcopyDestination:
                 self._read_faults(key, uffd)
             return self._pass()
         session, asked, general = self._session, [], False
-        for event in events:
-            if type(event) is PageFault:
-                if event.thread_id not in self._named_threads:
-                    self._remember_thread(key, event.thread_id)
-                page = session.fault_request(key, event.address, event.thread_id, now, new_request=not asked)
-                if page is not None:
-                    asked.append(page)
+        try:
+            for event in events:
+                if type(event) is PageFault:
+                    if event.thread_id not in self._named_threads:
+                        self._remember_thread(key, event.thread_id)
+                    page = session.fault_request(key, event.address, event.thread_id, now, new_request=not asked)
+                    if page is not None:
+                        asked.append(page)
+                    else:
+                        general = True
                 else:
                     general = True
-            else:
-                general = True
-                if self._clients is not None:
-                    self._clients.non_cooperative_event(key, event)
-        if asked:
-            if trace.ENABLED:
-                for block, page in asked:
-                    trace.mark("request", block, page)
-            self._source.send_frame(Channel.URGENT, encode_page_request(*asked[0]) if len(asked) == 1
-                                    else encode_page_requests(asked))
-            self._rearm_timer(now)
+                    if self._clients is not None:
+                        self._clients.non_cooperative_event(key, event)
+        finally:  # pages made REQUESTED go out even if a later event fails (a client retired midway)
+            if asked:
+                self._send_page_requests(asked, now)
         if general:
             self._pass()
         elif self._progress and now >= self._next_progress:
             self._schedule_pass()
+
+    def _send_page_requests(self, asked: list[tuple[int, int]], now: float) -> None:
+        if trace.ENABLED:
+            for block, page in asked:
+                trace.mark("request", block, page)
+        self._source.send_frame(Channel.URGENT, encode_page_request(*asked[0]) if len(asked) == 1
+                                else encode_page_requests(asked))
+        self._rearm_timer(now)
 
     def _read_faults(self, key: object, uffd: Userfaultfd) -> None:
         """Drain every queued event of ``uffd`` into the session (faults); the caller runs or schedules the pass."""

@@ -64,11 +64,13 @@ class SourceConfig:
         background_window_bytes: background payload bytes that may be sent
             and not yet acknowledged; the sweep pauses when it is full.
         sweep_bridge_pages: a sweep run that would stop at pages already sent
-            (answers to Requests ahead of the sweep) goes on over at most this
-            many of them, sending them again, when unsent pages follow: one
-            frame of up to ``background_run_pages`` instead of a frame per
-            stretch between faulted pages.  Pages the destination said it
-            holds (a Resume) are never sent again.  0: never send a page twice.
+            (answers to Requests ahead of the sweep) goes on over a stretch of
+            at most this many of them, sending them again, when unsent pages
+            follow: one frame of up to ``background_run_pages`` instead of a
+            frame per stretch between faulted pages.  In all, a run sends again
+            at most an eighth of its pages, and only on blocks of 4 KiB pages.
+            Pages the destination said it holds (a Resume) are never sent
+            again.  0: never send a page twice.
 
     Raises:
         ValueError: a bound is not positive (the bridge: negative).

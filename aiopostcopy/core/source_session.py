@@ -64,6 +64,8 @@ from aiopostcopy.core.digests import FROM_COPY_FEATURE
 from aiopostcopy.core.discards import DiscardTracker
 from aiopostcopy.core.ramblock import BlockTable
 from aiopostcopy.core.rangeset import RangeSet
+
+BRIDGE_PAGE_SIZE = 4096  #: the sweep bridges sent pages only on blocks of pages this size or smaller
 from aiopostcopy.core.stats import SourceStatistics
 from aiopostcopy.errors import LocalProtocolError, RemoteProtocolError
 
@@ -330,14 +332,21 @@ class SourceSession:
     def _bridge(self, block: int, start: int, stop: int) -> int:
         """Extend the unsent gap ``[start, stop)`` over short stretches of pages this source sent
         (answers to Requests ahead of the sweep) to the unsent ones after them, up to the run
-        length (see ``SourceConfig.sweep_bridge_pages``).  Pages the destination said it holds
+        length (see ``SourceConfig.sweep_bridge_pages``): each stretch at most that many pages,
+        all of them at most an eighth of the run's pages, and only on blocks of base pages (a
+        huge page sent twice costs more than a frame).  Pages the destination said it holds
         (its Resume: an earlier copy, a reconnection) are never bridged."""
+        if self.blocks[block].page_size > BRIDGE_PAGE_SIZE:
+            return stop
         bridge, longest = self.config.sweep_bridge_pages, start + self.config.background_run_pages
         pages, sent, held = self.blocks[block].pages, self._sent[block], self._held[block]
+        budget = self.config.background_run_pages // 8
         while bridge and stop < min(longest, pages):
             after = sent.first_gap_from(stop, pages)
-            if after is None or after[0] - stop > bridge or (held and held.intersection(stop, after[0])):
+            if (after is None or after[0] - stop > min(bridge, budget)
+                    or (held and held.intersection(stop, after[0]))):
                 break
+            budget -= after[0] - stop
             stop = after[1]
         return stop
 

@@ -78,7 +78,7 @@ __all__ = ["BackgroundPlacer", "Placement", "PlacementDone"]
 
 #: EAGAIN retries of one run before giving up (each one drains events first).
 MAX_EAGAIN = 1000
-#: How much nicer than the loop thread the placement thread runs (see _lower_priority).
+#: The placement thread's nice value, absolute (see _lower_priority): above the loop thread's.
 PLACER_NICENESS = 10
 
 

@@ -126,6 +126,28 @@ def test_the_sweep_never_bridges_pages_the_destination_holds() -> None:
     assert runs == [run(0, 0, 3), run(0, 4, 2), run(0, 7, 3), run(1, 0, 6)]
 
 
+def test_a_run_sends_again_at_most_an_eighth_of_its_pages_and_never_huge_pages() -> None:
+    block = m.BlockInfo(name="a", length=64 * PAGE, page_size=PAGE)
+    session = SourceSession(blocks=(block,), config=SourceConfig(background_run_pages=64))
+    for channel in (URGENT, BACKGROUND):
+        session.message_received(channel, dest_hello(channel), 0.0)
+    session.messages_to_send()
+    answer(session, *(run(0, page, 1) for page in range(1, 64, 2)))  # every other page
+    session.message_received(URGENT, m.Request(runs=(run(0, 63, 1),)), 0.0)  # the cursor: wrap to 0
+    session.next_urgent()
+    first = session.next_background()
+    assert first == run(0, 0, 17)  # 8 answered pages bridged: an eighth of 64
+    huge = m.BlockInfo(name="h", length=8 * (2 << 20), page_size=2 << 20)
+    session = SourceSession(blocks=(huge,), config=SourceConfig())
+    for channel in (URGENT, BACKGROUND):
+        session.message_received(channel, dest_hello(channel), 0.0)
+    session.messages_to_send()
+    answer(session, run(0, 1, 1))
+    session.message_received(URGENT, m.Request(runs=(run(0, 7, 1),)), 0.0)
+    session.next_urgent()
+    assert sorted(sweep(session, 2 << 20), key=lambda r: r.first) == [run(0, 0, 1), run(0, 2, 5)]
+
+
 def test_the_bridge_is_never_negative() -> None:
     with pytest.raises(ValueError):
         SourceConfig(sweep_bridge_pages=-1)
