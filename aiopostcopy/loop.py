@@ -220,7 +220,6 @@ class PostcopyDestination:
         self._placer: BackgroundPlacer | None = None
         self._receiving: Staging | None = None  # background buffer the current payload lands in
         self._memory: BlockMemory | None = None
-        self._page_sizes: tuple[int, ...] = ()  # of the blocks, by index
         self._base_nice: int | None = None  # the loop thread's nice value before options.nice
         self._nice_thread = 0  # that thread's id
         self._uffd: Userfaultfd | None = None
@@ -670,8 +669,9 @@ class PostcopyDestination:
         uffd = self._clients.uffd_of(target[0])  # type: ignore[union-attr]  (a target means clients)
         if uffd is None:
             return False
+        size = self._session.blocks.page_sizes[block]  # type: ignore[union-attr]  (blocks before any page)
         try:
-            uffd.copy(target[1], self._staging.address, self._page_sizes[block])
+            uffd.copy(target[1], self._staging.address, size)
         except (UffdError, ClosedError):
             return False
         if trace.ENABLED:
@@ -728,7 +728,6 @@ class PostcopyDestination:
         try:
             self._memory = BlockMemory.create(hello.blocks, self.options.block_dir, adopt=self._adopting,
                                               from_copy=self.options.from_copy)
-            self._page_sizes = tuple(block.page_size for block in self._memory)
             if self.options.from_copy:  # remembered once the copy is compared (a crash before: nothing to adopt)
                 self._comparison = CopyComparison(self._memory)
             elif self.options.block_dir is not None:

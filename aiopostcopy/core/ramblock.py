@@ -73,11 +73,13 @@ class BlockTable:
         ValueError: two blocks share a name.
     """
 
-    __slots__ = ("_blocks", "_by_name", "_pages")
+    __slots__ = ("_blocks", "_by_name", "_pages", "page_sizes")
 
     def __init__(self, blocks: Iterable[RAMBlock]) -> None:
         self._blocks: tuple[RAMBlock, ...] = tuple(blocks)
         self._pages = tuple(block.pages for block in self._blocks)
+        #: page size of each block, by index (read per fault: no RAMBlock lookup)
+        self.page_sizes: tuple[int, ...] = tuple(block.page_size for block in self._blocks)
         self._by_name = {block.name: index for index, block in enumerate(self._blocks)}
         if len(self._by_name) != len(self._blocks):
             raise ValueError("block names must be unique")
@@ -174,14 +176,13 @@ class MappingTable:
     Build it with :meth:`build` (validates) or :meth:`identity`.
     """
 
-    __slots__ = ("blocks", "_starts", "_page_sizes", "_entries", "_by_block", "_block_offsets")
+    __slots__ = ("blocks", "_starts", "_entries", "_by_block", "_block_offsets")
 
     def __init__(self, blocks: BlockTable, entries: list[tuple[int, int, int, int]]) -> None:
         # Private: use build() or identity(). ``entries`` are validated and sorted by address.
         self.blocks = blocks
         self._entries = entries
         self._starts = [entry[0] for entry in entries]
-        self._page_sizes = [block.page_size for block in blocks]
         per_block: list[list[tuple[int, int, int]]] = [[] for _ in range(len(blocks))]
         for address, length, block, offset in entries:
             per_block[block].append((offset, offset + length, address))
@@ -245,7 +246,7 @@ class MappingTable:
         start, length, block, offset = self._entries[index]
         if address >= start + length:
             return None
-        return block, (offset + address - start) // self._page_sizes[block]
+        return block, (offset + address - start) // self.blocks.page_sizes[block]
 
     def address_of(self, block: int, page: int) -> int | None:
         """Address of ``page`` of ``block`` in this space (the first mapping of it), or None."""

@@ -341,9 +341,8 @@ class DestinationSession:
         urgent channel now, with no pass, in one Request with the other pages
         this method returned for the same read: ``new_request=False`` says the
         page joins an earlier page's Request (it is not counted as another one).
-        Otherwise the fault
-        goes the way of :meth:`fault_received` and None is returned (the caller
-        runs the pass).
+        Otherwise the fault goes the way of :meth:`fault_received` and None is
+        returned (the caller runs the pass).
 
         Raises:
             LocalProtocolError: ``key`` is not a registered delegated fd.

@@ -64,10 +64,10 @@ from aiopostcopy.core.digests import FROM_COPY_FEATURE
 from aiopostcopy.core.discards import DiscardTracker
 from aiopostcopy.core.ramblock import BlockTable
 from aiopostcopy.core.rangeset import RangeSet
-
-BRIDGE_PAGE_SIZE = 4096  #: the sweep bridges sent pages only on blocks of pages this size or smaller
 from aiopostcopy.core.stats import SourceStatistics
 from aiopostcopy.errors import LocalProtocolError, RemoteProtocolError
+
+BRIDGE_PAGE_SIZE = 4096  #: the sweep bridges sent pages only on blocks of pages this size or smaller
 
 __all__ = ["SourceConfig", "SourceSession"]
 

@@ -55,13 +55,12 @@ class Wakeups:
         counters: where fault, wake and blocked-time figures go.
     """
 
-    __slots__ = ("blocks", "_fds", "_page_sizes", "_waiters", "_runs", "_count")
+    __slots__ = ("blocks", "_fds", "_waiters", "_runs", "_count")
 
     def __init__(self, blocks: BlockTable, counters: Counters) -> None:
         self.blocks = blocks
         self._fds: dict[Hashable, _Fd] = {}
-        self._page_sizes = [block.page_size for block in blocks]
-        self._waiters = Waiters(self._page_sizes)
+        self._waiters = Waiters(blocks.page_sizes)
         self._runs = RunWaiters(len(blocks))
         self._count = counters
 
@@ -114,7 +113,7 @@ class Wakeups:
             return None
         block, page = where
         self._count.fault(block, key)
-        address -= address % self._page_sizes[block]
+        address -= address % self.blocks.page_sizes[block]
         waiter = Waiter(key, block, page, address, thread_id, now)
         return waiter, self._waiters.add(waiter)
 
