@@ -8,7 +8,9 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install demo test lint bench clean
 
-$(STAMP): pyproject.toml setup.py aiopostcopy/uffd/_build.py aiopostcopy/uffd/_cdefs.h aiopostcopy/uffd/_source.c
+$(STAMP): pyproject.toml setup.py aiopostcopy/uffd/_build.py aiopostcopy/uffd/_cdefs.h aiopostcopy/uffd/_source.c \
+		aiopostcopy/transport/_page_server_build.py aiopostcopy/transport/_page_server_cdefs.h \
+		aiopostcopy/transport/_page_server_source.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -30,4 +32,5 @@ bench: $(STAMP)
 	$(BIN)/python -m aiopostcopy bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info aiopostcopy/uffd/_uffd*.so aiopostcopy/uffd/_uffd.c
+	rm -rf $(VENV) build *.egg-info aiopostcopy/uffd/_uffd*.so aiopostcopy/uffd/_uffd.c \
+		aiopostcopy/transport/_page_server*.so aiopostcopy/transport/_page_server.c

@@ -1,4 +1,5 @@
-"""Build hook: compile the userfaultfd binding with cffi (out-of-line API mode).
+"""Build hook: compile the C parts with cffi (out-of-line API mode): the userfaultfd
+binding and the source's page server.
 
 Everything else about the package lives in pyproject.toml; setuptools takes
 ``cffi_modules`` only from here.
@@ -6,4 +7,5 @@ Everything else about the package lives in pyproject.toml; setuptools takes
 
 from setuptools import setup
 
-setup(cffi_modules=["aiopostcopy/uffd/_build.py:ffibuilder"])
+setup(cffi_modules=["aiopostcopy/uffd/_build.py:ffibuilder",
+                    "aiopostcopy/transport/_page_server_build.py:ffibuilder"])

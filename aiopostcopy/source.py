@@ -118,6 +118,8 @@ from aiopostcopy.messages import (
     Zero,
 )
 from aiopostcopy.destination.operator import TokenBucket
+from aiopostcopy.transport.page_server import Answer, PageServer, PageServerLock, Served, ServedBlock
+from aiopostcopy.transport.page_server import available as page_server_available
 from aiopostcopy.transport.stream import set_nodelay
 from aiopostcopy.transport.tls import ServerTls, check_context, describe_tls_error, looks_like_tls
 from aiopostcopy.transport.wire import (
@@ -370,7 +372,8 @@ class _Conn:
     until then.  :meth:`shut` (any thread) wakes the owner.
     """
 
-    def __init__(self, channel: Channel, transport: asyncio.Transport, session: SourceSession) -> None:
+    def __init__(self, channel: Channel, transport: asyncio.Transport, session: SourceSession,
+                 served: list[ServedBlock | None] | None = None) -> None:
         self.channel = channel
         self.transport = transport
         self.session = session
@@ -380,7 +383,9 @@ class _Conn:
         self.sock.settimeout(None if channel is Channel.URGENT else _SEND_TIMEOUT)
         self.recv_into = self.sock.recv_into  #: the urgent thread reads requests with this
         self.tls: ServerTls | None = None  #: set by _TlsConn
-        self.lock = threading.Lock()
+        #: urgent, plain TCP: answers Requests in C; its mutex is the lock every writer takes
+        self.server = PageServer(self.sock.fileno(), served) if served is not None else None
+        self.lock: threading.Lock | PageServerLock = self.server.lock if self.server else threading.Lock()
         self.outbox: deque[bytes] = deque()  # background frames, written by the sender thread
         self.wake = threading.Event()
         self.closed = False  # the socket is closed (or, urgent, reading is over)
@@ -684,6 +689,9 @@ class PostcopySource:
             and the source goes on serving.  None: plain TCP.
         max_bandwidth: cap of the background stream in bytes per second (data
             pages' payload; None: no cap).  Replies to requests are never held back.
+        answer_in_c: on plain TCP, answer Requests with the C page server
+            (:mod:`aiopostcopy.transport.page_server`) where it can, with the
+            GIL free; False, or TLS, or tracing on: always the Python path.
 
     Raises:
         ValueError: no blocks, a bound out of range, or a TLS context that
@@ -693,7 +701,7 @@ class PostcopySource:
     def __init__(self, blocks: list[SourceBlock], *, config: SourceConfig | None = None,
                  background_sndbuf: int | None = BACKGROUND_SNDBUF, lease: float = DEFAULT_LEASE,
                  sweep_after_idle: float | None = None, tls: ssl.SSLContext | None = None,
-                 max_bandwidth: int | None = None) -> None:
+                 max_bandwidth: int | None = None, answer_in_c: bool = True) -> None:
         if not blocks:
             raise ValueError("a source needs at least one block")
         if lease <= 0:
@@ -704,6 +712,7 @@ class PostcopySource:
             check_context(tls, server=True)
         self._tls = tls
         self._max_bandwidth = max_bandwidth
+        self._answer_in_c = answer_in_c
         self._last_refusal: tuple[tuple[str, str] | None, float] = (None, 0.0)
         self._blocks = blocks
         self._sndbuf = background_sndbuf
@@ -825,8 +834,8 @@ class PostcopySource:
             with self._lock:
                 self._session.message_received(channel, hello, time.monotonic())
                 old = self._conns.pop(channel, None)
-                conn = self._conns[channel] = (_Conn(channel, transport, self._session) if tls is None
-                                               else _TlsConn(channel, transport, self._session, tls))
+                conn = self._conns[channel] = (_Conn(channel, transport, self._session, self._served(channel))
+                                               if tls is None else _TlsConn(channel, transport, self._session, tls))
         except RemoteProtocolError as exc:
             return _refuse(transport, exc, tls)
         if old is not None:
@@ -836,6 +845,16 @@ class PostcopySource:
             self._start(conn, self._serve_urgent, rest)
         else:
             self._adopt_background(conn, rest)
+
+    def _served(self, channel: Channel) -> list[ServedBlock | None] | None:
+        """What the C page server of a new plain urgent connection reads (lock held), or None:
+        not urgent, not wanted, not built, or tracing (whose marks the Python path makes)."""
+        if channel is not URGENT or not self._answer_in_c or not page_server_available() or trace.ENABLED:
+            return None
+        session = self._session
+        return [ServedBlock(fd=b.fd, page_size=b.page_size, pages=b.length // b.page_size,
+                            max_run=session.urgent_run_limit(i)) if b.page_size <= LIMITS.max_payload else None
+                for i, b in enumerate(self._blocks)]
 
     def _start(self, conn: _Conn, target: object, *args: object) -> None:
         with self._lock:
@@ -970,10 +989,15 @@ class PostcopySource:
         decoder = Decoder(allowed=migration_allowed(Role.SOURCE, URGENT))
         staging = _RunBuffer()
         error: BaseException | None = None
+        server = conn.server
         try:
             if rest:
                 decoder.receive_data(rest)
             while not conn.closed:
+                if server is not None and not decoder.buffered:  # at a frame's start: C answers
+                    if not self._serve_in_c(conn, server, decoder):
+                        server = None  # the stream ended: the decoder has its last bytes and the EOF
+                    continue
                 asked = decoder.take_page_request()
                 if asked is not None:
                     self._urgent_page(conn, *asked, staging)
@@ -992,6 +1016,43 @@ class PostcopySource:
         finally:
             conn.release()
             self._loop.call_soon_threadsafe(self._lost, conn, error)
+
+    def _serve_in_c(self, conn: _Conn, server: PageServer, decoder: Decoder) -> bool:
+        """Let the C page server answer Requests until it needs Python; account what it sent,
+        and hand what it declined (or the end of the stream) to the decoder.  False at the end
+        of the stream."""
+        record = conn.session.sent_record  # read before the pages are: see SourceSession.answered
+        try:
+            served = server.serve()
+        finally:  # what was sent is accounted even if recv then failed
+            answers = server.take_answers()
+            if answers:
+                self._account_answers(conn, answers, record)
+        if served is not Served.ACCOUNT:
+            decoder.receive_data(server.take_rest())
+            if served is Served.EOF:
+                decoder.receive_data(b"")
+                return False
+        return True
+
+    def _account_answers(self, conn: _Conn, answers: list[Answer], record: int) -> None:
+        """The session and the counters learn what the C page server sent, as :meth:`_send_run`
+        and the session's Request handling would have told them."""
+        session, counts = conn.session, self._counts
+        with self._lock:
+            ours = session is self._session
+            for block, first, count, zero, runs in answers:
+                session.answered(block, first, count, runs, record)
+                source_block = self._blocks[block]
+                nbytes = (count - zero) * source_block.page_size
+                session.sent(URGENT, PageRun(block=block, first=first, count=count), nbytes)
+                if ours:
+                    hole = bounds_total(source_block.hole_bounds(first, count)) if zero else 0
+                    counts["read"] += (count - hole) * source_block.page_size
+                    counts["hole"] += hole
+                    counts["zero"] += zero  # holes included, as _send_run counts them
+                    counts["urgent"] += count - zero
+                    counts["bytes"] += nbytes
 
     def _on_urgent(self, conn: _Conn, msg: Message, staging: _RunBuffer) -> None:
         if type(msg) is Error:

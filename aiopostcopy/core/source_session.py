@@ -122,6 +122,7 @@ class SourceSession:
         self._copy_pending = False  # from-copy: the sweep waits for the first Resume
         self._resumed = False
         self._cursor = (0, 0)
+        self._record = 0  # bumped when a Resume replaces or a Discard cuts the record of pages sent
         self._unacked = self._background_pages = 0
         self._done_sent = self.complete = self.aborted = False
         # a run fits one Pages frame: its payload, and its zero stretches (at most one per two pages)
@@ -209,6 +210,7 @@ class SourceSession:
         for run in msg.pending:
             self.blocks.check_run(run.block, run.first, run.count)
         self._sent = received
+        self._record += 1
         self._held = [ranges.copy() for ranges in received]
         self._urgent = deque(msg.pending)
         self._comparisons.clear()
@@ -284,6 +286,34 @@ class SourceSession:
         self._cursor = (block, page + 1)
         self._sent[block].add(page, page + 1)
         return True
+
+    @property
+    def sent_record(self) -> int:
+        """Changes whenever a Resume replaces, or a Discard cuts, the record of pages sent: an
+        answer read before such a change may be stale (see :meth:`answered`)."""
+        return self._record
+
+    def answered(self, block: int, first: int, count: int, runs: int, record: int) -> None:
+        """A run was answered on the urgent channel without this session (the C page server),
+        and is accounted after it was sent, as :meth:`message_received` of its Request and
+        :meth:`next_urgent` would have: ``runs`` is the Request's number of runs on its first
+        run, else 0.  The server answers only Requests in range, of runs no longer than the
+        session's limit, read while :attr:`sent_record` was ``record``; if it has changed since
+        (a Discard or Resume came), the pages are not recorded as sent and the sweep sends them
+        again, since the copy may predate the Discard.
+        """
+        count_ = self._count
+        if runs:
+            count_.requests += 1
+            count_.request_runs += runs
+        count_.pages_sent_urgent += count
+        if record == self._record:
+            self._sent[block].add(first, first + count)
+        self._cursor = (block, first + count)
+
+    def urgent_run_limit(self, block: int) -> int:
+        """The longest run :meth:`next_urgent` hands out on ``block``."""
+        return min(self.config.max_run_pages, self._limits[block])
 
     def next_urgent(self) -> m.PageRun | None:
         """The next requested run to send on the urgent channel, or None."""
@@ -394,6 +424,7 @@ class SourceSession:
 
     def _queue_discard(self, block: int, start: int, stop: int) -> None:
         self._sent[block].subtract(start, stop)
+        self._record += 1
         self._held[block].subtract(start, stop)
         self._holes[block].subtract(start, stop)  # the memory changed: read these pages
         self._queue.extend(self._discards.issue(block, start, stop, self._open))

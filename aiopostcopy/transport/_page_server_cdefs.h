@@ -1,0 +1,35 @@
+/*
+ * _page_server_cdefs.h: what Python sees of _page_server_source.c, for cffi.
+ * Structs end in "...;" so the compiler owns their layout.
+ */
+
+#define PS_MAX_RUNS ...
+#define PS_DECLINED ...
+#define PS_ACCOUNT ...
+#define PS_EOF ...
+#define PS_ERROR ...
+
+struct ps_block { int fd; uint32_t page_size; uint32_t max_run; uint64_t pages; ...; };
+
+struct ps_answer { uint64_t first; uint32_t block; uint32_t count; uint32_t zero_pages; uint32_t runs; ...; };
+
+struct ps_server {
+    int sock;
+    const struct ps_block *blocks;
+    uint32_t nblocks;
+    uint8_t *inbuf;
+    size_t in_cap, in_start, in_end;
+    uint8_t *pages;
+    size_t pages_cap;
+    uint8_t *headers;
+    size_t headers_cap;
+    struct ps_answer *log;
+    uint32_t log_cap, logged;
+    int error;
+    ...;
+};
+
+int ps_init(struct ps_server *s);
+void ps_lock(struct ps_server *s);
+void ps_unlock(struct ps_server *s);
+int ps_serve(struct ps_server *s);

@@ -1,0 +1,392 @@
+/*
+ * _page_server_source.c: the source's urgent channel answered in C.
+ *
+ * A source's urgent connection carries mostly Request frames, each a fault
+ * (or the faults of one read) waiting on the destination. ps_serve() reads
+ * the connection and answers every Request frame it can while the GIL is free:
+ * for each run, pread() of the pages from the block's file, a scan for
+ * all-zero pages, then the Pages (or Zero) frames of the whole Request in one
+ * sendmsg(), byte for byte what the Python path writes (docs/protocol.md,
+ * sections 3 and 4.4). It leaves everything else to Python, where the session
+ * keeps the rules:
+ *
+ *   - it answers only a Request whose frame it fully understands (canonical
+ *     unsigned integers, runs inside their block, at most PS_MAX_RUNS runs of
+ *     at most the block's run limit, small pages, the pages fitting its staging);
+ *     any other frame, or a read that fails, is "declined": ps_serve() returns
+ *     with the frame unconsumed and Python decodes (and rejects) it;
+ *   - it logs every run it answered (ps_answer) and returns before it would
+ *     block with answers logged, so Python accounts them in the session
+ *     between one request and the next;
+ *   - its writes hold the connection's write lock (ps_lock/ps_unlock), which
+ *     every other writer of the connection takes too, so a frame stays whole.
+ */
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define PS_MAX_RUNS 64       /* runs of one Request answered here */
+#define PS_MAX_IOV 1024      /* buffers of one sendmsg */
+#define PS_PREFIX 4          /* a frame's big-endian length prefix */
+
+#define PS_DECLINED 1        /* the frame at in_start is Python's */
+#define PS_ACCOUNT 2         /* answers logged, nothing more to answer without blocking */
+#define PS_EOF 3             /* the peer closed its side (bytes may remain in the buffer) */
+#define PS_ERROR (-1)        /* recv failed: error holds errno */
+
+#define PS_TYPE_REQUEST 2
+#define PS_TYPE_PAGES 3
+#define PS_TYPE_ZERO 4
+
+struct ps_block {
+    int fd;                  /* the block's file, read with pread */
+    uint32_t page_size;      /* 0: never answered here */
+    uint32_t max_run;        /* longest run answered whole */
+    uint64_t pages;          /* pages in the block */
+};
+
+struct ps_answer {
+    uint64_t first;
+    uint32_t block;
+    uint32_t count;
+    uint32_t zero_pages;     /* pages of the run sent as zeros */
+    uint32_t runs;           /* first run of a Request: its number of runs; else 0 */
+};
+
+struct ps_server {
+    int sock;
+    pthread_mutex_t lock;
+    const struct ps_block *blocks;
+    uint32_t nblocks;
+    uint8_t *inbuf;           /* received bytes: [in_start, in_end) not yet consumed */
+    size_t in_cap, in_start, in_end;
+    uint8_t *pages;          /* one Request's pages, read */
+    size_t pages_cap;
+    uint8_t *headers;        /* one Request's frame headers */
+    size_t headers_cap;
+    struct ps_answer *log;
+    uint32_t log_cap, logged;
+    int error;
+};
+
+/* The mutex is never destroyed: the memory holding it is freed when nothing can lock it. */
+int ps_init(struct ps_server *s)
+{
+    return pthread_mutex_init(&s->lock, NULL) == 0 ? 0 : -1;
+}
+
+void ps_lock(struct ps_server *s) { pthread_mutex_lock(&s->lock); }
+void ps_unlock(struct ps_server *s) { pthread_mutex_unlock(&s->lock); }
+
+/* ---- msgpack, the few forms a Request and an answer use ------------------ */
+
+/* An unsigned integer at p (at most end): its value in *v, the bytes it took, or 0. */
+static size_t ps_get_uint(const uint8_t *p, const uint8_t *end, uint64_t *v)
+{
+    size_t n;
+    if (p >= end)
+        return 0;
+    if (*p <= 0x7f) {
+        *v = *p;
+        return 1;
+    }
+    switch (*p) {
+    case 0xcc: n = 1; break;
+    case 0xcd: n = 2; break;
+    case 0xce: n = 4; break;
+    case 0xcf: n = 8; break;
+    default: return 0;       /* negative, not an integer: Python says why */
+    }
+    if ((size_t)(end - p) < 1 + n)
+        return 0;
+    uint64_t x = 0;
+    for (size_t i = 1; i <= n; i++)
+        x = (x << 8) | p[i];
+    *v = x;
+    return 1 + n;
+}
+
+/* The smallest encoding of v, as msgpack-python packs a non-negative int. */
+static uint8_t *ps_put_uint(uint8_t *p, uint64_t v)
+{
+    int n;
+    if (v <= 0x7f) {
+        *p++ = (uint8_t)v;
+        return p;
+    }
+    if (v <= 0xff) { *p++ = 0xcc; n = 1; }
+    else if (v <= 0xffff) { *p++ = 0xcd; n = 2; }
+    else if (v <= 0xffffffffu) { *p++ = 0xce; n = 4; }
+    else { *p++ = 0xcf; n = 8; }
+    for (int i = n - 1; i >= 0; i--)
+        *p++ = (uint8_t)(v >> (8 * i));
+    return p;
+}
+
+static uint8_t *ps_put_array(uint8_t *p, uint32_t n)
+{
+    if (n <= 15) {
+        *p++ = (uint8_t)(0x90 | n);
+    } else if (n <= 0xffff) {
+        *p++ = 0xdc;
+        *p++ = (uint8_t)(n >> 8);
+        *p++ = (uint8_t)n;
+    } else {
+        *p++ = 0xdd;
+        for (int i = 3; i >= 0; i--)
+            *p++ = (uint8_t)(n >> (8 * i));
+    }
+    return p;
+}
+
+/* ---- one Request --------------------------------------------------------- */
+
+struct ps_run { uint64_t first; uint32_t block; uint32_t count; };
+
+/* Parse the body [p, end) as a Request this server answers: its runs in runs[], their number,
+ * or 0 to decline. */
+static uint32_t ps_parse_request(const struct ps_server *s, const uint8_t *p, const uint8_t *end,
+                                 struct ps_run *runs, size_t *bytes)
+{
+    uint32_t n;
+    if (end - p < 3 || p[0] != 0x92 || p[1] != PS_TYPE_REQUEST)
+        return 0;
+    p += 2;
+    if ((*p & 0xf0) == 0x90) {
+        n = *p & 0x0f;
+        p += 1;
+    } else if (*p == 0xdc && end - p >= 3) {
+        n = ((uint32_t)p[1] << 8) | p[2];
+        p += 3;
+    } else {
+        return 0;
+    }
+    if (n == 0 || n > PS_MAX_RUNS)
+        return 0;
+    size_t total = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t block, first, count;
+        size_t k;
+        if (p >= end || *p++ != 0x93)
+            return 0;
+        if (!(k = ps_get_uint(p, end, &block))) return 0;
+        p += k;
+        if (!(k = ps_get_uint(p, end, &first))) return 0;
+        p += k;
+        if (!(k = ps_get_uint(p, end, &count))) return 0;
+        p += k;
+        if (block >= s->nblocks)
+            return 0;
+        const struct ps_block *b = &s->blocks[block];
+        if (b->page_size == 0 || count == 0 || count > b->max_run || first >= b->pages
+                || count > b->pages - first)
+            return 0;
+        total += (size_t)count * b->page_size;
+        if (total > s->pages_cap)
+            return 0;
+        runs[i].block = (uint32_t)block;
+        runs[i].first = first;
+        runs[i].count = (uint32_t)count;
+    }
+    if (p != end)
+        return 0;            /* trailing bytes: not a valid frame */
+    *bytes = total;
+    return n;
+}
+
+static int ps_read(const struct ps_block *b, uint8_t *to, uint64_t first, uint32_t count)
+{
+    size_t want = (size_t)count * b->page_size, got = 0;
+    off_t at = (off_t)(first * b->page_size);
+    while (got < want) {
+        ssize_t n = pread(b->fd, to + got, want - got, at + (off_t)got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;       /* failed, or the file shrank: Python reports it */
+        got += (size_t)n;
+    }
+    return 0;
+}
+
+typedef uint64_t __attribute__((may_alias)) ps_word;
+
+static int ps_is_zero(const uint8_t *page, size_t size)
+{
+    const ps_word *w = (const ps_word *)page;     /* pages start 8-byte aligned */
+    uint64_t acc = 0;
+    for (size_t i = 0; i < size / 8; i++)
+        acc |= w[i];
+    return acc == 0;
+}
+
+static void ps_send_all(struct ps_server *s, struct iovec *iov, int n)
+{
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    while (n > 0) {
+        msg.msg_iov = iov;
+        msg.msg_iovlen = (size_t)n;
+        ssize_t sent = sendmsg(s->sock, &msg, MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno == EINTR)
+                continue;
+            return;          /* the peer is gone: the answer is dropped, as the Python path drops it */
+        }
+        while (n > 0 && (size_t)sent >= iov->iov_len) {
+            sent -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + sent;
+            iov->iov_len -= (size_t)sent;
+        }
+    }
+}
+
+/* Answer the Request whose runs are parsed: 0 done (logged), -1 declined (nothing sent). */
+static int ps_answer(struct ps_server *s, const struct ps_run *runs, uint32_t n)
+{
+    struct iovec iov[PS_MAX_IOV];
+    int niov = 0;
+    uint8_t *data = s->pages;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct ps_block *b = &s->blocks[runs[i].block];
+        if (ps_read(b, data, runs[i].first, runs[i].count) != 0)
+            return -1;
+        data += (size_t)runs[i].count * b->page_size;
+    }
+    uint8_t *h = s->headers, *hend = s->headers + s->headers_cap;
+    data = s->pages;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct ps_block *b = &s->blocks[runs[i].block];
+        uint32_t count = runs[i].count, size = b->page_size, zero = 0, nbounds = 0;
+        uint32_t bounds[2 * PS_MAX_RUNS + 2];
+        int in_zero = 0;
+        /* the zero stretches, as Pages.zeros bounds relative to the run's first page */
+        for (uint32_t k = 0; k < count; k++) {
+            int z = ps_is_zero(data + (size_t)k * size, size);
+            if (z != in_zero) {
+                if (nbounds >= 2 * PS_MAX_RUNS)
+                    return -1;
+                bounds[nbounds++] = k;
+                in_zero = z;
+            }
+            zero += (uint32_t)z;
+        }
+        if (in_zero)
+            bounds[nbounds++] = count;
+        /* the frame header: 4 + at most 1 + 1 + 9 * 4 + 3 + 9 * nbounds bytes */
+        if ((size_t)(hend - h) < 45 + 9 * (size_t)nbounds || niov + 2 + (int)nbounds / 2 + 1 > PS_MAX_IOV)
+            return -1;
+        uint8_t *start = h, *p = h + PS_PREFIX;
+        uint64_t nbytes = (uint64_t)(count - zero) * size;
+        if (nbytes == 0) {
+            *p++ = 0x94;
+            *p++ = PS_TYPE_ZERO;
+            p = ps_put_uint(p, runs[i].block);
+            p = ps_put_uint(p, runs[i].first);
+            p = ps_put_uint(p, count);
+        } else {
+            *p++ = 0x96;
+            *p++ = PS_TYPE_PAGES;
+            p = ps_put_uint(p, runs[i].block);
+            p = ps_put_uint(p, runs[i].first);
+            p = ps_put_uint(p, count);
+            p = ps_put_uint(p, nbytes);
+            p = ps_put_array(p, nbounds);
+            for (uint32_t k = 0; k < nbounds; k++)
+                p = ps_put_uint(p, bounds[k]);
+        }
+        uint32_t length = (uint32_t)(p - start - PS_PREFIX);
+        start[0] = (uint8_t)(length >> 24);
+        start[1] = (uint8_t)(length >> 16);
+        start[2] = (uint8_t)(length >> 8);
+        start[3] = (uint8_t)length;
+        iov[niov].iov_base = start;
+        iov[niov++].iov_len = (size_t)(p - start);
+        h = p;
+        /* the data pages: the stretches between the zero ones */
+        uint32_t page = 0;
+        for (uint32_t k = 0; k <= nbounds; k += 2) {
+            uint32_t low = k < nbounds ? bounds[k] : count, high = k < nbounds ? bounds[k + 1] : count;
+            if (low > page) {
+                iov[niov].iov_base = data + (size_t)page * size;
+                iov[niov++].iov_len = (size_t)(low - page) * size;
+            }
+            page = high;
+        }
+        data += (size_t)count * size;
+        struct ps_answer *a = &s->log[s->logged + i];
+        a->block = runs[i].block;
+        a->first = runs[i].first;
+        a->count = count;
+        a->zero_pages = zero;
+        a->runs = i == 0 ? n : 0;
+    }
+    s->logged += n;
+    pthread_mutex_lock(&s->lock);
+    ps_send_all(s, iov, niov);
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+/* ---- the loop ------------------------------------------------------------ */
+
+/*
+ * Answer Requests from the buffer and the socket until Python is needed:
+ *   PS_DECLINED  the frame at in_start is not one answered here;
+ *   PS_ACCOUNT   answers are logged and no whole frame is buffered (or the log is full);
+ *   PS_EOF       the peer closed (a partial frame may remain);
+ *   PS_ERROR     recv failed, error = errno.
+ * Called without the GIL; blocks in recv only with nothing logged.
+ */
+int ps_serve(struct ps_server *s)
+{
+    struct ps_run runs[PS_MAX_RUNS];
+    for (;;) {
+        size_t avail = s->in_end - s->in_start;
+        if (avail >= PS_PREFIX) {
+            const uint8_t *f = s->inbuf + s->in_start;
+            size_t size = ((size_t)f[0] << 24) | ((size_t)f[1] << 16) | ((size_t)f[2] << 8) | f[3];
+            if (avail >= 6 && (f[4] != 0x92 || f[5] != PS_TYPE_REQUEST))
+                return PS_DECLINED;                   /* another message */
+            if (size > s->in_cap - PS_PREFIX)
+                return PS_DECLINED;                   /* larger than this buffer */
+            if (avail >= PS_PREFIX + size) {
+                if (s->log_cap - s->logged < PS_MAX_RUNS)
+                    return PS_ACCOUNT;
+                size_t bytes;
+                uint32_t n = ps_parse_request(s, f + PS_PREFIX, f + PS_PREFIX + size, runs, &bytes);
+                if (n == 0 || ps_answer(s, runs, n) != 0)
+                    return PS_DECLINED;
+                s->in_start += PS_PREFIX + size;
+                continue;
+            }
+        }
+        if (s->logged)
+            return PS_ACCOUNT;
+        if (s->in_start) {                            /* keep the partial frame at the front */
+            memmove(s->inbuf, s->inbuf + s->in_start, avail);
+            s->in_start = 0;
+            s->in_end = avail;
+        }
+        ssize_t got = recv(s->sock, s->inbuf + s->in_end, s->in_cap - s->in_end, 0);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            s->error = errno;
+            return PS_ERROR;
+        }
+        if (got == 0)
+            return PS_EOF;
+        s->in_end += (size_t)got;
+    }
+}

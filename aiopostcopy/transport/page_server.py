@@ -1,0 +1,164 @@
+"""The source's urgent channel answered in C: :class:`PageServer`.
+
+A Request is a thread stopped on the destination.  The source's urgent thread
+hands its connection to :meth:`PageServer.serve`, which runs without the GIL:
+it reads Request frames, reads their pages from the blocks' files and writes the
+Pages (or Zero) frames of each Request in one ``sendmsg``, the same bytes the
+Python path writes.  It returns to Python
+
+* with **answers** to account (:meth:`take_answers`), before it would block
+  in ``recv`` again: the session learns what was sent between one request and
+  the next, off the faulting thread's path;
+* when a frame is not a Request it answers (**declined**: any other message,
+  a run out of range, a block of huge pages, a read that fails): the bytes
+  from that frame on (:meth:`take_rest`) go to the Python decoder, which
+  decodes, answers or rejects them as before;
+* at the end of the stream, or when ``recv`` fails.
+
+Every writer of the connection takes :attr:`PageServer.lock` (the C thread
+takes the same mutex), so frames never interleave.  The object owns no
+file descriptor: the connection's socket and the blocks' files stay open while
+it is used.  Its memory, the mutex with it, lives as long as the object or its
+:attr:`~PageServer.lock`, so a writer that still holds the lock after the
+connection ended locks valid memory (a glibc mutex needs no destroy).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+try:
+    from aiopostcopy.transport._page_server import ffi, lib
+except ImportError:  # not built (an interpreter without the extension): the Python path serves
+    ffi = lib = None
+
+__all__ = ["Answer", "PageServer", "PageServerLock", "Served", "ServedBlock", "available"]
+
+#: Bytes of Requests buffered at once; a larger frame is declined.
+RECEIVE_BYTES = 64 << 10
+#: Bytes of pages read for one Request; a Request wanting more is declined.
+PAGE_BYTES = 1 << 20
+#: Pages of one run answered here: beyond, the runs' zero stretches could outgrow the C header.
+MAX_RUN = 64
+#: Answers logged before Python must account them.
+LOG_ANSWERS = 256
+
+
+def available() -> bool:
+    """The C page server was built."""
+    return lib is not None
+
+
+class Served(enum.IntEnum):
+    """Why :meth:`PageServer.serve` returned."""
+
+    DECLINED = 1  #: the buffered frame from :meth:`PageServer.take_rest` on is for the Python path
+    ACCOUNT = 2  #: answers to account; nothing whole is buffered
+    EOF = 3  #: the peer closed its side (a partial frame may remain)
+
+
+@dataclass(frozen=True)
+class ServedBlock:
+    """A block as the page server reads it: its file, page size and number of pages."""
+
+    fd: int
+    page_size: int
+    pages: int
+    max_run: int  #: longest run answered whole (the session splits longer ones)
+
+
+class Answer(NamedTuple):
+    """One run answered: ``runs`` is the Request's number of runs on its first run, else 0."""
+
+    block: int
+    first: int
+    count: int
+    zero_pages: int
+    runs: int
+
+
+class PageServerLock:
+    """The connection's write lock: the C mutex, as a context manager."""
+
+    __slots__ = ("_server",)
+
+    def __init__(self, server: object) -> None:
+        self._server = server
+
+    def __enter__(self) -> None:
+        lib.ps_lock(self._server)
+
+    def __exit__(self, *exc: object) -> None:
+        lib.ps_unlock(self._server)
+
+
+class PageServer:
+    """Answer Requests on a connected, blocking socket from the blocks' files.
+
+    Args:
+        sock: the connection's file descriptor (blocking).
+        blocks: per block index, how to read it; ``None`` for a block never
+            answered here (its Requests are declined).
+
+    Raises:
+        RuntimeError: the extension is not built (see :func:`available`).
+        OSError: the mutex could not be made.
+    """
+
+    def __init__(self, sock: int, blocks: list[ServedBlock | None]) -> None:
+        if lib is None:
+            raise RuntimeError("the C page server is not built")
+        self._blocks = ffi.new("struct ps_block[]", max(1, len(blocks)))
+        for i, block in enumerate(blocks):
+            entry = self._blocks[i]
+            if block is None or block.page_size % 8 or block.page_size > PAGE_BYTES:
+                entry.fd, entry.page_size = -1, 0
+                continue
+            entry.fd, entry.page_size, entry.pages = block.fd, block.page_size, block.pages
+            entry.max_run = max(1, min(block.max_run, MAX_RUN, PAGE_BYTES // block.page_size))
+        self._in = ffi.new("uint8_t[]", RECEIVE_BYTES)
+        self._pages = ffi.new("uint8_t[]", PAGE_BYTES)
+        self._headers = ffi.new("uint8_t[]", 64 << 10)
+        self._log = ffi.new("struct ps_answer[]", LOG_ANSWERS)
+        s = self._server = ffi.new("struct ps_server *")
+        s.sock, s.blocks, s.nblocks = sock, self._blocks, len(blocks)
+        s.inbuf, s.in_cap, s.pages, s.pages_cap = self._in, RECEIVE_BYTES, self._pages, PAGE_BYTES
+        s.headers, s.headers_cap = self._headers, len(self._headers)
+        s.log, s.log_cap = self._log, LOG_ANSWERS
+        if lib.ps_init(s) != 0:
+            raise OSError("cannot make the page server's lock")
+        self.lock = PageServerLock(s)  # keeps the memory (and so the mutex) alive while any writer holds it
+
+    def serve(self) -> Served:
+        """Answer Requests until Python is needed (see the module docstring); blocks in ``recv``
+        only with no answer to account.
+
+        Raises:
+            OSError: ``recv`` failed.
+        """
+        status = lib.ps_serve(self._server)
+        if status == lib.PS_ERROR:
+            code = self._server.error
+            raise OSError(code, f"receiving on the urgent channel failed: {os.strerror(code)}")
+        return Served(status)
+
+    def take_answers(self) -> list[Answer]:
+        """The runs answered since the last call, in the order sent."""
+        s = self._server
+        n = s.logged
+        if not n:
+            return []
+        log = self._log
+        answers = [Answer(a.block, a.first, a.count, a.zero_pages, a.runs) for a in (log[i] for i in range(n))]
+        s.logged = 0
+        return answers
+
+    def take_rest(self) -> bytes:
+        """The bytes received and not answered (from a declined frame on); the buffer empties."""
+        s = self._server
+        rest = bytes(ffi.buffer(self._in + s.in_start, s.in_end - s.in_start))
+        s.in_start = s.in_end = 0
+        return rest

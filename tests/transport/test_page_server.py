@@ -1,0 +1,316 @@
+"""The C page server of the source's urgent channel, over a real socket pair and real files.
+
+It must write exactly the frames the wire codec makes of each answer (Pages with its zero
+stretches, or Zero), log every run it answered, and leave every frame it does not answer,
+byte for byte, to the Python decoder.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+
+import msgpack
+import pytest
+
+from aiopostcopy.messages import Channel, PageRun, Pages, Ping, Request, Role, Zero
+from aiopostcopy.transport.page_server import MAX_RUN, PAGE_BYTES, Answer, PageServer, Served, ServedBlock, available
+from aiopostcopy.transport.wire import Decoder, encode, migration_allowed
+
+pytestmark = pytest.mark.skipif(not available(), reason="the C page server is not built")
+
+PAGE = 4096
+
+
+class Rig:
+    """A PageServer on one end of a socket pair, over files of pages, some all zero."""
+
+    def __init__(self, tmp_path, pages: list[int], *, zero_every: int = 3, seed: int = 5,
+                 page_size: int = PAGE, served: list[bool] | None = None) -> None:
+        self.page_size = page_size
+        self.images: list[bytes] = []
+        self.fds: list[int] = []
+        rng = random.Random(seed)
+        for index, count in enumerate(pages):
+            image = b"".join(bytes(page_size) if rng.randrange(zero_every) == 0
+                             else rng.randbytes(page_size) for _ in range(count))
+            path = tmp_path / f"block{index}"
+            path.write_bytes(image)
+            self.images.append(image)
+            self.fds.append(os.open(path, os.O_RDONLY))
+        self.peer, ours = socket.socketpair()
+        self.ours = ours
+        served = served or [True] * len(pages)
+        self.server = PageServer(ours.fileno(), [
+            ServedBlock(fd=fd, page_size=page_size, pages=count, max_run=MAX_RUN) if ok else None
+            for fd, count, ok in zip(self.fds, pages, served)])
+        self.start_reading()
+
+    def close(self) -> None:
+        self.ours.close()
+        self.reader.join(10)
+        self.peer.close()
+        for fd in self.fds:
+            os.close(fd)
+
+    def expected(self, runs: list[tuple[int, int, int]]) -> bytes:
+        """The frames the wire codec makes of the answers to ``runs``."""
+        out = []
+        for block, first, count in runs:
+            size = self.page_size
+            pages = [self.images[block][(first + i) * size:(first + i + 1) * size] for i in range(count)]
+            zero = [not any(page) for page in pages]
+            if all(zero):
+                out.append(encode(Zero(block=block, first=first, count=count)))
+                continue
+            bounds: list[int] = []
+            for i, z in enumerate(zero):
+                if z != (len(bounds) % 2 == 1):
+                    bounds.append(i)
+            if len(bounds) % 2:
+                bounds.append(count)
+            data = b"".join(page for page, z in zip(pages, zero) if not z)
+            out.append(encode(Pages(block=block, first=first, count=count, zeros=tuple(bounds), data=data)))
+        return b"".join(out)
+
+    def answers(self, runs: list[tuple[int, int, int]]) -> list[Answer]:
+        size = self.page_size
+        return [Answer(block, first, count,
+                       sum(not any(self.images[block][(first + i) * size:(first + i + 1) * size])
+                           for i in range(count)),
+                       len(runs) if k == 0 else 0)
+                for k, (block, first, count) in enumerate(runs)]
+
+    def start_reading(self) -> None:
+        """Drain the peer's end in a thread (an answer may be larger than the socket's buffer)."""
+        self.received = bytearray()
+        self.arrived = threading.Condition()
+
+        def read() -> None:
+            while chunk := self.peer.recv(1 << 20):
+                with self.arrived:
+                    self.received += chunk
+                    self.arrived.notify_all()
+
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+
+    def receive(self, nbytes: int) -> bytes:
+        """The next ``nbytes`` the server wrote."""
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.received) >= nbytes, 10), bytes(self.received)
+            got = bytes(self.received[:nbytes])
+            del self.received[:nbytes]
+        return got
+
+    def nothing_more(self) -> bool:
+        """Nothing else was written (given a moment to arrive)."""
+        with self.arrived:
+            return not self.arrived.wait_for(lambda: len(self.received) > 0, 0.05)
+
+
+@pytest.fixture
+def rig(tmp_path):
+    made: list[Rig] = []
+
+    def make(*args, **kwargs) -> Rig:
+        made.append(Rig(tmp_path, *args, **kwargs))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def request(*runs: tuple[int, int, int]) -> bytes:
+    return encode(Request(runs=tuple(PageRun(block=b, first=f, count=c) for b, f, c in runs)))
+
+
+def framed(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+def raw(fields: object) -> bytes:
+    return framed(msgpack.packb(fields))
+
+
+def test_a_one_page_request_gets_the_pages_frame_of_that_page(rig) -> None:
+    r = rig([64], zero_every=1_000_000)
+    r.peer.sendall(request((0, 17, 1)))
+    assert r.server.serve() is Served.ACCOUNT
+    want = r.expected([(0, 17, 1)])
+    assert r.receive(len(want)) == want
+    assert r.server.take_answers() == [Answer(0, 17, 1, 0, 1)]
+    assert r.server.take_answers() == []
+
+
+def test_a_zero_page_is_answered_with_zero(rig) -> None:
+    r = rig([64], zero_every=1)  # every page zero
+    r.peer.sendall(request((0, 5, 1)))
+    assert r.server.serve() is Served.ACCOUNT
+    assert r.receive(len(encode(Zero(block=0, first=5, count=1)))) == encode(Zero(block=0, first=5, count=1))
+    assert r.server.take_answers() == [Answer(0, 5, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_requests_of_many_runs_get_the_codecs_frames_in_order(rig, seed: int) -> None:
+    """Random Requests of up to 64 runs over three blocks, some pages zero, several Requests
+    buffered at once: the stream is byte for byte the codec's, and the log says each run."""
+    rng = random.Random(seed)
+    sizes = [300, 80, 129]
+    r = rig(sizes, zero_every=rng.choice((2, 3, 50)), seed=seed)
+    requests = []
+    for _ in range(5):
+        runs, pages = [], 0
+        for _ in range(rng.randint(1, 64)):
+            block = rng.randrange(3)
+            count = rng.randint(1, MAX_RUN) if rng.random() < 0.1 else rng.randint(1, 3)
+            if pages + count > PAGE_BYTES // PAGE:
+                break
+            pages += count
+            runs.append((block, rng.randint(0, sizes[block] - count), count))
+        requests.append(runs)
+    r.peer.sendall(b"".join(request(*runs) for runs in requests))
+    answers: list[Answer] = []
+    while len(answers) < sum(len(runs) for runs in requests):
+        assert r.server.serve() is Served.ACCOUNT
+        answers += r.server.take_answers()
+    want = b"".join(r.expected(runs) for runs in requests)
+    assert r.receive(len(want)) == want
+    assert answers == [a for runs in requests for a in r.answers(runs)]
+    assert r.nothing_more()
+
+
+def test_a_request_for_more_than_its_staging_holds_is_declined(rig) -> None:
+    r = rig([1024])
+    frame = request(*[(0, i * 64, 64) for i in range(PAGE_BYTES // PAGE // 64 + 1)])
+    r.peer.sendall(frame)
+    assert r.server.serve() is Served.DECLINED
+    assert r.server.take_rest() == frame and r.nothing_more()
+
+
+def test_the_answer_decodes_to_the_files_pages(rig) -> None:
+    """The wire decoder reads the answer back into exactly the pages of the file."""
+    r = rig([200], zero_every=2, seed=9)
+    runs = [(0, 3, 40), (0, 100, 1), (0, 150, 50)]
+    r.peer.sendall(request(*runs))
+    assert r.server.serve() is Served.ACCOUNT
+    stream = r.receive(len(r.expected(runs)))
+    decoder = Decoder(allowed=migration_allowed(Role.DESTINATION, Channel.URGENT))
+    decoder.receive_data(stream)
+    seen = 0
+    while (msg := decoder.next_event()) is not None:
+        if type(msg) is Zero:
+            for page in range(msg.first, msg.first + msg.count):
+                assert r.images[0][page * PAGE:(page + 1) * PAGE] == bytes(PAGE), page
+                seen += 1
+            continue
+        assert type(msg) is Pages
+        data = bytes(msg.data)
+        zero = set()
+        for low, high in zip(msg.zeros[::2], msg.zeros[1::2]):
+            zero.update(range(low, high))
+        at = 0
+        for i in range(msg.count):
+            page = r.images[0][(msg.first + i) * PAGE:(msg.first + i + 1) * PAGE]
+            if i in zero:
+                assert page == bytes(PAGE), msg.first + i
+            else:
+                assert data[at:at + PAGE] == page, msg.first + i
+                at += PAGE
+            seen += 1
+        assert at == len(data)
+    assert seen == sum(count for _, _, count in runs)
+
+
+def test_a_request_in_pieces_is_answered_once_whole(rig) -> None:
+    r = rig([64], zero_every=1_000_000)
+    frame = request((0, 1, 2), (0, 9, 1))
+
+    def dribble() -> None:
+        for i in range(len(frame)):
+            r.peer.send(frame[i:i + 1])
+
+    writer = threading.Thread(target=dribble)
+    writer.start()
+    assert r.server.serve() is Served.ACCOUNT
+    writer.join()
+    want = r.expected([(0, 1, 2), (0, 9, 1)])
+    assert r.receive(len(want)) == want
+    assert r.server.take_answers() == r.answers([(0, 1, 2), (0, 9, 1)])
+
+
+@pytest.mark.parametrize("frame", [
+    encode(Ping(token=3)),                                 # another message
+    request((1, 0, 1)),                                    # block not served (huge pages, say)
+    request((2, 0, 1)),                                    # no such block
+    request((0, 127, 2)),                                  # past the block's end
+    request((0, 0, MAX_RUN + 1)),                          # longer than a run answered whole
+    request(*[(0, i, 1) for i in range(65)]),              # more runs than answered at once
+    raw([2, [[0, 3, 0]]]),                                 # an empty run
+    raw([2, [[0, -1, 1]]]),                                # a negative page
+    raw([2, [[True, 3, 1]]]),                              # a bool is not an int
+    raw([2, [[0, 3, 1, 4]]]),                              # a run of four fields
+    raw([2, []]),                                          # no runs
+    raw([2, [[0, 3, 1]], 7]),                              # a field too many
+    framed(msgpack.packb([2, [[0, 3, 1]]]) + b"\x00"),     # a byte after the message, inside the frame
+])
+def test_what_it_does_not_answer_is_left_whole_to_python(rig, frame: bytes) -> None:
+    r = rig([128, 8], served=[True, False])
+    follow = request((0, 2, 1))
+    r.peer.sendall(request((0, 1, 1)) + frame + follow)
+    assert r.server.serve() is Served.DECLINED  # after answering and logging the first Request
+    assert r.server.take_answers() == r.answers([(0, 1, 1)])
+    want = r.expected([(0, 1, 1)])
+    assert r.receive(len(want)) == want and r.nothing_more()
+    rest = r.server.take_rest()
+    assert rest.startswith(frame) and follow.startswith(rest[len(frame):])
+
+
+def test_a_non_canonical_integer_is_still_the_page_it_names(rig) -> None:
+    """msgpack allows a wider encoding than needed; the decoder reads it, and so does C."""
+    r = rig([64], zero_every=1_000_000)
+    body = bytes([0x92, 0x02, 0x91, 0x93, 0xcd, 0x00, 0x00, 0xce, 0x00, 0x00, 0x00, 0x07, 0xcc, 0x01])
+    r.peer.sendall(len(body).to_bytes(4, "big") + body)
+    assert r.server.serve() is Served.ACCOUNT
+    want = r.expected([(0, 7, 1)])
+    assert r.receive(len(want)) == want
+
+
+def test_the_end_of_the_stream_returns_what_was_left(rig) -> None:
+    r = rig([64])
+    partial = request((0, 1, 1))[:-2]
+    r.peer.sendall(partial)
+    r.peer.shutdown(socket.SHUT_WR)
+    assert r.server.serve() is Served.EOF
+    assert r.server.take_rest() == partial
+
+
+def test_a_file_that_shrank_is_declined_and_nothing_is_sent(rig, tmp_path) -> None:
+    r = rig([64], zero_every=1_000_000)
+    os.truncate(tmp_path / "block0", 10 * PAGE)
+    frame = request((0, 8, 4))  # pages 10 and 11 are gone
+    r.peer.sendall(frame)
+    assert r.server.serve() is Served.DECLINED
+    assert r.server.take_rest() == frame
+    assert r.server.take_answers() == [] and r.nothing_more()
+
+
+def test_its_writes_wait_for_the_connections_lock(rig) -> None:
+    """A writer holding the lock (a Python frame in pieces) keeps the C answer out until it is done."""
+    r = rig([64], zero_every=1_000_000)
+    served: list[Served] = []
+    with r.server.lock:
+        thread = threading.Thread(target=lambda: served.append(r.server.serve()))
+        thread.start()
+        r.peer.sendall(request((0, 4, 1)))
+        thread.join(0.3)
+        assert thread.is_alive() and r.nothing_more()  # the answer is read and waits for the lock
+        r.ours.sendall(encode(Ping(token=1)))  # this writer's frame goes first
+    thread.join(10)
+    assert served == [Served.ACCOUNT]
+    ping = encode(Ping(token=1))
+    want = r.expected([(0, 4, 1)])
+    assert r.receive(len(ping) + len(want)) == ping + want
