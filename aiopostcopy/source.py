@@ -1331,13 +1331,14 @@ def _zero_bounds(memory: bytearray | bytes, zero: bytes, start: int, count: int,
 
     Three strided slices (a C copy each) read the first, middle and last byte
     of every page; only pages whose three bytes are all zero are compared
-    with a zero page in full.  Most data pages are ruled out without a
-    Python step of their own.
+    with a zero page in full (a slice compared: a copy and a memcmp; ``find``
+    would first index the page-long needle, 20 times slower).  Most data pages are ruled out
+    without a Python step of their own.
     """
     if count == 1:  # the urgent case: one page, most often data
         if memory[start] | memory[start + size // 2] | memory[start + size - 1]:
             return ()
-        return (0, 1) if memory.find(zero, start, start + size) == start else ()
+        return (0, 1) if memory[start:start + size] == zero else ()
     end = start + count * size
     probe = 0
     for offset in (0, size // 2, size - 1):
@@ -1348,7 +1349,7 @@ def _zero_bounds(memory: bytearray | bytes, zero: bytes, start: int, count: int,
     index = flags.find(0)
     while index >= 0:
         at = start + index * size
-        if memory.find(zero, at, at + size) == at:
+        if memory[at:at + size] == zero:
             if index != last + 1:
                 if bounds:
                     bounds.append(last + 1)
