@@ -9,10 +9,17 @@ then on each channel has a thread of its own, so that page data never waits
 for the loop, and the loop never waits for page data:
 
 * ``urgent``: a thread reads the destination's requests with blocking
-  ``recv`` and answers each at once from that thread: ``os.preadv`` of the
-  run into the thread's buffer, one ``sendmsg`` of header and payload.  Both
-  calls release the GIL, so an urgent reply waits for no background work,
-  only for the session lock (held for bookkeeping, microseconds).
+  ``recv`` and answers each at once from that thread.  On plain TCP it hands
+  the connection to the C page server
+  (:class:`~aiopostcopy.transport.page_server.PageServer`), which reads and
+  answers Requests with the GIL free (``pread`` of the runs, a zero scan, one
+  ``sendmsg`` for the Request's frames, under the connection's lock) and
+  returns with what it sent, which this thread then accounts in the session
+  (:meth:`_serve_in_c`), and with any frame it does not answer, which the
+  Python decoder takes.  The Python path (over TLS, with tracing, or
+  ``answer_in_c=False``) does the same per run: ``os.preadv`` into the
+  thread's buffer, one ``sendmsg`` of header and payload, both without the
+  GIL.  Either way an urgent reply waits for no background work.
 * ``background``: a sender thread streams every page not yet sent, restarting
   near the most recent request (locality), as far as the background window
   allows; its reads and sends release the GIL too.  The destination's Acks
@@ -994,7 +1001,8 @@ class PostcopySource:
             if rest:
                 decoder.receive_data(rest)
             while not conn.closed:
-                if server is not None and not decoder.buffered:  # at a frame's start: C answers
+                if server is not None and not decoder.buffered and conn.session.may_answer_urgent():
+                    # at a frame's start, on a live session with nothing to go first: C answers
                     if not self._serve_in_c(conn, server, decoder):
                         server = None  # the stream ended: the decoder has its last bytes and the EOF
                     continue

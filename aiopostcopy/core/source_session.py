@@ -267,6 +267,12 @@ class SourceSession:
 
     # ------------------------------------------------------------ what to send
 
+    def may_answer_urgent(self) -> bool:
+        """Requests may be answered as they come (the C page server's condition, as
+        :meth:`urgent_page`'s): the urgent channel is open on a live session, and no
+        request or message is queued to go first."""
+        return not (self._urgent or self._queue or self.complete or self.aborted or URGENT not in self._open)
+
     def urgent_page(self, block: int, page: int) -> bool:
         """A Request for one page (the usual fault), answered at once: accounted as
         :meth:`message_received` and :meth:`next_urgent` would, when nothing goes before it
@@ -276,7 +282,7 @@ class SourceSession:
         Raises:
             RemoteProtocolError: the page is outside the blocks (state unchanged).
         """
-        if self._urgent or self._queue or self.complete or self.aborted or URGENT not in self._open:
+        if not self.may_answer_urgent():
             return False
         self.blocks.check_run(block, page, 1)
         count = self._count

@@ -32,6 +32,8 @@
 #include <unistd.h>
 
 #define PS_MAX_RUNS 64       /* runs of one Request answered here */
+#define PS_MAX_RUN_PAGES 64  /* pages of one run answered here */
+#define PS_MAX_BOUNDS (PS_MAX_RUN_PAGES + 1)  /* zero-stretch bounds of one run, at most */
 #define PS_MAX_IOV 1024      /* buffers of one sendmsg */
 #define PS_PREFIX 4          /* a frame's big-endian length prefix */
 
@@ -184,8 +186,8 @@ static uint32_t ps_parse_request(const struct ps_server *s, const uint8_t *p, co
         if (block >= s->nblocks)
             return 0;
         const struct ps_block *b = &s->blocks[block];
-        if (b->page_size == 0 || count == 0 || count > b->max_run || first >= b->pages
-                || count > b->pages - first)
+        if (b->page_size == 0 || b->page_size % 8 || count == 0 || count > b->max_run
+                || count > PS_MAX_RUN_PAGES || first >= b->pages || count > b->pages - first)
             return 0;
         total += (size_t)count * b->page_size;
         if (total > s->pages_cap)
@@ -268,14 +270,13 @@ static int ps_answer(struct ps_server *s, const struct ps_run *runs, uint32_t n)
     for (uint32_t i = 0; i < n; i++) {
         const struct ps_block *b = &s->blocks[runs[i].block];
         uint32_t count = runs[i].count, size = b->page_size, zero = 0, nbounds = 0;
-        uint32_t bounds[2 * PS_MAX_RUNS + 2];
+        uint32_t bounds[PS_MAX_BOUNDS];
         int in_zero = 0;
-        /* the zero stretches, as Pages.zeros bounds relative to the run's first page */
+        /* the zero stretches, as Pages.zeros bounds relative to the run's first page: a run of
+         * at most PS_MAX_RUN_PAGES pages changes between zero and data at most that many times */
         for (uint32_t k = 0; k < count; k++) {
             int z = ps_is_zero(data + (size_t)k * size, size);
             if (z != in_zero) {
-                if (nbounds >= 2 * PS_MAX_RUNS)
-                    return -1;
                 bounds[nbounds++] = k;
                 in_zero = z;
             }

@@ -41,9 +41,9 @@ __all__ = ["Answer", "PageServer", "PageServerLock", "Served", "ServedBlock", "a
 RECEIVE_BYTES = 64 << 10
 #: Bytes of pages read for one Request; a Request wanting more is declined.
 PAGE_BYTES = 1 << 20
-#: Pages of one run answered here: beyond, the runs' zero stretches could outgrow the C header.
+#: Pages of one run answered here (the C side's bound on a run's zero stretches).
 MAX_RUN = 64
-#: Answers logged before Python must account them.
+#: Answers logged before Python must account them (room for a Request of the most runs, and more).
 LOG_ANSWERS = 256
 
 
@@ -111,6 +111,7 @@ class PageServer:
     def __init__(self, sock: int, blocks: list[ServedBlock | None]) -> None:
         if lib is None:
             raise RuntimeError("the C page server is not built")
+        assert MAX_RUN <= lib.PS_MAX_RUN_PAGES and LOG_ANSWERS >= 2 * lib.PS_MAX_RUNS
         self._blocks = ffi.new("struct ps_block[]", max(1, len(blocks)))
         for i, block in enumerate(blocks):
             entry = self._blocks[i]

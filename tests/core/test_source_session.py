@@ -342,3 +342,43 @@ def test_urgent_page_defers_to_what_is_queued_and_checks_the_range() -> None:
     with pytest.raises(RemoteProtocolError):
         session.urgent_page(1, 6)
     assert session.urgent_page(1, 5) is True
+
+
+def test_an_answer_from_outside_is_accounted_as_the_request_and_next_urgent_would() -> None:
+    """The C page server's answers: counted as a Request of their runs, the pages sent (the sweep
+    skips them), the sweep's cursor after the last."""
+    session = opened(sweep_bridge_pages=0)
+    record = session.sent_record
+    session.answered(0, 2, 3, 2, record)  # a Request of two runs: this one, then ...
+    session.answered(1, 4, 1, 0, record)
+    stats = session.statistics()
+    assert (stats.requests, stats.request_runs, stats.pages_sent_urgent) == (1, 2, 4)
+    assert sweep(session) == [run(1, 5, 1), run(0, 0, 2), run(0, 5, 5), run(1, 0, 4)]
+
+
+def test_an_answer_read_before_a_resume_is_not_recorded_as_sent() -> None:
+    """A copy read before the record changed may be stale: the sweep sends those pages again."""
+    session = opened(sweep_bridge_pages=0)
+    record = session.sent_record
+    session.message_received(URGENT, m.Resume(session_id="s1", received=()), 1.0)
+    assert session.sent_record != record
+    session.answered(0, 2, 3, 1, record)
+    assert session.statistics().pages_sent_urgent == 3
+    swept = sweep(session)
+    assert sum(r.count for r in swept) == 16 and any(r.block == 0 and r.first <= 2 < r.stop for r in swept)
+
+
+def test_answers_may_go_on_only_on_a_live_session_with_nothing_queued() -> None:
+    session = opened()
+    assert session.may_answer_urgent()
+    session.message_received(URGENT, m.Ping(token=1), 0.0)  # its Pong is queued
+    assert not session.may_answer_urgent()
+    session.messages_to_send()
+    assert session.may_answer_urgent()
+    session.message_received(URGENT, m.Complete(), 0.0)
+    assert not session.may_answer_urgent()
+
+
+def test_the_urgent_run_limit_is_the_configured_one_or_what_fits_a_frame() -> None:
+    assert opened(max_run_pages=16).urgent_run_limit(0) == 16
+    assert opened().urgent_run_limit(1) == 64

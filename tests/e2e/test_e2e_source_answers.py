@@ -3,16 +3,18 @@ the same frames, page for page the image, and the same accounting in the report 
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
 
-from aiopostcopy.messages import Channel, Hello, PageRun, Pages, Ping, Pong, Request, Zero
+from aiopostcopy.messages import (PROTOCOL_VERSION, Channel, Complete, Hello, PageRun, Pages, Ping, Pong, Request,
+                                  Role, Zero)
 from aiopostcopy.source import MIN_HOLE_BYTES, PostcopySource, SourceBlock
 from aiopostcopy.transport.page_server import available
+from aiopostcopy.transport.wire import Decoder, encode
 
 from e2e_support import bounded
-from source_peer import RawChannel
 
 PAGE = 4096
 MiB = 1 << 20
@@ -42,14 +44,49 @@ REQUESTS = [
 ]
 
 
-async def answers_of(image: str, answer_in_c: bool) -> tuple[list[tuple[str, int, int, tuple, bytes]], object, object]:
+class Urgent:
+    """The destination's end of an urgent connection, keeping every byte the source wrote."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.raw = bytearray()
+        self.payloads: list[bytes] = []
+        self.decoder = Decoder(payload_sink=self._sink)
+
+    def _sink(self, header: Pages, nbytes: int) -> memoryview:
+        self.payloads.append(bytearray(nbytes))
+        return memoryview(self.payloads[-1])
+
+    async def next(self) -> object:
+        while (event := self.decoder.next_event()) is None:
+            data = await bounded(self.reader.read(1 << 16), "a frame from the source")
+            self.raw += data
+            self.decoder.receive_data(data)
+        return event
+
+    def send(self, msg: object) -> None:
+        self.writer.write(encode(msg))
+
+
+async def answers_of(image: str, answer_in_c: bool, *, complete_first: bool = False):
+    """Send REQUESTS (each followed by a Ping) on an urgent connection; returns what came back
+    (decoded and raw), the source's report, its session's statistics, and how many runs C answered."""
     source = PostcopySource([SourceBlock.from_path("ram", image)], answer_in_c=answer_in_c)
+    in_c = []
     try:
         address = await source.listen("127.0.0.1", 0)
-        urgent, hello = await RawChannel.open(address, Channel.URGENT, f"answers-{answer_in_c}")
-        assert isinstance(hello, Hello)
-        assert (source._conns[Channel.URGENT].server is not None) is answer_in_c  # the way asked for
-        got = []
+        urgent = Urgent(*await asyncio.open_connection(*address))
+        urgent.send(Hello(version=PROTOCOL_VERSION, session_id=f"answers-{answer_in_c}", role=Role.DESTINATION,
+                          channel=Channel.URGENT))
+        assert isinstance(await urgent.next(), Hello)
+        server = source._conns[Channel.URGENT].server
+        assert (server is not None) is answer_in_c  # the way asked for
+        if server is not None:
+            take = server.take_answers
+            server.take_answers = lambda: in_c.extend(answers := take()) or answers  # count what C sent
+        if complete_first:
+            urgent.send(Complete())
+        start, got = len(urgent.raw), []
         for token, runs in enumerate(REQUESTS):
             urgent.send(Request(runs=tuple(PageRun(block=b, first=f, count=c) for b, f, c in runs)))
             urgent.send(Ping(token=token))
@@ -60,8 +97,8 @@ async def answers_of(image: str, answer_in_c: bool) -> tuple[list[tuple[str, int
                     assert isinstance(msg, Zero), msg
                     got.append(("zero", msg.first, msg.count, (), b""))
             assert msg.token == token
-        await urgent.close()
-        return got, source.statistics(), source._session.statistics()
+        urgent.writer.close()
+        return got, bytes(urgent.raw[start:]), source.statistics(), source._session.statistics(), len(in_c)
     finally:
         await bounded(source.close(), "the source to close")
 
@@ -72,9 +109,12 @@ async def test_c_and_python_answer_alike_and_account_alike(e2e) -> None:
     hole = range(MIN_HOLE_BYTES // PAGE, 2 * MIN_HOLE_BYTES // PAGE)
     path = os.path.join(e2e.workdir, "sparse.img")
     image = sparse_image(path, pages, hole)
-    in_c, report_c, session_c = await answers_of(path, True)
-    in_python, report_python, session_python = await answers_of(path, False)
+    in_c, raw_c, report_c, session_c, answered_c = await answers_of(path, True)
+    in_python, raw_python, report_python, session_python, answered_python = await answers_of(path, False)
+    assert raw_c == raw_python  # byte for byte, Pongs included
     assert in_c == in_python
+    # C answered every Request but the one with a run longer than the session hands out
+    assert answered_c == sum(len(runs) for runs in REQUESTS[:-1]) and answered_python == 0
     assert report_c.pages_hole > 0 and report_c.pages_zero > report_c.pages_hole
     for name in ("pages_urgent", "pages_zero", "bytes_sent", "bytes_read", "pages_hole"):
         assert getattr(report_c, name) == getattr(report_python, name), name
@@ -97,3 +137,14 @@ async def test_c_and_python_answer_alike_and_account_alike(e2e) -> None:
             seen += 1
         assert at == len(payload)
     assert seen == asked
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("answer_in_c", [True, False])
+async def test_after_complete_requests_go_unanswered_either_way(e2e, answer_in_c: bool) -> None:
+    """Complete ends the serving of Requests (docs/protocol.md): only the Pongs come back."""
+    path = os.path.join(e2e.workdir, "sparse.img")
+    sparse_image(path, 1200, range(0))
+    got, raw, report, session, answered = await answers_of(path, answer_in_c, complete_first=True)
+    assert got == [] and answered == 0
+    assert report.pages_urgent == report.pages_zero == 0 and session.pages_sent_urgent == 0

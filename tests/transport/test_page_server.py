@@ -11,6 +11,7 @@ import os
 import random
 import socket
 import threading
+import time
 
 import msgpack
 import pytest
@@ -302,11 +303,16 @@ def test_its_writes_wait_for_the_connections_lock(rig) -> None:
     """A writer holding the lock (a Python frame in pieces) keeps the C answer out until it is done."""
     r = rig([64], zero_every=1_000_000)
     served: list[Served] = []
+    frame = request((0, 4, 1))
     with r.server.lock:
         thread = threading.Thread(target=lambda: served.append(r.server.serve()))
         thread.start()
-        r.peer.sendall(request((0, 4, 1)))
-        thread.join(0.3)
+        r.peer.sendall(frame)
+        for _ in range(1000):  # until the server has received the Request
+            if r.server._server.in_end == len(frame):
+                break
+            time.sleep(0.01)
+        assert r.server._server.in_end == len(frame)
         assert thread.is_alive() and r.nothing_more()  # the answer is read and waits for the lock
         r.ours.sendall(encode(Ping(token=1)))  # this writer's frame goes first
     thread.join(10)
@@ -314,3 +320,37 @@ def test_its_writes_wait_for_the_connections_lock(rig) -> None:
     ping = encode(Ping(token=1))
     want = r.expected([(0, 4, 1)])
     assert r.receive(len(ping) + len(want)) == ping + want
+
+
+def test_a_block_of_huge_pages_is_declined(rig) -> None:
+    """Pages larger than the staging (2 MiB) go the Python way, which sends them in pieces."""
+    r = rig([2], page_size=2 << 20, zero_every=1_000_000)
+    frame = request((0, 1, 1))
+    r.peer.sendall(frame)
+    assert r.server.serve() is Served.DECLINED
+    assert r.server.take_rest() == frame and r.nothing_more()
+
+
+def test_a_full_log_returns_to_python_before_answering_more(rig) -> None:
+    """Five Requests of 64 runs in one read: four fill the log of 256 answers, Python accounts
+    them, then the fifth is answered."""
+    r = rig([320], zero_every=4)
+    requests = [[(0, k * 64 + i, 1) for i in range(64)] for k in range(5)]
+    r.peer.sendall(b"".join(request(*runs) for runs in requests))
+    assert r.server.serve() is Served.ACCOUNT
+    assert r.server.take_answers() == [a for runs in requests[:4] for a in r.answers(runs)]
+    assert r.server.serve() is Served.ACCOUNT
+    assert r.server.take_answers() == r.answers(requests[4])
+    want = b"".join(r.expected(runs) for runs in requests)
+    assert r.receive(len(want)) == want and r.nothing_more()
+
+
+def test_shutting_the_socket_wakes_a_server_blocked_in_recv(rig) -> None:
+    r = rig([8])
+    served: list[Served] = []
+    thread = threading.Thread(target=lambda: served.append(r.server.serve()))
+    thread.start()
+    time.sleep(0.05)
+    r.ours.shutdown(socket.SHUT_RDWR)
+    thread.join(10)
+    assert served == [Served.EOF]
