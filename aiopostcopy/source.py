@@ -1046,21 +1046,25 @@ class PostcopySource:
     def _account_answers(self, conn: _Conn, answers: list[Answer], record: int) -> None:
         """The session and the counters learn what the C page server sent, as :meth:`_send_run`
         and the session's Request handling would have told them."""
-        session, counts = conn.session, self._counts
+        session, blocks = conn.session, self._blocks
+        read = hole = zero_pages = data_pages = nbytes = 0
         with self._lock:
-            ours = session is self._session
             for block, first, count, zero, runs in answers:
-                session.answered(block, first, count, runs, record)
-                source_block = self._blocks[block]
-                nbytes = (count - zero) * source_block.page_size
-                session.sent(URGENT, PageRun(block=block, first=first, count=count), nbytes)
-                if ours:
-                    hole = bounds_total(source_block.hole_bounds(first, count)) if zero else 0
-                    counts["read"] += (count - hole) * source_block.page_size
-                    counts["hole"] += hole
-                    counts["zero"] += zero  # holes included, as _send_run counts them
-                    counts["urgent"] += count - zero
-                    counts["bytes"] += nbytes
+                size = blocks[block].page_size
+                session.answered(block, first, count, runs, record, (count - zero) * size)
+                data_pages += count - zero
+                nbytes += (count - zero) * size
+                zero_pages += zero
+                holes = bounds_total(blocks[block].hole_bounds(first, count)) if zero else 0
+                hole += holes
+                read += (count - holes) * size
+            if session is self._session:
+                counts = self._counts
+                counts["read"] += read
+                counts["hole"] += hole
+                counts["zero"] += zero_pages  # holes included, as _send_run counts them
+                counts["urgent"] += data_pages
+                counts["bytes"] += nbytes
 
     def _on_urgent(self, conn: _Conn, msg: Message, staging: _RunBuffer) -> None:
         if type(msg) is Error:

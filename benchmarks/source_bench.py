@@ -204,11 +204,12 @@ def measure(proc: subprocess.Popen, port: int, image: memoryview, scenario: str,
 def start_subject(name: str, tree: str | None, image: str, py: str) -> tuple[subprocess.Popen, int]:
     if tree is None:
         argv = [py, __file__, "--role", "baseline", image]
-        env = dict(os.environ)
-    else:
+        env, cwd = dict(os.environ), None
+    else:  # run in the tree: "python -m" puts the working directory ahead of PYTHONPATH
         argv = [py, "-m", "aiopostcopy", "source", "--listen", "127.0.0.1:0", "--block", f"ram={image}"]
-        env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        cwd = str(Path(tree).resolve())
+        env = dict(os.environ, PYTHONPATH=cwd)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=cwd)
     line = proc.stdout.readline().decode()
     if "listening on" not in line:
         proc.kill()

@@ -349,10 +349,10 @@ def test_an_answer_from_outside_is_accounted_as_the_request_and_next_urgent_woul
     skips them), the sweep's cursor after the last."""
     session = opened(sweep_bridge_pages=0)
     record = session.sent_record
-    session.answered(0, 2, 3, 2, record)  # a Request of two runs: this one, then ...
-    session.answered(1, 4, 1, 0, record)
+    session.answered(0, 2, 3, 2, record, 2 * PAGE)  # a Request of two runs: this one, then ...
+    session.answered(1, 4, 1, 0, record, PAGE)
     stats = session.statistics()
-    assert (stats.requests, stats.request_runs, stats.pages_sent_urgent) == (1, 2, 4)
+    assert (stats.requests, stats.request_runs, stats.pages_sent_urgent, stats.bytes_urgent) == (1, 2, 4, 3 * PAGE)
     assert sweep(session) == [run(1, 5, 1), run(0, 0, 2), run(0, 5, 5), run(1, 0, 4)]
 
 
@@ -362,7 +362,7 @@ def test_an_answer_read_before_a_resume_is_not_recorded_as_sent() -> None:
     record = session.sent_record
     session.message_received(URGENT, m.Resume(session_id="s1", received=()), 1.0)
     assert session.sent_record != record
-    session.answered(0, 2, 3, 1, record)
+    session.answered(0, 2, 3, 1, record, 3 * PAGE)
     assert session.statistics().pages_sent_urgent == 3
     swept = sweep(session)
     assert sum(r.count for r in swept) == 16 and any(r.block == 0 and r.first <= 2 < r.stop for r in swept)
