@@ -16,7 +16,7 @@ for the loop, and the loop never waits for page data:
   ``sendmsg`` for the Request's frames, under the connection's lock) and
   returns with what it sent, which this thread then accounts in the session
   (:meth:`_serve_in_c`), and with any frame it does not answer, which the
-  Python decoder takes.  The Python path (over TLS, with tracing, or
+  Python decoder takes.  The Python path (over TLS, or with
   ``answer_in_c=False``) does the same per run: ``os.preadv`` into the
   thread's buffer, one ``sendmsg`` of header and payload, both without the
   GIL.  Either way an urgent reply waits for no background work.
@@ -391,7 +391,8 @@ class _Conn:
         self.recv_into = self.sock.recv_into  #: the urgent thread reads requests with this
         self.tls: ServerTls | None = None  #: set by _TlsConn
         #: urgent, plain TCP: answers Requests in C; its mutex is the lock every writer takes
-        self.server = PageServer(self.sock.fileno(), served) if served is not None else None
+        self.server = (PageServer(self.sock.fileno(), served, timestamps=trace.ENABLED) if served is not None
+                       else None)
         self.lock: threading.Lock | PageServerLock = self.server.lock if self.server else threading.Lock()
         self.outbox: deque[bytes] = deque()  # background frames, written by the sender thread
         self.wake = threading.Event()
@@ -698,7 +699,7 @@ class PostcopySource:
             pages' payload; None: no cap).  Replies to requests are never held back.
         answer_in_c: on plain TCP, answer Requests with the C page server
             (:mod:`aiopostcopy.transport.page_server`) where it can, with the
-            GIL free; False, or TLS, or tracing on: always the Python path.
+            GIL free; False, or TLS: always the Python path.
 
     Raises:
         ValueError: no blocks, a bound out of range, or a TLS context that
@@ -855,8 +856,8 @@ class PostcopySource:
 
     def _served(self, channel: Channel) -> list[ServedBlock | None] | None:
         """What the C page server of a new plain urgent connection reads (lock held), or None:
-        not urgent, not wanted, not built, or tracing (whose marks the Python path makes)."""
-        if channel is not URGENT or not self._answer_in_c or not page_server_available() or trace.ENABLED:
+        not urgent, not wanted, or not built."""
+        if channel is not URGENT or not self._answer_in_c or not page_server_available():
             return None
         session = self._session
         return [ServedBlock(fd=b.fd, page_size=b.page_size, pages=b.length // b.page_size,
@@ -1049,7 +1050,10 @@ class PostcopySource:
         session, blocks = conn.session, self._blocks
         read = hole = zero_pages = data_pages = nbytes = 0
         with self._lock:
-            for block, first, count, zero, runs in answers:
+            for block, first, count, zero, runs, asked_ns, sent_ns in answers:
+                if trace.ENABLED:  # the times C took, as the Python path marks them
+                    trace.mark("src-request", block, first, asked_ns)
+                    trace.mark("src-reply", block, first, sent_ns)
                 size = blocks[block].page_size
                 session.answered(block, first, count, runs, record, (count - zero) * size)
                 data_pages += count - zero

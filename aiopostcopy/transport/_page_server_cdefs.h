@@ -12,7 +12,8 @@
 
 struct ps_block { int fd; uint32_t page_size; uint32_t max_run; uint64_t pages; ...; };
 
-struct ps_answer { uint64_t first; uint32_t block; uint32_t count; uint32_t zero_pages; uint32_t runs; ...; };
+struct ps_answer { uint64_t first; uint32_t block; uint32_t count; uint32_t zero_pages; uint32_t runs;
+                   uint64_t asked_ns; uint64_t sent_ns; ...; };
 
 struct ps_server {
     int sock;
@@ -26,6 +27,7 @@ struct ps_server {
     size_t headers_cap;
     struct ps_answer *log;
     uint32_t log_cap, logged;
+    int timestamps;
     int error;
     ...;
 };

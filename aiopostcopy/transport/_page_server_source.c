@@ -29,6 +29,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PS_MAX_RUNS 64       /* runs of one Request answered here */
@@ -59,6 +60,8 @@ struct ps_answer {
     uint32_t count;
     uint32_t zero_pages;     /* pages of the run sent as zeros */
     uint32_t runs;           /* first run of a Request: its number of runs; else 0 */
+    uint64_t asked_ns;       /* with timestamps: CLOCK_MONOTONIC when the Request was parsed */
+    uint64_t sent_ns;        /* ... and when its answer was written; else 0 */
 };
 
 struct ps_server {
@@ -74,6 +77,7 @@ struct ps_server {
     size_t headers_cap;
     struct ps_answer *log;
     uint32_t log_cap, logged;
+    int timestamps;          /* record asked_ns and sent_ns (tracing) */
     int error;
 };
 
@@ -253,9 +257,18 @@ static void ps_send_all(struct ps_server *s, struct iovec *iov, int n)
     }
 }
 
+static uint64_t ps_now_ns(const struct ps_server *s)
+{
+    struct timespec t;
+    if (!s->timestamps || clock_gettime(CLOCK_MONOTONIC, &t) != 0)
+        return 0;
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
 /* Answer the Request whose runs are parsed: 0 done (logged), -1 declined (nothing sent). */
 static int ps_answer(struct ps_server *s, const struct ps_run *runs, uint32_t n)
 {
+    uint64_t asked = ps_now_ns(s);
     struct iovec iov[PS_MAX_IOV];
     int niov = 0;
     uint8_t *data = s->pages;
@@ -331,11 +344,15 @@ static int ps_answer(struct ps_server *s, const struct ps_run *runs, uint32_t n)
         a->count = count;
         a->zero_pages = zero;
         a->runs = i == 0 ? n : 0;
+        a->asked_ns = asked;
     }
-    s->logged += n;
     pthread_mutex_lock(&s->lock);
     ps_send_all(s, iov, niov);
     pthread_mutex_unlock(&s->lock);
+    uint64_t sent = ps_now_ns(s);
+    for (uint32_t i = 0; i < n; i++)
+        s->log[s->logged + i].sent_ns = sent;
+    s->logged += n;
     return 0;
 }
 

@@ -71,13 +71,17 @@ class ServedBlock:
 
 
 class Answer(NamedTuple):
-    """One run answered: ``runs`` is the Request's number of runs on its first run, else 0."""
+    """One run answered: ``runs`` is the Request's number of runs on its first run, else 0;
+    with timestamps, when its Request was read and when the answer was written
+    (``time.monotonic_ns()``'s clock), else 0."""
 
     block: int
     first: int
     count: int
     zero_pages: int
     runs: int
+    asked_ns: int = 0
+    sent_ns: int = 0
 
 
 class PageServerLock:
@@ -102,13 +106,15 @@ class PageServer:
         sock: the connection's file descriptor (blocking).
         blocks: per block index, how to read it; ``None`` for a block never
             answered here (its Requests are declined).
+        timestamps: record when each Request was read and answered (for
+            :mod:`aiopostcopy.trace`).
 
     Raises:
         RuntimeError: the extension is not built (see :func:`available`).
         OSError: the mutex could not be made.
     """
 
-    def __init__(self, sock: int, blocks: list[ServedBlock | None]) -> None:
+    def __init__(self, sock: int, blocks: list[ServedBlock | None], *, timestamps: bool = False) -> None:
         if lib is None:
             raise RuntimeError("the C page server is not built")
         assert MAX_RUN <= lib.PS_MAX_RUN_PAGES and LOG_ANSWERS >= 2 * lib.PS_MAX_RUNS
@@ -129,6 +135,7 @@ class PageServer:
         s.inbuf, s.in_cap, s.pages, s.pages_cap = self._in, RECEIVE_BYTES, self._pages, PAGE_BYTES
         s.headers, s.headers_cap = self._headers, len(self._headers)
         s.log, s.log_cap = self._log, LOG_ANSWERS
+        s.timestamps = int(timestamps)
         if lib.ps_init(s) != 0:
             raise OSError("cannot make the page server's lock")
         self.lock = PageServerLock(s)  # keeps the memory (and so the mutex) alive while any writer holds it
@@ -153,7 +160,8 @@ class PageServer:
         if not n:
             return []
         log = self._log
-        answers = [Answer(a.block, a.first, a.count, a.zero_pages, a.runs) for a in (log[i] for i in range(n))]
+        answers = [Answer(a.block, a.first, a.count, a.zero_pages, a.runs, a.asked_ns, a.sent_ns)
+                   for a in (log[i] for i in range(n))]
         s.logged = 0
         return answers
 

@@ -29,7 +29,7 @@ class Rig:
     """A PageServer on one end of a socket pair, over files of pages, some all zero."""
 
     def __init__(self, tmp_path, pages: list[int], *, zero_every: int = 3, seed: int = 5,
-                 page_size: int = PAGE, served: list[bool] | None = None) -> None:
+                 page_size: int = PAGE, served: list[bool] | None = None, timestamps: bool = False) -> None:
         self.page_size = page_size
         self.images: list[bytes] = []
         self.fds: list[int] = []
@@ -46,7 +46,7 @@ class Rig:
         served = served or [True] * len(pages)
         self.server = PageServer(ours.fileno(), [
             ServedBlock(fd=fd, page_size=page_size, pages=count, max_run=MAX_RUN) if ok else None
-            for fd, count, ok in zip(self.fds, pages, served)])
+            for fd, count, ok in zip(self.fds, pages, served)], timestamps=timestamps)
         self.start_reading()
 
     def close(self) -> None:
@@ -354,3 +354,17 @@ def test_shutting_the_socket_wakes_a_server_blocked_in_recv(rig) -> None:
     r.ours.shutdown(socket.SHUT_RDWR)
     thread.join(10)
     assert served == [Served.EOF]
+
+
+def test_with_timestamps_each_answer_says_when_it_was_asked_and_sent(rig) -> None:
+    """For the trace: CLOCK_MONOTONIC (time.monotonic_ns) when the Request was read and when its
+    answer was written, the same for every run of one Request."""
+    r = rig([64], timestamps=True)
+    before = time.monotonic_ns()
+    r.peer.sendall(request((0, 1, 2), (0, 9, 1)) + request((0, 20, 1)))
+    assert r.server.serve() is Served.ACCOUNT
+    after = time.monotonic_ns()
+    answers = r.server.take_answers()
+    assert [a[:5] for a in answers] == [a[:5] for a in r.answers([(0, 1, 2), (0, 9, 1)]) + r.answers([(0, 20, 1)])]
+    assert answers[0].asked_ns == answers[1].asked_ns and answers[0].sent_ns == answers[1].sent_ns
+    assert before <= answers[0].asked_ns <= answers[0].sent_ns <= answers[2].asked_ns <= answers[2].sent_ns <= after
