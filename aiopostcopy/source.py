@@ -1051,7 +1051,7 @@ class PostcopySource:
         read = hole = zero_pages = data_pages = nbytes = 0
         with self._lock:
             for block, first, count, zero, runs, asked_ns, sent_ns in answers:
-                if trace.ENABLED:  # the times C took, as the Python path marks them
+                if trace.ENABLED and sent_ns:  # the times C took, as the Python path marks them
                     trace.mark("src-request", block, first, asked_ns)
                     trace.mark("src-reply", block, first, sent_ns)
                 size = blocks[block].page_size

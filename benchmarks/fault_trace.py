@@ -29,7 +29,7 @@ POINTS = ("touch", "request", "src-request", "src-reply", "reply", "woken", "res
 HOPS = {
     ("touch", "request"): "fault -> Request handed to the transport (uffd wake-up, read, coalesce)",
     ("request", "src-request"): "Request on the wire -> decoded at the source",
-    ("src-request", "src-reply"): "source: session, read the page, write the reply",
+    ("src-request", "src-reply"): "source: read the page, write the reply",
     ("src-reply", "reply"): "reply on the wire -> decoded at the destination",
     ("reply", "woken"): "destination: place (UFFDIO_COPY) and wake",
     ("woken", "resumed"): "woken -> the faulting thread runs again",

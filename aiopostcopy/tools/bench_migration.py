@@ -206,12 +206,12 @@ def run_migration(ctx: Context, sc: Scenario, tag: str) -> dict[str, Any]:
     sampler = Sampler(0.01)
     began = time.monotonic()
     dest = _start(ctx, "dst", dest_argv, None, stderr=subprocess.PIPE)
-    sampler.watch("dest", dest.pid)
-    sampler.watch("source", source.pid)
-    sampler.count_rx(*ctx.place.rx_bytes_path(dest.pid))
-    sampler.start()
-    tap = StderrTap(dest, run / "dest.err")
     try:
+        sampler.watch("dest", dest.pid)
+        sampler.watch("source", source.pid)
+        sampler.count_rx(*ctx.place.rx_bytes_path(dest.pid))
+        sampler.start()
+        tap = StderrTap(dest, run / "dest.err")
         dest_rc, dest_cpu_end = wait_exit(dest, ctx.timeout)
     finally:
         sampler.stop()

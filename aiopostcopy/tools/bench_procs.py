@@ -10,8 +10,8 @@ every child under ``taskset``.  Every child a place starts is tracked and
 ended by its PID when the place closes.
 
 CPU time of a process is its CPU clock: :func:`cpu_ns` reads it with one
-``clock_gettime`` (nanoseconds, every thread, ended ones too), falling back to
-``/proc/PID/stat`` (clock ticks) once the process is a zombie.  A
+``clock_gettime`` (nanoseconds, every thread, ended ones too, until the
+process is reaped).  A
 :class:`Sampler` thread polls the CPU time of the processes it watches and the
 bytes received on the destination side of the link every few milliseconds, so
 a figure can be read at any instant of a run (CPU per fault up to the moment
@@ -132,9 +132,9 @@ def cpu_ns(pid: int) -> int | None:
     One ``clock_gettime`` of the process's CPU clock (clockid ``(~pid << 3) | 2``,
     the kernel's CPUCLOCK_SCHED of the thread group), so a :class:`Sampler`
     polling every 10 ms costs the machine a few microseconds, not a read of
-    every thread's ``/proc`` file (which, on 2 vCPUs, delayed one fault in
-    sixty by most of a millisecond).  A zombie's clock cannot be read: then
-    ``/proc/PID/stat``.
+    every thread's ``/proc`` file.  A zombie's clock still reads (so
+    :func:`wait_exit` reads it before reaping); a reaped pid has none, nor a
+    ``/proc/PID/stat``: None.
     """
     try:
         return time.clock_gettime_ns(((~pid) << 3) | 2)
@@ -157,7 +157,7 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int | None
             return None, None
     finally:
         os.close(fd)
-    cpu = _stat_ns(proc.pid)
+    cpu = cpu_ns(proc.pid)
     return proc.wait(), cpu
 
 
@@ -233,7 +233,8 @@ class Sampler:
     def __init__(self, interval: float = 0.005) -> None:
         self.rows: list[tuple[float, dict[str, int], int | None]] = []
         self._pids: dict[str, int] = {}
-        self._rx: tuple[int, str] | None = None  # the open net/dev file and the device
+        self._rx: tuple[str, str] | None = None  # the net/dev file and the device
+        self._rx_fd: int | None = None  # that file, open once the device is in it
         self._interval = interval
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
@@ -242,12 +243,30 @@ class Sampler:
         self._pids[name] = pid
 
     def count_rx(self, path: str, dev: str) -> None:
-        """Poll ``dev``'s received bytes in ``path`` (a ``net/dev`` file), opened once here: opening
-        ``/proc/PID/net/dev`` every 10 ms delayed the service's faults, re-reading it does not."""
-        try:
-            self._rx = (os.open(path, os.O_RDONLY | os.O_CLOEXEC), dev)
-        except OSError:
-            self._rx = None
+        """Poll ``dev``'s received bytes in ``path`` (a ``net/dev`` file).  The file is opened
+        until ``dev`` is in it (a child started through ``ip netns exec`` joins its namespace a
+        moment after it starts), then kept open and re-read: opening ``/proc/PID/net/dev`` every
+        10 ms delayed the service's faults, re-reading it does not."""
+        self._close_rx()
+        self._rx = (path, dev)
+
+    def _read_rx(self) -> int | None:
+        if self._rx is None:
+            return None
+        if self._rx_fd is None:
+            try:
+                self._rx_fd = os.open(self._rx[0], os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+        rx = _rx_bytes(self._rx_fd, self._rx[1])
+        if rx is None:  # not (yet) the namespace that has the device: open it again next time
+            self._close_rx()
+        return rx
+
+    def _close_rx(self) -> None:
+        if self._rx_fd is not None:
+            os.close(self._rx_fd)
+            self._rx_fd = None
 
     def start(self) -> "Sampler":
         self._thread.start()
@@ -255,15 +274,15 @@ class Sampler:
 
     def stop(self) -> None:
         self._done.set()
-        self._thread.join(5)
-        if self._rx is not None and not self._thread.is_alive():
-            os.close(self._rx[0])
-            self._rx = None
+        if self._thread.ident is not None:  # started
+            self._thread.join(5)
+        if not self._thread.is_alive():
+            self._close_rx()
 
     def _run(self) -> None:
         while not self._done.is_set():
             cpu = {name: v for name, pid in list(self._pids.items()) if (v := cpu_ns(pid)) is not None}
-            rx = _rx_bytes(*self._rx) if self._rx else None
+            rx = self._read_rx()
             self.rows.append((time.monotonic(), cpu, rx))
             self._done.wait(self._interval)
 
