@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--sweep-after-idle", type=_positive(float), default=None, metavar="SECONDS",
                      help="demand first: hold the background stream until pages were requested and then "
                           "none for SECONDS (benchmarks measure the demand path alone this way)")
+    src.add_argument("--answer", choices=("c", "python"), default="c",
+                     help="who answers page requests on plain TCP: the C page server, with the GIL free "
+                          "(default), or the Python path (as over TLS)")
     src.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
                      help="cap the background stream: bytes/s, optional k/M/G suffix (powers of 1000); "
                           "replies to page requests are never held back")
@@ -464,7 +467,8 @@ async def source_main(args: argparse.Namespace, record: RunRecord) -> int:
     config = SourceConfig(background_window_bytes=args.window, background_run_pages=args.run_pages,
                           sweep_bridge_pages=args.sweep_bridge)
     source = PostcopySource(blocks, config=config, background_sndbuf=args.sndbuf or None, lease=args.lease,
-                            sweep_after_idle=args.sweep_after_idle, tls=tls, max_bandwidth=args.max_bandwidth)
+                            sweep_after_idle=args.sweep_after_idle, tls=tls, max_bandwidth=args.max_bandwidth,
+                            answer_in_c=args.answer == "c")
     try:
         where = await _listen(source, args.listen)
         record.fields["listen"] = where

@@ -14,7 +14,11 @@ from aiopostcopy.source import MIN_HOLE_BYTES, PostcopySource, SourceBlock
 from aiopostcopy.transport.page_server import available
 from aiopostcopy.transport.wire import Decoder, encode
 
-from e2e_support import bounded
+from aiopostcopy.loop import PostcopyDestination
+from aiopostcopy.tools.pattern import is_zero_page
+
+from e2e_support import bounded, check_destination
+from source_peer import SourceWithLog
 
 PAGE = 4096
 MiB = 1 << 20
@@ -148,3 +152,27 @@ async def test_after_complete_requests_go_unanswered_either_way(e2e, answer_in_c
     got, raw, report, session, answered = await answers_of(path, answer_in_c, complete_first=True)
     assert got == [] and answered == 0
     assert report.pages_urgent == report.pages_zero == 0 and session.pages_sent_urgent == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("answer", ["c", "python"])
+async def test_the_source_command_answers_faults_either_way(e2e, answer: str) -> None:
+    """`source --answer c|python`: a migration whose delegated client faults first (the sweep held
+    until the faults are done), every page verified, every fault answered on the urgent channel."""
+    seed, size = 1713, 8 * MiB
+    pages = size // PAGE
+    wanted = [p for p in range(pages) if not is_zero_page(0, p, seed)][::97]
+    source = await SourceWithLog.start(e2e.procs, {"ram": e2e.image(size, seed=seed)}, "--answer", answer,
+                                       sweep_after_idle=2.0)
+    async with PostcopyDestination(e2e.options(source.address)) as dest:
+        client = await e2e.touch_client(mode="delegated", name=f"answer-{answer}", seed=seed)
+        await client.touch(wanted)
+        await client.event("touched")
+        report = await bounded(dest.wait_complete(), "the migration")
+        result = await client.finish()
+        problems = check_destination(dest, seed=seed)
+    sent = await source.report()
+    assert report.complete and problems == {}, problems
+    assert result["exit"] == 0 and result.get("ok") and not result.get("bad_pages"), result
+    assert report.pages_demand == len(wanted), report.format()
+    assert sent["exit"] == 0 and sent["pages_urgent"] == len(wanted), sent
