@@ -303,17 +303,19 @@ class SourceSession:
         """A run was answered on the urgent channel without this session (the C page server),
         and is accounted after it was sent, as :meth:`message_received` of its Request,
         :meth:`next_urgent` and :meth:`sent` (``nbytes`` of payload) would have: ``runs`` is the
-        Request's number of runs on its first run, else 0.  The server answers only Requests in range, of runs no longer than the
-        session's limit, read while :attr:`sent_record` was ``record``; if it has changed since
-        (a Discard or Resume came), the pages are not recorded as sent and the sweep sends them
-        again, since the copy may predate the Discard.
+        Request's number of runs on its first run, else 0.
+
+        The server answers only Requests in range, of runs no longer than
+        :meth:`urgent_run_limit`, read while :attr:`sent_record` was ``record``.  If it has
+        changed since (a Discard or Resume came), the pages are not recorded as sent and the
+        sweep sends them again, since the copy may predate the Discard.
         """
-        count_ = self._count
+        counts = self._count
         if runs:
-            count_.requests += 1
-            count_.request_runs += runs
-        count_.pages_sent_urgent += count
-        count_.bytes_urgent += nbytes
+            counts.requests += 1
+            counts.request_runs += runs
+        counts.pages_sent_urgent += count
+        counts.bytes_urgent += nbytes
         if record == self._record:
             self._sent[block].add(first, first + count)
         self._cursor = (block, first + count)
