@@ -10,9 +10,10 @@
  * sections 3 and 4.4). It leaves everything else to Python, where the session
  * keeps the rules:
  *
- *   - it answers only a Request whose frame it fully understands (canonical
- *     unsigned integers, runs inside their block, at most PS_MAX_RUNS runs of
- *     at most the block's run limit, small pages, the pages fitting its staging);
+ *   - it answers only a Request whose frame it fully understands (unsigned
+ *     integers, runs inside their block, at most PS_MAX_RUNS runs of at most
+ *     the block's run limit and PS_MAX_RUN_PAGES, pages of at most its staging,
+ *     a Request's pages fitting it);
  *     any other frame, or a read that fails, is "declined": ps_serve() returns
  *     with the frame unconsumed and Python decodes (and rejects) it;
  *   - it logs every run it answered (ps_answer) and returns before it would
@@ -69,7 +70,7 @@ struct ps_server {
     pthread_mutex_t lock;
     const struct ps_block *blocks;
     uint32_t nblocks;
-    uint8_t *inbuf;           /* received bytes: [in_start, in_end) not yet consumed */
+    uint8_t *inbuf;          /* received bytes: [in_start, in_end) not yet consumed */
     size_t in_cap, in_start, in_end;
     uint8_t *pages;          /* one Request's pages, read */
     size_t pages_cap;
