@@ -30,9 +30,20 @@ import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
+#: The C side's PS_VERSION this module is written for.
+VERSION = 2
+
+
+def matches(built: object) -> bool:
+    """``built`` (the extension's ``lib``) was compiled from the sources this module is written for."""
+    return built is not None and getattr(built, "PS_VERSION", None) == VERSION
+
+
 try:
     from aiopostcopy.transport._page_server import ffi, lib
 except ImportError:  # not built (an interpreter without the extension): the Python path serves
+    ffi = lib = None
+if not matches(lib):  # built from other sources (a checkout without a rebuild): not used
     ffi = lib = None
 
 __all__ = ["Answer", "PageServer", "PageServerLock", "Served", "ServedBlock", "available"]
@@ -48,7 +59,8 @@ LOG_ANSWERS = 256
 
 
 def available() -> bool:
-    """The C page server was built."""
+    """The C page server was built, from the sources of this version (a stale build, say after
+    a checkout without a rebuild, is not used: the source then answers on the Python path)."""
     return lib is not None
 
 

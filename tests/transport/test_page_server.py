@@ -368,3 +368,16 @@ def test_with_timestamps_each_answer_says_when_it_was_asked_and_sent(rig) -> Non
     assert [a[:5] for a in answers] == [a[:5] for a in r.answers([(0, 1, 2), (0, 9, 1)]) + r.answers([(0, 20, 1)])]
     assert answers[0].asked_ns == answers[1].asked_ns and answers[0].sent_ns == answers[1].sent_ns
     assert before <= answers[0].asked_ns <= answers[0].sent_ns <= answers[2].asked_ns <= answers[2].sent_ns <= after
+
+
+def test_an_extension_built_from_other_sources_is_not_used() -> None:
+    """A stale build (a checkout without a rebuild) is refused, and the source answers on the
+    Python path, rather than failing when a destination connects."""
+    import types
+
+    from aiopostcopy.transport import page_server
+
+    assert page_server.matches(page_server.lib)  # this build
+    assert not page_server.matches(types.SimpleNamespace())  # from before PS_VERSION
+    assert not page_server.matches(types.SimpleNamespace(PS_VERSION=page_server.VERSION - 1))
+    assert not page_server.matches(None)
