@@ -381,3 +381,90 @@ def test_an_extension_built_from_other_sources_is_not_used() -> None:
     assert not page_server.matches(types.SimpleNamespace())  # from before PS_VERSION
     assert not page_server.matches(types.SimpleNamespace(PS_VERSION=page_server.VERSION - 1))
     assert not page_server.matches(None)
+
+
+# ------------------------------------------------------- differential: C against the decoder
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from aiopostcopy.errors import ProtocolError  # noqa: E402
+
+SIZES = (48, 5)  #: pages of the two blocks the differential rig serves
+
+_valid_run = st.integers(0, 1).flatmap(lambda block: st.integers(0, SIZES[block] - 1).flatmap(
+    lambda first: st.tuples(st.just(block), st.just(first), st.integers(1, SIZES[block] - first))))
+_any_run = st.tuples(st.integers(0, 2), st.integers(0, 60), st.integers(0, 70))
+_runs = st.one_of(st.lists(_valid_run, min_size=1, max_size=70),
+                  st.lists(st.one_of(_valid_run, _any_run), min_size=0, max_size=70))
+_requests = _runs.map(lambda runs: raw([2, [list(r) for r in runs]]))
+
+
+@st.composite
+def _mutated(draw) -> bytes:
+    """A Request frame with bytes flipped, inserted or cut (its length prefix kept true or not)."""
+    frame = bytearray(draw(_requests))
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(frame)))
+        kind = draw(st.sampled_from(("flip", "insert", "cut")))
+        if kind == "flip" and at < len(frame):
+            frame[at] = draw(st.integers(0, 255))
+        elif kind == "insert":
+            frame[at:at] = bytes([draw(st.integers(0, 255))])
+        elif at < len(frame):
+            del frame[at]
+    if draw(st.booleans()) and len(frame) >= 4:
+        frame[:4] = (len(frame) - 4).to_bytes(4, "big")
+    return bytes(frame)
+
+
+def _decoded_requests(stream: bytes) -> list[list[tuple[int, int, int]]] | None:
+    """The Requests ``stream`` holds, whole, as the source's decoder and session accept them;
+    None if it holds anything else or leaves bytes over."""
+    if not stream:
+        return []
+    decoder = Decoder(allowed=migration_allowed(Role.SOURCE, Channel.URGENT))
+    requests = []
+    try:
+        decoder.receive_data(stream)
+        while (msg := decoder.next_event()) is not None:
+            if not isinstance(msg, Request):
+                return None
+            runs = [(run.block, run.first, run.count) for run in msg.runs]
+            if any(block >= len(SIZES) or first + count > SIZES[block] for block, first, count in runs):
+                return None  # the session would refuse it: Error(block)
+            requests.append(runs)
+    except ProtocolError:
+        return None
+    return None if decoder.buffered else requests
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+          deadline=None)
+@given(frame=st.one_of(_requests, _mutated(), st.binary(min_size=4, max_size=40)))
+def test_c_answers_only_what_the_decoder_accepts_and_leaves_the_rest_whole(tmp_path_factory, frame: bytes) -> None:
+    """Every frame the C page server answers is one the Python decoder decodes as that Request of
+    runs in range; every frame it declines comes back byte for byte."""
+    r = Rig(tmp_path_factory.mktemp("diff"), list(SIZES), zero_every=4)
+    try:
+        stream = frame + encode(Ping(token=9))
+        r.peer.sendall(stream)
+        r.peer.shutdown(socket.SHUT_WR)
+        answers: list[Answer] = []
+        while r.server.serve() is Served.ACCOUNT:
+            answers += r.server.take_answers()
+        answers += r.server.take_answers()
+        rest = r.server.take_rest()
+        assert stream.endswith(rest)  # C consumes whole frames from the front, and alters nothing
+        consumed = stream[:len(stream) - len(rest)]
+        answered: list[list[tuple[int, int, int]]] = []
+        for a in answers:
+            if a.runs:
+                answered.append([])
+            answered[-1].append((a.block, a.first, a.count))
+        # what C took is exactly Requests the decoder accepts, run for run, answered as the codec would
+        assert _decoded_requests(consumed) == answered
+        want = b"".join(r.expected(runs) for runs in answered)
+        assert r.receive(len(want)) == want and r.nothing_more()
+    finally:
+        r.close()
