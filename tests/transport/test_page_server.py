@@ -15,7 +15,10 @@ import time
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from aiopostcopy.errors import ProtocolError
 from aiopostcopy.messages import Channel, PageRun, Pages, Ping, Request, Role, Zero
 from aiopostcopy.transport.page_server import MAX_RUN, PAGE_BYTES, Answer, PageServer, Served, ServedBlock, available
 from aiopostcopy.transport.wire import Decoder, encode, migration_allowed
@@ -384,11 +387,6 @@ def test_an_extension_built_from_other_sources_is_not_used() -> None:
 
 
 # ------------------------------------------------------- differential: C against the decoder
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from aiopostcopy.errors import ProtocolError  # noqa: E402
 
 SIZES = (48, 5)  #: pages of the two blocks the differential rig serves
 
