@@ -1062,13 +1062,19 @@ class PostcopySource:
                 holes = bounds_total(blocks[block].hole_bounds(first, count)) if zero else 0
                 hole += holes
                 read += (count - holes) * size
-            if session is self._session:
-                counts = self._counts
-                counts["read"] += read
-                counts["hole"] += hole
-                counts["zero"] += zero_pages  # holes included, as _send_run counts them
-                counts["urgent"] += data_pages
-                counts["bytes"] += nbytes
+            self._count_sent(conn, read=read, hole=hole, zero=zero_pages, data=data_pages, nbytes=nbytes)
+
+    def _count_sent(self, conn: _Conn, *, read: int, hole: int, zero: int, data: int, nbytes: int) -> None:
+        """Add pages sent on ``conn`` to the report's counters (lock held): bytes read from the
+        file, hole pages (not read), zero pages (holes among them), data pages and payload bytes.
+        A connection of an earlier session counts nowhere."""
+        if conn.session is self._session:
+            counts = self._counts
+            counts["read"] += read
+            counts["hole"] += hole
+            counts["zero"] += zero
+            counts["urgent" if conn.channel is URGENT else "background"] += data
+            counts["bytes"] += nbytes
 
     def _on_urgent(self, conn: _Conn, msg: Message, staging: _RunBuffer) -> None:
         if type(msg) is Error:
@@ -1235,13 +1241,8 @@ class PostcopySource:
         zero = bounds_total(zeros)
         nbytes = (run.count - zero) * size
         with self._lock:  # before sending: the destination's Ack for these bytes may come back at once
-            if conn.session is self._session:
-                c = self._counts
-                c["read"] += read
-                c["hole"] += bounds_total(holes)
-                c["zero"] += zero
-                c["urgent" if conn.channel is URGENT else "background"] += run.count - zero
-                c["bytes"] += nbytes
+            self._count_sent(conn, read=read, hole=bounds_total(holes), zero=zero, data=run.count - zero,
+                             nbytes=nbytes)
             conn.session.sent(conn.channel, run, nbytes)
         send = conn.send_or_drop if conn.channel is URGENT else conn.send
         if not nbytes:

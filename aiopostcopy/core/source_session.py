@@ -329,7 +329,7 @@ class SourceSession:
         if not self._urgent or URGENT not in self._open or self.complete or self.aborted:
             return None
         run = self._urgent.popleft()
-        limit = min(self.config.max_run_pages, self._limits[run.block])
+        limit = self.urgent_run_limit(run.block)
         if run.count > limit:
             self._urgent.appendleft(m.PageRun(block=run.block, first=run.first + limit,
                                               count=run.count - limit))

@@ -11,11 +11,10 @@ ended by its PID when the place closes.
 
 CPU time of a process is its CPU clock: :func:`cpu_ns` reads it with one
 ``clock_gettime`` (nanoseconds, every thread, ended ones too, until the
-process is reaped).  A
-:class:`Sampler` thread polls the CPU time of the processes it watches and the
-bytes received on the destination side of the link every few milliseconds, so
-a figure can be read at any instant of a run (CPU per fault up to the moment
-the sweep was released, goodput over time).
+process is reaped).  A :class:`Sampler` thread polls the CPU time of the
+processes it watches and the bytes received on the destination side of the
+link every few milliseconds, so a figure can be read at any instant of a run
+(CPU per fault up to the moment the sweep was released, goodput over time).
 
 :func:`machine` and :func:`cpu_snapshot` describe the conditions of a run.
 :func:`make_tls_files` makes a throwaway CA and the two certificates of the

@@ -46,7 +46,7 @@ except ImportError:  # not built (an interpreter without the extension): the Pyt
 if not matches(lib):  # built from other sources (a checkout without a rebuild): not used
     ffi = lib = None
 
-__all__ = ["Answer", "PageServer", "PageServerLock", "Served", "ServedBlock", "available"]
+__all__ = ["Answer", "PageServer", "PageServerLock", "Served", "ServedBlock", "VERSION", "available", "matches"]
 
 #: Bytes of Requests buffered at once; a larger frame is declined.
 RECEIVE_BYTES = 64 << 10
