@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     dst.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
                      help="cap the background stream: bytes/s, optional k/M/G suffix (powers of 1000); "
                           "pages asked for by faults are never held back")
+    dst.add_argument("--request", choices=("c", "python"), default="c",
+                     help="who writes a fault's page request on plain TCP: the C request lane, before the "
+                          "bookkeeping (default), or the Python path (as over TLS)")
     dst.add_argument("--nice", type=_nice, default=DEFAULT_DEST_NICE,
                      help=f"nice value of the thread serving faults while the migration runs (default "
                           f"{DEFAULT_DEST_NICE}: the workload threads it wakes do not preempt it; needs root or "
@@ -582,7 +585,7 @@ async def _start_dest(args: argparse.Namespace, record: RunRecord) -> PostcopyDe
                                  source_deadline=args.deadline, session=DestinationConfig(),
                                  vhost_user=tuple(args.vhost_user), operator_path=args.control,
                                  max_bandwidth=args.max_bandwidth, tls=tls, tls_server_name=args.tls_server_name,
-                                 nice=args.nice)
+                                 nice=args.nice, request_lane=args.request == "c")
     give_up = time.monotonic() + args.deadline
     waited = False
     trace.start("dest")

@@ -112,9 +112,12 @@ from aiopostcopy.messages import (LIMITS, Changed, Channel, Complete, Error, Err
 from aiopostcopy.destination.vhost_user import FrontEndPort, VhostUserFrontEnd
 from aiopostcopy.destination.report import DestinationReport, build_report, remember_thread_name
 from aiopostcopy.transport.channels import SourceChannels
+from aiopostcopy.transport import request_lane
+from aiopostcopy.transport.request_lane import RequestLane
 from aiopostcopy.transport.stream import FrameProtocol
 from aiopostcopy.transport.wire import encode_page_request, encode_page_requests
 from aiopostcopy.uffd import Feature, PageFault, RegisterMode, Userfaultfd
+from aiopostcopy.uffd.events import PAGEFAULT_CODE, SLOTS
 
 __all__ = ["DestinationOptions", "PostcopyDestination", "OWN_FD"]
 
@@ -168,6 +171,9 @@ class DestinationOptions:
             says so).  :meth:`close` gives the thread its value back.  Threads it
             starts meanwhile inherit the value (an executor's workers keep it);
             the zero-run thread is given the value from before.
+        request_lane: write a fault's Request in C before the session's bookkeeping
+            (:mod:`aiopostcopy.transport.request_lane`), when the urgent channel is a plain
+            connection with nothing queued; False: the session's Python path writes it.
     """
 
     source: tuple[str, int] | str
@@ -185,6 +191,7 @@ class DestinationOptions:
     tls: ssl.SSLContext | None = None
     tls_server_name: str | None = None
     nice: int | None = None
+    request_lane: bool = True
 
 
 class PostcopyDestination:
@@ -217,6 +224,7 @@ class PostcopyDestination:
             self._session.features = (FROM_COPY_FEATURE,)
         self._staging = Staging(LIMITS.max_payload)  # the urgent channel's: placed inline
         self._placement: Placement | None = None
+        self._lane: RequestLane | None = None  # writes a fault's Request before the bookkeeping
         self._placer: BackgroundPlacer | None = None
         self._receiving: Staging | None = None  # background buffer the current payload lands in
         self._memory: BlockMemory | None = None
@@ -733,6 +741,9 @@ class PostcopyDestination:
             elif self.options.block_dir is not None:
                 remember_session(self.options.block_dir, self.session_id)
             self._open_own_uffd()
+            if self.options.request_lane and request_lane.available() and SLOTS == 4:
+                self._lane = RequestLane(self._session.state_buffers(), self._session.blocks.page_sizes,
+                                         PAGEFAULT_CODE)
             self._adopt_present_pages()
             largest = max(block.page_size for block in self._memory)
             if largest > LIMITS.max_payload:  # a 1 GiB page arrives whole in one frame (docs/protocol.md)
@@ -835,6 +846,16 @@ class PostcopyDestination:
                 self._read_faults(key, uffd)
             return self._pass()
         session, asked, general = self._session, [], False
+        lane_asked: list[tuple[int, int]] = []
+        if self._lane is not None and events:
+            budget = session.lane_budget()
+            sock = self._source.urgent_fd() if budget else -1
+            table = session.fd_table(key) if sock >= 0 else None
+            slots = uffd.slots_address if table is not None else 0
+            if slots:  # the Request leaves now; the session accounts the faults below
+                lane_asked, rest = self._lane.send(sock, key, table, slots, len(events), budget)
+                if rest:  # a short send: the transport writes the rest, in order
+                    self._source.send_frame(Channel.URGENT, rest)
         try:
             for event in events:
                 if type(event) is PageFault:
@@ -851,18 +872,21 @@ class PostcopyDestination:
                         self._clients.non_cooperative_event(key, event)
         finally:  # pages made REQUESTED go out even if a later event fails (a client retired midway)
             if asked:
-                self._send_page_requests(asked, now)
+                self._send_page_requests(asked if not lane_asked else
+                                         [page for page in asked if page not in lane_asked], now)
         if general:
             self._pass()
         elif self._progress and now >= self._next_progress:
             self._schedule_pass()
 
     def _send_page_requests(self, asked: list[tuple[int, int]], now: float) -> None:
+        """Send the Request of pages the session made REQUESTED (none left: the lane sent them all)."""
         if trace.ENABLED:
             for block, page in asked:
                 trace.mark("request", block, page)
-        self._source.send_frame(Channel.URGENT, encode_page_request(*asked[0]) if len(asked) == 1
-                                else encode_page_requests(asked))
+        if asked:
+            self._source.send_frame(Channel.URGENT, encode_page_request(*asked[0]) if len(asked) == 1
+                                    else encode_page_requests(asked))
         self._rearm_timer(now)
 
     def _read_faults(self, key: object, uffd: Userfaultfd) -> None:

@@ -105,6 +105,12 @@ class Coalescer:
         self._in_flight += 1
         return True
 
+    def direct_budget(self) -> int:
+        """Pages :meth:`take_page` would take now, one after another (0 when it takes none)."""
+        if self._queue or self.readahead_pages:
+            return 0
+        return max(0, self.max_in_flight_pages - self._in_flight)
+
     def add_run(self, block: int, first: int, count: int) -> None:
         """Queue a run of pages (a self-served client's request) for the next flush."""
         self._queue.append((block, first, first + count))

@@ -109,6 +109,11 @@ class PageStates:
         """State of one page."""
         return self._states[page]
 
+    @property
+    def buffer(self) -> bytearray:
+        """The state bytes themselves, one per page (never resized), for readers in C."""
+        return self._states
+
     def count(self, state: int) -> int:
         """Number of pages in ``state`` (kept incrementally, O(1))."""
         return self._counts[state]

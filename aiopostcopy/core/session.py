@@ -365,6 +365,23 @@ class DestinationSession:
         self._route_fault(waiter, joined, now)
         return None
 
+    def lane_budget(self) -> int:
+        """How many MISSING faulted pages :meth:`fault_request` would request at once now, one
+        after another (0: none; it would queue them, or the session is aborted, or the urgent
+        channel is closed or has messages queued).  A request lane may write their Request
+        before the faults are handed to :meth:`fault_request`, which then accounts them."""
+        if self._aborted is not None or not self._link.urgent_ready():
+            return 0
+        return self._coalescer.direct_budget()
+
+    def fd_table(self, key: Hashable) -> MappingTable | None:
+        """The mapping table of delegated fd ``key`` (None: unknown, or a self-served client)."""
+        return self._registry().table_of(key)
+
+    def state_buffers(self) -> list[bytearray]:
+        """Each block's page state bytes (:attr:`PageStates.buffer`; empty before the blocks)."""
+        return [states.buffer for states in self._states]
+
     def client_request(self, key: Hashable, runs: Iterable[m.PageRun], now: float) -> None:
         """A self-served client needs these runs; NotifyPlaced answers as they land.
 

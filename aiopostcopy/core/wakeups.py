@@ -84,6 +84,11 @@ class Wakeups:
             raise LocalProtocolError("mapping table built over other blocks than the session's")
         self._fds[key] = _Fd(table, woken_by_copy)
 
+    def table_of(self, key: Hashable) -> MappingTable | None:
+        """The mapping table of delegated fd ``key``; None for a self-served client or an unknown key."""
+        fd = self._fds.get(key)
+        return None if fd is None else fd.table
+
     def retire(self, key: Hashable, now: float) -> bool:
         """Forget ``key``; its waiters are dropped unwoken. Returns False if unknown."""
         if self._fds.pop(key, None) is None:

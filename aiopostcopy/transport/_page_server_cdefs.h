@@ -10,6 +10,9 @@
 #define PS_ACCOUNT ...
 #define PS_EOF ...
 #define PS_ERROR ...
+#define RQ_MAX_PAGES ...
+#define RQ_FRAME_BYTES ...
+#define RQ_MISSING ...
 
 struct ps_block { int fd; uint32_t page_size; uint32_t max_run; uint64_t pages; ...; };
 
@@ -37,3 +40,10 @@ int ps_init(struct ps_server *s);
 void ps_lock(struct ps_server *s);
 void ps_unlock(struct ps_server *s);
 int ps_serve(struct ps_server *s);
+
+struct rq_lane { uint8_t *const *states; const uint64_t *pages; const uint64_t *page_size; uint32_t nblocks; ...; };
+
+int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame);
+int rq_send(const struct rq_lane *lane, int sock, const uint64_t *slots, uint32_t count,
+            uint64_t pagefault_code, const uint64_t *table, uint32_t ntable, uint32_t budget,
+            uint64_t *asked, uint8_t *frame, int *frame_len, int *sent);

@@ -21,6 +21,10 @@
  *     between one request and the next;
  *   - its writes hold the connection's write lock (ps_lock/ps_unlock), which
  *     every other writer of the connection takes too, so a frame stays whole.
+ *
+ * The destination's end of the same channel is at the bottom of this file:
+ * rq_send(), the request lane, writes the Request of a userfaultfd read's
+ * faults before Python's bookkeeping (aiopostcopy/transport/request_lane.py).
  */
 
 #include <errno.h>
@@ -33,7 +37,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PS_VERSION 2         /* the layout page_server.py expects; bumped with any change to it */
+#define PS_VERSION 3         /* the layout page_server.py expects; bumped with any change to it */
 #define PS_MAX_RUNS 64       /* runs of one Request answered here */
 #define PS_MAX_RUN_PAGES 64  /* pages of one run answered here */
 #define PS_MAX_BOUNDS (PS_MAX_RUN_PAGES + 1)  /* zero-stretch bounds of one run, at most */
@@ -48,6 +52,10 @@
 #define PS_TYPE_REQUEST 2
 #define PS_TYPE_PAGES 3
 #define PS_TYPE_ZERO 4
+
+#define RQ_MAX_PAGES 64      /* pages of one Request written by rq_send */
+#define RQ_FRAME_BYTES 2048  /* room for the frame of RQ_MAX_PAGES runs of the largest integers */
+#define RQ_MISSING 0         /* the page state nobody asked for yet (aiopostcopy.core.pages) */
 
 struct ps_block {
     int fd;                  /* the block's file, read with pread */
@@ -409,4 +417,159 @@ int ps_serve(struct ps_server *s)
             return PS_EOF;
         s->in_end += (size_t)got;
     }
+}
+
+/* ---- the destination's request lane -----------------------------------
+ *
+ * The other end of the urgent channel. When a userfaultfd read brings page
+ * faults, rq_send() writes their Request before Python's bookkeeping runs:
+ * it translates each fault's address with the fd's mapping table, keeps the
+ * pages whose state byte is MISSING (each once, at most `budget` of them),
+ * encodes one Request frame, byte for byte what the Python encoder makes
+ * (docs/protocol.md, section 4.2: the pages in the order faulted, a page that
+ * follows its predecessor in the same block joined to its run), and send()s it
+ * without blocking. It changes no state: the session then accounts the same
+ * faults the usual way, and the caller writes the rest of a short send.
+ */
+
+struct rq_lane {
+    uint8_t *const *states;  /* per block: one state byte per page */
+    const uint64_t *pages;   /* per block: pages */
+    const uint64_t *page_size;
+    uint32_t nblocks;
+};
+
+static size_t rq_uint(uint8_t *p, uint64_t v)
+{
+    if (v < 128) {
+        p[0] = (uint8_t)v;
+        return 1;
+    }
+    if (v < 256) {
+        p[0] = 0xcc;
+        p[1] = (uint8_t)v;
+        return 2;
+    }
+    if (v < 65536) {
+        p[0] = 0xcd;
+        p[1] = (uint8_t)(v >> 8);
+        p[2] = (uint8_t)v;
+        return 3;
+    }
+    if (v < ((uint64_t)1 << 32)) {
+        p[0] = 0xce;
+        for (int i = 0; i < 4; i++)
+            p[1 + i] = (uint8_t)(v >> (24 - 8 * i));
+        return 5;
+    }
+    p[0] = 0xcf;
+    for (int i = 0; i < 8; i++)
+        p[1 + i] = (uint8_t)(v >> (56 - 8 * i));
+    return 9;
+}
+
+/* Where `address` falls: 0 and *block, *page set, or -1 (no entry covers it).
+ * table: n entries of (start, length, block, offset), sorted by start. */
+static int rq_translate(const struct rq_lane *lane, const uint64_t *table, uint32_t n,
+                        uint64_t address, uint64_t *block, uint64_t *page)
+{
+    uint32_t low = 0, high = n;
+    while (low < high) {  /* the first entry starting after address */
+        uint32_t mid = low + (high - low) / 2;
+        if (table[4 * mid] <= address)
+            low = mid + 1;
+        else
+            high = mid;
+    }
+    if (low == 0)
+        return -1;
+    const uint64_t *e = table + 4 * (low - 1);
+    if (address - e[0] >= e[1] || e[2] >= lane->nblocks)
+        return -1;
+    uint64_t b = e[2], p = (e[3] + address - e[0]) / lane->page_size[b];
+    if (p >= lane->pages[b])
+        return -1;
+    *block = b;
+    *page = p;
+    return 0;
+}
+
+/* The Request frame of `count` (<= RQ_MAX_PAGES) pages, (block, page) pairs in `asked`, into
+ * `frame` (RQ_FRAME_BYTES): its length, or -1 for too many pages. */
+int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame)
+{
+    uint64_t run_block[RQ_MAX_PAGES], run_first[RQ_MAX_PAGES], run_count[RQ_MAX_PAGES];
+    uint32_t runs = 0;
+    if (count > RQ_MAX_PAGES)
+        return -1;
+    for (uint32_t i = 0; i < count; i++) {
+        uint64_t b = asked[2 * i], p = asked[2 * i + 1];
+        if (runs && run_block[runs - 1] == b && run_first[runs - 1] + run_count[runs - 1] == p) {
+            run_count[runs - 1]++;
+            continue;
+        }
+        run_block[runs] = b;
+        run_first[runs] = p;
+        run_count[runs] = 1;
+        runs++;
+    }
+    uint8_t *h = frame + PS_PREFIX;
+    size_t n = 0;
+    h[n++] = 0x92;
+    h[n++] = PS_TYPE_REQUEST;
+    if (runs < 16) {
+        h[n++] = (uint8_t)(0x90 | runs);
+    } else {
+        h[n++] = 0xdc;
+        h[n++] = (uint8_t)(runs >> 8);
+        h[n++] = (uint8_t)runs;
+    }
+    for (uint32_t r = 0; r < runs; r++) {
+        h[n++] = 0x93;
+        n += rq_uint(h + n, run_block[r]);
+        n += rq_uint(h + n, run_first[r]);
+        n += rq_uint(h + n, run_count[r]);
+    }
+    frame[0] = (uint8_t)(n >> 24);
+    frame[1] = (uint8_t)(n >> 16);
+    frame[2] = (uint8_t)(n >> 8);
+    frame[3] = (uint8_t)n;
+    return (int)(PS_PREFIX + n);
+}
+
+int rq_send(const struct rq_lane *lane, int sock, const uint64_t *slots, uint32_t count,
+            uint64_t pagefault_code, const uint64_t *table, uint32_t ntable, uint32_t budget,
+            uint64_t *asked, uint8_t *frame, int *frame_len, int *sent)
+{
+    uint32_t n = 0;
+    *frame_len = 0;
+    *sent = 0;
+    if (budget > RQ_MAX_PAGES)
+        budget = RQ_MAX_PAGES;
+    for (uint32_t i = 0; i < count && n < budget; i++) {
+        const uint64_t *slot = slots + 4 * i;
+        uint64_t block, page;
+        if (slot[0] != pagefault_code || rq_translate(lane, table, ntable, slot[2], &block, &page))
+            continue;
+        if (lane->states[block][page] != RQ_MISSING)
+            continue;
+        int seen = 0;
+        for (uint32_t j = 0; j < n && !seen; j++)
+            seen = asked[2 * j] == block && asked[2 * j + 1] == page;
+        if (seen)
+            continue;
+        asked[2 * n] = block;
+        asked[2 * n + 1] = page;
+        n++;
+    }
+    if (n == 0)
+        return 0;
+    int len = rq_encode(asked, n, frame);
+    *frame_len = len;
+    ssize_t w;
+    do
+        w = send(sock, frame, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (w < 0 && errno == EINTR);
+    *sent = w < 0 ? 0 : (int)w;  /* a failed send: the caller writes it all (and learns why) */
+    return (int)n;
 }

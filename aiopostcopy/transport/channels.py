@@ -198,6 +198,12 @@ class SourceChannels:
         if proto is not None and proto.is_open:
             proto.send_frames((frame,))
 
+    def urgent_fd(self) -> int:
+        """The urgent connection's socket when a frame written to it now keeps the channel's order
+        (a plain connection, open, nothing queued: :meth:`FrameProtocol.idle_fd`); -1 otherwise."""
+        proto = self.channels.get(Channel.URGENT)
+        return -1 if proto is None or self._tls is not None else proto.idle_fd()
+
     def hold_background(self) -> None:
         """Deliver no more background messages until :meth:`release_background`."""
         proto = self.channels.get(Channel.BACKGROUND)

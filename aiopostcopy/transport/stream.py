@@ -88,6 +88,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._closing = False
+        self._fd = -1
         self._loop = asyncio.get_running_loop()
         self.connected = self._loop.create_future()
         self.bytes_received = 0
@@ -100,6 +101,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
         set_nodelay(transport)
         if not self.connected.done():
             self.connected.set_result(None)
@@ -197,6 +200,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def send_frames(self, buffers: list[bytes | memoryview]) -> None:
         """Queue already-encoded frames (headers, payload views) in one writev."""
         self._require_open().writelines(buffers)
+
+    def idle_fd(self) -> int:
+        """The connection's socket when nothing is queued in the transport, so bytes written to
+        it directly now keep the stream's order; -1 otherwise (closed, closing, or data waiting).
+        Only for a plain connection: under TLS the socket carries records, not frames."""
+        transport = self._transport
+        if transport is None or self._closing or transport.get_write_buffer_size():
+            return -1
+        return self._fd
 
     async def wait_writable(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark."""

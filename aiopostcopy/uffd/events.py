@@ -29,7 +29,7 @@ import errno
 from aiopostcopy.errors import UffdError
 from aiopostcopy.uffd.binding import ffi, lib
 
-__all__ = ["PageFault", "ForkEvent", "RemapEvent", "RemoveEvent", "UnmapEvent", "Event", "MessageBuffer", "decode_events"]
+__all__ = ["PAGEFAULT_CODE", "SLOTS", "PageFault", "ForkEvent", "RemapEvent", "RemoveEvent", "UnmapEvent", "Event", "MessageBuffer", "decode_events"]
 
 _FLAG_WRITE = lib.UFFD_PAGEFAULT_FLAG_WRITE
 _FLAG_WP = lib.UFFD_PAGEFAULT_FLAG_WP
@@ -111,6 +111,8 @@ class UnmapEvent:
 Event = PageFault | ForkEvent | RemapEvent | RemoveEvent | UnmapEvent
 
 _PAGEFAULT = lib.UFFD_EVENT_PAGEFAULT
+#: The first slot of a flattened page fault (UFFD_EVENT_PAGEFAULT).
+PAGEFAULT_CODE = _PAGEFAULT
 _new = object.__new__
 # The generated __init__ of a frozen dataclass sets fields through
 # object.__setattr__ (~430 ns for three); the slot descriptors directly cost
@@ -173,9 +175,10 @@ class MessageBuffer:
         msgs: ``struct uffd_msg[capacity]`` for read().
         slots: ``uint64_t[capacity * SLOTS]`` filled by apc_read_msgs.
         view: a ``"Q"`` memoryview over ``slots`` for :func:`decode_events`.
+        address: where ``slots`` is, for C readers of the flattened messages.
     """
 
-    __slots__ = ("capacity", "msgs", "slots", "view")
+    __slots__ = ("capacity", "msgs", "slots", "view", "address")
 
     def __init__(self, capacity: int) -> None:
         self.grow(capacity)
@@ -185,4 +188,5 @@ class MessageBuffer:
         self.msgs = ffi.new("struct uffd_msg[]", capacity)
         self.slots = ffi.new("uint64_t[]", capacity * SLOTS)
         self.view = memoryview(ffi.buffer(self.slots)).cast("Q")
+        self.address = int(ffi.cast("uintptr_t", self.slots))
         self.capacity = capacity

@@ -395,6 +395,14 @@ class Userfaultfd:
 
     # -- events -------------------------------------------------------------------
 
+    @property
+    def slots_address(self) -> int:
+        """Address of the messages of the last :meth:`read_events`, flattened as
+        :data:`~aiopostcopy.uffd.events.SLOTS` uint64 each (code first, then for a page fault its
+        flags, address and thread id): for C readers, valid until the next read.  A stand-in
+        without such a buffer says 0."""
+        return self._buffer.address
+
     def read_events(self, max_events: int = 64) -> list[Event]:
         """Read up to ``max_events`` queued events with one read().
 

@@ -116,6 +116,8 @@ class FakeUserfaultfd:
                 exc.page = page
                 raise
 
+    slots_address = 0  #: no flattened messages: the destination's request lane stays off
+
     def read_events(self, max_events: int = 64) -> list[Event]:
         self._live("read(userfaultfd)")
         events, self.queue = self.queue[:max_events], self.queue[max_events:]

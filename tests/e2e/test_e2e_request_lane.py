@@ -1,0 +1,59 @@
+"""The destination's request lane against its Python path, over real TCP: faults of a delegated
+client and of the service's own threads are each requested exactly once, answered on the urgent
+channel, placed and verified page by page, whichever of the two wrote the Request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from aiopostcopy.loop import PostcopyDestination
+from aiopostcopy.tools.pattern import is_zero_page
+from aiopostcopy.transport import request_lane
+from aiopostcopy.uffd.binding import lib
+
+from e2e_support import bounded, check_destination, threads_in_userfault, wait_until
+
+MiB = 1 << 20
+PAGE = 4096
+
+
+def data_pages(pages: int, seed: int) -> list[int]:
+    return [p for p in range(pages) if not is_zero_page(0, p, seed)]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "python"])
+async def test_faults_are_requested_once_and_placed_either_way(e2e, lane) -> None:
+    if lane and not request_lane.available():
+        pytest.skip("the request lane is not built")
+    seed, size = 733, 16 * MiB
+    pages = data_pages(size // PAGE, seed)
+    alone, own, crowd = pages[10:1000:100], pages[1500:2500:100], pages[3000:3008]
+    source = await e2e.source({"ram": e2e.image(size, seed=seed)}, sweep_after_idle=2.0)  # faults first
+    async with PostcopyDestination(e2e.options(source.address, request_lane=lane)) as dest:
+        client = await e2e.touch_client(mode="delegated", name="lane", seed=seed)
+        for page in alone:  # one fault at a time: each Request a page of its own
+            await client.touch([page])
+            assert len((await client.event("touched"))["latency_us"]) == 1
+        base = dest._memory.block(0).address  # the service's own mapping: faults on its own fd
+        for page in own:
+            assert await asyncio.to_thread(lib.apc_touch, base + page * PAGE, 1, PAGE, 0, 0) >= 0
+        source.stop()  # a crowd: three threads on each of eight pages, read together
+        await client.touch(crowd, repeat=3)
+        await wait_until(lambda: len(threads_in_userfault(client.pid)) == 3 * len(crowd),
+                         "the crowd's threads blocked in handle_userfault")
+        source.cont()
+        assert len((await client.event("touched"))["latency_us"]) == 3 * len(crowd)
+        report = await bounded(dest.wait_complete(), "the migration")
+        result = await client.finish()
+        problems = check_destination(dest, seed=seed)
+    source_report = await source.report()
+
+    assert report.complete and problems == {}
+    assert result["exit"] == 0 and result.get("ok") and not result.get("bad_pages"), result
+    wanted = len(alone) + len(own) + len(crowd)
+    assert source_report["pages_urgent"] == wanted, source_report  # each faulted page asked for once
+    assert report.pages_demand == wanted, report.format()
+    assert report.copies_to_client >= len(alone), report.format()
