@@ -275,6 +275,8 @@ class PostcopyDestination:
         try:
             await self._source.connect()
         except OSError as exc:
+            if self._hello.done() and not self._hello.cancelled():
+                self._hello.exception()  # the urgent channel's loss, told by this error instead
             raise SourceUnreachableError(f"cannot reach source {self.options.source!r}: {exc}") from exc
         await self._hello  # a local error setting up the blocks comes through as itself
         if self._comparison is not None:

@@ -113,7 +113,9 @@ async def test_a_peer_that_closes_every_connection_at_once_ends_dest_with_the_ca
     finally:
         await peer.close()
     assert status != 0 and took < 10, (status, took, err)
-    assert "closed the urgent" in err, err  # the cause, named
+    # the cause, named: the urgent connection's reset, or the background one's when the urgent
+    # reset is read only after the background connection opened (a race of the two resets)
+    assert "closed the urgent" in err or "closed the background connection at once" in err, err
     assert "Traceback" not in err and "exception was never retrieved" not in err, err
 
 
