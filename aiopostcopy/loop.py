@@ -115,7 +115,7 @@ from aiopostcopy.transport.channels import SourceChannels
 from aiopostcopy.transport import request_lane
 from aiopostcopy.transport.request_lane import RequestLane
 from aiopostcopy.transport.stream import FrameProtocol
-from aiopostcopy.transport.wire import encode_page_request, encode_page_requests
+from aiopostcopy.transport.wire import Decoder, encode_page_request, encode_page_requests
 from aiopostcopy.uffd import Feature, PageFault, RegisterMode, Userfaultfd
 from aiopostcopy.uffd.events import PAGEFAULT_CODE, SLOTS
 
@@ -171,9 +171,10 @@ class DestinationOptions:
             says so).  :meth:`close` gives the thread its value back.  Threads it
             starts meanwhile inherit the value (an executor's workers keep it);
             the zero-run thread is given the value from before.
-        request_lane: write a fault's Request in C before the session's bookkeeping
-            (:mod:`aiopostcopy.transport.request_lane`), when the urgent channel is a plain
-            connection with nothing queued; False: the session's Python path writes it.
+        request_lane: write a fault's Request in C before the session's bookkeeping, when the
+            urgent channel is a plain connection with nothing queued, and place its answer in
+            C through the faulting fd as it arrives (:mod:`aiopostcopy.transport.request_lane`);
+            False: the session's Python path does both.
     """
 
     source: tuple[str, int] | str
@@ -225,6 +226,7 @@ class PostcopyDestination:
         self._staging = Staging(LIMITS.max_payload)  # the urgent channel's: placed inline
         self._placement: Placement | None = None
         self._lane: RequestLane | None = None  # writes a fault's Request before the bookkeeping
+        self._lane_keys: dict[int, object] = {}  # fd number -> key, of the fds the lane asked for
         self._placer: BackgroundPlacer | None = None
         self._receiving: Staging | None = None  # background buffer the current payload lands in
         self._memory: BlockMemory | None = None
@@ -284,7 +286,8 @@ class PostcopyDestination:
         if self.options.control_path is not None or self.options.vhost_user:
             assert self._memory is not None
             port = ServicePort(session_id=self.session_id, session=self._session, memory=self._memory,
-                               read_faults=self._serve_faults, schedule_pass=self._schedule_pass)
+                               read_faults=self._serve_faults, schedule_pass=self._schedule_pass,
+                               fd_retired=self._forget_fd)
             self._clients = ClientRegistry(port, self.options.control_path)
         if self.options.operator_path is not None:
             self._operator = OperatorServer(OperatorPort(
@@ -627,6 +630,37 @@ class PostcopyDestination:
         if session.pass_due:
             self._schedule_pass()
 
+    def _place_answers(self, decoder: Decoder) -> None:
+        """Bytes arrived on the urgent channel: the reply lane places the answers at their front
+        (one-page Pages of REQUESTED pages whose faults the request lane sent) with one
+        UFFDIO_COPY each, through the userfaultfd the fault was read from, which wakes the
+        thread; then the session accounts them and the decoder skips their frames.  It stops
+        at anything else, which the decoder decodes as before."""
+        lane = self._lane
+        if lane is None or not self._lane_keys:
+            return
+        unread = decoder.unread()
+        if unread is None or not self._session.lane_may_place():
+            return
+        placed, consumed = lane.place(*unread)
+        if not placed:
+            return
+        decoder.skip(consumed)
+        try:
+            now = time.monotonic()
+            for block, page, fd, address in placed:
+                self._session.placed_through(block, page, self._lane_keys[fd], address, now)
+                if trace.ENABLED:
+                    trace.mark("reply", block, page)
+                    trace.mark("woken", block, page)
+            self._source.note_progress(len(placed))
+            self._run_commands(None)
+        except Exception as exc:  # never swallow: the service fails visibly
+            self._fail(exc)
+            return
+        if self._session.pass_due:
+            self._schedule_pass()
+
     def _on_source_message(self, channel: Channel, msg: Message) -> None:
         now = time.monotonic()
         if type(msg) is Changed:
@@ -820,6 +854,7 @@ class PostcopyDestination:
         if uffd is None:
             return
         self._loop.remove_reader(uffd.fd)
+        self._forget_fd(OWN_FD, uffd.fd)
         if self._memory is not None and self._memory.mapped and self._session.complete:
             for block in self._memory:
                 with contextlib.suppress(UffdError):
@@ -843,7 +878,7 @@ class PostcopyDestination:
         now = time.monotonic()
         events = uffd.read_events(_READ_BATCH)
         if self._pass_pending or len(events) == _READ_BATCH:  # a backlog: coalesce it all in the pass
-            self._take_events(key, events, now)
+            self._take_events(key, events, now, uffd.fd)
             if len(events) == _READ_BATCH:
                 self._read_faults(key, uffd)
             return self._pass()
@@ -855,7 +890,9 @@ class PostcopyDestination:
             table = session.fd_table(key) if sock >= 0 else None
             slots = uffd.slots_address if table is not None else 0
             if slots:  # the Request leaves now; the session accounts the faults below
-                lane_asked, rest = self._lane.send(sock, key, table, slots, len(events), budget)
+                lane_asked, rest = self._lane.send(sock, key, uffd.fd, table, slots, len(events), budget)
+                if lane_asked:
+                    self._lane_keys[uffd.fd] = key
                 if rest:  # a short send: the transport writes the rest, in order
                     self._source.send_frame(Channel.URGENT, rest)
         try:
@@ -870,6 +907,7 @@ class PostcopyDestination:
                         general = True
                 else:
                     general = True
+                    self._forget_fd(key, uffd.fd)  # its mappings change: answer it the exact way
                     if self._clients is not None:
                         self._clients.non_cooperative_event(key, event)
         finally:  # pages made REQUESTED go out even if a later event fails (a client retired midway)
@@ -896,18 +934,27 @@ class PostcopyDestination:
         now = time.monotonic()
         while True:
             events = uffd.read_events(_READ_BATCH)
-            self._take_events(key, events, now)
+            self._take_events(key, events, now, uffd.fd)
             if len(events) < _READ_BATCH:  # a short read emptied the queue
                 break
 
-    def _take_events(self, key: object, events: list, now: float) -> None:
+    def _take_events(self, key: object, events: list, now: float, fd: int) -> None:
         for event in events:
             if type(event) is PageFault:
                 if event.thread_id not in self._named_threads:
                     self._remember_thread(key, event.thread_id)
                 self._session.fault_received(key, event.address, event.thread_id, now)
-            elif self._clients is not None:
-                self._clients.non_cooperative_event(key, event)
+            else:
+                self._forget_fd(key, fd)  # its mappings change: answer it the exact way
+                if self._clients is not None:
+                    self._clients.non_cooperative_event(key, event)
+
+    def _forget_fd(self, key: object, fd: int) -> None:
+        """Fd ``key`` (number ``fd``) is retired or its mappings change: the reply lane places
+        no answer through it (its answers go the exact way, through the session)."""
+        if self._lane is not None:
+            self._lane.forget(key, fd)
+            self._lane_keys.pop(fd, None)
 
     def _remember_thread(self, key: object, tid: int) -> None:
         """Read a faulting thread's name from /proc while it still exists."""
@@ -1072,7 +1119,7 @@ class PostcopyDestination:
 class _ChannelSink:
     """The service's side of its :class:`SourceChannels` (a ``ChannelEvents``): bound methods, no extra call."""
 
-    __slots__ = ("channel_opened", "message_received", "payload_sink", "page_sink", "page_landed",
+    __slots__ = ("channel_opened", "message_received", "payload_sink", "page_sink", "page_landed", "read_first",
                  "channels_dropped", "source_lost", "channels_restored", "source_failed")
 
     def __init__(self, service: PostcopyDestination) -> None:
@@ -1081,6 +1128,7 @@ class _ChannelSink:
         self.payload_sink = service._payload_sink
         self.page_sink = service._page_sink
         self.page_landed = service._page_landed
+        self.read_first = service._place_answers
         self.channels_dropped = service._channels_dropped
         self.source_lost = service._source_lost
         self.channels_restored = service._channels_restored

@@ -374,6 +374,30 @@ class DestinationSession:
             return 0
         return self._coalescer.direct_budget()
 
+    def lane_may_place(self) -> bool:
+        """An answer on the urgent channel may be placed before it is handed over (the reply
+        lane), then accounted with :meth:`placed_through`: :meth:`urgent_page` would take it
+        (not aborted, the urgent channel open, no Discard waiting on a placing page)."""
+        return self._aborted is None and URGENT in self._link.open and not any(self._deferred)
+
+    def placed_through(self, block: int, page: int, key: Hashable, address: int, now: float) -> None:
+        """A REQUESTED page arrived on the urgent channel and is in memory already: the reply
+        lane placed it with UFFDIO_COPY through fd ``key`` at ``address`` (where a thread of that
+        fd faulted), which woke that fd's threads waiting there; every other waiter is woken
+        by the Wakes this leaves in :meth:`commands`.  Only while :meth:`lane_may_place` holds.
+
+        Raises:
+            InternalError: the page was not REQUESTED, or the lane may not place now.
+        """
+        if self._states[block][page] != REQUESTED or self.urgent_page(block, page) is not True:
+            raise InternalError(f"page {page} of block {block} was placed by the reply lane "
+                                "while the session could not take it")
+        wakeups: Wakeups = self._wakeups  # type: ignore[assignment]  (a REQUESTED page means blocks)
+        self._commands.extend(wakeups.release_through(block, page, key, address, now))
+        if not wakeups.woken_by_copy(key):
+            self._count.copies_to_client += 1
+        self.placed(block, page, 1, now, prewoken=True)
+
     def fd_table(self, key: Hashable) -> MappingTable | None:
         """The mapping table of delegated fd ``key`` (None: unknown, or a self-served client)."""
         return self._registry().table_of(key)

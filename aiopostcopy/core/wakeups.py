@@ -206,6 +206,31 @@ class Wakeups:
             commands.extend(self._notify(self._runs.take(block, first, count), now))
         return commands
 
+    def release_through(self, block: int, page: int, key: Hashable, address: int, now: float) -> list[Command]:
+        """One page is placed by a UFFDIO_COPY through fd ``key`` at ``address`` (its address in
+        that fd's space), which woke that fd's threads waiting there: they are accounted as woken,
+        every other waiter gets a Wake (an fd woken by copies too: the copy went through another).
+
+        Returns:
+            As :meth:`release`.
+        """
+        taken = self._waiters.take(block, page, 1)
+        others = []
+        for waiter in taken:
+            if waiter.key == key and waiter.address == address:
+                self._count.woken_waiter(waiter, now)
+            else:
+                others.append(waiter)
+        commands = self._wake(others, now, True)
+        if len(self._runs):
+            commands.extend(self._notify(self._runs.take(block, page, 1), now))
+        return commands
+
+    def woken_by_copy(self, key: Hashable) -> bool:
+        """Fd ``key`` is the service's own (a copy through its mapping wakes its threads)."""
+        fd = self._fds.get(key)
+        return fd is not None and fd.woken_by_copy
+
     def _wake(self, taken: list[Waiter], now: float, force: bool) -> list[Command]:
         if not taken:
             return []

@@ -83,6 +83,7 @@ class ServicePort:
         memory: the blocks (their fds go to clients; tables are checked against them).
         read_faults: drain a userfaultfd's events into the session under a key.
         schedule_pass: ask for one processing pass of the service.
+        fd_retired: a client's userfaultfd (key, fd number) is about to be closed.
     """
 
     session_id: str
@@ -90,6 +91,7 @@ class ServicePort:
     memory: BlockMemory
     read_faults: Callable[[str, Userfaultfd], None]
     schedule_pass: Callable[[], None]
+    fd_retired: Callable[[str, int], None] = lambda key, fd: None
 
 
 @dataclasses.dataclass(slots=True)
@@ -410,6 +412,7 @@ class ClientRegistry:
         self._retired.append(client)
         if client.uffd is not None:
             self._loop.remove_reader(client.uffd.fd)
+            self._port.fd_retired(client.key, client.uffd.fd)
         self._session.retire(client.key, time.monotonic())
         self._close_fds(client)
         if client.channel is not None:

@@ -13,6 +13,8 @@
 #define RQ_MAX_PAGES ...
 #define RQ_FRAME_BYTES ...
 #define RQ_MISSING ...
+#define RQ_REQUESTED ...
+#define RQ_PENDING ...
 
 struct ps_block { int fd; uint32_t page_size; uint32_t max_run; uint64_t pages; ...; };
 
@@ -41,9 +43,14 @@ void ps_lock(struct ps_server *s);
 void ps_unlock(struct ps_server *s);
 int ps_serve(struct ps_server *s);
 
-struct rq_lane { uint8_t *const *states; const uint64_t *pages; const uint64_t *page_size; uint32_t nblocks; ...; };
+struct rq_pending { uint64_t block; uint64_t page; uint64_t address; int uffd; ...; };
+struct rq_lane { uint8_t *const *states; const uint64_t *pages; const uint64_t *page_size; uint32_t nblocks;
+                 struct rq_pending *pending; ...; };
 
 int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame);
-int rq_send(const struct rq_lane *lane, int sock, const uint64_t *slots, uint32_t count,
+void rq_forget_fd(struct rq_lane *lane, int uffd);
+int rq_place(struct rq_lane *lane, const uint8_t *buf, size_t len, uint64_t *placed, uint32_t max_placed,
+             size_t *consumed);
+int rq_send(const struct rq_lane *lane, int sock, int uffd, const uint64_t *slots, uint32_t count,
             uint64_t pagefault_code, const uint64_t *table, uint32_t ntable, uint32_t budget,
             uint64_t *asked, uint8_t *frame, int *frame_len, int *sent);

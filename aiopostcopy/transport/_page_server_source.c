@@ -32,12 +32,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/userfaultfd.h>
 
-#define PS_VERSION 3         /* the layout page_server.py expects; bumped with any change to it */
+#define PS_VERSION 4         /* the layout page_server.py expects; bumped with any change to it */
 #define PS_MAX_RUNS 64       /* runs of one Request answered here */
 #define PS_MAX_RUN_PAGES 64  /* pages of one run answered here */
 #define PS_MAX_BOUNDS (PS_MAX_RUN_PAGES + 1)  /* zero-stretch bounds of one run, at most */
@@ -55,6 +57,8 @@
 
 #define RQ_MAX_PAGES 64      /* pages of one Request written by rq_send */
 #define RQ_FRAME_BYTES 2048  /* room for the frame of RQ_MAX_PAGES runs of the largest integers */
+#define RQ_PENDING 4096     /* slots of the table of requested pages' fault addresses */
+#define RQ_REQUESTED 1       /* asked for on the urgent channel, answer not arrived */
 #define RQ_MISSING 0         /* the page state nobody asked for yet (aiopostcopy.core.pages) */
 
 struct ps_block {
@@ -432,12 +436,34 @@ int ps_serve(struct ps_server *s)
  * faults the usual way, and the caller writes the rest of a short send.
  */
 
+struct rq_pending {          /* where the fault that asked for a page was read */
+    uint64_t block;
+    uint64_t page;
+    uint64_t address;        /* the page's address in the faulting fd's space */
+    int uffd;                /* -1: a free slot */
+};
+
 struct rq_lane {
     uint8_t *const *states;  /* per block: one state byte per page */
     const uint64_t *pages;   /* per block: pages */
     const uint64_t *page_size;
     uint32_t nblocks;
+    struct rq_pending *pending;  /* RQ_PENDING slots, by page (a newer page takes a slot over) */
 };
+
+static struct rq_pending *rq_slot(const struct rq_lane *lane, uint64_t block, uint64_t page)
+{
+    uint64_t h = (page ^ (block * 0x9e3779b97f4a7c15ull)) * 0xff51afd7ed558ccdull;
+    return &lane->pending[(h >> 32) % RQ_PENDING];
+}
+
+/* Forget every requested page's fault read from `uffd` (the fd is retired, or its mappings changed). */
+void rq_forget_fd(struct rq_lane *lane, int uffd)
+{
+    for (uint32_t i = 0; i < RQ_PENDING; i++)
+        if (lane->pending[i].uffd == uffd)
+            lane->pending[i].uffd = -1;
+}
 
 static size_t rq_uint(uint8_t *p, uint64_t v)
 {
@@ -471,7 +497,7 @@ static size_t rq_uint(uint8_t *p, uint64_t v)
 /* Where `address` falls: 0 and *block, *page set, or -1 (no entry covers it).
  * table: n entries of (start, length, block, offset), sorted by start. */
 static int rq_translate(const struct rq_lane *lane, const uint64_t *table, uint32_t n,
-                        uint64_t address, uint64_t *block, uint64_t *page)
+                        uint64_t address, uint64_t *block, uint64_t *page, uint64_t *page_address)
 {
     uint32_t low = 0, high = n;
     while (low < high) {  /* the first entry starting after address */
@@ -491,6 +517,7 @@ static int rq_translate(const struct rq_lane *lane, const uint64_t *table, uint3
         return -1;
     *block = b;
     *page = p;
+    *page_address = e[0] + p * lane->page_size[b] - e[3];
     return 0;
 }
 
@@ -537,7 +564,7 @@ int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame)
     return (int)(PS_PREFIX + n);
 }
 
-int rq_send(const struct rq_lane *lane, int sock, const uint64_t *slots, uint32_t count,
+int rq_send(const struct rq_lane *lane, int sock, int uffd, const uint64_t *slots, uint32_t count,
             uint64_t pagefault_code, const uint64_t *table, uint32_t ntable, uint32_t budget,
             uint64_t *asked, uint8_t *frame, int *frame_len, int *sent)
 {
@@ -548,8 +575,8 @@ int rq_send(const struct rq_lane *lane, int sock, const uint64_t *slots, uint32_
         budget = RQ_MAX_PAGES;
     for (uint32_t i = 0; i < count && n < budget; i++) {
         const uint64_t *slot = slots + 4 * i;
-        uint64_t block, page;
-        if (slot[0] != pagefault_code || rq_translate(lane, table, ntable, slot[2], &block, &page))
+        uint64_t block, page, page_address;
+        if (slot[0] != pagefault_code || rq_translate(lane, table, ntable, slot[2], &block, &page, &page_address))
             continue;
         if (lane->states[block][page] != RQ_MISSING)
             continue;
@@ -561,6 +588,11 @@ int rq_send(const struct rq_lane *lane, int sock, const uint64_t *slots, uint32_
         asked[2 * n] = block;
         asked[2 * n + 1] = page;
         n++;
+        struct rq_pending *e = rq_slot(lane, block, page);
+        e->block = block;
+        e->page = page;
+        e->address = page_address;
+        e->uffd = uffd;
     }
     if (n == 0)
         return 0;
@@ -571,5 +603,93 @@ int rq_send(const struct rq_lane *lane, int sock, const uint64_t *slots, uint32_
         w = send(sock, frame, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
     while (w < 0 && errno == EINTR);
     *sent = w < 0 ? 0 : (int)w;  /* a failed send: the caller writes it all (and learns why) */
+    return (int)n;
+}
+
+/* ---- the reply lane ------------------------------------------------------
+ *
+ * rq_place() reads the urgent channel's bytes that the decoder holds, from
+ * a frame's start: while they begin with a whole one-page Pages frame, in the
+ * exact form the source writes ([3, block, page, 1, nbytes, []] with the
+ * smallest integer encodings), for a page that is REQUESTED and whose fault
+ * the request lane remembers, it places the payload with UFFDIO_COPY through
+ * the userfaultfd that fault was read from, at the fault's page: one call puts
+ * the page in the shared memory and wakes the faulting thread. It logs each
+ * page placed and stops at anything else (another frame, a page without a
+ * remembered fault, a copy that fails): the decoder takes it from there, and
+ * the caller accounts the placed pages in the session, changing their state.
+ */
+
+/* A msgpack unsigned integer in its smallest encoding at p (n bytes there); its length or 0. */
+static size_t rq_get_uint(const uint8_t *p, size_t n, uint64_t *v)
+{
+    if (n < 1)
+        return 0;
+    if (p[0] < 0x80) {
+        *v = p[0];
+        return 1;
+    }
+    size_t len = p[0] == 0xcc ? 1 : p[0] == 0xcd ? 2 : p[0] == 0xce ? 4 : p[0] == 0xcf ? 8 : 0;
+    if (len == 0 || n < 1 + len)
+        return 0;
+    uint64_t x = 0;
+    for (size_t i = 0; i < len; i++)
+        x = (x << 8) | p[1 + i];
+    uint64_t floor = len == 1 ? 0x80 : len == 2 ? 0x100 : len == 4 ? 0x10000 : 0x100000000ull;
+    if (x < floor)
+        return 0;  /* not the smallest form: the decoder's */
+    *v = x;
+    return 1 + len;
+}
+
+int rq_place(struct rq_lane *lane, const uint8_t *buf, size_t len, uint64_t *placed, uint32_t max_placed,
+             size_t *consumed)
+{
+    uint32_t n = 0;
+    size_t at = 0;
+    *consumed = 0;
+    while (n < max_placed && len - at >= PS_PREFIX + 7) {
+        const uint8_t *f = buf + at;
+        uint32_t size = ((uint32_t)f[0] << 24) | ((uint32_t)f[1] << 16) | ((uint32_t)f[2] << 8) | f[3];
+        const uint8_t *h = f + PS_PREFIX;
+        if (size < 7 || size > 31 || len - at - PS_PREFIX < size || h[0] != 0x96 || h[1] != PS_TYPE_PAGES
+            || h[size - 1] != 0x90)
+            break;
+        uint64_t block, page, count, nbytes;
+        size_t i = 2, k;
+        if (!(k = rq_get_uint(h + i, size - i, &block)))
+            break;
+        i += k;
+        if (!(k = rq_get_uint(h + i, size - i, &page)))
+            break;
+        i += k;
+        if (!(k = rq_get_uint(h + i, size - i, &count)) || count != 1)
+            break;
+        i += k;
+        if (!(k = rq_get_uint(h + i, size - i, &nbytes)))
+            break;
+        i += k;
+        if (i + 1 != size || block >= lane->nblocks || page >= lane->pages[block]
+            || nbytes != lane->page_size[block] || len - at - PS_PREFIX - size < nbytes)
+            break;
+        if (lane->states[block][page] != RQ_REQUESTED)
+            break;
+        struct rq_pending *e = rq_slot(lane, block, page);
+        if (e->uffd < 0 || e->block != block || e->page != page)
+            break;
+        struct uffdio_copy copy = {
+            .dst = e->address, .src = (uint64_t)(uintptr_t)(h + size), .len = nbytes, .mode = 0,
+        };
+        if (ioctl(e->uffd, UFFDIO_COPY, &copy) != 0 || copy.copy != (int64_t)nbytes)
+            break;  /* nothing placed, or a part: the decoder's way finds out which (EEXIST, EAGAIN, ...) */
+        placed[4 * n] = block;
+        placed[4 * n + 1] = page;
+        placed[4 * n + 2] = (uint64_t)e->uffd;
+        placed[4 * n + 3] = e->address;
+        n++;
+        e->uffd = -1;
+        at += PS_PREFIX + size + nbytes;
+    }
+    *consumed = at;
     return (int)n;
 }

@@ -59,6 +59,7 @@ from aiopostcopy.errors import MigrationAborted, PostcopyError, ProtocolError, S
 from aiopostcopy.messages import Channel, Discard, Done, Hello, Message, Pages, Ping, Zero
 from aiopostcopy.transport.stream import FrameProtocol
 from aiopostcopy.transport.tls import check_context, describe_tls_error
+from aiopostcopy.transport.wire import Decoder
 
 __all__ = ["ChannelEvents", "SourceChannels"]
 
@@ -93,6 +94,10 @@ class ChannelEvents(Protocol):
 
     def page_landed(self, block: int, page: int) -> None:
         """A page :meth:`page_sink` took is in its memory (instead of ``message_received``)."""
+
+    def read_first(self, decoder: Decoder) -> None:
+        """Bytes arrived on the urgent channel: whole frames may be taken from ``decoder`` before
+        it decodes them (:meth:`Decoder.unread`, :meth:`Decoder.skip`; then :meth:`SourceChannels.note_progress`)."""
 
     def channels_dropped(self, channels: tuple[Channel, ...]) -> None:
         """Channels were dropped (aborted), in the order they were opened."""
@@ -268,6 +273,7 @@ class SourceChannels:
             payload_sink=lambda header, nbytes: events.payload_sink(channel, header, nbytes),
             page_sink=events.page_sink if urgent else None,
             on_page=self._page_landed if urgent else None,
+            read_first=events.read_first if urgent else None,
             yield_after=None if urgent else _BACKGROUND_TURN_BYTES,
         )
         if self._tls is not None:
@@ -308,6 +314,10 @@ class SourceChannels:
         elif kind is Hello:
             self._heard.add(channel)
         self._events.message_received(channel, msg)
+
+    def note_progress(self, messages: int) -> None:
+        """``messages`` data messages were taken from a channel by :meth:`ChannelEvents.read_first`."""
+        self._progress += messages
 
     def _page_landed(self, block: int, page: int) -> None:
         self._progress += 1  # a Pages message, in the one-page lane's form

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 #: The C side's PS_VERSION this module is written for.
-VERSION = 3
+VERSION = 4
 
 
 def matches(built: object) -> bool:

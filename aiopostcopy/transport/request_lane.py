@@ -1,4 +1,5 @@
-"""The destination's request lane: a fault's Request written in C, before the bookkeeping.
+"""The destination's request and reply lanes: a fault's Request written and its answer placed
+in C, each before the session's bookkeeping.
 
 A fault read from a userfaultfd is a thread stopped until its page arrives, so
 the Request for the page should leave before anything else is done with it.
@@ -23,6 +24,22 @@ The caller may use the lane only when a frame written on the socket now keeps
 the channel's order: the urgent connection is a plain socket (not TLS) with
 nothing queued in its transport, and the session would send a fault's Request
 at once (:meth:`~aiopostcopy.core.session.DestinationSession.lane_budget`).
+
+The lane remembers, for each page it asked for, the fd the fault was read
+from and the page's address in that fd's space (a table of RQ_PENDING slots;
+a newer page may take an older page's slot, which then goes the usual way).
+When bytes arrive on the urgent channel, :meth:`RequestLane.place` (``rq_place``)
+reads the answers at their front: a one-page Pages frame in the form the source
+writes, for a page still REQUESTED whose fault it remembers, is placed with one
+UFFDIO_COPY through that fd at that address, straight from the receive buffer.
+The copy puts the page in the shared memory and wakes the faulting thread;
+the caller then accounts it in the session
+(:meth:`~aiopostcopy.core.session.DestinationSession.placed_through`), which
+wakes any other waiter, and the decoder skips the frame.  Anything else (another
+message, a copy that fails) stops it, and the decoder decodes it as before.
+The caller forgets an fd (:meth:`RequestLane.forget`) before closing it and
+when its mappings change (a remap, remove or unmap event), so no answer is
+placed through a stale fd or address.
 """
 
 from __future__ import annotations
@@ -32,9 +49,12 @@ from collections.abc import Hashable, Sequence
 from aiopostcopy.core.ramblock import MappingTable
 from aiopostcopy.transport import page_server
 
-__all__ = ["RequestLane", "available", "encode_requests"]
+__all__ = ["PLACE_BATCH", "RequestLane", "available", "encode_requests"]
 
 ffi, lib = page_server.ffi, page_server.lib
+
+#: Answers placed by one :meth:`RequestLane.place` call, at most.
+PLACE_BATCH = 64
 
 
 def available() -> bool:
@@ -63,7 +83,7 @@ class RequestLane:
             (:data:`aiopostcopy.uffd.events.PAGEFAULT_CODE`).
     """
 
-    __slots__ = ("_keep", "_lane", "_asked", "_frame", "_lengths", "_tables", "_code")
+    __slots__ = ("_keep", "_lane", "_asked", "_frame", "_lengths", "_tables", "_code", "_placed", "_consumed")
 
     def __init__(self, states: Sequence[bytearray], page_sizes: Sequence[int], pagefault_code: int) -> None:
         if lib is None:
@@ -72,9 +92,15 @@ class RequestLane:
         state_ptrs = ffi.new("uint8_t *[]", views)
         pages = ffi.new("uint64_t[]", [len(state) for state in states])
         sizes = ffi.new("uint64_t[]", list(page_sizes))
+        pending = ffi.new("struct rq_pending[]", lib.RQ_PENDING)
+        for slot in pending:
+            slot.uffd = -1
         lane = ffi.new("struct rq_lane *")
         lane.states, lane.pages, lane.page_size, lane.nblocks = state_ptrs, pages, sizes, len(states)
-        self._keep = (states, views, state_ptrs, pages, sizes)
+        lane.pending = pending
+        self._keep = (states, views, state_ptrs, pages, sizes, pending)
+        self._placed = ffi.new("uint64_t[]", 4 * PLACE_BATCH)
+        self._consumed = ffi.new("size_t *")
         self._lane = lane
         self._asked = ffi.new("uint64_t[]", 2 * lib.RQ_MAX_PAGES)
         self._frame = ffi.new("uint8_t[]", lib.RQ_FRAME_BYTES)
@@ -82,18 +108,21 @@ class RequestLane:
         self._tables: dict[Hashable, tuple[object, object, int]] = {}
         self._code = pagefault_code
 
-    def forget(self, key: Hashable) -> None:
-        """Drop the table kept for ``key`` (its fd is retired)."""
+    def forget(self, key: Hashable, uffd: int) -> None:
+        """Drop what is kept for fd ``key`` (number ``uffd``): it is retired, or its mappings
+        changed (a remap, remove or unmap event), so no answer is placed through it here."""
         self._tables.pop(key, None)
+        lib.rq_forget_fd(self._lane, uffd)
 
-    def send(self, sock: int, key: Hashable, table: MappingTable, slots_address: int, count: int,
+    def send(self, sock: int, key: Hashable, uffd: int, table: MappingTable, slots_address: int, count: int,
              budget: int) -> tuple[list[tuple[int, int]], bytes]:
         """Write the Request of a read's faults on ``sock``.
 
         Args:
             sock: the urgent connection's socket (nothing queued ahead of it).
-            key, table: the fd's key and its mapping table (kept in C form for ``key`` until
-                the table object changes).
+            key, uffd, table: the fd's key, its number and its mapping table (kept in C form
+                for ``key`` until the table object changes).  Each page asked for is remembered
+                with the fault's fd and page address, for :meth:`place`.
             slots_address, count: the read's flattened messages
                 (:attr:`~aiopostcopy.uffd.userfaultfd.Userfaultfd.slots_address`).
             budget: pages the lane may ask for (0: none).
@@ -109,7 +138,7 @@ class RequestLane:
             flat = ffi.new("uint64_t[]", [value for entry in entries for value in entry] or [0])
             kept = self._tables[key] = (table, flat, len(entries))
         lengths = self._lengths
-        n = lib.rq_send(self._lane, sock, ffi.cast("uint64_t *", slots_address), count, self._code,
+        n = lib.rq_send(self._lane, sock, uffd, ffi.cast("uint64_t *", slots_address), count, self._code,
                         kept[1], kept[2], budget, self._asked, self._frame, lengths, lengths + 1)
         if n <= 0:
             return [], b""
@@ -117,3 +146,24 @@ class RequestLane:
         asked = list(zip(values[0::2], values[1::2]))
         sent, length = lengths[1], lengths[0]
         return asked, (bytes(ffi.buffer(self._frame, length)[sent:]) if sent < length else b"")
+
+    def place(self, buffer: bytearray, start: int, end: int) -> tuple[list[tuple[int, int, int, int]], int]:
+        """Place the answers at the front of ``buffer[start:end]`` (the urgent channel's bytes,
+        from a frame's start) with UFFDIO_COPY through the fds their faults were read from.
+
+        Only one-page Pages frames in the form the source writes, for REQUESTED pages whose
+        fault :meth:`send` remembers, and only while each copy places the whole page; the
+        first other frame (or failed copy) ends it, and its bytes are left in ``buffer``.
+
+        Returns:
+            ``(placed, consumed)``: ``(block, page, uffd, address)`` of each page placed (the
+            thread that faulted on it at ``address`` in fd ``uffd``'s space is woken), and the
+            bytes of their frames, which the caller skips.  The page states are not changed:
+            the caller accounts the pages in the session at once.
+        """
+        n = lib.rq_place(self._lane, ffi.from_buffer("uint8_t[]", buffer) + start, end - start, self._placed,
+                         PLACE_BATCH, self._consumed)
+        if n <= 0:
+            return [], 0
+        values = ffi.unpack(self._placed, 4 * n)
+        return [tuple(values[i:i + 4]) for i in range(0, 4 * n, 4)], self._consumed[0]  # type: ignore[misc]

@@ -63,6 +63,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
         yield_after: after this many bytes received in one loop turn, stop
             reading until the next turn, so other sockets (the urgent channel)
             get their turn; None reads as much as the event loop offers.
+        read_first: called with the decoder after each read, before it decodes: a reader of
+            whole frames outside the decoder takes what it can (``Decoder.unread`` and
+            ``Decoder.skip``); the decoder decodes the rest.
     """
 
     def __init__(
@@ -76,12 +79,14 @@ class FrameProtocol(asyncio.BufferedProtocol):
         allowed: frozenset[type] | None = None,
         limits: Limits = LIMITS,
         yield_after: int | None = None,
+        read_first: Callable[[Decoder], None] | None = None,
     ) -> None:
         self._on_message = on_message
         self._on_lost: OnLost | None = on_lost
         if (page_sink is None) != (on_page is None):
             raise ValueError("page_sink and on_page go together")
         self._on_page = on_page
+        self._read_first = read_first
         self._decoder = Decoder(limits=limits, allowed=allowed, payload_sink=payload_sink, page_sink=page_sink)
         self.get_buffer = self._decoder.get_buffer  # type: ignore[method-assign]  (the loop reads into it: no extra call)
         self._transport: asyncio.Transport | None = None
@@ -113,6 +118,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_received += nbytes
         self._decoder.buffer_updated(nbytes)
+        if self._read_first is not None and not self._held:
+            self._read_first(self._decoder)
         self._drain()
         if self._yield_after is not None:
             self._turn_bytes += nbytes

@@ -433,6 +433,24 @@ class Decoder:
         else:
             self._end += nbytes
 
+    def unread(self) -> tuple[bytearray, int, int] | None:
+        """``(buffer, start, end)``: the received bytes not yet decoded, ``buffer[start:end]``,
+        beginning at a frame's start; None while a payload is due (or none is buffered).
+        A reader of whole frames outside the decoder (the reply lane) then drops them with :meth:`skip`."""
+        if self._pending is not None or self._error is not None or self._start == self._end:
+            return None
+        return self._buf, self._start, self._end
+
+    def skip(self, nbytes: int) -> None:
+        """Drop the first ``nbytes`` of :meth:`unread`: whole frames read elsewhere.
+
+        Raises:
+            ValueError: more than is buffered, or while a payload is due.
+        """
+        if self._pending is not None or not 0 <= nbytes <= self._end - self._start:
+            raise ValueError(f"skip({nbytes}) of {self._end - self._start} unread bytes")
+        self._start += nbytes
+
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as events (for a high-water mark)."""

@@ -3,10 +3,13 @@ as the general path does: same states, counters, requests, wakes and time-outs."
 
 from __future__ import annotations
 
+import pytest
+
 from aiopostcopy import messages as m
 from aiopostcopy.core import Wake
 from aiopostcopy.core.coalesce import Coalescer
 from aiopostcopy.core.pages import MISSING, PLACING, REQUESTED, PageStates
+from aiopostcopy.errors import InternalError
 from aiopostcopy.transport.wire import encode, encode_page_request, encode_page_requests
 
 from tests.core.test_session import (BACKGROUND, CLIENT_BASE, OWN_BASE, PAGE, URGENT, open_session, pages,
@@ -151,3 +154,68 @@ def test_background_channel_unaffected() -> None:
     session = open_session()
     session.message_received(BACKGROUND, pages(0, 0, 4), 0.0)
     assert session.urgent_page(0, 1) is False  # PLACING already: the sweep's copy is placed
+
+
+# ------------------------------------------------------------------ the request and reply lanes
+
+def test_lane_budget_is_what_fault_request_would_take_at_once() -> None:
+    session = open_session(max_in_flight_pages=3)
+    assert session.lane_budget() == 3
+    session.fault_request("c", CLIENT_BASE, 1, 0.0)
+    assert session.lane_budget() == 2
+    session.fault_received("c", CLIENT_BASE + PAGE, 2, 0.0)  # queued: faults go through the pass now
+    assert session.lane_budget() == 0
+    session.flush(0.0)
+    assert session.lane_budget() == 0  # its Request is queued: a frame written now would overtake it
+    assert requests(session) == [run(0, 9, 1)]
+    assert session.lane_budget() == 1
+    session.connection_lost(URGENT, 0.0)
+    assert session.lane_budget() == 0
+    assert open_session(readahead_pages=4).lane_budget() == 0
+
+
+def test_a_page_placed_through_a_clients_fd_leaves_the_session_as_a_copy_to_that_client() -> None:
+    lane, usual = open_session(), open_session()
+    for session in (lane, usual):
+        session.fault_request("c", CLIENT_BASE + 5 * PAGE, 9, 0.0)
+        session.fault_received("c", CLIENT_BASE + 5 * PAGE + 8, 10, 0.0)  # a second thread joins
+    assert lane.lane_may_place()
+    lane.placed_through(0, 13, "c", CLIENT_BASE + 5 * PAGE, 0.5)
+    assert usual.urgent_page(0, 13, target=True) == ("c", CLIENT_BASE + 5 * PAGE)
+    usual.copied_to_client(0, 13, 0.5)
+    assert lane.commands() == usual.commands() == []  # the copy woke both threads
+    a, b = lane.statistics(), usual.statistics()
+    for name in ("pages_placed", "pages_demand", "copies_to_client", "woken", "wakes", "waiting", "faults"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert lane.unplaced_runs(0, 13, 1) == []
+
+
+def test_other_waiters_of_a_page_placed_through_one_fd_are_woken() -> None:
+    session = open_session()
+    session.fault_request("own", OWN_BASE + 13 * PAGE, 1, 0.0)
+    session.fault_received("c", CLIENT_BASE + 5 * PAGE, 2, 0.0)  # the client's thread joins
+    session.fault_received("own", OWN_BASE + 13 * PAGE + 64, 3, 0.0)  # and a second one of ours
+    session.placed_through(0, 13, "own", OWN_BASE + 13 * PAGE, 0.5)  # the copy woke our two threads
+    assert session.commands() == [Wake("c", CLIENT_BASE + 5 * PAGE, PAGE)]
+    stats = session.statistics()
+    assert (stats.woken, stats.waiting, stats.copies_to_client) == (3, 0, 0)
+    session2 = open_session()
+    session2.fault_request("c", CLIENT_BASE + 5 * PAGE, 1, 0.0)
+    session2.fault_received("own", OWN_BASE + 13 * PAGE, 2, 0.0)
+    session2.placed_through(0, 13, "c", CLIENT_BASE + 5 * PAGE, 0.5)  # through the client: ours needs a Wake
+    assert session2.commands() == [Wake("own", OWN_BASE + 13 * PAGE, PAGE)]
+    assert session2.statistics().copies_to_client == 1
+
+
+def test_the_reply_lane_may_place_only_where_urgent_page_would_take_the_page() -> None:
+    session = open_session()
+    session.fault_request("c", CLIENT_BASE + 5 * PAGE, 9, 0.0)
+    session.message_received(BACKGROUND, pages(0, 13, 1), 0.1)  # the sweep's copy is placing
+    session.message_received(URGENT, m.Discard(block=0, first=13, count=1), 0.2)  # a Discard waits on it
+    assert not session.lane_may_place()
+    with pytest.raises(InternalError):
+        session.placed_through(0, 13, "c", CLIENT_BASE + 5 * PAGE, 0.5)  # not REQUESTED any more
+    place_all(session, 0.6)
+    assert session.lane_may_place()
+    session.abort("test", 0.7)
+    assert not session.lane_may_place()

@@ -57,7 +57,7 @@ class Lane:
             slots.extend((code, 0, address, 1234) if code == PAGEFAULT_CODE else (code, address, 0, 0))
         assert SLOTS == 4
         address, _ = slots.buffer_info()
-        return self.lane.send(self.ours.fileno(), key, table or self.table, address, len(messages), budget)
+        return self.lane.send(self.ours.fileno(), key, -1, table or self.table, address, len(messages), budget)
 
     def received(self) -> bytes:
         self.ours.setblocking(True)

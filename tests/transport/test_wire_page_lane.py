@@ -7,7 +7,7 @@ import pytest
 
 from aiopostcopy.errors import RemoteProtocolError
 from aiopostcopy.messages import Complete, Pages, Ping
-from aiopostcopy.transport.wire import Decoder, encode
+from aiopostcopy.transport.wire import Decoder, encode, encode_pages_header
 
 
 def payload(n: int, seed: int) -> bytes:
@@ -102,3 +102,32 @@ def test_a_bad_one_page_header_is_refused_as_before() -> None:
     with pytest.raises(RemoteProtocolError, match="invalid Pages"):
         decoder.next_event()
     assert sinks.pages == []
+
+
+def test_unread_shows_whole_frames_from_a_frame_start_and_skip_drops_them() -> None:
+    first = encode_pages_header(0, 3, 1, 4096) + b"\x01" * 4096
+    second = encode(Ping(token=7))
+    decoder = Decoder()
+    assert decoder.unread() is None  # nothing buffered
+    view = decoder.get_buffer(len(first) + len(second))
+    view[:len(first) + len(second)] = first + second
+    decoder.buffer_updated(len(first) + len(second))
+    buffer, start, end = decoder.unread()
+    assert bytes(buffer[start:end]) == first + second
+    decoder.skip(len(first))  # taken by a reader outside the decoder
+    assert decoder.next_event() == Ping(token=7)
+    assert decoder.next_event() is None and decoder.unread() is None
+    with pytest.raises(ValueError):
+        decoder.skip(1)
+
+
+def test_unread_is_none_while_a_payload_is_due() -> None:
+    frame = encode_pages_header(0, 3, 2, 8192) + b"\x02" * 8192
+    decoder = Decoder(payload_sink=lambda header, nbytes: memoryview(bytearray(nbytes)))
+    decoder.receive_data(frame[:100])
+    assert decoder.next_event() is None  # the header is read, its payload is due
+    assert decoder.unread() is None
+    with pytest.raises(ValueError):
+        decoder.skip(0)
+    decoder.receive_data(frame[100:])
+    assert type(decoder.next_event()) is Pages
