@@ -116,7 +116,7 @@ from aiopostcopy.transport import request_lane
 from aiopostcopy.transport.request_lane import RequestLane
 from aiopostcopy.transport.stream import FrameProtocol
 from aiopostcopy.transport.wire import Decoder, encode_page_request, encode_page_requests
-from aiopostcopy.uffd import Feature, PageFault, RegisterMode, Userfaultfd
+from aiopostcopy.uffd import Feature, PageFault, RegisterMode, RemapEvent, UnmapEvent, Userfaultfd
 from aiopostcopy.uffd.events import PAGEFAULT_CODE, SLOTS
 
 __all__ = ["DestinationOptions", "PostcopyDestination", "OWN_FD"]
@@ -227,6 +227,7 @@ class PostcopyDestination:
         self._placement: Placement | None = None
         self._lane: RequestLane | None = None  # writes a fault's Request before the bookkeeping
         self._lane_keys: dict[int, object] = {}  # fd number -> key, of the fds the lane asked for
+        self._lane_off: set[object] = set()  # keys whose mappings moved or went: their table may be stale
         self._placer: BackgroundPlacer | None = None
         self._receiving: Staging | None = None  # background buffer the current payload lands in
         self._memory: BlockMemory | None = None
@@ -887,12 +888,15 @@ class PostcopyDestination:
         if self._lane is not None and events:
             budget = session.lane_budget()
             sock = self._source.urgent_fd() if budget else -1
-            table = session.fd_table(key) if sock >= 0 else None
+            table = session.fd_table(key) if sock >= 0 and key not in self._lane_off else None
             slots = uffd.slots_address if table is not None else 0
             if slots:  # the Request leaves now; the session accounts the faults below
                 lane_asked, rest = self._lane.send(sock, key, uffd.fd, table, slots, len(events), budget)
                 if lane_asked:
                     self._lane_keys[uffd.fd] = key
+                    if trace.ENABLED:
+                        for block, page in lane_asked:
+                            trace.mark("request", block, page)
                 if rest:  # a short send: the transport writes the rest, in order
                     self._source.send_frame(Channel.URGENT, rest)
         try:
@@ -907,7 +911,7 @@ class PostcopyDestination:
                         general = True
                 else:
                     general = True
-                    self._forget_fd(key, uffd.fd)  # its mappings change: answer it the exact way
+                    self._forget_fd(key, uffd.fd, event)  # its mappings change: answer it the exact way
                     if self._clients is not None:
                         self._clients.non_cooperative_event(key, event)
         finally:  # pages made REQUESTED go out even if a later event fails (a client retired midway)
@@ -945,16 +949,21 @@ class PostcopyDestination:
                     self._remember_thread(key, event.thread_id)
                 self._session.fault_received(key, event.address, event.thread_id, now)
             else:
-                self._forget_fd(key, fd)  # its mappings change: answer it the exact way
+                self._forget_fd(key, fd, event)  # its mappings change: answer it the exact way
                 if self._clients is not None:
                     self._clients.non_cooperative_event(key, event)
 
-    def _forget_fd(self, key: object, fd: int) -> None:
-        """Fd ``key`` (number ``fd``) is retired or its mappings change: the reply lane places
-        no answer through it (its answers go the exact way, through the session)."""
-        if self._lane is not None:
-            self._lane.forget(key, fd)
-            self._lane_keys.pop(fd, None)
+    def _forget_fd(self, key: object, fd: int, event: object = None) -> None:
+        """Fd ``key`` (number ``fd``) is retired, or ``event`` (not a page fault) was read from it:
+        the reply lane places no answer through it for the faults read so far (they go the exact
+        way, through the session).  After an unmap or a remap its mapping table may no longer
+        say what is at an address, so the lanes leave that fd alone from then on."""
+        if self._lane is None:
+            return
+        self._lane.forget(key, fd)
+        self._lane_keys.pop(fd, None)
+        if type(event) is UnmapEvent or type(event) is RemapEvent:
+            self._lane_off.add(key)
 
     def _remember_thread(self, key: object, tid: int) -> None:
         """Read a faulting thread's name from /proc while it still exists."""

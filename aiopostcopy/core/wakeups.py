@@ -215,13 +215,18 @@ class Wakeups:
             As :meth:`release`.
         """
         taken = self._waiters.take(block, page, 1)
-        others = []
-        for waiter in taken:
-            if waiter.key == key and waiter.address == address:
-                self._count.woken_waiter(waiter, now)
-            else:
-                others.append(waiter)
-        commands = self._wake(others, now, True)
+        woken = self._count.woken_waiter
+        if len(taken) == 1 and taken[0].key == key and taken[0].address == address:  # the usual fault
+            woken(taken[0], now)
+            commands: list[Command] = []
+        else:
+            others = []
+            for waiter in taken:
+                if waiter.key == key and waiter.address == address:
+                    woken(waiter, now)
+                else:
+                    others.append(waiter)
+            commands = self._wake(others, now, True)
         if len(self._runs):
             commands.extend(self._notify(self._runs.take(block, page, 1), now))
         return commands

@@ -412,7 +412,6 @@ class ClientRegistry:
         self._retired.append(client)
         if client.uffd is not None:
             self._loop.remove_reader(client.uffd.fd)
-            self._port.fd_retired(client.key, client.uffd.fd)
         self._session.retire(client.key, time.monotonic())
         self._close_fds(client)
         if client.channel is not None:
@@ -433,6 +432,8 @@ class ClientRegistry:
             client.error = client.error or f"final wake failed: {exc}"
 
     def _close_fds(self, client: ClientInfo) -> None:
+        if client.uffd is not None:
+            self._port.fd_retired(client.key, client.uffd.fd)  # before its number can be reused
         for uffd in [client.uffd, *client.children]:
             if uffd is not None:
                 uffd.close()

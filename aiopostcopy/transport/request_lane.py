@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
+from aiopostcopy.core.pages import MISSING, REQUESTED
 from aiopostcopy.core.ramblock import MappingTable
 from aiopostcopy.transport import page_server
 
@@ -88,6 +89,8 @@ class RequestLane:
     def __init__(self, states: Sequence[bytearray], page_sizes: Sequence[int], pagefault_code: int) -> None:
         if lib is None:
             raise RuntimeError("the request lane is not built (run make)")
+        if (lib.RQ_MISSING, lib.RQ_REQUESTED) != (MISSING, REQUESTED):
+            raise RuntimeError("the C lane's page states differ from aiopostcopy.core.pages: rebuild it")
         views = [ffi.from_buffer(state) for state in states]
         state_ptrs = ffi.new("uint8_t *[]", views)
         pages = ffi.new("uint64_t[]", [len(state) for state in states])

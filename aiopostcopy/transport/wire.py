@@ -447,6 +447,8 @@ class Decoder:
         Raises:
             ValueError: more than is buffered, or while a payload is due.
         """
+        if self._error is not None:
+            self._check_alive()
         if self._pending is not None or not 0 <= nbytes <= self._end - self._start:
             raise ValueError(f"skip({nbytes}) of {self._end - self._start} unread bytes")
         self._start += nbytes
