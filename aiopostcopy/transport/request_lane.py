@@ -145,8 +145,12 @@ class RequestLane:
                         kept[1], kept[2], budget, self._asked, self._frame, lengths, lengths + 1)
         if n <= 0:
             return [], b""
-        values = ffi.unpack(self._asked, 2 * n)
-        asked = list(zip(values[0::2], values[1::2]))
+        asked_c = self._asked
+        if n == 1:  # the usual read: one fault
+            asked = [(asked_c[0], asked_c[1])]
+        else:
+            values = ffi.unpack(asked_c, 2 * n)
+            asked = list(zip(values[0::2], values[1::2]))
         sent, length = lengths[1], lengths[0]
         return asked, (bytes(ffi.buffer(self._frame, length)[sent:]) if sent < length else b"")
 
@@ -168,5 +172,8 @@ class RequestLane:
                          PLACE_BATCH, self._consumed)
         if n <= 0:
             return [], 0
-        values = ffi.unpack(self._placed, 4 * n)
+        placed_c = self._placed
+        if n == 1:  # the usual read: one answer
+            return [(placed_c[0], placed_c[1], placed_c[2], placed_c[3])], self._consumed[0]
+        values = ffi.unpack(placed_c, 4 * n)
         return [tuple(values[i:i + 4]) for i in range(0, 4 * n, 4)], self._consumed[0]  # type: ignore[misc]
