@@ -21,6 +21,9 @@ eats.  Every case runs ``--repeat`` times and the median is reported.
   then each answer taken on the urgent path (``urgent_page`` with its copy
   target, ``copied_to_client``), as when every page is placed through the
   client's own userfaultfd.  The per-fault bookkeeping of the fault path.
+* ``lanes``: the same faults when the C lanes wrote the Request and placed
+  the answer (``fault_request``, then ``placed_through``): the bookkeeping
+  left in Python per fault.
 * ``sweep``: background Pages of 64 pages through ``message_received`` and
   ``placed`` (pages/s of sweep bookkeeping, no faults).
 * ``PageStates``: ``mark`` REQUESTED -> PLACING -> PLACED in runs of 64 pages.
@@ -140,6 +143,29 @@ def urgent_case(pages: int, faults: int, threads: int) -> float:
             target = session.urgent_page(block, page, target=True)
             assert type(target) is tuple
             session.copied_to_client(block, page, now)
+            session.commands()
+    elapsed = time.perf_counter() - start
+    stats = session.statistics()
+    assert stats.woken == stats.copies_to_client == len(order), (stats.woken, len(order))
+    return len(order) / elapsed
+
+
+def lanes_case(pages: int, faults: int, threads: int) -> float:
+    """Faults per second through fault_request + placed_through (the C lanes did the I/O)."""
+    session = destination(pages, client=True)
+    order = list(range(pages))
+    random.Random(1).shuffle(order)
+    order = order[:faults]
+    start = time.perf_counter()
+    for index in range(0, len(order), threads):
+        now = time.perf_counter() - start
+        asked = []
+        for tid, page in enumerate(order[index:index + threads]):
+            found = session.fault_request("fd", CLIENT_BASE + page * PAGE + 8, tid, now, new_request=not asked)
+            assert found is not None
+            asked.append(found)
+        for block, page in asked:
+            session.placed_through(block, page, "fd", CLIENT_BASE + page * PAGE, now)
             session.commands()
     elapsed = time.perf_counter() - start
     stats = session.statistics()
@@ -288,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         ("faults random (client fd, Wake)", "faults/s", median(args.repeat, lambda: fault_case(
             pages, faults, args.batch, sequential=False, client=True)), naive_random),
         (f"urgent path (client fd, {args.threads}/read)", "faults/s", median(args.repeat, lambda: urgent_case(
+            pages, faults, args.threads)), naive_random),
+        (f"lanes (client fd, {args.threads}/read)", "faults/s", median(args.repeat, lambda: lanes_case(
             pages, faults, args.threads)), naive_random),
         ("  of which: building Pages msgs", "msgs/s", median(args.repeat, lambda: message_case(faults)), None),
         ("baseline: naive handler, sequential", "faults/s", naive_sequential, None),
