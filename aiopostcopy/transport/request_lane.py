@@ -117,6 +117,11 @@ class RequestLane:
         self._tables.pop(key, None)
         lib.rq_forget_fd(self._lane, uffd)
 
+    def remembered(self, uffd: int) -> int:
+        """How many requested pages' faults read from fd ``uffd`` are remembered (for tests and
+        checks: 0 once the fd is forgotten)."""
+        return sum(1 for slot in self._keep[5] if slot.uffd == uffd)
+
     def send(self, sock: int, key: Hashable, uffd: int, table: MappingTable, slots_address: int, count: int,
              budget: int) -> tuple[list[tuple[int, int]], bytes]:
         """Write the Request of a read's faults on ``sock``.

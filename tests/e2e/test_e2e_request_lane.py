@@ -57,3 +57,38 @@ async def test_faults_are_requested_once_and_placed_either_way(e2e, lane) -> Non
     assert source_report["pages_urgent"] == wanted, source_report  # each faulted page asked for once
     assert report.pages_demand == wanted, report.format()
     assert report.copies_to_client >= len(alone), report.format()
+
+
+@pytest.mark.asyncio
+async def test_a_dead_clients_fd_is_forgotten_before_it_is_closed(e2e) -> None:
+    """A client dies while its page is requested: the lanes forget its fd before the service closes
+    it (a later fd may get the same number), the page is still placed for the client that comes
+    next, and every page verifies."""
+    if not request_lane.available():
+        pytest.skip("the request lane is not built")
+    seed, size = 741, 16 * MiB
+    page = data_pages(size // PAGE, seed)[777]
+    source = await e2e.source({"ram": e2e.image(size, seed=seed)}, sweep_after_idle=2.0)
+    async with PostcopyDestination(e2e.options(source.address)) as dest:
+        source.stop()  # the answer waits
+        doomed = await e2e.touch_client(mode="delegated", name="doomed", seed=seed)
+        await doomed.touch([page])
+        await wait_until(lambda: len(threads_in_userfault(doomed.pid)) == 1, "the doomed thread blocked")
+        await wait_until(lambda: bool(dest._lane_keys), "the lane asked for the page")
+        (fd,) = dest._lane_keys
+        assert dest._lane.remembered(fd) == 1
+        doomed.proc.kill()
+        await doomed.proc.wait()
+        await wait_until(lambda: fd not in dest._lane_keys, "the dead client retired")
+        assert dest._lane.remembered(fd) == 0
+        heir = await e2e.touch_client(mode="delegated", name="heir", seed=seed)
+        await heir.touch([page])
+        await wait_until(lambda: len(threads_in_userfault(heir.pid)) == 1, "the heir's thread blocked")
+        source.cont()
+        assert len((await heir.event("touched"))["latency_us"]) == 1
+        report = await bounded(dest.wait_complete(), "the migration")
+        result = await heir.finish()
+        problems = check_destination(dest, seed=seed)
+    await source.report()
+    assert report.complete and problems == {}
+    assert result["exit"] == 0 and result.get("ok") and not result.get("bad_pages"), result
