@@ -200,6 +200,8 @@ def clip_bounds(bounds: tuple[int, ...], start: int, stop: int) -> tuple[int, tu
 
 def merge_runs(runs: Iterable[PageRun]) -> tuple[PageRun, ...]:
     """Sort runs and merge those that overlap or touch."""
+    if type(runs) is list and len(runs) == 1:  # one run: nothing to merge
+        return (runs[0],)
     merged: list[list[int]] = []
     for run in sorted(runs, key=lambda run: (run.block, run.first)):
         last = merged[-1] if merged else None

@@ -206,7 +206,13 @@ class RunWaiters:
         """Remove and return the parts of every wait that fall in the run."""
         stop = first + count
         low, high = self._window(block, first, stop)
-        window = self._entries[block][low:high]
+        entries = self._entries[block]
+        window = entries[low:high]
+        if all(first <= entry.start and entry.stop <= stop for entry in window):  # whole waits answered
+            del entries[low:high]
+            del self._starts[block][low:high]
+            self._count -= len(window)
+            return window
         if not any(entry.stop > first for entry in window):
             return []
         kept, taken = [], []
