@@ -1000,10 +1000,24 @@ class PostcopyDestination:
 
     def _send_messages(self) -> None:
         for channel, msg in self._session.messages_to_send():
-            if trace.ENABLED and type(msg) is Request:
-                for run in msg.runs:
-                    trace.mark("request", run.block, run.first)
+            if type(msg) is Request:
+                if trace.ENABLED:
+                    for run in msg.runs:
+                        trace.mark("request", run.block, run.first)
+                if self._lane is not None and self._uffd is not None:
+                    self._remember_own(msg.runs)
             self._source.send(channel, msg)
+
+    def _remember_own(self, runs: tuple) -> None:
+        """The reply lane places the answers of a Request the session wrote (a self-served
+        client's pages, queued faults) through the service's own userfaultfd and mapping, whose
+        copy wakes the service's own threads; the session then wakes every other waiter."""
+        lane, fd, memory = self._lane, self._uffd.fd, self._memory  # type: ignore[union-attr]
+        for run in runs:
+            if run.count == 1:  # an answer the lane can take is a one-page Pages
+                mapped = memory.block(run.block)  # type: ignore[union-attr]
+                lane.remember(run.block, run.first, fd, mapped.address + run.first * mapped.page_size)  # type: ignore[union-attr]
+        self._lane_keys[fd] = OWN_FD
 
     def _rearm_timer(self, now: float) -> None:
         """Keep one timer armed no later than the session's next deadline (time.monotonic()).

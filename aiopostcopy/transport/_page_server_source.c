@@ -457,6 +457,20 @@ static struct rq_pending *rq_slot(const struct rq_lane *lane, uint64_t block, ui
     return &lane->pending[(h >> 32) % RQ_PENDING];
 }
 
+/* Remember that `page` of `block` is asked for and is to be placed through `uffd` at `address`
+ * (the page's address in that fd's space): a page requested for a fault the lane did not read,
+ * placed through the service's own mapping. */
+void rq_remember(struct rq_lane *lane, uint64_t block, uint64_t page, uint64_t address, int uffd)
+{
+    if (block >= lane->nblocks || page >= lane->pages[block])
+        return;
+    struct rq_pending *e = rq_slot(lane, block, page);
+    e->block = block;
+    e->page = page;
+    e->address = address;
+    e->uffd = uffd;
+}
+
 /* Forget every requested page's fault read from `uffd` (the fd is retired, or its mappings changed). */
 void rq_forget_fd(struct rq_lane *lane, int uffd)
 {

@@ -37,6 +37,9 @@ the caller then accounts it in the session
 (:meth:`~aiopostcopy.core.session.DestinationSession.placed_through`), which
 wakes any other waiter, and the decoder skips the frame.  Anything else (another
 message, a copy that fails) stops it, and the decoder decodes it as before.
+Pages the session asks for itself (a self-served client's, faults queued behind
+others) are remembered too (:meth:`RequestLane.remember`), with the service's
+own fd and mapping: their answers are placed the same way.
 The caller forgets an fd (:meth:`RequestLane.forget`) before closing it and
 when its mappings change (a remap, remove or unmap event), so no answer is
 placed through a stale fd or address.
@@ -116,6 +119,12 @@ class RequestLane:
         changed (a remap, remove or unmap event), so no answer is placed through it here."""
         self._tables.pop(key, None)
         lib.rq_forget_fd(self._lane, uffd)
+
+    def remember(self, block: int, page: int, uffd: int, address: int) -> None:
+        """Remember that ``page`` of ``block`` is asked for by a Request the lane did not write
+        (a queued fault, a self-served client's request): its answer is placed through fd
+        ``uffd`` at ``address``, the page's address in that fd's space (the service's own)."""
+        lib.rq_remember(self._lane, block, page, address, uffd)
 
     def remembered(self, uffd: int) -> int:
         """How many requested pages' faults read from fd ``uffd`` are remembered (for tests and

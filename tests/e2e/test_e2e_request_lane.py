@@ -31,6 +31,7 @@ async def test_faults_are_requested_once_and_placed_either_way(e2e, lane) -> Non
     seed, size = 733, 16 * MiB
     pages = data_pages(size // PAGE, seed)
     alone, own, crowd = pages[10:1000:100], pages[1500:2500:100], pages[3000:3008]
+    served = pages[3500:3900:50]  # a self-served client's: asked by the session, placed through our own fd
     source = await e2e.source({"ram": e2e.image(size, seed=seed)}, sweep_after_idle=2.0)  # faults first
     async with PostcopyDestination(e2e.options(source.address, request_lane=lane)) as dest:
         client = await e2e.touch_client(mode="delegated", name="lane", seed=seed)
@@ -40,6 +41,10 @@ async def test_faults_are_requested_once_and_placed_either_way(e2e, lane) -> Non
         base = dest._memory.block(0).address  # the service's own mapping: faults on its own fd
         for page in own:
             assert await asyncio.to_thread(lib.apc_touch, base + page * PAGE, 1, PAGE, 0, 0) >= 0
+        pager = await e2e.touch_client(mode="self-served", name="pager", seed=seed)
+        for page in served:
+            await pager.touch([page])
+            assert len((await pager.event("touched"))["latency_us"]) == 1
         source.stop()  # a crowd: three threads on each of eight pages, read together
         await client.touch(crowd, repeat=3)
         await wait_until(lambda: len(threads_in_userfault(client.pid)) == 3 * len(crowd),
@@ -48,12 +53,14 @@ async def test_faults_are_requested_once_and_placed_either_way(e2e, lane) -> Non
         assert len((await client.event("touched"))["latency_us"]) == 3 * len(crowd)
         report = await bounded(dest.wait_complete(), "the migration")
         result = await client.finish()
+        served_result = await pager.finish()
         problems = check_destination(dest, seed=seed)
     source_report = await source.report()
 
     assert report.complete and problems == {}
-    assert result["exit"] == 0 and result.get("ok") and not result.get("bad_pages"), result
-    wanted = len(alone) + len(own) + len(crowd)
+    for outcome in (result, served_result):
+        assert outcome["exit"] == 0 and outcome.get("ok") and not outcome.get("bad_pages"), outcome
+    wanted = len(alone) + len(own) + len(crowd) + len(served)
     assert source_report["pages_urgent"] == wanted, source_report  # each faulted page asked for once
     assert report.pages_demand == wanted, report.format()
     assert report.copies_to_client >= len(alone), report.format()

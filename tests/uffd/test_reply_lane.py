@@ -141,3 +141,16 @@ def test_a_placed_page_is_answered_once(lane) -> None:
     lane.states.mark(1, 1, PLACING)
     lane.states.mark(1, 1, PLACED)
     assert lane.place(answer(1)) == ([], 0)  # a duplicate answer goes to the decoder
+
+
+def test_a_page_asked_for_elsewhere_is_placed_where_it_is_remembered(lane) -> None:
+    toucher = lane.res.touch(lane.mapping, 6 * PAGE)  # its fault is read by someone else
+    read_events(lane.uffd, 1)
+    lane.states.mark(6, 1, REQUESTED)
+    assert lane.place(answer(6)) == ([], 0)  # nothing remembered for it yet
+    lane.lane.remember(0, 6, lane.uffd.fileno(), lane.mapping.address + 6 * PAGE)
+    lane.lane.remember(0, PAGES, lane.uffd.fileno(), lane.mapping.address)  # out of range: ignored
+    assert lane.lane.remembered(lane.uffd.fileno()) == 1
+    placed, consumed = lane.place(answer(6))
+    assert placed == [(0, 6, lane.uffd.fileno(), lane.mapping.address + 6 * PAGE)] and consumed == len(answer(6))
+    assert toucher.finish() == 7
