@@ -320,8 +320,11 @@ class Client:
 
     def _serve_faults(self) -> None:
         pager, wakes = self._pager, []
-        while events := self._uffd.read_events(64):
+        while True:
+            events = self._uffd.read_events(64)
             wakes += [w for e in events if type(e) is PageFault and (w := pager.fault(e.address, e.thread_id))]
+            if len(events) < 64:  # a short read emptied the queue: no second read to learn it
+                break
         for request in pager.requests():
             self._send(request)
         self._wake(wakes)
