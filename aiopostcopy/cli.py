@@ -256,9 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cap the background stream: bytes/s, optional k/M/G suffix (powers of 1000); "
                           "pages asked for by faults are never held back")
     dst.add_argument("--request", choices=("c", "python"), default="c",
-                     help="who writes a fault's page request on plain TCP and places its answer: the C "
-                          "request and reply lanes, before the bookkeeping (default), or the Python path "
-                          "(as over TLS)")
+                     help="who writes a fault's page request and places its answer: the C request and "
+                          "reply lanes, before the bookkeeping (default; over TLS the reply lane only), or the "
+                          "Python path")
     dst.add_argument("--nice", type=_nice, default=DEFAULT_DEST_NICE,
                      help=f"nice value of the thread serving faults while the migration runs (default "
                           f"{DEFAULT_DEST_NICE}: the workload threads it wakes do not preempt it; needs root or "

@@ -173,8 +173,8 @@ class DestinationOptions:
             the zero-run thread is given the value from before.
         request_lane: write a fault's Request in C before the session's bookkeeping, when the
             urgent channel is a plain connection with nothing queued, and place its answer in
-            C through the faulting fd as it arrives (:mod:`aiopostcopy.transport.request_lane`);
-            False: the session's Python path does both.
+            C through the faulting fd as it arrives (:mod:`aiopostcopy.transport.request_lane`;
+            over TLS the answers only); False: the session's Python path does both.
     """
 
     source: tuple[str, int] | str
@@ -884,18 +884,20 @@ class PostcopyDestination:
                 self._read_faults(key, uffd)
             return self._pass()
         session, asked, general = self._session, [], False
-        lane_asked: list[tuple[int, int]] = []
+        lane_asked: list[tuple[int, int]] | None = None  # None: the lane wrote no Request
+        faulted: list[int] = []  # the faults' addresses, of the pages in ``asked``, when it did not
         if self._lane is not None and events:
             budget = session.lane_budget()
             sock = self._source.urgent_fd() if budget else -1
             table = session.fd_table(key) if sock >= 0 and key not in self._lane_off else None
             slots = uffd.slots_address if table is not None else 0
             if slots:  # the Request leaves now; the session accounts the faults below
-                lane_asked, rest = self._lane.send(sock, key, uffd.fd, table, slots, len(events), budget)
-                if lane_asked:
+                sent, rest = self._lane.send(sock, key, uffd.fd, table, slots, len(events), budget)
+                if sent:
+                    lane_asked = sent
                     self._lane_keys[uffd.fd] = key
                     if trace.ENABLED:
-                        for block, page in lane_asked:
+                        for block, page in sent:
                             trace.mark("request", block, page)
                 if rest:  # a short send: the transport writes the rest, in order
                     self._source.send_frame(Channel.URGENT, rest)
@@ -907,6 +909,8 @@ class PostcopyDestination:
                     page = session.fault_request(key, event.address, event.thread_id, now, new_request=not asked)
                     if page is not None:
                         asked.append(page)
+                        if lane_asked is None:
+                            faulted.append(event.address)
                     else:
                         general = True
                 else:
@@ -916,8 +920,11 @@ class PostcopyDestination:
                         self._clients.non_cooperative_event(key, event)
         finally:  # pages made REQUESTED go out even if a later event fails (a client retired midway)
             if asked:
-                self._send_page_requests(asked if not lane_asked else
-                                         [page for page in asked if page not in lane_asked], now)
+                if lane_asked is None:  # the session's Request: the reply lane still places the answers
+                    self._send_page_requests(asked, now)
+                    self._remember_faults(key, uffd.fd, asked, faulted)
+                else:
+                    self._send_page_requests([page for page in asked if page not in lane_asked], now)
         if general:
             self._pass()
         elif self._progress and now >= self._next_progress:
@@ -1007,6 +1014,16 @@ class PostcopyDestination:
                 if self._lane is not None and self._uffd is not None:
                     self._remember_own(msg.runs)
             self._source.send(channel, msg)
+
+    def _remember_faults(self, key: object, fd: int, asked: list[tuple[int, int]], faulted: list[int]) -> None:
+        """The session wrote the Request of a read's faults (TLS, or the lane had nothing to write):
+        the reply lane places their answers all the same, through the faulting fd at the fault's page."""
+        if self._lane is None or key in self._lane_off:
+            return
+        page_sizes = self._session.blocks.page_sizes  # type: ignore[union-attr]  (faults mean blocks)
+        for (block, page), address in zip(asked, faulted):
+            self._lane.remember(block, page, fd, address - address % page_sizes[block])
+        self._lane_keys[fd] = key
 
     def _remember_own(self, runs: tuple) -> None:
         """The reply lane places the answers of a Request the session wrote (a self-served

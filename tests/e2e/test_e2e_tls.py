@@ -99,6 +99,10 @@ async def test_tls_migration_with_faulting_clients(e2e: Any, pki: Pki) -> None:
         workers = [await e2e.worker(mode=mode, threads=2, touches=100, seed=SEED, name=f"tls-{mode}")
                    for mode in ("delegated", "self-served")]
         await wait_until(lambda: blocked_somewhere(dest) >= 2, "the clients blocked on missing pages")
+        # the request lane cannot write under TLS; the session's Requests are remembered for the
+        # reply lane, which places their answers from the decrypted bytes
+        assert dest._source.urgent_fd() == -1
+        remembered = dest._lane is None or bool(dest._lane_keys)
         source.cont()
         report = await bounded(dest.wait_complete(), "the migration over TLS")
         results = [await w.result() for w in workers]
@@ -110,6 +114,7 @@ async def test_tls_migration_with_faulting_clients(e2e: Any, pki: Pki) -> None:
     for result in results:
         assert result["exit"] == 0 and result.get("bad_page_count") == 0, result
     assert report.pages_demand > 0, "no page came on demand: the urgent channel over TLS was not exercised"
+    assert remembered, "no requested page was remembered for the reply lane"
     assert source_report["exit"] == 0 and source_report["complete"] and source_report["tls"], source_report
 
 
