@@ -545,7 +545,8 @@ int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame)
         return -1;
     for (uint32_t i = 0; i < count; i++) {
         uint64_t b = asked[2 * i], p = asked[2 * i + 1];
-        if (runs && run_block[runs - 1] == b && run_first[runs - 1] + run_count[runs - 1] == p) {
+        if (runs && run_block[runs - 1] == b && p > run_first[runs - 1]  /* no wrap at 2^64 */
+            && p - run_first[runs - 1] == run_count[runs - 1]) {
             run_count[runs - 1]++;
             continue;
         }

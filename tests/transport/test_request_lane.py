@@ -168,6 +168,11 @@ runs_strategy = st.lists(st.tuples(st.integers(0, 300), st.integers(0, 70000), s
                          min_size=1, max_size=20)
 
 
+def test_a_page_after_the_last_possible_page_does_not_join_its_run() -> None:
+    pages = [(0, 2**64 - 1), (0, 0)]  # 2**64 - 1 + 1 wraps to 0 in C
+    assert encode_requests(pages) == encode_page_requests(pages)
+
+
 @settings(max_examples=300, deadline=None)
 @given(pages_strategy)
 def test_the_c_encoder_writes_what_the_python_encoder_writes(pages) -> None:
