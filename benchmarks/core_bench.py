@@ -125,8 +125,10 @@ def fault_case(pages: int, faults: int, batch: int, *, sequential: bool, client:
     return len(order) / elapsed
 
 
-def urgent_case(pages: int, faults: int, threads: int) -> float:
-    """Faults per second through fault_request + urgent_page(target) + copied_to_client."""
+def _client_faults_case(pages: int, faults: int, threads: int,
+                        answered: Callable[[DestinationSession, int, int, float], None]) -> float:
+    """Faults per second of a client fd, ``threads`` per read, each requested at once
+    (``fault_request``) and its answer taken by ``answered(session, block, page, now)``."""
     session = destination(pages, client=True)
     order = list(range(pages))
     random.Random(1).shuffle(order)
@@ -140,37 +142,31 @@ def urgent_case(pages: int, faults: int, threads: int) -> float:
             assert found is not None
             asked.append(found)
         for block, page in asked:
-            target = session.urgent_page(block, page, target=True)
-            assert type(target) is tuple
-            session.copied_to_client(block, page, now)
+            answered(session, block, page, now)
             session.commands()
     elapsed = time.perf_counter() - start
     stats = session.statistics()
     assert stats.woken == stats.copies_to_client == len(order), (stats.woken, len(order))
     return len(order) / elapsed
+
+
+def _urgent_answer(session: DestinationSession, block: int, page: int, now: float) -> None:
+    assert type(session.urgent_page(block, page, target=True)) is tuple
+    session.copied_to_client(block, page, now)
+
+
+def _lane_answer(session: DestinationSession, block: int, page: int, now: float) -> None:
+    session.placed_through(block, page, "fd", CLIENT_BASE + page * PAGE, now)
+
+
+def urgent_case(pages: int, faults: int, threads: int) -> float:
+    """Faults per second through fault_request + urgent_page(target) + copied_to_client."""
+    return _client_faults_case(pages, faults, threads, _urgent_answer)
 
 
 def lanes_case(pages: int, faults: int, threads: int) -> float:
     """Faults per second through fault_request + placed_through (the C lanes did the I/O)."""
-    session = destination(pages, client=True)
-    order = list(range(pages))
-    random.Random(1).shuffle(order)
-    order = order[:faults]
-    start = time.perf_counter()
-    for index in range(0, len(order), threads):
-        now = time.perf_counter() - start
-        asked = []
-        for tid, page in enumerate(order[index:index + threads]):
-            found = session.fault_request("fd", CLIENT_BASE + page * PAGE + 8, tid, now, new_request=not asked)
-            assert found is not None
-            asked.append(found)
-        for block, page in asked:
-            session.placed_through(block, page, "fd", CLIENT_BASE + page * PAGE, now)
-            session.commands()
-    elapsed = time.perf_counter() - start
-    stats = session.statistics()
-    assert stats.woken == stats.copies_to_client == len(order), (stats.woken, len(order))
-    return len(order) / elapsed
+    return _client_faults_case(pages, faults, threads, _lane_answer)
 
 
 def sweep_case(pages: int) -> float:
