@@ -225,7 +225,7 @@ class PostcopyDestination:
             self._session.features = (FROM_COPY_FEATURE,)
         self._staging = Staging(LIMITS.max_payload)  # the urgent channel's: placed inline
         self._placement: Placement | None = None
-        self._lane: RequestLane | None = None  # writes a fault's Request before the bookkeeping
+        self._lane: RequestLane | None = None  # the request and reply lanes (C), before the bookkeeping
         self._lane_keys: dict[int, object] = {}  # fd number -> key, of the fds the lane asked for
         self._lane_off: set[object] = set()  # keys whose mappings moved or went: their table may be stale
         self._placer: BackgroundPlacer | None = None
@@ -633,10 +633,10 @@ class PostcopyDestination:
 
     def _place_answers(self, decoder: Decoder) -> None:
         """Bytes arrived on the urgent channel: the reply lane places the answers at their front
-        (one-page Pages of REQUESTED pages whose faults the request lane sent) with one
-        UFFDIO_COPY each, through the userfaultfd the fault was read from, which wakes the
-        thread; then the session accounts them and the decoder skips their frames.  It stops
-        at anything else, which the decoder decodes as before."""
+        (one-page Pages of REQUESTED pages the lanes remember: the fd and address of the fault,
+        or the service's own for a Request the session wrote) with one UFFDIO_COPY each, which
+        wakes the threads waiting there; then the session accounts them and the decoder skips
+        their frames.  It stops at anything else, which the decoder decodes as before."""
         lane = self._lane
         if lane is None or not self._lane_keys:
             return
@@ -869,9 +869,11 @@ class PostcopyDestination:
     def _serve_faults(self, key: str, uffd: Userfaultfd) -> None:
         """A userfaultfd is readable: read its faults and send their Request in the same callback.
 
-        The urgent path: each fault of the read on a missing page, with nothing
-        queued ahead of it, is accounted by the session's ``fault_request`` and
-        the pages go out in one Request frame, written here with no pass.  Any
+        The urgent path: the request lane (C) writes the Request of the read's
+        missing pages first, when it may; then each fault on a missing page, with
+        nothing queued ahead of it, is accounted by the session's ``fault_request``
+        (the pages the lane did not write go out in one Request frame, here, with
+        no pass; the lane remembers them all for the reply lane).  Any
         other fault (joined, already placed, queued behind others, unknown) and
         any other event goes the general way, and the pass then runs in this
         same callback, so nothing read here waits for a loop turn.
