@@ -165,6 +165,28 @@ static uint8_t *ps_put_array(uint8_t *p, uint32_t n)
     return p;
 }
 
+/* An unsigned integer at p in the smallest encoding (the one ps_put_uint writes), or 0. */
+static size_t ps_get_smallest_uint(const uint8_t *p, const uint8_t *end, uint64_t *v)
+{
+    uint8_t again[9];
+    size_t n = ps_get_uint(p, end, v);
+    return n && (size_t)(ps_put_uint(again, *v) - again) == n ? n : 0;
+}
+
+/* A frame's length prefix: the big-endian length of its msgpack header. */
+static uint32_t ps_get_prefix(const uint8_t *f)
+{
+    return ((uint32_t)f[0] << 24) | ((uint32_t)f[1] << 16) | ((uint32_t)f[2] << 8) | f[3];
+}
+
+static void ps_put_prefix(uint8_t *f, uint32_t length)
+{
+    f[0] = (uint8_t)(length >> 24);
+    f[1] = (uint8_t)(length >> 16);
+    f[2] = (uint8_t)(length >> 8);
+    f[3] = (uint8_t)length;
+}
+
 /* ---- one Request --------------------------------------------------------- */
 
 struct ps_run { uint64_t first; uint32_t block; uint32_t count; };
@@ -333,11 +355,7 @@ static int ps_answer(struct ps_server *s, const struct ps_run *runs, uint32_t n)
             for (uint32_t k = 0; k < nbounds; k++)
                 p = ps_put_uint(p, bounds[k]);
         }
-        uint32_t length = (uint32_t)(p - start - PS_PREFIX);
-        start[0] = (uint8_t)(length >> 24);
-        start[1] = (uint8_t)(length >> 16);
-        start[2] = (uint8_t)(length >> 8);
-        start[3] = (uint8_t)length;
+        ps_put_prefix(start, (uint32_t)(p - start - PS_PREFIX));
         iov[niov].iov_base = start;
         iov[niov++].iov_len = (size_t)(p - start);
         h = p;
@@ -387,7 +405,7 @@ int ps_serve(struct ps_server *s)
         size_t avail = s->in_end - s->in_start;
         if (avail >= PS_PREFIX) {
             const uint8_t *f = s->inbuf + s->in_start;
-            size_t size = ((size_t)f[0] << 24) | ((size_t)f[1] << 16) | ((size_t)f[2] << 8) | f[3];
+            size_t size = ps_get_prefix(f);
             if (avail >= 6 && (f[4] != 0x92 || f[5] != PS_TYPE_REQUEST))
                 return PS_DECLINED;                   /* another message */
             if (size > s->in_cap - PS_PREFIX)
@@ -479,35 +497,6 @@ void rq_forget_fd(struct rq_lane *lane, int uffd)
             lane->pending[i].uffd = -1;
 }
 
-static size_t rq_uint(uint8_t *p, uint64_t v)
-{
-    if (v < 128) {
-        p[0] = (uint8_t)v;
-        return 1;
-    }
-    if (v < 256) {
-        p[0] = 0xcc;
-        p[1] = (uint8_t)v;
-        return 2;
-    }
-    if (v < 65536) {
-        p[0] = 0xcd;
-        p[1] = (uint8_t)(v >> 8);
-        p[2] = (uint8_t)v;
-        return 3;
-    }
-    if (v < ((uint64_t)1 << 32)) {
-        p[0] = 0xce;
-        for (int i = 0; i < 4; i++)
-            p[1 + i] = (uint8_t)(v >> (24 - 8 * i));
-        return 5;
-    }
-    p[0] = 0xcf;
-    for (int i = 0; i < 8; i++)
-        p[1 + i] = (uint8_t)(v >> (56 - 8 * i));
-    return 9;
-}
-
 /* Where `address` falls: 0 and *block, *page set, or -1 (no entry covers it).
  * table: n entries of (start, length, block, offset), sorted by start. */
 static int rq_translate(const struct rq_lane *lane, const uint64_t *table, uint32_t n,
@@ -555,28 +544,17 @@ int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame)
         run_count[runs] = 1;
         runs++;
     }
-    uint8_t *h = frame + PS_PREFIX;
-    size_t n = 0;
-    h[n++] = 0x92;
-    h[n++] = PS_TYPE_REQUEST;
-    if (runs < 16) {
-        h[n++] = (uint8_t)(0x90 | runs);
-    } else {
-        h[n++] = 0xdc;
-        h[n++] = (uint8_t)(runs >> 8);
-        h[n++] = (uint8_t)runs;
-    }
+    uint8_t *p = ps_put_array(frame + PS_PREFIX, 2);
+    *p++ = PS_TYPE_REQUEST;
+    p = ps_put_array(p, runs);
     for (uint32_t r = 0; r < runs; r++) {
-        h[n++] = 0x93;
-        n += rq_uint(h + n, run_block[r]);
-        n += rq_uint(h + n, run_first[r]);
-        n += rq_uint(h + n, run_count[r]);
+        p = ps_put_array(p, 3);
+        p = ps_put_uint(p, run_block[r]);
+        p = ps_put_uint(p, run_first[r]);
+        p = ps_put_uint(p, run_count[r]);
     }
-    frame[0] = (uint8_t)(n >> 24);
-    frame[1] = (uint8_t)(n >> 16);
-    frame[2] = (uint8_t)(n >> 8);
-    frame[3] = (uint8_t)n;
-    return (int)(PS_PREFIX + n);
+    ps_put_prefix(frame, (uint32_t)(p - frame - PS_PREFIX));
+    return (int)(p - frame);
 }
 
 int rq_send(const struct rq_lane *lane, int sock, int uffd, const uint64_t *slots, uint32_t count,
@@ -635,28 +613,6 @@ int rq_send(const struct rq_lane *lane, int sock, int uffd, const uint64_t *slot
  * the caller accounts the placed pages in the session, changing their state.
  */
 
-/* A msgpack unsigned integer in its smallest encoding at p (n bytes there); its length or 0. */
-static size_t rq_get_uint(const uint8_t *p, size_t n, uint64_t *v)
-{
-    if (n < 1)
-        return 0;
-    if (p[0] < 0x80) {
-        *v = p[0];
-        return 1;
-    }
-    size_t len = p[0] == 0xcc ? 1 : p[0] == 0xcd ? 2 : p[0] == 0xce ? 4 : p[0] == 0xcf ? 8 : 0;
-    if (len == 0 || n < 1 + len)
-        return 0;
-    uint64_t x = 0;
-    for (size_t i = 0; i < len; i++)
-        x = (x << 8) | p[1 + i];
-    uint64_t floor = len == 1 ? 0x80 : len == 2 ? 0x100 : len == 4 ? 0x10000 : 0x100000000ull;
-    if (x < floor)
-        return 0;  /* not the smallest form: the decoder's */
-    *v = x;
-    return 1 + len;
-}
-
 int rq_place(struct rq_lane *lane, const uint8_t *buf, size_t len, uint64_t *placed, uint32_t max_placed,
              size_t *consumed)
 {
@@ -665,26 +621,18 @@ int rq_place(struct rq_lane *lane, const uint8_t *buf, size_t len, uint64_t *pla
     *consumed = 0;
     while (n < max_placed && len - at >= PS_PREFIX + 7) {
         const uint8_t *f = buf + at;
-        uint32_t size = ((uint32_t)f[0] << 24) | ((uint32_t)f[1] << 16) | ((uint32_t)f[2] << 8) | f[3];
-        const uint8_t *h = f + PS_PREFIX;
+        uint32_t size = ps_get_prefix(f);
+        const uint8_t *h = f + PS_PREFIX, *end = h + size - 1;  /* the header, its last byte 0x90 */
         if (size < 7 || size > 31 || len - at - PS_PREFIX < size || h[0] != 0x96 || h[1] != PS_TYPE_PAGES
-            || h[size - 1] != 0x90)
+            || *end != 0x90)
             break;
-        uint64_t block, page, count, nbytes;
-        size_t i = 2, k;
-        if (!(k = rq_get_uint(h + i, size - i, &block)))
-            break;
-        i += k;
-        if (!(k = rq_get_uint(h + i, size - i, &page)))
-            break;
-        i += k;
-        if (!(k = rq_get_uint(h + i, size - i, &count)) || count != 1)
-            break;
-        i += k;
-        if (!(k = rq_get_uint(h + i, size - i, &nbytes)))
-            break;
-        i += k;
-        if (i + 1 != size || block >= lane->nblocks || page >= lane->pages[block]
+        uint64_t field[4];           /* block, page, count, payload bytes */
+        const uint8_t *q = h + 2;
+        size_t k = 1;
+        for (int i = 0; i < 4 && k; i++)
+            q += k = ps_get_smallest_uint(q, end, &field[i]);
+        uint64_t block = field[0], page = field[1], nbytes = field[3];
+        if (!k || q != end || field[2] != 1 || block >= lane->nblocks || page >= lane->pages[block]
             || nbytes != lane->page_size[block] || len - at - PS_PREFIX - size < nbytes)
             break;
         if (lane->states[block][page] != RQ_REQUESTED)
