@@ -92,6 +92,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import socket
@@ -127,6 +128,7 @@ from aiopostcopy.messages import (
 from aiopostcopy.destination.operator import TokenBucket
 from aiopostcopy.transport.page_server import Answer, PageServer, PageServerLock, Served, ServedBlock
 from aiopostcopy.transport.page_server import available as page_server_available
+from aiopostcopy.transport.frame_writer import FrameWriter
 from aiopostcopy.transport.stream import set_nodelay
 from aiopostcopy.transport.tls import ServerTls, check_context, describe_tls_error, looks_like_tls
 from aiopostcopy.transport.wire import (
@@ -146,6 +148,9 @@ _SWEEP_WATCH = 0.01  #: seconds between looks of a demand-first source at its de
 _SWEEP_HOLD_MAX = 30.0  #: a demand-first source sweeps after this long in any case
 #: Default seconds a session is held with no channel open before it is released.
 DEFAULT_LEASE = 5.0
+#: Frames the sweep may queue for the background writer behind the one being sent (each up to a
+#: run, 1 MiB): the next runs are read while one is written.
+_SWEEP_QUEUE = 2
 #: Default SO_SNDBUF of the background connection (see PostcopySource).
 BACKGROUND_SNDBUF = 128 << 10
 _SEND_TIMEOUT = 60.0  #: a peer that takes no data for this long is gone
@@ -354,10 +359,17 @@ class SourceReport:
 
 
 class _RunBuffer:
-    """A thread's staging memory for the run it sends: grown on demand, reused."""
+    """A thread's staging memory for the run it sends: grown on demand, reused.  The sweep's
+    come from a pool: one is out from the read of its run until the writer has sent it."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: deque[_RunBuffer] | None = None) -> None:
         self.buffer = bytearray()
+        self._pool = pool
+
+    def release(self) -> None:
+        """Back to the pool it came from (the writer thread calls this once the run is sent)."""
+        if self._pool is not None:
+            self._pool.append(self)
 
     def take(self, nbytes: int) -> bytearray:
         if nbytes > len(self.buffer):
@@ -1155,8 +1167,12 @@ class PostcopySource:
         conn.wake.set()
 
     def _sweep(self, conn: _Conn) -> None:
-        """The background sender thread: stream the sweep while the window allows."""
-        staging = _RunBuffer()
+        """The background sender thread: stream the sweep while the window allows.  It reads each
+        run and queues its frame; a writer thread sends it meanwhile, in order with every other
+        frame this thread queues (:class:`~aiopostcopy.transport.frame_writer.FrameWriter`)."""
+        pool: deque[_RunBuffer] = deque()  # free staging buffers: at most _SWEEP_QUEUE + 2 exist
+        writer = FrameWriter(conn.send, depth=_SWEEP_QUEUE, wait_turn=self._no_urgent_huge.wait,
+                             name="aiopostcopy-source-background-writer")
         bucket = TokenBucket(self._max_bandwidth, time.monotonic()) if self._max_bandwidth else None
         error: BaseException | None = None
         try:
@@ -1168,18 +1184,22 @@ class PostcopySource:
                     run = conn.session.next_background() if sweeping and not hold else None
                     frames = self._drain_locked(conn.session)
                 self._send_urgent_frames(frames)
-                self._flush_outbox(conn)
+                while conn.outbox:
+                    writer.put([conn.outbox.popleft()])
                 if conn.farewell:
                     break
                 if run is None:
                     conn.wake.wait(hold or (None if sweeping else 0.05))
                     continue
                 self._no_urgent_huge.wait()  # a faulted huge page has the link alone
-                if bucket is None:
-                    self._send_run(conn, run, staging)
-                else:
-                    bucket.charge(self._send_run(conn, run, staging), time.monotonic())
+                staging = pool.popleft() if pool else _RunBuffer(pool)
+                nbytes = self._send_run(conn, run, staging, writer)
+                if bucket is not None:
+                    bucket.charge(nbytes, time.monotonic())
+            writer.close()  # what is queued (a farewell's Error last) goes out before the socket closes
         except BaseException as exc:
+            with contextlib.suppress(BaseException):  # the frames queued go first; its error is exc
+                writer.close()
             error = self._thread_error(conn, exc)
         finally:
             conn.release()
@@ -1190,10 +1210,6 @@ class PostcopySource:
         if frames and urgent is not None:
             for frame in frames:
                 urgent.try_send(frame)
-
-    def _flush_outbox(self, conn: _Conn) -> None:
-        while conn.outbox:
-            conn.send([conn.outbox.popleft()])
 
     # -- from an earlier copy ------------------------------------------------------
 
@@ -1221,14 +1237,20 @@ class PostcopySource:
 
     # -- sending a run -----------------------------------------------------------
 
-    def _send_run(self, conn: _Conn, run: PageRun, staging: _RunBuffer) -> int:
+    def _send_run(self, conn: _Conn, run: PageRun, staging: _RunBuffer, writer: FrameWriter | None = None) -> int:
         """Read ``run`` and send it as one frame: Zero if every page is zero, else Pages whose
         ``zeros`` names the zero pages and whose payload holds the others, packed together.
-        Returns the payload's bytes (what a bandwidth cap charges)."""
+        With a ``writer`` (the sweep) the frame is queued there, and ``staging`` released once it
+        is sent.  Returns the payload's bytes (what a bandwidth cap charges)."""
         block = self._blocks[run.block]
         size = block.page_size
         if size > LIMITS.max_payload:
-            return self._send_huge_page(conn, run, staging)
+            if writer is None:
+                return self._send_huge_page(conn, run, staging)
+            writer.flush()  # its pieces go out from here, after every frame queued before them
+            nbytes = self._send_huge_page(conn, run, staging)
+            staging.release()
+            return nbytes
         holes = block.hole_bounds(run.first, run.count)
         if holes == (0, run.count):  # a hole of a sparse file: zeros, nothing to read
             block.check_size()
@@ -1244,7 +1266,10 @@ class PostcopySource:
             self._count_sent(conn, read=read, hole=bounds_total(holes), zero=zero, data=run.count - zero,
                              nbytes=nbytes)
             conn.session.sent(conn.channel, run, nbytes)
-        send = conn.send_or_drop if conn.channel is URGENT else conn.send
+        if conn.channel is URGENT:
+            send = conn.send_or_drop
+        else:
+            send = conn.send if writer is None else functools.partial(writer.put, release=staging.release)
         if not nbytes:
             send([encode(Zero(block=run.block, first=run.first, count=run.count))])
         else:  # the data pages go out as the stretches between zero pages: one sendmsg, no packing copy
