@@ -22,13 +22,19 @@ for the loop, and the loop never waits for page data:
   GIL.  Either way an urgent reply waits for no background work.
 * ``background``: a sender thread streams every page not yet sent, restarting
   near the most recent request (locality), as far as the background window
-  allows; its reads and sends release the GIL too.  The destination's Acks
-  and Pings on that connection are read by the loop (a FrameProtocol).
+  allows.  It reads each run and finds its zero pages in one C call
+  (:func:`~aiopostcopy.transport.page_server.read_run`, the GIL free; Python's
+  ``preadv`` and scan where a run has holes or the extension is not built),
+  and queues the frame for a writer thread
+  (:class:`~aiopostcopy.transport.frame_writer.FrameWriter`), which sends it
+  while the next run is read.  The destination's Acks and Pings on that
+  connection are read by the loop (a FrameProtocol).
 
 Each thread writes through its own duplicate of the connection's socket
 (:class:`_Conn`); other threads write urgent frames under the connection's
 lock and queue background frames in its outbox, which only the sender thread
-writes, so frames never interleave.  The decisions (what to send next, the
+takes (into its writer's queue, in order with its runs), so frames never
+interleave.  The decisions (what to send next, the
 window, resume bookkeeping) live in the I/O-free
 :class:`~aiopostcopy.core.source_session.SourceSession`, used under one lock.
 
@@ -128,6 +134,7 @@ from aiopostcopy.messages import (
 from aiopostcopy.destination.operator import TokenBucket
 from aiopostcopy.transport.page_server import Answer, PageServer, PageServerLock, Served, ServedBlock
 from aiopostcopy.transport.page_server import available as page_server_available
+from aiopostcopy.transport.page_server import read_run
 from aiopostcopy.transport.frame_writer import FrameWriter
 from aiopostcopy.transport.stream import set_nodelay
 from aiopostcopy.transport.tls import ServerTls, check_context, describe_tls_error, looks_like_tls
@@ -1258,8 +1265,12 @@ class PostcopySource:
         else:
             buffer = staging.take(run.count * size)
             view = memoryview(buffer)[: run.count * size]
-            read = block.read_data(view, run.first, holes)
-            zeros = _zero_bounds(buffer, self._zero_page[size], 0, run.count, size)
+            found = None if holes else read_run(block.fd, size, run.first, run.count, buffer)
+            if found is not None:  # read and scanned in C, the GIL free
+                read, zeros = len(view), found
+            else:
+                read = block.read_data(view, run.first, holes)
+                zeros = _zero_bounds(buffer, self._zero_page[size], 0, run.count, size)
         zero = bounds_total(zeros)
         nbytes = (run.count - zero) * size
         with self._lock:  # before sending: the destination's Ack for these bytes may come back at once

@@ -42,6 +42,7 @@ int ps_init(struct ps_server *s);
 void ps_lock(struct ps_server *s);
 void ps_unlock(struct ps_server *s);
 int ps_serve(struct ps_server *s);
+int ps_read_run(int fd, uint32_t page_size, uint64_t first, uint32_t count, uint8_t *to, uint32_t *zeros);
 
 struct rq_pending { uint64_t block; uint64_t page; uint64_t address; int uffd; ...; };
 struct rq_lane { uint8_t *const *states; const uint64_t *pages; const uint64_t *page_size; uint32_t nblocks;

@@ -39,7 +39,7 @@
 #include <unistd.h>
 #include <linux/userfaultfd.h>
 
-#define PS_VERSION 4         /* the layout page_server.py expects; bumped with any change to it */
+#define PS_VERSION 5         /* the layout page_server.py expects; bumped with any change to it */
 #define PS_MAX_RUNS 64       /* runs of one Request answered here */
 #define PS_MAX_RUN_PAGES 64  /* pages of one run answered here */
 #define PS_MAX_BOUNDS (PS_MAX_RUN_PAGES + 1)  /* zero-stretch bounds of one run, at most */
@@ -262,10 +262,35 @@ typedef uint64_t __attribute__((may_alias)) ps_word;
 static int ps_is_zero(const uint8_t *page, size_t size)
 {
     const ps_word *w = (const ps_word *)page;     /* pages start 8-byte aligned */
+    if (w[0] | w[size / 16] | w[size / 8 - 1])    /* most data pages end here */
+        return 0;
     uint64_t acc = 0;
     for (size_t i = 0; i < size / 8; i++)
         acc |= w[i];
     return acc == 0;
+}
+
+/* The sweep's run, read and scanned with the GIL free: `count` pages from page `first` of the file
+ * `fd` into `to`, then their all-zero pages as bounds (flattened [low, high) pairs relative to
+ * `first`, as Pages.zeros) in `zeros`, which has room for count + 1 of them.  Returns the number of
+ * bounds, or -1 if the read failed or came short: the caller reads again, and reports why. */
+int ps_read_run(int fd, uint32_t page_size, uint64_t first, uint32_t count, uint8_t *to, uint32_t *zeros)
+{
+    struct ps_block b = { .fd = fd, .page_size = page_size };
+    if (page_size == 0 || page_size % 8 || ps_read(&b, to, first, count) != 0)
+        return -1;
+    int n = 0;
+    for (uint32_t k = 0; k < count; k++) {
+        if (!ps_is_zero(to + (size_t)k * page_size, page_size))
+            continue;
+        if (n > 0 && zeros[n - 1] == k)
+            zeros[n - 1] = k + 1;    /* extends the stretch before it */
+        else {
+            zeros[n++] = k;
+            zeros[n++] = k + 1;
+        }
+    }
+    return n;
 }
 
 static void ps_send_all(struct ps_server *s, struct iovec *iov, int n)

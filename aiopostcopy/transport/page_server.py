@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 #: The C side's PS_VERSION this module is written for.
-VERSION = 4
+VERSION = 5
 
 
 def matches(built: object) -> bool:
@@ -46,7 +46,8 @@ except ImportError:  # not built (an interpreter without the extension): the Pyt
 if not matches(lib):  # built from other sources (a checkout without a rebuild): not used
     ffi = lib = None
 
-__all__ = ["Answer", "PageServer", "PageServerLock", "Served", "ServedBlock", "VERSION", "available", "matches"]
+__all__ = ["Answer", "PageServer", "PageServerLock", "Served", "ServedBlock", "VERSION", "available", "matches",
+           "read_run"]
 
 #: Bytes of Requests buffered at once; a larger frame is declined.
 RECEIVE_BYTES = 64 << 10
@@ -62,6 +63,22 @@ def available() -> bool:
     """The C page server was built, from the sources of this version (a stale build, say after
     a checkout without a rebuild, is not used: the source then answers on the Python path)."""
     return lib is not None
+
+
+def read_run(fd: int, page_size: int, first: int, count: int, buffer: bytearray) -> tuple[int, ...] | None:
+    """Read ``count`` pages from page ``first`` of the file ``fd`` into ``buffer`` and find the
+    all-zero ones, in one C call with the GIL free (the sweep's run).
+
+    Returns:
+        The zero pages' bounds relative to ``first`` (as ``Pages.zeros``), or None: the extension
+        is not built, or the read failed or came short (the caller reads again in Python, which
+        says why).
+    """
+    if lib is None or len(buffer) < count * page_size:
+        return None
+    zeros = ffi.new("uint32_t[]", count + 1)
+    n = lib.ps_read_run(fd, page_size, first, count, ffi.from_buffer(buffer), zeros)
+    return None if n < 0 else tuple(ffi.unpack(zeros, n))
 
 
 class Served(enum.IntEnum):
