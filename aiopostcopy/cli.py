@@ -45,7 +45,8 @@ from aiopostcopy.core.config import DestinationConfig, SourceConfig
 from aiopostcopy.errors import (ConfigurationError, PostcopyError, SourceLostError, SourceUnreachableError,
                                 TlsHandshakeError)
 from aiopostcopy.loop import DestinationOptions, PostcopyDestination
-from aiopostcopy.source import BACKGROUND_SNDBUF, DEFAULT_LEASE, PostcopySource, SourceBlock
+from aiopostcopy.source import (BACKGROUND_SNDBUF, BACKGROUND_SNDBUF_QUIET, DEFAULT_LEASE, DEMAND_QUIET, PostcopySource,
+                                SourceBlock)
 from aiopostcopy.transport.tls import TlsConfig
 from aiopostcopy.tools.preflight import check_port, check_source_blocks, prepare_block_dir
 
@@ -220,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
                                            "to faults) to keep a background run whole; at most an eighth of "
                                            "the run in all (0: never send a page twice)")
     src.add_argument("--sndbuf", type=int, default=BACKGROUND_SNDBUF,
-                     help="SO_SNDBUF of the background connection, 0 for kernel autotuning")
+                     help="SO_SNDBUF of the background connection while pages are being requested "
+                          f"(default {BACKGROUND_SNDBUF}), 0 for kernel autotuning throughout")
+    src.add_argument("--sndbuf-quiet", type=int, default=BACKGROUND_SNDBUF_QUIET,
+                     help=f"SO_SNDBUF once no page was requested for {DEMAND_QUIET * 1000:g} ms "
+                          f"(default {BACKGROUND_SNDBUF_QUIET}), 0: --sndbuf always")
     src.add_argument("--lease", type=_positive(float), default=DEFAULT_LEASE,
                      help=f"seconds a session is held with no channel open before the next destination may "
                           f"start (default {DEFAULT_LEASE:g})")
@@ -470,7 +475,8 @@ async def source_main(args: argparse.Namespace, record: RunRecord) -> int:
     trace.start("source")
     config = SourceConfig(background_window_bytes=args.window, background_run_pages=args.run_pages,
                           sweep_bridge_pages=args.sweep_bridge)
-    source = PostcopySource(blocks, config=config, background_sndbuf=args.sndbuf or None, lease=args.lease,
+    source = PostcopySource(blocks, config=config, background_sndbuf=args.sndbuf or None,
+                            background_sndbuf_quiet=args.sndbuf_quiet or None, lease=args.lease,
                             sweep_after_idle=args.sweep_after_idle, tls=tls, max_bandwidth=args.max_bandwidth,
                             answer_in_c=args.answer == "c")
     try:

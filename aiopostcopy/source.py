@@ -158,8 +158,11 @@ DEFAULT_LEASE = 5.0
 #: Frames the sweep may queue for the background writer behind the one being sent (each up to a
 #: run, 1 MiB): the next runs are read while one is written.
 _SWEEP_QUEUE = 2
-#: Default SO_SNDBUF of the background connection (see PostcopySource).
-BACKGROUND_SNDBUF = 128 << 10
+#: Default SO_SNDBUF of the background connection while pages are being requested, and once none
+#: was for DEMAND_QUIET seconds (see PostcopySource).
+BACKGROUND_SNDBUF = 64 << 10
+BACKGROUND_SNDBUF_QUIET = 1 << 20
+DEMAND_QUIET = 0.05
 _SEND_TIMEOUT = 60.0  #: a peer that takes no data for this long is gone
 _HELLO_BUDGET = header_budget(Hello)
 _JOIN_TIMEOUT = 5.0
@@ -697,13 +700,20 @@ class PostcopySource:
     Args:
         blocks: the blocks, in the order the destination will index them.
         config: window and run sizes for the source session.
-        background_sndbuf: SO_SNDBUF of the background connection (TCP), or
-            None for the kernel's autotuning.  It bounds how much of the sweep
-            can sit in this host's network stack, and so in a shared device
-            queue ahead of an urgent reply: with autotuning (and Linux's
-            4 MiB per-socket queue limit) a reply waited behind megabytes.
-            The kernel doubles the value; 128 KiB kept the sweep near the
-            link rate on the benchmark's 10 Gbit/s link.
+        background_sndbuf: SO_SNDBUF of the background connection (TCP) while
+            pages are being requested, or None for the kernel's autotuning
+            throughout.  It bounds how much of the sweep can sit in this
+            host's network stack, and so in a shared device queue ahead of an
+            urgent reply: with autotuning (and Linux's 4 MiB per-socket queue
+            limit) a reply waited behind megabytes.  The kernel doubles the
+            value: 64 KiB keeps about 110 us of a 10 Gbit/s link queued.
+        background_sndbuf_quiet: SO_SNDBUF once no page was requested for
+            ``DEMAND_QUIET`` seconds (50 ms): nobody waits, and a larger buffer
+            lets the sweep fill the link through the sender's scheduling
+            delays.  The next Request sets ``background_sndbuf`` again (what
+            is queued by then still goes first: about 1.7 ms of a 10 Gbit/s
+            link at the 1 MiB default).  None: ``background_sndbuf`` always.
+            A session starts as if pages were being requested.
         lease: seconds a session is held with none of its channels open
             (waiting for the destination to reconnect and Resume) before it
             is released and another destination may start.
@@ -726,7 +736,8 @@ class PostcopySource:
     """
 
     def __init__(self, blocks: list[SourceBlock], *, config: SourceConfig | None = None,
-                 background_sndbuf: int | None = BACKGROUND_SNDBUF, lease: float = DEFAULT_LEASE,
+                 background_sndbuf: int | None = BACKGROUND_SNDBUF,
+                 background_sndbuf_quiet: int | None = BACKGROUND_SNDBUF_QUIET, lease: float = DEFAULT_LEASE,
                  sweep_after_idle: float | None = None, tls: ssl.SSLContext | None = None,
                  max_bandwidth: int | None = None, answer_in_c: bool = True) -> None:
         if not blocks:
@@ -743,6 +754,8 @@ class PostcopySource:
         self._last_refusal: tuple[tuple[str, str] | None, float] = (None, 0.0)
         self._blocks = blocks
         self._sndbuf = background_sndbuf
+        self._sndbuf_quiet = background_sndbuf_quiet if background_sndbuf is not None else None
+        self._demand_at = time.monotonic()  #: when a page was last requested (a session starts there)
         self._lease = lease
         self._config = config or SourceConfig()
         self._loop = asyncio.get_running_loop()
@@ -896,6 +909,7 @@ class PostcopySource:
     def _adopt_background(self, conn: _Conn, rest: bytes) -> None:
         if self._sndbuf is not None and conn.sock.family in (socket.AF_INET, socket.AF_INET6):
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+        self._demand_at = time.monotonic()  # the sweep starts as if pages were being requested
         proto = _BackgroundReader(self, conn)
         tls = conn.tls
         conn.transport.set_protocol(proto if tls is None else _TlsReader(tls, proto))
@@ -1094,6 +1108,8 @@ class PostcopySource:
             counts["zero"] += zero
             counts["urgent" if conn.channel is URGENT else "background"] += data
             counts["bytes"] += nbytes
+        if conn.channel is URGENT:
+            self._demand_at = time.monotonic()
 
     def _on_urgent(self, conn: _Conn, msg: Message, staging: _RunBuffer) -> None:
         if type(msg) is Error:
@@ -1181,6 +1197,7 @@ class PostcopySource:
         writer = FrameWriter(conn.send, depth=_SWEEP_QUEUE, wait_turn=self._no_urgent_huge.wait,
                              name="aiopostcopy-source-background-writer")
         bucket = TokenBucket(self._max_bandwidth, time.monotonic()) if self._max_bandwidth else None
+        sndbuf = self._sndbuf if conn.sock.family in (socket.AF_INET, socket.AF_INET6) else None
         error: BaseException | None = None
         try:
             while not conn.ending and not conn.closed:
@@ -1199,6 +1216,8 @@ class PostcopySource:
                     conn.wake.wait(hold or (None if sweeping else 0.05))
                     continue
                 self._no_urgent_huge.wait()  # a faulted huge page has the link alone
+                if sndbuf is not None and self._sndbuf_quiet is not None:
+                    sndbuf = self._size_send_buffer(conn, sndbuf)
                 staging = pool.popleft() if pool else _RunBuffer(pool)
                 nbytes = self._send_run(conn, run, staging, writer)
                 if bucket is not None:
@@ -1211,6 +1230,16 @@ class PostcopySource:
         finally:
             conn.release()
             self._loop.call_soon_threadsafe(self._lost, conn, error)
+
+    def _size_send_buffer(self, conn: _Conn, now: int) -> int:
+        """The background connection's SO_SNDBUF for the next run: small while pages are being
+        requested, larger once none was for DEMAND_QUIET seconds.  Returns the value set."""
+        quiet = time.monotonic() - self._demand_at >= DEMAND_QUIET
+        want = self._sndbuf_quiet if quiet else self._sndbuf
+        if want is not None and want != now:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want)
+            return want
+        return now
 
     def _send_urgent_frames(self, frames: list[bytes]) -> None:
         urgent = self._conns.get(URGENT)
