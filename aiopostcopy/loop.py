@@ -106,7 +106,8 @@ from aiopostcopy.destination.operator import (
     format_source,
 )
 from aiopostcopy.destination.fromcopy import CopyComparison
-from aiopostcopy.destination.placer import BackgroundPlacer, Placement, set_niceness
+from aiopostcopy.destination.placer import BackgroundPlacer, Placement
+from aiopostcopy.priority import set_niceness
 from aiopostcopy.messages import (LIMITS, Changed, Channel, Complete, Error, ErrorCode, Hello, Message, Pages,
                                   Request, Zero)
 from aiopostcopy.destination.vhost_user import FrontEndPort, VhostUserFrontEnd

@@ -27,8 +27,11 @@ for the loop, and the loop never waits for page data:
   ``preadv`` and scan where a run has holes or the extension is not built),
   and queues the frame for a writer thread
   (:class:`~aiopostcopy.transport.frame_writer.FrameWriter`), which sends it
-  while the next run is read.  The destination's Acks and Pings on that
-  connection are read by the loop (a FrameProtocol).
+  while the next run is read.  Both threads run at nice ``SWEEP_NICENESS``
+  (:mod:`aiopostcopy.priority`): where the CPUs are busy, the urgent thread
+  answers a Request before the next background run is read.  The
+  destination's Acks and Pings on that connection are read by the loop (a
+  FrameProtocol).
 
 Each thread writes through its own duplicate of the connection's socket
 (:class:`_Conn`); other threads write urgent frames under the connection's
@@ -116,6 +119,7 @@ from aiopostcopy.core.digests import changed_bounds, page_digests, zero_digest
 from aiopostcopy.core.rangeset import RangeSet, bounds_total
 from aiopostcopy.core.source_session import SourceConfig, SourceSession
 from aiopostcopy.errors import PostcopyError, RemoteProtocolError
+from aiopostcopy.priority import set_niceness
 from aiopostcopy.messages import (
     LIMITS,
     BlockInfo,
@@ -158,6 +162,9 @@ DEFAULT_LEASE = 5.0
 #: Frames the sweep may queue for the background writer behind the one being sent (each up to a
 #: run, 1 MiB): the next runs are read while one is written.
 _SWEEP_QUEUE = 2
+#: Nice value of the sweep's reader and writer threads: on CPUs the destination, its clients or
+#: the urgent thread keep busy, a Request is answered before the next background run is read.
+SWEEP_NICENESS = 10
 #: Default SO_SNDBUF of the background connection while pages are being requested, and once none
 #: was for DEMAND_QUIET seconds (see PostcopySource).
 BACKGROUND_SNDBUF = 64 << 10
@@ -1194,8 +1201,9 @@ class PostcopySource:
         run and queues its frame; a writer thread sends it meanwhile, in order with every other
         frame this thread queues (:class:`~aiopostcopy.transport.frame_writer.FrameWriter`)."""
         pool: deque[_RunBuffer] = deque()  # free staging buffers: at most _SWEEP_QUEUE + 2 exist
+        set_niceness(SWEEP_NICENESS)
         writer = FrameWriter(conn.send, depth=_SWEEP_QUEUE, wait_turn=self._no_urgent_huge.wait,
-                             name="aiopostcopy-source-background-writer")
+                             name="aiopostcopy-source-background-writer", on_start=lambda: set_niceness(SWEEP_NICENESS))
         bucket = TokenBucket(self._max_bandwidth, time.monotonic()) if self._max_bandwidth else None
         sndbuf = self._sndbuf if conn.sock.family in (socket.AF_INET, socket.AF_INET6) else None
         error: BaseException | None = None

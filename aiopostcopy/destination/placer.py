@@ -65,12 +65,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
-import os
-import threading
 from collections.abc import Callable, Sequence
 
 from aiopostcopy.core.commands import Place, PlaceZero
 from aiopostcopy.errors import InternalError, PageExistsError, UffdError, UffdRetry
+from aiopostcopy.priority import set_niceness
 from aiopostcopy.destination.memory import BlockMemory, MappedBlock, Staging
 from aiopostcopy.uffd import Userfaultfd
 
@@ -315,16 +314,6 @@ class BackgroundPlacer:
             self._loop.call_soon_threadsafe(self._on_done, placed, rest, staging, error)
         except RuntimeError:  # the loop is closed: nothing is waiting for this any more
             pass
-
-
-def set_niceness(niceness: int) -> bool:
-    """Set the calling thread's nice value (Linux keeps one per thread); False: not allowed
-    (a lower value than now needs root or CAP_SYS_NICE), nothing changed."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    except OSError:
-        return False
-    return True
 
 
 def _lower_priority() -> None:

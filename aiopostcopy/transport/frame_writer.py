@@ -47,10 +47,12 @@ class FrameWriter:
         depth: items that may wait behind the one being written.
         wait_turn: called before each item is written (may block), or None.
         name: the thread's name.
+        on_start: called first on the writer thread (e.g. to set its nice value), or None.
     """
 
     def __init__(self, send: Callable[[Buffers], None], *, depth: int = 2,
-                 wait_turn: Callable[[], object] | None = None, name: str = "aiopostcopy-writer") -> None:
+                 wait_turn: Callable[[], object] | None = None, name: str = "aiopostcopy-writer",
+                 on_start: Callable[[], object] | None = None) -> None:
         if depth < 1:
             raise ValueError("depth must be at least 1")
         self._send, self._depth, self._wait_turn = send, depth, wait_turn
@@ -59,6 +61,7 @@ class FrameWriter:
         self._busy = False  #: the thread holds an item it has not finished
         self._error: BaseException | None = None
         self._closed = False
+        self._on_start = on_start
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -110,6 +113,8 @@ class FrameWriter:
             raise self._error
 
     def _run(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
         while True:
             with self._cond:
                 while not self._items:

@@ -149,3 +149,19 @@ def test_close_writes_what_is_queued_then_refuses() -> None:
 def test_depth_must_be_positive() -> None:
     with pytest.raises(ValueError):
         FrameWriter(lambda buffers: None, depth=0)
+
+
+def test_on_start_runs_first_on_the_writer_thread() -> None:
+    a, b = socket.socketpair()
+    started: list[int] = []
+    sent_from: list[int] = []
+    with a, b:
+        def send(buffers) -> None:
+            sent_from.append(threading.get_native_id())
+            a.sendall(b"".join(bytes(x) for x in buffers))
+        writer = FrameWriter(send, on_start=lambda: started.append(threading.get_native_id()))
+        writer.put([b"x"])
+        writer.close()
+        assert _read_exactly(b, 1) == b"x"
+    assert len(started) == 1 and started == sent_from
+    assert started[0] != threading.get_native_id()
