@@ -107,7 +107,7 @@ from aiopostcopy.destination.operator import (
 )
 from aiopostcopy.destination.fromcopy import CopyComparison
 from aiopostcopy.destination.placer import BackgroundPlacer, Placement
-from aiopostcopy.priority import set_niceness
+from aiopostcopy.priority import set_niceness, thread_niceness
 from aiopostcopy.messages import (LIMITS, Changed, Channel, Complete, Error, ErrorCode, Hello, Message, Pages,
                                   Request, Zero)
 from aiopostcopy.destination.vhost_user import FrontEndPort, VhostUserFrontEnd
@@ -310,8 +310,8 @@ class PostcopyDestination:
         """Give the loop thread ``options.nice`` (kept for :meth:`close` to restore)."""
         if self.options.nice is None or self._base_nice is not None:
             return
-        self._nice_thread = tid = threading.get_native_id()
-        self._base_nice = os.getpriority(os.PRIO_PROCESS, tid)
+        self._nice_thread = threading.get_native_id()
+        self._base_nice = thread_niceness()
         if not set_niceness(self.options.nice):
             log.info("the fault path stays at nice %d: nice %d needs root or CAP_SYS_NICE",
                      self._base_nice, self.options.nice)
