@@ -206,6 +206,11 @@ class ControlChannel(_FdSocket):
         refusal: the last frame to send when the decoder refuses a frame
             (the service answers a malformed mapping table with Reject);
             default :func:`error_for`, ``Error(code, text)``.
+        on_run_request: the fault path's shortcut (the service): called with
+            ``(block, first, count)`` for each ClientRequest of one run, a
+            self-served client's fault, taken from the decoder without building
+            the message (:meth:`~aiopostcopy.transport.wire.Decoder.take_run_request`);
+            every other frame goes to ``on_message``.
     """
 
     def __init__(
@@ -217,12 +222,15 @@ class ControlChannel(_FdSocket):
         allowed: frozenset[type] | None = None,
         max_pending_fds: int = LIMITS.max_blocks,
         refusal: Callable[[RemoteProtocolError], Message] = error_for,
+        on_run_request: Callable[[int, int, int], None] | None = None,
     ) -> None:
         super().__init__(sock, allowed=allowed, max_pending_fds=max_pending_fds)
         self._loop = asyncio.get_running_loop()
         self._refusal = refusal
+        self._on_run_request = on_run_request
         self._on_message = on_message
         self._on_lost: Callable[[BaseException | None], None] | None = on_lost
+        self._writing = False  # the loop watches the socket for writing (frames wait)
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     def send(self, message: Message, fds: Iterable[int] = ()) -> None:
@@ -233,6 +241,29 @@ class ControlChannel(_FdSocket):
         """
         self._queue(message, fds)
         if len(self._out) == 1:
+            self._flush()
+
+    def send_frame(self, frame: bytes) -> None:
+        """Send one encoded frame that carries no descriptors (a frame the caller encoded
+        itself, e.g. a Placed on the fault path): straight onto the socket when nothing
+        waits ahead of it, else queued behind what does.
+
+        Raises:
+            ClosedError: the channel is closed.
+        """
+        sock = self._check_open()
+        if self._out:
+            self._out.append((memoryview(frame), []))
+            return
+        try:
+            sent = sock.send(frame, _MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._shutdown(exc)
+            return
+        if sent < len(frame):
+            self._out.append((memoryview(frame)[sent:], []))
             self._flush()
 
     def close(self, error: Exception | None = None, *, code: ErrorCode = ErrorCode.PROTOCOL) -> None:
@@ -254,8 +285,14 @@ class ControlChannel(_FdSocket):
             self._shutdown(exc)
 
     def _drain(self) -> None:
+        decoder, on_run_request = self._decoder, self._on_run_request
         while self._sock is not None:
-            event = self._decoder.next_event()
+            if on_run_request is not None:
+                run = decoder.take_run_request()
+                if run is not None:
+                    on_run_request(*run)
+                    continue
+            event = decoder.next_event()
             if event is None:
                 return
             if isinstance(event, ConnectionClosed):
@@ -272,8 +309,11 @@ class ControlChannel(_FdSocket):
             self._shutdown(exc)
             return
         if done:
-            self._loop.remove_writer(self._sock.fileno())
-        else:
+            if self._writing:  # watched only while frames wait: a remove per frame costs an epoll_ctl
+                self._writing = False
+                self._loop.remove_writer(self._sock.fileno())
+        elif not self._writing:
+            self._writing = True
             self._loop.add_writer(self._sock.fileno(), self._flush)
 
     def _shutdown(self, exc: BaseException | None) -> None:

@@ -232,3 +232,56 @@ def test_encoded_frames_are_what_travels() -> None:
     finally:
         channel.close()
         b.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])
+async def test_send_frame_goes_out_in_order_with_queued_messages_across_would_block() -> None:
+    """Frames the caller encoded (send_frame) and messages (send) leave in the order given,
+    also when the socket is full and everything waits for room."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    service = ControlChannel(a, lambda msg: None, lambda exc: None)
+    client = BlockingControlChannel(b, send_timeout=2.0)
+    big = Error(code=ErrorCode.IO, text="y" * 4000)
+    sent = []
+    try:
+        for i in range(300):  # more than the socket buffer holds
+            msg = Error(code=ErrorCode.IO, text=f"{i}" + "z" * 3000)
+            if i % 2:
+                service.send_frame(encode(msg))
+            else:
+                service.send(msg)
+            sent.append(msg)
+        service.send(big)
+        sent.append(big)
+        for msg in sent:
+            assert await asyncio.to_thread(client.receive, soon()) == msg
+    finally:
+        service.close()
+        client.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])
+async def test_one_run_client_requests_take_the_shortcut_and_the_rest_on_message() -> None:
+    """on_run_request gets (block, first, count) of each ClientRequest of one run, in order
+    with the other messages, which go to on_message; a bad frame still ends the channel."""
+    from aiopostcopy.messages import Bye, ClientRequest, PageRun
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    events: list = []
+    lost: asyncio.Future = asyncio.get_running_loop().create_future()
+    service = ControlChannel(a, events.append, lambda exc: lost.done() or lost.set_result(exc),
+                             allowed=frozenset({ClientRequest, Bye}),
+                             on_run_request=lambda *run: events.append(run))
+    two = ClientRequest(runs=(PageRun(block=0, first=1, count=1), PageRun(block=1, first=9, count=2)))
+    try:
+        b.sendall(encode(ClientRequest(runs=(PageRun(block=2, first=7, count=1),))) + encode(two)
+                  + encode(ClientRequest(runs=(PageRun(block=0, first=(1 << 46) - 1, count=1 << 32),)))
+                  + encode(Bye()))
+        while len(events) < 4:
+            await asyncio.sleep(0.001)
+        assert events == [(2, 7, 1), two, (0, (1 << 46) - 1, 1 << 32), Bye()]
+        b.sendall(encode(End(complete=True)))  # not allowed: the channel ends, as before
+        assert isinstance(await asyncio.wait_for(lost, 5), RemoteProtocolError)
+    finally:
+        service.close()
+        b.close()
