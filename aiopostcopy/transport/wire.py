@@ -58,7 +58,7 @@ from aiopostcopy.messages import (
 __all__ = [
     "ConnectionClosed", "CONNECTION_CLOSED", "Decoder", "PageLanded", "PageSink", "PayloadSink", "PREFIX_SIZE",
     "encode",
-    "encode_page_request", "encode_page_requests", "encode_pages_header", "header_budget", "migration_allowed",
+    "encode_page_request", "encode_page_requests", "encode_pages_header", "encode_placed", "header_budget", "migration_allowed",
 ]
 
 PREFIX_SIZE: Final = 4
@@ -176,6 +176,13 @@ def encode_page_requests(pages: list[tuple[int, int]]) -> bytes:
         raise LocalProtocolError(f"more than {LIMITS.max_runs} runs")
     header = _PACKER.pack((Request.TYPE, runs))
     return _PREFIX.pack(len(header)) + header
+
+
+def encode_placed(runs: tuple[PageRun, ...]) -> bytes:
+    """The frame of ``Placed(runs)``, byte for byte what :func:`encode` makes, without building
+    the message (a self-served client's answer; the runs are a valid Placed's: 1 to
+    ``LIMITS.max_runs`` of them)."""
+    return _frame((Placed.TYPE, _runs_out(runs)), LIMITS)
 
 
 def encode_pages_header(block: int, first: int, count: int, nbytes: int, zeros: tuple[int, ...] = (), *,
@@ -494,24 +501,43 @@ class Decoder:
         Only a frame that is valid as :meth:`next_event` would decode it is taken (types,
         limits, no trailing bytes); the page's range in the blocks is the caller's to check.
         """
+        run = self._one_run(Request.TYPE)
+        if run is None or run[2] != 1:
+            return None
+        self._start = run[3]
+        return run[0], run[1]
+
+    def take_run_request(self) -> tuple[int, int, int] | None:
+        """:meth:`take_page_request` for a self-served client's fault: if the next frame is a
+        ClientRequest of one run, consume it and return ``(block, first, count)`` without
+        building messages; otherwise consume nothing and return None.  The same rules: only
+        a frame :meth:`next_event` would decode as such a ClientRequest is taken."""
+        run = self._one_run(ClientRequest.TYPE)
+        if run is None:
+            return None
+        self._start = run[3]
+        return run[0], run[1], run[2]
+
+    def _one_run(self, code: int) -> tuple[int, int, int, int] | None:
+        """``(block, first, count, end)`` when the next frame is a whole, valid ``[code, [[block,
+        first, count]]]`` (a Request or ClientRequest of one run) ending at ``end``; else None."""
         start, avail = self._start, self._end - self._start
         if avail < PREFIX_SIZE + 7 or self._pending is not None or self._error is not None:
             return None
         buf = self._buf
-        if buf[start + 4] != 0x92 or buf[start + 5] != 2 or buf[start + 6] != 0x91 or buf[start + 7] != 0x93:
-            return None  # not [2, [[...]]]: another message, or a Request of several runs
+        if buf[start + 4] != 0x92 or buf[start + 5] != code or buf[start + 6] != 0x91 or buf[start + 7] != 0x93:
+            return None  # not [code, [[...]]]: another message, or several runs
         size = _PREFIX.unpack_from(buf, start)[0]
-        if avail < PREFIX_SIZE + size or size > 24 or Request.TYPE not in self._budget:
+        if avail < PREFIX_SIZE + size or size > 24 or code not in self._budget:
             return None
         try:
-            _, ((block, page, count),) = msgpack.unpackb(self._view[start + PREFIX_SIZE:start + PREFIX_SIZE + size])
+            _, ((block, first, count),) = msgpack.unpackb(self._view[start + PREFIX_SIZE:start + PREFIX_SIZE + size])
         except Exception:  # malformed: next_event says why
             return None
-        if (count != 1 or type(block) is not int or type(page) is not int or type(count) is not int
-                or not 0 <= block < LIMITS.max_blocks or not 0 <= page < 1 << 46):
+        if (type(block) is not int or type(first) is not int or type(count) is not int
+                or not 0 <= block < LIMITS.max_blocks or not 0 <= first < 1 << 46 or not 1 <= count <= 1 << 32):
             return None
-        self._start = start + PREFIX_SIZE + size
-        return block, page
+        return block, first, count, start + PREFIX_SIZE + size
 
     def _check_alive(self) -> None:
         if self._error is not None:

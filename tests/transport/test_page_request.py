@@ -1,5 +1,6 @@
-"""Decoder.take_page_request, the source's shortcut for a one-page Request: it takes exactly the
-frames next_event would decode as such a Request, and leaves everything else to next_event."""
+"""Decoder.take_page_request, the source's shortcut for a one-page Request, and take_run_request,
+the service's for a self-served client's ClientRequest of one run: each takes exactly the frames
+next_event would decode as such a message, and leaves everything else to next_event."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiopostcopy.messages import Channel, PageRun, Ping, Request, Role
-from aiopostcopy.transport.wire import Decoder, encode, encode_page_request, migration_allowed
+from aiopostcopy.messages import Bye, Channel, ClientRequest, PageRun, Ping, Placed, Request, Role
+from aiopostcopy.transport.wire import Decoder, encode, encode_page_request, encode_placed, migration_allowed
 
 import pytest
 from aiopostcopy.errors import RemoteProtocolError
@@ -68,3 +69,58 @@ def test_not_taken_where_a_request_is_not_allowed() -> None:
     assert decoder.take_page_request() is None
     with pytest.raises(RemoteProtocolError):
         decoder.next_event()
+
+
+def control_from_client() -> Decoder:
+    from aiopostcopy.core.control import CLIENT_SENDS
+
+    return Decoder(allowed=CLIENT_SENDS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 255), st.integers(0, (1 << 46) - 1), st.integers(1, 1 << 32))
+def test_client_request_of_one_run_is_taken(block: int, first: int, count: int) -> None:
+    decoder = control_from_client()
+    run = PageRun(block=block, first=first, count=count)
+    decoder.receive_data(encode(ClientRequest(runs=(run,))) + encode(Bye()))
+    assert decoder.take_page_request() is None  # not a Request
+    assert decoder.take_run_request() == (block, first, count)
+    assert decoder.take_run_request() is None  # a Bye is next: left alone
+    assert decoder.next_event() == Bye()
+
+
+@pytest.mark.parametrize("frame", [
+    encode(ClientRequest(runs=(PageRun(block=0, first=3, count=1), PageRun(block=1, first=0, count=1)))),
+    raw([25, [[True, 3, 1]]]),
+    raw([25, [[0, 3, 0]]]),  # no pages
+    raw([25, [[0, 3, (1 << 32) + 1]]]),
+    raw([25, [[0, -1, 1]]]),
+    raw([25, [[0, 3, 1, 4]]]),
+    raw([25, [[0, 3, 1]]])[:-1],  # incomplete
+    raw([25, [[0, 3, 1]], 0]),  # a field too many
+])
+def test_anything_but_a_valid_one_run_client_request_is_left_to_next_event(frame: bytes) -> None:
+    decoder = control_from_client()
+    decoder.receive_data(frame)
+    assert decoder.take_run_request() is None
+    try:
+        event = decoder.next_event()
+    except RemoteProtocolError:
+        return
+    assert event is None or type(event) is ClientRequest
+
+
+def test_a_client_request_is_not_taken_where_it_is_not_allowed() -> None:
+    decoder = source_urgent()
+    decoder.receive_data(encode(ClientRequest(runs=(PageRun(block=0, first=3, count=1),))))
+    assert decoder.take_run_request() is None
+    with pytest.raises(RemoteProtocolError):
+        decoder.next_event()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 255), st.integers(0, (1 << 46) - 1), st.integers(1, 1 << 32)),
+                min_size=1, max_size=8))
+def test_encode_placed_is_what_encode_makes(runs: list[tuple[int, int, int]]) -> None:
+    runs_in = tuple(PageRun(block=b, first=f, count=c) for b, f, c in runs)
+    assert encode_placed(runs_in) == encode(Placed(runs=runs_in))
