@@ -289,7 +289,7 @@ class PostcopyDestination:
             assert self._memory is not None
             port = ServicePort(session_id=self.session_id, session=self._session, memory=self._memory,
                                read_faults=self._serve_faults, schedule_pass=self._schedule_pass,
-                               fd_retired=self._forget_fd)
+                               fd_retired=self._forget_fd, request_run=self._request_run)
             self._clients = ClientRegistry(port, self.options.control_path)
         if self.options.operator_path is not None:
             self._operator = OperatorServer(OperatorPort(
@@ -942,6 +942,28 @@ class PostcopyDestination:
             self._source.send_frame(Channel.URGENT, encode_page_request(*asked[0]) if len(asked) == 1
                                     else encode_page_requests(asked))
         self._rearm_timer(now)
+
+    def _request_run(self, key: str, block: int, first: int, count: int) -> None:
+        """A self-served client's fault (a ClientRequest of one run): the urgent path's form of
+        its request.  A missing page's Request leaves now, with no pass, and the reply lane
+        places its answer through the service's own userfaultfd; anything else is queued
+        in the session and the pass sends it (or answers from pages placed already)."""
+        now = time.monotonic()
+        session = self._session
+        asked = session.client_run_request(key, block, first, count, now)
+        if asked is None:
+            try:  # a page placed already: its Placed goes now
+                self._run_commands(None)
+            except Exception as exc:  # never swallow: the service fails visibly
+                return self._fail(exc)
+            if session.pass_due:
+                self._schedule_pass()
+            return
+        self._send_page_requests([asked], now)
+        if self._lane is not None and self._uffd is not None:
+            mapped = self._memory.block(block)  # type: ignore[union-attr]  (clients come after the placement)
+            self._lane.remember(block, first, self._uffd.fd, mapped.address + first * mapped.page_size)
+            self._lane_keys[self._uffd.fd] = OWN_FD
 
     def _read_faults(self, key: object, uffd: Userfaultfd) -> None:
         """Drain every queued event of ``uffd`` into the session (faults); the caller runs or schedules the pass."""

@@ -435,6 +435,36 @@ class DestinationSession:
         for run in runs:
             self._coalescer.add_run(run.block, run.first, run.count)  # it skips pages not MISSING
 
+    def client_run_request(self, key: Hashable, block: int, first: int, count: int,
+                           now: float) -> tuple[int, int] | None:
+        """:meth:`client_request` of one run (a self-served client's fault), answered at once
+        when it can be, as :meth:`fault_request` answers a fault.
+
+        When the run is one MISSING page, nothing is queued, and the urgent channel is
+        open with room in the in-flight budget, the page becomes REQUESTED and ``(block,
+        page)`` is returned: the caller sends its Request on the urgent channel now, with
+        no pass.  Otherwise the run goes the way of :meth:`client_request` and None is
+        returned: the caller carries out :meth:`commands` (a NotifyPlaced for pages placed
+        already) and runs the pass when :attr:`pass_due` (it sends what was queued).
+
+        Raises:
+            LocalProtocolError: ``key`` is not a self-served client.
+            RemoteProtocolError: the run is out of range (the client's fault).
+        """
+        states = self._check_run(block, first, count)
+        commands = self._registry().wait_run(key, block, first, count, self._states, now)
+        if commands:
+            self._commands.extend(commands)
+        elif (count == 1 and self._aborted is None and states[first] == MISSING and self._link.urgent_ready()
+              and self._coalescer.take_page(states, first)):
+            self._count.pages_requested += 1
+            self._count.requests_sent += 1
+            self._in_flight.sent_page(block, first, now)
+            return block, first
+        if count != 1 or states[first] == MISSING:  # a page requested, placing or placed: it waits
+            self._coalescer.add_run(block, first, count)  # it skips pages not MISSING
+        return None
+
     # ------------------------------------------------------------ adoption
 
     def adopt_present(self, block: int, runs: Iterable[tuple[int, int]], now: float) -> None:

@@ -149,6 +149,21 @@ class Wakeups:
                          for start, stop in block_states.runs(run.first, run.count, _PLACED))
         return notify_commands(key, ready) if ready else []
 
+    def wait_run(self, key: Hashable, block: int, first: int, count: int, states: Sequence[PageStates],
+                 now: float) -> list[Command]:
+        """:meth:`wait_runs` of one run (a self-served client's fault), without building messages
+        for the usual one: a page not placed yet.
+
+        Raises:
+            LocalProtocolError: ``key`` is not a self-served client (nothing recorded).
+        """
+        if count != 1 or states[block][first] == PLACED:
+            return self.wait_runs(key, (m.PageRun(block=block, first=first, count=count),), states, now)
+        self.check_self_served(key)
+        self._count.client_requests += 1
+        self._runs.add(RunPiece(key, block, first, first + 1, now))
+        return []
+
     def plan(self, block: int, first: int, count: int) -> tuple[tuple[Hashable, int, int], ...]:
         """The wakes a placement of the run will need, ``(key, start, length)``, waiters left in place.
 
@@ -259,6 +274,11 @@ class Wakeups:
         return commands
 
     def _notify(self, pieces: list[RunPiece], now: float) -> list[Command]:
+        if len(pieces) == 1:  # one client's fault: one run, nothing to merge
+            piece = pieces[0]
+            self._count.run_woken(piece, now)
+            return [NotifyPlaced(piece.key, (m.PageRun(block=piece.block, first=piece.start,
+                                                       count=piece.stop - piece.start),))]
         per_key: dict[Hashable, list[m.PageRun]] = {}
         for piece in pieces:
             self._count.run_woken(piece, now)

@@ -13,7 +13,10 @@ and file descriptors.
   fd is watched with ``add_reader`` and its faults go to the session under
   the client's key.  Wakes for the client's threads go to that fd.
 * Register (self-served): no fd, no addresses; the client sends
-  ClientRequest runs and is told Placed runs.
+  ClientRequest runs and is told Placed runs.  A ClientRequest of one run
+  (a fault) takes the channel's shortcut: no message is built, and a
+  missing page's Request leaves at once (:meth:`ServicePort.request_run`);
+  Placed goes out as a frame encoded straight from the session's runs.
 * EOF, Bye, garbage, or a fault outside the client's table: the client is
   retired in order (stop reading its fd, drop its waiters in the session,
   close our copy of the fd, close the socket).  Nothing it did reaches the
@@ -58,11 +61,13 @@ from aiopostcopy.messages import (
     Error,
     ErrorCode,
     Message,
+    PageRun,
     Placed,
     Register,
     Reject,
 )
 from aiopostcopy.transport.fdstream import ControlChannel, error_for
+from aiopostcopy.transport.wire import encode_placed
 from aiopostcopy.uffd import ForkEvent, RegisterMode, RemapEvent, Userfaultfd
 
 __all__ = ["ClientRegistry", "ClientInfo", "ServicePort", "BYE_GRACE"]
@@ -84,6 +89,9 @@ class ServicePort:
         read_faults: drain a userfaultfd's events into the session under a key.
         schedule_pass: ask for one processing pass of the service.
         fd_retired: a client's userfaultfd (key, fd number) is about to be closed.
+        request_run: a self-served client's ClientRequest of one run, ``(key, block, first,
+            count)``: into the session, its Request sent at once when it may be, else the pass
+            scheduled.  Raises as ``DestinationSession.client_run_request``.
     """
 
     session_id: str
@@ -92,6 +100,7 @@ class ServicePort:
     read_faults: Callable[[str, Userfaultfd], None]
     schedule_pass: Callable[[], None]
     fd_retired: Callable[[str, int], None] = lambda key, fd: None
+    request_run: Callable[[str, int, int, int], None] | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -162,6 +171,7 @@ class ClientRegistry:
                 lambda exc, c=client: self._on_lost(c, exc),
                 allowed=_FROM_CLIENT,
                 refusal=lambda exc, c=client: self._refusal(c, exc),
+                on_run_request=lambda block, first, count, c=client: self._on_run_request(c, block, first, count),
             )
             client.pid = client.channel.peer_pid()
 
@@ -172,7 +182,12 @@ class ClientRegistry:
             if handler is not None:
                 handler(self, client, msg)
         except ProtocolError as exc:
-            self._reject(client, ErrorCode(exc.code) if exc.code in ErrorCode._value2member_map_ else ErrorCode.PROTOCOL, str(exc))
+            self._refuse(client, exc)
+
+    def _refuse(self, client: ClientInfo, exc: ProtocolError) -> None:
+        """A message of the client broke the protocol: reject it with the error's code."""
+        code = ErrorCode(exc.code) if exc.code in ErrorCode._value2member_map_ else ErrorCode.PROTOCOL
+        self._reject(client, code, str(exc))
 
     def _on_hello(self, client: ClientInfo, msg: ClientHello) -> None:
         client.name, client.mode = msg.name, msg.mode
@@ -311,6 +326,19 @@ class ClientRegistry:
         self._session.client_request(client.key, msg.runs, time.monotonic())
         self._port.schedule_pass()
 
+    def _on_run_request(self, client: ClientInfo, block: int, first: int, count: int) -> None:
+        """A ClientRequest of one run, as the channel's shortcut took it: a running self-served
+        client's fault goes straight to the session; anything else (another phase or mode,
+        descriptors riding along) is built into the message and checked the general way."""
+        request_run = self._port.request_run
+        if (request_run is None or client.control.phase is not Phase.RUNNING
+                or client.mode is not ClientMode.SELF_SERVED or client.channel is None or client.channel.pending_fds):
+            return self._on_message(client, ClientRequest(runs=(PageRun(block=block, first=first, count=count),)))
+        try:
+            request_run(client.key, block, first, count)
+        except ProtocolError as exc:
+            self._refuse(client, exc)
+
     def _on_bye(self, client: ClientInfo, msg: Bye) -> None:
         client.said_bye = True
         if client.key in self._clients:  # leaving before End
@@ -362,8 +390,11 @@ class ClientRegistry:
         client = self._clients.get(command.key)  # type: ignore[attr-defined]
         if client is None:
             return
-        if isinstance(command, NotifyPlaced):
-            self._send(client, Placed(runs=tuple(command.runs)))
+        if type(command) is NotifyPlaced:
+            if client.control.phase is Phase.RUNNING and client.channel is not None and client.channel.is_open:
+                client.channel.send_frame(encode_placed(command.runs))  # Placed keeps the phase: nothing to advance
+            else:
+                self._send(client, Placed(runs=tuple(command.runs)))
         elif isinstance(command, UnknownFault):
             self._reject(client, ErrorCode.MAPPING, f"fault at {command.address:#x} is outside the registered mapping table")
 

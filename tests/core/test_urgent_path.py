@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from aiopostcopy import messages as m
-from aiopostcopy.core import Wake
+from aiopostcopy.core import NotifyPlaced, Wake
 from aiopostcopy.core.coalesce import Coalescer
 from aiopostcopy.core.pages import MISSING, PLACING, REQUESTED, PageStates
-from aiopostcopy.errors import InternalError
+from aiopostcopy.errors import InternalError, LocalProtocolError, RemoteProtocolError
 from aiopostcopy.transport.wire import encode, encode_page_request, encode_page_requests
 
 from tests.core.test_session import (BACKGROUND, CLIENT_BASE, OWN_BASE, PAGE, URGENT, open_session, pages,
@@ -219,3 +219,76 @@ def test_the_reply_lane_may_place_only_where_urgent_page_would_take_the_page() -
     assert session.lane_may_place()
     session.abort("test", 0.7)
     assert not session.lane_may_place()
+
+
+# ------------------------------------------------------------------ a self-served client's fault
+
+
+def test_a_self_served_fault_is_requested_at_once_and_notified_when_placed() -> None:
+    session = open_session(request_timeout=2.0)
+    session.add_self_served("s")
+    assert session.client_run_request("s", 0, 5, 1, 1.0) == (0, 5)
+    assert requests(session) == [] and session.commands() == [] and not session.pass_due
+    stats = session.statistics()
+    assert (stats.client_requests, stats.pages_requested, stats.requests_sent) == (1, 1, 1)
+    assert session.unplaced_runs(0, 5, 1) == [(5, 6)]  # REQUESTED: not placed, not placing
+    session.message_received(URGENT, pages(0, 5, 1), 1.5)
+    assert place_all(session, 1.5) == [NotifyPlaced("s", (run(0, 5, 1),))]
+    assert session.statistics().pages_demand == 1
+
+
+def test_a_self_served_fault_is_re_requested_once_overdue() -> None:
+    session = open_session(request_timeout=2.0)
+    session.add_self_served("s")
+    assert session.client_run_request("s", 0, 5, 1, 1.0) == (0, 5)
+    assert session.get_timer() == 3.0
+    session.handle_timer(3.5)
+    assert requests(session) == [run(0, 5, 1)]
+
+
+def test_a_self_served_fault_goes_the_general_way_when_it_cannot_be_asked_at_once() -> None:
+    session = open_session()
+    session.add_self_served("s")
+    session.add_self_served("t")
+    session.message_received(BACKGROUND, pages(0, 0, 2), 0.0)
+    place_all(session, 0.0)
+    assert session.client_run_request("s", 0, 1, 1, 0.0) is None  # placed: answered at once
+    assert session.commands() == [NotifyPlaced("s", (run(0, 1, 1),))] and not session.pass_due
+    assert session.client_run_request("s", 0, 4, 3, 0.0) is None  # a run of several pages: the pass asks
+    assert session.pass_due
+    session.flush(0.0)
+    assert requests(session) == [run(0, 4, 3)]
+    assert session.client_run_request("t", 0, 5, 1, 0.0) is None  # REQUESTED: it joins, nothing queued
+    assert not session.pass_due and session.commands() == []
+    session.message_received(URGENT, pages(0, 4, 3), 0.1)
+    assert sorted(place_all(session, 0.1), key=lambda c: c.key) == [NotifyPlaced("s", (run(0, 4, 3),)),
+                                                                    NotifyPlaced("t", (run(0, 5, 1),))]
+    session.fault_received("c", CLIENT_BASE, 1, 0.2)  # a fault queued ahead: the client's page waits behind it
+    assert session.client_run_request("s", 0, 12, 1, 0.2) is None and session.pass_due
+    session.flush(0.2)
+    assert requests(session) == [run(0, 8, 1), run(0, 12, 1)]
+
+
+def test_a_self_served_fault_waits_for_the_urgent_channel_and_the_budget() -> None:
+    session = open_session(max_in_flight_pages=1)
+    session.add_self_served("s")
+    assert session.client_run_request("s", 0, 1, 1, 0.0) == (0, 1)
+    assert session.client_run_request("s", 0, 2, 1, 0.0) is None  # the budget is spent: queued
+    session.message_received(URGENT, pages(0, 1, 1), 0.1)
+    place_all(session, 0.1)
+    session.flush(0.1)
+    assert requests(session) == [run(0, 2, 1)]  # the queued page, once the budget had room
+    session.connection_lost(URGENT, 0.2)
+    assert session.client_run_request("s", 0, 3, 1, 0.2) is None and session.pass_due  # no channel: queued
+
+
+def test_a_self_served_fault_out_of_range_or_from_a_delegated_key_is_refused() -> None:
+    session = open_session()
+    session.add_self_served("s")
+    with pytest.raises(RemoteProtocolError):
+        session.client_run_request("s", 0, 15, 2, 0.0)
+    with pytest.raises(RemoteProtocolError):
+        session.client_run_request("s", 7, 0, 1, 0.0)
+    with pytest.raises(LocalProtocolError):
+        session.client_run_request("c", 0, 1, 1, 0.0)
+    assert session.unplaced_runs(0, 0, 16) == [(0, 16)] and not session.pass_due
