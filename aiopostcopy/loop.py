@@ -877,7 +877,9 @@ class PostcopyDestination:
         no pass; the lane remembers them all for the reply lane).  Any
         other fault (joined, already placed, queued behind others, unknown) and
         any other event goes the general way, and the pass then runs in this
-        same callback, so nothing read here waits for a loop turn.
+        same callback when the session has work for it (faults queued), so
+        nothing read here waits for a loop turn; the commands (wakes of pages
+        placed already) are carried out here in any case.
         """
         now = time.monotonic()
         events = uffd.read_events(_READ_BATCH)
@@ -928,9 +930,14 @@ class PostcopyDestination:
                     self._remember_faults(key, uffd.fd, asked, faulted)
                 else:
                     self._send_page_requests([page for page in asked if page not in lane_asked], now)
-        if general:
+        if general and session.pass_due:  # faults queued: the pass requests them now
             self._pass()
-        elif self._progress and now >= self._next_progress:
+        elif general:  # joined, woken at once or unknown: only commands, if any, to carry out
+            try:
+                self._run_commands(None)
+            except Exception as exc:  # never swallow: the service fails visibly
+                self._fail(exc)
+        if self._progress and now >= self._next_progress:
             self._schedule_pass()
 
     def _send_page_requests(self, asked: list[tuple[int, int]], now: float) -> None:
