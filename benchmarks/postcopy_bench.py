@@ -278,9 +278,10 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
     else:
         specs = []
     for i, (mode, threads, touches) in enumerate(specs):
+        slot = sum(spec[1] for spec in specs[:i])  # each thread its own random pages
         wargv = [py, str(Path(__file__).resolve()), "--role", "worker", sock,
                  "--threads", str(threads), "--mode", mode, "--workload", "random",
-                 "--touches", str(touches), "--seed", str(args.seed), "--name", f"bench-{i}",
+                 "--touches", str(touches), "--seed", str(args.seed), "--slot-base", str(slot), "--name", f"bench-{i}",
                  "--raw-latencies", "--timeout", "120", "--json", str(run / f"worker{i}.json")]
         workers.append(runner.start("dst", wargv, run / f"worker{i}.err", stdout=subprocess.PIPE))
     for i, w in enumerate(workers):

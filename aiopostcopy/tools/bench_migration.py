@@ -130,12 +130,15 @@ def _tls_options(ctx: Context, sc: Scenario, role: str) -> list[str]:
 
 
 def _start_workers(ctx: Context, sc: Scenario, run: Path, sock: str) -> list[subprocess.Popen[bytes]]:
-    workers = []
+    workers, slot = [], 0
     for i, (mode, threads, touches) in enumerate(sc.workers):
+        # each thread its own slot, hence its own random pages (as each C toucher has its own):
+        # workers on one slot would touch the same pages in step, every fault but one joining
         argv = [sys.executable, "-m", "aiopostcopy.tools.workload", "--socket", sock, "--ready",
                 "--wait-socket", "60", "--threads", str(threads), "--mode", mode, "--workload", "random",
-                "--touches", str(touches), "--seed", str(ctx.seed), "--name", f"bench-{i}",
+                "--touches", str(touches), "--seed", str(ctx.seed), "--slot-base", str(slot), "--name", f"bench-{i}",
                 "--raw-latencies", "--timeout", "120", "--json", str(run / f"worker{i}.json")]
+        slot += threads
         workers.append(_start(ctx, "dst", argv, run / f"worker{i}.err", stdout=subprocess.PIPE))
     for i, w in enumerate(workers):
         if first_line(w, 30) != "ready":
