@@ -86,13 +86,14 @@ class Pager:
         max_run_pages: longest run in one ClientRequest.
     """
 
-    __slots__ = ("table", "threads", "_blocks", "_coalescer", "_count")
+    __slots__ = ("table", "threads", "_blocks", "_coalescer", "_queued", "_count")
 
     def __init__(self, table: MappingTable, *, max_run_pages: int = 1 << 16) -> None:
         self.table = table
         self.threads: dict[int, int] = {}  #: faults per faulting thread id
         self._blocks = [BlockRuns(block.pages) for block in table.blocks]
         self._coalescer = Coalescer(max_run_pages, _UNBOUNDED)
+        self._queued: list[tuple[int, int]] = []  # (block, page) queued since the last requests(), in order
         self._count = dict.fromkeys(_STATS, 0)
 
     def fault(self, address: int, thread_id: int) -> tuple[int, int] | None:
@@ -123,14 +124,27 @@ class Pager:
             count["joined"] += 1
         else:
             runs.queued.add(page, page + 1)
-            self._coalescer.add(block, page)
+            self._queued.append((block, page))
         return None
 
     def requests(self) -> list[m.ClientRequest]:
         """The pages queued since the last call, as ClientRequest messages (from now on requested)."""
+        queued, self._queued = self._queued, []
+        if not queued:
+            return []
+        if len(queued) == 1:  # the usual read: one fault, one page to ask for, nothing to merge
+            block, page = queued[0]
+            runs = self._blocks[block]
+            runs.queued = RangeSet()
+            if page not in runs.requested and page not in runs.placed and self._coalescer.take_page(runs, page):
+                self._count["requested_pages"] += 1
+                self._count["requests"] += 1
+                return [m.ClientRequest(runs=(m.PageRun(block=block, first=page, count=1),))]
+        for block, page in queued:
+            self._coalescer.add(block, page)
         runs = self._coalescer.flush(self._blocks)
-        for block in self._blocks:
-            block.queued = RangeSet()
+        for block in {block for block, _ in queued}:
+            self._blocks[block].queued = RangeSet()
         self._count["requested_pages"] += sum(run.count for run in runs)
         messages = [m.ClientRequest(runs=chunk) for chunk in chunks(runs, m.LIMITS.max_runs)]
         self._count["requests"] += len(messages)
@@ -145,6 +159,17 @@ class Pager:
         runs = list(runs)
         for run in runs:
             self.table.blocks.check_run(run.block, run.first, run.count)
+        if len(runs) == 1 and runs[0].count == 1:  # the usual answer: the page of one fault
+            run = runs[0]
+            block = self._blocks[run.block]
+            if run.first in block.requested:
+                self._coalescer.settle(1)
+                block.requested.subtract(run.first, run.first + 1)
+            block.placed.add(run.first, run.first + 1)
+            self._count["placed_pages"] += 1
+            ranges = self.table.ranges(run.block, run.first, 1)
+            self._count["wakes"] += len(ranges)
+            return ranges
         ranges = []
         for run in runs:
             block = self._blocks[run.block]
