@@ -24,6 +24,10 @@ eats.  Every case runs ``--repeat`` times and the median is reported.
 * ``lanes``: the same faults when the C lanes wrote the Request and placed
   the answer (``fault_request``, then ``placed_through``): the bookkeeping
   left in Python per fault.
+* ``self-served faults, lanes``: a self-served client's fault asked for at once
+  (``client_run_request``), its answer placed by the reply lane through the
+  service's own fd (``placed_through``) and the NotifyPlaced that answers
+  the client taken: the session's part of such a fault.
 * ``sweep``: background Pages of 64 pages through ``message_received`` and
   ``placed`` (pages/s of sweep bookkeeping, no faults).
 * ``PageStates``: ``mark`` REQUESTED -> PLACING -> PLACED in runs of 64 pages.
@@ -53,7 +57,7 @@ import time
 from collections.abc import Callable
 
 from aiopostcopy import messages as m
-from aiopostcopy.core import (DestinationConfig, DestinationSession, MappingTable, Place,
+from aiopostcopy.core import (DestinationConfig, DestinationSession, MappingTable, NotifyPlaced, Place,
                               PlaceZero, SourceConfig, SourceSession)
 from aiopostcopy.core.coalesce import Coalescer
 from aiopostcopy.core.pages import PLACED, PLACING, REQUESTED, PageStates
@@ -167,6 +171,27 @@ def urgent_case(pages: int, faults: int, threads: int) -> float:
 def lanes_case(pages: int, faults: int, threads: int) -> float:
     """Faults per second through fault_request + placed_through (the C lanes did the I/O)."""
     return _client_faults_case(pages, faults, threads, _lane_answer)
+
+
+def self_served_case(pages: int, faults: int) -> float:
+    """Faults per second of a self-served client's faults: ``client_run_request`` asks for each
+    page at once, the reply lane places it through the service's own fd (``placed_through``),
+    and the NotifyPlaced that answers the client is taken."""
+    session = destination(pages)
+    session.add_self_served("client")
+    order = list(range(pages))
+    random.Random(1).shuffle(order)
+    order = order[:faults]
+    start = time.perf_counter()
+    for page in order:
+        now = time.perf_counter() - start
+        assert session.client_run_request("client", 0, page, 1, now) == (0, page)
+        session.placed_through(0, page, "fd", OWN_BASE + page * PAGE, now)
+        (notify,) = session.commands()
+        assert type(notify) is NotifyPlaced
+    elapsed = time.perf_counter() - start
+    assert session.statistics().pages_demand == len(order)
+    return len(order) / elapsed
 
 
 def sweep_case(pages: int) -> float:
@@ -313,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             pages, faults, args.threads)), naive_random),
         (f"lanes (client fd, {args.threads}/read)", "faults/s", median(args.repeat, lambda: lanes_case(
             pages, faults, args.threads)), naive_random),
+        ("self-served faults, lanes", "faults/s", median(args.repeat, lambda: self_served_case(pages, faults)),
+         naive_random),
         ("  of which: building Pages msgs", "msgs/s", median(args.repeat, lambda: message_case(faults)), None),
         ("baseline: naive handler, sequential", "faults/s", naive_sequential, None),
         ("faults sequential (own fd)", "faults/s", median(args.repeat, lambda: fault_case(
