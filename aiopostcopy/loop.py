@@ -50,7 +50,12 @@ callback.  A one-page answer on the urgent channel takes the decoder's one-page 
 straight into the urgent staging buffer (no message is built) and is
 accounted by :meth:`~aiopostcopy.core.session.DestinationSession.urgent_page`,
 placed with one UFFDIO_COPY from staging and its clients' threads woken before
-the bookkeeping, with no message dispatch and no commands.  Anything unusual
+the bookkeeping, with no message dispatch and no commands.  A self-served
+client's fault (a ClientRequest of one run, taken by the control channel's
+shortcut) goes the same way: its page is asked for in the callback that read
+the request (:meth:`~aiopostcopy.core.session.DestinationSession.client_run_request`),
+and a read of faults that only joined or found their page placed carries out
+its commands without a pass.  Anything unusual
 (EEXIST, EAGAIN, a Discard pending, a lost channel) falls back to the general
 path, which the session treats identically.
 
