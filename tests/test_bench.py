@@ -26,7 +26,8 @@ SIZE_MIB = 16
 SCENARIOS = ("quiet", "sweep", "mixed", "idle", "rate", "quiet_tls", "idle_tls")
 LATENCIES = ("c_fault_us", "fault_quiet_us", "fault_sweep_us", "fault_mixed_us", "fault_quiet_tls_us")
 NUMBERS = ("link_bulk_gbps", "goodput_idle_gbps", "goodput_mixed_gbps", "mixed_faults_per_s", "mixed_duration_s",
-           "wire_time_s", "dest_cpu_us_per_fault", "source_cpu_us_per_fault", "goodput_idle_tls_gbps",
+           "wire_time_s", "dest_cpu_us_per_fault", "source_cpu_us_per_fault", "c_dest_cpu_us_per_fault",
+           "c_source_cpu_us_per_fault", "goodput_idle_tls_gbps",
            "goodput_idle_tls_ratio")
 CONDITIONS = ("kernel", "cpu", "vcpus", "load_at_start", "loop", "link")
 
@@ -73,6 +74,8 @@ def test_every_key_is_there_with_a_sane_type(bench_json: dict) -> None:
         assert isinstance(bench_json[key], float) and bench_json[key] >= 0, (key, bench_json[key])
     assert bench_json["link_bulk_gbps"] > 0 and bench_json["goodput_idle_gbps"] > 0
     assert bench_json["dest_cpu_us_per_fault"] > 0 and bench_json["mixed_duration_s"] > 0
+    # the C baseline's own CPU per fault, the same run's yardstick for the two above
+    assert bench_json["c_dest_cpu_us_per_fault"] > 0 and bench_json["c_source_cpu_us_per_fault"] > 0
     conditions = bench_json["conditions"]
     assert all(conditions.get(key) not in (None, "") for key in CONDITIONS), conditions
     assert "loopback" in conditions["link"] and len(conditions["load_at_start"]) == 3

@@ -14,7 +14,9 @@ server wrote (``cbench.h``); a bad page fails the measure.
 Measures (see fault_client.c): ``rr`` (16 B request / 4 KiB reply), ``fault``
 (one thread faulting on a userfaultfd-registered memfd, each page fetched from
 the server and placed with UFFDIO_COPY), ``rate`` (the same with several
-faulting threads: faults per second), ``stream`` (one request for every page,
+faulting threads: faults per second, and CPU per fault: the client's handler
+thread, the baseline's destination, and the page server, its source),
+``stream`` (one request for every page,
 received and placed: the sweep in C) and ``bulk`` (received and dropped: the
 link's own rate).
 """
@@ -106,9 +108,18 @@ class CBaseline:
                 raise RuntimeError(f"C client {' '.join(map(str, mode))} exited {client.returncode}: "
                                    f"{err.decode(errors='replace').strip()}")
             server.wait(10)
-            return dict(json.loads(out.decode().splitlines()[-1]))
+            result = dict(json.loads(out.decode().splitlines()[-1]))
+            result.update(_server_figures(server))
+            return result
         finally:
             stop(server)
+
+    def fault_cpu(self, result: dict[str, Any]) -> tuple[float | None, float | None]:
+        """Microseconds of CPU per fault of a :meth:`fault` result: the client's handler thread
+        (the baseline's destination) and the page server (its source); None if not reported."""
+        faults = result.get("faults") or 0
+        per = lambda key: result[key] / 1e3 / faults if faults and result.get(key) is not None else None  # noqa: E731
+        return per("handler_cpu_ns"), per("server_cpu_ns")
 
     def rr(self, place: Any, count: int, warmup: int) -> list[int]:
         """Request/reply round trips, ns."""
@@ -125,3 +136,13 @@ class CBaseline:
     def bulk(self, place: Any, nbytes: int) -> float:
         """Receive only, GB/s: the link's bulk rate."""
         return float(self.run(place, "bulk", max(1, nbytes // PAGE))["gbps"])
+
+
+def _server_figures(server: Any) -> dict[str, Any]:
+    """What the page server printed when its client closed: its CPU time (``server_cpu_ns``)."""
+    if server.stdout is None:
+        return {}
+    for line in reversed(server.stdout.read().decode(errors="replace").splitlines()):
+        if line.startswith("{"):
+            return {"server_cpu_ns": int(json.loads(line)["cpu_ns"])}
+    return {}

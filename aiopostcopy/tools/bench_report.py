@@ -3,13 +3,15 @@
 Theory of operation
 -------------------
 The runner hands over what it measured: the C baseline's raw results per
-round (``c``: lists of rr and fault samples, faults/s, stream and bulk GB/s)
+round (``c``: lists of rr and fault samples, faults/s and CPU per fault of the
+C rate, stream and bulk GB/s)
 and one dict per migration (:func:`aiopostcopy.tools.bench_migration.run_migration`).
 :func:`summarize` pools fault samples per scenario over rounds (nearest-rank
 percentiles), takes medians of per-run rates, and derives every JSON key the
 issue names; :func:`table` prints each figure beside its ratio to the same
 run's baseline (the C fault for latencies and fault rates, the C bulk stream
-for goodput, the wire time for the migration's duration) and the goal it is
+for goodput, the wire time for the migration's duration, the C handler thread
+and page server for CPU per fault) and the goal it is
 held to.  The TLS scenarios are given against the same run's plain ones
 (``fault_quiet_tls_ratio``, ``goodput_idle_tls_ratio``): what TLS costs.  A fault sample below the C rr p50 of this run cannot be a remote
 fault (a page placed between the worker's mincore check and its touch) and is
@@ -65,6 +67,8 @@ def summarize(c: dict[str, list[Any]], runs: list[dict[str, Any]]) -> dict[str, 
         "c_rr_us": c_rr,
         "c_fault_us": _dist([v for run in c["fault"] for v in run]),
         "c_faults_per_s": _median(c["rate"]),
+        "c_dest_cpu_us_per_fault": _median([dest for dest, _ in c.get("rate_cpu", [])]),
+        "c_source_cpu_us_per_fault": _median([source for _, source in c.get("rate_cpu", [])]),
         "c_stream_gbps": _median(c["stream"]),
         "link_bulk_gbps": bulk,
         "hit_floor_us": floor,
@@ -138,8 +142,14 @@ def _rate_rows(f: dict[str, Any], threads: str, c_threads: int) -> list[tuple[st
             (f"migration with {threads} clients, s", f"{f['mixed_duration_s']:.3f}", "",
              _ratio(f["mixed_duration_s"], f["wire_time_s"]), "", "<=1.5x wire"),
             ("  its wire time (bytes / link bulk), s", f"{f['wire_time_s']:.3f}", "", "", "", ""),
-            (f"dest CPU per fault, {threads} held, us", f"{f['dest_cpu_us_per_fault']:.1f}", "", "", "", "<=20 us"),
-            (f"source CPU per fault, {threads} held, us", f"{f['source_cpu_us_per_fault']:.1f}", "", "", "", ""),
+            (f"C handler CPU per fault, {c_threads} threads, us", f"{f['c_dest_cpu_us_per_fault']:.1f}", "", "1.00x",
+             "", ""),
+            (f"C page server CPU per fault, {c_threads} threads, us", f"{f['c_source_cpu_us_per_fault']:.1f}", "",
+             "1.00x", "", ""),
+            (f"dest CPU per fault, {threads} held, us", f"{f['dest_cpu_us_per_fault']:.1f}", "",
+             _ratio(f["dest_cpu_us_per_fault"], f["c_dest_cpu_us_per_fault"]), "", "<=20 us"),
+            (f"source CPU per fault, {threads} held, us", f"{f['source_cpu_us_per_fault']:.1f}", "",
+             _ratio(f["source_cpu_us_per_fault"], f["c_source_cpu_us_per_fault"]), "", ""),
             (f"dest CPU per fault, {threads} + sweep, us", f"{f['dest_cpu_us_per_fault_mixed']:.1f}", "", "", "", ""),
             (f"source CPU per fault, {threads} + sweep, us", f"{f['source_cpu_us_per_fault_mixed']:.1f}", "", "",
              "", "")]

@@ -43,6 +43,15 @@ static inline uint64_t cb_now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* CPU time of a clock (CLOCK_PROCESS_CPUTIME_ID, CLOCK_THREAD_CPUTIME_ID), ns. */
+static inline uint64_t cb_cpu_ns(clockid_t clock)
+{
+	struct timespec ts;
+
+	clock_gettime(clock, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 static inline void cb_die(const char *what)
 {
 	fprintf(stderr, "cbench: %s: %s\n", what, errno ? strerror(errno) : "failed");

@@ -4,7 +4,8 @@
  *
  * Listens on ADDR with an ephemeral port, prints the port on stdout, accepts ONE connection
  * (TCP_NODELAY), answers every 16-byte request (cbench.h) with the pages it asks for, and exits 0
- * when the client closes.  Pages are produced in chunks of CHUNK_PAGES from one preallocated
+ * when the client closes, after printing its CPU time on stdout ({"cpu_ns": N}: the baseline's
+ * source CPU, start-up included).  Pages are produced in chunks of CHUNK_PAGES from one preallocated
  * buffer whose page words are rewritten per chunk, so a bulk request streams at memory speed and a
  * one-page request costs one send().
  */
@@ -85,5 +86,6 @@ int main(int argc, char **argv)
 		serve_pages(fd, chunk, req.first, req.pages);
 	}
 	close(fd);
+	printf("{\"cpu_ns\": %llu}\n", (unsigned long long)cb_cpu_ns(CLOCK_PROCESS_CPUTIME_ID));
 	return 0;
 }
