@@ -973,9 +973,7 @@ class PostcopyDestination:
             return
         self._send_page_requests([asked], now)
         if self._lane is not None and self._uffd is not None:
-            mapped = self._memory.block(block)  # type: ignore[union-attr]  (clients come after the placement)
-            self._lane.remember(block, first, self._uffd.fd, mapped.address + first * mapped.page_size)
-            self._lane_keys[self._uffd.fd] = OWN_FD
+            self._remember_own_page(block, first)
 
     def _read_faults(self, key: object, uffd: Userfaultfd) -> None:
         """Drain every queued event of ``uffd`` into the session (faults); the caller runs or schedules the pass."""
@@ -1066,11 +1064,16 @@ class PostcopyDestination:
         """The reply lane places the answers of a Request the session wrote (a self-served
         client's pages, queued faults) through the service's own userfaultfd and mapping, whose
         copy wakes the service's own threads; the session then wakes every other waiter."""
-        lane, fd, memory = self._lane, self._uffd.fd, self._memory  # type: ignore[union-attr]
         for run in runs:
             if run.count == 1:  # an answer the lane can take is a one-page Pages
-                mapped = memory.block(run.block)  # type: ignore[union-attr]
-                lane.remember(run.block, run.first, fd, mapped.address + run.first * mapped.page_size)  # type: ignore[union-attr]
+                self._remember_own_page(run.block, run.first)
+
+    def _remember_own_page(self, block: int, page: int) -> None:
+        """The reply lane places the answer for ``page`` through the service's own userfaultfd,
+        at the page's address in the service's mapping."""
+        mapped = self._memory.block(block)  # type: ignore[union-attr]  (requests come after the placement)
+        fd = self._uffd.fd  # type: ignore[union-attr]
+        self._lane.remember(block, page, fd, mapped.address + page * mapped.page_size)  # type: ignore[union-attr]
         self._lane_keys[fd] = OWN_FD
 
     def _rearm_timer(self, now: float) -> None:

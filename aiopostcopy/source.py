@@ -119,7 +119,6 @@ from aiopostcopy.core.digests import changed_bounds, page_digests, zero_digest
 from aiopostcopy.core.rangeset import RangeSet, bounds_total
 from aiopostcopy.core.source_session import SourceConfig, SourceSession
 from aiopostcopy.errors import PostcopyError, RemoteProtocolError
-from aiopostcopy.priority import set_niceness
 from aiopostcopy.messages import (
     LIMITS,
     BlockInfo,
@@ -135,6 +134,7 @@ from aiopostcopy.messages import (
     Role,
     Zero,
 )
+from aiopostcopy.priority import set_niceness
 from aiopostcopy.destination.operator import TokenBucket
 from aiopostcopy.transport.page_server import Answer, PageServer, PageServerLock, Served, ServedBlock
 from aiopostcopy.transport.page_server import available as page_server_available

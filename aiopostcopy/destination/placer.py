@@ -68,9 +68,9 @@ import ctypes
 from collections.abc import Callable, Sequence
 
 from aiopostcopy.core.commands import Place, PlaceZero
+from aiopostcopy.destination.memory import BlockMemory, MappedBlock, Staging
 from aiopostcopy.errors import InternalError, PageExistsError, UffdError, UffdRetry
 from aiopostcopy.priority import set_niceness
-from aiopostcopy.destination.memory import BlockMemory, MappedBlock, Staging
 from aiopostcopy.uffd import Userfaultfd
 
 __all__ = ["BackgroundPlacer", "Placement", "PlacementDone"]

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from aiopostcopy.tools import bench_report
-from aiopostcopy.tools.bench_c import CBaseline, CBuildError
+from aiopostcopy.tools.bench_c import CBaseline, CBuildError, fault_cpu
 from aiopostcopy.tools.bench_huge import huge_table, run_huge
 from aiopostcopy.tools.bench_sparse import run_sparse, sparse_table
 from aiopostcopy.tools.bench_migration import Context, Scenario, make_image, run_migration
@@ -136,7 +136,7 @@ def _c_round(cb: CBaseline, place: Any, args: argparse.Namespace, c: dict[str, l
     c["fault"].append(fault["samples_ns"])
     rate = cb.fault(place, pages, args.mixed_touches, args.c_threads, args.seed + 1)
     c["rate"].append(rate["faults_per_s"])
-    c.setdefault("rate_cpu", []).append(cb.fault_cpu(rate))
+    c.setdefault("rate_cpu", []).append(fault_cpu(rate))
     c["stream"].append(cb.stream(place, args.size << 20))
     c["bulk"].append(cb.bulk(place, args.bulk_mb << 20))
     f = bench_report._dist(fault["samples_ns"])

@@ -32,7 +32,7 @@ from typing import Any
 
 from aiopostcopy.tools.bench_procs import first_line, stop
 
-__all__ = ["C_DIR", "CBaseline", "CBuildError"]
+__all__ = ["C_DIR", "CBaseline", "CBuildError", "fault_cpu"]
 
 C_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "c"
 """The C sources, in the repository beside the package."""
@@ -114,13 +114,6 @@ class CBaseline:
         finally:
             stop(server)
 
-    def fault_cpu(self, result: dict[str, Any]) -> tuple[float | None, float | None]:
-        """Microseconds of CPU per fault of a :meth:`fault` result: the client's handler thread
-        (the baseline's destination) and the page server (its source); None if not reported."""
-        faults = result.get("faults") or 0
-        per = lambda key: result[key] / 1e3 / faults if faults and result.get(key) is not None else None  # noqa: E731
-        return per("handler_cpu_ns"), per("server_cpu_ns")
-
     def rr(self, place: Any, count: int, warmup: int) -> list[int]:
         """Request/reply round trips, ns."""
         return list(self.run(place, "rr", count, warmup)["samples_ns"])
@@ -136,6 +129,17 @@ class CBaseline:
     def bulk(self, place: Any, nbytes: int) -> float:
         """Receive only, GB/s: the link's bulk rate."""
         return float(self.run(place, "bulk", max(1, nbytes // PAGE))["gbps"])
+
+
+def fault_cpu(result: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Microseconds of CPU per fault of a :meth:`CBaseline.fault` result: the client's handler
+    thread (the baseline's destination) and the page server (its source); None if not reported."""
+    faults = result.get("faults") or 0
+
+    def per_fault(key: str) -> float | None:
+        return result[key] / 1e3 / faults if faults and result.get(key) is not None else None
+
+    return per_fault("handler_cpu_ns"), per_fault("server_cpu_ns")
 
 
 def _server_figures(server: Any) -> dict[str, Any]:
