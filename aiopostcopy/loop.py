@@ -51,9 +51,9 @@ straight into the urgent staging buffer (no message is built) and is
 accounted by :meth:`~aiopostcopy.core.session.DestinationSession.urgent_page`,
 placed with one UFFDIO_COPY from staging and its clients' threads woken before
 the bookkeeping, with no message dispatch and no commands.  A self-served
-client's fault (a ClientRequest of one run, taken by the control channel's
-shortcut) goes the same way: its page is asked for in the callback that read
-the request (:meth:`~aiopostcopy.core.session.DestinationSession.client_run_request`),
+client's faults (a ClientRequest of a few runs, taken by the control channel's
+shortcut) go the same way: their pages are asked for in the callback that read
+the request (:meth:`~aiopostcopy.core.session.DestinationSession.client_fault_request`),
 and a read of faults that only joined or found their page placed carries out
 its commands without a pass.  Anything unusual
 (EEXIST, EAGAIN, a Discard pending, a lost channel) falls back to the general
@@ -294,7 +294,7 @@ class PostcopyDestination:
             assert self._memory is not None
             port = ServicePort(session_id=self.session_id, session=self._session, memory=self._memory,
                                read_faults=self._serve_faults, schedule_pass=self._schedule_pass,
-                               fd_retired=self._forget_fd, request_run=self._request_run)
+                               fd_retired=self._forget_fd, request_runs=self._request_runs)
             self._clients = ClientRegistry(port, self.options.control_path)
         if self.options.operator_path is not None:
             self._operator = OperatorServer(OperatorPort(
@@ -955,25 +955,28 @@ class PostcopyDestination:
                                     else encode_page_requests(asked))
         self._rearm_timer(now)
 
-    def _request_run(self, key: str, block: int, first: int, count: int) -> None:
-        """A self-served client's fault (a ClientRequest of one run): the urgent path's form of
-        its request.  A missing page's Request leaves now, with no pass, and the reply lane
-        places its answer through the service's own userfaultfd; anything else is queued
-        in the session and the pass sends it (or answers from pages placed already)."""
+    def _request_runs(self, key: str, runs: tuple[tuple[int, int, int], ...]) -> None:
+        """A self-served client's faults (a ClientRequest of a few runs): the urgent path's form
+        of its request.  The missing pages' Request leaves now, in one frame, with no pass, and
+        the reply lane places their answers through the service's own userfaultfd; the other
+        runs are queued in the session and the pass sends them (or answers from pages placed
+        already)."""
         now = time.monotonic()
         session = self._session
-        asked = session.client_run_request(key, block, first, count, now)
-        if asked is None:
-            try:  # a page placed already: its Placed goes now
-                self._run_commands(None)
-            except Exception as exc:  # never swallow: the service fails visibly
-                return self._fail(exc)
-            if session.pass_due:
-                self._schedule_pass()
+        asked = session.client_fault_request(key, runs, now)
+        if asked:
+            self._send_page_requests(asked, now)
+            if self._lane is not None and self._uffd is not None:
+                for block, page in asked:
+                    self._remember_own_page(block, page)
+        if len(asked) == len(runs):
             return
-        self._send_page_requests([asked], now)
-        if self._lane is not None and self._uffd is not None:
-            self._remember_own_page(block, first)
+        try:  # pages placed already: their Placed goes now
+            self._run_commands(None)
+        except Exception as exc:  # never swallow: the service fails visibly
+            return self._fail(exc)
+        if session.pass_due:
+            self._schedule_pass()
 
     def _read_faults(self, key: object, uffd: Userfaultfd) -> None:
         """Drain every queued event of ``uffd`` into the session (faults); the caller runs or schedules the pass."""

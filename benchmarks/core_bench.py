@@ -25,7 +25,7 @@ eats.  Every case runs ``--repeat`` times and the median is reported.
   the answer (``fault_request``, then ``placed_through``): the bookkeeping
   left in Python per fault.
 * ``self-served faults, lanes``: a self-served client's fault asked for at once
-  (``client_run_request``), its answer placed by the reply lane through the
+  (``client_fault_request``), its answer placed by the reply lane through the
   service's own fd (``placed_through``) and the NotifyPlaced that answers
   the client taken: the session's part of such a fault.
 * ``sweep``: background Pages of 64 pages through ``message_received`` and
@@ -174,7 +174,7 @@ def lanes_case(pages: int, faults: int, threads: int) -> float:
 
 
 def self_served_case(pages: int, faults: int) -> float:
-    """Faults per second of a self-served client's faults: ``client_run_request`` asks for each
+    """Faults per second of a self-served client's faults: ``client_fault_request`` asks for each
     page at once, the reply lane places it through the service's own fd (``placed_through``),
     and the NotifyPlaced that answers the client is taken."""
     session = destination(pages)
@@ -185,7 +185,7 @@ def self_served_case(pages: int, faults: int) -> float:
     start = time.perf_counter()
     for page in order:
         now = time.perf_counter() - start
-        assert session.client_run_request("client", 0, page, 1, now) == (0, page)
+        assert session.client_fault_request("client", ((0, page, 1),), now) == [(0, page)]
         session.placed_through(0, page, "fd", OWN_BASE + page * PAGE, now)
         (notify,) = session.commands()
         assert type(notify) is NotifyPlaced

@@ -34,7 +34,7 @@ LocalProtocolError or InternalError.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 
 from aiopostcopy import messages as m
 from aiopostcopy.core.coalesce import Coalescer
@@ -435,35 +435,43 @@ class DestinationSession:
         for run in runs:
             self._coalescer.add_run(run.block, run.first, run.count)  # it skips pages not MISSING
 
-    def client_run_request(self, key: Hashable, block: int, first: int, count: int,
-                           now: float) -> tuple[int, int] | None:
-        """:meth:`client_request` of one run (a self-served client's fault), answered at once
-        when it can be, as :meth:`fault_request` answers a fault.
+    def client_fault_request(self, key: Hashable, runs: Sequence[tuple[int, int, int]],
+                             now: float) -> list[tuple[int, int]]:
+        """:meth:`client_request` of a self-served client's faults (a ClientRequest of a few
+        runs, ``(block, first, count)``), answered at once where it can be, as
+        :meth:`fault_request` answers a delegated fault.
 
-        When the run is one MISSING page, nothing is queued, and the urgent channel is
-        open with room in the in-flight budget, the page becomes REQUESTED and ``(block,
-        page)`` is returned: the caller sends its Request on the urgent channel now, with
-        no pass.  Otherwise the run goes the way of :meth:`client_request` and None is
-        returned: the caller carries out :meth:`commands` (a NotifyPlaced for pages placed
-        already) and runs the pass when :attr:`pass_due` (it sends what was queued).
+        Each run that is one MISSING page, with nothing queued, the urgent channel open and
+        room in the in-flight budget, becomes REQUESTED, and its ``(block, page)`` is in the
+        returned list: the caller sends their Request on the urgent channel now, with no
+        pass, in one frame (counted as one Request).  Every other run goes the way of
+        :meth:`client_request`: the caller carries out :meth:`commands` (a NotifyPlaced for
+        pages placed already) and runs the pass when :attr:`pass_due` (it sends what was
+        queued).
 
         Raises:
             LocalProtocolError: ``key`` is not a self-served client.
-            RemoteProtocolError: the run is out of range (the client's fault).
+            RemoteProtocolError: a run is out of range (the client's fault).
+            Either way nothing is recorded: every run is checked first.
         """
-        states = self._check_run(block, first, count)
-        commands = self._registry().wait_run(key, block, first, count, self._states, now)
-        if commands:
-            self._commands.extend(commands)
-        elif (count == 1 and self._aborted is None and states[first] == MISSING and self._link.urgent_ready()
-              and self._coalescer.take_page(states, first)):
-            self._count.pages_requested += 1
-            self._count.requests_sent += 1
-            self._in_flight.sent_page(block, first, now)
-            return block, first
-        if count != 1 or states[first] == MISSING:  # a page requested, placing or placed: it waits
-            self._coalescer.add_run(block, first, count)  # it skips pages not MISSING
-        return None
+        registry = self._registry()
+        registry.check_self_served(key)
+        checked = [self._check_run(block, first, count) for block, first, count in runs]
+        asked: list[tuple[int, int]] = []
+        for (block, first, count), states in zip(runs, checked):
+            commands = registry.wait_run(key, block, first, count, self._states, now)
+            if commands:
+                self._commands.extend(commands)
+            elif (count == 1 and self._aborted is None and states[first] == MISSING and self._link.urgent_ready()
+                  and self._coalescer.take_page(states, first)):
+                self._count.pages_requested += 1
+                self._count.requests_sent += not asked
+                self._in_flight.sent_page(block, first, now)
+                asked.append((block, first))
+                continue
+            if count != 1 or states[first] == MISSING:  # a page requested, placing or placed: it waits
+                self._coalescer.add_run(block, first, count)  # it skips pages not MISSING
+        return asked
 
     # ------------------------------------------------------------ adoption
 

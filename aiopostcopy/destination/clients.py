@@ -13,9 +13,10 @@ and file descriptors.
   fd is watched with ``add_reader`` and its faults go to the session under
   the client's key.  Wakes for the client's threads go to that fd.
 * Register (self-served): no fd, no addresses; the client sends
-  ClientRequest runs and is told Placed runs.  A ClientRequest of one run
-  (a fault) takes the channel's shortcut: no message is built, and a
-  missing page's Request leaves at once (:meth:`ServicePort.request_run`);
+  ClientRequest runs and is told Placed runs.  A ClientRequest of a few runs
+  (the faults of one read of its userfaultfd) takes the channel's shortcut:
+  no message is built, and the missing pages' Request leaves at once
+  (:meth:`ServicePort.request_runs`);
   Placed goes out as a frame encoded straight from the session's runs.
 * EOF, Bye, garbage, or a fault outside the client's table: the client is
   retired in order (stop reading its fd, drop its waiters in the session,
@@ -89,9 +90,10 @@ class ServicePort:
         read_faults: drain a userfaultfd's events into the session under a key.
         schedule_pass: ask for one processing pass of the service.
         fd_retired: a client's userfaultfd (key, fd number) is about to be closed.
-        request_run: a self-served client's ClientRequest of one run, ``(key, block, first,
-            count)``: into the session, its Request sent at once when it may be, else the pass
-            scheduled.  Raises as ``DestinationSession.client_run_request``.
+        request_runs: a self-served client's ClientRequest of a few runs, ``(key, ((block,
+            first, count), ...))``: into the session, the Request of its missing pages sent at
+            once when it may be, the rest left to the pass.  Raises as
+            ``DestinationSession.client_fault_request`` (a refused request changes nothing).
     """
 
     session_id: str
@@ -100,7 +102,7 @@ class ServicePort:
     read_faults: Callable[[str, Userfaultfd], None]
     schedule_pass: Callable[[], None]
     fd_retired: Callable[[str, int], None] = lambda key, fd: None
-    request_run: Callable[[str, int, int, int], None] | None = None
+    request_runs: Callable[[str, tuple[tuple[int, int, int], ...]], None] | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -171,7 +173,7 @@ class ClientRegistry:
                 lambda exc, c=client: self._on_lost(c, exc),
                 allowed=_FROM_CLIENT,
                 refusal=lambda exc, c=client: self._refusal(c, exc),
-                on_run_request=lambda block, first, count, c=client: self._on_run_request(c, block, first, count),
+                on_client_request=lambda runs, c=client: self._on_client_request(c, runs),
             )
             client.pid = client.channel.peer_pid()
 
@@ -326,16 +328,18 @@ class ClientRegistry:
         self._session.client_request(client.key, msg.runs, time.monotonic())
         self._port.schedule_pass()
 
-    def _on_run_request(self, client: ClientInfo, block: int, first: int, count: int) -> None:
-        """A ClientRequest of one run, as the channel's shortcut took it: a running self-served
-        client's fault goes straight to the session; anything else (another phase or mode,
+    def _on_client_request(self, client: ClientInfo, runs: tuple[tuple[int, int, int], ...]) -> None:
+        """A ClientRequest of a few runs, as the channel's shortcut took it: a running self-served
+        client's faults go straight to the session; anything else (another phase or mode,
         descriptors riding along) is built into the message and checked the general way."""
-        request_run = self._port.request_run
-        if (request_run is None or client.control.phase is not Phase.RUNNING
+        request_runs = self._port.request_runs
+        if (request_runs is None or client.control.phase is not Phase.RUNNING
                 or client.mode is not ClientMode.SELF_SERVED or client.channel is None or client.channel.pending_fds):
-            return self._on_message(client, ClientRequest(runs=(PageRun(block=block, first=first, count=count),)))
+            msg = ClientRequest(runs=tuple([PageRun(block=block, first=first, count=count)
+                                            for block, first, count in runs]))
+            return self._on_message(client, msg)
         try:
-            request_run(client.key, block, first, count)
+            request_runs(client.key, runs)
         except ProtocolError as exc:
             self._refuse(client, exc)
 

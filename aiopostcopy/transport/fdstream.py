@@ -206,10 +206,10 @@ class ControlChannel(_FdSocket):
         refusal: the last frame to send when the decoder refuses a frame
             (the service answers a malformed mapping table with Reject);
             default :func:`error_for`, ``Error(code, text)``.
-        on_run_request: the fault path's shortcut (the service): called with
-            ``(block, first, count)`` for each ClientRequest of one run, a
-            self-served client's fault, taken from the decoder without building
-            the message (:meth:`~aiopostcopy.transport.wire.Decoder.take_run_request`);
+        on_client_request: the fault path's shortcut (the service): called with
+            the runs, ``((block, first, count), ...)``, of each ClientRequest of a
+            few runs (a self-served client's faults), taken from the decoder without
+            building the message (:meth:`~aiopostcopy.transport.wire.Decoder.take_client_request`);
             every other frame goes to ``on_message``.
     """
 
@@ -222,12 +222,12 @@ class ControlChannel(_FdSocket):
         allowed: frozenset[type] | None = None,
         max_pending_fds: int = LIMITS.max_blocks,
         refusal: Callable[[RemoteProtocolError], Message] = error_for,
-        on_run_request: Callable[[int, int, int], None] | None = None,
+        on_client_request: Callable[[tuple[tuple[int, int, int], ...]], None] | None = None,
     ) -> None:
         super().__init__(sock, allowed=allowed, max_pending_fds=max_pending_fds)
         self._loop = asyncio.get_running_loop()
         self._refusal = refusal
-        self._on_run_request = on_run_request
+        self._on_client_request = on_client_request
         self._on_message = on_message
         self._on_lost: Callable[[BaseException | None], None] | None = on_lost
         self._writing = False  # the loop watches the socket for writing (frames wait)
@@ -285,12 +285,12 @@ class ControlChannel(_FdSocket):
             self._shutdown(exc)
 
     def _drain(self) -> None:
-        decoder, on_run_request = self._decoder, self._on_run_request
+        decoder, on_client_request = self._decoder, self._on_client_request
         while self._sock is not None:
-            if on_run_request is not None:
-                run = decoder.take_run_request()
-                if run is not None:
-                    on_run_request(*run)
+            if on_client_request is not None:
+                runs = decoder.take_client_request()
+                if runs is not None:
+                    on_client_request(runs)
                     continue
             event = decoder.next_event()
             if event is None:

@@ -65,6 +65,8 @@ PREFIX_SIZE: Final = 4
 _PREFIX = struct.Struct(">I")
 _CHUNK = 64 << 10  #: free space get_buffer() offers outside a payload
 _SHRINK_ABOVE = 1 << 20  #: an empty buffer larger than this is given back
+SHORT_RUNS: Final = 8  #: the most runs of a Request or ClientRequest the decoder's shortcuts take
+_RUN_MAX_SIZE = 22  #: the longest msgpack run [block, first, count]: 1 + 3 + 9 + 9 bytes
 _ONE_PAGE_HEADER = 32  #: the longest header of one page: [3, block, page, 1, nbytes, []] with 9-byte integers
 #: Shared: validated messages hold only exact int/str/bool/tuple/list, so pack() runs no
 #: Python code and cannot release the GIL or re-enter midway.
@@ -501,43 +503,50 @@ class Decoder:
         Only a frame that is valid as :meth:`next_event` would decode it is taken (types,
         limits, no trailing bytes); the page's range in the blocks is the caller's to check.
         """
-        run = self._one_run(Request.TYPE)
-        if run is None or run[2] != 1:
+        taken = self._short_runs(Request.TYPE)
+        if taken is None or len(taken[0]) != 1 or taken[0][0][2] != 1:
             return None
-        self._start = run[3]
-        return run[0], run[1]
+        self._start = taken[1]
+        return taken[0][0][0], taken[0][0][1]
 
-    def take_run_request(self) -> tuple[int, int, int] | None:
+    def take_client_request(self) -> tuple[tuple[int, int, int], ...] | None:
         """:meth:`take_page_request` for a self-served client's fault: if the next frame is a
-        ClientRequest of one run, consume it and return ``(block, first, count)`` without
-        building messages; otherwise consume nothing and return None.  The same rules: only
-        a frame :meth:`next_event` would decode as such a ClientRequest is taken."""
-        run = self._one_run(ClientRequest.TYPE)
-        if run is None:
+        ClientRequest of at most :data:`SHORT_RUNS` runs (the faults of one read of the client's
+        userfaultfd), consume it and return its runs as ``(block, first, count)`` without building
+        messages; otherwise consume nothing and return None.  The same rules: only a frame
+        :meth:`next_event` would decode as such a ClientRequest is taken."""
+        taken = self._short_runs(ClientRequest.TYPE)
+        if taken is None:
             return None
-        self._start = run[3]
-        return run[0], run[1], run[2]
+        self._start = taken[1]
+        return taken[0]
 
-    def _one_run(self, code: int) -> tuple[int, int, int, int] | None:
-        """``(block, first, count, end)`` when the next frame is a whole, valid ``[code, [[block,
-        first, count]]]`` (a Request or ClientRequest of one run) ending at ``end``; else None."""
+    def _short_runs(self, code: int) -> tuple[tuple[tuple[int, int, int], ...], int] | None:
+        """``(runs, end)`` when the next frame is a whole, valid ``[code, [[block, first, count],
+        ...]]`` of 1 to :data:`SHORT_RUNS` runs (a Request or a ClientRequest) ending at ``end``;
+        else None."""
         start, avail = self._start, self._end - self._start
         if avail < PREFIX_SIZE + 7 or self._pending is not None or self._error is not None:
             return None
         buf = self._buf
-        if buf[start + 4] != 0x92 or buf[start + 5] != code or buf[start + 6] != 0x91 or buf[start + 7] != 0x93:
-            return None  # not [code, [[...]]]: another message, or several runs
+        count = buf[start + 6] - 0x90  # the runs' fixarray
+        if buf[start + 4] != 0x92 or buf[start + 5] != code or not 1 <= count <= SHORT_RUNS or buf[start + 7] != 0x93:
+            return None  # not [code, [[...], ...]]: another message, or many runs
         size = _PREFIX.unpack_from(buf, start)[0]
-        if avail < PREFIX_SIZE + size or size > 24 or code not in self._budget:
+        if avail < PREFIX_SIZE + size or size > 3 + _RUN_MAX_SIZE * count or code not in self._budget:
             return None
         try:
-            _, ((block, first, count),) = msgpack.unpackb(self._view[start + PREFIX_SIZE:start + PREFIX_SIZE + size])
+            _, items = msgpack.unpackb(self._view[start + PREFIX_SIZE:start + PREFIX_SIZE + size])
         except Exception:  # malformed: next_event says why
             return None
-        if (type(block) is not int or type(first) is not int or type(count) is not int
-                or not 0 <= block < LIMITS.max_blocks or not 0 <= first < 1 << 46 or not 1 <= count <= 1 << 32):
-            return None
-        return block, first, count, start + PREFIX_SIZE + size
+        for item in items:
+            if type(item) is not list or len(item) != 3:
+                return None
+            block, first, pages = item
+            if (type(block) is not int or type(first) is not int or type(pages) is not int
+                    or not 0 <= block < LIMITS.max_blocks or not 0 <= first < 1 << 46 or not 1 <= pages <= 1 << 32):
+                return None
+        return tuple([(block, first, pages) for block, first, pages in items]), start + PREFIX_SIZE + size
 
     def _check_alive(self) -> None:
         if self._error is not None:

@@ -227,7 +227,7 @@ def test_the_reply_lane_may_place_only_where_urgent_page_would_take_the_page() -
 def test_a_self_served_fault_is_requested_at_once_and_notified_when_placed() -> None:
     session = open_session(request_timeout=2.0)
     session.add_self_served("s")
-    assert session.client_run_request("s", 0, 5, 1, 1.0) == (0, 5)
+    assert session.client_fault_request("s", [(0, 5, 1)], 1.0) == [(0, 5)]
     assert requests(session) == [] and session.commands() == [] and not session.pass_due
     stats = session.statistics()
     assert (stats.client_requests, stats.pages_requested, stats.requests_sent) == (1, 1, 1)
@@ -240,7 +240,7 @@ def test_a_self_served_fault_is_requested_at_once_and_notified_when_placed() -> 
 def test_a_self_served_fault_is_re_requested_once_overdue() -> None:
     session = open_session(request_timeout=2.0)
     session.add_self_served("s")
-    assert session.client_run_request("s", 0, 5, 1, 1.0) == (0, 5)
+    assert session.client_fault_request("s", [(0, 5, 1)], 1.0) == [(0, 5)]
     assert session.get_timer() == 3.0
     session.handle_timer(3.5)
     assert requests(session) == [run(0, 5, 1)]
@@ -252,19 +252,19 @@ def test_a_self_served_fault_goes_the_general_way_when_it_cannot_be_asked_at_onc
     session.add_self_served("t")
     session.message_received(BACKGROUND, pages(0, 0, 2), 0.0)
     place_all(session, 0.0)
-    assert session.client_run_request("s", 0, 1, 1, 0.0) is None  # placed: answered at once
+    assert session.client_fault_request("s", [(0, 1, 1)], 0.0) == []  # placed: answered at once
     assert session.commands() == [NotifyPlaced("s", (run(0, 1, 1),))] and not session.pass_due
-    assert session.client_run_request("s", 0, 4, 3, 0.0) is None  # a run of several pages: the pass asks
+    assert session.client_fault_request("s", [(0, 4, 3)], 0.0) == []  # a run of several pages: the pass asks
     assert session.pass_due
     session.flush(0.0)
     assert requests(session) == [run(0, 4, 3)]
-    assert session.client_run_request("t", 0, 5, 1, 0.0) is None  # REQUESTED: it joins, nothing queued
+    assert session.client_fault_request("t", [(0, 5, 1)], 0.0) == []  # REQUESTED: it joins, nothing queued
     assert not session.pass_due and session.commands() == []
     session.message_received(URGENT, pages(0, 4, 3), 0.1)
     assert sorted(place_all(session, 0.1), key=lambda c: c.key) == [NotifyPlaced("s", (run(0, 4, 3),)),
                                                                     NotifyPlaced("t", (run(0, 5, 1),))]
     session.fault_received("c", CLIENT_BASE, 1, 0.2)  # a fault queued ahead: the client's page waits behind it
-    assert session.client_run_request("s", 0, 12, 1, 0.2) is None and session.pass_due
+    assert session.client_fault_request("s", [(0, 12, 1)], 0.2) == [] and session.pass_due
     session.flush(0.2)
     assert requests(session) == [run(0, 8, 1), run(0, 12, 1)]
 
@@ -272,23 +272,51 @@ def test_a_self_served_fault_goes_the_general_way_when_it_cannot_be_asked_at_onc
 def test_a_self_served_fault_waits_for_the_urgent_channel_and_the_budget() -> None:
     session = open_session(max_in_flight_pages=1)
     session.add_self_served("s")
-    assert session.client_run_request("s", 0, 1, 1, 0.0) == (0, 1)
-    assert session.client_run_request("s", 0, 2, 1, 0.0) is None  # the budget is spent: queued
+    assert session.client_fault_request("s", [(0, 1, 1)], 0.0) == [(0, 1)]
+    assert session.client_fault_request("s", [(0, 2, 1)], 0.0) == []  # the budget is spent: queued
     session.message_received(URGENT, pages(0, 1, 1), 0.1)
     place_all(session, 0.1)
     session.flush(0.1)
     assert requests(session) == [run(0, 2, 1)]  # the queued page, once the budget had room
     session.connection_lost(URGENT, 0.2)
-    assert session.client_run_request("s", 0, 3, 1, 0.2) is None and session.pass_due  # no channel: queued
+    assert session.client_fault_request("s", [(0, 3, 1)], 0.2) == [] and session.pass_due  # no channel: queued
 
 
 def test_a_self_served_fault_out_of_range_or_from_a_delegated_key_is_refused() -> None:
     session = open_session()
     session.add_self_served("s")
     with pytest.raises(RemoteProtocolError):
-        session.client_run_request("s", 0, 15, 2, 0.0)
+        session.client_fault_request("s", [(0, 15, 2)], 0.0)
     with pytest.raises(RemoteProtocolError):
-        session.client_run_request("s", 7, 0, 1, 0.0)
+        session.client_fault_request("s", [(7, 0, 1)], 0.0)
+    with pytest.raises(RemoteProtocolError):  # a bad run after good ones: none of them is recorded
+        session.client_fault_request("s", [(0, 1, 1), (0, 2, 1), (0, 16, 1)], 0.0)
     with pytest.raises(LocalProtocolError):
-        session.client_run_request("c", 0, 1, 1, 0.0)
+        session.client_fault_request("c", [(0, 1, 1)], 0.0)
     assert session.unplaced_runs(0, 0, 16) == [(0, 16)] and not session.pass_due
+    stats = session.statistics()
+    assert (stats.client_requests, stats.pages_requested, stats.requests_sent) == (0, 0, 0)
+
+
+def test_the_faults_of_one_client_read_are_asked_in_one_request_the_rest_the_general_way() -> None:
+    """A ClientRequest of several runs (the faults of one read of the client's userfaultfd): each
+    one-page MISSING run is asked at once, all in one Request; the others go as client_request
+    takes them, and every run is answered with its NotifyPlaced."""
+    session = open_session(request_timeout=2.0)
+    session.add_self_served("s")
+    session.message_received(BACKGROUND, pages(0, 0, 2), 0.0)
+    place_all(session, 0.0)
+    asked = session.client_fault_request("s", [(0, 5, 1), (0, 9, 1), (0, 1, 1), (0, 5, 1), (0, 12, 2)], 1.0)
+    assert asked == [(0, 5), (0, 9)]  # page 1 is placed; page 5 again joins; a run of two is queued
+    assert session.commands() == [NotifyPlaced("s", (run(0, 1, 1),))]
+    stats = session.statistics()
+    assert (stats.client_requests, stats.pages_requested, stats.requests_sent) == (5, 2, 1)
+    assert session.pass_due
+    session.flush(1.0)
+    assert requests(session) == [run(0, 12, 2)]
+    for first, count in [(5, 1), (9, 1), (12, 2)]:
+        session.message_received(URGENT, pages(0, first, count), 1.5)
+    notified = place_all(session, 1.5)
+    told = sorted((r.block, r.first, r.count) for command in notified if command.key == "s" for r in command.runs)
+    assert told == [(0, 5, 1), (0, 9, 1), (0, 12, 2)]  # page 5 asked for twice, told once
+    assert session.unplaced_runs(0, 0, 16) == [(2, 5), (6, 9), (10, 12), (14, 16)]

@@ -18,7 +18,7 @@ from aiopostcopy.errors import ClosedError, RemoteProtocolError
 from aiopostcopy.messages import (Accept, BlockInfo, Blocks, ClientHello, ClientMode, End, Error, ErrorCode,
                                   Register)
 from aiopostcopy.transport.fdstream import MAX_FDS_PER_SENDMSG, BlockingControlChannel, ControlChannel
-from aiopostcopy.transport.wire import ConnectionClosed, encode
+from aiopostcopy.transport.wire import SHORT_RUNS, ConnectionClosed, encode
 
 HELLO = ClientHello(version=1, pid=1, name="t", mode=ClientMode.DELEGATED)
 
@@ -261,9 +261,9 @@ async def test_send_frame_goes_out_in_order_with_queued_messages_across_would_bl
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])
-async def test_one_run_client_requests_take_the_shortcut_and_the_rest_on_message() -> None:
-    """on_run_request gets (block, first, count) of each ClientRequest of one run, in order
-    with the other messages, which go to on_message; a bad frame still ends the channel."""
+async def test_short_client_requests_take_the_shortcut_and_the_rest_on_message() -> None:
+    """on_client_request gets the runs, (block, first, count), of each ClientRequest of a few runs,
+    in order with the other messages, which go to on_message; a bad frame still ends the channel."""
     from aiopostcopy.messages import Bye, ClientRequest, PageRun
 
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -271,15 +271,16 @@ async def test_one_run_client_requests_take_the_shortcut_and_the_rest_on_message
     lost: asyncio.Future = asyncio.get_running_loop().create_future()
     service = ControlChannel(a, events.append, lambda exc: lost.done() or lost.set_result(exc),
                              allowed=frozenset({ClientRequest, Bye}),
-                             on_run_request=lambda *run: events.append(run))
+                             on_client_request=events.append)
     two = ClientRequest(runs=(PageRun(block=0, first=1, count=1), PageRun(block=1, first=9, count=2)))
+    many = ClientRequest(runs=tuple(PageRun(block=0, first=2 * i, count=1) for i in range(SHORT_RUNS + 1)))
     try:
         b.sendall(encode(ClientRequest(runs=(PageRun(block=2, first=7, count=1),))) + encode(two)
-                  + encode(ClientRequest(runs=(PageRun(block=0, first=(1 << 46) - 1, count=1 << 32),)))
+                  + encode(many) + encode(ClientRequest(runs=(PageRun(block=0, first=(1 << 46) - 1, count=1 << 32),)))
                   + encode(Bye()))
-        while len(events) < 4:
+        while len(events) < 5:
             await asyncio.sleep(0.001)
-        assert events == [(2, 7, 1), two, (0, (1 << 46) - 1, 1 << 32), Bye()]
+        assert events == [((2, 7, 1),), ((0, 1, 1), (1, 9, 2)), many, ((0, (1 << 46) - 1, 1 << 32),), Bye()]
         b.sendall(encode(End(complete=True)))  # not allowed: the channel ends, as before
         assert isinstance(await asyncio.wait_for(lost, 5), RemoteProtocolError)
     finally:

@@ -1,5 +1,5 @@
-"""Decoder.take_page_request, the source's shortcut for a one-page Request, and take_run_request,
-the service's for a self-served client's ClientRequest of one run: each takes exactly the frames
+"""Decoder.take_page_request, the source's shortcut for a one-page Request, and take_client_request,
+the service's for a self-served client's ClientRequest of a few runs: each takes exactly the frames
 next_event would decode as such a message, and leaves everything else to next_event."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aiopostcopy.messages import Bye, Channel, ClientRequest, PageRun, Ping, Placed, Request, Role
-from aiopostcopy.transport.wire import Decoder, encode, encode_page_request, encode_placed, migration_allowed
+from aiopostcopy.transport.wire import SHORT_RUNS, Decoder, encode, encode_page_request, encode_placed, migration_allowed
 
 import pytest
 from aiopostcopy.errors import RemoteProtocolError
@@ -84,20 +84,33 @@ def control_from_client() -> Decoder:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(0, 255), st.integers(0, (1 << 46) - 1), st.integers(1, 1 << 32))
-def test_client_request_of_one_run_is_taken(block: int, first: int, count: int) -> None:
+@given(st.lists(st.tuples(st.integers(0, 1023), st.integers(0, (1 << 46) - 1), st.integers(1, 1 << 32)),
+                min_size=1, max_size=SHORT_RUNS))
+def test_client_request_of_a_few_runs_is_taken(runs: list[tuple[int, int, int]]) -> None:
     decoder = control_from_client()
-    run = PageRun(block=block, first=first, count=count)
-    decoder.receive_data(encode(ClientRequest(runs=(run,))) + encode(Bye()))
+    message = ClientRequest(runs=tuple(PageRun(block=b, first=f, count=c) for b, f, c in runs))
+    decoder.receive_data(encode(message) + encode(Bye()))
     assert decoder.take_page_request() is None  # not a Request
-    assert decoder.take_run_request() == (block, first, count)
-    assert decoder.take_run_request() is None  # a Bye is next: left alone
+    assert decoder.take_client_request() == tuple(runs)
+    assert decoder.take_client_request() is None  # a Bye is next: left alone
     assert decoder.next_event() == Bye()
 
 
+def test_a_client_request_of_more_runs_is_left_to_next_event() -> None:
+    decoder = control_from_client()
+    message = ClientRequest(runs=tuple(PageRun(block=0, first=2 * i, count=1) for i in range(SHORT_RUNS + 1)))
+    decoder.receive_data(encode(message))
+    assert decoder.take_client_request() is None
+    assert decoder.next_event() == message
+
+
 @pytest.mark.parametrize("frame", [
-    encode(ClientRequest(runs=(PageRun(block=0, first=3, count=1), PageRun(block=1, first=0, count=1)))),
     raw([25, [[True, 3, 1]]]),
+    raw([25, [[0, 3, 1], [0, 4]]]),  # a short second run
+    raw([25, [[0, 3, 1], {1: 0, 2: 0, 3: 0}]]),  # a map where a run belongs
+    raw([25, [[0, 3, 1], "abc"]]),
+    raw([25, [[0, 3, 1], [1024, 0, 1]]]),  # a block out of range
+    raw([25, []]),  # no runs
     raw([25, [[0, 3, 0]]]),  # no pages
     raw([25, [[0, 3, (1 << 32) + 1]]]),
     raw([25, [[0, -1, 1]]]),
@@ -105,17 +118,17 @@ def test_client_request_of_one_run_is_taken(block: int, first: int, count: int) 
     raw([25, [[0, 3, 1]]])[:-1],  # incomplete
     raw([25, [[0, 3, 1]], 0]),  # a field too many
 ])
-def test_anything_but_a_valid_one_run_client_request_is_left_to_next_event(frame: bytes) -> None:
+def test_anything_but_a_valid_short_client_request_is_left_to_next_event(frame: bytes) -> None:
     decoder = control_from_client()
     decoder.receive_data(frame)
-    assert decoder.take_run_request() is None
+    assert decoder.take_client_request() is None
     assert_next_event_decodes_or_refuses(decoder, ClientRequest)
 
 
 def test_a_client_request_is_not_taken_where_it_is_not_allowed() -> None:
     decoder = source_urgent()
     decoder.receive_data(encode(ClientRequest(runs=(PageRun(block=0, first=3, count=1),))))
-    assert decoder.take_run_request() is None
+    assert decoder.take_client_request() is None
     with pytest.raises(RemoteProtocolError):
         decoder.next_event()
 
