@@ -655,8 +655,8 @@ class PostcopyDestination:
         decoder.skip(consumed)
         try:
             now = time.monotonic()
-            for block, page, fd, address in placed:
-                self._session.placed_through(block, page, self._lane_keys[fd], address, now)
+            for block, page, fd, address, zero in placed:
+                self._session.placed_through(block, page, self._lane_keys[fd], address, now, zero=zero)
                 if trace.ENABLED:
                     trace.mark("reply", block, page)
                     trace.mark("woken", block, page)
@@ -793,6 +793,8 @@ class PostcopyDestination:
                 self._staging = Staging.huge(largest)
             # one zeroed page of the largest size, made here once: both placing threads read it
             zero_page = self._staging.zeroed(largest)
+            if self._lane is not None:
+                self._lane.set_zero_page(zero_page, largest, self._session.blocks.page_sizes)
             self._placement = Placement(self._uffd, self._memory, zero_page)
             self._placer = BackgroundPlacer(self._loop, self._placement, buffers=_BACKGROUND_BUFFERS,
                                             buffer_size=LIMITS.max_payload, on_done=self._background_placed,

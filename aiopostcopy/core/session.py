@@ -380,15 +380,16 @@ class DestinationSession:
         (not aborted, the urgent channel open, no Discard waiting on a placing page)."""
         return self._aborted is None and URGENT in self._link.open and not any(self._deferred)
 
-    def placed_through(self, block: int, page: int, key: Hashable, address: int, now: float) -> None:
+    def placed_through(self, block: int, page: int, key: Hashable, address: int, now: float, *,
+                       zero: bool = False) -> None:
         """A REQUESTED page arrived on the urgent channel and is in memory already: the reply
         lane placed it with UFFDIO_COPY through fd ``key`` at ``address`` (where a thread of that
         fd faulted), which woke that fd's threads waiting there; every other waiter is woken
         by the Wakes this leaves in :meth:`commands`.  Only while :meth:`lane_may_place` holds.
 
         The same as :meth:`urgent_page` followed by :meth:`placed` (the page counted as demand,
-        its in-flight budget freed, PLACING then PLACED), in the fewest steps: it runs once per
-        fault, on the fault's path.
+        or as a zero page when ``zero``: the answer was a Zero, its in-flight budget freed,
+        PLACING then PLACED), in the fewest steps: it runs once per fault, on the fault's path.
 
         Raises:
             InternalError: the page was not REQUESTED, or the lane may not place now.
@@ -401,7 +402,10 @@ class DestinationSession:
         states.mark(page, 1, PLACED)
         self._coalescer.settle(1)
         count = self._count
-        count.pages_demand += 1
+        if zero:
+            count.pages_zero += 1
+        else:
+            count.pages_demand += 1
         wakeups: Wakeups = self._wakeups  # type: ignore[assignment]  (a REQUESTED page means blocks)
         commands = wakeups.release_through(block, page, key, address, now)
         if commands:

@@ -15,6 +15,7 @@
 #define RQ_MISSING ...
 #define RQ_REQUESTED ...
 #define RQ_PENDING ...
+#define RQ_PLACED_FIELDS ...
 
 struct ps_block { int fd; uint32_t page_size; uint32_t max_run; uint64_t pages; ...; };
 
@@ -46,7 +47,7 @@ int ps_read_run(int fd, uint32_t page_size, uint64_t first, uint32_t count, uint
 
 struct rq_pending { uint64_t block; uint64_t page; uint64_t address; int uffd; ...; };
 struct rq_lane { uint8_t *const *states; const uint64_t *pages; const uint64_t *page_size; uint32_t nblocks;
-                 struct rq_pending *pending; ...; };
+                 struct rq_pending *pending; const uint8_t *zero_page; ...; };
 
 int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame);
 void rq_forget_fd(struct rq_lane *lane, int uffd);

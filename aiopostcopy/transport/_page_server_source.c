@@ -58,6 +58,7 @@
 #define RQ_MAX_PAGES 64      /* pages of one Request written by rq_send */
 #define RQ_FRAME_BYTES 2048  /* room for the frame of RQ_MAX_PAGES runs of the largest integers */
 #define RQ_PENDING 4096     /* slots of the table of requested pages' fault addresses */
+#define RQ_PLACED_FIELDS 5   /* per page rq_place placed: block, page, uffd, address, zero (1: a Zero answer) */
 #define RQ_REQUESTED 1       /* asked for on the urgent channel, answer not arrived */
 #define RQ_MISSING 0         /* the page state nobody asked for yet (aiopostcopy.core.pages) */
 
@@ -492,6 +493,7 @@ struct rq_lane {
     const uint64_t *page_size;
     uint32_t nblocks;
     struct rq_pending *pending;  /* RQ_PENDING slots, by page (a newer page takes a slot over) */
+    const uint8_t *zero_page;    /* zeros, at least the largest page: a Zero answer's source (NULL: not placed here) */
 };
 
 static struct rq_pending *rq_slot(const struct rq_lane *lane, uint64_t block, uint64_t page)
@@ -627,15 +629,17 @@ int rq_send(const struct rq_lane *lane, int sock, int uffd, const uint64_t *slot
 /* ---- the reply lane ------------------------------------------------------
  *
  * rq_place() reads the urgent channel's bytes that the decoder holds, from
- * a frame's start: while they begin with a whole one-page Pages frame, in the
- * exact form the source writes ([3, block, page, 1, nbytes, []] with the
- * smallest integer encodings), for a page that is REQUESTED and whose fault
- * the request lane remembers, it places the payload with UFFDIO_COPY through
- * the userfaultfd that fault was read from, at the fault's page: one call puts
- * the page in the shared memory and wakes the faulting thread. It logs each
- * page placed and stops at anything else (another frame, a page without a
- * remembered fault, a copy that fails): the decoder takes it from there, and
- * the caller accounts the placed pages in the session, changing their state.
+ * a frame's start: while they begin with a whole answer of one page, in the
+ * exact form the source writes with the smallest integer encodings (a Pages
+ * frame [3, block, page, 1, nbytes, []] and its payload, or a Zero frame
+ * [4, block, page, 1]), for a page that is REQUESTED and whose fault the
+ * request lane remembers, it places the page with UFFDIO_COPY through the
+ * userfaultfd that fault was read from, at the fault's page (from the payload,
+ * or from the lane's zero page): one call puts the page in the shared memory
+ * and wakes the faulting thread. It logs each page placed and stops at
+ * anything else (another frame, a page without a remembered fault, a copy
+ * that fails): the decoder takes it from there, and the caller accounts the
+ * placed pages in the session, changing their state.
  */
 
 int rq_place(struct rq_lane *lane, const uint8_t *buf, size_t len, uint64_t *placed, uint32_t max_placed,
@@ -644,21 +648,29 @@ int rq_place(struct rq_lane *lane, const uint8_t *buf, size_t len, uint64_t *pla
     uint32_t n = 0;
     size_t at = 0;
     *consumed = 0;
-    while (n < max_placed && len - at >= PS_PREFIX + 7) {
+    while (n < max_placed && len - at >= PS_PREFIX + 5) {
         const uint8_t *f = buf + at;
         uint32_t size = ps_get_prefix(f);
-        const uint8_t *h = f + PS_PREFIX, *end = h + size - 1;  /* the header, its last byte 0x90 */
-        if (size < 7 || size > 31 || len - at - PS_PREFIX < size || h[0] != 0x96 || h[1] != PS_TYPE_PAGES
-            || *end != 0x90)
+        const uint8_t *h = f + PS_PREFIX, *end = h + size;
+        if (size > 31 || len - at - PS_PREFIX < size)
             break;
-        uint64_t field[4];           /* block, page, count, payload bytes */
+        int zero = size >= 5 && h[0] == 0x94 && h[1] == PS_TYPE_ZERO;
+        if (zero)
+            ;  /* [4, block, page, count]: no payload */
+        else if (size >= 7 && h[0] == 0x96 && h[1] == PS_TYPE_PAGES && end[-1] == 0x90)
+            end--;  /* [3, block, page, count, nbytes, []]: the empty zeros array last */
+        else
+            break;
+        uint64_t field[4] = {0, 0, 0, 0};  /* block, page, count, payload bytes */
         const uint8_t *q = h + 2;
         size_t k = 1;
-        for (int i = 0; i < 4 && k; i++)
+        for (int i = 0; i < (zero ? 3 : 4) && k; i++)
             q += k = ps_get_smallest_uint(q, end, &field[i]);
-        uint64_t block = field[0], page = field[1], nbytes = field[3];
-        if (!k || q != end || field[2] != 1 || block >= lane->nblocks || page >= lane->pages[block]
-            || nbytes != lane->page_size[block] || len - at - PS_PREFIX - size < nbytes)
+        uint64_t block = field[0], page = field[1], nbytes = zero ? 0 : field[3];
+        if (!k || q != end || field[2] != 1 || block >= lane->nblocks || page >= lane->pages[block])
+            break;
+        if (zero ? lane->zero_page == NULL
+                 : nbytes != lane->page_size[block] || len - at - PS_PREFIX - size < nbytes)
             break;
         if (lane->states[block][page] != RQ_REQUESTED)
             break;
@@ -666,14 +678,16 @@ int rq_place(struct rq_lane *lane, const uint8_t *buf, size_t len, uint64_t *pla
         if (e->uffd < 0 || e->block != block || e->page != page)
             break;
         struct uffdio_copy copy = {
-            .dst = e->address, .src = (uint64_t)(uintptr_t)(h + size), .len = nbytes, .mode = 0,
+            .dst = e->address, .len = lane->page_size[block], .mode = 0,
+            .src = (uint64_t)(uintptr_t)(zero ? lane->zero_page : h + size),
         };
-        if (ioctl(e->uffd, UFFDIO_COPY, &copy) != 0 || copy.copy != (int64_t)nbytes)
+        if (ioctl(e->uffd, UFFDIO_COPY, &copy) != 0 || copy.copy != (int64_t)copy.len)
             break;  /* nothing placed, or a part: the decoder's way finds out which (EEXIST, EAGAIN, ...) */
-        placed[4 * n] = block;
-        placed[4 * n + 1] = page;
-        placed[4 * n + 2] = (uint64_t)e->uffd;
-        placed[4 * n + 3] = e->address;
+        placed[RQ_PLACED_FIELDS * n] = block;
+        placed[RQ_PLACED_FIELDS * n + 1] = page;
+        placed[RQ_PLACED_FIELDS * n + 2] = (uint64_t)e->uffd;
+        placed[RQ_PLACED_FIELDS * n + 3] = e->address;
+        placed[RQ_PLACED_FIELDS * n + 4] = (uint64_t)zero;
         n++;
         e->uffd = -1;
         at += PS_PREFIX + size + nbytes;

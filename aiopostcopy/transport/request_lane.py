@@ -31,7 +31,10 @@ a newer page may take an older page's slot, which then goes the usual way).
 When bytes arrive on the urgent channel, :meth:`RequestLane.place` (``rq_place``)
 reads the answers at their front: a one-page Pages frame in the form the source
 writes, for a page still REQUESTED whose fault it remembers, is placed with one
-UFFDIO_COPY through that fd at that address, straight from the receive buffer.
+UFFDIO_COPY through that fd at that address, straight from the receive buffer;
+a one-page Zero frame the same way, from the lane's zero page
+(:meth:`RequestLane.set_zero_page`; about one page in seven of a guest's memory
+is zeros, and the source sends those as Zero).
 The copy puts the page in the shared memory and wakes the faulting thread;
 the caller then accounts it in the session
 (:meth:`~aiopostcopy.core.session.DestinationSession.placed_through`), which
@@ -105,7 +108,7 @@ class RequestLane:
         lane.states, lane.pages, lane.page_size, lane.nblocks = state_ptrs, pages, sizes, len(states)
         lane.pending = pending
         self._keep = (states, views, state_ptrs, pages, sizes, pending)
-        self._placed = ffi.new("uint64_t[]", 4 * PLACE_BATCH)
+        self._placed = ffi.new("uint64_t[]", lib.RQ_PLACED_FIELDS * PLACE_BATCH)
         self._consumed = ffi.new("size_t *")
         self._lane = lane
         self._asked = ffi.new("uint64_t[]", 2 * lib.RQ_MAX_PAGES)
@@ -125,6 +128,13 @@ class RequestLane:
         (a queued fault, a self-served client's request): its answer is placed through fd
         ``uffd`` at ``address``, the page's address in that fd's space (the service's own)."""
         lib.rq_remember(self._lane, block, page, address, uffd)
+
+    def set_zero_page(self, address: int, size: int, page_sizes: Sequence[int]) -> None:
+        """Place one-page Zero answers too, copying from ``size`` zero bytes at ``address``,
+        which stay mapped while the lane lives and cover the largest page of the blocks."""
+        if size < max(page_sizes, default=0):
+            raise ValueError(f"a zero page of {size} bytes is smaller than the largest page")
+        self._lane.zero_page = ffi.cast("const uint8_t *", address)
 
     def remembered(self, uffd: int) -> int:
         """How many requested pages' faults read from fd ``uffd`` are remembered (for tests and
@@ -168,26 +178,28 @@ class RequestLane:
         sent, length = lengths[1], lengths[0]
         return asked, (bytes(ffi.buffer(self._frame, length)[sent:]) if sent < length else b"")
 
-    def place(self, buffer: bytearray, start: int, end: int) -> tuple[list[tuple[int, int, int, int]], int]:
+    def place(self, buffer: bytearray, start: int, end: int) -> tuple[list[tuple[int, int, int, int, int]], int]:
         """Place the answers at the front of ``buffer[start:end]`` (the urgent channel's bytes,
         from a frame's start) with UFFDIO_COPY through the fds their faults were read from.
 
-        Only one-page Pages frames in the form the source writes, for REQUESTED pages whose
-        fault :meth:`send` remembers, and only while each copy places the whole page; the
-        first other frame (or failed copy) ends it, and its bytes are left in ``buffer``.
+        Only one-page Pages frames in the form the source writes (and one-page Zero frames,
+        once :meth:`set_zero_page` gave their source), for REQUESTED pages whose fault
+        :meth:`send` remembers, and only while each copy places the whole page; the first
+        other frame (or failed copy) ends it, and its bytes are left in ``buffer``.
 
         Returns:
-            ``(placed, consumed)``: ``(block, page, uffd, address)`` of each page placed (the
-            thread that faulted on it at ``address`` in fd ``uffd``'s space is woken), and the
-            bytes of their frames, which the caller skips.  The page states are not changed:
-            the caller accounts the pages in the session at once.
+            ``(placed, consumed)``: ``(block, page, uffd, address, zero)`` of each page placed
+            (the thread that faulted on it at ``address`` in fd ``uffd``'s space is woken;
+            ``zero`` is 1 for a Zero answer), and the bytes of their frames, which the caller
+            skips.  The page states are not changed: the caller accounts the pages in the
+            session at once.
         """
         n = lib.rq_place(self._lane, ffi.from_buffer("uint8_t[]", buffer) + start, end - start, self._placed,
                          PLACE_BATCH, self._consumed)
         if n <= 0:
             return [], 0
-        placed_c = self._placed
+        placed_c, fields = self._placed, lib.RQ_PLACED_FIELDS
         if n == 1:  # the usual read: one answer
-            return [(placed_c[0], placed_c[1], placed_c[2], placed_c[3])], self._consumed[0]
-        values = ffi.unpack(placed_c, 4 * n)
-        return [tuple(values[i:i + 4]) for i in range(0, 4 * n, 4)], self._consumed[0]  # type: ignore[misc]
+            return [(placed_c[0], placed_c[1], placed_c[2], placed_c[3], placed_c[4])], self._consumed[0]
+        values = ffi.unpack(placed_c, fields * n)
+        return [tuple(values[i:i + fields]) for i in range(0, fields * n, fields)], self._consumed[0]  # type: ignore[misc]

@@ -190,6 +190,23 @@ def test_a_page_placed_through_a_clients_fd_leaves_the_session_as_a_copy_to_that
     assert lane.unplaced_runs(0, 13, 1) == []
 
 
+def test_a_zero_answer_placed_through_a_clients_fd_counts_as_the_general_zero_does() -> None:
+    lane, usual = open_session(), open_session()
+    for session in (lane, usual):
+        session.fault_request("c", CLIENT_BASE + 5 * PAGE, 9, 0.0)
+        session.fault_request("own", OWN_BASE + 2 * PAGE, 10, 0.0)
+    lane.placed_through(0, 13, "c", CLIENT_BASE + 5 * PAGE, 0.5, zero=True)
+    lane.placed_through(0, 2, "own", OWN_BASE + 2 * PAGE, 0.5, zero=True)
+    usual.message_received(URGENT, m.Zero(block=0, first=13, count=1), 0.5)
+    usual.message_received(URGENT, m.Zero(block=0, first=2, count=1), 0.5)
+    place_all(usual, 0.5)
+    a, b = lane.statistics(), usual.statistics()
+    assert (a.pages_zero, a.pages_demand) == (2, 0)
+    for name in ("pages_placed", "pages_zero", "pages_demand", "pages_background", "woken", "waiting", "faults"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert lane.unplaced_runs(0, 0, 16) == usual.unplaced_runs(0, 0, 16)
+
+
 def test_other_waiters_of_a_page_placed_through_one_fd_are_woken() -> None:
     session = open_session()
     session.fault_request("own", OWN_BASE + 13 * PAGE, 1, 0.0)

@@ -67,6 +67,36 @@ async def test_faults_are_requested_once_and_placed_either_way(e2e, lane) -> Non
 
 
 @pytest.mark.asyncio
+async def test_zero_answers_are_placed_through_the_faulting_fd(e2e) -> None:
+    """A fault on a zero page is answered with a Zero frame: the reply lane places it through
+    the fd the fault was read from (the client's, or the service's own), as it places data."""
+    if not request_lane.available():
+        pytest.skip("the request lane is not built")
+    seed, size = 734, 16 * MiB
+    zeros = [p for p in range(size // PAGE) if is_zero_page(0, p, seed)]
+    alone, own = zeros[10:400:40], zeros[400:600:20]
+    source = await e2e.source({"ram": e2e.image(size, seed=seed)}, sweep_after_idle=2.0)  # faults first
+    async with PostcopyDestination(e2e.options(source.address)) as dest:
+        client = await e2e.touch_client(mode="delegated", name="zeros", seed=seed)
+        for page in alone:
+            await client.touch([page])
+            assert len((await client.event("touched"))["latency_us"]) == 1
+        base = dest._memory.block(0).address
+        for page in own:
+            assert await asyncio.to_thread(lib.apc_touch, base + page * PAGE, 1, PAGE, 0, 0) >= 0
+        report = await bounded(dest.wait_complete(), "the migration")
+        result = await client.finish()
+        problems = check_destination(dest, seed=seed)
+    source_report = await source.report()
+
+    assert report.complete and problems == {} and source_report["exit"] == 0
+    assert result["exit"] == 0 and result.get("ok") and not result.get("bad_pages"), result
+    assert (report.faults, report.requests_sent) == (len(alone) + len(own),) * 2, report.format()  # one each
+    assert report.pages_demand == 0, report.format()  # every faulted page was a zero page
+    assert report.copies_to_client == len(alone), report.format()  # through the client's fd, by the lane
+
+
+@pytest.mark.asyncio
 async def test_a_dead_clients_fd_is_forgotten_before_it_is_closed(e2e) -> None:
     """A client dies while its page is requested: the lanes forget its fd before the service closes
     it (a later fd may get the same number), the page is still placed for the client that comes
