@@ -787,6 +787,7 @@ class PostcopyDestination:
             if self.options.request_lane and request_lane.available() and SLOTS == 4:
                 self._lane = RequestLane(self._session.state_buffers(), self._session.blocks.page_sizes,
                                          PAGEFAULT_CODE)
+                self._lane.set_own_mapping([block.address for block in self._memory])
             self._adopt_present_pages()
             largest = max(block.page_size for block in self._memory)
             if largest > LIMITS.max_payload:  # a 1 GiB page arrives whole in one frame (docs/protocol.md)
@@ -959,7 +960,8 @@ class PostcopyDestination:
 
     def _request_runs(self, key: str, runs: tuple[tuple[int, int, int], ...]) -> None:
         """A self-served client's faults (a ClientRequest of a few runs): the urgent path's form
-        of its request.  The missing pages' Request leaves now, in one frame, with no pass, and
+        of its request.  The missing pages' Request leaves now, in one frame, with no pass
+        (written by the request lane when the urgent socket may be written at once), and
         the reply lane places their answers through the service's own userfaultfd; the other
         runs are queued in the session and the pass sends them (or answers from pages placed
         already)."""
@@ -967,10 +969,22 @@ class PostcopyDestination:
         session = self._session
         asked = session.client_fault_request(key, runs, now)
         if asked:
-            self._send_page_requests(asked, now)
-            if self._lane is not None and self._uffd is not None:
-                for block, page in asked:
-                    self._remember_own_page(block, page)
+            lane, uffd = self._lane, self._uffd
+            sock = self._source.urgent_fd() if lane is not None and uffd is not None else -1
+            if sock >= 0 and len(asked) <= request_lane.MAX_ASK:  # the lane writes it, remembering each page
+                rest = lane.ask(sock, uffd.fd, asked)  # type: ignore[union-attr]
+                self._lane_keys[uffd.fd] = OWN_FD  # type: ignore[union-attr]
+                if rest:  # a short send: the transport writes the rest, in order
+                    self._source.send_frame(Channel.URGENT, rest)
+                if trace.ENABLED:
+                    for block, page in asked:
+                        trace.mark("request", block, page)
+                self._rearm_timer(now)
+            else:
+                self._send_page_requests(asked, now)
+                if lane is not None and uffd is not None:
+                    for block, page in asked:
+                        self._remember_own_page(block, page)
         if len(asked) == len(runs):
             return
         try:  # pages placed already: their Placed goes now

@@ -584,6 +584,18 @@ int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame)
     return (int)(p - frame);
 }
 
+/* send() a Request frame without blocking: *sent is what the socket took (0 when it failed: the
+ * caller writes it all, and learns why). */
+static void rq_write(int sock, const uint8_t *frame, int len, int *frame_len, int *sent)
+{
+    ssize_t w;
+    *frame_len = len;
+    do
+        w = send(sock, frame, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (w < 0 && errno == EINTR);
+    *sent = w < 0 ? 0 : (int)w;
+}
+
 int rq_send(const struct rq_lane *lane, int sock, int uffd, const uint64_t *slots, uint32_t count,
             uint64_t pagefault_code, const uint64_t *table, uint32_t ntable, uint32_t budget,
             uint64_t *asked, uint8_t *frame, int *frame_len, int *sent)
@@ -616,14 +628,28 @@ int rq_send(const struct rq_lane *lane, int sock, int uffd, const uint64_t *slot
     }
     if (n == 0)
         return 0;
-    int len = rq_encode(asked, n, frame);
-    *frame_len = len;
-    ssize_t w;
-    do
-        w = send(sock, frame, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
-    while (w < 0 && errno == EINTR);
-    *sent = w < 0 ? 0 : (int)w;  /* a failed send: the caller writes it all (and learns why) */
+    rq_write(sock, frame, rq_encode(asked, n, frame), frame_len, sent);
     return (int)n;
+}
+
+/* The Request of pages the session asked for itself (a self-served client's faults): each page is
+ * remembered as placed through `uffd`, the service's own, at bases[block] + page * page size (its
+ * address in the service's mapping), and the frame is encoded and sent as rq_send() does.
+ * count: 1..RQ_MAX_PAGES (else -1, nothing done); returns count. */
+int rq_ask(struct rq_lane *lane, int sock, int uffd, const uint64_t *bases, const uint64_t *asked, uint32_t count,
+           uint8_t *frame, int *frame_len, int *sent)
+{
+    *frame_len = 0;
+    *sent = 0;
+    if (count == 0 || count > RQ_MAX_PAGES)
+        return -1;
+    for (uint32_t i = 0; i < count; i++) {
+        uint64_t block = asked[2 * i], page = asked[2 * i + 1];
+        if (block < lane->nblocks)
+            rq_remember(lane, block, page, bases[block] + page * lane->page_size[block], uffd);
+    }
+    rq_write(sock, frame, rq_encode(asked, count, frame), frame_len, sent);
+    return (int)count;
 }
 
 /* ---- the reply lane ------------------------------------------------------

@@ -41,8 +41,10 @@ the caller then accounts it in the session
 wakes any other waiter, and the decoder skips the frame.  Anything else (another
 message, a copy that fails) stops it, and the decoder decodes it as before.
 Pages the session asks for itself (a self-served client's, faults queued behind
-others) are remembered too (:meth:`RequestLane.remember`), with the service's
-own fd and mapping: their answers are placed the same way.
+others) are remembered too, with the service's own fd and mapping, and their
+answers are placed the same way: a self-served client's Request is written
+here as well (:meth:`RequestLane.ask`), a queued fault's page only remembered
+(:meth:`RequestLane.remember`).
 The caller forgets an fd (:meth:`RequestLane.forget`) before closing it and
 when its mappings change (a remap, remove or unmap event), so no answer is
 placed through a stale fd or address.
@@ -56,12 +58,14 @@ from aiopostcopy.core.pages import MISSING, REQUESTED
 from aiopostcopy.core.ramblock import MappingTable
 from aiopostcopy.transport import page_server
 
-__all__ = ["PLACE_BATCH", "RequestLane", "available", "encode_requests"]
+__all__ = ["MAX_ASK", "PLACE_BATCH", "RequestLane", "available", "encode_requests"]
 
 ffi, lib = page_server.ffi, page_server.lib
 
 #: Answers placed by one :meth:`RequestLane.place` call, at most.
 PLACE_BATCH = 64
+#: Pages of one Request :meth:`RequestLane.ask` writes, at most (the C side's RQ_MAX_PAGES).
+MAX_ASK = lib.RQ_MAX_PAGES if lib is not None else 0
 
 
 def available() -> bool:
@@ -90,7 +94,8 @@ class RequestLane:
             (:data:`aiopostcopy.uffd.events.PAGEFAULT_CODE`).
     """
 
-    __slots__ = ("_keep", "_lane", "_asked", "_frame", "_lengths", "_tables", "_code", "_placed", "_consumed")
+    __slots__ = ("_keep", "_lane", "_asked", "_frame", "_lengths", "_tables", "_code", "_placed", "_consumed",
+                 "_bases")
 
     def __init__(self, states: Sequence[bytearray], page_sizes: Sequence[int], pagefault_code: int) -> None:
         if lib is None:
@@ -116,6 +121,7 @@ class RequestLane:
         self._lengths = ffi.new("int[2]")
         self._tables: dict[Hashable, tuple[object, object, int]] = {}
         self._code = pagefault_code
+        self._bases = ffi.new("uint64_t[]", len(states) or 1)  # each block's address in the service's mapping
 
     def forget(self, key: Hashable, uffd: int) -> None:
         """Drop what is kept for fd ``key`` (number ``uffd``): it is retired, or its mappings
@@ -128,6 +134,30 @@ class RequestLane:
         (a queued fault, a self-served client's request): its answer is placed through fd
         ``uffd`` at ``address``, the page's address in that fd's space (the service's own)."""
         lib.rq_remember(self._lane, block, page, address, uffd)
+
+    def set_own_mapping(self, addresses: Sequence[int]) -> None:
+        """Each block's address in the service's own mapping, where :meth:`ask` places answers."""
+        for block, address in enumerate(addresses):
+            self._bases[block] = address
+
+    def ask(self, sock: int, uffd: int, asked: Sequence[tuple[int, int]]) -> bytes:
+        """Write the Request of pages the session asked for itself (a self-served client's
+        faults, :data:`MAX_ASK` at most) on ``sock`` (nothing queued ahead of it), each page
+        remembered as placed through ``uffd``, the service's own fd, at its address in the
+        service's mapping (:meth:`set_own_mapping`).
+
+        Returns:
+            The bytes of the frame the socket did not take (the caller writes them next).
+        """
+        count, flat = len(asked), self._asked
+        if not 1 <= count <= MAX_ASK:
+            raise ValueError(f"a Request of the lane holds 1 to {MAX_ASK} pages, not {count}")
+        for i, (block, page) in enumerate(asked):
+            flat[2 * i], flat[2 * i + 1] = block, page
+        lengths = self._lengths
+        lib.rq_ask(self._lane, sock, uffd, self._bases, flat, count, self._frame, lengths, lengths + 1)
+        sent, length = lengths[1], lengths[0]
+        return bytes(ffi.buffer(self._frame, length)[sent:]) if sent < length else b""
 
     def set_zero_page(self, address: int, size: int, page_sizes: Sequence[int]) -> None:
         """Place one-page Zero answers too, copying from ``size`` zero bytes at ``address``,

@@ -158,6 +158,28 @@ def test_a_closed_peer_leaves_the_frame_to_the_caller(lane) -> None:
     assert asked == [(0, 12)] and rest == encode_page_requests(asked)
 
 
+OWN = 77  # a stand-in for the service's own userfaultfd number: ask() only remembers it
+
+
+def test_ask_writes_the_sessions_request_and_remembers_each_page_at_our_address(lane) -> None:
+    lane.lane.set_own_mapping([0x7000000000, 0x7100000000])
+    asked = [(0, 9), (0, 10), (1, 2), (0, 3)]
+    assert lane.lane.ask(lane.ours.fileno(), OWN, asked) == b""
+    assert lane.received() == encode_page_requests(asked)
+    assert lane.lane.remembered(OWN) == 4
+    lane.lane.forget("own", OWN)
+    assert lane.lane.remembered(OWN) == 0
+
+
+def test_ask_leaves_what_the_socket_did_not_take_and_refuses_an_empty_or_oversized_request(lane) -> None:
+    lane.peer.close()
+    asked = [(0, 5)]
+    assert lane.lane.ask(lane.ours.fileno(), OWN, asked) == encode_page_requests(asked)  # EPIPE, no SIGPIPE
+    for wrong in ([], [(0, page) for page in range(request_lane.MAX_ASK + 1)]):
+        with pytest.raises(ValueError):
+            lane.lane.ask(lane.ours.fileno(), OWN, wrong)
+
+
 def test_the_encoder_refuses_more_pages_than_one_request_of_the_lane_holds() -> None:
     with pytest.raises(ValueError):
         encode_requests([(0, page) for page in range(65)])
