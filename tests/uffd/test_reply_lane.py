@@ -1,6 +1,6 @@
-"""The reply lane (C) on the real kernel: an answer for a page whose fault the request lane sent is
-placed with one UFFDIO_COPY through the faulting fd, which wakes the thread; anything else is
-left, unconsumed, to the decoder."""
+"""The reply lane (C) on the real kernel: an answer for a page whose fault the request lane sent (a
+one-page Pages, or a one-page Zero once the lane has a zero page) is placed with one UFFDIO_COPY
+through the faulting fd, which wakes the thread; anything else is left, unconsumed, to the decoder."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_an_answer_is_placed_through_the_faulting_fd_and_wakes_the_thread(lane) 
     [toucher] = lane.fault(3)
     frame = answer(3)
     placed, consumed = lane.place(b"skip" + frame + encode(Zero(block=0, first=5, count=1)), start=4)
-    assert placed == [(0, 3, lane.uffd.fileno(), lane.mapping.address + 3 * PAGE)]
+    assert placed == [(0, 3, lane.uffd.fileno(), lane.mapping.address + 3 * PAGE, 0)]
     assert consumed == len(frame)  # the Zero after it is left to the decoder
     assert toucher.finish() == 4
     assert bytes(lane.mapping.buffer()[3 * PAGE:4 * PAGE]) == page_bytes(3)
@@ -113,7 +113,7 @@ def test_frames_of_other_forms_are_left_to_the_decoder(lane) -> None:
         encode_pages_header(0, 1, 2, 2 * PAGE) + page_bytes(1) + page_bytes(2),  # two pages
         answer(2)[:-1],  # the payload not all here yet
         len(header).to_bytes(4, "big") + header[:-1] + b"\x91",  # not the empty zeros array
-        encode(Zero(block=0, first=2, count=1)),
+        encode(Zero(block=0, first=2, count=1)),  # no zero page given to this lane
         encode_pages_header(0, 2, 1, PAGE // 2) + page_bytes(2)[:PAGE // 2],  # not a whole page
     ]
     for data in candidates:
@@ -152,5 +152,40 @@ def test_a_page_asked_for_elsewhere_is_placed_where_it_is_remembered(lane) -> No
     lane.lane.remember(0, PAGES, lane.uffd.fileno(), lane.mapping.address)  # out of range: ignored
     assert lane.lane.remembered(lane.uffd.fileno()) == 1
     placed, consumed = lane.place(answer(6))
-    assert placed == [(0, 6, lane.uffd.fileno(), lane.mapping.address + 6 * PAGE)] and consumed == len(answer(6))
+    assert placed == [(0, 6, lane.uffd.fileno(), lane.mapping.address + 6 * PAGE, 0)] and consumed == len(answer(6))
     assert toucher.finish() == 7
+
+
+def test_a_zero_answer_is_placed_from_the_zero_page(lane) -> None:
+    """A Zero of one page is copied from the lane's zero page through the faulting fd, among data
+    answers; a Zero of more pages, or in another integer form, is left to the decoder."""
+    with pytest.raises(ValueError):
+        lane.lane.set_zero_page(lane.res.source(bytes(PAGE // 2)), PAGE // 2, [PAGE])
+    lane.lane.set_zero_page(lane.res.source(bytes(PAGE)), PAGE, [PAGE])
+    touchers = lane.fault(2, 3, 5)
+    long_zero = b"\x94\x04\x00\xcd\x00\x05\x01"  # page 5 as a uint16: valid, not the source's
+    assert msgpack.unpackb(long_zero) == [4, 0, 5, 1]
+    for data in (encode(Zero(block=0, first=2, count=2)), len(long_zero).to_bytes(4, "big") + long_zero):
+        assert lane.place(data) == ([], 0), data.hex()
+    data = encode(Zero(block=0, first=2, count=1)) + answer(3) + encode(Zero(block=0, first=5, count=1))
+    placed, consumed = lane.place(data)
+    base, fd = lane.mapping.address, lane.uffd.fileno()
+    assert placed == [(0, 2, fd, base + 2 * PAGE, 1), (0, 3, fd, base + 3 * PAGE, 0), (0, 5, fd, base + 5 * PAGE, 1)]
+    assert consumed == len(data)
+    assert sorted(t.finish() for t in touchers) == [0, 0, 4]  # a zero page reads 0 at its first byte
+    memory = lane.mapping.buffer()
+    assert bytes(memory[2 * PAGE:3 * PAGE]) == bytes(memory[5 * PAGE:6 * PAGE]) == bytes(PAGE)
+    assert bytes(memory[3 * PAGE:4 * PAGE]) == page_bytes(3)
+
+
+def test_a_page_the_session_asks_for_is_placed_at_our_address(lane) -> None:
+    """ask() writes the Request of pages the session decided on (a self-served client's) and the
+    reply lane places each answer through the fd and at the address given for them."""
+    toucher = lane.res.touch(lane.mapping, 4 * PAGE)  # a fault read elsewhere: the session asks itself
+    read_events(lane.uffd, 1)
+    lane.states.mark(4, 1, REQUESTED)
+    lane.lane.set_own_mapping([lane.mapping.address])
+    assert lane.lane.ask(lane.sock, lane.uffd.fileno(), [(0, 4)]) == b""
+    placed, consumed = lane.place(answer(4))
+    assert placed == [(0, 4, lane.uffd.fileno(), lane.mapping.address + 4 * PAGE, 0)]
+    assert toucher.finish() == 5
