@@ -419,10 +419,14 @@ static int ps_answer(struct ps_server *s, const struct ps_run *runs, uint32_t n)
 /*
  * Answer Requests from the buffer and the socket until Python is needed:
  *   PS_DECLINED  the frame at in_start is not one answered here;
- *   PS_ACCOUNT   answers are logged and no whole frame is buffered (or the log is full);
+ *   PS_ACCOUNT   answers are logged and no whole frame is buffered or waiting in the socket
+ *                (or the log is full);
  *   PS_EOF       the peer closed (a partial frame may remain);
  *   PS_ERROR     recv failed, error = errno.
- * Called without the GIL; blocks in recv only with nothing logged.
+ * Called without the GIL; blocks in recv only with nothing logged. With answers logged it reads
+ * what the socket holds already without waiting, so a burst of Requests is answered before
+ * Python accounts it (one return to Python, one GIL hand-over, for the burst); the end of the
+ * stream or an error met then is met again, and reported, by the next call.
  */
 int ps_serve(struct ps_server *s)
 {
@@ -447,22 +451,22 @@ int ps_serve(struct ps_server *s)
                 continue;
             }
         }
-        if (s->logged)
-            return PS_ACCOUNT;
         if (s->in_start) {                            /* keep the partial frame at the front */
             memmove(s->inbuf, s->inbuf + s->in_start, avail);
             s->in_start = 0;
             s->in_end = avail;
         }
-        ssize_t got = recv(s->sock, s->inbuf + s->in_end, s->in_cap - s->in_end, 0);
+        ssize_t got = recv(s->sock, s->inbuf + s->in_end, s->in_cap - s->in_end, s->logged ? MSG_DONTWAIT : 0);
         if (got < 0) {
             if (errno == EINTR)
                 continue;
+            if (s->logged)                            /* nothing waiting (EAGAIN), or an error: account first */
+                return PS_ACCOUNT;
             s->error = errno;
             return PS_ERROR;
         }
         if (got == 0)
-            return PS_EOF;
+            return s->logged ? PS_ACCOUNT : PS_EOF;
         s->in_end += (size_t)got;
     }
 }

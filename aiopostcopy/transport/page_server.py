@@ -8,7 +8,9 @@ Python path writes.  It returns to Python
 
 * with **answers** to account (:meth:`take_answers`), before it would block
   in ``recv`` again: the session learns what was sent between one request and
-  the next, off the faulting thread's path;
+  the next, off the faulting thread's path.  Requests already waiting in the
+  socket are answered first (it reads without waiting while answers are
+  logged), so a burst costs one return to Python and one GIL hand-over;
 * when a frame is not a Request it answers (**declined**: any other message,
   a run out of range, a block of huge pages, a read that fails): the bytes
   from that frame on (:meth:`take_rest`) go to the Python decoder, which

@@ -292,6 +292,20 @@ def test_the_end_of_the_stream_returns_what_was_left(rig) -> None:
     assert r.server.take_rest() == partial
 
 
+def test_the_end_of_the_stream_after_answers_is_told_by_the_next_call(rig) -> None:
+    """With answers logged the server reads on without waiting; the end of the stream it meets
+    then is reported once Python has accounted the answers."""
+    r = rig([64], zero_every=1_000_000)
+    r.peer.sendall(request((0, 3, 1)) + request((0, 9, 2)))
+    r.peer.shutdown(socket.SHUT_WR)
+    assert r.server.serve() is Served.ACCOUNT
+    assert r.server.take_answers() == r.answers([(0, 3, 1)]) + r.answers([(0, 9, 2)])
+    assert r.server.serve() is Served.EOF
+    assert r.server.take_rest() == b"" and r.server.take_answers() == []
+    want = r.expected([(0, 3, 1), (0, 9, 2)])
+    assert r.receive(len(want)) == want
+
+
 def test_a_file_that_shrank_is_declined_and_nothing_is_sent(rig, tmp_path) -> None:
     r = rig([64], zero_every=1_000_000)
     os.truncate(tmp_path / "block0", 10 * PAGE)
