@@ -795,7 +795,7 @@ class PostcopyDestination:
             # one zeroed page of the largest size, made here once: both placing threads read it
             zero_page = self._staging.zeroed(largest)
             if self._lane is not None:
-                self._lane.set_zero_page(zero_page, largest, self._session.blocks.page_sizes)
+                self._lane.set_zero_page(zero_page, largest)
             self._placement = Placement(self._uffd, self._memory, zero_page)
             self._placer = BackgroundPlacer(self._loop, self._placement, buffers=_BACKGROUND_BUFFERS,
                                             buffer_size=LIMITS.max_payload, on_done=self._background_placed,

@@ -95,7 +95,7 @@ class RequestLane:
     """
 
     __slots__ = ("_keep", "_lane", "_asked", "_frame", "_lengths", "_tables", "_code", "_placed", "_consumed",
-                 "_bases")
+                 "_bases", "_largest")
 
     def __init__(self, states: Sequence[bytearray], page_sizes: Sequence[int], pagefault_code: int) -> None:
         if lib is None:
@@ -122,6 +122,7 @@ class RequestLane:
         self._tables: dict[Hashable, tuple[object, object, int]] = {}
         self._code = pagefault_code
         self._bases = ffi.new("uint64_t[]", len(states) or 1)  # each block's address in the service's mapping
+        self._largest = max(page_sizes, default=0)
 
     def forget(self, key: Hashable, uffd: int) -> None:
         """Drop what is kept for fd ``key`` (number ``uffd``): it is retired, or its mappings
@@ -159,11 +160,11 @@ class RequestLane:
         sent, length = lengths[1], lengths[0]
         return bytes(ffi.buffer(self._frame, length)[sent:]) if sent < length else b""
 
-    def set_zero_page(self, address: int, size: int, page_sizes: Sequence[int]) -> None:
+    def set_zero_page(self, address: int, size: int) -> None:
         """Place one-page Zero answers too, copying from ``size`` zero bytes at ``address``,
         which stay mapped while the lane lives and cover the largest page of the blocks."""
-        if size < max(page_sizes, default=0):
-            raise ValueError(f"a zero page of {size} bytes is smaller than the largest page")
+        if size < self._largest:
+            raise ValueError(f"a zero page of {size} bytes is smaller than the largest page ({self._largest})")
         self._lane.zero_page = ffi.cast("const uint8_t *", address)
 
     def remembered(self, uffd: int) -> int:

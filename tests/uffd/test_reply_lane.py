@@ -160,8 +160,8 @@ def test_a_zero_answer_is_placed_from_the_zero_page(lane) -> None:
     """A Zero of one page is copied from the lane's zero page through the faulting fd, among data
     answers; a Zero of more pages, or in another integer form, is left to the decoder."""
     with pytest.raises(ValueError):
-        lane.lane.set_zero_page(lane.res.source(bytes(PAGE // 2)), PAGE // 2, [PAGE])
-    lane.lane.set_zero_page(lane.res.source(bytes(PAGE)), PAGE, [PAGE])
+        lane.lane.set_zero_page(lane.res.source(bytes(PAGE // 2)), PAGE // 2)
+    lane.lane.set_zero_page(lane.res.source(bytes(PAGE)), PAGE)
     touchers = lane.fault(2, 3, 5)
     long_zero = b"\x94\x04\x00\xcd\x00\x05\x01"  # page 5 as a uint16: valid, not the source's
     assert msgpack.unpackb(long_zero) == [4, 0, 5, 1]
