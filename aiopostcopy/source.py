@@ -134,8 +134,8 @@ from aiopostcopy.messages import (
     Role,
     Zero,
 )
-from aiopostcopy.priority import set_niceness
 from aiopostcopy.destination.operator import TokenBucket
+from aiopostcopy.priority import set_niceness
 from aiopostcopy.transport.page_server import Answer, PageServer, PageServerLock, Served, ServedBlock
 from aiopostcopy.transport.page_server import available as page_server_available
 from aiopostcopy.transport.page_server import read_run

@@ -57,7 +57,7 @@ from aiopostcopy.messages import (
 
 __all__ = [
     "ConnectionClosed", "CONNECTION_CLOSED", "Decoder", "PageLanded", "PageSink", "PayloadSink", "PREFIX_SIZE",
-    "encode",
+    "SHORT_RUNS", "encode",
     "encode_page_request", "encode_page_requests", "encode_pages_header", "encode_placed", "header_budget", "migration_allowed",
 ]
 
@@ -539,6 +539,7 @@ class Decoder:
             _, items = msgpack.unpackb(self._view[start + PREFIX_SIZE:start + PREFIX_SIZE + size])
         except Exception:  # malformed: next_event says why
             return None
+        runs = []
         for item in items:
             if type(item) is not list or len(item) != 3:
                 return None
@@ -546,7 +547,8 @@ class Decoder:
             if (type(block) is not int or type(first) is not int or type(pages) is not int
                     or not 0 <= block < LIMITS.max_blocks or not 0 <= first < 1 << 46 or not 1 <= pages <= 1 << 32):
                 return None
-        return tuple([(block, first, pages) for block, first, pages in items]), start + PREFIX_SIZE + size
+            runs.append((block, first, pages))
+        return tuple(runs), start + PREFIX_SIZE + size
 
     def _check_alive(self) -> None:
         if self._error is not None:
