@@ -208,6 +208,7 @@ def _check_runs(name: str, runs: object, limit: int) -> None:
 
 
 _frozen = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+_new_object, _set_field = object.__new__, object.__setattr__
 
 
 @_frozen
@@ -245,6 +246,16 @@ class PageRun:
     @property
     def stop(self) -> int:
         return self.first + self.count
+
+    @classmethod
+    def unchecked(cls, block: int, first: int, count: int) -> PageRun:
+        """The run, built without the checks: for values taken from a checked run or from a
+        block's own page range (the fault path builds one per fault; checking costs twice this)."""
+        run = _new_object(cls)
+        _set_field(run, "block", block)
+        _set_field(run, "first", first)
+        _set_field(run, "count", count)
+        return run
 
 
 # ---------------------------------------------------------------- migration

@@ -122,6 +122,15 @@ def test_messages_are_frozen_keyword_only() -> None:
         PageRun(0, 1, 2)  # type: ignore[misc]
 
 
+def test_an_unchecked_run_is_the_checked_run() -> None:
+    for block, first, count in [(0, 0, 1), (3, 1 << 40, 7), (LIMITS.max_blocks - 1, 5, 1 << 32)]:
+        run = PageRun.unchecked(block, first, count)
+        assert type(run) is PageRun and run == PageRun(block=block, first=first, count=count)
+        assert hash(run) == hash(PageRun(block=block, first=first, count=count)) and run.stop == first + count
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.count = 3  # type: ignore[misc]
+
+
 def test_resume_accepts_the_largest_run_count() -> None:
     bounds = tuple(range(2 * LIMITS.max_resume_runs))
     assert Resume(session_id="s", received=((0, bounds),)).received[0][1] is bounds

@@ -177,6 +177,21 @@ class PageStates:
         counts[state] += count
         return before
 
+    def place_requested(self, page: int) -> bool:
+        """Move one REQUESTED page to PLACED, through PLACING, in one step: its answer arrived and
+        was placed at once (the reply lane's placement, once per fault).
+
+        Returns:
+            False, with nothing changed, when the page is not REQUESTED (or out of range).
+        """
+        if not 0 <= page < self.pages or self._states[page] != REQUESTED:
+            return False
+        self._states[page] = PLACED
+        counts = self._counts
+        counts[REQUESTED] -= 1
+        counts[PLACED] += 1
+        return True
+
     @staticmethod
     def _check(first: int, stop: int, before: list[int], state: int) -> None:
         allowed = TRANSITIONS[state]

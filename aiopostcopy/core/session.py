@@ -394,12 +394,9 @@ class DestinationSession:
         Raises:
             InternalError: the page was not REQUESTED, or the lane may not place now.
         """
-        states = self._states[block]
-        if states[page] != REQUESTED or self._aborted is not None or self._deferred[block]:
+        if self._aborted is not None or self._deferred[block] or not self._states[block].place_requested(page):
             raise InternalError(f"page {page} of block {block} was placed by the reply lane "
                                 "while the session could not take it")
-        states.mark(page, 1, PLACING)
-        states.mark(page, 1, PLACED)
         self._coalescer.settle(1)
         count = self._count
         if zero:
@@ -462,18 +459,26 @@ class DestinationSession:
         registry.check_self_served(key)
         checked = [self._check_run(block, first, count) for block, first, count in runs]
         asked: list[tuple[int, int]] = []
+        direct = self._aborted is None and self._link.urgent_ready()
         for (block, first, count), states in zip(runs, checked):
+            state = states[first]
+            if count == 1 and state != PLACED:  # the usual fault: one page to wait for
+                registry.wait_page(key, block, first, now)
+                if state != MISSING:  # requested or placing: it waits with the others
+                    continue
+                if direct and self._coalescer.take_page(states, first):
+                    count = self._count
+                    count.pages_requested += 1
+                    count.requests_sent += not asked
+                    self._in_flight.sent_page(block, first, now)
+                    asked.append((block, first))
+                else:
+                    self._coalescer.add_run(block, first, 1)
+                continue
             commands = registry.wait_run(key, block, first, count, self._states, now)
             if commands:
                 self._commands.extend(commands)
-            elif (count == 1 and self._aborted is None and states[first] == MISSING and self._link.urgent_ready()
-                  and self._coalescer.take_page(states, first)):
-                self._count.pages_requested += 1
-                self._count.requests_sent += not asked
-                self._in_flight.sent_page(block, first, now)
-                asked.append((block, first))
-                continue
-            if count != 1 or states[first] == MISSING:  # a page requested, placing or placed: it waits
+            if count != 1:
                 self._coalescer.add_run(block, first, count)  # it skips pages not MISSING
         return asked
 

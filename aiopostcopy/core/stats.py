@@ -291,7 +291,8 @@ class Counters:
         """A self-served client's wait (or part of it) was answered at ``now``."""
         seconds = max(now - piece.since, 0.0)
         self.blocked_by_fd[piece.key] = self.blocked_by_fd.get(piece.key, 0.0) + seconds
-        self.huge_wait(piece.block, seconds)
+        if self.huge_sizes and self.huge_sizes[piece.block]:
+            self.huge_wait(piece.block, seconds)
 
     def snapshot(self, *, still_blocked: Iterable[Waiter], now: float | None,
                  **fields: object) -> DestinationStatistics:

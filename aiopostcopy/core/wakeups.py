@@ -160,9 +160,13 @@ class Wakeups:
         if count != 1 or states[block][first] == PLACED:
             return self.wait_runs(key, (m.PageRun(block=block, first=first, count=count),), states, now)
         self.check_self_served(key)
-        self._count.client_requests += 1
-        self._runs.add(RunPiece(key, block, first, first + 1, now))
+        self.wait_page(key, block, first, now)
         return []
+
+    def wait_page(self, key: Hashable, block: int, page: int, now: float) -> None:
+        """:meth:`wait_run` of one page not placed, by a key known to be a self-served client's."""
+        self._count.client_requests += 1
+        self._runs.add(RunPiece(key, block, page, page + 1, now))
 
     def plan(self, block: int, first: int, count: int) -> tuple[tuple[Hashable, int, int], ...]:
         """The wakes a placement of the run will need, ``(key, start, length)``, waiters left in place.
@@ -231,9 +235,11 @@ class Wakeups:
         """
         taken = self._waiters.take(block, page, 1)
         woken = self._count.woken_waiter
-        if len(taken) == 1 and taken[0].key == key and taken[0].address == address:  # the usual fault
-            woken(taken[0], now)
+        if not taken:  # a self-served client's fault: nobody blocked on a delegated fd
             commands: list[Command] = []
+        elif len(taken) == 1 and taken[0].key == key and taken[0].address == address:  # the usual fault
+            woken(taken[0], now)
+            commands = []
         else:
             others = []
             for waiter in taken:
@@ -277,13 +283,12 @@ class Wakeups:
         if len(pieces) == 1:  # one client's fault: one run, nothing to merge
             piece = pieces[0]
             self._count.run_woken(piece, now)
-            return [NotifyPlaced(piece.key, (m.PageRun(block=piece.block, first=piece.start,
-                                                       count=piece.stop - piece.start),))]
+            return [NotifyPlaced(piece.key, (m.PageRun.unchecked(piece.block, piece.start, piece.stop - piece.start),))]
         per_key: dict[Hashable, list[m.PageRun]] = {}
         for piece in pieces:
             self._count.run_woken(piece, now)
             per_key.setdefault(piece.key, []).append(
-                m.PageRun(block=piece.block, first=piece.start, count=piece.stop - piece.start))
+                m.PageRun.unchecked(piece.block, piece.start, piece.stop - piece.start))
         return [command for key, runs in per_key.items() for command in notify_commands(key, runs)]
 
 

@@ -50,6 +50,21 @@ def test_forbidden_transitions_raise(before: int, after: int) -> None:
     assert states[1] == before, "a refused mark changes nothing"
 
 
+@pytest.mark.parametrize("before", [MISSING, PLACING, PLACED])
+def test_place_requested_moves_only_a_requested_page(before: int) -> None:
+    states = PageStates(4)
+    states.mark(1, 1, REQUESTED)
+    assert states.place_requested(1)  # REQUESTED -> PLACED, as through PLACING
+    assert states[1] == PLACED and states.count(PLACED) == 1 and states.count(REQUESTED) == 0
+    path = {MISSING: [], PLACING: [PLACING], PLACED: [PLACING, PLACED]}
+    for state in path[before]:
+        states.mark(2, 1, state)
+    counts = [states.count(state) for state in STATES]
+    assert not states.place_requested(2)
+    assert not states.place_requested(4) and not states.place_requested(-1)  # out of range
+    assert states[2] == before and [states.count(state) for state in STATES] == counts, "nothing changed"
+
+
 def test_out_of_range_mark_raises() -> None:
     with pytest.raises(InternalError):
         PageStates(4).mark(3, 2, REQUESTED)
