@@ -60,9 +60,9 @@ from aiopostcopy.core.ramblock import BlockTable, MappingTable
 from aiopostcopy.errors import (BusyError, ClosedError, LocalProtocolError, MappingTableError, MigrationAborted,
                                 PostcopyError, RemoteProtocolError, ServiceGoneError, UffdError)
 from aiopostcopy.messages import (LIMITS, PROTOCOL_VERSION, Accept, Blocks, Bye, ClientHello, ClientMode,
-                                  End, Error, ErrorCode, Message, Placed, Register, Reject)
+                                  ClientRequest, End, Error, ErrorCode, Message, PageRun, Placed, Register, Reject)
 from aiopostcopy.transport.fdstream import BlockingControlChannel, Event
-from aiopostcopy.transport.wire import CONNECTION_CLOSED, ConnectionClosed
+from aiopostcopy.transport.wire import CONNECTION_CLOSED, ConnectionClosed, encode_client_request
 from aiopostcopy.uffd import Feature, Mapping, PageFault, RegisterMode, SharedMemory, Userfaultfd
 
 __all__ = ["Client", "AsyncClient", "name_native_thread"]
@@ -325,9 +325,22 @@ class Client:
             wakes += [w for e in events if type(e) is PageFault and (w := pager.fault(e.address, e.thread_id))]
             if len(events) < 64:  # a short read emptied the queue: no second read to learn it
                 break
+        pages = pager.take_pages()
+        if pages is not None:  # the usual read: each fault's page asked for alone, in one frame
+            self._send_pages(pages)
         for request in pager.requests():
             self._send(request)
         self._wake(wakes)
+
+    def _send_pages(self, pages: list[tuple[int, int]]) -> None:
+        """Ask for pages the pager took, in one ClientRequest: encoded straight from the pages while
+        running (a ClientRequest keeps the phase: nothing for the state machine to advance),
+        else built and checked as any message."""
+        with self._send_lock:
+            if self._control.phase is Phase.RUNNING:
+                self._channel.send_frame(encode_client_request(pages))
+                return
+        self._send(ClientRequest(runs=tuple(PageRun(block=block, first=page, count=1) for block, page in pages)))
 
     def _wake(self, ranges: list[tuple[int, int]]) -> None:
         for address, length in ranges:

@@ -127,6 +127,31 @@ class Pager:
             self._queued.append((block, page))
         return None
 
+    def take_pages(self) -> list[tuple[int, int]] | None:
+        """The usual read's pages, each asked for alone: when every page queued since the last
+        call can be requested at once (nothing left queued in the coalescer, at most
+        ``LIMITS.max_runs`` of them), they become requested and are returned as ``(block, page)``
+        in the order faulted, for one ClientRequest the caller encodes itself
+        (:func:`~aiopostcopy.transport.wire.encode_client_request` joins neighbours into runs);
+        the same bookkeeping as :meth:`requests`.  None, with nothing changed: :meth:`requests`
+        takes them."""
+        queued = self._queued
+        if not queued or len(queued) > m.LIMITS.max_runs or self._coalescer.direct_budget() < len(queued):
+            return None
+        blocks = self._blocks
+        for block, page in queued:
+            runs = blocks[block]
+            if page in runs.requested or page in runs.placed:  # placed or asked since it was queued
+                return None
+        self._queued = []
+        for block, page in queued:
+            runs = blocks[block]
+            runs.queued = RangeSet()
+            self._coalescer.take_page(runs, page)
+        self._count["requested_pages"] += len(queued)
+        self._count["requests"] += 1
+        return queued
+
     def requests(self) -> list[m.ClientRequest]:
         """The pages queued since the last call, as ClientRequest messages (from now on requested)."""
         queued, self._queued = self._queued, []

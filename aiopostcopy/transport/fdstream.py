@@ -369,16 +369,32 @@ class BlockingControlChannel(_FdSocket):
             TimeoutError: the peer did not read for ``send_timeout`` seconds.
             OSError: the socket failed (BrokenPipeError when the peer is gone).
         """
-        deadline = time.monotonic() + self.send_timeout
         with self._send_lock:
             self._queue(message, fds)
-            try:
-                while not self._push():
-                    self._wait(select.POLLOUT, deadline)
-            except OSError as exc:
-                if not isinstance(exc, TimeoutError):  # a broken socket: nothing queued can go
-                    self._out.clear()
-                raise
+            self._push_all()
+
+    def send_frame(self, frame: bytes) -> None:
+        """:meth:`send` of a frame the caller encoded itself, with no descriptors (a
+        self-served client's ClientRequest on its fault path).
+
+        Raises:
+            As :meth:`send`.
+        """
+        with self._send_lock:
+            self._check_open()
+            self._out.append((memoryview(frame), []))
+            self._push_all()
+
+    def _push_all(self) -> None:
+        """Send what is queued, waiting up to ``send_timeout`` for room (send lock held)."""
+        deadline = time.monotonic() + self.send_timeout
+        try:
+            while not self._push():
+                self._wait(select.POLLOUT, deadline)
+        except OSError as exc:
+            if not isinstance(exc, TimeoutError):  # a broken socket: nothing queued can go
+                self._out.clear()
+            raise
 
     def receive_nowait(self) -> list[Event]:
         """What has arrived, without waiting: messages in order, then ConnectionClosed after EOF.

@@ -57,7 +57,7 @@ from aiopostcopy.messages import (
 
 __all__ = [
     "ConnectionClosed", "CONNECTION_CLOSED", "Decoder", "PageLanded", "PageSink", "PayloadSink", "PREFIX_SIZE",
-    "SHORT_RUNS", "encode",
+    "SHORT_RUNS", "encode", "encode_client_request",
     "encode_page_request", "encode_page_requests", "encode_pages_header", "encode_placed", "header_budget", "migration_allowed",
 ]
 
@@ -166,6 +166,16 @@ def encode_page_requests(pages: list[tuple[int, int]]) -> bytes:
     """The frame of one Request for ``pages`` (``(block, page)`` pairs, in the order faulted),
     each page following its predecessor in the same block joined to its run: what :func:`encode`
     makes of that Request, without building the message (the faults of one read)."""
+    return _page_runs_frame(Request.TYPE, pages)
+
+
+def encode_client_request(pages: list[tuple[int, int]]) -> bytes:
+    """:func:`encode_page_requests` for a self-served client: the frame of one ClientRequest
+    (the faults of one read of its userfaultfd; the caller checked the pages)."""
+    return _page_runs_frame(ClientRequest.TYPE, pages)
+
+
+def _page_runs_frame(code: int, pages: list[tuple[int, int]]) -> bytes:
     runs: list[list[int]] = []
     last = None
     for block, page in pages:
@@ -174,9 +184,9 @@ def encode_page_requests(pages: list[tuple[int, int]]) -> bytes:
         else:
             last = [block, page, 1]
             runs.append(last)
-    if len(runs) > LIMITS.max_runs:
-        raise LocalProtocolError(f"more than {LIMITS.max_runs} runs")
-    header = _PACKER.pack((Request.TYPE, runs))
+    if not runs or len(runs) > LIMITS.max_runs:
+        raise LocalProtocolError(f"1 to {LIMITS.max_runs} runs, not {len(runs)}")
+    header = _PACKER.pack((code, runs))
     return _PREFIX.pack(len(header)) + header
 
 

@@ -63,6 +63,36 @@ def test_a_fault_on_a_page_known_placed_is_woken_at_once_then_asked_again() -> N
     assert runs_of(p.requests()) == [(0, 6, 1)]
 
 
+def test_the_faults_of_one_read_are_taken_as_pages_in_the_order_faulted() -> None:
+    p = pager()
+    for page in (9, 3, 4):
+        p.fault(address(0, page), thread_id=page)
+    p.fault(address(1, 1), thread_id=1)
+    assert p.take_pages() == [(0, 9), (0, 3), (0, 4), (1, 1)]
+    assert p.take_pages() is None and p.requests() == []  # nothing queued since
+    p.fault(address(0, 3, 9), thread_id=2)  # requested already: it joins
+    assert p.take_pages() is None and p.requests() == []
+    stats = p.statistics()
+    assert stats["requested_pages"] == 4 and stats["requests"] == 1 and stats["joined"] == 1
+    assert p.placed([m.PageRun(block=0, first=3, count=2)]) == [(address(0, 3), 2 * PAGE)]
+
+
+def test_pages_it_cannot_take_alone_are_left_to_requests() -> None:
+    p = pager()
+    p.fault(address(0, 5), 1)
+    p.fault(address(0, 6), 1)
+    p.placed([m.PageRun(block=0, first=6, count=1)])  # placed after the fault was queued
+    assert p.take_pages() is None  # nothing changed: requests() decides
+    assert runs_of(p.requests()) == [(0, 5, 1)]
+    pages = m.LIMITS.max_runs + 1  # more pages than one ClientRequest has runs
+    big = BlockTable.from_infos((m.BlockInfo(name="big", length=2 * pages * PAGE, page_size=PAGE),))
+    many = Pager(MappingTable.identity(big, (BASES[0],)))
+    for page in range(pages):
+        many.fault(BASES[0] + 2 * page * PAGE, 1)
+    assert many.take_pages() is None and many.statistics()["requests"] == 0
+    assert len(runs_of(many.requests())) == pages  # in two ClientRequests
+
+
 def test_long_runs_are_split_and_many_runs_fill_several_requests() -> None:
     p = pager(max_run_pages=4)
     for page in range(10):
@@ -98,6 +128,7 @@ def test_wake_all_names_every_mapping() -> None:
 @given(st.lists(st.one_of(
     st.tuples(st.just("fault"), st.integers(0, 63)),
     st.tuples(st.just("flush"), st.just(0)),
+    st.tuples(st.just("take"), st.just(0)),
     st.tuples(st.just("placed"), st.integers(0, 63))), max_size=80))
 def test_agrees_with_a_per_page_model(steps: list[tuple[str, int]]) -> None:
     """Never asks twice for a page in flight; wakes at once exactly the pages known placed."""
@@ -110,8 +141,10 @@ def test_agrees_with_a_per_page_model(steps: list[tuple[str, int]]) -> None:
                 placed.discard(page)
             elif page not in requested:
                 queued.add(page)
-        elif kind == "flush":
-            asked = {page for _, first, count in runs_of(p.requests()) for page in range(first, first + count)}
+        elif kind in ("flush", "take"):
+            taken = p.take_pages() if kind == "take" else None
+            asked = ({page for _, page in taken} if taken is not None else
+                     {page for _, first, count in runs_of(p.requests()) for page in range(first, first + count)})
             assert asked == queued and not asked & requested
             requested |= queued
             queued.clear()

@@ -10,7 +10,7 @@ from aiopostcopy.core import NotifyPlaced, Wake
 from aiopostcopy.core.coalesce import Coalescer
 from aiopostcopy.core.pages import MISSING, PLACING, REQUESTED, PageStates
 from aiopostcopy.errors import InternalError, LocalProtocolError, RemoteProtocolError
-from aiopostcopy.transport.wire import encode, encode_page_request, encode_page_requests
+from aiopostcopy.transport.wire import encode, encode_client_request, encode_page_request, encode_page_requests
 
 from tests.core.test_session import (BACKGROUND, CLIENT_BASE, OWN_BASE, PAGE, URGENT, open_session, pages,
                                      place_all, requests, run, source_hello)
@@ -26,6 +26,9 @@ def test_page_requests_frame_joins_following_pages_into_runs() -> None:
     expected = (run(0, 5, 3), run(1, 8, 1), run(0, 8, 1), run(0, 3, 2), run(2, 1 << 40, 1))
     assert encode_page_requests(pages_faulted) == encode(m.Request(runs=expected))
     assert encode_page_requests([(3, 9)]) == encode_page_request(3, 9)
+    assert encode_client_request(pages_faulted) == encode(m.ClientRequest(runs=expected))  # a client's, alike
+    with pytest.raises(LocalProtocolError):
+        encode_client_request([])
 
 
 def test_faults_of_one_read_are_requested_at_once_as_one_request() -> None:

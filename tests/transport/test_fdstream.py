@@ -15,10 +15,10 @@ import time
 import pytest
 
 from aiopostcopy.errors import ClosedError, RemoteProtocolError
-from aiopostcopy.messages import (Accept, BlockInfo, Blocks, ClientHello, ClientMode, End, Error, ErrorCode,
-                                  Register)
+from aiopostcopy.messages import (Accept, BlockInfo, Blocks, ClientHello, ClientMode, ClientRequest, End, Error,
+                                  ErrorCode, PageRun, Register)
 from aiopostcopy.transport.fdstream import MAX_FDS_PER_SENDMSG, BlockingControlChannel, ControlChannel
-from aiopostcopy.transport.wire import SHORT_RUNS, ConnectionClosed, encode
+from aiopostcopy.transport.wire import SHORT_RUNS, ConnectionClosed, encode, encode_client_request
 
 HELLO = ClientHello(version=1, pid=1, name="t", mode=ClientMode.DELEGATED)
 
@@ -82,6 +82,24 @@ def test_blocking_channel_carries_messages_and_fds_in_order() -> None:
         left.close()
         right.close()
         close_all([fd for pair in ends for fd in pair])
+
+
+def test_a_frame_encoded_by_the_caller_goes_in_order_with_the_messages() -> None:
+    left, right = blocking_pair()
+    request = ClientRequest(runs=(PageRun(block=0, first=5, count=2), PageRun(block=1, first=9, count=1)))
+    try:
+        left.send(HELLO)
+        left.send_frame(encode_client_request([(0, 5), (0, 6), (1, 9)]))
+        left.send(End(complete=True))
+        assert right.receive(soon()) == HELLO
+        assert right.receive(soon()) == request
+        assert right.receive(soon()) == End(complete=True)
+        right.close()
+        with pytest.raises(BrokenPipeError):
+            left.send_frame(encode_client_request([(0, 1)]))
+    finally:
+        left.close()
+        right.close()
 
 
 def test_more_fds_than_one_sendmsg_carries_arrive_as_one_fifo() -> None:
@@ -264,7 +282,7 @@ async def test_send_frame_goes_out_in_order_with_queued_messages_across_would_bl
 async def test_short_client_requests_take_the_shortcut_and_the_rest_on_message() -> None:
     """on_client_request gets the runs, (block, first, count), of each ClientRequest of a few runs,
     in order with the other messages, which go to on_message; a bad frame still ends the channel."""
-    from aiopostcopy.messages import Bye, ClientRequest, PageRun
+    from aiopostcopy.messages import Bye
 
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     events: list = []
