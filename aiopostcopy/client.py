@@ -20,7 +20,9 @@ threads; our thread only watches the socket.  *Self-served*: our thread polls
 our uffd too, and a :class:`~aiopostcopy.core.pager.Pager` (the core's mapping
 table, coalescer and range sets) maps fault addresses to (block, page), wakes
 pages known placed at once, lets requested ones wait, turns new ones into
-coalesced ClientRequest runs and names the ranges each Placed wakes.
+coalesced ClientRequest runs and names the ranges each Placed wakes.  The
+usual read's pages go out as one ClientRequest encoded straight from them
+while running (``Pager.take_pages``), without building the message.
 
 The GIL: a thread faulting in plain Python (``view[i]``) blocks in the kernel
 *holding the GIL*, stopping every Python thread of the process until the page

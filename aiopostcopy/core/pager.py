@@ -17,6 +17,9 @@ of that, built from the pieces the service's session uses:
 * the service's :class:`~aiopostcopy.core.coalesce.Coalescer`, which turns
   the faults queued during a pass into merged, oldest-first runs and marks
   them requested (:class:`BlockRuns` gives it the page-state view it needs).
+  The usual read, a few faults on pages nobody asked for yet, skips the
+  merging: :meth:`Pager.take_pages` hands its pages over as they are, for one
+  ClientRequest the client encodes itself.
 
 A fault on a page known placed is woken at once (the fault raced the
 Placed message) and the page is forgotten, so a later fault on it (the page

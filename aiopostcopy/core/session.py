@@ -467,9 +467,9 @@ class DestinationSession:
                 if state != MISSING:  # requested or placing: it waits with the others
                     continue
                 if direct and self._coalescer.take_page(states, first):
-                    count = self._count
-                    count.pages_requested += 1
-                    count.requests_sent += not asked
+                    counters = self._count
+                    counters.pages_requested += 1
+                    counters.requests_sent += not asked
                     self._in_flight.sent_page(block, first, now)
                     asked.append((block, first))
                 else:
