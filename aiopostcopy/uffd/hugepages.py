@@ -118,8 +118,11 @@ class HugePageReservation:
     """Make at least ``pages`` free huge pages available inside a ``with`` block.
 
     On entry the pool (nr_hugepages) is raised by however many free pages are
-    missing; on exit the old pool size is written back (pages still in use
-    then become surplus pages the kernel frees as soon as they are released).
+    missing; on exit it is lowered by as many (pages still in use then become
+    surplus pages the kernel frees as soon as they are released).  Lowering by
+    what was added, not writing the old size back, keeps the pool right when
+    reservations overlap (two processes, or two of one process, left in any
+    order): the old size is whatever the others had added by then.
 
     Args:
         pages: free huge pages needed.
@@ -162,8 +165,10 @@ class HugePageReservation:
         return self
 
     def _restore(self) -> None:
-        if self.old is not None and self.target != self.old:
-            _write_int(_pool_path(self.page_size, "nr_hugepages"), self.old)
+        if self.old is not None and self.target is not None and self.target != self.old:
+            path = _pool_path(self.page_size, "nr_hugepages")
+            _write_int(path, max(0, _read_int(path) - (self.target - self.old)))
+            self.target = self.old  # once: a second exit changes nothing
 
     def __exit__(self, *exc_info: object) -> None:
         self._restore()

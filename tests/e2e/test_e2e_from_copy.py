@@ -122,23 +122,28 @@ HUGE = 2 << 20
 
 @contextlib.contextmanager
 def hugetlbfs_mount(pages: int):
-    """A private hugetlbfs mount (2 MiB pages) with ``pages`` more huge pages reserved; all undone after."""
+    """A private hugetlbfs mount (2 MiB pages) with ``pages`` more huge pages reserved; all undone
+    after (the pool lowered by what this added, so an overlapping reservation keeps its own)."""
     knob = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
     if os.geteuid() != 0 or not os.path.exists(knob):
         pytest.skip("needs root and 2 MiB huge pages")
     with open(knob) as f:
         old = int(f.read())
+    added = 0
     try:
         with open(knob, "w") as f:
             f.write(str(old + pages))
         with open(knob) as f:
-            if int(f.read()) < old + pages:
-                pytest.skip(f"could not reserve {pages} huge pages")
+            added = int(f.read()) - old
+        if added < pages:
+            pytest.skip(f"could not reserve {pages} huge pages")
         with private_hugetlbfs(HUGE, prefix="apc-hugetlbfs-") as mount:
             yield mount
     finally:
+        with open(knob) as f:
+            now = int(f.read())
         with open(knob, "w") as f:
-            f.write(str(old))
+            f.write(str(max(0, now - added)))
 
 
 @pytest.mark.asyncio

@@ -36,6 +36,27 @@ def test_reservation_raises_and_restores_the_pool() -> None:
     assert _nr_hugepages() == before
 
 
+def test_overlapping_reservations_left_in_any_order_restore_the_pool() -> None:
+    """Each gives back what it added: the first one left does not take the second's pages
+    away, and the last one left does not write back a size that counted the first's."""
+    _require_2mib()
+    before = _nr_hugepages()
+    first = HugePageReservation(1, page_size=HUGE).__enter__()
+    try:
+        with open(f"/sys/kernel/mm/hugepages/hugepages-{HUGE // 1024}kB/free_hugepages", encoding="ascii") as f:
+            free = int(f.read())
+        second = HugePageReservation(free + 1, page_size=HUGE).__enter__()  # needs one page more
+        try:
+            assert _nr_hugepages() == before + (first.target - first.old) + 1
+        finally:
+            first.__exit__(None, None, None)  # the first one leaves first
+            assert _nr_hugepages() == before + 1, "the second's page is still there"
+            second.__exit__(None, None, None)
+    finally:
+        first.__exit__(None, None, None)  # a second exit changes nothing
+    assert _nr_hugepages() == before
+
+
 def test_place_a_2mib_page(res: Resources) -> None:
     _require_2mib()
     before = _nr_hugepages()
