@@ -156,18 +156,12 @@ class Pager:
         return queued
 
     def requests(self) -> list[m.ClientRequest]:
-        """The pages queued since the last call, as ClientRequest messages (from now on requested)."""
+        """The pages queued since the last call, as ClientRequest messages (from now on requested),
+        merged by the coalescer (the usual read's pages, each asked for alone, are
+        :meth:`take_pages`'s)."""
         queued, self._queued = self._queued, []
         if not queued:
             return []
-        if len(queued) == 1:  # the usual read: one fault, one page to ask for, nothing to merge
-            block, page = queued[0]
-            runs = self._blocks[block]
-            runs.queued = RangeSet()
-            if page not in runs.requested and page not in runs.placed and self._coalescer.take_page(runs, page):
-                self._count["requested_pages"] += 1
-                self._count["requests"] += 1
-                return [m.ClientRequest(runs=(m.PageRun(block=block, first=page, count=1),))]
         for block, page in queued:
             self._coalescer.add(block, page)
         runs = self._coalescer.flush(self._blocks)
