@@ -56,6 +56,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from aiopostcopy import trace
 from aiopostcopy.core.control import SERVICE_SENDS, ClientControl, Phase
 from aiopostcopy.core.pager import Pager
 from aiopostcopy.core.ramblock import BlockTable, MappingTable
@@ -293,7 +294,13 @@ class Client:
     def _on_events(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, Placed):  # the state machine admits it in self-served mode only
+                if trace.ENABLED:
+                    for run in event.runs:
+                        trace.mark("placed-read", run.block, run.first)
                 self._wake(self._pager.placed(event.runs))
+                if trace.ENABLED:
+                    for run in event.runs:
+                        trace.mark("client-woke", run.block, run.first)
             elif isinstance(event, End):
                 if event.complete and self._pager is not None:
                     while self._uffd.read_events(64):  # queued faults: every page is in, just wake
@@ -321,6 +328,7 @@ class Client:
             self._bye = f"not sent: {type(exc).__name__}: {exc}"
 
     def _serve_faults(self) -> None:
+        read_ns = time.monotonic_ns() if trace.ENABLED else 0
         pager, wakes = self._pager, []
         while True:
             events = self._uffd.read_events(64)
@@ -330,6 +338,10 @@ class Client:
         pages = pager.take_pages()
         if pages is not None:  # the usual read: each fault's page asked for alone, in one frame
             self._send_pages(pages)
+            if trace.ENABLED:
+                for block, page in pages:
+                    trace.mark("fault-read", block, page, read_ns)
+                    trace.mark("client-sent", block, page)
         for request in pager.requests():
             self._send(request)
         self._wake(wakes)

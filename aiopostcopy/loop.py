@@ -624,6 +624,8 @@ class PostcopyDestination:
         UFFDIO_COPY and its clients' threads woken at once, with no message handling, no
         commands and no pass; or, when the session wants it, the general path with the Pages
         message it stands for."""
+        if trace.ENABLED:
+            trace.mark("answer-read", block, page)
         session = self._session
         wanted = session.urgent_page(block, page, target=self._clients is not None)
         if wanted is None:
@@ -649,17 +651,20 @@ class PostcopyDestination:
         unread = decoder.unread()
         if unread is None or not self._session.lane_may_place():
             return
+        answer_ns = time.monotonic_ns() if trace.ENABLED else 0
         placed, consumed = lane.place(*unread)
         if not placed:
             return
+        placed_ns = time.monotonic_ns() if trace.ENABLED else 0  # each copy woke its fault's threads
         decoder.skip(consumed)
         try:
             now = time.monotonic()
             for block, page, fd, address, zero in placed:
                 self._session.placed_through(block, page, self._lane_keys[fd], address, now, zero=zero)
                 if trace.ENABLED:
-                    trace.mark("reply", block, page)
-                    trace.mark("woken", block, page)
+                    trace.mark("answer-read", block, page, answer_ns)
+                    trace.mark("reply", block, page, placed_ns)
+                    trace.mark("woken", block, page, placed_ns)
             self._source.note_progress(len(placed))
             self._run_commands(None)
         except Exception as exc:  # never swallow: the service fails visibly
@@ -889,6 +894,7 @@ class PostcopyDestination:
         nothing read here waits for a loop turn; the commands (wakes of pages
         placed already) are carried out here in any case.
         """
+        read_ns = time.monotonic_ns() if trace.ENABLED else 0
         now = time.monotonic()
         events = uffd.read_events(_READ_BATCH)
         if self._pass_pending or len(events) == _READ_BATCH:  # a backlog: coalesce it all in the pass
@@ -911,6 +917,7 @@ class PostcopyDestination:
                     self._lane_keys[uffd.fd] = key
                     if trace.ENABLED:
                         for block, page in sent:
+                            trace.mark("fault-read", block, page, read_ns)
                             trace.mark("request", block, page)
                 if rest:  # a short send: the transport writes the rest, in order
                     self._source.send_frame(Channel.URGENT, rest)
@@ -933,6 +940,9 @@ class PostcopyDestination:
                         self._clients.non_cooperative_event(key, event)
         finally:  # pages made REQUESTED go out even if a later event fails (a client retired midway)
             if asked:
+                if trace.ENABLED:
+                    for block, page in asked:
+                        trace.mark("fault-read", block, page, read_ns)
                 if lane_asked is None:  # the session's Request: the reply lane still places the answers
                     self._send_page_requests(asked, now)
                     self._remember_faults(key, uffd.fd, asked, faulted)

@@ -13,13 +13,24 @@ does that and prints the time between consecutive points.
 
 The points, in path order (the first page of a run stands for the run)::
 
-    touch       worker    a thread is about to touch a page not in memory
-    request     dest      a Request naming the page is handed to the transport
-    src-request source    the Request has been decoded
-    src-reply   source    the Pages/Zero frame answering it was written
-    reply       dest      the answer has been decoded (urgent channel)
-    woken       dest      the page is placed and its waiters woken
-    resumed     worker    the touching thread runs again
+    touch          worker    a thread is about to touch a page not in memory
+    fault-read     dest      the loop began the read of the userfaultfd that brought the fault
+                   (client)  (a self-served client: its thread began that read)
+    client-sent    client    the ClientRequest naming the page was written (self-served)
+    client-request dest      that ClientRequest has been decoded (self-served)
+    request        dest      a Request naming the page is handed to the transport
+    src-request    source    the Request has been decoded
+    src-reply      source    the Pages/Zero frame answering it was written
+    answer-read    dest      the loop began handling the urgent bytes that hold the answer
+    reply          dest      the answer has been decoded (urgent channel)
+    woken          dest      the page is placed and its waiters woken (a self-served
+                             client's thread: placed, the client not told yet)
+    placed-sent    dest      Placed naming the page was written to the client (self-served)
+    placed-read    client    the client's thread has decoded that Placed (self-served)
+    client-woke    client    its UFFDIO_WAKE returned (self-served)
+    resumed        worker    the touching thread runs again
+
+``client`` is the self-served client's own thread, inside the worker process.
 
 Call sites test :data:`ENABLED` first, so tracing off costs one global lookup.
 """

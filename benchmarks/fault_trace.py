@@ -6,14 +6,21 @@ Run a migration with ``AIOPOSTCOPY_TRACE=DIR`` in the environment of the
 source, the destination and the workers (``postcopy_bench.py --trace DIR``
 does it for one extra run of a scenario).  Each process writes
 ``DIR/<role>.<pid>.trace`` (see :mod:`aiopostcopy.trace`).  This script reads
-them all, keeps the first time of each point per (block, page), and for the
-faults that passed every point prints the distribution of each hop::
+them all, keeps the first time of each point per (block, page), and prints
+the distribution of each hop, one table per path a fault can take:
+
+* delegated: the service reads the fault from the client's userfaultfd and
+  its copy through that fd wakes the thread;
+* self-served: the client's own thread reads it, asks for the page with
+  ClientRequest and wakes the thread itself when Placed arrives (the faults
+  with a ``client-sent`` point)::
 
     python benchmarks/fault_trace.py DIR
 
 Faults that joined a page already requested, or whose page the sweep placed
-while the request was on its way, miss some points and are left out (their
-count is printed).  All times are CLOCK_MONOTONIC, one clock for the host.
+while the request was on its way, miss some points of their path and are left
+out (their count is printed).  All times are CLOCK_MONOTONIC, one clock for
+the host.
 """
 
 from __future__ import annotations
@@ -25,16 +32,29 @@ import os
 import sys
 from collections.abc import Sequence
 
-POINTS = ("touch", "request", "src-request", "src-reply", "reply", "woken", "resumed")
+#: The points of each path, in order (aiopostcopy/trace.py says where each is taken).
+PATHS = {
+    "delegated": ("touch", "fault-read", "request", "src-request", "src-reply", "answer-read", "woken", "resumed"),
+    "self-served": ("touch", "fault-read", "client-sent", "client-request", "request", "src-request", "src-reply",
+                    "answer-read", "woken", "placed-sent", "placed-read", "client-woke", "resumed"),
+}
 HOPS = {
-    ("touch", "request"): "fault -> Request handed to the transport (uffd wake-up, read, coalesce)",
+    ("touch", "fault-read"): "fault -> its reader begins the read (uffd wake-up)",
+    ("fault-read", "request"): "read -> Request handed to the transport (decode, lane, send)",
+    ("fault-read", "client-sent"): "client: read -> ClientRequest written",
+    ("client-sent", "client-request"): "ClientRequest -> decoded by the service",
+    ("client-request", "request"): "service: ClientRequest -> Request handed to the transport",
     ("request", "src-request"): "Request on the wire -> decoded at the source",
     ("src-request", "src-reply"): "source: read the page, write the reply",
-    ("src-reply", "reply"): "reply on the wire -> decoded at the destination",
-    ("reply", "woken"): "destination: place (UFFDIO_COPY) and wake",
+    ("src-reply", "answer-read"): "reply on the wire -> the destination's loop takes it up",
+    ("answer-read", "woken"): "destination: decode, place (UFFDIO_COPY; delegated: it wakes)",
+    ("woken", "placed-sent"): "service: account, write Placed",
+    ("placed-sent", "placed-read"): "Placed -> decoded by the client",
+    ("placed-read", "client-woke"): "client: UFFDIO_WAKE",
+    ("client-woke", "resumed"): "woken -> the faulting thread runs again",
     ("woken", "resumed"): "woken -> the faulting thread runs again",
-    ("touch", "resumed"): "total, in the faulting thread",
 }
+TOTAL = "total, in the faulting thread"
 
 
 def load(directory: str) -> dict[tuple[int, int], dict[str, int]]:
@@ -52,19 +72,30 @@ def percentile(ordered: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
+def path_of(points: dict[str, int]) -> str:
+    return "self-served" if "client-sent" in points else "delegated"
+
+
 def report(timeline: dict[tuple[int, int], dict[str, int]]) -> list[str]:
-    """The hop table for the faults that passed every point, in path order."""
-    complete = [t for t in timeline.values() if all(p in t for p in POINTS)]
-    touched = sum(1 for t in timeline.values() if "touch" in t)
-    lines = [f"{len(complete)} faults passed every point ({touched} touched pages not in memory; the rest "
-             "joined a request already made, or the sweep placed the page first)",
-             f"{'hop':<75}{'p50 us':>9}{'p90 us':>9}{'share':>7}"]
-    total = sorted((t["resumed"] - t["touch"]) / 1000 for t in complete)
-    for (a, b), what in HOPS.items():
-        values = sorted((t[b] - t[a]) / 1000 for t in complete)
-        share = percentile(values, 0.5) / percentile(total, 0.5) if total and percentile(total, 0.5) else 0.0
-        lines.append(f"{what:<75}{percentile(values, 0.5):>9.1f}{percentile(values, 0.9):>9.1f}{share:>7.0%}")
-    return lines
+    """The hop table of each path that faults took, for the faults that passed every point of it."""
+    touched = [t for t in timeline.values() if "touch" in t]
+    lines: list[str] = []
+    for path, points in PATHS.items():
+        taken = [t for t in touched if path_of(t) == path]
+        complete = [t for t in taken if all(p in t for p in points)]
+        if not taken:
+            continue
+        lines += [f"{path}: {len(complete)} faults passed every point ({len(taken)} touched pages not in memory; "
+                  "the rest joined a request already made, or the sweep placed the page first)",
+                  f"{'hop':<75}{'p50 us':>9}{'p90 us':>9}{'share':>7}"]
+        total = sorted((t["resumed"] - t["touch"]) / 1000 for t in complete)
+        middle = percentile(total, 0.5)
+        for a, b in [*zip(points, points[1:]), ("touch", "resumed")]:
+            values = sorted((t[b] - t[a]) / 1000 for t in complete)
+            what = TOTAL if (a, b) == ("touch", "resumed") else HOPS[(a, b)]
+            share = percentile(values, 0.5) / middle if middle else 0.0
+            lines.append(f"{what:<75}{percentile(values, 0.5):>9.1f}{percentile(values, 0.9):>9.1f}{share:>7.0%}")
+    return lines or ["no touched page in the traces"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,8 @@ One invocation measures, round by round, on one place (a
   (``python -m aiopostcopy.tools.workload --workload random --raw-latencies``) in
   ``dst``, so each fault is timed in the faulting thread itself:
 
-  - ``fault-quiet``: ONE worker, delegated, one thread; the source's sweep is
+  - ``fault-quiet``: ONE worker (delegated; ``--mode self-served`` for the
+    other kind), one thread; the source's sweep is
     held back while the toucher faults (``--sweep-after-idle``: the stock
     source with its background sender gated until no page was served for
     0.25 s), then released so the migration completes.  The demand path alone.
@@ -271,7 +272,7 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
 
     workers = []
     if scenario in ("fault-bg", "fault-nobg", "fault-quiet"):
-        specs = [("delegated", 1, args.touches)]
+        specs = [(args.mode, 1, args.touches)]
     elif scenario == "mixed":
         specs = [(("delegated", "self-served")[i % 2], args.mixed_threads, args.mixed_touches)
                  for i in range(args.mixed_clients)]
@@ -535,6 +536,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="rounds; each: baseline, then every scenario (3)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"subset of {','.join(SCENARIOS)}")
     p.add_argument("--touches", type=int, default=3000, help="touches of the single toucher (3000)")
+    p.add_argument("--mode", choices=("delegated", "self-served"), default="delegated",
+                   help="the single toucher's client mode (delegated)")
     p.add_argument("--mixed-clients", type=int, default=4, help="workers in 'mixed' (4)")
     p.add_argument("--mixed-threads", type=int, default=2, help="threads per worker in 'mixed' (2)")
     p.add_argument("--mixed-touches", type=int, default=2000, help="touches per thread in 'mixed' (2000)")
@@ -652,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"[baseline rr {args.rr_count}+{args.rr_warmup} warm-up, bulk {args.bulk_mb} MiB, "
         f"rr on vCPU {args.one_cpu or '-'}; {', '.join(scenarios)}]"
         f" + final baseline; children pinned: {args.taskset or 'no'}; 1 toucher: {args.touches} random touches, "
-        f"delegated; mixed: {args.mixed_clients}x{args.mixed_threads} x {args.mixed_touches} touches; sweep off = "
+        f"{args.mode}; mixed: {args.mixed_clients}x{args.mixed_threads} x {args.mixed_touches} touches; sweep off = "
         f"source --window 4096 --run-pages 1; sweep on = source "
         f"--window {args.window or 'default (8 MiB)'} --run-pages {args.run_pages or 'default (256)'}",
     ]

@@ -26,14 +26,49 @@ def test_off_unless_the_environment_names_a_directory(tmp_path: pathlib.Path) ->
     assert written.name.startswith("dest.") and written.read_text() == "reply 0 5 1000\n"
 
 
-def test_report_joins_processes_by_page(tmp_path: pathlib.Path) -> None:
-    times = {"touch": 0, "request": 10, "src-request": 30, "src-reply": 40, "reply": 70, "woken": 80, "resumed": 100}
-    by_role = {"worker": ("touch", "resumed"), "dest": ("request", "reply", "woken"), "source": ("src-request", "src-reply")}
+def _write_faults(directory: pathlib.Path, times: dict[str, int], by_role: dict[str, tuple[str, ...]],
+                  pages: range) -> None:
     for pid, (role, points) in enumerate(by_role.items()):
-        lines = [f"{p} 0 {page} {page * 1000 + times[p] * 1000}\n" for page in range(3) for p in points]
-        lines.append("touch 0 99 5\n") if role == "worker" else None  # a fault that never got further
-        (tmp_path / f"{role}.{pid}.trace").write_text("".join(lines))
-    text = "\n".join(fault_trace.report(fault_trace.load(str(tmp_path))))
-    assert text.startswith("3 faults passed every point (4 touched")
-    assert "     10.0" in text.splitlines()[2]  # touch -> request: 10 us
-    assert "    100.0" in text.splitlines()[-1] and "100%" in text.splitlines()[-1]
+        lines = [f"{p} 0 {page} {page * 1000 + times[p] * 1000}\n" for page in pages for p in points]
+        lines.append(f"touch 0 {pages.stop + 90} 5\n") if role == "worker" else None  # a fault that got no further
+        (directory / f"{role}.{pages.start}{pid}.trace").write_text("".join(lines))
+
+
+def test_report_joins_processes_by_page(tmp_path: pathlib.Path) -> None:
+    times = {"touch": 0, "fault-read": 4, "request": 10, "src-request": 30, "src-reply": 40, "answer-read": 50,
+             "reply": 70, "woken": 80, "resumed": 100}
+    by_role = {"worker": ("touch", "resumed"), "dest": ("fault-read", "request", "answer-read", "reply", "woken"),
+               "source": ("src-request", "src-reply")}
+    _write_faults(tmp_path, times, by_role, range(3))
+    lines = fault_trace.report(fault_trace.load(str(tmp_path)))
+    assert lines[0].startswith("delegated: 3 faults passed every point (4 touched")
+    assert "fault -> its reader begins the read" in lines[2] and "      4.0" in lines[2]
+    assert "answer-read" not in "\n".join(lines) and "      30.0" in lines[7]  # answer-read -> woken: 30 us
+    assert lines[-1].startswith("total, in the faulting thread") and "    100.0" in lines[-1] and "100%" in lines[-1]
+    assert not any(line.startswith("self-served") for line in lines)
+
+
+def test_report_gives_self_served_faults_their_own_table(tmp_path: pathlib.Path) -> None:
+    delegated = {"touch": 0, "fault-read": 4, "request": 10, "src-request": 30, "src-reply": 40,
+                 "answer-read": 50, "woken": 80, "resumed": 100}
+    _write_faults(tmp_path, delegated, {"worker": ("touch", "resumed"),
+                                        "dest": ("fault-read", "request", "answer-read", "woken"),
+                                        "source": ("src-request", "src-reply")}, range(2))
+    served = {"touch": 0, "fault-read": 10, "client-sent": 30, "client-request": 60, "request": 70,
+              "src-request": 80, "src-reply": 100, "answer-read": 120, "woken": 140, "placed-sent": 150,
+              "placed-read": 200, "client-woke": 210, "resumed": 300}
+    _write_faults(tmp_path, served, {"worker": ("touch", "fault-read", "client-sent", "placed-read", "client-woke",
+                                                "resumed"),
+                                     "dest": ("client-request", "request", "answer-read", "woken", "placed-sent"),
+                                     "source": ("src-request", "src-reply")}, range(10, 15))
+    lines = fault_trace.report(fault_trace.load(str(tmp_path)))
+    [delegated_at] = [i for i, line in enumerate(lines) if line.startswith("delegated: 2 faults")]
+    [served_at] = [i for i, line in enumerate(lines) if line.startswith("self-served: 5 faults")]
+    table = lines[served_at + 2:]
+    assert [line.split("  ")[0] for line in table[:3]] == [
+        "fault -> its reader begins the read (uffd wake-up)", "client: read -> ClientRequest written",
+        "ClientRequest -> decoded by the service"]
+    assert "     50.0" in table[9]  # Placed -> decoded by the client: 50 us
+    assert table[-1].startswith("total, in the faulting thread") and "    300.0" in table[-1]
+    assert "    100.0" in lines[served_at - 1]  # the delegated table's total ends before it
+    assert delegated_at < served_at

@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from aiopostcopy import trace
 from aiopostcopy.core.control import TRANSITIONS, Phase, ServiceControl, Side, version_reject
 from aiopostcopy.core.ramblock import MappingTable
 from aiopostcopy.core.commands import NotifyPlaced, UnknownFault
@@ -338,6 +339,9 @@ class ClientRegistry:
             msg = ClientRequest(runs=tuple([PageRun(block=block, first=first, count=count)
                                             for block, first, count in runs]))
             return self._on_message(client, msg)
+        if trace.ENABLED:
+            for block, first, _count in runs:
+                trace.mark("client-request", block, first)
         try:
             request_runs(client.key, runs)
         except ProtocolError as exc:
@@ -399,6 +403,9 @@ class ClientRegistry:
                 client.channel.send_frame(encode_placed(command.runs))  # Placed keeps the phase: nothing to advance
             else:
                 self._send(client, Placed(runs=tuple(command.runs)))
+            if trace.ENABLED:
+                for run in command.runs:
+                    trace.mark("placed-sent", run.block, run.first)
         elif isinstance(command, UnknownFault):
             self._reject(client, ErrorCode.MAPPING, f"fault at {command.address:#x} is outside the registered mapping table")
 
