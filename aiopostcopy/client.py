@@ -245,11 +245,19 @@ class Client:
 
     def _receive(self) -> list[Event]:
         """What has arrived (never blocks), each message checked; ConnectionClosed last at EOF
-        (a connection reset by a service that died counts as its end too)."""
+        (a connection reset by a service that died counts as its end too).
+
+        While a self-served client runs, the Placed frames at the front are its fault path: their
+        pages are marked and woken here, from the runs taken off the wire, with no message built
+        (the state machine keeps RUNNING for a Placed then, so there is nothing to step)."""
+        placed: list[tuple[int, int, int]] | None = (
+            [] if self._pager is not None and self._control.phase is Phase.RUNNING else None)
         try:
-            events = self._channel.receive_nowait()
+            events = self._channel.receive_nowait(placed)
         except ConnectionError:
             return [CONNECTION_CLOSED]
+        if placed:
+            self._on_placed(placed)
         for event in events:
             if not isinstance(event, ConnectionClosed):
                 self._control.receive(event)
@@ -294,13 +302,7 @@ class Client:
     def _on_events(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, Placed):  # the state machine admits it in self-served mode only
-                if trace.ENABLED:
-                    for run in event.runs:
-                        trace.mark("placed-read", run.block, run.first)
-                self._wake(self._pager.placed(event.runs))
-                if trace.ENABLED:
-                    for run in event.runs:
-                        trace.mark("client-woke", run.block, run.first)
+                self._on_placed([(run.block, run.first, run.count) for run in event.runs])
             elif isinstance(event, End):
                 if event.complete and self._pager is not None:
                     while self._uffd.read_events(64):  # queued faults: every page is in, just wake
@@ -317,6 +319,16 @@ class Client:
                     return None
                 return self._finish(failure=PostcopyError(
                     "the service closed the control connection before End; threads waiting for pages stay blocked"))
+
+    def _on_placed(self, runs: list[tuple[int, int, int]]) -> None:
+        """The service placed these runs ``(block, first, count)``: wake our threads waiting there."""
+        if trace.ENABLED:
+            for block, first, _count in runs:
+                trace.mark("placed-read", block, first)
+        self._wake(self._pager.placed_runs(runs))  # type: ignore[union-attr]  (Placed: self-served only)
+        if trace.ENABLED:
+            for block, first, _count in runs:
+                trace.mark("client-woke", block, first)
 
     def _say_bye(self) -> None:
         """Answer End with Bye at once: we need nothing more from the service, which waits

@@ -30,7 +30,7 @@ Faults are counted per thread id (a bounded set: the client's threads).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from aiopostcopy import messages as m
 from aiopostcopy.core.coalesce import Coalescer
@@ -178,28 +178,37 @@ class Pager:
         Raises:
             RemoteProtocolError: a run lies outside the blocks.
         """
-        runs = list(runs)
-        for run in runs:
-            self.table.blocks.check_run(run.block, run.first, run.count)
-        if len(runs) == 1 and runs[0].count == 1:  # the usual answer: the page of one fault
-            run = runs[0]
-            block = self._blocks[run.block]
-            if run.first in block.requested:
+        return self.placed_runs([(run.block, run.first, run.count) for run in runs])
+
+    def placed_runs(self, runs: Sequence[tuple[int, int, int]]) -> list[tuple[int, int]]:
+        """:meth:`placed` of runs as ``(block, first, count)``, as a Placed frame carries them
+        (taken from the wire with no message built).
+
+        Raises:
+            RemoteProtocolError: a run lies outside the blocks.
+        """
+        check = self.table.blocks.check_run
+        for block, first, count in runs:
+            check(block, first, count)
+        if len(runs) == 1 and runs[0][2] == 1:  # the usual answer: the page of one fault
+            index, page, _ = runs[0]
+            block = self._blocks[index]
+            if page in block.requested:
                 self._coalescer.settle(1)
-                block.requested.subtract(run.first, run.first + 1)
-            block.placed.add(run.first, run.first + 1)
+                block.requested.subtract(page, page + 1)
+            block.placed.add(page, page + 1)
             self._count["placed_pages"] += 1
-            ranges = self.table.ranges(run.block, run.first, 1)
+            ranges = self.table.ranges(index, page, 1)
             self._count["wakes"] += len(ranges)
             return ranges
         ranges = []
-        for run in runs:
-            block = self._blocks[run.block]
-            self._coalescer.settle(sum(high - low for low, high in block.requested.intersection(run.first, run.stop)))
-            block.requested.subtract(run.first, run.stop)
-            block.placed.add(run.first, run.stop)
-            self._count["placed_pages"] += run.count
-            ranges.extend(self.table.ranges(run.block, run.first, run.count))
+        for index, first, count in runs:
+            block, stop = self._blocks[index], first + count
+            self._coalescer.settle(sum(high - low for low, high in block.requested.intersection(first, stop)))
+            block.requested.subtract(first, stop)
+            block.placed.add(first, stop)
+            self._count["placed_pages"] += count
+            ranges.extend(self.table.ranges(index, first, count))
         self._count["wakes"] += len(ranges)
         return ranges
 

@@ -396,14 +396,20 @@ class BlockingControlChannel(_FdSocket):
                 self._out.clear()
             raise
 
-    def receive_nowait(self) -> list[Event]:
+    def receive_nowait(self, placed: list[tuple[int, int, int]] | None = None) -> list[Event]:
         """What has arrived, without waiting: messages in order, then ConnectionClosed after EOF.
+
+        Args:
+            placed: when given, the Placed frames that arrived ahead of every other message
+                (with no descriptors riding along) are taken as their runs ``(block, first,
+                count)``, appended here, and built into no message: a self-served client's
+                fault path (the caller checked that Placed may come now).
 
         Raises:
             RemoteProtocolError: too many descriptors, or a malformed or forbidden frame.
             OSError: the socket failed.
         """
-        self._read_once()
+        self._read_once(placed)
         events, self._events = list(self._events), deque()
         return events
 
@@ -428,9 +434,12 @@ class BlockingControlChannel(_FdSocket):
         if sock is not None:
             self._close_socket(sock)
 
-    def _read_once(self) -> None:
+    def _read_once(self, placed: list[tuple[int, int, int]] | None = None) -> None:
         if self._eof or not self._read():
             return
+        if placed is not None and not self._events and not self.pending_fds:
+            while (runs := self._decoder.take_placed()) is not None:
+                placed.extend(runs)
         while not self._eof and (event := self._decoder.next_event()) is not None:
             self._eof = isinstance(event, ConnectionClosed)
             self._events.append(event)

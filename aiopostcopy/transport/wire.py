@@ -525,7 +525,17 @@ class Decoder:
         userfaultfd), consume it and return its runs as ``(block, first, count)`` without building
         messages; otherwise consume nothing and return None.  The same rules: only a frame
         :meth:`next_event` would decode as such a ClientRequest is taken."""
-        taken = self._short_runs(ClientRequest.TYPE)
+        return self._take_runs(ClientRequest.TYPE)
+
+    def take_placed(self) -> tuple[tuple[int, int, int], ...] | None:
+        """:meth:`take_client_request` for the other direction: if the next frame is a Placed of at
+        most :data:`SHORT_RUNS` runs (the service's answer to a self-served client's fault),
+        consume it and return its runs as ``(block, first, count)`` without building messages;
+        otherwise consume nothing and return None."""
+        return self._take_runs(Placed.TYPE)
+
+    def _take_runs(self, code: int) -> tuple[tuple[int, int, int], ...] | None:
+        taken = self._short_runs(code)
         if taken is None:
             return None
         self._start = taken[1]

@@ -16,9 +16,9 @@ import pytest
 
 from aiopostcopy.errors import ClosedError, RemoteProtocolError
 from aiopostcopy.messages import (Accept, BlockInfo, Blocks, ClientHello, ClientMode, ClientRequest, End, Error,
-                                  ErrorCode, PageRun, Register)
+                                  ErrorCode, PageRun, Placed, Register)
 from aiopostcopy.transport.fdstream import MAX_FDS_PER_SENDMSG, BlockingControlChannel, ControlChannel
-from aiopostcopy.transport.wire import SHORT_RUNS, ConnectionClosed, encode, encode_client_request
+from aiopostcopy.transport.wire import SHORT_RUNS, ConnectionClosed, encode, encode_client_request, encode_placed
 
 HELLO = ClientHello(version=1, pid=1, name="t", mode=ClientMode.DELEGATED)
 
@@ -100,6 +100,48 @@ def test_a_frame_encoded_by_the_caller_goes_in_order_with_the_messages() -> None
     finally:
         left.close()
         right.close()
+
+
+def test_placed_frames_ahead_of_the_rest_are_taken_as_runs_when_asked() -> None:
+    from aiopostcopy.core.control import SERVICE_SENDS
+
+    left, right = blocking_pair(allowed=SERVICE_SENDS)
+    first = Placed(runs=(PageRun(block=0, first=5, count=1),))
+    second = Placed(runs=(PageRun(block=1, first=9, count=2), PageRun(block=0, first=1, count=1)))
+    try:
+        left.send_frame(encode_placed(first.runs))
+        left.send(second)
+        left.send(End(complete=True))
+        left.send(first)  # after another message: built as one, in order
+        placed: list[tuple[int, int, int]] = []
+        assert right.receive_nowait(placed) == [End(complete=True), first]
+        assert placed == [(0, 5, 1), (1, 9, 2), (0, 1, 1)]
+        left.send(second)
+        assert right.receive(soon()) == second  # not asked: built as always
+    finally:
+        left.close()
+        right.close()
+
+
+def test_placed_is_not_taken_with_descriptors_riding_along() -> None:
+    from aiopostcopy.core.control import SERVICE_SENDS
+
+    left, right = blocking_pair(allowed=SERVICE_SENDS)
+    ends = pipes(1)
+    message = Placed(runs=(PageRun(block=0, first=5, count=1),))
+    try:
+        left.send(message, [ends[0][0]])
+        placed: list[tuple[int, int, int]] = []
+        events: list[object] = []
+        deadline = soon()
+        while not events and time.monotonic() < deadline:
+            events = right.receive_nowait(placed)
+        assert events == [message] and placed == []  # the general way, which rules on the descriptor
+        claim_and_check(right, ends)
+    finally:
+        left.close()
+        right.close()
+        close_all([fd for pair in ends for fd in pair])
 
 
 def test_more_fds_than_one_sendmsg_carries_arrive_as_one_fifo() -> None:

@@ -1,6 +1,7 @@
-"""Decoder.take_page_request, the source's shortcut for a one-page Request, and take_client_request,
-the service's for a self-served client's ClientRequest of a few runs: each takes exactly the frames
-next_event would decode as such a message, and leaves everything else to next_event."""
+"""Decoder.take_page_request, the source's shortcut for a one-page Request, take_client_request,
+the service's for a self-served client's ClientRequest of a few runs, and take_placed, that
+client's for the Placed answering it: each takes exactly the frames next_event would decode as
+such a message, and leaves everything else to next_event."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiopostcopy.messages import Bye, Channel, ClientRequest, PageRun, Ping, Placed, Request, Role
+from aiopostcopy.messages import Bye, Channel, ClientRequest, End, PageRun, Ping, Placed, Request, Role
 from aiopostcopy.transport.wire import SHORT_RUNS, Decoder, encode, encode_page_request, encode_placed, migration_allowed
 
 import pytest
@@ -139,3 +140,47 @@ def test_a_client_request_is_not_taken_where_it_is_not_allowed() -> None:
 def test_encode_placed_is_what_encode_makes(runs: list[tuple[int, int, int]]) -> None:
     runs_in = tuple(PageRun(block=b, first=f, count=c) for b, f, c in runs)
     assert encode_placed(runs_in) == encode(Placed(runs=runs_in))
+
+
+def control_from_service() -> Decoder:
+    from aiopostcopy.core.control import SERVICE_SENDS
+
+    return Decoder(allowed=SERVICE_SENDS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1023), st.integers(0, (1 << 46) - 1), st.integers(1, 1 << 32)),
+                min_size=1, max_size=SHORT_RUNS))
+def test_placed_of_a_few_runs_is_taken(runs: list[tuple[int, int, int]]) -> None:
+    decoder = control_from_service()
+    message = Placed(runs=tuple(PageRun(block=b, first=f, count=c) for b, f, c in runs))
+    decoder.receive_data(encode(message) + encode(message) + encode(End(complete=True)))
+    assert decoder.take_client_request() is None  # not a ClientRequest
+    assert decoder.take_placed() == tuple(runs)
+    assert decoder.take_placed() == tuple(runs)
+    assert decoder.take_placed() is None  # an End is next: left alone
+    assert decoder.next_event() == End(complete=True)
+
+
+@pytest.mark.parametrize("frame", [
+    raw([26, [[0, 3, 1], [1024, 0, 1]]]),  # a block out of range
+    raw([26, []]),
+    raw([26, [[0, 3, 0]]]),
+    raw([26, [[0, -1, 1]]]),
+    raw([26, [[0, 3, 1]], 0]),
+    raw([26, [[0, 3, 1]]])[:-1],  # incomplete
+    encode(Placed(runs=tuple(PageRun(block=0, first=2 * i, count=1) for i in range(SHORT_RUNS + 1)))),
+])
+def test_anything_but_a_valid_short_placed_is_left_to_next_event(frame: bytes) -> None:
+    decoder = control_from_service()
+    decoder.receive_data(frame)
+    assert decoder.take_placed() is None
+    assert_next_event_decodes_or_refuses(decoder, Placed)
+
+
+def test_placed_is_not_taken_where_it_is_not_allowed() -> None:
+    decoder = control_from_client()  # a service does not receive Placed
+    decoder.receive_data(encode(Placed(runs=(PageRun(block=0, first=3, count=1),))))
+    assert decoder.take_placed() is None
+    with pytest.raises(RemoteProtocolError):
+        decoder.next_event()
