@@ -970,31 +970,39 @@ class PostcopyDestination:
 
     def _request_runs(self, key: str, runs: tuple[tuple[int, int, int], ...]) -> None:
         """A self-served client's faults (a ClientRequest of a few runs): the urgent path's form
-        of its request.  The missing pages' Request leaves now, in one frame, with no pass
-        (written by the request lane when the urgent socket may be written at once), and
-        the reply lane places their answers through the service's own userfaultfd; the other
-        runs are queued in the session and the pass sends them (or answers from pages placed
-        already)."""
+        of its request.  As for a delegated fd's read, the request lane writes the Request of
+        the one-page runs of missing pages first, when it may; then the session accounts the
+        runs (``client_fault_request``, which makes those pages REQUESTED and asks for any
+        page the lane did not, in one frame, with no pass), and the reply lane places their
+        answers through the service's own userfaultfd; the other runs are queued in the
+        session and the pass sends them (or answers from pages placed already).  A run the
+        session then refuses (the client's mistake, and the client is rejected) may have had
+        its page asked for: the answer is placed as a page nobody asked for."""
         now = time.monotonic()
-        session = self._session
-        asked = session.client_fault_request(key, runs, now)
-        if asked:
-            lane, uffd = self._lane, self._uffd
-            sock = self._source.urgent_fd() if lane is not None and uffd is not None else -1
-            if sock >= 0 and len(asked) <= request_lane.MAX_ASK:  # the lane writes it, remembering each page
-                rest = lane.ask(sock, uffd.fd, asked)  # type: ignore[union-attr]
-                self._lane_keys[uffd.fd] = OWN_FD  # type: ignore[union-attr]
+        session, lane, uffd = self._session, self._lane, self._uffd
+        lane_asked: list[tuple[int, int]] = []
+        if lane is not None and uffd is not None:
+            budget = session.lane_budget()
+            sock = self._source.urgent_fd() if budget else -1
+            if sock >= 0:  # the Request leaves now; the session accounts the runs below
+                lane_asked, rest = lane.ask_runs(sock, uffd.fd, runs, budget)
+                if lane_asked:
+                    self._lane_keys[uffd.fd] = OWN_FD
+                    if trace.ENABLED:
+                        for block, page in lane_asked:
+                            trace.mark("request", block, page)
                 if rest:  # a short send: the transport writes the rest, in order
                     self._source.send_frame(Channel.URGENT, rest)
-                if trace.ENABLED:
-                    for block, page in asked:
-                        trace.mark("request", block, page)
-                self._rearm_timer(now)
-            else:
-                self._send_page_requests(asked, now)
+        asked = session.client_fault_request(key, runs, now)
+        if asked:
+            unsent = [page for page in asked if page not in lane_asked] if lane_asked else asked
+            if unsent:
+                self._send_page_requests(unsent, now)
                 if lane is not None and uffd is not None:
-                    for block, page in asked:
+                    for block, page in unsent:
                         self._remember_own_page(block, page)
+            else:
+                self._rearm_timer(now)
         if len(asked) == len(runs):
             return
         try:  # pages placed already: their Placed goes now

@@ -52,8 +52,8 @@ struct rq_lane { uint8_t *const *states; const uint64_t *pages; const uint64_t *
 int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame);
 void rq_forget_fd(struct rq_lane *lane, int uffd);
 void rq_remember(struct rq_lane *lane, uint64_t block, uint64_t page, uint64_t address, int uffd);
-int rq_ask(struct rq_lane *lane, int sock, int uffd, const uint64_t *bases, const uint64_t *asked, uint32_t count,
-           uint8_t *frame, int *frame_len, int *sent);
+int rq_ask_runs(struct rq_lane *lane, int sock, int uffd, const uint64_t *bases, const uint64_t *runs, uint32_t nruns,
+                uint32_t budget, uint64_t *asked, uint8_t *frame, int *frame_len, int *sent);
 int rq_place(struct rq_lane *lane, const uint8_t *buf, size_t len, uint64_t *placed, uint32_t max_placed,
              size_t *consumed);
 int rq_send(const struct rq_lane *lane, int sock, int uffd, const uint64_t *slots, uint32_t count,

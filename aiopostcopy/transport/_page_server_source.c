@@ -24,7 +24,8 @@
  *
  * The destination's end of the same channel is at the bottom of this file:
  * rq_send(), the request lane, writes the Request of a userfaultfd read's
- * faults before Python's bookkeeping (aiopostcopy/transport/request_lane.py).
+ * faults before Python's bookkeeping, and rq_ask_runs() that of a self-served
+ * client's ClientRequest (aiopostcopy/transport/request_lane.py).
  */
 
 #include <errno.h>
@@ -588,6 +589,15 @@ int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame)
     return (int)(p - frame);
 }
 
+/* Whether (block, page) is among the first n pairs of `asked`. */
+static int rq_seen(const uint64_t *asked, uint32_t n, uint64_t block, uint64_t page)
+{
+    for (uint32_t j = 0; j < n; j++)
+        if (asked[2 * j] == block && asked[2 * j + 1] == page)
+            return 1;
+    return 0;
+}
+
 /* send() a Request frame without blocking: *sent is what the socket took (0 when it failed: the
  * caller writes it all, and learns why). */
 static void rq_write(int sock, const uint8_t *frame, int len, int *frame_len, int *sent)
@@ -614,12 +624,7 @@ int rq_send(const struct rq_lane *lane, int sock, int uffd, const uint64_t *slot
         uint64_t block, page, page_address;
         if (slot[0] != pagefault_code || rq_translate(lane, table, ntable, slot[2], &block, &page, &page_address))
             continue;
-        if (lane->states[block][page] != RQ_MISSING)
-            continue;
-        int seen = 0;
-        for (uint32_t j = 0; j < n && !seen; j++)
-            seen = asked[2 * j] == block && asked[2 * j + 1] == page;
-        if (seen)
+        if (lane->states[block][page] != RQ_MISSING || rq_seen(asked, n, block, page))
             continue;
         asked[2 * n] = block;
         asked[2 * n + 1] = page;
@@ -636,24 +641,34 @@ int rq_send(const struct rq_lane *lane, int sock, int uffd, const uint64_t *slot
     return (int)n;
 }
 
-/* The Request of pages the session asked for itself (a self-served client's faults): each page is
- * remembered as placed through `uffd`, the service's own, at bases[block] + page * page size (its
- * address in the service's mapping), and the frame is encoded and sent as rq_send() does.
- * count: 1..RQ_MAX_PAGES (else -1, nothing done); returns count. */
-int rq_ask(struct rq_lane *lane, int sock, int uffd, const uint64_t *bases, const uint64_t *asked, uint32_t count,
-           uint8_t *frame, int *frame_len, int *sent)
+/* The Request of a self-served client's faults (a ClientRequest's runs, `nruns` triples of block,
+ * first, count in `runs`), written before the session accounts them, as rq_send() does for a read of
+ * a delegated fd: each run of one page inside the blocks whose state byte is MISSING, once each, at
+ * most `budget` of them, is asked for and remembered as placed through `uffd`, the service's own,
+ * at bases[block] + page * page size (its address in the service's mapping). Returns how many
+ * pages it asked for, listed in `asked` (0: none, nothing written). It changes no state. */
+int rq_ask_runs(struct rq_lane *lane, int sock, int uffd, const uint64_t *bases, const uint64_t *runs, uint32_t nruns,
+                uint32_t budget, uint64_t *asked, uint8_t *frame, int *frame_len, int *sent)
 {
+    uint32_t n = 0;
     *frame_len = 0;
     *sent = 0;
-    if (count == 0 || count > RQ_MAX_PAGES)
-        return -1;
-    for (uint32_t i = 0; i < count; i++) {
-        uint64_t block = asked[2 * i], page = asked[2 * i + 1];
-        if (block < lane->nblocks)
-            rq_remember(lane, block, page, bases[block] + page * lane->page_size[block], uffd);
+    if (budget > RQ_MAX_PAGES)
+        budget = RQ_MAX_PAGES;
+    for (uint32_t i = 0; i < nruns && n < budget; i++) {
+        uint64_t block = runs[3 * i], page = runs[3 * i + 1];
+        if (runs[3 * i + 2] != 1 || block >= lane->nblocks || page >= lane->pages[block]
+            || lane->states[block][page] != RQ_MISSING || rq_seen(asked, n, block, page))
+            continue;
+        asked[2 * n] = block;
+        asked[2 * n + 1] = page;
+        n++;
+        rq_remember(lane, block, page, bases[block] + page * lane->page_size[block], uffd);
     }
-    rq_write(sock, frame, rq_encode(asked, count, frame), frame_len, sent);
-    return (int)count;
+    if (n == 0)
+        return 0;
+    rq_write(sock, frame, rq_encode(asked, n, frame), frame_len, sent);
+    return (int)n;
 }
 
 /* ---- the reply lane ------------------------------------------------------

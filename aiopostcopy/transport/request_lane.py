@@ -42,8 +42,10 @@ wakes any other waiter, and the decoder skips the frame.  Anything else (another
 message, a copy that fails) stops it, and the decoder decodes it as before.
 Pages the session asks for itself (a self-served client's, faults queued behind
 others) are remembered too, with the service's own fd and mapping, and their
-answers are placed the same way: a self-served client's Request is written
-here as well (:meth:`RequestLane.ask`), a queued fault's page only remembered
+answers are placed the same way: a self-served client's ClientRequest has its
+Request written here as well, before the session accounts it
+(:meth:`RequestLane.ask_runs`, ``rq_ask_runs``: the one-page runs of MISSING
+pages, by the same rules as ``send``), a queued fault's page only remembered
 (:meth:`RequestLane.remember`).
 The caller forgets an fd (:meth:`RequestLane.forget`) before closing it and
 when its mappings change (a remap, remove or unmap event), so no answer is
@@ -64,7 +66,7 @@ ffi, lib = page_server.ffi, page_server.lib
 
 #: Answers placed by one :meth:`RequestLane.place` call, at most.
 PLACE_BATCH = 64
-#: Pages of one Request :meth:`RequestLane.ask` writes, at most (the C side's RQ_MAX_PAGES).
+#: Pages of one Request :meth:`RequestLane.ask_runs` writes, and runs it looks at, at most (RQ_MAX_PAGES).
 MAX_ASK = lib.RQ_MAX_PAGES if lib is not None else 0
 
 
@@ -95,7 +97,7 @@ class RequestLane:
     """
 
     __slots__ = ("_keep", "_lane", "_asked", "_frame", "_lengths", "_tables", "_code", "_placed", "_consumed",
-                 "_bases", "_largest")
+                 "_bases", "_largest", "_runs")
 
     def __init__(self, states: Sequence[bytearray], page_sizes: Sequence[int], pagefault_code: int) -> None:
         if lib is None:
@@ -117,6 +119,7 @@ class RequestLane:
         self._consumed = ffi.new("size_t *")
         self._lane = lane
         self._asked = ffi.new("uint64_t[]", 2 * lib.RQ_MAX_PAGES)
+        self._runs = ffi.new("uint64_t[]", 3 * lib.RQ_MAX_PAGES)  # a ClientRequest's runs, for ask_runs
         self._frame = ffi.new("uint8_t[]", lib.RQ_FRAME_BYTES)
         self._lengths = ffi.new("int[2]")
         self._tables: dict[Hashable, tuple[object, object, int]] = {}
@@ -137,28 +140,31 @@ class RequestLane:
         lib.rq_remember(self._lane, block, page, address, uffd)
 
     def set_own_mapping(self, addresses: Sequence[int]) -> None:
-        """Each block's address in the service's own mapping, where :meth:`ask` places answers."""
+        """Each block's address in the service's own mapping, where :meth:`ask_runs` places answers."""
         for block, address in enumerate(addresses):
             self._bases[block] = address
 
-    def ask(self, sock: int, uffd: int, asked: Sequence[tuple[int, int]]) -> bytes:
-        """Write the Request of pages the session asked for itself (a self-served client's
-        faults, :data:`MAX_ASK` at most) on ``sock`` (nothing queued ahead of it), each page
-        remembered as placed through ``uffd``, the service's own fd, at its address in the
-        service's mapping (:meth:`set_own_mapping`).
+    def ask_runs(self, sock: int, uffd: int, runs: Sequence[tuple[int, int, int]],
+                 budget: int) -> tuple[list[tuple[int, int]], bytes]:
+        """Write the Request of a self-served client's faults on ``sock`` (nothing queued ahead of
+        it) before the session accounts them, as :meth:`send` does for a delegated fd's read.
+
+        Of ``runs`` (a ClientRequest's, ``(block, first, count)``; the first :data:`MAX_ASK`
+        looked at), each one-page run of a MISSING page inside the blocks is asked for, once, at
+        most ``budget`` of them, and remembered as placed through ``uffd``, the service's own
+        fd, at the page's address in the service's mapping (:meth:`set_own_mapping`).
 
         Returns:
-            The bytes of the frame the socket did not take (the caller writes them next).
+            As :meth:`send`: the ``(block, page)`` pairs in the Request, in its order, and the
+            bytes of the frame the socket did not take.
         """
-        count, flat = len(asked), self._asked
-        if not 1 <= count <= MAX_ASK:
-            raise ValueError(f"a Request of the lane holds 1 to {MAX_ASK} pages, not {count}")
-        for i, (block, page) in enumerate(asked):
-            flat[2 * i], flat[2 * i + 1] = block, page
+        count, flat = min(len(runs), MAX_ASK), self._runs
+        for i in range(count):
+            flat[3 * i], flat[3 * i + 1], flat[3 * i + 2] = runs[i]
         lengths = self._lengths
-        lib.rq_ask(self._lane, sock, uffd, self._bases, flat, count, self._frame, lengths, lengths + 1)
-        sent, length = lengths[1], lengths[0]
-        return bytes(ffi.buffer(self._frame, length)[sent:]) if sent < length else b""
+        n = lib.rq_ask_runs(self._lane, sock, uffd, self._bases, flat, count, budget, self._asked, self._frame,
+                            lengths, lengths + 1)
+        return self._written(n, lengths)
 
     def set_zero_page(self, address: int, size: int) -> None:
         """Place one-page Zero answers too, copying from ``size`` zero bytes at ``address``,
@@ -198,6 +204,10 @@ class RequestLane:
         lengths = self._lengths
         n = lib.rq_send(self._lane, sock, uffd, ffi.cast("uint64_t *", slots_address), count, self._code,
                         kept[1], kept[2], budget, self._asked, self._frame, lengths, lengths + 1)
+        return self._written(n, lengths)
+
+    def _written(self, n: int, lengths) -> tuple[list[tuple[int, int]], bytes]:
+        """The pages a C call asked for (``n`` of them) and the bytes of its frame left unsent."""
         if n <= 0:
             return [], b""
         asked_c = self._asked

@@ -17,6 +17,8 @@
                       source cannot have placed them.
 ``self-served-touch`` joins self-served, registers nothing, and reads the 8th, 7th and 6th last
                       pages of block 0 (zeros again), then stays until the migration ends.
+``request-past-block`` joins self-served and sends one ClientRequest of two one-page runs: the
+                      3rd last page of block 0, then the page just past its end.
 ``version-2``         a ClientHello of protocol version 2.
 ``table-short-entry`` a Register frame (with our uffd) whose one entry has three integers.
 ``table-zero-length`` a Register frame whose entry has length 0 (out of range).
@@ -48,7 +50,7 @@ import time
 import msgpack
 
 from aiopostcopy.core.control import SERVICE_SENDS
-from aiopostcopy.messages import PROTOCOL_VERSION, Blocks, ClientHello, ClientMode, Register
+from aiopostcopy.messages import PROTOCOL_VERSION, Blocks, ClientHello, ClientMode, ClientRequest, PageRun, Register
 from aiopostcopy.transport.wire import ConnectionClosed, Decoder, encode
 from aiopostcopy.uffd import Feature, RegisterMode, SharedMemory, Userfaultfd
 
@@ -187,6 +189,14 @@ def main() -> int:
         result["reply"] = describe(conn.messages(10))
         pages = blocks.blocks[0].length // blocks.blocks[0].page_size
         result["read"] = read_pages(mappings[0].address, blocks.blocks[0].page_size, [pages - 8, pages - 7, pages - 6])
+        result["received"] = describe(conn.messages(60, until_eof=True))
+    elif args.mode == "request-past-block":
+        blocks, mappings, _ = join(conn, register=False, mode=ClientMode.SELF_SERVED)
+        conn.send(Register(mappings=()))
+        result["reply"] = describe(conn.messages(10))
+        pages = blocks.blocks[0].length // blocks.blocks[0].page_size
+        conn.send(ClientRequest(runs=(PageRun(block=0, first=pages - 3, count=1),
+                                      PageRun(block=0, first=pages, count=1))))
         result["received"] = describe(conn.messages(60, until_eof=True))
     else:
         blocks, mappings, uffd = join(conn, register=args.mode != "unregistered")

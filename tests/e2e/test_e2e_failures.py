@@ -174,6 +174,33 @@ async def test_garbage_on_the_control_socket(e2e, mode) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_client_request_past_its_block_rejects_the_client_and_loses_nothing(e2e) -> None:
+    """A self-served client asks, in one ClientRequest, for a page of the block and for the page
+    just past its end: the client is told Error(block) and dropped, the page it named first (whose
+    Request may already have left: the lane writes it before the session checks the rest) is
+    placed all the same, and the bystander and the migration finish with every page right."""
+    seed, size = 1113, 16 * MiB
+    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
+    async with PostcopyDestination(e2e.options(source.address)) as dest:
+        source.stop()
+        worker = await e2e.worker(mode="self-served", threads=2, touches=200, seed=seed, name="bystander")
+        await wait_until(lambda: threads_in_userfault(worker.pid), "the bystander blocked")
+        rogue = await e2e.rogue("request-past-block")
+        source.cont()
+        report = await bounded(dest.wait_complete(), "the migration")
+        result = await worker.result()
+        problems = check_destination(dest, seed=seed)
+    await source.report()
+
+    assert rogue["exit"] == 0 and [m["type"] for m in rogue["reply"]] == ["Accept"], rogue
+    assert [m["type"] for m in rogue["received"]] == ["Error"], rogue
+    assert rogue["received"][0]["code"] == "block" and "out of range" in rogue["received"][0]["text"], rogue
+    assert rogue["eof"]
+    assert report.complete and report.verified and problems == {}, problems
+    assert_worker_ok(result)
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("mode, names", [
     ("table-past-block", "entry 0"),
     ("table-overlap", "entry 1"),

@@ -158,26 +158,40 @@ def test_a_closed_peer_leaves_the_frame_to_the_caller(lane) -> None:
     assert asked == [(0, 12)] and rest == encode_page_requests(asked)
 
 
-OWN = 77  # a stand-in for the service's own userfaultfd number: ask() only remembers it
+OWN = 77  # a stand-in for the service's own userfaultfd number: ask_runs() only remembers it
 
 
-def test_ask_writes_the_sessions_request_and_remembers_each_page_at_our_address(lane) -> None:
+def test_ask_runs_writes_the_request_of_missing_one_page_runs_and_remembers_each_at_our_address(lane) -> None:
     lane.lane.set_own_mapping([0x7000000000, 0x7100000000])
-    asked = [(0, 9), (0, 10), (1, 2), (0, 3)]
-    assert lane.lane.ask(lane.ours.fileno(), OWN, asked) == b""
+    lane.states[0].mark(7, 1, REQUESTED)
+    lane.states[0].mark(8, 1, PLACING)
+    lane.states[0].mark(8, 1, PLACED)
+    runs = [(0, 9, 1), (0, 10, 1), (1, 2, 1), (0, 3, 1), (0, 9, 1),  # the second 0:9 is the same page
+            (0, 7, 1), (0, 8, 1),  # requested and placed: not asked for
+            (0, 20, 4),  # a run of several pages: left to the session
+            (0, 64, 1), (2, 0, 1)]  # outside the blocks
+    asked, rest = lane.lane.ask_runs(lane.ours.fileno(), OWN, runs, 64)
+    assert asked == [(0, 9), (0, 10), (1, 2), (0, 3)] and rest == b""
     assert lane.received() == encode_page_requests(asked)
     assert lane.lane.remembered(OWN) == 4
+    assert [lane.states[0][page] for page in (9, 10, 3)] == [0, 0, 0]  # it changes no state
     lane.lane.forget("own", OWN)
     assert lane.lane.remembered(OWN) == 0
 
 
-def test_ask_leaves_what_the_socket_did_not_take_and_refuses_an_empty_or_oversized_request(lane) -> None:
+def test_ask_runs_keeps_to_its_budget_and_writes_nothing_for_nothing(lane) -> None:
+    asked, rest = lane.lane.ask_runs(lane.ours.fileno(), OWN, [(0, page, 1) for page in range(10)], 3)
+    assert asked == [(0, 0), (0, 1), (0, 2)] and rest == b""
+    lane.states[0].mark(1, 1, REQUESTED)  # as the session then makes it
+    assert lane.lane.ask_runs(lane.ours.fileno(), OWN, [(0, 1, 1), (0, 5, 2)], 64) == ([], b"")
+    assert lane.lane.ask_runs(lane.ours.fileno(), OWN, [(0, 11, 1)], 0) == ([], b"")  # no budget
+    assert lane.received() == encode_page_requests([(0, 0), (0, 1), (0, 2)])
+
+
+def test_ask_runs_leaves_what_the_socket_did_not_take(lane) -> None:
     lane.peer.close()
-    asked = [(0, 5)]
-    assert lane.lane.ask(lane.ours.fileno(), OWN, asked) == encode_page_requests(asked)  # EPIPE, no SIGPIPE
-    for wrong in ([], [(0, page) for page in range(request_lane.MAX_ASK + 1)]):
-        with pytest.raises(ValueError):
-            lane.lane.ask(lane.ours.fileno(), OWN, wrong)
+    asked, rest = lane.lane.ask_runs(lane.ours.fileno(), OWN, [(0, 5, 1)], 64)  # EPIPE, no SIGPIPE
+    assert asked == [(0, 5)] and rest == encode_page_requests(asked)
 
 
 def test_the_encoder_refuses_more_pages_than_one_request_of_the_lane_holds() -> None:

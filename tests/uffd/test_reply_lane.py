@@ -178,14 +178,15 @@ def test_a_zero_answer_is_placed_from_the_zero_page(lane) -> None:
     assert bytes(memory[3 * PAGE:4 * PAGE]) == page_bytes(3)
 
 
-def test_a_page_the_session_asks_for_is_placed_at_our_address(lane) -> None:
-    """ask() writes the Request of pages the session decided on (a self-served client's) and the
-    reply lane places each answer through the fd and at the address given for them."""
-    toucher = lane.res.touch(lane.mapping, 4 * PAGE)  # a fault read elsewhere: the session asks itself
+def test_a_page_a_self_served_client_asks_for_is_placed_at_our_address(lane) -> None:
+    """ask_runs() writes the Request of a self-served client's faults (read elsewhere: by the
+    client) and the reply lane places each answer through the service's own fd, at the page's
+    address in the service's mapping."""
+    toucher = lane.res.touch(lane.mapping, 4 * PAGE)  # the fault the client read
     read_events(lane.uffd, 1)
-    lane.states.mark(4, 1, REQUESTED)
     lane.lane.set_own_mapping([lane.mapping.address])
-    assert lane.lane.ask(lane.sock, lane.uffd.fileno(), [(0, 4)]) == b""
+    assert lane.lane.ask_runs(lane.sock, lane.uffd.fileno(), [(0, 4, 1)], 64) == ([(0, 4)], b"")
+    lane.states.mark(4, 1, REQUESTED)  # the session accounts it after the lane wrote its Request
     placed, consumed = lane.place(answer(4))
     assert placed == [(0, 4, lane.uffd.fileno(), lane.mapping.address + 4 * PAGE, 0)]
     assert toucher.finish() == 5
