@@ -190,25 +190,21 @@ class Pager:
         check = self.table.blocks.check_run
         for block, first, count in runs:
             check(block, first, count)
-        if len(runs) == 1 and runs[0][2] == 1:  # the usual answer: the page of one fault
-            index, page, _ = runs[0]
-            block = self._blocks[index]
-            if page in block.requested:
-                self._coalescer.settle(1)
-                block.requested.subtract(page, page + 1)
-            block.placed.add(page, page + 1)
-            self._count["placed_pages"] += 1
-            ranges = self.table.ranges(index, page, 1)
-            self._count["wakes"] += len(ranges)
-            return ranges
-        ranges = []
+        ranges: list[tuple[int, int]] = []
+        placed = 0
         for index, first, count in runs:
             block, stop = self._blocks[index], first + count
-            self._coalescer.settle(sum(high - low for low, high in block.requested.intersection(first, stop)))
-            block.requested.subtract(first, stop)
+            if count == 1:  # the usual answer: the page of one fault
+                if first in block.requested:
+                    self._coalescer.settle(1)
+                    block.requested.subtract(first, stop)
+            else:
+                self._coalescer.settle(sum(high - low for low, high in block.requested.intersection(first, stop)))
+                block.requested.subtract(first, stop)
             block.placed.add(first, stop)
-            self._count["placed_pages"] += count
-            ranges.extend(self.table.ranges(index, first, count))
+            placed += count
+            ranges += self.table.ranges(index, first, count)
+        self._count["placed_pages"] += placed
         self._count["wakes"] += len(ranges)
         return ranges
 
