@@ -129,16 +129,18 @@ class E2E:
     async def rogue(self, mode: str) -> dict[str, Any]:
         return await sup.run_rogue(self.procs, "--socket", self.socket, mode)
 
-    async def rogue_beside_bystander(self, mode: str, *, seed: int, size: int = 16 << 20) -> "RogueRun":
-        """The migration of a ``size`` image with a delegated bystander client blocked in faults
-        (the source stopped) while a rogue client in ``mode`` tries to join; then the source runs
-        on and the migration completes.  What every rogue-client test checks is in the result."""
+    async def rogue_beside_bystander(self, mode: str, *, seed: int, size: int = 16 << 20,
+                                     bystander: str = "delegated") -> "RogueRun":
+        """The migration of a ``size`` image with a bystander client (of mode ``bystander``) blocked
+        in faults (the source stopped) while a rogue client in ``mode`` tries to join; then the
+        source runs on and the migration completes.  What every rogue-client test checks is in
+        the result."""
         from aiopostcopy.loop import PostcopyDestination
 
         source = await self.source({"ram": self.image(size, seed=seed)})
         async with PostcopyDestination(self.options(source.address)) as dest:
             source.stop()
-            worker = await self.worker(mode="delegated", threads=2, touches=200, seed=seed, name="bystander")
+            worker = await self.worker(mode=bystander, threads=2, touches=200, seed=seed, name="bystander")
             await sup.wait_until(lambda: sup.threads_in_userfault(worker.pid), "the bystander blocked")
             rogue = await self.rogue(mode)
             source.cont()

@@ -179,19 +179,8 @@ async def test_a_client_request_past_its_block_rejects_the_client_and_loses_noth
     just past its end: the client is told Error(block) and dropped, the page it named first (whose
     Request may already have left: the lane writes it before the session checks the rest) is
     placed all the same, and the bystander and the migration finish with every page right."""
-    seed, size = 1113, 16 * MiB
-    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
-    async with PostcopyDestination(e2e.options(source.address)) as dest:
-        source.stop()
-        worker = await e2e.worker(mode="self-served", threads=2, touches=200, seed=seed, name="bystander")
-        await wait_until(lambda: threads_in_userfault(worker.pid), "the bystander blocked")
-        rogue = await e2e.rogue("request-past-block")
-        source.cont()
-        report = await bounded(dest.wait_complete(), "the migration")
-        result = await worker.result()
-        problems = check_destination(dest, seed=seed)
-    await source.report()
-
+    rogue, report, result, problems = await e2e.rogue_beside_bystander("request-past-block", seed=1115,
+                                                                       bystander="self-served")
     assert rogue["exit"] == 0 and [m["type"] for m in rogue["reply"]] == ["Accept"], rogue
     assert [m["type"] for m in rogue["received"]] == ["Error"], rogue
     assert rogue["received"][0]["code"] == "block" and "out of range" in rogue["received"][0]["text"], rogue
@@ -209,19 +198,7 @@ async def test_a_client_request_past_its_block_rejects_the_client_and_loses_noth
 async def test_lying_mapping_table_is_rejected(e2e, mode, names) -> None:
     """Scenario 11: a mapping table that runs past its block, overlaps itself or names a block that
     does not exist gets Reject(mapping) naming the entry; the other client is unaffected."""
-    seed, size = 1112, 16 * MiB
-    source = await e2e.source({"ram": e2e.image(size, seed=seed)})
-    async with PostcopyDestination(e2e.options(source.address)) as dest:
-        source.stop()
-        worker = await e2e.worker(mode="self-served", threads=2, touches=200, seed=seed, name="bystander")
-        await wait_until(lambda: threads_in_userfault(worker.pid), "the bystander blocked")
-        rogue = await e2e.rogue(mode)
-        source.cont()
-        report = await bounded(dest.wait_complete(), "the migration")
-        result = await worker.result()
-        problems = check_destination(dest, seed=seed)
-    await source.report()
-
+    rogue, report, result, problems = await e2e.rogue_beside_bystander(mode, seed=1112, bystander="self-served")
     assert rogue["exit"] == 0, rogue
     rejects = [m for m in rogue["received"] if m.get("type") == "Reject"]
     assert rejects, f"no Reject: {rogue}"
