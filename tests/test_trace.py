@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -72,3 +75,29 @@ def test_report_gives_self_served_faults_their_own_table(tmp_path: pathlib.Path)
     assert table[-1].startswith("total, in the faulting thread") and "    300.0" in table[-1]
     assert "    100.0" in lines[served_at - 1]  # the delegated table's total ends before it
     assert delegated_at < served_at
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["delegated", "self-served"])
+def test_a_traced_migration_gives_every_fault_every_point_of_its_path(mode: str) -> None:
+    """postcopy_bench.py --trace on loopback, one toucher of ``mode`` on a 16 MiB image: the real
+    source, destination and worker mark every point of that path for its faults (the table's
+    count of faults that passed them all is most of the faults touched), and nothing of the
+    other path's table."""
+    if os.geteuid() != 0:
+        pytest.skip("postcopy_bench.py runs as root")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "postcopy_bench.py"), "--loopback", "--repeat", "1",
+         "--size", "16", "--scenarios", "fault-quiet", "--trace", "fault-quiet", "--mode", mode, "--touches", "300",
+         "--rr-count", "200", "--rr-warmup", "20", "--bulk-mb", "16"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    [header] = [line for line in lines if line.startswith(f"{mode}: ")]
+    passed, touched = (int(number) for number in re.findall(r"\d+", header)[:2])
+    assert touched >= 250 and passed >= touched * 9 // 10, header
+    other = "self-served" if mode == "delegated" else "delegated"
+    assert not any(line.startswith(f"{other}: ") for line in lines)
+    table = lines[lines.index(header) + 2:]
+    assert len([line for line in table[:len(fault_trace.PATHS[mode])] if line.split()]) == len(fault_trace.PATHS[mode])
+    assert table[len(fault_trace.PATHS[mode]) - 1].startswith("total, in the faulting thread")
