@@ -11,9 +11,10 @@ of that, built from the pieces the service's session uses:
   turns a fault address into ``(block, page)``, and
   :meth:`MappingTable.ranges <aiopostcopy.core.ramblock.MappingTable.ranges>`
   turns a placed run back into address ranges to wake;
-* per block, three :class:`~aiopostcopy.core.rangeset.RangeSet`: pages
-  *queued* in this pass, pages *requested* and not yet placed, and pages
-  known *placed*; memory is per run, never per page;
+* per block, one byte per page (:class:`BlockRuns`), as the service keeps
+  its page states: *queued* in this pass, *requested* and not yet placed,
+  known *placed*, or none of these; every step of a fault is O(1), however
+  many pages came before (a byte per 4 KiB page is 0.025% of the memory);
 * the service's :class:`~aiopostcopy.core.coalesce.Coalescer`, which turns
   the faults queued during a pass into merged, oldest-first runs and marks
   them requested (:class:`BlockRuns` gives it the page-state view it needs).
@@ -34,41 +35,44 @@ from collections.abc import Iterable, Sequence
 
 from aiopostcopy import messages as m
 from aiopostcopy.core.coalesce import Coalescer
-from aiopostcopy.core.pages import REQUESTED
+from aiopostcopy.core.pages import REQUESTED, mask_runs
 from aiopostcopy.core.ramblock import MappingTable
-from aiopostcopy.core.rangeset import RangeSet, chunks
+from aiopostcopy.core.rangeset import chunks
 from aiopostcopy.errors import InternalError, MappingTableError
 
-__all__ = ["BlockRuns", "Pager"]
+__all__ = ["ASKED", "BlockRuns", "KNOWN_PLACED", "NONE", "Pager", "QUEUED"]
 
 #: A client asks for what it faulted on: no budget of its own (the service has one).
 _UNBOUNDED = 1 << 46
 _STATS = ("faults", "woken_at_once", "joined", "requested_pages", "requests", "placed_pages", "wakes")
 
+#: A page as a self-served client knows it (one byte of :attr:`BlockRuns.states`).
+NONE, QUEUED, ASKED, KNOWN_PLACED = 0, 1, 2, 3
+_MISSING_MASK = bytes(1 if value in (NONE, QUEUED) else 0 for value in range(256))  # neither asked nor placed
+_FILL = {state: bytes([state]) for state in (ASKED, KNOWN_PLACED)}
+
 
 class BlockRuns:
-    """One block as a self-served client knows it: requested and placed pages, as runs.
+    """One block as a self-served client knows it: one byte per page (:data:`NONE`,
+    :data:`QUEUED` in this pass, :data:`ASKED` for and not yet placed, :data:`KNOWN_PLACED`).
 
     The :class:`~aiopostcopy.core.coalesce.PageView` the coalescer needs
-    (``pages``, ``missing_runs``, ``mark``), where *missing* means
-    neither requested nor known placed.
+    (``pages``, ``missing_runs``, ``mark``), where *missing* means neither
+    asked for nor known placed.
 
     Args:
         pages: pages in the block.
     """
 
-    __slots__ = ("pages", "queued", "requested", "placed")
+    __slots__ = ("pages", "states")
 
     def __init__(self, pages: int) -> None:
         self.pages = pages
-        self.queued = RangeSet()
-        self.requested = RangeSet()
-        self.placed = RangeSet()
+        self.states = bytearray(pages)
 
     def missing_runs(self, first: int, count: int) -> list[tuple[int, int]]:
-        """The runs of ``[first, first + count)`` neither requested nor placed, in order."""
-        return [gap for low, high in self.requested.gaps(first, first + count)
-                for gap in self.placed.gaps(low, high)]
+        """The runs of ``[first, first + count)`` neither asked for nor placed, in order."""
+        return mask_runs(self.states[first:first + count].translate(_MISSING_MASK), first)
 
     def mark(self, first: int, count: int, state: int) -> None:
         """The coalescer requests ``count`` pages from ``first``.
@@ -78,7 +82,7 @@ class BlockRuns:
         """
         if state != REQUESTED:
             raise InternalError(f"a self-served client only marks pages requested, not {state}")
-        self.requested.add(first, first + count)
+        self.states[first:first + count] = _FILL[ASKED] * count
 
 
 class Pager:
@@ -116,17 +120,18 @@ class Pager:
         if where is None:
             raise MappingTableError(f"fault at {address:#x} is outside every registered mapping")
         block, page = where
-        runs = self._blocks[block]
-        if page in runs.placed:
-            runs.placed.subtract(page, page + 1)
+        states = self._blocks[block].states
+        state = states[page]
+        if state == KNOWN_PLACED:  # forgotten: a later fault on it (the page dropped since) asks again
+            states[page] = NONE
             count["woken_at_once"] += 1
             count["wakes"] += 1
             size = self.table.blocks[block].page_size
             return address - address % size, size
-        if page in runs.requested or page in runs.queued:
+        if state:  # queued or asked for: the Placed that answers wakes it too
             count["joined"] += 1
         else:
-            runs.queued.add(page, page + 1)
+            states[page] = QUEUED
             self._queued.append((block, page))
         return None
 
@@ -143,14 +148,11 @@ class Pager:
             return None
         blocks = self._blocks
         for block, page in queued:
-            runs = blocks[block]
-            if page in runs.requested or page in runs.placed:  # placed or asked since it was queued
+            if blocks[block].states[page] != QUEUED:  # placed since it was queued
                 return None
         self._queued = []
         for block, page in queued:
-            runs = blocks[block]
-            runs.queued = RangeSet()
-            self._coalescer.take_page(runs, page)
+            self._coalescer.take_page(blocks[block], page)
         self._count["requested_pages"] += len(queued)
         self._count["requests"] += 1
         return queued
@@ -165,8 +167,10 @@ class Pager:
         for block, page in queued:
             self._coalescer.add(block, page)
         runs = self._coalescer.flush(self._blocks)
-        for block in {block for block, _ in queued}:
-            self._blocks[block].queued = RangeSet()
+        for block, page in queued:  # every queued page was taken, unless placed meanwhile
+            states = self._blocks[block].states
+            if states[page] == QUEUED:
+                states[page] = NONE
         self._count["requested_pages"] += sum(run.count for run in runs)
         messages = [m.ClientRequest(runs=chunk) for chunk in chunks(runs, m.LIMITS.max_runs)]
         self._count["requests"] += len(messages)
@@ -193,15 +197,15 @@ class Pager:
         ranges: list[tuple[int, int]] = []
         placed = 0
         for index, first, count in runs:
-            block, stop = self._blocks[index], first + count
+            states = self._blocks[index].states
             if count == 1:  # the usual answer: the page of one fault
-                if first in block.requested:
+                if states[first] == ASKED:
                     self._coalescer.settle(1)
-                    block.requested.subtract(first, stop)
+                states[first] = KNOWN_PLACED
             else:
-                self._coalescer.settle(sum(high - low for low, high in block.requested.intersection(first, stop)))
-                block.requested.subtract(first, stop)
-            block.placed.add(first, stop)
+                stop = first + count
+                self._coalescer.settle(states.count(ASKED, first, stop))
+                states[first:stop] = _FILL[KNOWN_PLACED] * count
             placed += count
             ranges += self.table.ranges(index, first, count)
         self._count["placed_pages"] += placed

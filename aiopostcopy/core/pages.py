@@ -45,7 +45,7 @@ from __future__ import annotations
 from aiopostcopy.core.rangeset import RangeSet
 from aiopostcopy.errors import InternalError
 
-__all__ = ["MISSING", "REQUESTED", "PLACED", "PLACING", "STATE_NAMES", "TRANSITIONS", "PageStates"]
+__all__ = ["MISSING", "REQUESTED", "PLACED", "PLACING", "STATE_NAMES", "TRANSITIONS", "PageStates", "mask_runs"]
 
 MISSING = 0
 REQUESTED = 1
@@ -68,8 +68,8 @@ _FILL_VIEWS = tuple(memoryview(bytes([state]) * _FILL_PAGES) for state in _STATE
 _MASKS: dict[frozenset[int], bytes] = {}
 
 
-def _mask_runs(mask: bytearray, base: int) -> list[tuple[int, int]]:
-    """Runs of 1 bytes in ``mask``, offset by ``base`` (all scanning in C)."""
+def mask_runs(mask: bytes | bytearray, base: int) -> list[tuple[int, int]]:
+    """Runs of 1 bytes in ``mask``, as ``(start, stop)`` offset by ``base`` (all scanning in C)."""
     result = []
     position = mask.find(1)
     while position >= 0:
@@ -218,7 +218,7 @@ class PageStates:
         table = _mask_table(wanted)
         for low in range(first, stop, _SCAN_PAGES):  # bounded scratch memory on huge blocks
             high = min(low + _SCAN_PAGES, stop)
-            for start, end in _mask_runs(self._states[low:high].translate(table), low):
+            for start, end in mask_runs(self._states[low:high].translate(table), low):
                 if result and result[-1][1] == start:
                     start = result.pop()[0]
                 result.append((start, end))
