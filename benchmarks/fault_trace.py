@@ -15,7 +15,10 @@ the distribution of each hop, one table per path a fault can take:
   ClientRequest and wakes the thread itself when Placed arrives (the faults
   with a ``client-sent`` point)::
 
-    python benchmarks/fault_trace.py DIR
+    python benchmarks/fault_trace.py [--bands] DIR
+
+``--bands`` adds, per path, each hop's mean over the faults of each band of
+the total (fastest half, ..., slowest 1%): where the tail loses its time.
 
 Faults that joined a page already requested, or whose page the sweep placed
 while the request was on its way, miss some points of their path and are left
@@ -98,15 +101,44 @@ def report(timeline: dict[tuple[int, int], dict[str, int]]) -> list[str]:
     return lines or ["no touched page in the traces"]
 
 
+#: Bands of faults by their total time, as fractions of the faults of a path (fastest first).
+BANDS = ((0.0, 0.5), (0.5, 0.9), (0.9, 0.95), (0.95, 0.99), (0.99, 1.0))
+
+
+def bands(timeline: dict[tuple[int, int], dict[str, int]]) -> list[str]:
+    """Where the slow faults lose their time: for each path, its faults sorted by total and cut
+    into :data:`BANDS`, each band's mean total and mean of each hop, in us."""
+    lines: list[str] = []
+    for path, points in PATHS.items():
+        done = sorted((t for t in timeline.values() if "touch" in t and path_of(t) == path
+                       and all(p in t for p in points)), key=lambda t: t["resumed"] - t["touch"])
+        if not done:
+            continue
+        hops = list(zip(points, points[1:]))
+        lines += [f"{path}: {len(done)} faults by their total, mean us per band; hops in path order:",
+                  *(f"  {i + 1}. {HOPS[hop]}" for i, hop in enumerate(hops)),
+                  f"{'faults':>14}{'n':>7}{'total':>9}" + "".join(f"{i + 1:>8}" for i in range(len(hops)))]
+        for low, high in BANDS:
+            part = done[int(low * len(done)):int(high * len(done))]
+            if not part:
+                continue
+            mean = lambda a, b: sum(t[b] - t[a] for t in part) / len(part) / 1000  # noqa: E731
+            lines.append(f"{f'{low:.0%}-{high:.0%}':>14}{len(part):>7}{mean('touch', 'resumed'):>9.1f}"
+                         + "".join(f"{mean(a, b):>8.1f}" for a, b in hops))
+    return lines or ["no fault passed every point of its path"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("directory", help="the AIOPOSTCOPY_TRACE directory of one migration")
+    parser.add_argument("--bands", action="store_true",
+                        help="also each hop's mean by band of the faults' total (where the tail loses its time)")
     args = parser.parse_args(argv)
     timeline = load(args.directory)
     if not timeline:
         print(f"no trace files in {args.directory}", file=sys.stderr)
         return 1
-    print("\n".join(report(timeline)))
+    print("\n".join(report(timeline) + (["", *bands(timeline)] if args.bands else [])))
     return 0
 
 

@@ -745,8 +745,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _import_baseline()  # puts this folder on sys.path
             import fault_trace
 
+            timeline = fault_trace.load(str(trace_dir))
             prof_text += ["", f"trace run ({args.trace}, NOT in the figures): where a remote fault's time goes "
-                          "(benchmarks/fault_trace.py)", *fault_trace.report(fault_trace.load(str(trace_dir)))]
+                          "(benchmarks/fault_trace.py)", *fault_trace.report(timeline), "",
+                          *fault_trace.bands(timeline)]
         if link is not None:
             shaped = lb.qdisc_lines(link)
     finally:

@@ -93,11 +93,31 @@ def test_a_traced_migration_gives_every_fault_every_point_of_its_path(mode: str)
         capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = run.stdout.splitlines()
-    [header] = [line for line in lines if line.startswith(f"{mode}: ")]
+    [header] = [line for line in lines if line.startswith(f"{mode}: ") and "passed every point" in line]
     passed, touched = (int(number) for number in re.findall(r"\d+", header)[:2])
     assert touched >= 250 and passed >= touched * 9 // 10, header
     other = "self-served" if mode == "delegated" else "delegated"
     assert not any(line.startswith(f"{other}: ") for line in lines)
+    assert any(line.startswith(f"{mode}: ") and "by their total" in line for line in lines)  # the bands too
     table = lines[lines.index(header) + 2:]
     assert len([line for line in table[:len(fault_trace.PATHS[mode])] if line.split()]) == len(fault_trace.PATHS[mode])
     assert table[len(fault_trace.PATHS[mode]) - 1].startswith("total, in the faulting thread")
+
+
+def test_bands_give_each_hops_mean_over_the_slowest_faults_apart(tmp_path: pathlib.Path) -> None:
+    fast = {"touch": 0, "fault-read": 4, "request": 10, "src-request": 30, "src-reply": 40,
+            "answer-read": 50, "woken": 80, "resumed": 100}
+    slow = dict(fast, **{"src-request": 930, "src-reply": 940, "answer-read": 950, "woken": 980, "resumed": 1000})
+    roles = {"worker": ("touch", "resumed"), "dest": ("fault-read", "request", "answer-read", "woken"),
+             "source": ("src-request", "src-reply")}
+    _write_faults(tmp_path, fast, roles, range(99))
+    _write_faults(tmp_path, slow, roles, range(200, 201))  # one fault in 100 waits 900 us for the source
+    lines = fault_trace.bands(fault_trace.load(str(tmp_path)))
+    assert lines[0].startswith("delegated: 100 faults by their total")
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line.strip().endswith(tuple("0123456789"))
+            and "%" in line}
+    assert rows["0%-50%"][:2] == ["50", "100.0"] and rows["0%-50%"][4] == "20.0"  # request -> source: 20 us
+    assert rows["99%-100%"][:2] == ["1", "1000.0"] and rows["99%-100%"][4] == "920.0"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fault_trace.py"), "--bands", str(tmp_path)],
+                         capture_output=True, text=True, check=True)
+    assert "faults by their total" in run.stdout and run.stdout.startswith("delegated: 100 faults passed")
