@@ -917,7 +917,6 @@ class PostcopyDestination:
                     self._lane_keys[uffd.fd] = key
                     if trace.ENABLED:
                         for block, page in sent:
-                            trace.mark("fault-read", block, page, read_ns)
                             trace.mark("request", block, page)
                 if rest:  # a short send: the transport writes the rest, in order
                     self._source.send_frame(Channel.URGENT, rest)
@@ -940,7 +939,7 @@ class PostcopyDestination:
                         self._clients.non_cooperative_event(key, event)
         finally:  # pages made REQUESTED go out even if a later event fails (a client retired midway)
             if asked:
-                if trace.ENABLED:
+                if trace.ENABLED:  # every page asked for here, by the lane or not
                     for block, page in asked:
                         trace.mark("fault-read", block, page, read_ns)
                 if lane_asked is None:  # the session's Request: the reply lane still places the answers
