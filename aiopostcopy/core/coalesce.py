@@ -25,7 +25,7 @@ reopens.  Read-ahead (off by default) extends each fault forward by
 
 The coalescer reads and marks pages through :class:`PageView`: the session's
 :class:`~aiopostcopy.core.pages.PageStates`, or a self-served client's
-:class:`~aiopostcopy.core.pager.BlockRuns`.
+:class:`~aiopostcopy.core.pager.ClientPages`.
 """
 
 from __future__ import annotations

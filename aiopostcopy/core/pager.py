@@ -11,13 +11,13 @@ of that, built from the pieces the service's session uses:
   turns a fault address into ``(block, page)``, and
   :meth:`MappingTable.ranges <aiopostcopy.core.ramblock.MappingTable.ranges>`
   turns a placed run back into address ranges to wake;
-* per block, one byte per page (:class:`BlockRuns`), as the service keeps
+* per block, one byte per page (:class:`ClientPages`), as the service keeps
   its page states: *queued* in this pass, *requested* and not yet placed,
   known *placed*, or none of these; every step of a fault is O(1), however
   many pages came before (a byte per 4 KiB page is 0.025% of the memory);
 * the service's :class:`~aiopostcopy.core.coalesce.Coalescer`, which turns
   the faults queued during a pass into merged, oldest-first runs and marks
-  them requested (:class:`BlockRuns` gives it the page-state view it needs).
+  them requested (:class:`ClientPages` gives it the page-state view it needs).
   The usual read, a few faults on pages nobody asked for yet, skips the
   merging: :meth:`Pager.take_pages` hands its pages over as they are, for one
   ClientRequest the client encodes itself.
@@ -40,19 +40,19 @@ from aiopostcopy.core.ramblock import MappingTable
 from aiopostcopy.core.rangeset import chunks
 from aiopostcopy.errors import InternalError, MappingTableError
 
-__all__ = ["ASKED", "BlockRuns", "KNOWN_PLACED", "NONE", "Pager", "QUEUED"]
+__all__ = ["ASKED", "KNOWN_PLACED", "NONE", "QUEUED", "ClientPages", "Pager"]
 
 #: A client asks for what it faulted on: no budget of its own (the service has one).
 _UNBOUNDED = 1 << 46
 _STATS = ("faults", "woken_at_once", "joined", "requested_pages", "requests", "placed_pages", "wakes")
 
-#: A page as a self-served client knows it (one byte of :attr:`BlockRuns.states`).
+#: A page as a self-served client knows it (one byte of :attr:`ClientPages.states`).
 NONE, QUEUED, ASKED, KNOWN_PLACED = 0, 1, 2, 3
 _MISSING_MASK = bytes(1 if value in (NONE, QUEUED) else 0 for value in range(256))  # neither asked nor placed
 _FILL = {state: bytes([state]) for state in (ASKED, KNOWN_PLACED)}
 
 
-class BlockRuns:
+class ClientPages:
     """One block as a self-served client knows it: one byte per page (:data:`NONE`,
     :data:`QUEUED` in this pass, :data:`ASKED` for and not yet placed, :data:`KNOWN_PLACED`).
 
@@ -98,7 +98,7 @@ class Pager:
     def __init__(self, table: MappingTable, *, max_run_pages: int = 1 << 16) -> None:
         self.table = table
         self.threads: dict[int, int] = {}  #: faults per faulting thread id
-        self._blocks = [BlockRuns(block.pages) for block in table.blocks]
+        self._blocks = [ClientPages(block.pages) for block in table.blocks]
         self._coalescer = Coalescer(max_run_pages, _UNBOUNDED)
         self._queued: list[tuple[int, int]] = []  # (block, page) queued since the last requests(), in order
         self._count = dict.fromkeys(_STATS, 0)

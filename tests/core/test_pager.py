@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aiopostcopy import messages as m
-from aiopostcopy.core.pager import BlockRuns, Pager
+from aiopostcopy.core.pager import ClientPages, Pager
 from aiopostcopy.core.pages import PLACED
 from aiopostcopy.core.ramblock import BlockTable, MappingTable
 from aiopostcopy.errors import InternalError, MappingTableError, RemoteProtocolError
@@ -117,7 +117,7 @@ def test_bad_addresses_and_bad_runs_are_refused() -> None:
     with pytest.raises(RemoteProtocolError):
         p.placed([m.PageRun(block=2, first=0, count=1)])
     with pytest.raises(InternalError):
-        BlockRuns(4).mark(0, 1, PLACED)
+        ClientPages(4).mark(0, 1, PLACED)
 
 
 def test_wake_all_names_every_mapping() -> None:
