@@ -64,9 +64,12 @@ from aiopostcopy.errors import (BusyError, ClosedError, LocalProtocolError, Mapp
                                 PostcopyError, RemoteProtocolError, ServiceGoneError, UffdError)
 from aiopostcopy.messages import (LIMITS, PROTOCOL_VERSION, Accept, Blocks, Bye, ClientHello, ClientMode,
                                   ClientRequest, End, Error, ErrorCode, Message, PageRun, Placed, Register, Reject)
+from aiopostcopy.transport import client_lane
+from aiopostcopy.transport.client_lane import ClientLane
 from aiopostcopy.transport.fdstream import BlockingControlChannel, Event
 from aiopostcopy.transport.wire import CONNECTION_CLOSED, ConnectionClosed, encode_client_request
 from aiopostcopy.uffd import Feature, Mapping, PageFault, RegisterMode, SharedMemory, Userfaultfd
+from aiopostcopy.uffd.events import PAGEFAULT_CODE
 
 __all__ = ["Client", "AsyncClient", "name_native_thread"]
 
@@ -106,6 +109,7 @@ class Client:
         self._views: dict[str, memoryview] = {}
         self._uffd: Userfaultfd | None = None
         self._pager: Pager | None = None
+        self._lane: ClientLane | None = None  # the pager's per-page steps in C, when built
         self._thread: threading.Thread | None = None
         self._wakefd, self._stopping, self._left = -1, False, False
         self._rejoined: int | None = None  # the old control socket's fd, once replaced
@@ -173,6 +177,8 @@ class Client:
         if self.mode is ClientMode.SELF_SERVED:
             blocks = BlockTable.from_infos(self.block_info)
             self._pager = Pager(MappingTable.identity(blocks, [mapping.address for mapping in self._mappings]))
+            if client_lane.available():
+                self._lane = ClientLane(self._pager.states, self._pager.table, self._uffd.fd, PAGEFAULT_CODE)
             self._send(Register(mappings=()))
         else:
             table = tuple((m.address, m.length, index, 0) for index, m in enumerate(self._mappings))
@@ -253,7 +259,7 @@ class Client:
         placed: list[tuple[int, int, int]] | None = (
             [] if self._pager is not None and self._control.phase is Phase.RUNNING else None)
         try:
-            events = self._channel.receive_nowait(placed)
+            events = self._channel.receive_nowait(placed, self._lane_placed if self._lane is not None else None)
         except ConnectionError:
             return [CONNECTION_CLOSED]
         if placed:
@@ -320,6 +326,18 @@ class Client:
                 return self._finish(failure=PostcopyError(
                     "the service closed the control connection before End; threads waiting for pages stay blocked"))
 
+    def _lane_placed(self, buffer: bytearray, start: int, end: int) -> int:
+        """The Placed frames at the front of the control socket's bytes, taken by the C lane (their
+        pages marked and woken, in one call): the bytes it took."""
+        read_ns = time.monotonic_ns() if trace.ENABLED else 0
+        consumed, settled, runs = self._lane.placed(buffer, start, end)  # type: ignore[union-attr]
+        self._pager.lane_settled(settled)  # type: ignore[union-attr]  (a lane means a pager)
+        if trace.ENABLED:
+            for block, first, _count in runs:
+                trace.mark("placed-read", block, first, read_ns)
+                trace.mark("client-woke", block, first)
+        return consumed
+
     def _on_placed(self, runs: list[tuple[int, int, int]]) -> None:
         """The service placed these runs ``(block, first, count)``: wake our threads waiting there."""
         if trace.ENABLED:
@@ -340,13 +358,39 @@ class Client:
             self._bye = f"not sent: {type(exc).__name__}: {exc}"
 
     def _serve_faults(self) -> None:
+        """Our userfaultfd is readable: ask for the pages of its faults, in one ClientRequest per
+        read, and wake the threads of pages known placed.  The C lane takes a read's faults while
+        the pager queues nothing (the usual case); other events, and any read then, go the
+        pager's way."""
         read_ns = time.monotonic_ns() if trace.ENABLED else 0
+        pager, lane, uffd = self._pager, self._lane, self._uffd
+        if lane is None or not pager.lane_ready():  # type: ignore[union-attr]
+            return self._serve_events(uffd.read_events(64), read_ns)
+        while True:
+            count = uffd.read_flat(64)
+            taken, asked, frame, wakes, thread_ids = lane.faults(uffd.slots_address, count)
+            pager.lane_took(len(asked), thread_ids)  # type: ignore[union-attr]
+            if asked:
+                self._send_pages(asked, frame)
+                if trace.ENABLED:
+                    for block, page in asked:
+                        trace.mark("fault-read", block, page, read_ns)
+                        trace.mark("client-sent", block, page)
+            self._wake(wakes)
+            if taken < count:  # another event, or a fault outside our mappings: the pager's way
+                return self._serve_events(uffd.events_read(taken, count), read_ns, more=count == 64)
+            if count < 64:  # a short read emptied the queue
+                return
+
+    def _serve_events(self, events: list, read_ns: int, *, more: bool | None = None) -> None:
+        """The pager's way of :meth:`_serve_faults`, from ``events`` read already (``more``: the
+        read that brought them was full, so more may be queued; None: as their number says)."""
         pager, wakes = self._pager, []
         while True:
-            events = self._uffd.read_events(64)
             wakes += [w for e in events if type(e) is PageFault and (w := pager.fault(e.address, e.thread_id))]
-            if len(events) < 64:  # a short read emptied the queue: no second read to learn it
+            if not (len(events) == 64 if more is None else more):  # a short read emptied the queue
                 break
+            events, more = self._uffd.read_events(64), None
         pages = pager.take_pages()
         if pages is not None:  # the usual read: each fault's page asked for alone, in one frame
             self._send_pages(pages)
@@ -358,13 +402,13 @@ class Client:
             self._send(request)
         self._wake(wakes)
 
-    def _send_pages(self, pages: list[tuple[int, int]]) -> None:
+    def _send_pages(self, pages: list[tuple[int, int]], frame: bytes = b"") -> None:
         """Ask for pages the pager took, in one ClientRequest: encoded straight from the pages while
-        running (a ClientRequest keeps the phase: nothing for the state machine to advance),
-        else built and checked as any message."""
+        running (a ClientRequest keeps the phase: nothing for the state machine to advance), or
+        ``frame``, the C lane's encoding of them, else built and checked as any message."""
         with self._send_lock:
             if self._control.phase is Phase.RUNNING:
-                self._channel.send_frame(encode_client_request(pages))
+                self._channel.send_frame(frame or encode_client_request(pages))
                 return
         self._send(ClientRequest(runs=tuple(PageRun(block=block, first=page, count=1) for block, page in pages)))
 
@@ -429,6 +473,8 @@ class Client:
                  "bye": self._bye}
         if self._pager is not None:
             stats.update(self._pager.statistics(), threads=dict(self._pager.threads))
+            for name, count in (self._lane.totals() if self._lane is not None else {}).items():
+                stats[name] += count
         return stats
 
     def leave(self) -> None:

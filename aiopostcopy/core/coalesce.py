@@ -105,6 +105,10 @@ class Coalescer:
         self._in_flight += 1
         return True
 
+    def took(self, pages: int) -> None:
+        """Count ``pages`` requested at once by another hand (a client's C lane marked them)."""
+        self._in_flight += pages
+
     def direct_budget(self) -> int:
         """Pages :meth:`take_page` would take now, one after another (0 when it takes none)."""
         if self._queue or self.readahead_pages:

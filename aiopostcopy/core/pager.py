@@ -135,6 +135,29 @@ class Pager:
             self._queued.append((block, page))
         return None
 
+    @property
+    def states(self) -> list[bytearray]:
+        """Each block's state byte per page, for a C lane that steps them (never resized)."""
+        return [block.states for block in self._blocks]
+
+    def lane_ready(self) -> bool:
+        """Every fault read now would be asked for at once (nothing is queued here): a C lane may
+        take the faults of a read (:meth:`fault` and :meth:`take_pages` in one step)."""
+        return not self._queued and not self._coalescer.queued
+
+    def lane_took(self, asked: int, thread_ids: Iterable[int]) -> None:
+        """A C lane took faults of these threads and made ``asked`` pages ASKED (it counts the rest)."""
+        if asked:
+            self._coalescer.took(asked)
+        threads = self.threads
+        for thread_id in thread_ids:
+            threads[thread_id] = threads.get(thread_id, 0) + 1
+
+    def lane_settled(self, pages: int) -> None:
+        """A C lane marked placed runs in which ``pages`` were ASKED (it counts the rest)."""
+        if pages:
+            self._coalescer.settle(pages)
+
     def take_pages(self) -> list[tuple[int, int]] | None:
         """The usual read's pages, each asked for alone: when every page queued since the last
         call can be requested at once (nothing left queued in the coalescer, at most

@@ -25,7 +25,9 @@
  * The destination's end of the same channel is at the bottom of this file:
  * rq_send(), the request lane, writes the Request of a userfaultfd read's
  * faults before Python's bookkeeping, and rq_ask_runs() that of a self-served
- * client's ClientRequest (aiopostcopy/transport/request_lane.py).
+ * client's ClientRequest (aiopostcopy/transport/request_lane.py).  Below it,
+ * the self-served client's own lane: cl_faults() and cl_placed()
+ * (aiopostcopy/transport/client_lane.py).
  */
 
 #include <errno.h>
@@ -40,7 +42,7 @@
 #include <unistd.h>
 #include <linux/userfaultfd.h>
 
-#define PS_VERSION 5         /* the layout page_server.py expects; bumped with any change to it */
+#define PS_VERSION 6         /* the layout page_server.py expects; bumped with any change to it */
 #define PS_MAX_RUNS 64       /* runs of one Request answered here */
 #define PS_MAX_RUN_PAGES 64  /* pages of one run answered here */
 #define PS_MAX_BOUNDS (PS_MAX_RUN_PAGES + 1)  /* zero-stretch bounds of one run, at most */
@@ -62,6 +64,12 @@
 #define RQ_PLACED_FIELDS 5   /* per page rq_place placed: block, page, uffd, address, zero (1: a Zero answer) */
 #define RQ_REQUESTED 1       /* asked for on the urgent channel, answer not arrived */
 #define RQ_MISSING 0         /* the page state nobody asked for yet (aiopostcopy.core.pages) */
+#define CL_NONE 0            /* a self-served client's page states (aiopostcopy.core.pager) */
+#define CL_QUEUED 1
+#define CL_ASKED 2
+#define CL_KNOWN_PLACED 3
+#define CL_TYPE_CLIENT_REQUEST 25  /* message codes (aiopostcopy.messages) */
+#define CL_TYPE_PLACED 26
 
 struct ps_block {
     int fd;                  /* the block's file, read with pread */
@@ -556,9 +564,10 @@ static int rq_translate(const struct rq_lane *lane, const uint64_t *table, uint3
     return 0;
 }
 
-/* The Request frame of `count` (<= RQ_MAX_PAGES) pages, (block, page) pairs in `asked`, into
- * `frame` (RQ_FRAME_BYTES): its length, or -1 for too many pages. */
-int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame)
+/* The frame of a message of type `code` carrying `count` (<= RQ_MAX_PAGES) pages as runs, (block,
+ * page) pairs in `asked` (a Request, or a self-served client's ClientRequest), into `frame`
+ * (RQ_FRAME_BYTES): its length, or -1 for too many pages. */
+static int rq_encode_runs(uint8_t code, const uint64_t *asked, uint32_t count, uint8_t *frame)
 {
     uint64_t run_block[RQ_MAX_PAGES], run_first[RQ_MAX_PAGES], run_count[RQ_MAX_PAGES];
     uint32_t runs = 0;
@@ -577,7 +586,7 @@ int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame)
         runs++;
     }
     uint8_t *p = ps_put_array(frame + PS_PREFIX, 2);
-    *p++ = PS_TYPE_REQUEST;
+    *p++ = code;
     p = ps_put_array(p, runs);
     for (uint32_t r = 0; r < runs; r++) {
         p = ps_put_array(p, 3);
@@ -587,6 +596,13 @@ int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame)
     }
     ps_put_prefix(frame, (uint32_t)(p - frame - PS_PREFIX));
     return (int)(p - frame);
+}
+
+/* The Request frame of `count` (<= RQ_MAX_PAGES) pages, (block, page) pairs in `asked`, into
+ * `frame` (RQ_FRAME_BYTES): its length, or -1 for too many pages. */
+int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame)
+{
+    return rq_encode_runs(PS_TYPE_REQUEST, asked, count, frame);
 }
 
 /* Whether (block, page) is among the first n pairs of `asked`. */
@@ -739,4 +755,177 @@ int rq_place(struct rq_lane *lane, const uint8_t *buf, size_t len, uint64_t *pla
     }
     *consumed = at;
     return (int)n;
+}
+
+/* ---- a self-served client's lane --------------------------------------------
+ *
+ * A self-served client serves its own userfaultfd: its pager thread reads the
+ * faults, asks the service for their pages in a ClientRequest and, when a
+ * Placed says a run is in the shared memory, wakes the threads waiting there
+ * (docs/protocol.md, section 6). The pager keeps one state byte per page
+ * (aiopostcopy/core/pager.py: CL_NONE, CL_QUEUED, CL_ASKED, CL_KNOWN_PLACED).
+ * These are that path's per-page steps, each one C call over those bytes:
+ *
+ *   - cl_faults() takes the flattened messages of one read: each page fault's
+ *     address is translated with the client's mapping table, a page nobody
+ *     asked for becomes ASKED and goes in one ClientRequest frame (byte for
+ *     byte what the Python encoder makes), a page asked for already is joined,
+ *     a page known placed (dropped since: a fault again) goes back to NONE and
+ *     is woken by the caller. It stops at the first message that is not a
+ *     page fault, or whose address no mapping covers: Python takes those;
+ *   - cl_placed() takes the control socket's bytes at a frame's start: while
+ *     they are Placed frames of a few runs inside the blocks (the form the
+ *     service writes), their pages become KNOWN_PLACED and each run is woken
+ *     with UFFDIO_WAKE. It stops at anything else, which the decoder decodes.
+ *
+ * The caller uses the lane only while the pager queues nothing (every fault
+ * read is asked for at once) and the client is running; the lane keeps the
+ * pager's counts (cl_lane's totals) and the caller adds them to its own.
+ */
+
+struct cl_lane {
+    uint8_t *const *states;   /* per block: the pager's state byte per page */
+    const uint64_t *pages;    /* per block: pages */
+    const uint64_t *page_size;
+    const uint64_t *base;     /* per block: its address here (each block mapped whole, once) */
+    uint32_t nblocks;
+    const uint64_t *table;    /* (start, length, block, offset) entries, sorted by start */
+    uint32_t ntable;
+    int uffd;
+    uint64_t faults, joined, woken_at_once, requested_pages, requests, placed_pages, wakes;  /* totals */
+};
+
+/* Where `address` falls in the client's table: 0 with *block and *page set, or -1. */
+static int cl_translate(const struct cl_lane *lane, uint64_t address, uint64_t *block, uint64_t *page)
+{
+    uint32_t low = 0, high = lane->ntable;
+    while (low < high) {  /* the first entry starting after address */
+        uint32_t mid = low + (high - low) / 2;
+        if (lane->table[4 * mid] <= address)
+            low = mid + 1;
+        else
+            high = mid;
+    }
+    if (low == 0)
+        return -1;
+    const uint64_t *e = lane->table + 4 * (low - 1);
+    if (address - e[0] >= e[1] || e[2] >= lane->nblocks)
+        return -1;
+    uint64_t b = e[2], p = (e[3] + address - e[0]) / lane->page_size[b];
+    if (p >= lane->pages[b])
+        return -1;
+    *block = b;
+    *page = p;
+    return 0;
+}
+
+/* One read's flattened messages (`count` of CL slots each, `slots`): returns how many were taken,
+ * from the first; the rest start with a message that is not a page fault or lies outside the
+ * table. The pages made ASKED are listed in `asked` ((block, page) pairs, *nasked of them, at most
+ * RQ_MAX_PAGES: the read stops when it is full), their ClientRequest frame is in `frame`
+ * (*frame_len bytes, 0: none), the (address, length) of each page known placed that faulted
+ * again in `wakes` (*nwakes, at most `count`), and each fault's thread id in `tids`. */
+int cl_faults(struct cl_lane *lane, const uint64_t *slots, uint32_t count, uint64_t pagefault_code,
+              uint64_t *asked, uint32_t *nasked, uint64_t *wakes, uint32_t *nwakes, uint64_t *tids,
+              uint8_t *frame, int *frame_len)
+{
+    uint32_t i, n = 0, w = 0;
+    for (i = 0; i < count; i++) {
+        const uint64_t *slot = slots + 4 * i;
+        uint64_t block, page;
+        if (slot[0] != pagefault_code || cl_translate(lane, slot[2], &block, &page))
+            break;
+        uint8_t *state = &lane->states[block][page];
+        if (*state == CL_NONE) {
+            if (n == RQ_MAX_PAGES)
+                break;
+            *state = CL_ASKED;
+            asked[2 * n] = block;
+            asked[2 * n + 1] = page;
+            n++;
+        } else if (*state == CL_KNOWN_PLACED) {  /* dropped since: a fault again asks again */
+            *state = CL_NONE;
+            wakes[2 * w] = slot[2] - slot[2] % lane->page_size[block];
+            wakes[2 * w + 1] = lane->page_size[block];
+            w++;
+        } else {
+            lane->joined++;  /* queued or asked for: the Placed that answers wakes it too */
+        }
+        tids[i] = slot[3];
+    }
+    lane->faults += i;
+    lane->woken_at_once += w;
+    lane->wakes += w;
+    *nasked = n;
+    *nwakes = w;
+    *frame_len = 0;
+    if (n) {
+        lane->requested_pages += n;
+        lane->requests++;
+        *frame_len = rq_encode_runs(CL_TYPE_CLIENT_REQUEST, asked, n, frame);
+    }
+    return (int)i;
+}
+
+/* The Placed frames at the front of buf[0, len): each run's pages made KNOWN_PLACED and the run
+ * woken through the lane's userfaultfd. Returns the bytes of the frames taken (*consumed, a
+ * frame's end) and, in *settled, how many of their pages were ASKED; the runs of the frames in
+ * `runs` ((block, first, count) triples, *nruns, at most max_runs). 0 from the call, or -errno
+ * when a wake failed (that frame's pages are marked: the client fails). */
+int cl_placed(struct cl_lane *lane, const uint8_t *buf, size_t len, uint64_t *runs, uint32_t max_runs,
+              uint32_t *nruns, uint64_t *settled, size_t *consumed)
+{
+    size_t at = 0;
+    uint32_t r = 0;
+    *settled = 0;
+    *consumed = 0;
+    *nruns = 0;
+    while (len - at >= PS_PREFIX + 3) {
+        const uint8_t *f = buf + at;
+        uint32_t size = ps_get_prefix(f);
+        const uint8_t *h = f + PS_PREFIX, *end = h + size;
+        if (len - at - PS_PREFIX < size || size < 3 || h[0] != 0x92 || h[1] != CL_TYPE_PLACED)
+            break;
+        uint32_t k = h[2] - 0x90u;  /* the runs' fixarray */
+        if (h[2] < 0x91 || h[2] > 0x9f || r + k > max_runs)
+            break;
+        const uint8_t *q = h + 3;
+        uint32_t j;
+        for (j = 0; j < k; j++) {
+            uint64_t *run = runs + 3 * (r + j);
+            size_t took = q < end && *q == 0x93;
+            q += took;
+            for (int v = 0; v < 3 && took; v++)
+                q += took = ps_get_uint(q, end, &run[v]);
+            if (!took || run[0] >= lane->nblocks || run[2] == 0 || run[1] >= lane->pages[run[0]]
+                || run[2] > lane->pages[run[0]] - run[1])
+                break;  /* not a run inside the blocks: the decoder says why */
+        }
+        if (j < k || q != end)
+            break;
+        for (j = r; j < r + k; j++) {
+            uint64_t block = runs[3 * j], first = runs[3 * j + 1], n = runs[3 * j + 2];
+            uint8_t *state = lane->states[block] + first;
+            for (uint64_t p = 0; p < n; p++) {
+                *settled += state[p] == CL_ASKED;
+                state[p] = CL_KNOWN_PLACED;
+            }
+            struct uffdio_range range = {
+                .start = lane->base[block] + first * lane->page_size[block], .len = n * lane->page_size[block],
+            };
+            lane->placed_pages += n;
+            lane->wakes++;
+            if (ioctl(lane->uffd, UFFDIO_WAKE, &range) != 0) {
+                int err = errno;
+                *nruns = j + 1;
+                *consumed = at + PS_PREFIX + size;
+                return -err;
+            }
+        }
+        r += k;
+        at += PS_PREFIX + size;
+    }
+    *nruns = r;
+    *consumed = at;
+    return 0;
 }

@@ -396,7 +396,8 @@ class BlockingControlChannel(_FdSocket):
                 self._out.clear()
             raise
 
-    def receive_nowait(self, placed: list[tuple[int, int, int]] | None = None) -> list[Event]:
+    def receive_nowait(self, placed: list[tuple[int, int, int]] | None = None,
+                       take_front: Callable[[bytearray, int, int], int] | None = None) -> list[Event]:
         """What has arrived, without waiting: messages in order, then ConnectionClosed after EOF.
 
         Args:
@@ -404,12 +405,15 @@ class BlockingControlChannel(_FdSocket):
                 (with no descriptors riding along) are taken as their runs ``(block, first,
                 count)``, appended here, and built into no message: a self-served client's
                 fault path (the caller checked that Placed may come now).
+            take_front: with ``placed``, first offered those bytes, ``(buffer, start, end)``
+                from a frame's start, and returns how many it took, whole frames (a client's
+                C lane taking the Placed frames it understands); the rest go on as above.
 
         Raises:
             RemoteProtocolError: too many descriptors, or a malformed or forbidden frame.
             OSError: the socket failed.
         """
-        self._read_once(placed)
+        self._read_once(placed, take_front)
         events, self._events = list(self._events), deque()
         return events
 
@@ -434,10 +438,13 @@ class BlockingControlChannel(_FdSocket):
         if sock is not None:
             self._close_socket(sock)
 
-    def _read_once(self, placed: list[tuple[int, int, int]] | None = None) -> None:
+    def _read_once(self, placed: list[tuple[int, int, int]] | None = None,
+                   take_front: Callable[[bytearray, int, int], int] | None = None) -> None:
         if self._eof or not self._read():
             return
         if placed is not None and not self._events and not self.pending_fds:
+            if take_front is not None and (unread := self._decoder.unread()) is not None:
+                self._decoder.skip(take_front(*unread))
             while (runs := self._decoder.take_placed()) is not None:
                 placed.extend(runs)
         while not self._eof and (event := self._decoder.next_event()) is not None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 #: The C side's PS_VERSION this module is written for.
-VERSION = 5
+VERSION = 6
 
 
 def matches(built: object) -> bool:

@@ -41,6 +41,7 @@ from aiopostcopy.uffd.events import (
     Event,
     ForkEvent,
     MessageBuffer,
+    SLOTS,
     PageFault,
     RemapEvent,
     RemoveEvent,
@@ -402,6 +403,30 @@ class Userfaultfd:
         flags, address and thread id): for C readers, valid until the next read.  A stand-in
         without such a buffer says 0."""
         return self._buffer.address
+
+    def read_flat(self, max_events: int = 64) -> int:
+        """:meth:`read_events` without the event objects, for a C reader: how many messages one
+        read() took (0 when nothing is queued), flattened at :attr:`slots_address`;
+        :meth:`events_read` makes objects of any of them.
+
+        Raises:
+            As :meth:`read_events`.
+        """
+        buf = self._buffer
+        if max_events > buf.capacity:
+            buf.grow(max_events)
+        elif max_events < 1:
+            raise ValueError("max_events must be at least 1")
+        while True:
+            n = _read_msgs(self._fd, buf.msgs, max_events, buf.slots)
+            if n >= 0 or n == -_EAGAIN:
+                return max(n, 0)
+            if n != -_EINTR:
+                raise self._error(-n, "read(userfaultfd)")
+
+    def events_read(self, first: int, count: int) -> list[Event]:
+        """Messages ``first`` to ``count`` of the last :meth:`read_flat`, as :meth:`read_events` returns them."""
+        return decode_events(self._buffer.view[first * SLOTS:], count - first)
 
     def read_events(self, max_events: int = 64) -> list[Event]:
         """Read up to ``max_events`` queued events with one read().
