@@ -57,6 +57,32 @@ def test_madvise_dontneed_raises_remove(res: Resources) -> None:
     assert toucher.finish() == 0
 
 
+def test_read_flat_leaves_the_messages_flattened_and_events_read_decodes_any_of_them(res: Resources) -> None:
+    require_features(Feature.EVENT_REMOVE)
+    mapping = res.map(res.memfd(2))
+    uffd = res.uffd(Feature.EVENT_REMOVE | Feature.THREAD_ID)
+    uffd.register(mapping.address, mapping.length)
+    assert uffd.read_flat(8) == 0  # nothing queued
+    toucher = res.touch(mapping, PAGE)
+    assert wait_readable(uffd.fileno())
+    worker = res.call_in_thread(mapping.madvise_remove, 0, PAGE)  # its event queues behind the fault
+    time.sleep(0.2)
+    count = uffd.read_flat(8)
+    events = uffd.events_read(0, count)
+    if count == 1:  # the remove was not queued yet: the next read brings it
+        assert wait_readable(uffd.fileno()) and uffd.read_flat(8) == 1
+        events += uffd.events_read(0, 1)
+    else:
+        assert count == 2 and uffd.events_read(1, 2) == events[1:]
+    fault, remove = events
+    assert isinstance(fault, PageFault) and fault.address == mapping.address + PAGE
+    assert fault.thread_id == toucher.tid
+    assert remove == RemoveEvent(mapping.address, mapping.address + PAGE)
+    worker.join(TIMEOUT)
+    uffd.copy(mapping.address + PAGE, res.source(b"\x22" * PAGE), PAGE)
+    assert toucher.finish() == 0x22
+
+
 def test_madvise_remove_on_shmem_raises_remove(res: Resources) -> None:
     require_features(Feature.EVENT_REMOVE)
     mapping = res.map(res.memfd(2))
