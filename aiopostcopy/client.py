@@ -259,7 +259,7 @@ class Client:
         placed: list[tuple[int, int, int]] | None = (
             [] if self._pager is not None and self._control.phase is Phase.RUNNING else None)
         try:
-            events = self._channel.receive_nowait(placed, self._lane_placed if self._lane is not None else None)
+            events = self._channel.receive_nowait(placed, self._lane_receive if self._lane is not None else None)
         except ConnectionError:
             return [CONNECTION_CLOSED]
         if placed:
@@ -326,17 +326,18 @@ class Client:
                 return self._finish(failure=PostcopyError(
                     "the service closed the control connection before End; threads waiting for pages stay blocked"))
 
-    def _lane_placed(self, buffer: bytearray, start: int, end: int) -> int:
-        """The Placed frames at the front of the control socket's bytes, taken by the C lane (their
-        pages marked and woken, in one call): the bytes it took."""
+    def _lane_receive(self, sock: int, buffer: memoryview) -> tuple[int, int, list[int], bool]:
+        """The control socket read by the C lane, which takes the Placed frames at the front of what
+        arrived (their pages marked and woken, in the same call): see
+        :meth:`~aiopostcopy.transport.fdstream.BlockingControlChannel.receive_nowait`."""
         read_ns = time.monotonic_ns() if trace.ENABLED else 0
-        consumed, settled, runs = self._lane.placed(buffer, start, end)  # type: ignore[union-attr]
+        got, consumed, settled, fds, truncated, runs = self._lane.receive(sock, buffer)  # type: ignore[union-attr]
         self._pager.lane_settled(settled)  # type: ignore[union-attr]  (a lane means a pager)
         if trace.ENABLED:
             for block, first, _count in runs:
                 trace.mark("placed-read", block, first, read_ns)
                 trace.mark("client-woke", block, first)
-        return consumed
+        return got, consumed, fds, truncated
 
     def _on_placed(self, runs: list[tuple[int, int, int]]) -> None:
         """The service placed these runs ``(block, first, count)``: wake our threads waiting there."""

@@ -22,6 +22,7 @@
 #define CL_KNOWN_PLACED ...
 #define CL_TYPE_CLIENT_REQUEST ...
 #define CL_TYPE_PLACED ...
+#define CL_MAX_FDS ...
 
 struct ps_block { int fd; uint32_t page_size; uint32_t max_run; uint64_t pages; ...; };
 
@@ -75,3 +76,6 @@ int cl_faults(struct cl_lane *lane, const uint64_t *slots, uint32_t count, uint6
               uint8_t *frame, int *frame_len);
 int cl_placed(struct cl_lane *lane, const uint8_t *buf, size_t len, uint64_t *runs, uint32_t max_runs,
               uint32_t *nruns, uint64_t *settled, size_t *consumed);
+int cl_receive(struct cl_lane *lane, int sock, uint8_t *buf, size_t cap, int *fds, uint32_t max_fds, uint32_t *nfds,
+               int *truncated, uint64_t *runs, uint32_t max_runs, uint32_t *nruns, uint64_t *settled,
+               size_t *consumed, int *wake_error);

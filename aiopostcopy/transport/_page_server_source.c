@@ -70,6 +70,7 @@
 #define CL_KNOWN_PLACED 3
 #define CL_TYPE_CLIENT_REQUEST 25  /* message codes (aiopostcopy.messages) */
 #define CL_TYPE_PLACED 26
+#define CL_MAX_FDS 64        /* descriptors one cl_receive() takes with its bytes */
 
 struct ps_block {
     int fd;                  /* the block's file, read with pread */
@@ -928,4 +929,42 @@ int cl_placed(struct cl_lane *lane, const uint8_t *buf, size_t len, uint64_t *ru
     *nruns = r;
     *consumed = at;
     return 0;
+}
+
+/* One recvmsg() of the control socket `sock` into buf[0, cap), the decoder holding nothing (the
+ * bytes begin a frame), then cl_placed() over them when no descriptors came along. Returns the
+ * bytes received (0: the peer closed), or -errno (-EAGAIN: nothing there). Descriptors received
+ * are in fds (*nfds of them, at most max_fds; *truncated when the kernel had more), the bytes
+ * cl_placed() took in *consumed, and a failed wake's -errno in *wake_error (0: none). */
+int cl_receive(struct cl_lane *lane, int sock, uint8_t *buf, size_t cap, int *fds, uint32_t max_fds, uint32_t *nfds,
+               int *truncated, uint64_t *runs, uint32_t max_runs, uint32_t *nruns, uint64_t *settled,
+               size_t *consumed, int *wake_error)
+{
+    union { struct cmsghdr align; uint8_t space[CMSG_SPACE(sizeof(int) * CL_MAX_FDS)]; } control;
+    struct iovec iov = { .iov_base = buf, .iov_len = cap };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
+                          .msg_controllen = CMSG_SPACE(sizeof(int) * (max_fds < CL_MAX_FDS ? max_fds : CL_MAX_FDS)) };
+    ssize_t got;
+    *nfds = 0;
+    *truncated = 0;
+    *nruns = 0;
+    *settled = 0;
+    *consumed = 0;
+    *wake_error = 0;
+    do
+        got = recvmsg(sock, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    while (got < 0 && errno == EINTR);
+    if (got < 0)
+        return -errno;
+    *truncated = (msg.msg_flags & MSG_CTRUNC) != 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        uint32_t n = (uint32_t)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        memcpy(fds + *nfds, CMSG_DATA(c), n * sizeof(int));
+        *nfds += n;
+    }
+    if (got > 0 && *nfds == 0 && !*truncated)
+        *wake_error = cl_placed(lane, buf, (size_t)got, runs, max_runs, nruns, settled, consumed);
+    return (int)got;
 }

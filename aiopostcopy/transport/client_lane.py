@@ -72,7 +72,7 @@ class ClientLane:
     """
 
     __slots__ = ("_keep", "_lane", "_code", "_asked", "_wakes", "_tids", "_counts", "_frame", "_frame_len",
-                 "_runs", "_settled", "_consumed")
+                 "_runs", "_settled", "_consumed", "_fds", "_truncated", "_wake_error")
 
     def __init__(self, states: Sequence[bytearray], table: MappingTable, uffd: int, pagefault_code: int) -> None:
         if lib is None:
@@ -107,6 +107,9 @@ class ClientLane:
         self._runs = ffi.new("uint64_t[]", 3 * MAX_PLACED_RUNS)
         self._settled = ffi.new("uint64_t *")
         self._consumed = ffi.new("size_t *")
+        self._fds = ffi.new("int[]", lib.CL_MAX_FDS)
+        self._truncated = ffi.new("int *")
+        self._wake_error = ffi.new("int *")
 
     def faults(self, slots_address: int, count: int) -> tuple[int, list[tuple[int, int]], bytes,
                                                             list[tuple[int, int]], list[int]]:
@@ -170,6 +173,38 @@ class ClientLane:
         else:
             runs = []
         return self._consumed[0], self._settled[0], runs
+
+    def receive(self, sock: int, buffer: memoryview) -> tuple[int, int, int, list[int], bool,
+                                                            list[tuple[int, int, int]]]:
+        """One ``recvmsg`` of the control socket into ``buffer`` (the decoder holds nothing, so
+        the bytes begin a frame), then :meth:`placed` over them when no descriptors came along.
+
+        Returns:
+            ``(got, consumed, settled, fds, truncated, runs)``: the bytes received (0: the peer
+            closed; ``-errno`` when the call failed, ``-EAGAIN``: nothing there), the bytes of
+            the Placed frames taken, how many of their pages were ASKED, the descriptors
+            received (the caller owns them), whether the kernel had more than fitted, and the
+            runs taken.
+
+        Raises:
+            UffdError: a wake failed (the pages of that frame are marked; the client fails).
+        """
+        counts, runs_c = self._counts, self._runs
+        got = lib.cl_receive(self._lane, sock, ffi.from_buffer("uint8_t[]", buffer, require_writable=True),
+                             len(buffer), self._fds, lib.CL_MAX_FDS, counts, self._truncated, runs_c,
+                             MAX_PLACED_RUNS, counts + 1, self._settled, self._consumed, self._wake_error)
+        if self._wake_error[0]:
+            raise UffdError(-self._wake_error[0], f"UFFDIO_WAKE of a placed run: {os.strerror(-self._wake_error[0])}")
+        nfds, nruns = counts[0], counts[1]
+        fds = ffi.unpack(self._fds, nfds) if nfds else []
+        if nruns == 1:
+            runs = [(runs_c[0], runs_c[1], runs_c[2])]
+        elif nruns:
+            values = ffi.unpack(runs_c, 3 * nruns)
+            runs = list(zip(values[0::3], values[1::3], values[2::3]))
+        else:
+            runs = []
+        return got, self._consumed[0], self._settled[0], fds, bool(self._truncated[0]), runs
 
     def totals(self) -> dict[str, int]:
         """The lane's counts since it was made, named as the pager's statistics name them

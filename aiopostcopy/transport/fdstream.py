@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import os
 import select
 import socket
@@ -52,6 +53,8 @@ __all__ = ["ControlChannel", "BlockingControlChannel", "MAX_FDS_PER_SENDMSG", "e
 
 _RECV_BYTES = 256 * 1024
 _FD_SIZE = array.array("i").itemsize
+#: ``receive_front(fd, buffer) -> (got, consumed, fds, truncated)``: see :meth:`BlockingControlChannel.receive_nowait`.
+FrontReceiver = Callable[[int, memoryview], tuple[int, int, list[int], bool]]
 # plain ints: the socket module's flags are IntFlag members, whose operators run Python code per message
 _MSG_CTRUNC, _MSG_CMSG_CLOEXEC, _MSG_NOSIGNAL = int(socket.MSG_CTRUNC), int(socket.MSG_CMSG_CLOEXEC), int(socket.MSG_NOSIGNAL)
 #: Linux's SCM_MAX_FD: descriptors one sendmsg may carry.  A message with more
@@ -134,12 +137,36 @@ class _FdSocket:
         self._decoder.receive_data(self._received[:nbytes])  # empty at EOF: the decoder yields ConnectionClosed
         return True
 
+    def _read_front(self, receive_front: FrontReceiver) -> bool:
+        """:meth:`_read` by ``receive_front`` (see :meth:`BlockingControlChannel.receive_nowait`),
+        the decoder holding nothing.  Returns False when nothing was there, or when it took
+        everything it read.
+
+        Raises:
+            As :meth:`_read`.
+        """
+        got, consumed, fds, truncated = receive_front(self._check_open().fileno(), self._received)
+        if got < 0:
+            if got in (-errno.EAGAIN, -errno.EINTR):
+                return False
+            raise OSError(-got, os.strerror(-got))
+        self._add_fds(fds)
+        if truncated:
+            raise RemoteProtocolError("too many file descriptors in one message")
+        if got and consumed == got:  # whole Placed frames, all taken
+            return False
+        self._decoder.receive_data(self._received[consumed:got])  # empty at EOF: the decoder yields ConnectionClosed
+        return True
+
     def _collect_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
-                self._fds.extend(fds)
+                self._add_fds(fds)
+
+    def _add_fds(self, fds: Iterable[int]) -> None:
+        self._fds.extend(fds)
         if len(self._fds) > self._max_fds:
             raise RemoteProtocolError(f"peer sent more than {self._max_fds} unclaimed file descriptors")
 
@@ -397,7 +424,7 @@ class BlockingControlChannel(_FdSocket):
             raise
 
     def receive_nowait(self, placed: list[tuple[int, int, int]] | None = None,
-                       take_front: Callable[[bytearray, int, int], int] | None = None) -> list[Event]:
+                       receive_front: FrontReceiver | None = None) -> list[Event]:
         """What has arrived, without waiting: messages in order, then ConnectionClosed after EOF.
 
         Args:
@@ -405,15 +432,19 @@ class BlockingControlChannel(_FdSocket):
                 (with no descriptors riding along) are taken as their runs ``(block, first,
                 count)``, appended here, and built into no message: a self-served client's
                 fault path (the caller checked that Placed may come now).
-            take_front: with ``placed``, first offered those bytes, ``(buffer, start, end)``
-                from a frame's start, and returns how many it took, whole frames (a client's
-                C lane taking the Placed frames it understands); the rest go on as above.
+            receive_front: with ``placed``, reads the socket instead while the decoder holds
+                nothing, so the bytes begin a frame (a client's C lane, which takes the Placed
+                frames it understands at their front, their pages marked and woken):
+                ``receive_front(fd, buffer)`` makes one ``recvmsg`` into ``buffer`` and returns
+                ``(got, consumed, fds, truncated)``: the bytes received (0 at EOF, ``-errno``
+                when it failed), the bytes it took, the descriptors that came along and
+                whether the kernel had more.  The rest go on as above.
 
         Raises:
             RemoteProtocolError: too many descriptors, or a malformed or forbidden frame.
             OSError: the socket failed.
         """
-        self._read_once(placed, take_front)
+        self._read_once(placed, receive_front)
         events, self._events = list(self._events), deque()
         return events
 
@@ -439,12 +470,16 @@ class BlockingControlChannel(_FdSocket):
             self._close_socket(sock)
 
     def _read_once(self, placed: list[tuple[int, int, int]] | None = None,
-                   take_front: Callable[[bytearray, int, int], int] | None = None) -> None:
-        if self._eof or not self._read():
+                   receive_front: FrontReceiver | None = None) -> None:
+        if self._eof:
+            return
+        if (receive_front is not None and placed is not None and not self._events and not self.pending_fds
+                and self._decoder.idle):
+            if not self._read_front(receive_front):
+                return
+        elif not self._read():
             return
         if placed is not None and not self._events and not self.pending_fds:
-            if take_front is not None and (unread := self._decoder.unread()) is not None:
-                self._decoder.skip(take_front(*unread))
             while (runs := self._decoder.take_placed()) is not None:
                 placed.extend(runs)
         while not self._eof and (event := self._decoder.next_event()) is not None:

@@ -473,6 +473,12 @@ class Decoder:
         self._start += nbytes
 
     @property
+    def idle(self) -> bool:
+        """Nothing received is left undecoded (no part of a frame, no payload due): the next
+        bytes received begin a frame."""
+        return self._start == self._end and self._pending is None and self._error is None and not self._eof
+
+    @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as events (for a high-water mark)."""
         return self._end - self._start + (self._filled if self._pending is not None else 0)

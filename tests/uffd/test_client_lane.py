@@ -6,6 +6,8 @@ it does not take."""
 from __future__ import annotations
 
 import array
+import os
+import socket
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +20,8 @@ from aiopostcopy.errors import RemoteProtocolError
 from aiopostcopy.messages import Placed, PageRun
 from aiopostcopy.transport import client_lane
 from aiopostcopy.transport.client_lane import ClientLane
-from aiopostcopy.transport.wire import Decoder, encode, encode_client_request, encode_placed
+from aiopostcopy.transport.fdstream import BlockingControlChannel
+from aiopostcopy.transport.wire import CONNECTION_CLOSED, Decoder, encode, encode_client_request, encode_placed
 from aiopostcopy.uffd.events import PAGEFAULT_CODE, SLOTS
 
 from .helpers import PAGE, Resources, read_events
@@ -196,3 +199,67 @@ def test_the_lane_steps_the_pages_as_the_pagers_python_way_does(res, operations)
             assert c.pager._coalescer.in_flight == py._coalescer.in_flight
     finally:
         res.close_all()
+
+
+class Channel:
+    """A client's control channel over one end of a socket pair; the service's end is ``peer``."""
+
+    def __init__(self, res: Resources) -> None:
+        ours, self.peer = socket.socketpair()
+        res.fds.append(self.peer.detach())
+        self.peer = socket.socket(fileno=os.dup(res.fds[-1]))
+        self.channel = BlockingControlChannel(ours, send_timeout=5)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.peer.close()
+
+
+def receiver(c: Client):
+    def receive(sock: int, buffer: memoryview) -> tuple[int, int, list[int], bool]:
+        got, consumed, settled, fds, truncated, _runs = c.lane.receive(sock, buffer)
+        c.pager.lane_settled(settled)
+        return got, consumed, fds, truncated
+    return receive
+
+
+def test_receive_takes_the_placed_frames_at_the_front_and_leaves_the_rest_to_the_decoder(res) -> None:
+    c, ch = Client(res), Channel(res)
+    try:
+        lane_read(c, [(PAGEFAULT_CODE, c.address(0, 4), 1), (PAGEFAULT_CODE, c.address(1, 1), 1)])
+        placed: list[tuple[int, int, int]] = []
+        assert ch.channel.receive_nowait(placed, receiver(c)) == [] and placed == []  # nothing there
+        ch.peer.sendall(encode_placed((PageRun(block=0, first=4, count=1),)))
+        assert ch.channel.receive_nowait(placed, receiver(c)) == [] and placed == []  # taken in C
+        assert c.states()[0][4] == KNOWN_PLACED and c.pager._coalescer.in_flight == 1
+        end = m.End(complete=False)
+        ch.peer.sendall(encode_placed((PageRun(block=1, first=1, count=1),)) + encode(end)
+                        + encode_placed((PageRun(block=0, first=9, count=1),)))
+        late = Placed(runs=(PageRun(block=0, first=9, count=1),))  # after another message: a message
+        assert ch.channel.receive_nowait(placed, receiver(c)) == [end, late]
+        assert placed == [] and c.states()[1][1] == KNOWN_PLACED and c.states()[0][9] == NONE
+        assert c.pager._coalescer.in_flight == 0
+    finally:
+        ch.close()
+
+
+def test_receive_leaves_bytes_that_bring_descriptors_and_a_partial_frame_to_the_channel(res) -> None:
+    c, ch = Client(res), Channel(res)
+    try:
+        frame = encode_placed((PageRun(block=0, first=2, count=1),))
+        with open(os.devnull, "rb") as devnull:
+            socket.send_fds(ch.peer, [frame], [devnull.fileno()])
+        placed: list[tuple[int, int, int]] = []
+        message = Placed(runs=(PageRun(block=0, first=2, count=1),))  # a descriptor came along: a message
+        assert ch.channel.receive_nowait(placed, receiver(c)) == [message]
+        assert placed == [] and c.states()[0][2] == NONE and ch.channel.pending_fds == 1
+        os.close(ch.channel.take_fds(1)[0])
+        ch.peer.sendall(frame[:5])
+        assert ch.channel.receive_nowait(placed, receiver(c)) == [] and placed == []
+        ch.peer.sendall(frame[5:])  # the decoder holds a part: the channel reads the rest itself
+        assert ch.channel.receive_nowait(placed, receiver(c)) == [] and placed == [(0, 2, 1)]
+        assert c.states()[0][2] == NONE  # the runs are the caller's to mark (the pager's way)
+        ch.peer.shutdown(socket.SHUT_WR)
+        assert ch.channel.receive_nowait(placed, receiver(c)) == [CONNECTION_CLOSED]
+    finally:
+        ch.close()
