@@ -287,11 +287,12 @@ class Client:
         poller = select.poll()
         for fd in (self._wakefd, self._channel.fileno()) + ((self._uffd.fd,) if self._pager else ()):
             poller.register(fd, select.POLLIN)
+        uffd = self._uffd.fd if self._pager is not None else -1  # registered above for good
         try:
             self._on_events(self._receive())
             while not self._stopping and not self._done.is_set():
                 for fd, _ in poller.poll():
-                    if self._pager is not None and fd == self._uffd.fd:
+                    if fd == uffd:
                         self._serve_faults()
                     elif fd == self._channel.fileno():
                         self._on_events(self._receive())

@@ -408,7 +408,15 @@ class BlockingControlChannel(_FdSocket):
             As :meth:`send`.
         """
         with self._send_lock:
-            self._check_open()
+            sock = self._check_open()
+            if not self._out:  # the usual case: straight onto the socket, no queue
+                try:
+                    sent = sock.send(frame, _MSG_NOSIGNAL)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                if sent == len(frame):
+                    return
+                frame = memoryview(frame)[sent:]
             self._out.append((memoryview(frame), []))
             self._push_all()
 
