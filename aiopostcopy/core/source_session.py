@@ -62,6 +62,7 @@ from aiopostcopy import messages as m
 from aiopostcopy.core.config import WINDOW_FEATURE, SourceConfig
 from aiopostcopy.core.digests import FROM_COPY_FEATURE
 from aiopostcopy.core.discards import DiscardTracker
+from aiopostcopy.core.pageset import PageSet
 from aiopostcopy.core.ramblock import BlockTable
 from aiopostcopy.core.rangeset import RangeSet
 from aiopostcopy.core.stats import SourceStatistics
@@ -111,7 +112,7 @@ class SourceSession:
         self._fixed = session_id is not None
         self._open: set[m.Channel] = set()
         self._queue: list[tuple[m.Channel, m.Message]] = []
-        self._sent = [RangeSet() for _ in self.blocks]
+        self._sent = [PageSet(block.pages) for block in self.blocks]  # handed out, on either channel
         self._held = [RangeSet() for _ in self.blocks]  # the destination's own, as its last Resume said: never bridged
         self._holes = [RangeSet(runs) for runs in holes] if holes is not None else [RangeSet() for _ in self.blocks]
         if len(self._holes) != len(self.blocks):
@@ -209,7 +210,7 @@ class SourceSession:
             received[block] = RangeSet.from_bounds(bounds)
         for run in msg.pending:
             self.blocks.check_run(run.block, run.first, run.count)
-        self._sent = received
+        self._sent = [PageSet(block.pages, runs) for block, runs in zip(self.blocks, received)]
         self._record += 1
         self._held = [ranges.copy() for ranges in received]
         self._urgent = deque(msg.pending)
