@@ -370,10 +370,15 @@ class Client:
             return self._serve_events(uffd.read_events(64), read_ns)
         while True:
             count = uffd.read_flat(64)
-            taken, asked, frame, wakes, thread_ids = lane.faults(uffd.slots_address, count)
+            with self._send_lock:  # the lane writes the ClientRequest: every other writer waits
+                sock = self._channel.write_fd() if self._control.phase is Phase.RUNNING else -1
+                taken, asked, rest, wakes, thread_ids = lane.faults(uffd.slots_address, count, sock)
+                if rest and sock >= 0:  # what the socket did not take goes next
+                    self._channel.send_frame(rest)
             pager.lane_took(len(asked), thread_ids)  # type: ignore[union-attr]
             if asked:
-                self._send_pages(asked, frame)
+                if sock < 0:  # not running: built and checked as any message
+                    self._send_pages(asked)
                 if trace.ENABLED:
                     for block, page in asked:
                         trace.mark("fault-read", block, page, read_ns)
@@ -404,13 +409,13 @@ class Client:
             self._send(request)
         self._wake(wakes)
 
-    def _send_pages(self, pages: list[tuple[int, int]], frame: bytes = b"") -> None:
+    def _send_pages(self, pages: list[tuple[int, int]]) -> None:
         """Ask for pages the pager took, in one ClientRequest: encoded straight from the pages while
-        running (a ClientRequest keeps the phase: nothing for the state machine to advance), or
-        ``frame``, the C lane's encoding of them, else built and checked as any message."""
+        running (a ClientRequest keeps the phase: nothing for the state machine to advance),
+        else built and checked as any message."""
         with self._send_lock:
             if self._control.phase is Phase.RUNNING:
-                self._channel.send_frame(frame or encode_client_request(pages))
+                self._channel.send_frame(encode_client_request(pages))
                 return
         self._send(ClientRequest(runs=tuple(PageRun(block=block, first=page, count=1) for block, page in pages)))
 

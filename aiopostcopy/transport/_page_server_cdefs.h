@@ -73,7 +73,7 @@ struct cl_lane { uint8_t *const *states; const uint64_t *pages; const uint64_t *
 
 int cl_faults(struct cl_lane *lane, const uint64_t *slots, uint32_t count, uint64_t pagefault_code,
               uint64_t *asked, uint32_t *nasked, uint64_t *wakes, uint32_t *nwakes, uint64_t *tids,
-              uint8_t *frame, int *frame_len);
+              uint8_t *frame, int *frame_len, int sock, int *sent);
 int cl_placed(struct cl_lane *lane, const uint8_t *buf, size_t len, uint64_t *runs, uint32_t max_runs,
               uint32_t *nruns, uint64_t *settled, size_t *consumed);
 int cl_receive(struct cl_lane *lane, int sock, uint8_t *buf, size_t cap, int *fds, uint32_t max_fds, uint32_t *nfds,

@@ -824,11 +824,13 @@ static int cl_translate(const struct cl_lane *lane, uint64_t address, uint64_t *
  * from the first; the rest start with a message that is not a page fault or lies outside the
  * table. The pages made ASKED are listed in `asked` ((block, page) pairs, *nasked of them, at most
  * RQ_MAX_PAGES: the read stops when it is full), their ClientRequest frame is in `frame`
- * (*frame_len bytes, 0: none), the (address, length) of each page known placed that faulted
- * again in `wakes` (*nwakes, at most `count`), and each fault's thread id in `tids`. */
+ * (*frame_len bytes, 0: none) and, when `sock` is not -1, send()s it there without blocking
+ * (*sent: the bytes the socket took; the caller holds every other writer off and writes the rest);
+ * the (address, length) of each page known placed that faulted again is in `wakes` (*nwakes, at
+ * most `count`), and each fault's thread id in `tids`. */
 int cl_faults(struct cl_lane *lane, const uint64_t *slots, uint32_t count, uint64_t pagefault_code,
               uint64_t *asked, uint32_t *nasked, uint64_t *wakes, uint32_t *nwakes, uint64_t *tids,
-              uint8_t *frame, int *frame_len)
+              uint8_t *frame, int *frame_len, int sock, int *sent)
 {
     uint32_t i, n = 0, w = 0;
     for (i = 0; i < count; i++) {
@@ -860,10 +862,15 @@ int cl_faults(struct cl_lane *lane, const uint64_t *slots, uint32_t count, uint6
     *nasked = n;
     *nwakes = w;
     *frame_len = 0;
+    *sent = 0;
     if (n) {
         lane->requested_pages += n;
         lane->requests++;
-        *frame_len = rq_encode_runs(CL_TYPE_CLIENT_REQUEST, asked, n, frame);
+        int len = rq_encode_runs(CL_TYPE_CLIENT_REQUEST, asked, n, frame);
+        if (sock >= 0)
+            rq_write(sock, frame, len, frame_len, sent);
+        else
+            *frame_len = len;
     }
     return (int)i;
 }

@@ -71,7 +71,7 @@ class ClientLane:
             (:data:`aiopostcopy.uffd.events.PAGEFAULT_CODE`).
     """
 
-    __slots__ = ("_keep", "_lane", "_code", "_asked", "_wakes", "_tids", "_counts", "_frame", "_frame_len",
+    __slots__ = ("_keep", "_lane", "_code", "_asked", "_wakes", "_tids", "_counts", "_frame", "_lengths",
                  "_runs", "_settled", "_consumed", "_fds", "_truncated", "_wake_error")
 
     def __init__(self, states: Sequence[bytearray], table: MappingTable, uffd: int, pagefault_code: int) -> None:
@@ -103,7 +103,7 @@ class ClientLane:
         self._tids = ffi.new("uint64_t[]", MAX_MESSAGES)
         self._counts = ffi.new("uint32_t[2]")
         self._frame = ffi.new("uint8_t[]", lib.RQ_FRAME_BYTES)
-        self._frame_len = ffi.new("int *")
+        self._lengths = ffi.new("int[2]")  # a frame's bytes, and those the socket took
         self._runs = ffi.new("uint64_t[]", 3 * MAX_PLACED_RUNS)
         self._settled = ffi.new("uint64_t *")
         self._consumed = ffi.new("size_t *")
@@ -111,41 +111,47 @@ class ClientLane:
         self._truncated = ffi.new("int *")
         self._wake_error = ffi.new("int *")
 
-    def faults(self, slots_address: int, count: int) -> tuple[int, list[tuple[int, int]], bytes,
-                                                            list[tuple[int, int]], list[int]]:
+    def faults(self, slots_address: int, count: int, sock: int = -1) -> tuple[int, list[tuple[int, int]], bytes,
+                                                                           list[tuple[int, int]], list[int]]:
         """Take the page faults at the front of one read's flattened messages.
 
         Args:
             slots_address, count: the read's messages, as the uffd binding flattened them
                 (:attr:`~aiopostcopy.uffd.userfaultfd.Userfaultfd.slots_address`), at most
                 :data:`MAX_MESSAGES`.
+            sock: where to ``send()`` their ClientRequest frame without blocking (the control
+                socket, with every other writer held off and nothing queued ahead), or -1.
 
         Returns:
-            ``(taken, asked, frame, wakes, thread_ids)``: how many messages were taken (from
+            ``(taken, asked, rest, wakes, thread_ids)``: how many messages were taken (from
             the first; the rest begin with one the caller decodes), the ``(block, page)``
-            pairs made ASKED, in the order faulted, and their ClientRequest frame (empty when
-            none), the ``(address, length)`` ranges of pages known placed that faulted again
-            (NONE again: the caller wakes them), and the thread id of each fault taken.
+            pairs made ASKED, in the order faulted, the bytes of their ClientRequest frame the
+            socket did not take (the whole frame without ``sock``, or when ``send()`` failed;
+            empty when nothing was asked for), the ``(address, length)`` ranges of pages known
+            placed that faulted again (NONE again: the caller wakes them), and the thread id
+            of each fault taken.
         """
         if not 0 <= count <= MAX_MESSAGES:
             raise ValueError(f"{count} messages: the lane takes at most {MAX_MESSAGES} at once")
-        counts = self._counts
+        counts, lengths = self._counts, self._lengths
         taken = lib.cl_faults(self._lane, ffi.cast("uint64_t *", slots_address), count, self._code, self._asked,
-                              counts, self._wakes, counts + 1, self._tids, self._frame, self._frame_len)
+                              counts, self._wakes, counts + 1, self._tids, self._frame, lengths, sock, lengths + 1)
         nasked, nwakes = counts[0], counts[1]
         asked_c = self._asked
         if nasked == 1:  # the usual read: one fault
-            asked, frame = [(asked_c[0], asked_c[1])], ffi.buffer(self._frame, self._frame_len[0])[:]
+            asked = [(asked_c[0], asked_c[1])]
         elif nasked:
             values = ffi.unpack(asked_c, 2 * nasked)
-            asked, frame = list(zip(values[0::2], values[1::2])), ffi.buffer(self._frame, self._frame_len[0])[:]
+            asked = list(zip(values[0::2], values[1::2]))
         else:
-            asked, frame = [], b""
+            asked = []
+        length, sent = lengths[0], lengths[1]
+        rest = ffi.buffer(self._frame, length)[sent:] if sent < length else b""
         wakes: list[tuple[int, int]] = []
         if nwakes:
             values = ffi.unpack(self._wakes, 2 * nwakes)
             wakes = list(zip(values[0::2], values[1::2]))
-        return taken, asked, frame, wakes, ffi.unpack(self._tids, taken) if taken else []
+        return taken, asked, rest, wakes, ffi.unpack(self._tids, taken) if taken else []
 
     def placed(self, buffer: bytearray, start: int, end: int) -> tuple[int, int, list[tuple[int, int, int]]]:
         """Take the Placed frames at the front of ``buffer[start:end]`` (the control socket's bytes,

@@ -420,6 +420,18 @@ class BlockingControlChannel(_FdSocket):
             self._out.append((memoryview(frame), []))
             self._push_all()
 
+    def write_fd(self) -> int:
+        """The socket's descriptor, for one frame written straight onto it by a caller that holds
+        every other writer of this channel off (a self-served client's C lane); -1 while frames
+        wait ahead of it.  What the socket does not take goes next through :meth:`send_frame`.
+
+        Raises:
+            ClosedError: the channel is closed.
+        """
+        with self._send_lock:
+            sock = self._check_open()
+            return -1 if self._out else sock.fileno()
+
     def _push_all(self) -> None:
         """Send what is queued, waiting up to ``send_timeout`` for room (send lock held)."""
         deadline = time.monotonic() + self.send_timeout

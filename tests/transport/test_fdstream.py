@@ -219,6 +219,23 @@ def test_a_peer_that_does_not_read_makes_send_time_out_and_reading_times_out_too
         b.close()
 
 
+def test_write_fd_is_the_socket_while_nothing_waits_and_minus_one_behind_a_timed_out_frame() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    channel = BlockingControlChannel(a, send_timeout=0.05)
+    big = Error(code=ErrorCode.PROTOCOL, text="x" * 4000)
+    try:
+        assert channel.write_fd() == a.fileno()
+        with pytest.raises(TimeoutError):
+            for _ in range(10_000):  # far more than the socket buffers hold: a frame stays queued
+                channel.send_frame(encode(big))
+        assert channel.write_fd() == -1  # a frame written now would overtake it
+    finally:
+        channel.close()
+        b.close()
+    with pytest.raises(ClosedError):
+        channel.write_fd()
+
+
 def test_a_peer_gone_makes_send_fail_with_an_os_error() -> None:
     left, right = blocking_pair()
     right.close()

@@ -263,3 +263,26 @@ def test_receive_leaves_bytes_that_bring_descriptors_and_a_partial_frame_to_the_
         assert ch.channel.receive_nowait(placed, receiver(c)) == [CONNECTION_CLOSED]
     finally:
         ch.close()
+
+
+def test_the_client_request_is_written_on_the_socket_given_and_what_it_did_not_take_is_returned(res) -> None:
+    c = Client(res)
+    ours, peer = socket.socketpair()
+    try:
+        slots = flatten([(PAGEFAULT_CODE, c.address(0, 7), 3), (PAGEFAULT_CODE, c.address(0, 8), 3)])
+        taken, asked, rest, _, _ = c.lane.faults(slots.buffer_info()[0], 2, ours.fileno())
+        assert (taken, asked, rest) == (2, [(0, 7), (0, 8)], b"")
+        assert peer.recv(4096) == encode_client_request([(0, 7), (0, 8)])
+        ours.setblocking(False)
+        while True:  # fill the socket until it takes nothing more
+            try:
+                ours.send(b"\0" * 65536)
+            except BlockingIOError:
+                break
+        slots = flatten([(PAGEFAULT_CODE, c.address(1, 2), 3)])
+        taken, asked, rest, _, _ = c.lane.faults(slots.buffer_info()[0], 1, ours.fileno())
+        assert (taken, asked, rest) == (1, [(1, 2)], encode_client_request([(1, 2)]))  # all of it left
+        assert c.states()[1][2] == ASKED
+    finally:
+        ours.close()
+        peer.close()
