@@ -19,7 +19,8 @@ from collections.abc import Iterable
 __all__ = ["PageSet"]
 
 _IN, _OUT = 1, 0
-_FILL = {_IN: b"\x01", _OUT: b"\x00"}
+_CHUNK = 1 << 20  # pages filled per slice assignment: no temporary larger than this
+_FILL = {_IN: memoryview(b"\x01" * _CHUNK), _OUT: memoryview(bytes(_CHUNK))}
 
 
 class PageSet:
@@ -58,7 +59,10 @@ class PageSet:
                 self._members += 1 if value else -1
             return
         changed = data.count(1 - value, start, stop)
-        data[start:stop] = _FILL[value] * (stop - start)
+        fill = _FILL[value]
+        for at in range(start, stop, _CHUNK):
+            end = min(stop, at + _CHUNK)
+            data[at:end] = fill[:end - at]
         self._members += changed if value else -changed
 
     def __contains__(self, page: object) -> bool:

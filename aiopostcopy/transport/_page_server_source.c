@@ -71,6 +71,7 @@
 #define CL_TYPE_CLIENT_REQUEST 25  /* message codes (aiopostcopy.messages) */
 #define CL_TYPE_PLACED 26
 #define CL_MAX_FDS 64        /* descriptors one cl_receive() takes with its bytes */
+#define CL_MAX_RUN_PAGES (1ull << 32)  /* a run's longest count (aiopostcopy.transport.wire) */
 
 struct ps_block {
     int fd;                  /* the block's file, read with pread */
@@ -879,7 +880,8 @@ int cl_faults(struct cl_lane *lane, const uint64_t *slots, uint32_t count, uint6
  * woken through the lane's userfaultfd. Returns the bytes of the frames taken (*consumed, a
  * frame's end) and, in *settled, how many of their pages were ASKED; the runs of the frames in
  * `runs` ((block, first, count) triples, *nruns, at most max_runs). 0 from the call, or -errno
- * when a wake failed (that frame's pages are marked: the client fails). */
+ * when a wake failed (the runs of that frame up to the one that failed are marked; the client
+ * fails). */
 int cl_placed(struct cl_lane *lane, const uint8_t *buf, size_t len, uint64_t *runs, uint32_t max_runs,
               uint32_t *nruns, uint64_t *settled, size_t *consumed)
 {
@@ -905,9 +907,9 @@ int cl_placed(struct cl_lane *lane, const uint8_t *buf, size_t len, uint64_t *ru
             q += took;
             for (int v = 0; v < 3 && took; v++)
                 q += took = ps_get_uint(q, end, &run[v]);
-            if (!took || run[0] >= lane->nblocks || run[2] == 0 || run[1] >= lane->pages[run[0]]
-                || run[2] > lane->pages[run[0]] - run[1])
-                break;  /* not a run inside the blocks: the decoder says why */
+            if (!took || run[0] >= lane->nblocks || run[2] == 0 || run[2] > CL_MAX_RUN_PAGES
+                || run[1] >= lane->pages[run[0]] || run[2] > lane->pages[run[0]] - run[1])
+                break;  /* not a run inside the blocks, or longer than a run may be: the decoder says why */
         }
         if (j < k || q != end)
             break;
@@ -967,9 +969,18 @@ int cl_receive(struct cl_lane *lane, int sock, uint8_t *buf, size_t cap, int *fd
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
         if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
             continue;
+        const uint8_t *data = CMSG_DATA(c);
         uint32_t n = (uint32_t)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-        memcpy(fds + *nfds, CMSG_DATA(c), n * sizeof(int));
-        *nfds += n;
+        for (uint32_t k = 0; k < n; k++) {  /* the space rounds up: more than max_fds may come */
+            int fd;
+            memcpy(&fd, data + k * sizeof(int), sizeof(int));
+            if (*nfds < max_fds) {
+                fds[(*nfds)++] = fd;
+            } else {
+                close(fd);
+                *truncated = 1;
+            }
+        }
     }
     if (got > 0 && *nfds == 0 && !*truncated)
         *wake_error = cl_placed(lane, buf, (size_t)got, runs, max_runs, nruns, settled, consumed);

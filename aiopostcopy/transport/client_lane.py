@@ -163,8 +163,11 @@ class ClientLane:
             count)``.
 
         Raises:
-            UffdError: a wake failed (the pages of that frame are marked; the client fails).
+            UffdError: a wake failed (the runs of that frame up to it are marked; the client fails).
+            ValueError: ``start`` and ``end`` are not within ``buffer``.
         """
+        if not 0 <= start <= end <= len(buffer):
+            raise ValueError(f"bytes [{start}, {end}) of a buffer of {len(buffer)}")
         runs_c = self._runs
         rc = lib.cl_placed(self._lane, ffi.from_buffer("uint8_t[]", buffer) + start, end - start, runs_c,
                            MAX_PLACED_RUNS, self._counts, self._settled, self._consumed)
@@ -193,7 +196,7 @@ class ClientLane:
             runs taken.
 
         Raises:
-            UffdError: a wake failed (the pages of that frame are marked; the client fails).
+            UffdError: a wake failed (the runs of that frame up to it are marked; the client fails).
         """
         counts, runs_c = self._counts, self._runs
         got = lib.cl_receive(self._lane, sock, ffi.from_buffer("uint8_t[]", buffer, require_writable=True),

@@ -53,3 +53,11 @@ def test_it_answers_as_a_set_of_pages_and_as_the_range_set_does(ops, queries) ->
         assert pages.first_gap_from(value, limit) == ranges.first_gap_from(value, min(limit, PAGES))
         assert pages.covers(value, limit) == ranges.covers(value, min(limit, PAGES))
     assert PageSet(PAGES, pages.runs()).runs() == pages.runs()
+
+
+def test_a_run_longer_than_one_fill_is_filled_whole() -> None:
+    pages = PageSet((1 << 21) + 5)
+    pages.add(3, (1 << 21) + 4)
+    assert pages.runs() == [(3, (1 << 21) + 4)] and pages.total() == (1 << 21) + 1
+    pages.subtract(0, (1 << 21) + 5)
+    assert pages.runs() == [] and pages.total() == 0

@@ -156,6 +156,13 @@ def test_a_frame_it_does_not_take_is_left_whole_to_the_decoder(res, frame, refus
             c.pager.placed_runs(decoder.take_placed())
 
 
+def test_placed_refuses_bounds_outside_its_buffer(res) -> None:
+    c = Client(res)
+    for start, end in ((2, 9), (-1, 2), (3, 2)):
+        with pytest.raises(ValueError):
+            c.lane.placed(bytearray(8), start, end)
+
+
 def test_a_placed_page_that_faults_again_is_asked_for_again_and_its_thread_woken(res) -> None:
     c = Client(res)
     lane_read(c, [(PAGEFAULT_CODE, c.address(0, 2), 1)])
@@ -286,3 +293,19 @@ def test_the_client_request_is_written_on_the_socket_given_and_what_it_did_not_t
     finally:
         ours.close()
         peer.close()
+
+
+def test_more_descriptors_than_the_lane_takes_are_refused_and_none_is_left_open(res) -> None:
+    c, ch = Client(res), Channel(res)
+    try:
+        r, w = os.pipe()
+        try:
+            socket.send_fds(ch.peer, [encode_placed((PageRun(block=0, first=2, count=1),))], [r] * 65)
+        finally:
+            os.close(r)
+            os.close(w)
+        with pytest.raises(RemoteProtocolError, match="too many file descriptors"):
+            ch.channel.receive_nowait([], receiver(c))
+        assert c.states()[0][2] == NONE
+    finally:
+        ch.close()  # closes the descriptors that came: the leak check after the test finds none
