@@ -258,12 +258,13 @@ class Client:
         (the state machine keeps RUNNING for a Placed then, so there is nothing to step)."""
         placed: list[tuple[int, int, int]] | None = (
             [] if self._pager is not None and self._control.phase is Phase.RUNNING else None)
+        read_ns = time.monotonic_ns() if trace.ENABLED else 0
         try:
             events = self._channel.receive_nowait(placed, self._lane_receive if self._lane is not None else None)
         except ConnectionError:
             return [CONNECTION_CLOSED]
         if placed:
-            self._on_placed(placed)
+            self._on_placed(placed, read_ns)
         for event in events:
             if not isinstance(event, ConnectionClosed):
                 self._control.receive(event)
@@ -309,7 +310,7 @@ class Client:
     def _on_events(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, Placed):  # the state machine admits it in self-served mode only
-                self._on_placed([(run.block, run.first, run.count) for run in event.runs])
+                self._on_placed([(run.block, run.first, run.count) for run in event.runs], 0)
             elif isinstance(event, End):
                 if event.complete and self._pager is not None:
                     while self._uffd.read_events(64):  # queued faults: every page is in, just wake
@@ -340,11 +341,12 @@ class Client:
                 trace.mark("client-woke", block, first)
         return got, consumed, fds, truncated
 
-    def _on_placed(self, runs: list[tuple[int, int, int]]) -> None:
-        """The service placed these runs ``(block, first, count)``: wake our threads waiting there."""
+    def _on_placed(self, runs: list[tuple[int, int, int]], read_ns: int) -> None:
+        """The service placed these runs ``(block, first, count)``: wake our threads waiting there
+        (``read_ns``: when the read that brought them began, for the trace; 0: now)."""
         if trace.ENABLED:
             for block, first, _count in runs:
-                trace.mark("placed-read", block, first)
+                trace.mark("placed-read", block, first, read_ns or None)
         self._wake(self._pager.placed_runs(runs))  # type: ignore[union-attr]  (Placed: self-served only)
         if trace.ENABLED:
             for block, first, _count in runs:

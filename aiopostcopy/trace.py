@@ -26,8 +26,9 @@ The points, in path order (the first page of a run stands for the run)::
     woken          dest      the page is placed and its waiters woken (a self-served
                              client's thread: placed, the client not told yet)
     placed-sent    dest      Placed naming the page was written to the client (self-served)
-    placed-read    client    the client's thread has decoded that Placed (self-served)
-    client-woke    client    its UFFDIO_WAKE returned (self-served)
+    placed-read    client    the client's thread began the read that brought that Placed
+                             (self-served)
+    client-woke    client    it was read and its UFFDIO_WAKE returned (self-served)
     resumed        worker    the touching thread runs again
 
 ``client`` is the self-served client's own thread, inside the worker process.

@@ -52,8 +52,8 @@ HOPS = {
     ("src-reply", "answer-read"): "reply on the wire -> the destination's loop takes it up",
     ("answer-read", "woken"): "destination: decode, place (UFFDIO_COPY; delegated: it wakes)",
     ("woken", "placed-sent"): "service: account, write Placed",
-    ("placed-sent", "placed-read"): "Placed -> decoded by the client",
-    ("placed-read", "client-woke"): "client: UFFDIO_WAKE",
+    ("placed-sent", "placed-read"): "Placed -> the client begins the read (a wake-up)",
+    ("placed-read", "client-woke"): "client: read the Placed, UFFDIO_WAKE",
     ("client-woke", "resumed"): "woken -> the faulting thread runs again",
     ("woken", "resumed"): "woken -> the faulting thread runs again",
 }

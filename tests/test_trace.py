@@ -71,7 +71,7 @@ def test_report_gives_self_served_faults_their_own_table(tmp_path: pathlib.Path)
     assert [line.split("  ")[0] for line in table[:3]] == [
         "fault -> its reader begins the read (uffd wake-up)", "client: read -> ClientRequest written",
         "ClientRequest -> decoded by the service"]
-    assert "     50.0" in table[9]  # Placed -> decoded by the client: 50 us
+    assert "     50.0" in table[9]  # Placed -> the client begins the read: 50 us
     assert table[-1].startswith("total, in the faulting thread") and "    300.0" in table[-1]
     assert "    100.0" in lines[served_at - 1]  # the delegated table's total ends before it
     assert delegated_at < served_at
