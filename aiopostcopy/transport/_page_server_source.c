@@ -539,10 +539,13 @@ void rq_forget_fd(struct rq_lane *lane, int uffd)
             lane->pending[i].uffd = -1;
 }
 
-/* Where `address` falls: 0 and *block, *page set, or -1 (no entry covers it).
- * table: n entries of (start, length, block, offset), sorted by start. */
-static int rq_translate(const struct rq_lane *lane, const uint64_t *table, uint32_t n,
-                        uint64_t address, uint64_t *block, uint64_t *page, uint64_t *page_address)
+/* Where `address` falls in a mapping table: 0 with *block, *page and *page_address (the page's
+ * address in that space) set, or -1 (no entry covers it, or it names no page of the blocks).
+ * table: n entries of (start, length, block, offset), sorted by start, not overlapping; the
+ * blocks: nblocks of them, each of pages[b] pages of page_size[b] bytes. */
+static int ps_translate(const uint64_t *table, uint32_t n, uint32_t nblocks, const uint64_t *pages,
+                        const uint64_t *page_size, uint64_t address, uint64_t *block, uint64_t *page,
+                        uint64_t *page_address)
 {
     uint32_t low = 0, high = n;
     while (low < high) {  /* the first entry starting after address */
@@ -555,14 +558,14 @@ static int rq_translate(const struct rq_lane *lane, const uint64_t *table, uint3
     if (low == 0)
         return -1;
     const uint64_t *e = table + 4 * (low - 1);
-    if (address - e[0] >= e[1] || e[2] >= lane->nblocks)
+    if (address - e[0] >= e[1] || e[2] >= nblocks)
         return -1;
-    uint64_t b = e[2], p = (e[3] + address - e[0]) / lane->page_size[b];
-    if (p >= lane->pages[b])
+    uint64_t b = e[2], p = (e[3] + address - e[0]) / page_size[b];
+    if (p >= pages[b])
         return -1;
     *block = b;
     *page = p;
-    *page_address = e[0] + p * lane->page_size[b] - e[3];
+    *page_address = e[0] + p * page_size[b] - e[3];
     return 0;
 }
 
@@ -640,7 +643,8 @@ int rq_send(const struct rq_lane *lane, int sock, int uffd, const uint64_t *slot
     for (uint32_t i = 0; i < count && n < budget; i++) {
         const uint64_t *slot = slots + 4 * i;
         uint64_t block, page, page_address;
-        if (slot[0] != pagefault_code || rq_translate(lane, table, ntable, slot[2], &block, &page, &page_address))
+        if (slot[0] != pagefault_code || ps_translate(table, ntable, lane->nblocks, lane->pages, lane->page_size,
+                                                      slot[2], &block, &page, &page_address))
             continue;
         if (lane->states[block][page] != RQ_MISSING || rq_seen(asked, n, block, page))
             continue;
@@ -797,30 +801,6 @@ struct cl_lane {
     uint64_t faults, joined, woken_at_once, requested_pages, requests, placed_pages, wakes;  /* totals */
 };
 
-/* Where `address` falls in the client's table: 0 with *block and *page set, or -1. */
-static int cl_translate(const struct cl_lane *lane, uint64_t address, uint64_t *block, uint64_t *page)
-{
-    uint32_t low = 0, high = lane->ntable;
-    while (low < high) {  /* the first entry starting after address */
-        uint32_t mid = low + (high - low) / 2;
-        if (lane->table[4 * mid] <= address)
-            low = mid + 1;
-        else
-            high = mid;
-    }
-    if (low == 0)
-        return -1;
-    const uint64_t *e = lane->table + 4 * (low - 1);
-    if (address - e[0] >= e[1] || e[2] >= lane->nblocks)
-        return -1;
-    uint64_t b = e[2], p = (e[3] + address - e[0]) / lane->page_size[b];
-    if (p >= lane->pages[b])
-        return -1;
-    *block = b;
-    *page = p;
-    return 0;
-}
-
 /* One read's flattened messages (`count` of CL slots each, `slots`): returns how many were taken,
  * from the first; the rest start with a message that is not a page fault or lies outside the
  * table. The pages made ASKED are listed in `asked` ((block, page) pairs, *nasked of them, at most
@@ -836,8 +816,9 @@ int cl_faults(struct cl_lane *lane, const uint64_t *slots, uint32_t count, uint6
     uint32_t i, n = 0, w = 0;
     for (i = 0; i < count; i++) {
         const uint64_t *slot = slots + 4 * i;
-        uint64_t block, page;
-        if (slot[0] != pagefault_code || cl_translate(lane, slot[2], &block, &page))
+        uint64_t block, page, page_address;
+        if (slot[0] != pagefault_code || ps_translate(lane->table, lane->ntable, lane->nblocks, lane->pages,
+                                                      lane->page_size, slot[2], &block, &page, &page_address))
             break;
         uint8_t *state = &lane->states[block][page];
         if (*state == CL_NONE) {

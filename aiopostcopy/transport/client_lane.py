@@ -168,20 +168,11 @@ class ClientLane:
         """
         if not 0 <= start <= end <= len(buffer):
             raise ValueError(f"bytes [{start}, {end}) of a buffer of {len(buffer)}")
-        runs_c = self._runs
-        rc = lib.cl_placed(self._lane, ffi.from_buffer("uint8_t[]", buffer) + start, end - start, runs_c,
+        rc = lib.cl_placed(self._lane, ffi.from_buffer("uint8_t[]", buffer) + start, end - start, self._runs,
                            MAX_PLACED_RUNS, self._counts, self._settled, self._consumed)
         if rc < 0:
             raise UffdError(-rc, f"UFFDIO_WAKE of a placed run: {os.strerror(-rc)}")
-        nruns = self._counts[0]
-        if nruns == 1:
-            runs = [(runs_c[0], runs_c[1], runs_c[2])]
-        elif nruns:
-            values = ffi.unpack(runs_c, 3 * nruns)
-            runs = list(zip(values[0::3], values[1::3], values[2::3]))
-        else:
-            runs = []
-        return self._consumed[0], self._settled[0], runs
+        return self._consumed[0], self._settled[0], self._runs_taken(self._counts[0])
 
     def receive(self, sock: int, buffer: memoryview) -> tuple[int, int, int, list[int], bool,
                                                             list[tuple[int, int, int]]]:
@@ -198,22 +189,22 @@ class ClientLane:
         Raises:
             UffdError: a wake failed (the runs of that frame up to it are marked; the client fails).
         """
-        counts, runs_c = self._counts, self._runs
+        counts = self._counts
         got = lib.cl_receive(self._lane, sock, ffi.from_buffer("uint8_t[]", buffer, require_writable=True),
-                             len(buffer), self._fds, lib.CL_MAX_FDS, counts, self._truncated, runs_c,
+                             len(buffer), self._fds, lib.CL_MAX_FDS, counts, self._truncated, self._runs,
                              MAX_PLACED_RUNS, counts + 1, self._settled, self._consumed, self._wake_error)
         if self._wake_error[0]:
             raise UffdError(-self._wake_error[0], f"UFFDIO_WAKE of a placed run: {os.strerror(-self._wake_error[0])}")
-        nfds, nruns = counts[0], counts[1]
-        fds = ffi.unpack(self._fds, nfds) if nfds else []
-        if nruns == 1:
-            runs = [(runs_c[0], runs_c[1], runs_c[2])]
-        elif nruns:
-            values = ffi.unpack(runs_c, 3 * nruns)
-            runs = list(zip(values[0::3], values[1::3], values[2::3]))
-        else:
-            runs = []
-        return got, self._consumed[0], self._settled[0], fds, bool(self._truncated[0]), runs
+        fds = ffi.unpack(self._fds, counts[0]) if counts[0] else []
+        return got, self._consumed[0], self._settled[0], fds, bool(self._truncated[0]), self._runs_taken(counts[1])
+
+    def _runs_taken(self, count: int) -> list[tuple[int, int, int]]:
+        """The first ``count`` runs the last call took, as ``(block, first, count)``."""
+        runs = self._runs
+        if count == 1:  # the usual read: one Placed of one run
+            return [(runs[0], runs[1], runs[2])]
+        values = ffi.unpack(runs, 3 * count) if count else []
+        return list(zip(values[0::3], values[1::3], values[2::3]))
 
     def totals(self) -> dict[str, int]:
         """The lane's counts since it was made, named as the pager's statistics name them

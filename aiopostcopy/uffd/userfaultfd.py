@@ -444,17 +444,6 @@ class Userfaultfd:
             ValueError: max_events < 1.
             UffdError: the read failed. ClosedError: after close().
         """
-        buf = self._buffer
-        if max_events > buf.capacity:
-            buf.grow(max_events)
-        elif max_events < 1:
-            raise ValueError("max_events must be at least 1")
-        while True:
-            n = _read_msgs(self._fd, buf.msgs, max_events, buf.slots)
-            if n > 0:
-                return decode_events(buf.view, n)
-            if n == 0 or n == -_EAGAIN:
-                return []
-            if n != -_EINTR:
-                raise self._error(-n, "read(userfaultfd)")
+        count = self.read_flat(max_events)
+        return decode_events(self._buffer.view, count) if count else []
 
