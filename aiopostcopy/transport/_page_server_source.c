@@ -782,11 +782,13 @@ int rq_place(struct rq_lane *lane, const uint8_t *buf, size_t len, uint64_t *pla
  *   - cl_placed() takes the control socket's bytes at a frame's start: while
  *     they are Placed frames of a few runs inside the blocks (the form the
  *     service writes), their pages become KNOWN_PLACED and each run is woken
- *     with UFFDIO_WAKE. It stops at anything else, which the decoder decodes.
+ *     with UFFDIO_WAKE. It stops at anything else, which the decoder decodes;
+ *     cl_receive() makes the socket's recvmsg() and then calls it.
  *
- * The caller uses the lane only while the pager queues nothing (every fault
- * read is asked for at once) and the client is running; the lane keeps the
- * pager's counts (cl_lane's totals) and the caller adds them to its own.
+ * The caller uses cl_faults() only while the pager queues nothing (every
+ * fault read is asked for at once), and cl_receive() while the client runs
+ * and its decoder holds nothing; the lane keeps the pager's counts (cl_lane's
+ * totals) and the caller adds them to its own.
  */
 
 struct cl_lane {
