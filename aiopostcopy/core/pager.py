@@ -22,6 +22,13 @@ of that, built from the pieces the service's session uses:
   merging: :meth:`Pager.take_pages` hands its pages over as they are, for one
   ClientRequest the client encodes itself.
 
+The client does those usual steps in C when it can
+(:mod:`aiopostcopy.transport.client_lane`): while nothing is queued here
+(:meth:`Pager.lane_ready`), the lane steps the same state bytes
+(:attr:`Pager.states`) for a read's faults and for the Placed frames it takes,
+counts what it did, and tells the pager what its in-flight count and
+per-thread tally need (:meth:`Pager.lane_took`, :meth:`Pager.lane_settled`).
+
 A fault on a page known placed is woken at once (the fault raced the
 Placed message) and the page is forgotten, so a later fault on it (the page
 was dropped since) asks again.  A fault on a page already queued or

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from aiopostcopy.errors import LocalProtocolError, RemoteProtocolError
 from aiopostcopy.messages import (
     LIMITS, MESSAGE_TYPES, Ack, BlockInfo, Blocks, Channel, ClientHello, ClientMode, Complete, Error,
-    Discard, ErrorCode, Hello, Limits, PageRun, Pages, Ping, Register, Request, Resume, Role, Zero,
+    Discard, ErrorCode, Hello, Limits, PageRun, Pages, Ping, Placed, Register, Request, Resume, Role, Zero,
 )
 from aiopostcopy.transport.wire import (
     CONNECTION_CLOSED, ConnectionClosed, Decoder, encode, encode_pages_header, header_budget,
@@ -284,3 +284,17 @@ def test_control_messages_round_trip() -> None:
             Blocks(session_id="s", blocks=(BlockInfo(name="ram", length=8192, page_size=4096),)),
             Register(mappings=((0x7F0000000000, 8192, 0, 0),))]
     assert feed_chunks(Decoder(), [b"".join(map(encode, msgs))]) == msgs
+
+
+def test_idle_says_the_next_bytes_begin_a_frame() -> None:
+    frame = encode(Placed(runs=(PageRun(block=0, first=3, count=1),)))
+    decoder = Decoder()
+    assert decoder.idle
+    decoder.receive_data(frame[:5])
+    assert not decoder.idle  # part of a frame
+    decoder.receive_data(frame[5:])
+    assert not decoder.idle  # a whole frame, not decoded yet
+    assert decoder.next_event() == Placed(runs=(PageRun(block=0, first=3, count=1),))
+    assert decoder.idle
+    decoder.receive_data(b"")
+    assert not decoder.idle  # after EOF nothing begins
