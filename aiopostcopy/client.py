@@ -369,7 +369,8 @@ class Client:
         read_ns = time.monotonic_ns() if trace.ENABLED else 0
         pager, lane, uffd = self._pager, self._lane, self._uffd
         if lane is None or not pager.lane_ready():  # type: ignore[union-attr]
-            return self._serve_events(uffd.read_events(64), read_ns)
+            events = uffd.read_events(64)
+            return self._serve_events(events, read_ns, full=len(events) == 64)
         while True:
             count = uffd.read_flat(64)
             with self._send_lock:  # the lane writes the ClientRequest: every other writer waits
@@ -387,19 +388,20 @@ class Client:
                         trace.mark("client-sent", block, page)
             self._wake(wakes)
             if taken < count:  # another event, or a fault outside our mappings: the pager's way
-                return self._serve_events(uffd.events_read(taken, count), read_ns, more=count == 64)
+                return self._serve_events(uffd.events_read(taken, count), read_ns, full=count == 64)
             if count < 64:  # a short read emptied the queue
                 return
 
-    def _serve_events(self, events: list, read_ns: int, *, more: bool | None = None) -> None:
-        """The pager's way of :meth:`_serve_faults`, from ``events`` read already (``more``: the
-        read that brought them was full, so more may be queued; None: as their number says)."""
+    def _serve_events(self, events: list, read_ns: int, *, full: bool) -> None:
+        """The pager's way of :meth:`_serve_faults`, from ``events`` read already (``full``: the
+        read that brought them was full, so more may be queued; a short read emptied the queue)."""
         pager, wakes = self._pager, []
         while True:
             wakes += [w for e in events if type(e) is PageFault and (w := pager.fault(e.address, e.thread_id))]
-            if not (len(events) == 64 if more is None else more):  # a short read emptied the queue
+            if not full:
                 break
-            events, more = self._uffd.read_events(64), None
+            events = self._uffd.read_events(64)
+            full = len(events) == 64
         pages = pager.take_pages()
         if pages is not None:  # the usual read: each fault's page asked for alone, in one frame
             self._send_pages(pages)

@@ -84,9 +84,13 @@ def control_from_client() -> Decoder:
     return Decoder(allowed=CLIENT_SENDS)
 
 
+#: 1 to SHORT_RUNS runs anywhere a run may be: what the shortcuts take.
+few_runs = st.lists(st.tuples(st.integers(0, 1023), st.integers(0, (1 << 46) - 1), st.integers(1, 1 << 32)),
+                    min_size=1, max_size=SHORT_RUNS)
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 1023), st.integers(0, (1 << 46) - 1), st.integers(1, 1 << 32)),
-                min_size=1, max_size=SHORT_RUNS))
+@given(few_runs)
 def test_client_request_of_a_few_runs_is_taken(runs: list[tuple[int, int, int]]) -> None:
     decoder = control_from_client()
     message = ClientRequest(runs=tuple(PageRun(block=b, first=f, count=c) for b, f, c in runs))
@@ -149,8 +153,7 @@ def control_from_service() -> Decoder:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 1023), st.integers(0, (1 << 46) - 1), st.integers(1, 1 << 32)),
-                min_size=1, max_size=SHORT_RUNS))
+@given(few_runs)
 def test_placed_of_a_few_runs_is_taken(runs: list[tuple[int, int, int]]) -> None:
     decoder = control_from_service()
     message = Placed(runs=tuple(PageRun(block=b, first=f, count=c) for b, f, c in runs))
