@@ -18,7 +18,10 @@ exactly once and every fd gets each range once.
 :class:`RunWaiters` is the same idea for self-served clients, which ask by
 ``(block, first, count)`` run: entries are runs sorted by start; taking a
 placed run returns the overlapping pieces and keeps the remainders.  A bound
-on the longest entry keeps the bisection window tight.
+on the longest entry keeps the bisection window tight.  A one-page wait (a
+fault, the usual entry) is kept apart, in a dict per block by page: adding
+and taking one costs a dict operation, and taking a run looks at no more of
+them than the run has pages or the block has one-page waits.
 """
 
 from __future__ import annotations
@@ -176,12 +179,13 @@ class RunWaiters:
         blocks: number of blocks.
     """
 
-    __slots__ = ("_starts", "_entries", "_longest", "_count")
+    __slots__ = ("_starts", "_entries", "_longest", "_pages", "_count")
 
     def __init__(self, blocks: int) -> None:
         self._starts: list[list[int]] = [[] for _ in range(blocks)]
         self._entries: list[list[RunPiece]] = [[] for _ in range(blocks)]
         self._longest = [0] * blocks
+        self._pages: list[dict[int, list[RunPiece]]] = [{} for _ in range(blocks)]  # one-page waits, by page
         self._count = 0
 
     def __len__(self) -> int:
@@ -190,6 +194,14 @@ class RunWaiters:
 
     def add(self, piece: RunPiece) -> None:
         """Record that ``piece.key`` waits for pages ``[start, stop)`` of ``block``."""
+        if piece.stop - piece.start == 1:
+            waiting = self._pages[piece.block].get(piece.start)
+            if waiting is None:
+                self._pages[piece.block][piece.start] = [piece]
+            else:
+                waiting.append(piece)
+            self._count += 1
+            return
         starts = self._starts[piece.block]
         index = bisect_right(starts, piece.start)
         starts.insert(index, piece.start)
@@ -204,6 +216,27 @@ class RunWaiters:
 
     def take(self, block: int, first: int, count: int) -> list[RunPiece]:
         """Remove and return the parts of every wait that fall in the run."""
+        taken = self._take_pages(block, first, count) if self._pages[block] else []
+        if not self._starts[block]:
+            return taken
+        pieces = self._take_runs(block, first, count)
+        return taken + pieces if taken else pieces
+
+    def _take_pages(self, block: int, first: int, count: int) -> list[RunPiece]:
+        pages = self._pages[block]
+        if count == 1:  # a one-page answer: the usual fault's
+            taken = pages.pop(first, None)
+            if taken is None:
+                return []
+        else:
+            stop = first + count
+            found = ([page for page in pages if first <= page < stop] if len(pages) < count
+                     else [page for page in range(first, stop) if page in pages])
+            taken = [piece for page in sorted(found) for piece in pages.pop(page)]
+        self._count -= len(taken)
+        return taken
+
+    def _take_runs(self, block: int, first: int, count: int) -> list[RunPiece]:
         stop = first + count
         low, high = self._window(block, first, stop)
         entries = self._entries[block]
@@ -234,6 +267,14 @@ class RunWaiters:
     def drop_key(self, key: Hashable) -> int:
         """Forget every wait of one client; returns how many entries went."""
         dropped = 0
+        for pages in self._pages:
+            for page, waiting in list(pages.items()):
+                kept = [piece for piece in waiting if piece.key != key]
+                dropped += len(waiting) - len(kept)
+                if kept:
+                    pages[page] = kept
+                else:
+                    del pages[page]
         for block, entries in enumerate(self._entries):
             kept = [entry for entry in entries if entry.key != key]
             dropped += len(entries) - len(kept)
@@ -246,3 +287,6 @@ class RunWaiters:
         """Every wait entry (for live statistics)."""
         for entries in self._entries:
             yield from entries
+        for pages in self._pages:
+            for waiting in pages.values():
+                yield from waiting

@@ -194,6 +194,10 @@ def encode_placed(runs: tuple[PageRun, ...]) -> bytes:
     """The frame of ``Placed(runs)``, byte for byte what :func:`encode` makes, without building
     the message (a self-served client's answer; the runs are a valid Placed's: 1 to
     ``LIMITS.max_runs`` of them)."""
+    if len(runs) == 1:  # one run, the usual answer: its header is far below any limit
+        run = runs[0]
+        header = _PACKER.pack((Placed.TYPE, ((run.block, run.first, run.count),)))
+        return _PREFIX.pack(len(header)) + header
     return _frame((Placed.TYPE, _runs_out(runs)), LIMITS)
 
 

@@ -107,3 +107,34 @@ def test_run_waiters_every_waited_page_answered_once(ops: list[tuple[bool, int, 
     for piece in runs.take(0, 0, 100):
         answered.extend(range(piece.start, piece.stop))
     assert sorted(answered) == sorted(wanted)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(
+    st.tuples(st.just("add"), st.sampled_from("st"), st.integers(0, 30), st.sampled_from([1, 1, 1, 2, 5])),
+    st.tuples(st.just("take"), st.just(""), st.integers(0, 30), st.sampled_from([1, 1, 3, 40])),
+    st.tuples(st.just("drop"), st.sampled_from("st"), st.just(0), st.just(0)),
+), max_size=60))
+def test_run_waiters_one_page_waits_and_runs_agree_with_a_model(ops: list[tuple]) -> None:
+    """One-page waits (kept by page) and longer ones (kept sorted) answered, dropped and listed
+    as one multiset of (key, page) would be, whatever the mix."""
+    runs = RunWaiters(2)
+    model: list[tuple[str, int, int]] = []  # (key, block, page), one per waited page
+    for op, key, first, count in ops:
+        block = first % 2
+        if op == "add":
+            runs.add(RunPiece(key, block, first, first + count, 0.0))
+            model.extend((key, block, page) for page in range(first, first + count))
+        elif op == "take":
+            got = [(piece.key, piece.block, page) for piece in runs.take(block, first, count)
+                   for page in range(piece.start, piece.stop)]
+            expected = [entry for entry in model if entry[1] == block and first <= entry[2] < first + count]
+            assert sorted(got) == sorted(expected)
+            for entry in expected:
+                model.remove(entry)
+        else:
+            runs.drop_key(key)
+            model = [entry for entry in model if entry[0] != key]
+        listed = [(piece.key, piece.block, page) for piece in runs.all() for page in range(piece.start, piece.stop)]
+        assert sorted(listed) == sorted(model)
+    assert len(runs) == len(list(runs.all()))
