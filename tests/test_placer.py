@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import select
@@ -13,7 +14,7 @@ from aiopostcopy.core.commands import Place, PlaceZero
 from aiopostcopy.destination.memory import Staging
 from aiopostcopy.destination import placer
 from aiopostcopy.destination.placer import Interrupted, Placement
-from aiopostcopy.uffd import RegisterMode, SharedMemory, Userfaultfd
+from aiopostcopy.uffd import RegisterMode, SharedMemory, Userfaultfd, placing
 from aiopostcopy.uffd.hugepages import private_mount
 
 PAGE = 4096
@@ -142,3 +143,51 @@ def test_allocation_never_reaches_past_the_run_on_a_huge_tmpfs() -> None:
             shm.close()
     finally:
         mount.__exit__(None, None, None)
+
+
+@pytest.mark.skipif(not placing.available(), reason="the binding was built without the placing thread")
+def test_a_buffers_runs_go_to_the_c_thread_and_a_stopped_run_is_finished_in_python(region) -> None:
+    """A staging buffer's runs are placed by the C thread and reported once, on the loop thread;
+    a run the thread stops in (a page there already) is finished by the Python thread, which
+    writes the right bytes over the page that was there and counts it."""
+    uffd, mapping, placement = region
+    staging = Staging(16 * PAGE)
+    view = staging.view(16 * PAGE)
+    for i in range(16):
+        view[i * PAGE:(i + 1) * PAGE] = bytes([i + 1]) * PAGE
+    one = Staging(PAGE)
+    one.view(PAGE)[:] = b"\xee" * PAGE
+    uffd.copy(mapping.address + 205 * PAGE, one.address, PAGE)  # someone filled page 205
+    commands = [Place(0, 100, 8, 0, (2, 4)), Place(0, 200, 10, 6, ()), PlaceZero(0, 300, 3)]
+    loop = asyncio.new_event_loop()
+    reports: list[tuple] = []
+    done = loop.create_future()
+
+    def on_done(placed, rest, staging_back, error) -> None:
+        reports.append((threading.get_ident(), placed, rest, staging_back, error))
+        done.set_result(None)
+
+    background = placer.BackgroundPlacer(loop, placement, buffers=1, buffer_size=16 * PAGE, on_done=on_done)
+    calls = []
+    original = placement.place
+    placement.place = lambda command, *args, **kwargs: calls.append(command) or original(command, *args, **kwargs)
+    try:
+        background.submit(commands, staging)
+        loop.run_until_complete(asyncio.wait_for(done, 10))
+        loop.run_until_complete(asyncio.sleep(0.05))  # nothing more is reported
+    finally:
+        background.close()
+        loop.close()
+    assert len(reports) == 1
+    thread, placed, rest, staging_back, error = reports[0]
+    assert thread == threading.get_ident() and error is None and rest == [] and staging_back is staging
+    assert sorted(placed, key=lambda p: p[0].first) == [(commands[0], 0), (commands[1], 1), (commands[2], 0)]
+    assert calls == [commands[1]]  # only the stopped run went through Python
+    memory = mapping.buffer()
+    packed = iter(range(16))
+    for page in range(8):  # pages 2 and 3 of the first run are zero; the others packed from payload page 0
+        expected = bytes(PAGE) if page in (2, 3) else bytes([next(packed) + 1]) * PAGE
+        assert bytes(memory[(100 + page) * PAGE:(101 + page) * PAGE]) == expected, f"page {100 + page}"
+    for page in range(10):  # payload pages 6.. (page 205 overwritten with the right bytes)
+        assert bytes(memory[(200 + page) * PAGE:(201 + page) * PAGE]) == bytes([7 + page]) * PAGE, page
+    assert bytes(memory[300 * PAGE:303 * PAGE]) == bytes(3 * PAGE)

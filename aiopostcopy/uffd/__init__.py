@@ -9,7 +9,9 @@ It offers:
   :class:`RemoveEvent`, :class:`UnmapEvent`) in batches;
 * :class:`SharedMemory` and :class:`Mapping`: memfd, /dev/shm and hugetlbfs
   objects and their MAP_SHARED mappings;
-* :class:`HugePageReservation`: grow the huge page pool for a ``with`` block.
+* :class:`HugePageReservation`: grow the huge page pool for a ``with`` block;
+* :class:`~aiopostcopy.uffd.placing.PlacingThread`: runs of pages placed by a
+  C thread that takes no GIL.
 
 Everything kernel-defined comes from the headers through cffi (see
 ``_cdefs.h``); errors are the typed exceptions of :mod:`aiopostcopy.errors`.

@@ -127,6 +127,22 @@ int apc_place_run(int fd, uint64_t dst, uint64_t src, uint64_t page_size, uint64
                   uint64_t *page_out);
 int apc_read_msgs(int fd, void *buf, size_t n, uint64_t *out);  /* count, or -errno */
 
+/* The placing thread (see _source.c): jobs of apc_place_run() in a ring of slots
+ * shared with Python; finished ones counted by apc_placer_placed(). */
+#define APC_NICE_INHERIT ...
+struct apc_job {
+    uint64_t dst; uint64_t src; uint64_t page_size; uint64_t count; uint64_t zero_src; uint64_t start;
+    const uint64_t *zeros; uint64_t nzeros; int notify;
+    int error; uint64_t page;
+    ...;
+};
+struct apc_placer { ...; };
+int apc_placer_start(struct apc_placer *p, int fd, struct apc_job *jobs, uint64_t capacity, int eventfd,
+                     int niceness);
+void apc_placer_submit(struct apc_placer *p, uint64_t count);
+uint64_t apc_placer_placed(struct apc_placer *p);
+int apc_placer_stop(struct apc_placer *p);
+
 int apc_mmap(uint64_t addr, uint64_t len, int prot, int flags, int fd, uint64_t off, uint64_t *out);
 int apc_munmap(uint64_t addr, uint64_t len);
 int apc_mremap(uint64_t old_addr, uint64_t old_len, uint64_t new_len, int flags,

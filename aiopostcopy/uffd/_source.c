@@ -5,6 +5,8 @@
  * integers, makes one system call, and hands back 0 or the errno value (the
  * open helpers hand back the fd or -errno). They hold no state and make no
  * decision; every policy (retry, wake, what an errno means) is in Python.
+ * The one exception to "no state" is the placing thread (apc_placer_*), a
+ * queue of apc_place_run() calls run without the GIL; it decides nothing either.
  * cffi releases the GIL around each call, so a call that blocks (a fault
  * taken by apc_touch, a madvise waiting for its REMOVE event to be read)
  * never stalls the interpreter.
@@ -14,12 +16,14 @@
 #endif
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/vfs.h>
 #include <linux/magic.h>
@@ -222,6 +226,131 @@ int apc_place_run(int fd, uint64_t dst, uint64_t src, uint64_t page_size, uint64
     }
     *page_out = count;
     return 0;
+}
+
+/* ---- the placing thread ------------------------------------------------ */
+
+/*
+ * A thread that runs apc_place_run() for queued jobs, so that placing the
+ * background stream's pages takes no GIL at all. A placing thread written in
+ * Python holds the GIL between its ioctls; when it runs at a raised nice value
+ * (so that the fault path goes first) the scheduler leaves it off the CPU while
+ * it holds the GIL, and the loop thread waits for it: a priority inversion.
+ *
+ * Jobs live in a ring of `capacity` slots shared with Python. Python fills the
+ * slot `submitted % capacity` and bumps `submitted` under the mutex; the thread
+ * runs jobs in order, writes each one's result into its own slot and then
+ * publishes `placed` (release order), so Python reads finished slots without the
+ * mutex. Python never reuses a slot it has not taken back, and a job marked
+ * `notify` writes the eventfd when it is done (the loop watches it).
+ * This is mechanism only: a job that stops (EEXIST, EAGAIN, any errno) reports
+ * the errno and the first page not placed; Python decides what that means.
+ */
+#define APC_NICE_INHERIT (-100)  /* apc_placer_start: keep the nice value of the thread that starts it */
+
+struct apc_job {
+    /* written by Python before submitting: the arguments of apc_place_run() */
+    uint64_t dst, src, page_size, count, zero_src, start;
+    const uint64_t *zeros;
+    uint64_t nzeros;
+    int notify;                  /* write the eventfd when this job is done */
+    /* written by the thread: 0 or the errno that stopped it, and the first page not placed */
+    int error;
+    uint64_t page;
+};
+
+struct apc_placer {
+    int fd, eventfd, niceness;
+    struct apc_job *jobs;
+    uint64_t capacity;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    uint64_t submitted;          /* under lock */
+    uint64_t run;                /* the thread's own: the next job it runs */
+    uint64_t placed;             /* jobs finished: stored by the thread (release), read by Python (acquire) */
+    int stop;
+    pthread_t thread;
+};
+
+static void *apc_placer_main(void *arg)
+{
+    struct apc_placer *p = arg;
+    pthread_setname_np(pthread_self(), "postcopy-placer");  /* as top and perf show it */
+    if (p->niceness != APC_NICE_INHERIT)
+        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), p->niceness);  /* failing is harmless */
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        while (!p->stop && p->run == p->submitted)
+            pthread_cond_wait(&p->wake, &p->lock);
+        if (p->stop)
+            break;
+        uint64_t end = p->submitted;
+        pthread_mutex_unlock(&p->lock);
+        for (; p->run < end; p->run++) {
+            struct apc_job *job = &p->jobs[p->run % p->capacity];
+            uint64_t page = job->start;
+            job->error = apc_place_run(p->fd, job->dst, job->src, job->page_size, job->count, job->zeros,
+                                       job->nzeros, job->zero_src, job->start, &page);
+            job->page = page;
+            __atomic_store_n(&p->placed, p->run + 1, __ATOMIC_RELEASE);
+            if (job->notify) {
+                uint64_t one = 1;
+                ssize_t wrote = write(p->eventfd, &one, sizeof one);  /* EAGAIN: the counter is set already */
+                (void)wrote;
+            }
+            if (__atomic_load_n(&p->stop, __ATOMIC_ACQUIRE))
+                return NULL;
+        }
+        pthread_mutex_lock(&p->lock);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+int apc_placer_start(struct apc_placer *p, int fd, struct apc_job *jobs, uint64_t capacity, int eventfd,
+                     int niceness)
+{
+    if (capacity == 0)
+        return EINVAL;
+    p->fd = fd;
+    p->jobs = jobs;
+    p->capacity = capacity;
+    p->eventfd = eventfd;
+    p->niceness = niceness;
+    p->submitted = p->run = p->placed = 0;
+    p->stop = 0;
+    int rc = pthread_mutex_init(&p->lock, NULL);
+    if (rc)
+        return rc;
+    rc = pthread_cond_init(&p->wake, NULL);
+    if (rc)
+        return rc;
+    return pthread_create(&p->thread, NULL, apc_placer_main, p);
+}
+
+/* Hand the jobs Python wrote into slots [submitted, submitted + count) to the thread. */
+void apc_placer_submit(struct apc_placer *p, uint64_t count)
+{
+    pthread_mutex_lock(&p->lock);
+    p->submitted += count;
+    pthread_mutex_unlock(&p->lock);
+    pthread_cond_signal(&p->wake);  /* after the unlock: the thread wakes to a free mutex */
+}
+
+/* How many jobs have finished (their slots' results may be read). */
+uint64_t apc_placer_placed(struct apc_placer *p)
+{
+    return __atomic_load_n(&p->placed, __ATOMIC_ACQUIRE);
+}
+
+/* Stop after the running job (the rest stay unplaced) and join the thread. */
+int apc_placer_stop(struct apc_placer *p)
+{
+    pthread_mutex_lock(&p->lock);
+    __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&p->lock);
+    pthread_cond_signal(&p->wake);
+    return pthread_join(p->thread, NULL);
 }
 
 int apc_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done)

@@ -506,16 +506,27 @@ def wait_blocking(predicate: Callable[[], bool], what: str, timeout: float = 10.
 
 
 def hook_placement(dest: Any, before: Callable[[Any], None]) -> None:
-    """Call ``before(command)`` just before each Place / PlaceZero is carried out, wherever it
-    runs: on the loop thread (urgent pages) or on the placement thread (the background sweep).
+    """Call ``before(command)`` once just before each Place / PlaceZero is carried out, wherever it
+    runs: on the loop thread (urgent pages, and the background runs it hands to the C placing
+    thread, hooked as they are handed over) or on the Python placement thread.
     A test instrument: blocking in ``before`` holds that placement open, which opens a timing
     window deterministically.  ``before`` must not touch the destination's state (it may run
     on the placement thread); it gets the command only."""
     placement = dest._placement
-    original = placement.place
+    place, run_of = placement.place, placement.run_of
+    seen: set[tuple[int, int]] = set()  # each page is placed once: a run is named by its first page
 
-    def wrapped(command: Any, *rest: Any) -> Any:
-        before(command)
-        return original(command, *rest)
+    def once(command: Any) -> None:
+        if (command.block, command.first) not in seen:
+            seen.add((command.block, command.first))
+            before(command)
 
-    placement.place = wrapped
+    def wrapped_place(command: Any, *rest: Any, **options: Any) -> Any:
+        once(command)
+        return place(command, *rest, **options)
+
+    def wrapped_run_of(command: Any, *rest: Any) -> Any:
+        once(command)
+        return run_of(command, *rest)
+
+    placement.place, placement.run_of = wrapped_place, wrapped_run_of

@@ -5,8 +5,8 @@ when the test says so, and check the kernel's side with /proc: a thread
 sleeping in ``handle_userfault`` is blocked on a missing page.
 
 Two of them open a timing window on purpose with
-:func:`~e2e_support.hook_placement`: just before a run is placed (on the
-placement thread, for the sweep), a client thread is made to fault on a page
+:func:`~e2e_support.hook_placement`: just before a run is placed (for the
+sweep, as the run is handed to a placing thread), a client thread is made to fault on a page
 of that run and the hook waits until the kernel shows it blocked.  The fault
 then reaches the service while the page is being placed, the race a busy
 service meets all the time, made deterministic.
