@@ -171,6 +171,12 @@ BACKGROUND_SNDBUF = 64 << 10
 BACKGROUND_SNDBUF_QUIET = 1 << 20
 DEMAND_QUIET = 0.05
 _SEND_TIMEOUT = 60.0  #: a peer that takes no data for this long is gone
+#: The C page server, its answers logged and the socket empty, waits this many ms for the next
+#: Request before returning to Python to account them: a burst of faults sends Requests
+#: microseconds apart, and the burst is answered before one return to Python (one GIL hand-over,
+#: which the sweep's threads contend for) instead of one per Request.  Bounded: the session learns
+#: what was sent within _ACCOUNT_MAX_MS of the first answer, however the Requests keep coming.
+_ACCOUNT_IDLE_MS, _ACCOUNT_MAX_MS = 1, 20
 _HELLO_BUDGET = header_budget(Hello)
 _JOIN_TIMEOUT = 5.0
 _REFUSAL_REPEAT = 2.0  #: seconds in which the same refusal of the same host is logged once
@@ -420,8 +426,9 @@ class _Conn:
         self.recv_into = self.sock.recv_into  #: the urgent thread reads requests with this
         self.tls: ServerTls | None = None  #: set by _TlsConn
         #: urgent, plain TCP: answers Requests in C; its mutex is the lock every writer takes
-        self.server = (PageServer(self.sock.fileno(), served, timestamps=trace.ENABLED) if served is not None
-                       else None)
+        self.server = (PageServer(self.sock.fileno(), served, timestamps=trace.ENABLED,
+                                  account_idle_ms=_ACCOUNT_IDLE_MS, account_max_ms=_ACCOUNT_MAX_MS)
+                       if served is not None else None)
         self.lock: threading.Lock | PageServerLock = self.server.lock if self.server else threading.Lock()
         self.outbox: deque[bytes] = deque()  # background frames, written by the sender thread
         self.wake = threading.Event()

@@ -42,6 +42,8 @@ struct ps_server {
     struct ps_answer *log;
     uint32_t log_cap, logged;
     int timestamps;
+    int account_idle_ms;
+    int account_max_ms;
     int error;
     ...;
 };

@@ -18,7 +18,9 @@
  *     with the frame unconsumed and Python decodes (and rejects) it;
  *   - it logs every run it answered (ps_answer) and returns before it would
  *     block with answers logged, so Python accounts them in the session
- *     between one request and the next;
+ *     between one request and the next (with account_idle_ms, after waiting
+ *     that long for another Request of the same burst, at most account_max_ms
+ *     after the first answer);
  *   - its writes hold the connection's write lock (ps_lock/ps_unlock), which
  *     every other writer of the connection takes too, so a frame stays whole.
  *
@@ -31,6 +33,7 @@
  */
 
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -42,7 +45,7 @@
 #include <unistd.h>
 #include <linux/userfaultfd.h>
 
-#define PS_VERSION 6         /* the layout page_server.py expects; bumped with any change to it */
+#define PS_VERSION 7         /* the layout page_server.py expects; bumped with any change to it */
 #define PS_MAX_RUNS 64       /* runs of one Request answered here */
 #define PS_MAX_RUN_PAGES 64  /* pages of one run answered here */
 #define PS_MAX_BOUNDS (PS_MAX_RUN_PAGES + 1)  /* zero-stretch bounds of one run, at most */
@@ -104,6 +107,8 @@ struct ps_server {
     struct ps_answer *log;
     uint32_t log_cap, logged;
     int timestamps;          /* record asked_ns and sent_ns (tracing) */
+    int account_idle_ms;     /* with answers logged, wait this long for another Request (0: none) */
+    int account_max_ms;      /* ... but keep answers unaccounted at most this long after the first */
     int error;
 };
 
@@ -330,12 +335,17 @@ static void ps_send_all(struct ps_server *s, struct iovec *iov, int n)
     }
 }
 
-static uint64_t ps_now_ns(const struct ps_server *s)
+static uint64_t ps_clock_ns(void)
 {
     struct timespec t;
-    if (!s->timestamps || clock_gettime(CLOCK_MONOTONIC, &t) != 0)
+    if (clock_gettime(CLOCK_MONOTONIC, &t) != 0)
         return 0;
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static uint64_t ps_now_ns(const struct ps_server *s)
+{
+    return s->timestamps ? ps_clock_ns() : 0;
 }
 
 /* Answer the Request whose runs are parsed: 0 done (logged), -1 declined (nothing sent). */
@@ -427,6 +437,15 @@ static int ps_answer(struct ps_server *s, const struct ps_run *runs, uint32_t n)
 
 /* ---- the loop ------------------------------------------------------------ */
 
+/* With answers logged and nothing waiting in the socket: how long (ms) to poll for another
+ * Request before returning them to Python, the lesser of account_idle_ms and what is left of
+ * account_max_ms since the first of them was logged (at first_ns); <= 0: return now. */
+static int ps_account_wait(const struct ps_server *s, uint64_t first_ns)
+{
+    int64_t left_ms = ((int64_t)s->account_max_ms * 1000000 - (int64_t)(ps_clock_ns() - first_ns)) / 1000000;
+    return left_ms < s->account_idle_ms ? (int)left_ms : s->account_idle_ms;
+}
+
 /*
  * Answer Requests from the buffer and the socket until Python is needed:
  *   PS_DECLINED  the frame at in_start is not one answered here;
@@ -438,10 +457,20 @@ static int ps_answer(struct ps_server *s, const struct ps_run *runs, uint32_t n)
  * what the socket holds already without waiting, so a burst of Requests is answered before
  * Python accounts it (one return to Python, one GIL hand-over, for the burst); the end of the
  * stream or an error met then is met again, and reported, by the next call.
+ * With account_idle_ms > 0, when answers are logged and the socket holds nothing, it first
+ * poll()s the socket up to account_idle_ms for another Request, so that Requests arriving
+ * microseconds apart (a burst of faults) are answered before one return to Python, but it never
+ * keeps answers unaccounted longer than account_max_ms after the first of them was logged
+ * (CLOCK_MONOTONIC), and a full log returns at once. The end of the stream, an error, or a
+ * shutdown() of the socket (how the source stops the thread) wakes the poll: recv then sees it,
+ * and the answers are returned first as above. account_idle_ms == 0: no poll, PS_ACCOUNT as
+ * soon as the socket holds nothing.
  */
 int ps_serve(struct ps_server *s)
 {
     struct ps_run runs[PS_MAX_RUNS];
+    /* when the first answer not yet returned to Python was logged (0: none; only with account_idle_ms) */
+    uint64_t first_ns = s->logged && s->account_idle_ms > 0 ? ps_clock_ns() : 0;
     for (;;) {
         size_t avail = s->in_end - s->in_start;
         if (avail >= PS_PREFIX) {
@@ -459,6 +488,8 @@ int ps_serve(struct ps_server *s)
                 if (n == 0 || ps_answer(s, runs, n) != 0)
                     return PS_DECLINED;
                 s->in_start += PS_PREFIX + size;
+                if (first_ns == 0 && s->account_idle_ms > 0)
+                    first_ns = ps_clock_ns();
                 continue;
             }
         }
@@ -471,6 +502,21 @@ int ps_serve(struct ps_server *s)
         if (got < 0) {
             if (errno == EINTR)
                 continue;
+            if (s->logged && (errno == EAGAIN || errno == EWOULDBLOCK) && s->account_idle_ms > 0
+                    && s->log_cap - s->logged >= PS_MAX_RUNS) {
+                /* nothing waiting: wait a little for the burst's next Request before accounting */
+                int ready;
+                do {
+                    int wait = ps_account_wait(s, first_ns);
+                    if (wait <= 0)
+                        return PS_ACCOUNT;
+                    struct pollfd p = { .fd = s->sock, .events = POLLIN };
+                    ready = poll(&p, 1, wait);
+                } while (ready < 0 && errno == EINTR);
+                if (ready > 0)
+                    continue;                         /* data, the end, an error (POLLHUP, POLLERR): recv sees it */
+                return PS_ACCOUNT;                    /* quiet for account_idle_ms (or poll failed) */
+            }
             if (s->logged)                            /* nothing waiting (EAGAIN), or an error: account first */
                 return PS_ACCOUNT;
             s->error = errno;

@@ -10,7 +10,13 @@ Python path writes.  It returns to Python
   in ``recv`` again: the session learns what was sent between one request and
   the next, off the faulting thread's path.  Requests already waiting in the
   socket are answered first (it reads without waiting while answers are
-  logged), so a burst costs one return to Python and one GIL hand-over;
+  logged), so a burst costs one return to Python and one GIL hand-over.
+  Requests of a burst of faults arrive microseconds apart, not all at once:
+  with ``account_idle_ms`` the server, finding the socket empty with answers
+  logged, waits in ``poll`` that long for the next Request before returning,
+  yet never keeps answers unaccounted longer than ``account_max_ms`` after the
+  first of them was logged (a full log, the end of the stream, an error or a
+  ``shutdown`` of the socket return at once);
 * when a frame is not a Request it answers (**declined**: any other message,
   a run out of range, a block of huge pages, a read that fails): the bytes
   from that frame on (:meth:`take_rest`) go to the Python decoder, which
@@ -33,7 +39,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 #: The C side's PS_VERSION this module is written for.
-VERSION = 6
+VERSION = 7
 
 
 def matches(built: object) -> bool:
@@ -139,13 +145,21 @@ class PageServer:
             answered here (its Requests are declined).
         timestamps: record when each Request was read and answered (for
             :mod:`aiopostcopy.trace`).
+        account_idle_ms: with answers logged and nothing in the socket, wait
+            this long (``poll``) for another Request before returning them to
+            Python, so a burst of Requests arriving apart is answered before
+            one return (0: return at once, no wait).
+        account_max_ms: the longest answers stay unaccounted, from the first
+            of them logged, however the Requests keep coming (bounds the
+            wait of ``account_idle_ms``).
 
     Raises:
         RuntimeError: the extension is not built (see :func:`available`).
         OSError: the mutex could not be made.
     """
 
-    def __init__(self, sock: int, blocks: list[ServedBlock | None], *, timestamps: bool = False) -> None:
+    def __init__(self, sock: int, blocks: list[ServedBlock | None], *, timestamps: bool = False,
+                 account_idle_ms: int = 0, account_max_ms: int = 20) -> None:
         if lib is None:
             raise RuntimeError("the C page server is not built")
         assert MAX_RUN <= lib.PS_MAX_RUN_PAGES and LOG_ANSWERS >= 2 * lib.PS_MAX_RUNS
@@ -167,13 +181,15 @@ class PageServer:
         s.headers, s.headers_cap = self._headers, len(self._headers)
         s.log, s.log_cap = self._log, LOG_ANSWERS
         s.timestamps = int(timestamps)
+        s.account_idle_ms, s.account_max_ms = max(0, account_idle_ms), max(0, account_max_ms)
         if lib.ps_init(s) != 0:
             raise OSError("cannot make the page server's lock")
         self.lock = PageServerLock(s)  # keeps the memory (and so the mutex) alive while any writer holds it
 
     def serve(self) -> Served:
         """Answer Requests until Python is needed (see the module docstring); blocks in ``recv``
-        only with no answer to account.
+        only with no answer to account, and with answers to account waits at most
+        ``account_idle_ms`` at a time for more, and ``account_max_ms`` in all.
 
         Raises:
             OSError: ``recv`` failed.

@@ -32,7 +32,8 @@ class Rig:
     """A PageServer on one end of a socket pair, over files of pages, some all zero."""
 
     def __init__(self, tmp_path, pages: list[int], *, zero_every: int = 3, seed: int = 5,
-                 page_size: int = PAGE, served: list[bool] | None = None, timestamps: bool = False) -> None:
+                 page_size: int = PAGE, served: list[bool] | None = None, timestamps: bool = False,
+                 account_idle_ms: int = 0, account_max_ms: int = 20) -> None:
         self.page_size = page_size
         self.images: list[bytes] = []
         self.fds: list[int] = []
@@ -49,7 +50,8 @@ class Rig:
         served = served or [True] * len(pages)
         self.server = PageServer(ours.fileno(), [
             ServedBlock(fd=fd, page_size=page_size, pages=count, max_run=MAX_RUN) if ok else None
-            for fd, count, ok in zip(self.fds, pages, served)], timestamps=timestamps)
+            for fd, count, ok in zip(self.fds, pages, served)], timestamps=timestamps,
+            account_idle_ms=account_idle_ms, account_max_ms=account_max_ms)
         self.start_reading()
 
     def close(self) -> None:
@@ -371,6 +373,100 @@ def test_shutting_the_socket_wakes_a_server_blocked_in_recv(rig) -> None:
     r.ours.shutdown(socket.SHUT_RDWR)
     thread.join(10)
     assert served == [Served.EOF]
+
+
+# ------------------------------------------------ a burst of Requests, accounted once (account_idle_ms)
+# The timing bounds below are generous: they prove the wait happens and is bounded, not how fast.
+
+
+def test_a_request_arriving_within_the_idle_wait_is_answered_before_returning(rig) -> None:
+    """With answers logged and the socket empty, the server waits up to account_idle_ms for the
+    next Request: one arriving 100 ms later is answered, and both return to Python together."""
+    r = rig([64], account_idle_ms=400, account_max_ms=5000)
+    start = time.monotonic()
+    r.peer.sendall(request((0, 3, 1)))
+    later = threading.Timer(0.1, lambda: r.peer.sendall(request((0, 9, 2))))
+    later.start()
+    try:
+        assert r.server.serve() is Served.ACCOUNT
+        elapsed = time.monotonic() - start
+    finally:
+        later.join(10)
+    assert r.server.take_answers() == r.answers([(0, 3, 1)]) + r.answers([(0, 9, 2)])
+    assert elapsed >= 0.3  # 0.1 s to the second Request, then up to 0.4 s of quiet
+    for runs in ([(0, 3, 1)], [(0, 9, 2)]):
+        want = r.expected(runs)
+        assert r.receive(len(want)) == want
+    assert r.nothing_more()
+
+
+def test_requests_that_keep_coming_are_accounted_within_account_max_ms(rig) -> None:
+    """A Request every 50 ms never leaves the socket quiet for account_idle_ms (1 s), yet the
+    answers return to Python account_max_ms (0.2 s) after the first was logged."""
+    r = rig([256], account_idle_ms=1000, account_max_ms=200)
+    stop = threading.Event()
+    sent: list[tuple[int, int, int]] = []
+
+    def keep_asking() -> None:
+        for page in range(256):
+            sent.append((0, page, 1))
+            r.peer.sendall(request((0, page, 1)))
+            if stop.wait(0.05):
+                return
+
+    asker = threading.Thread(target=keep_asking)
+    start = time.monotonic()
+    asker.start()
+    try:
+        assert r.server.serve() is Served.ACCOUNT
+        elapsed = time.monotonic() - start
+    finally:
+        stop.set()
+        asker.join(10)
+    answers = r.server.take_answers()
+    assert elapsed < 0.9
+    assert len(answers) >= 2  # several Requests answered before the return
+    answered = [(a.block, a.first, a.count) for a in answers]
+    assert answered == sent[:len(answers)]  # the first ones, in order, one run each
+    assert answers == [a for run in answered for a in r.answers([run])]
+    for run in answered:  # each answer's bytes, page by page
+        want = r.expected([run])
+        assert r.receive(len(want)) == want
+    assert r.nothing_more()
+
+
+def test_shutting_the_socket_wakes_a_server_waiting_to_account(rig) -> None:
+    """The source stops the urgent thread with shutdown(SHUT_RDWR): a server waiting in poll for
+    more Requests, an answer logged, returns it at once, and the end of the stream next."""
+    r = rig([64], zero_every=1_000_000, account_idle_ms=5000, account_max_ms=10_000)
+    served: list[Served] = []
+    thread = threading.Thread(target=lambda: served.append(r.server.serve()))
+    thread.start()
+    r.peer.sendall(request((0, 5, 1)))
+    want = r.expected([(0, 5, 1)])
+    assert r.receive(len(want)) == want  # answered: now it waits for more
+    time.sleep(0.1)
+    assert thread.is_alive() and not served
+    shut = time.monotonic()
+    r.ours.shutdown(socket.SHUT_RDWR)
+    thread.join(10)
+    assert time.monotonic() - shut < 3
+    assert served == [Served.ACCOUNT]
+    assert r.server.take_answers() == r.answers([(0, 5, 1)])
+    assert r.server.serve() is Served.EOF
+
+
+def test_a_full_log_returns_at_once_however_long_the_idle_wait(rig) -> None:
+    """Four Requests of 64 runs fill the log of 256 answers: no wait for a fifth."""
+    r = rig([256], zero_every=4, account_idle_ms=5000, account_max_ms=10_000)
+    requests = [[(0, k * 64 + i, 1) for i in range(64)] for k in range(4)]
+    r.peer.sendall(b"".join(request(*runs) for runs in requests))
+    start = time.monotonic()
+    assert r.server.serve() is Served.ACCOUNT
+    assert time.monotonic() - start < 3
+    assert r.server.take_answers() == [a for runs in requests for a in r.answers(runs)]
+    want = b"".join(r.expected(runs) for runs in requests)
+    assert r.receive(len(want)) == want and r.nothing_more()
 
 
 def test_with_timestamps_each_answer_says_when_it_was_asked_and_sent(rig) -> None:
