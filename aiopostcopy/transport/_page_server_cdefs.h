@@ -44,6 +44,7 @@ struct ps_server {
     int timestamps;
     int account_idle_ms;
     int account_max_ms;
+    int account_max_answers;
     int error;
     ...;
 };

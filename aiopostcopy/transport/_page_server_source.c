@@ -109,6 +109,7 @@ struct ps_server {
     int timestamps;          /* record asked_ns and sent_ns (tracing) */
     int account_idle_ms;     /* with answers logged, wait this long for another Request (0: none) */
     int account_max_ms;      /* ... but keep answers unaccounted at most this long after the first */
+    int account_max_answers; /* ... and wait for no more once this many are logged (0: no bound) */
     int error;
 };
 
@@ -461,7 +462,9 @@ static int ps_account_wait(const struct ps_server *s, uint64_t first_ns)
  * poll()s the socket up to account_idle_ms for another Request, so that Requests arriving
  * microseconds apart (a burst of faults) are answered before one return to Python, but it never
  * keeps answers unaccounted longer than account_max_ms after the first of them was logged
- * (CLOCK_MONOTONIC), and a full log returns at once. The end of the stream, an error, or a
+ * (CLOCK_MONOTONIC), nor waits once account_max_answers are logged (so Python accounts a short
+ * batch right after an answer, while the next fault's Request is still on its way, not a long
+ * one that a Request then waits behind), and a full log returns at once. The end of the stream, an error, or a
  * shutdown() of the socket (how the source stops the thread) wakes the poll: recv then sees it,
  * and the answers are returned first as above. account_idle_ms == 0: no poll, PS_ACCOUNT as
  * soon as the socket holds nothing.
@@ -503,7 +506,8 @@ int ps_serve(struct ps_server *s)
             if (errno == EINTR)
                 continue;
             if (s->logged && (errno == EAGAIN || errno == EWOULDBLOCK) && s->account_idle_ms > 0
-                    && s->log_cap - s->logged >= PS_MAX_RUNS) {
+                    && s->log_cap - s->logged >= PS_MAX_RUNS
+                    && (s->account_max_answers <= 0 || s->logged < (uint32_t)s->account_max_answers)) {
                 /* nothing waiting: wait a little for the burst's next Request before accounting */
                 int ready;
                 do {

@@ -15,7 +15,7 @@ Python path writes.  It returns to Python
   with ``account_idle_ms`` the server, finding the socket empty with answers
   logged, waits in ``poll`` that long for the next Request before returning,
   yet never keeps answers unaccounted longer than ``account_max_ms`` after the
-  first of them was logged (a full log, the end of the stream, an error or a
+  first of them was logged, nor waits with ``account_max_answers`` logged (a full log, the end of the stream, an error or a
   ``shutdown`` of the socket return at once);
 * when a frame is not a Request it answers (**declined**: any other message,
   a run out of range, a block of huge pages, a read that fails): the bytes
@@ -152,6 +152,11 @@ class PageServer:
         account_max_ms: the longest answers stay unaccounted, from the first
             of them logged, however the Requests keep coming (bounds the
             wait of ``account_idle_ms``).
+        account_max_answers: with this many answers logged, no wait: Python
+            accounts them at once, after the last answer went out and before
+            the next fault's Request can be there (0: bounded by the log only).
+            A long batch would make the Request arriving while it is accounted
+            wait for all of it.
 
     Raises:
         RuntimeError: the extension is not built (see :func:`available`).
@@ -159,7 +164,7 @@ class PageServer:
     """
 
     def __init__(self, sock: int, blocks: list[ServedBlock | None], *, timestamps: bool = False,
-                 account_idle_ms: int = 0, account_max_ms: int = 20) -> None:
+                 account_idle_ms: int = 0, account_max_ms: int = 20, account_max_answers: int = 0) -> None:
         if lib is None:
             raise RuntimeError("the C page server is not built")
         assert MAX_RUN <= lib.PS_MAX_RUN_PAGES and LOG_ANSWERS >= 2 * lib.PS_MAX_RUNS
@@ -182,6 +187,7 @@ class PageServer:
         s.log, s.log_cap = self._log, LOG_ANSWERS
         s.timestamps = int(timestamps)
         s.account_idle_ms, s.account_max_ms = max(0, account_idle_ms), max(0, account_max_ms)
+        s.account_max_answers = max(0, account_max_answers)
         if lib.ps_init(s) != 0:
             raise OSError("cannot make the page server's lock")
         self.lock = PageServerLock(s)  # keeps the memory (and so the mutex) alive while any writer holds it

@@ -33,7 +33,7 @@ class Rig:
 
     def __init__(self, tmp_path, pages: list[int], *, zero_every: int = 3, seed: int = 5,
                  page_size: int = PAGE, served: list[bool] | None = None, timestamps: bool = False,
-                 account_idle_ms: int = 0, account_max_ms: int = 20) -> None:
+                 account_idle_ms: int = 0, account_max_ms: int = 20, account_max_answers: int = 0) -> None:
         self.page_size = page_size
         self.images: list[bytes] = []
         self.fds: list[int] = []
@@ -51,7 +51,8 @@ class Rig:
         self.server = PageServer(ours.fileno(), [
             ServedBlock(fd=fd, page_size=page_size, pages=count, max_run=MAX_RUN) if ok else None
             for fd, count, ok in zip(self.fds, pages, served)], timestamps=timestamps,
-            account_idle_ms=account_idle_ms, account_max_ms=account_max_ms)
+            account_idle_ms=account_idle_ms, account_max_ms=account_max_ms,
+            account_max_answers=account_max_answers)
         self.start_reading()
 
     def close(self) -> None:
@@ -454,6 +455,32 @@ def test_shutting_the_socket_wakes_a_server_waiting_to_account(rig) -> None:
     assert served == [Served.ACCOUNT]
     assert r.server.take_answers() == r.answers([(0, 5, 1)])
     assert r.server.serve() is Served.EOF
+
+
+def test_with_account_max_answers_logged_it_returns_at_once(rig) -> None:
+    """Two answers logged of account_max_answers=2: no wait for a third Request (a long batch
+    accounted later would hold up the Request that arrives meanwhile); one logged: it waits."""
+    r = rig([64], account_idle_ms=5000, account_max_ms=10_000, account_max_answers=2)
+    r.peer.sendall(request((0, 1, 1)) + request((0, 7, 3)))
+    start = time.monotonic()
+    assert r.server.serve() is Served.ACCOUNT
+    assert time.monotonic() - start < 3
+    assert r.server.take_answers() == r.answers([(0, 1, 1)]) + r.answers([(0, 7, 3)])
+    want = r.expected([(0, 1, 1)]) + r.expected([(0, 7, 3)])
+    assert r.receive(len(want)) == want and r.nothing_more()
+
+    later = threading.Timer(0.2, lambda: r.peer.sendall(request((0, 20, 1))))
+    r.peer.sendall(request((0, 12, 1)))
+    start = time.monotonic()
+    later.start()
+    try:
+        assert r.server.serve() is Served.ACCOUNT  # one answer logged: it waited for the second
+    finally:
+        later.join(10)
+    assert time.monotonic() - start >= 0.15
+    assert r.server.take_answers() == r.answers([(0, 12, 1)]) + r.answers([(0, 20, 1)])
+    want = r.expected([(0, 12, 1)]) + r.expected([(0, 20, 1)])
+    assert r.receive(len(want)) == want and r.nothing_more()
 
 
 def test_a_full_log_returns_at_once_however_long_the_idle_wait(rig) -> None:
