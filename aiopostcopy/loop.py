@@ -896,22 +896,22 @@ class PostcopyDestination:
         """
         read_ns = time.monotonic_ns() if trace.ENABLED else 0
         now = time.monotonic()
-        events = uffd.read_events(_READ_BATCH)
-        if self._pass_pending or len(events) == _READ_BATCH:  # a backlog: coalesce it all in the pass
-            self._take_events(key, events, now, uffd.fd)
-            if len(events) == _READ_BATCH:
+        count = uffd.read_flat(_READ_BATCH)  # the event objects are made after the Request is out
+        if self._pass_pending or count == _READ_BATCH:  # a backlog: coalesce it all in the pass
+            self._take_events(key, uffd.events_read(0, count), now, uffd.fd)
+            if count == _READ_BATCH:
                 self._read_faults(key, uffd)
             return self._pass()
         session, asked, general = self._session, [], False
         lane_asked: list[tuple[int, int]] | None = None  # None: the lane wrote no Request
         faulted: list[int] = []  # the faults' addresses, of the pages in ``asked``, when it did not
-        if self._lane is not None and events:
+        if self._lane is not None and count:
             budget = session.lane_budget()
             sock = self._source.urgent_fd() if budget else -1
             table = session.fd_table(key) if sock >= 0 and key not in self._lane_off else None
             slots = uffd.slots_address if table is not None else 0
             if slots:  # the Request leaves now; the session accounts the faults below
-                sent, rest = self._lane.send(sock, key, uffd.fd, table, slots, len(events), budget)
+                sent, rest = self._lane.send(sock, key, uffd.fd, table, slots, count, budget)
                 if sent:
                     lane_asked = sent
                     self._lane_keys[uffd.fd] = key
@@ -920,6 +920,7 @@ class PostcopyDestination:
                             trace.mark("request", block, page)
                 if rest:  # a short send: the transport writes the rest, in order
                     self._source.send_frame(Channel.URGENT, rest)
+        events = uffd.events_read(0, count) if count else []
         try:
             for event in events:
                 if type(event) is PageFault:

@@ -123,6 +123,14 @@ class FakeUserfaultfd:
         events, self.queue = self.queue[:max_events], self.queue[max_events:]
         return events
 
+    def read_flat(self, max_events: int = 64) -> int:
+        """As the kernel object's: the events are kept for :meth:`events_read` (no slots here)."""
+        self._read = self.read_events(max_events)
+        return len(self._read)
+
+    def events_read(self, first: int, count: int) -> list[Event]:
+        return self._read[first:count]
+
     def close(self) -> None:
         self.closed = True
 
