@@ -113,7 +113,12 @@ async def test_source_killed_and_restarted(e2e) -> None:
         assert_worker_ok(result)
     assert second_report["exit"] == 0 and second_report["complete"], second_report
     sent_again = second_report["pages_urgent"] + second_report["pages_background"] + second_report["pages_zero"]
-    assert sent_again <= pages - at_cut.pages_placed + 64 * 16, \
+    # The new source MAY sweep before the Resume lands (docs/protocol.md 4.7), from the block's
+    # start, where the pages the destination holds are: those go twice until it does, more on a
+    # busy machine (157-512 pages seen, once 1,035). A Resume the source ignored would resend
+    # all 4,000 or so held at the cut; the bound lets through at most half of them.
+    allowance = max(64 * 16, at_cut.pages_placed // 2)
+    assert sent_again <= pages - at_cut.pages_placed + allowance, \
         f"the new source sent {sent_again} pages; {pages - at_cut.pages_placed} were missing at the cut"
 
 
