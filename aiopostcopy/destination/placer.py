@@ -256,7 +256,9 @@ def _overwrite(address: int, src: int, size: int, zeros: tuple[int, ...], page: 
 
 
 class BackgroundPlacer:
-    """One placement thread and the staging buffers it places from.
+    """The placing threads and the staging buffers they place from: the C thread for a buffer's
+    runs, a Python one for the runs it stops in (and all of them where the binding has no C
+    thread), and one for zero runs alone.
 
     Args:
         loop: the service's event loop (completions are delivered on it).
