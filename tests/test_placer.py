@@ -191,3 +191,30 @@ def test_a_buffers_runs_go_to_the_c_thread_and_a_stopped_run_is_finished_in_pyth
     for page in range(10):  # payload pages 6.. (page 205 overwritten with the right bytes)
         assert bytes(memory[(200 + page) * PAGE:(201 + page) * PAGE]) == bytes([7 + page]) * PAGE, page
     assert bytes(memory[300 * PAGE:303 * PAGE]) == bytes(3 * PAGE)
+
+
+def test_without_the_c_thread_the_python_thread_places_everything(region, monkeypatch, caplog) -> None:
+    """A C placing thread that cannot start (no thread, say) is logged, and the buffer's runs are
+    placed by the Python thread instead, every page right."""
+    uffd, mapping, placement = region
+
+    def refuse(*args, **kwargs):
+        raise OSError(11, "no thread")
+
+    monkeypatch.setattr(placing, "PlacingThread", refuse)
+    staging = Staging(4 * PAGE)
+    staging.view(4 * PAGE)[:] = b"".join(bytes([i + 1]) * PAGE for i in range(4))
+    loop = asyncio.new_event_loop()
+    done = loop.create_future()
+    background = placer.BackgroundPlacer(loop, placement, buffers=1, buffer_size=4 * PAGE,
+                                         on_done=lambda *report: done.set_result(report))
+    try:
+        background.submit([Place(0, 50, 4, 0, ())], staging)
+        placed, rest, _, error = loop.run_until_complete(asyncio.wait_for(done, 10))
+    finally:
+        background.close()
+        loop.close()
+    assert "did not start" in caplog.text
+    assert error is None and rest == [] and placed == [(Place(0, 50, 4, 0, ()), 0)]
+    for i in range(4):
+        assert bytes(mapping.buffer()[(50 + i) * PAGE:(51 + i) * PAGE]) == bytes([i + 1]) * PAGE, f"page {50 + i}"

@@ -45,7 +45,8 @@ value so that the fault path goes first, and takes no GIL at all.  A Python
 thread there held the GIL between its ioctls, the scheduler left it off the CPU
 while it held it, and the loop thread waited: measured with ``perf sched``
 under the sweep, about 300 waits for the GIL in 1.5 s, up to 3.7 ms each, all
-for that thread; none since.  A run the C thread stops in (a page present, an
+for that thread; with the C thread, one in a whole sweep run
+(benchmarks/README.md).  A run the C thread stops in (a page present, an
 EAGAIN, an error) is finished by a Python worker thread, which knows what each
 errno means.  Zero runs, which need no buffer, have a thread of their own (a
 sparse image's holes are then filled while its data is being copied).
@@ -71,6 +72,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
+import logging
 from collections.abc import Callable, Sequence
 
 from aiopostcopy.core.commands import Place, PlaceZero
@@ -80,6 +82,8 @@ from aiopostcopy.priority import set_niceness
 from aiopostcopy.uffd import Userfaultfd, placing
 
 __all__ = ["BackgroundPlacer", "Placement", "PlacementDone"]
+
+log = logging.getLogger("aiopostcopy.destination")
 
 #: EAGAIN retries of one run before giving up (each one drains events first).
 MAX_EAGAIN = 1000
@@ -290,8 +294,7 @@ class BackgroundPlacer:
         self._closed = False
         # a staging buffer's runs are placed by the C thread (no GIL between its ioctls); a run it
         # stops in (EEXIST, EAGAIN, an error) is finished on the Python thread, which decides
-        self._thread = (placing.PlacingThread(placement.uffd_fd, _THREAD_JOBS, PLACER_NICENESS)
-                        if placing.available() else None)
+        self._thread = _start_placing_thread(placement.uffd_fd) if placing.available() else None
         self._jobs: dict[int, tuple[_Batch, int]] = {}  # tag -> (its batch, its index in the batch)
         self._next_tag = 0
         if self._thread is not None:
@@ -398,6 +401,15 @@ class BackgroundPlacer:
             self._loop.call_soon_threadsafe(self._on_done, placed, rest, staging, error)
         except RuntimeError:  # the loop is closed: nothing is waiting for this any more
             pass
+
+
+def _start_placing_thread(uffd_fd: int) -> placing.PlacingThread | None:
+    """The C placing thread, or None (the Python thread places everything) when it cannot start."""
+    try:
+        return placing.PlacingThread(uffd_fd, _THREAD_JOBS, PLACER_NICENESS)
+    except OSError as exc:
+        log.warning("the C placing thread did not start (%s): background pages are placed from Python", exc)
+        return None
 
 
 class _Batch:
