@@ -357,8 +357,9 @@ class BackgroundPlacer:
     def _on_thread_placed(self) -> None:
         """The C thread finished a batch's last job (on the loop thread): report the batches done;
         one with runs it stopped in goes to the Python thread, which finishes them from there."""
-        if self._closed or self._thread is None:
+        if self._closed:
             return
+        assert self._thread is not None  # its eventfd is the only reader that calls this
         for tag, error, page in self._thread.finished():
             batch, index = self._jobs.pop(tag)
             command = batch.commands[index]
@@ -367,8 +368,7 @@ class BackgroundPlacer:
                 batch.starts.append(page)
             else:
                 batch.placed.append((command, 0))
-            batch.left -= 1
-            if batch.left:
+            if len(batch.placed) + len(batch.stopped) < len(batch.commands):
                 continue
             if batch.stopped:
                 future = self._executor.submit(self._work, batch.stopped, batch.staging, batch.starts, batch.placed)
@@ -381,13 +381,13 @@ class BackgroundPlacer:
         """Place ``commands`` (each from its page in ``starts``, or from its first), after those in
         ``placed`` already; returns ``(placed, rest, error)`` for ``on_done``."""
         placed = [] if placed is None else placed
-        for index, command in enumerate(commands):
-            start = starts[index] if starts else 0
+        starts = starts or [0] * len(commands)
+        for index, (command, start) in enumerate(zip(commands, starts)):
             try:
                 placed.append((command, self._placement.place(command, staging, None, start=start)))
             except Interrupted as exc:
-                rest = [(command, exc.page, exc.existed)]
-                rest += [(c, starts[i] if starts else 0, 0) for i, c in enumerate(commands) if i > index]
+                later = zip(commands[index + 1:], starts[index + 1:])
+                rest = [(command, exc.page, exc.existed)] + [(c, s, 0) for c, s in later]
                 return placed, rest, None
             except BaseException as exc:  # reported on the loop thread, never lost
                 return placed, [], exc
@@ -415,10 +415,10 @@ def _start_placing_thread(uffd_fd: int) -> placing.PlacingThread | None:
 class _Batch:
     """The runs of one staging buffer on the C placing thread, and what became of them."""
 
-    __slots__ = ("commands", "staging", "left", "placed", "stopped", "starts")
+    __slots__ = ("commands", "staging", "placed", "stopped", "starts")
 
     def __init__(self, commands: list[Place | PlaceZero], staging: Staging) -> None:
-        self.commands, self.staging, self.left = commands, staging, len(commands)
+        self.commands, self.staging = commands, staging
         self.placed: list[tuple[Place | PlaceZero, int]] = []
         self.stopped: list[Place | PlaceZero] = []  # runs the thread stopped in, each from its page in starts
         self.starts: list[int] = []

@@ -15,8 +15,9 @@ Python path writes.  It returns to Python
   with ``account_idle_ms`` the server, finding the socket empty with answers
   logged, waits in ``poll`` that long for the next Request before returning,
   yet never keeps answers unaccounted longer than ``account_max_ms`` after the
-  first of them was logged, nor waits with ``account_max_answers`` logged (a full log, the end of the stream, an error or a
-  ``shutdown`` of the socket return at once);
+  first of them was logged, nor waits with ``account_max_answers`` logged (a
+  full log, the end of the stream, an error or a ``shutdown`` of the socket
+  return at once);
 * when a frame is not a Request it answers (**declined**: any other message,
   a run out of range, a block of huge pages, a read that fails): the bytes
   from that frame on (:meth:`take_rest`) go to the Python decoder, which
