@@ -19,7 +19,7 @@ Every source of work is a callback on the event loop:
   buffer (one C call per run through the service's own mapping: UFFDIO_COPY
   per data stretch, UFFDIO_ZEROPAGE per stretch of zero pages).  On the
   background channel each payload lands in one of a few buffers and its
-  placements go to the placement thread (:mod:`aiopostcopy.destination.placer`); the
+  placements go to the placement threads (:mod:`aiopostcopy.destination.background`); the
   channel is held while every buffer is out;
 * a placement-thread job ends: its pages are reported placed, waking waiters;
 * a control message arrives from a client;
@@ -111,7 +111,8 @@ from aiopostcopy.destination.operator import (
     format_source,
 )
 from aiopostcopy.destination.fromcopy import CopyComparison
-from aiopostcopy.destination.placer import BackgroundPlacer, Placement
+from aiopostcopy.destination.background import BackgroundPlacer
+from aiopostcopy.destination.placer import Placement
 from aiopostcopy.priority import set_niceness, thread_niceness
 from aiopostcopy.messages import (LIMITS, Changed, Channel, Complete, Error, ErrorCode, Hello, Message, Pages,
                                   Request, Zero)

@@ -13,6 +13,7 @@ import pytest
 from aiopostcopy.core.commands import Place, PlaceZero
 from aiopostcopy.destination.memory import Staging
 from aiopostcopy.destination import placer
+from aiopostcopy.destination.background import BackgroundPlacer
 from aiopostcopy.destination.placer import Interrupted, Placement
 from aiopostcopy.uffd import RegisterMode, SharedMemory, Userfaultfd, placing
 from aiopostcopy.uffd.hugepages import private_mount
@@ -167,7 +168,7 @@ def test_a_buffers_runs_go_to_the_c_thread_and_a_stopped_run_is_finished_in_pyth
         reports.append((threading.get_ident(), placed, rest, staging_back, error))
         done.set_result(None)
 
-    background = placer.BackgroundPlacer(loop, placement, buffers=1, buffer_size=16 * PAGE, on_done=on_done)
+    background = BackgroundPlacer(loop, placement, buffers=1, buffer_size=16 * PAGE, on_done=on_done)
     calls = []
     original = placement.place
     placement.place = lambda command, *args, **kwargs: calls.append(command) or original(command, *args, **kwargs)
@@ -206,7 +207,7 @@ def test_without_the_c_thread_the_python_thread_places_everything(region, monkey
     staging.view(4 * PAGE)[:] = b"".join(bytes([i + 1]) * PAGE for i in range(4))
     loop = asyncio.new_event_loop()
     done = loop.create_future()
-    background = placer.BackgroundPlacer(loop, placement, buffers=1, buffer_size=4 * PAGE,
+    background = BackgroundPlacer(loop, placement, buffers=1, buffer_size=4 * PAGE,
                                          on_done=lambda *report: done.set_result(report))
     try:
         background.submit([Place(0, 50, 4, 0, ())], staging)
