@@ -553,14 +553,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bulk-mb", type=int, default=1024, help="baseline bulk MiB per run (1024)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds one migration may take (120)")
     p.add_argument("--profile", choices=SCENARIOS,
-                   help="one extra run of this scenario with the destination and source under cProfile")
+                   help="one extra run of this scenario with the destination and source under cProfile, "
+                        "every thread")
     p.add_argument("--profile-out", default=None, help="keep the cProfile stats here (default: a temp file, removed)")
     p.add_argument("--trace", choices=SCENARIOS, default=None,
                    help="one extra run of this scenario with AIOPOSTCOPY_TRACE set; prints each hop of a fault")
     p.add_argument("--profile-top", type=int, default=25, help="functions shown from the profile (25)")
     p.add_argument("--profile-clock", choices=("wall", "cpu"), default="wall",
-                   help="what the profile counts: wall-clock time, or the process's CPU time (time.process_time), "
-                        "which leaves out time spent preempted or waiting (wall)")
+                   help="what the profile counts, in every thread of each process: wall-clock time, or each "
+                        "thread's own CPU time (time.thread_time), which leaves out time spent preempted or "
+                        "waiting (wall)")
     p.add_argument("--one-cpu", default="0", metavar="CPU",
                    help="also measure the rr baseline with both ends pinned to this vCPU, no cross-CPU "
                         "wake-ups ('' to skip; default 0)")
@@ -577,23 +579,40 @@ def _sigterm_to_exit(signum: int, frame: object) -> None:
 
 
 _PROFILE_RUNNER = """\
-import cProfile, runpy, sys, time
+import cProfile, pstats, runpy, sys, threading, time
 out, clock, target, *rest = sys.argv[1:]
-profile = cProfile.Profile(time.process_time if clock == "cpu" else time.perf_counter)
+timer = time.thread_time if clock == "cpu" else time.perf_counter
+profiles = [cProfile.Profile(timer)]
+
+
+def profile_thread(*_):  # a new thread's first event: it gets a profiler of its own
+    sys.setprofile(None)
+    profiles.append(cProfile.Profile(timer))
+    profiles[-1].enable()
+
+
+threading.setprofile(profile_thread)
 sys.argv = [target, *rest]
 try:
     if target == "-m":
         sys.argv = rest
-        profile.runcall(runpy.run_module, rest[0], run_name="__main__", alter_sys=True)
+        profiles[0].runcall(runpy.run_module, rest[0], run_name="__main__", alter_sys=True)
     else:
-        profile.runcall(runpy.run_path, target, run_name="__main__")
+        profiles[0].runcall(runpy.run_path, target, run_name="__main__")
 finally:
-    profile.dump_stats(out)
+    threading.setprofile(None)
+    stats = pstats.Stats(profiles[0])
+    for profile in profiles[1:]:
+        stats.add(profile)
+    stats.dump_stats(out)
 """
 
 
 def _profiled(py: str, out: str, argv: Sequence[str], clock: str) -> list[str]:
-    """``py argv...`` run under cProfile (stats to ``out``), counting wall or CPU time."""
+    """``py argv...`` run under cProfile (stats to ``out``), every thread of it: each thread the
+    process starts gets its own profiler (``threading.setprofile``), and the stats of all are
+    added together.  ``clock``: ``wall`` (``time.perf_counter``) or ``cpu`` (each thread's own CPU
+    time, ``time.thread_time``)."""
     return [py, "-c", _PROFILE_RUNNER, out, clock, *argv]
 
 
@@ -609,7 +628,8 @@ def profile_lines(path: Path, top: int, who: str, keys: Sequence[str], clock: st
         text = buf.getvalue().splitlines()
         start = next((i for i, line in enumerate(text) if "ncalls" in line), 0)
         total = next((line.strip() for line in text if "function calls" in line), "")
-        what = "wall-clock time, idle wait in runners.py:run" if clock == "wall" else "CPU time of the process"
+        what = ("wall-clock time of every thread, idle waits in runners.py:run and in the threads' blocking calls"
+                if clock == "wall" else "CPU time, each thread's own, of every thread")
         lines += ["", f"{who} profile, top {top} by {key} ({total}; {what})"] + \
             [line for line in text[start:] if line.strip()]
     return lines
