@@ -208,7 +208,7 @@ def test_without_the_c_thread_the_python_thread_places_everything(region, monkey
     loop = asyncio.new_event_loop()
     done = loop.create_future()
     background = BackgroundPlacer(loop, placement, buffers=1, buffer_size=4 * PAGE,
-                                         on_done=lambda *report: done.set_result(report))
+                                  on_done=lambda *report: done.set_result(report))
     try:
         background.submit([Place(0, 50, 4, 0, ())], staging)
         placed, rest, _, error = loop.run_until_complete(asyncio.wait_for(done, 10))

@@ -4,24 +4,23 @@ Theory of operation
 -------------------
 Urgent pages are placed inline on the loop thread: that is the shortest path
 from a reply to a woken thread.  The background sweep goes to
-:class:`BackgroundPlacer`, fed from a small pool of staging buffers; every
-run is carried out with the kernel's rules of
-:class:`~aiopostcopy.destination.placer.Placement`.  A
-buffer's runs go to a placing thread written in C
-(:class:`aiopostcopy.uffd.placing.PlacingThread`): it runs at a raised nice
-value so that the fault path goes first, and takes no GIL at all.  A Python
-thread there held the GIL between its ioctls, the scheduler left it off the CPU
-while it held it, and the loop thread waited: measured with ``perf sched``
-under the sweep, about 300 waits for the GIL in 1.5 s, up to 3.7 ms each, all
-for that thread; with the C thread, one in a whole sweep run
-(benchmarks/README.md).  A run the C thread stops in (a page present, an
-EAGAIN, an error) is finished by a Python worker thread, which knows what each
-errno means.  Zero runs, which need no buffer, have a thread of their own (a
-sparse image's holes are then filled while its data is being copied).
-The session already allows placement to finish later (pages stay PLACING, so
-an urgent copy of the same page is skipped and its waiters wait for the
-background copy).  The worker never drains events: on EAGAIN it hands the
-unfinished commands back, with the page to go on from, and the loop thread
+:class:`BackgroundPlacer`, fed from a small pool of staging buffers; every run
+is carried out with the kernel's rules of
+:class:`~aiopostcopy.destination.placer.Placement`.  A buffer's runs go to a
+placing thread written in C (:class:`aiopostcopy.uffd.placing.PlacingThread`):
+it runs at a raised nice value so that the fault path goes first, and takes no
+GIL at all.  A Python thread there held the GIL between its ioctls, the
+scheduler left it off the CPU while it held it, and the loop thread waited:
+measured with ``perf sched`` under the sweep, about 300 waits for the GIL in
+1.5 s, up to 3.7 ms each, all for that thread; with the C thread, one in a
+whole sweep run (benchmarks/README.md).  A run the C thread stops in (a page
+present, an EAGAIN, an error) is finished by a Python worker thread, which
+knows what each errno means.  Zero runs, which need no buffer, have a thread
+of their own (a sparse image's holes are then filled while its data is being
+copied).  The session already allows placement to finish later (pages stay
+PLACING, so an urgent copy of the same page is skipped and its waiters wait
+for the background copy).  The worker never drains events: on EAGAIN it hands
+the unfinished commands back, with the page to go on from, and the loop thread
 finishes them inline.
 
 Flow control: a Pages payload needs a free buffer before its header is
