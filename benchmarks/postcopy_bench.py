@@ -603,7 +603,8 @@ finally:
     threading.setprofile(None)
     stats = pstats.Stats(profiles[0])
     for profile in profiles[1:]:
-        stats.add(profile)
+        if profile.getstats():  # a thread that made no call since it started has nothing to add
+            stats.add(profile)
     stats.dump_stats(out)
 """
 

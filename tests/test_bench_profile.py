@@ -31,6 +31,9 @@ SCRIPT = textwrap.dedent("""\
     worker.start()
     spin_in_main()
     worker.join()
+    waiting = threading.Event()
+    idle = threading.Thread(target=waiting.wait, daemon=True)  # still blocked when the stats are written
+    idle.start()
 """)
 
 
