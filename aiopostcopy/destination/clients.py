@@ -486,7 +486,8 @@ class ClientRegistry:
         """Tell every client the migration ended; on completion close our copies of their fds.
 
         After an abort our copies stay open, so a thread still waiting for a page
-        stays blocked instead of reading zeros, until its own process lets go.
+        stays blocked instead of reading zeros, until its own process lets go or the
+        registry is closed (:meth:`_close_channels`).
         """
         for client in list(self._clients.values()):
             self._end(client, complete)
@@ -540,9 +541,15 @@ class ClientRegistry:
                 pass
 
     def _close_channels(self) -> None:
+        """At close, our side of every ended client's connection closes (:meth:`_on_lost` then
+        closes the fds an abort kept).  A client with no connection of ours, a vhost-user
+        back-end, has its fds closed here: its front-end has closed its connection, so the
+        back-end has let go of the device (docs/vhost-user.md, "After an abort")."""
         for client in self._retired:
             if client.channel is not None:
                 client.channel.close()
+            else:
+                self._close_fds(client)
 
 
 def _bind_replacing_stale(listener: socket.socket, path: str) -> None:

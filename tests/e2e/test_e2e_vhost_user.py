@@ -196,6 +196,51 @@ async def test_back_end_killed_while_running_is_retired(e2e) -> None:
             await stop_testpmd(testpmd)
 
 
+def userfaultfds(pid: int | str) -> int:
+    """How many userfaultfds process ``pid`` holds open."""
+    fd_dir = f"/proc/{pid}/fd"
+    count = 0
+    for name in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):
+            count += os.readlink(os.path.join(fd_dir, name)) == "anon_inode:[userfaultfd]"
+    return count
+
+
+@needs_testpmd
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_an_aborted_migration_lets_go_of_the_back_ends_userfaultfd(e2e) -> None:
+    """After an abort the service keeps its copies of the back-end's userfaultfd while it runs (a
+    thread waiting for a page stays blocked, never reads zeros); closing the service closes the
+    connection and lets them go, and testpmd, its device gone, lets go of its own."""
+    image = os.path.join(e2e.workdir, "guest.img")
+    build_image(image, 4 * MiB, seed=SEED, packet=False)
+    sock = os.path.join(e2e.workdir, "vhost.sock")
+    testpmd = await start_testpmd(e2e, sock)
+    held = HeldSource(image)
+    host, port = await held.source.listen("127.0.0.1", 0)
+    ours_before = userfaultfds("self")
+    dest = PostcopyDestination(e2e.options((host, port), block_dir=False, clients=False, vhost_user=(sock,)))
+    try:
+        await bounded(dest.start(), "testpmd's set-up")
+        name = dest._vhost_user[0].name
+        assert userfaultfds(testpmd.pid) == 1, "testpmd holds the userfaultfd it registered"
+        dest.abort("aborted by the test")
+        with pytest.raises(MigrationAborted, match="aborted by the test"):
+            await bounded(dest.wait_complete(), "the abort")
+        assert userfaultfds("self") > ours_before, "the service kept its copies after the abort"
+        assert testpmd.returncode is None and userfaultfds(testpmd.pid) == 1, "testpmd still holds its own"
+        await dest.close()
+        assert userfaultfds("self") == ours_before, "closed, the service holds no copy of testpmd's fd"
+        await wait_until(lambda: userfaultfds(testpmd.pid) == 0, "testpmd to let go of its device's fd")
+        assert testpmd.returncode is None, f"testpmd exited: {pmd_log(e2e)}"
+        assert any(c["key"] == name for c in dest.statistics().clients), dest.statistics().clients
+    finally:
+        await dest.close()
+        await held.source.close()
+        await stop_testpmd(testpmd)
+
+
 @needs_testpmd
 @pytest.mark.slow
 @pytest.mark.asyncio
