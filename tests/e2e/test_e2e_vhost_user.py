@@ -128,7 +128,10 @@ async def test_testpmd_forwards_a_packet_from_postcopy_memory(e2e) -> None:
         front_end = dest._vhost_user[0]
         assert front_end.net_header_size == guest.header_size
         front_end.kick(1)  # the transmit queue has a packet
-        await wait_eventfd(front_end.call_fd(0), "testpmd to use a receive buffer (call eventfd)")
+        try:
+            await wait_eventfd(front_end.call_fd(0), "testpmd to use a receive buffer (call eventfd)")
+        except AssertionError as exc:  # what the service saw, and testpmd's own words, for the record
+            raise AssertionError(f"{exc}\n{dest.statistics().format()}\ntestpmd's log:\n{pmd_log(e2e)}") from None
         held.release()
         report = await bounded(dest.wait_complete(), "the migration to complete")
         name = front_end.name
