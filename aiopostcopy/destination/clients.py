@@ -543,8 +543,8 @@ class ClientRegistry:
     def _close_channels(self) -> None:
         """At close, our side of every ended client's connection closes (:meth:`_on_lost` then
         closes the fds an abort kept).  A client with no connection of ours, a vhost-user
-        back-end, has its fds closed here: its front-end has closed its connection, so the
-        back-end has let go of the device (docs/vhost-user.md, "After an abort")."""
+        back-end, has its fds closed here: its front-end has closed its connection, and its
+        own userfaultfd is its own (docs/vhost-user.md, "After an abort")."""
         for client in self._retired:
             if client.channel is not None:
                 client.channel.close()

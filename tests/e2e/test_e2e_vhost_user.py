@@ -215,7 +215,7 @@ def userfaultfds(pid: int | str) -> int:
 async def test_an_aborted_migration_lets_go_of_the_back_ends_userfaultfd(e2e) -> None:
     """After an abort the service keeps its copies of the back-end's userfaultfd while it runs (a
     thread waiting for a page stays blocked, never reads zeros); closing the service closes the
-    connection and lets them go, and testpmd, its device gone, lets go of its own."""
+    connection and lets them go.  The back-end's own fd is its own: testpmd keeps running."""
     image = os.path.join(e2e.workdir, "guest.img")
     build_image(image, 4 * MiB, seed=SEED, packet=False)
     sock = os.path.join(e2e.workdir, "vhost.sock")
@@ -235,7 +235,6 @@ async def test_an_aborted_migration_lets_go_of_the_back_ends_userfaultfd(e2e) ->
         assert testpmd.returncode is None and userfaultfds(testpmd.pid) == 1, "testpmd still holds its own"
         await dest.close()
         assert userfaultfds("self") == ours_before, "closed, the service holds no copy of testpmd's fd"
-        await wait_until(lambda: userfaultfds(testpmd.pid) == 0, "testpmd to let go of its device's fd")
         assert testpmd.returncode is None, f"testpmd exited: {pmd_log(e2e)}"
         assert any(c["key"] == name for c in dest.statistics().clients), dest.statistics().clients
     finally:
