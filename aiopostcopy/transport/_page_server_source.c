@@ -464,10 +464,10 @@ static int ps_account_wait(const struct ps_server *s, uint64_t first_ns)
  * keeps answers unaccounted longer than account_max_ms after the first of them was logged
  * (CLOCK_MONOTONIC), nor waits once account_max_answers are logged (so Python accounts a short
  * batch right after an answer, while the next fault's Request is still on its way, not a long
- * one that a Request then waits behind), and a full log returns at once. The end of the stream, an error, or a
- * shutdown() of the socket (how the source stops the thread) wakes the poll: recv then sees it,
- * and the answers are returned first as above. account_idle_ms == 0: no poll, PS_ACCOUNT as
- * soon as the socket holds nothing.
+ * one that a Request then waits behind), and a full log returns at once. The end of the
+ * stream, an error, or a shutdown() of the socket (how the source stops the thread) wakes the
+ * poll: recv then sees it, and the answers are returned first as above. account_idle_ms == 0:
+ * no poll, PS_ACCOUNT as soon as the socket holds nothing.
  */
 int ps_serve(struct ps_server *s)
 {
