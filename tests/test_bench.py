@@ -79,6 +79,8 @@ def test_every_key_is_there_with_a_sane_type(bench_json: dict) -> None:
     conditions = bench_json["conditions"]
     assert all(conditions.get(key) not in (None, "") for key in CONDITIONS), conditions
     assert "loopback" in conditions["link"] and len(conditions["load_at_start"]) == 3
+    reporting = conditions["host_page_reporting"]  # the host's part in placement speed (test_bench_conditions)
+    assert isinstance(reporting["on"], bool) and set(reporting) == {"on", "order", "reported_mib"}, reporting
 
 
 @pytest.mark.slow

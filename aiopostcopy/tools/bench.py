@@ -57,7 +57,8 @@ from aiopostcopy.tools.bench_c import CBaseline, CBuildError, fault_cpu
 from aiopostcopy.tools.bench_huge import huge_table, run_huge
 from aiopostcopy.tools.bench_sparse import run_sparse, sparse_table
 from aiopostcopy.tools.bench_migration import Context, Scenario, make_image, run_migration
-from aiopostcopy.tools.bench_procs import Loopback, Pinned, Veth, cpu_snapshot, machine, make_tls_files, other_load
+from aiopostcopy.tools.bench_procs import (Loopback, Pinned, Veth, cpu_snapshot, host_page_reporting, machine,
+                                           make_tls_files, other_load)
 
 __all__ = ["add_bench_arguments", "bench_main", "SCENARIOS"]
 
@@ -246,6 +247,10 @@ def bench_main(args: argparse.Namespace) -> int:
               f"run: {args.repeat} round(s) of [C baseline; {args.scenarios}] + a final C baseline; image "
               f"{args.size} MiB; 1 toucher x {args.touches}; {threads} x {args.mixed_touches} touches; C fault "
               f"{args.c_touches} touches, C rate {args.c_threads} threads; children pinned: {args.taskset or 'no'}"]
+    reporting = host_page_reporting()
+    if reporting["on"]:
+        header.append(f"host free page reporting: on (order {reporting['order']}): memory the guest frees goes back "
+                      "to the host, and placing pages into it again costs host faults (benchmarks/README.md)")
     print("\n".join(header), flush=True)
     started, cpu0 = time.monotonic(), cpu_snapshot()
     try:
@@ -257,12 +262,14 @@ def bench_main(args: argparse.Namespace) -> int:
     for once in (*c.get("huge", ()), *c.get("sparse", ())):  # the scenarios run once, after the rounds
         figures.update(once)
     noise = other_load(cpu0, cpu_snapshot(), time.monotonic() - started)
+    info["host_page_reporting"] = _reported_during(reporting, host_page_reporting())
     errors = [e for r in runs for e in r["errors"]] + figures.get("huge_errors", []) + figures.get("sparse_errors", [])
     lines = ["", *bench_report.table(figures, threads, args.c_threads), "",
              *(huge_table(figures) + [""] if c.get("huge") else []),
              *(sparse_table(figures) + [""] if c.get("sparse") else []), *qdisc,
              f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; wall {noise['wall_s']:.0f} s; "
-             f"CPU not ours ~{noise['others_vcpu'] * 100:.0f}% of one vCPU; steal {noise['steal_s']:.1f} s",
+             f"CPU not ours ~{noise['others_vcpu'] * 100:.0f}% of one vCPU; steal {noise['steal_s']:.1f} s"
+             + _reporting_text(info["host_page_reporting"]),
              f"verification: {figures['migrations']} migrations, {figures['pages_verified']}/{figures['pages_total']} "
              f"pages checked in the destination block files, workers {'all ok' if figures['workers_ok'] else 'FAILED'}"]
     print("\n".join(lines), flush=True)
@@ -278,6 +285,22 @@ def bench_main(args: argparse.Namespace) -> int:
         return 1
     print("all migrations complete and every page verified", flush=True)
     return 0
+
+
+def _reported_during(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
+    """The host free page reporting of the run: on at either end, and the MiB reported meanwhile
+    (None where the kernel does not count them)."""
+    counted = start["reported_kib"] is not None and end["reported_kib"] is not None
+    return {"on": start["on"] or end["on"], "order": end["order"],
+            "reported_mib": (end["reported_kib"] - start["reported_kib"]) / 1024 if counted else None}
+
+
+def _reporting_text(reporting: dict[str, Any]) -> str:
+    if not reporting["on"]:
+        return ""
+    if reporting["reported_mib"] is None:
+        return "; host free page reporting on"
+    return f"; host free page reporting on: {reporting['reported_mib']:.0f} MiB given back during the run"
 
 
 def write_json(path: Path, figures: dict[str, Any], info: dict[str, Any], header: list[str],

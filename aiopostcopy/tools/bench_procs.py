@@ -16,7 +16,8 @@ processes it watches and the bytes received on the destination side of the
 link every few milliseconds, so a figure can be read at any instant of a run
 (CPU per fault up to the moment the sweep was released, goodput over time).
 
-:func:`machine` and :func:`cpu_snapshot` describe the conditions of a run.
+:func:`machine`, :func:`cpu_snapshot` and :func:`host_page_reporting` describe the
+conditions of a run.
 :func:`make_tls_files` makes a throwaway CA and the two certificates of the
 TLS scenarios with the ``openssl`` command (P-256 keys, valid for a day).
 """
@@ -35,7 +36,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["Loopback", "Veth", "Pinned", "Sampler", "cpu_ns", "first_line", "wait_exit", "stop",
-           "tail", "StderrTap", "machine", "cpu_snapshot", "other_load", "TlsFiles", "make_tls_files"]
+           "tail", "StderrTap", "machine", "cpu_snapshot", "other_load", "host_page_reporting", "TlsFiles",
+           "make_tls_files"]
 
 
 # --------------------------------------------------------------------------- places
@@ -339,6 +341,46 @@ def other_load(start: dict[str, float], end: dict[str, float], wall: float) -> d
     others = max(0.0, (end["busy"] - start["busy"]) - (end["ours"] - start["ours"]))
     return {"ours_s": end["ours"] - start["ours"], "others_s": others, "others_vcpu": others / wall,
             "steal_s": end["steal"] - start["steal"], "wall_s": wall}
+
+
+#: virtio-balloon's device ID and its feature bit VIRTIO_BALLOON_F_REPORTING (free page reporting)
+_VIRTIO_ID_BALLOON, _BALLOON_F_REPORTING = 5, 5
+
+
+def host_page_reporting(sys_root: Path = Path("/sys"), proc_root: Path = Path("/proc")) -> dict[str, Any]:
+    """Whether this guest gives its free memory back to the host (virtio-balloon free page reporting).
+
+    When it does, the host drops the pages behind every free block of ``2**order`` pages and
+    up, and the guest's next use of them costs a fault on the host: placing pages into fresh
+    shared memory (UFFDIO_COPY, the C stream and the service alike) then runs at a fraction
+    of its speed, and by how much depends on what the guest freed last.  Returns ``on``
+    (a balloon device with the feature and an order the kernel reports at), ``order`` and
+    ``reported_kib`` (the total reported so far, where the kernel exports it; None elsewhere).
+    """
+    offered = False
+    for device in sorted((sys_root / "bus/virtio/devices").glob("*")):
+        try:
+            if int((device / "device").read_text(), 16) != _VIRTIO_ID_BALLOON or not (device / "driver").exists():
+                continue
+            features = (device / "features").read_text().strip()  # one '0'/'1' per bit, bit 0 first
+        except (OSError, ValueError):
+            continue
+        offered = offered or features[_BALLOON_F_REPORTING:_BALLOON_F_REPORTING + 1] == "1"
+    params = sys_root / "module/page_reporting/parameters"
+    order, reported = _int_file(params / "page_reporting_order"), _int_file(params / "reported_kib")
+    try:  # orders 0..MAX_PAGE_ORDER: an order above the largest means nothing is reported
+        largest = len((proc_root / "buddyinfo").read_text().splitlines()[0].split()) - 5
+    except (OSError, IndexError):
+        largest = None
+    on = offered and order is not None and (largest is None or order <= largest)
+    return {"on": on, "order": order, "reported_kib": reported}
+
+
+def _int_file(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- TLS

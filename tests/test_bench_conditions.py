@@ -1,0 +1,77 @@
+"""The benchmark's conditions: free page reporting of the host, read from /sys and /proc trees.
+
+Pure logic on trees made here (the machine's own /sys says whatever its host set up); the
+end-to-end run in test_bench.py checks the key is in a real run's JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiopostcopy.tools.bench import _reported_during, _reporting_text
+from aiopostcopy.tools.bench_procs import host_page_reporting
+
+#: /proc/buddyinfo of a machine whose largest order is 10 (11 columns)
+BUDDYINFO = "Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3\n"
+
+
+def _tree(tmp_path: Path, *, features: str | None, order: int | None, reported: int | None = None,
+          bound: bool = True) -> tuple[Path, Path]:
+    sys_root, proc_root = tmp_path / "sys", tmp_path / "proc"
+    devices = sys_root / "bus/virtio/devices"
+    devices.mkdir(parents=True)
+    net = devices / "virtio0"  # a device that is not a balloon, with bit 5 set: not counted
+    net.mkdir()
+    (net / "device").write_text("0x0001\n")
+    (net / "features").write_text("1111110000\n")
+    (net / "driver").mkdir()
+    if features is not None:
+        balloon = devices / "virtio1"
+        balloon.mkdir()
+        (balloon / "device").write_text("0x0005\n")
+        (balloon / "features").write_text(features + "\n")
+        if bound:
+            (balloon / "driver").mkdir()
+    params = sys_root / "module/page_reporting/parameters"
+    params.mkdir(parents=True)
+    if order is not None:
+        (params / "page_reporting_order").write_text(f"{order}\n")
+    if reported is not None:
+        (params / "reported_kib").write_text(f"{reported}\n")
+    proc_root.mkdir()
+    (proc_root / "buddyinfo").write_text(BUDDYINFO)
+    return sys_root, proc_root
+
+
+def test_a_balloon_with_free_page_reporting_at_an_order_the_kernel_has_is_on(tmp_path: Path) -> None:
+    sys_root, proc_root = _tree(tmp_path, features="0110010000", order=9, reported=2048)
+    assert host_page_reporting(sys_root, proc_root) == {"on": True, "order": 9, "reported_kib": 2048}
+
+
+def test_an_order_above_the_largest_turns_reporting_off(tmp_path: Path) -> None:
+    sys_root, proc_root = _tree(tmp_path, features="0110010000", order=11)
+    assert host_page_reporting(sys_root, proc_root) == {"on": False, "order": 11, "reported_kib": None}
+
+
+def test_a_balloon_without_the_feature_or_without_a_driver_reports_nothing(tmp_path: Path) -> None:
+    sys_root, proc_root = _tree(tmp_path / "a", features="0110000000", order=9)
+    assert host_page_reporting(sys_root, proc_root)["on"] is False
+    sys_root, proc_root = _tree(tmp_path / "b", features="0110010000", order=9, bound=False)
+    assert host_page_reporting(sys_root, proc_root)["on"] is False
+
+
+def test_a_machine_with_no_balloon_and_no_module_is_off(tmp_path: Path) -> None:
+    assert host_page_reporting(tmp_path / "none", tmp_path / "none") == {"on": False, "order": None,
+                                                                         "reported_kib": None}
+
+
+def test_the_run_counts_what_was_reported_between_its_ends() -> None:
+    start = {"on": True, "order": 9, "reported_kib": 1000}
+    during = _reported_during(start, {"on": True, "order": 9, "reported_kib": 1000 + 512 * 1024})
+    assert during == {"on": True, "order": 9, "reported_mib": 512.0}
+    assert _reporting_text(during) == "; host free page reporting on: 512 MiB given back during the run"
+    uncounted = _reported_during({"on": True, "order": 9, "reported_kib": None},
+                                 {"on": True, "order": 9, "reported_kib": None})
+    assert uncounted["reported_mib"] is None and _reporting_text(uncounted) == "; host free page reporting on"
+    off = _reported_during({"on": False, "order": 11, "reported_kib": 7}, {"on": False, "order": 11, "reported_kib": 7})
+    assert _reporting_text(off) == ""
