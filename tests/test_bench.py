@@ -81,6 +81,7 @@ def test_every_key_is_there_with_a_sane_type(bench_json: dict) -> None:
     assert "loopback" in conditions["link"] and len(conditions["load_at_start"]) == 3
     reporting = conditions["host_page_reporting"]  # the host's part in placement speed (test_bench_conditions)
     assert isinstance(reporting["on"], bool) and set(reporting) == {"on", "order", "reported_mib"}, reporting
+    assert set(conditions["idle_polling"]) == {"cpuidle_driver", "guest_halt_poll_ns"}, conditions["idle_polling"]
 
 
 @pytest.mark.slow

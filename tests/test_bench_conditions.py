@@ -1,4 +1,5 @@
-"""The benchmark's conditions: free page reporting of the host, read from /sys and /proc trees.
+"""The benchmark's conditions read from /sys and /proc trees: the host's free page reporting and
+how an idle vCPU waits.
 
 Pure logic on trees made here (the machine's own /sys says whatever its host set up); the
 end-to-end run in test_bench.py checks the key is in a real run's JSON.
@@ -9,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aiopostcopy.tools.bench import _reported_during, _reporting_text
-from aiopostcopy.tools.bench_procs import host_page_reporting
+from aiopostcopy.tools.bench_procs import host_page_reporting, idle_polling
 
 #: /proc/buddyinfo of a machine whose largest order is 10 (11 columns)
 BUDDYINFO = "Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3\n"
@@ -75,3 +76,20 @@ def test_the_run_counts_what_was_reported_between_its_ends() -> None:
     assert uncounted["reported_mib"] is None and _reporting_text(uncounted) == "; host free page reporting on"
     off = _reported_during({"on": False, "order": 11, "reported_kib": 7}, {"on": False, "order": 11, "reported_kib": 7})
     assert _reporting_text(off) == ""
+
+
+def test_a_haltpoll_guest_says_how_long_it_polls(tmp_path: Path) -> None:
+    (tmp_path / "devices/system/cpu/cpuidle").mkdir(parents=True)
+    (tmp_path / "devices/system/cpu/cpuidle/current_driver").write_text("haltpoll\n")
+    (tmp_path / "module/haltpoll/parameters").mkdir(parents=True)
+    (tmp_path / "module/haltpoll/parameters/guest_halt_poll_ns").write_text("200000\n")
+    assert idle_polling(tmp_path) == {"cpuidle_driver": "haltpoll", "guest_halt_poll_ns": 200000}
+
+
+def test_another_cpuidle_driver_has_no_halt_polling_and_none_at_all_is_none(tmp_path: Path) -> None:
+    (tmp_path / "devices/system/cpu/cpuidle").mkdir(parents=True)
+    (tmp_path / "devices/system/cpu/cpuidle/current_driver").write_text("intel_idle\n")
+    (tmp_path / "module/haltpoll/parameters").mkdir(parents=True)  # the module, not the driver in use
+    (tmp_path / "module/haltpoll/parameters/guest_halt_poll_ns").write_text("200000\n")
+    assert idle_polling(tmp_path) == {"cpuidle_driver": "intel_idle", "guest_halt_poll_ns": None}
+    assert idle_polling(tmp_path / "none") == {"cpuidle_driver": None, "guest_halt_poll_ns": None}
