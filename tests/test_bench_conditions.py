@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from aiopostcopy.tools.bench import _reported_during, _reporting_text
-from aiopostcopy.tools.bench_procs import host_page_reporting, idle_polling
+from aiopostcopy.tools.bench_procs import halt_polling, host_page_reporting, idle_polling
 
 #: /proc/buddyinfo of a machine whose largest order is 10 (11 columns)
 BUDDYINFO = "Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3\n"
@@ -93,3 +95,31 @@ def test_another_cpuidle_driver_has_no_halt_polling_and_none_at_all_is_none(tmp_
     (tmp_path / "module/haltpoll/parameters/guest_halt_poll_ns").write_text("200000\n")
     assert idle_polling(tmp_path) == {"cpuidle_driver": "intel_idle", "guest_halt_poll_ns": None}
     assert idle_polling(tmp_path / "none") == {"cpuidle_driver": None, "guest_halt_poll_ns": None}
+
+
+def _haltpoll_guest(root: Path, ns: int) -> Path:
+    (root / "devices/system/cpu/cpuidle").mkdir(parents=True)
+    (root / "devices/system/cpu/cpuidle/current_driver").write_text("haltpoll\n")
+    (root / "module/haltpoll/parameters").mkdir(parents=True)
+    path = root / "module/haltpoll/parameters/guest_halt_poll_ns"
+    path.write_text(f"{ns}\n")
+    return path
+
+
+def test_halt_polling_is_set_for_the_block_and_put_back_on_every_way_out(tmp_path: Path) -> None:
+    path = _haltpoll_guest(tmp_path, 0)
+    with halt_polling(200000, tmp_path):
+        assert idle_polling(tmp_path)["guest_halt_poll_ns"] == 200000
+    assert path.read_text() == "0\n"
+    with pytest.raises(KeyboardInterrupt), halt_polling(50000, tmp_path):
+        assert path.read_text() == "50000\n"
+        raise KeyboardInterrupt
+    assert path.read_text() == "0\n"
+    with halt_polling(None, tmp_path):  # None: as it is
+        assert path.read_text() == "0\n"
+
+
+def test_halt_polling_refuses_a_guest_without_haltpoll(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="haltpoll cpuidle driver; this machine's is none"):
+        with halt_polling(1000, tmp_path):
+            pass

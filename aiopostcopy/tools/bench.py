@@ -42,6 +42,7 @@ the compiled baseline, every process started (by PID).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -57,8 +58,8 @@ from aiopostcopy.tools.bench_c import CBaseline, CBuildError, fault_cpu
 from aiopostcopy.tools.bench_huge import huge_table, run_huge
 from aiopostcopy.tools.bench_sparse import run_sparse, sparse_table
 from aiopostcopy.tools.bench_migration import Context, Scenario, make_image, run_migration
-from aiopostcopy.tools.bench_procs import (Loopback, Pinned, Veth, cpu_snapshot, host_page_reporting, idle_polling,
-                                           machine, make_tls_files, other_load)
+from aiopostcopy.tools.bench_procs import (Loopback, Pinned, Veth, cpu_snapshot, halt_polling, host_page_reporting,
+                                           idle_polling, machine, make_tls_files, other_load)
 
 __all__ = ["add_bench_arguments", "bench_main", "SCENARIOS"]
 
@@ -87,6 +88,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots here (needs matplotlib: pip install '.[bench]')")
     p.add_argument("--keep", action="store_true", help="keep the work directory under /dev/shm")
+    p.add_argument("--halt-poll-ns", type=int, metavar="NS",
+                   help="for the run, let idle vCPUs poll NS ns before they halt (haltpoll guests, root; the old "
+                        "value is put back): wake-ups across vCPUs then cost far less (benchmarks/README.md)")
 
 
 def _defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -112,6 +116,8 @@ def _check(args: argparse.Namespace) -> str | None:
     pages = args.size << 8
     if max(args.touches, args.c_touches, args.c_threads * args.mixed_touches) > pages:
         return f"more touches than the {pages} pages of a {args.size} MiB image: raise --size"
+    if args.halt_poll_ns is not None and args.halt_poll_ns < 0:
+        return "--halt-poll-ns must be >= 0"
     if not args.loopback and os.geteuid() != 0:
         return "the veth link needs root (network namespaces); use --loopback or run as root"
     return None
@@ -236,6 +242,16 @@ def bench_main(args: argparse.Namespace) -> int:
         print(f"aiopostcopy bench: {problem}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _sigterm_to_exit)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(halt_polling(args.halt_poll_ns))
+        except RuntimeError as exc:  # no haltpoll here, or not root
+            print(f"aiopostcopy bench: {exc}", file=sys.stderr)
+            return 2
+        return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     info = machine()
     info["link"] = _link_text(args)
@@ -250,7 +266,8 @@ def bench_main(args: argparse.Namespace) -> int:
     info["idle_polling"] = polling = idle_polling()
     if polling["cpuidle_driver"] is not None:
         header.append(f"idle vCPUs: cpuidle {polling['cpuidle_driver']}" + (
-            f", guest_halt_poll_ns {polling['guest_halt_poll_ns']}" if polling["guest_halt_poll_ns"] is not None else ""))
+            f", guest_halt_poll_ns {polling['guest_halt_poll_ns']}" if polling["guest_halt_poll_ns"] is not None else "")
+            + (" (--halt-poll-ns, for this run)" if args.halt_poll_ns is not None else ""))
     reporting = host_page_reporting()
     if reporting["on"]:
         header.append(f"host free page reporting: on (order {reporting['order']}): memory the guest frees goes back "

@@ -24,6 +24,7 @@ TLS scenarios with the ``openssl`` command (P-256 keys, valid for a day).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import select
@@ -33,11 +34,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 __all__ = ["Loopback", "Veth", "Pinned", "Sampler", "cpu_ns", "first_line", "wait_exit", "stop",
            "tail", "StderrTap", "machine", "cpu_snapshot", "other_load", "host_page_reporting", "idle_polling",
-           "TlsFiles", "make_tls_files"]
+           "halt_polling", "TlsFiles", "make_tls_files"]
 
 
 # --------------------------------------------------------------------------- places
@@ -384,10 +385,41 @@ def idle_polling(sys_root: Path = Path("/sys")) -> dict[str, Any]:
     wake-up across vCPUs (a fault's reader, the page server, the faulting thread) pays it.
     Measured here with `bench --quick`, 2 vCPUs: with ``guest_halt_poll_ns`` 0 the C request/reply
     took 77 us at p50, with 200000 (200 us of polling) 14-16 us; the C fault 100-115 against 24-26 us.
+    :func:`halt_polling` sets it for a run (``bench --halt-poll-ns``).
     """
     driver = _text_file(sys_root / "devices/system/cpu/cpuidle/current_driver")
-    poll = _int_file(sys_root / "module/haltpoll/parameters/guest_halt_poll_ns") if driver == "haltpoll" else None
+    poll = _int_file(sys_root / _HALT_POLL) if driver == "haltpoll" else None
     return {"cpuidle_driver": driver, "guest_halt_poll_ns": poll}
+
+
+_HALT_POLL = "module/haltpoll/parameters/guest_halt_poll_ns"
+
+
+@contextlib.contextmanager
+def halt_polling(ns: int | None, sys_root: Path = Path("/sys")) -> Iterator[None]:
+    """Let idle vCPUs poll for ``ns`` nanoseconds before they halt, for the block's duration;
+    the value found is written back on every way out.  None: leave it as it is.
+
+    Raises:
+        RuntimeError: the guest does not use the ``haltpoll`` cpuidle driver, or the value
+            cannot be written (not root).
+    """
+    if ns is None:
+        yield
+        return
+    polling = idle_polling(sys_root)
+    if polling["guest_halt_poll_ns"] is None:
+        raise RuntimeError(f"--halt-poll-ns needs the haltpoll cpuidle driver; this machine's is "
+                           f"{polling['cpuidle_driver'] or 'none'}")
+    path = sys_root / _HALT_POLL
+    try:
+        path.write_text(f"{ns}\n")
+    except OSError as exc:
+        raise RuntimeError(f"cannot set {path}: {exc.strerror}") from None
+    try:
+        yield
+    finally:
+        path.write_text(f"{polling['guest_halt_poll_ns']}\n")
 
 
 def _text_file(path: Path) -> str | None:
