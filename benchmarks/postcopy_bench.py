@@ -73,6 +73,7 @@ Run (as root)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pstats
@@ -99,8 +100,8 @@ C_REFERENCE = {"rr_p50_us": 28.0, "fault_p50_us": 38.0, "bulk_gbps": 1.17, "bulk
 
 sys.path.insert(0, str(ROOT))
 from aiopostcopy.tools.bench_migration import GATE_IDLE_S, make_image, verify_file  # noqa: E402
-from aiopostcopy.tools.bench_procs import (Pinned, cpu_snapshot, first_line, machine, other_load, stop,  # noqa: E402
-                                           tail)
+from aiopostcopy.tools.bench_procs import (Pinned, cpu_snapshot, first_line, halt_polling, idle_polling,  # noqa: E402
+                                           machine, other_load, stop, tail)
 
 
 def _import_baseline() -> Any:
@@ -570,6 +571,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory under /dev/shm (image, logs, reports, dest block files)")
     p.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
+    p.add_argument("--halt-poll-ns", type=int, metavar="NS",
+                   help="for the run, let idle vCPUs poll NS ns before they halt (haltpoll guests; the old value "
+                        "is put back): cross-vCPU wake-ups then cost far less (benchmarks/README.md)")
     return p
 
 
@@ -659,6 +663,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         netns.sweep_stale()
     signal.signal(signal.SIGTERM, _sigterm_to_exit)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(halt_polling(args.halt_poll_ns))
+        except RuntimeError as exc:  # no haltpoll here, or not root
+            print(f"postcopy_bench: {exc}", file=sys.stderr)
+            return 2
+        return _run(args, scenarios, lb, netns)
+
+
+def _run(args: argparse.Namespace, scenarios: list[str], lb: Any, netns: Any) -> int:
+    """The whole run: baselines and scenarios, then the report; returns the exit status."""
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     info = machine()
@@ -671,6 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{'VM (hypervisor flag)' if info['vm'] else 'no hypervisor flag'}",
         f"python: {info['python']}; service loop {info['loop']}",
         f"load average at start: {' '.join(f'{v:.2f}' for v in info['load_at_start'])}",
+        "idle vCPUs: cpuidle {cpuidle_driver}, guest_halt_poll_ns {guest_halt_poll_ns}".format(**idle_polling()),
         f"link: {link_text}",
         f"run: block {args.size} MiB 4 KiB pages seed {args.seed}; {args.repeat} rounds x "
         f"[baseline rr {args.rr_count}+{args.rr_warmup} warm-up, bulk {args.bulk_mb} MiB, "

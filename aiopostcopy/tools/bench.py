@@ -265,9 +265,10 @@ def _bench(args: argparse.Namespace) -> int:
               f"{args.c_touches} touches, C rate {args.c_threads} threads; children pinned: {args.taskset or 'no'}"]
     info["idle_polling"] = polling = idle_polling()
     if polling["cpuidle_driver"] is not None:
-        header.append(f"idle vCPUs: cpuidle {polling['cpuidle_driver']}" + (
-            f", guest_halt_poll_ns {polling['guest_halt_poll_ns']}" if polling["guest_halt_poll_ns"] is not None else "")
-            + (" (--halt-poll-ns, for this run)" if args.halt_poll_ns is not None else ""))
+        poll_ns = polling["guest_halt_poll_ns"]
+        header.append(f"idle vCPUs: cpuidle {polling['cpuidle_driver']}"
+                      + (f", guest_halt_poll_ns {poll_ns}" if poll_ns is not None else "")
+                      + (" (--halt-poll-ns, for this run)" if args.halt_poll_ns is not None else ""))
     reporting = host_page_reporting()
     if reporting["on"]:
         header.append(f"host free page reporting: on (order {reporting['order']}): memory the guest frees goes back "
