@@ -73,7 +73,6 @@ Run (as root)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pstats
@@ -100,8 +99,8 @@ C_REFERENCE = {"rr_p50_us": 28.0, "fault_p50_us": 38.0, "bulk_gbps": 1.17, "bulk
 
 sys.path.insert(0, str(ROOT))
 from aiopostcopy.tools.bench_migration import GATE_IDLE_S, make_image, verify_file  # noqa: E402
-from aiopostcopy.tools.bench_procs import (Pinned, cpu_snapshot, first_line, halt_polling, idle_polling,  # noqa: E402
-                                           machine, other_load, stop, tail)
+from aiopostcopy.tools.bench_procs import (Pinned, cpu_snapshot, first_line, idle_polling, machine,  # noqa: E402
+                                           other_load, run_with_halt_polling, stop, tail)
 
 
 def _import_baseline() -> Any:
@@ -663,13 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         netns.sweep_stale()
     signal.signal(signal.SIGTERM, _sigterm_to_exit)
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(halt_polling(args.halt_poll_ns))
-        except RuntimeError as exc:  # no haltpoll here, or not root
-            print(f"postcopy_bench: {exc}", file=sys.stderr)
-            return 2
-        return _run(args, scenarios, lb, netns)
+    return run_with_halt_polling(args.halt_poll_ns, "postcopy_bench", lambda: _run(args, scenarios, lb, netns))
 
 
 def _run(args: argparse.Namespace, scenarios: list[str], lb: Any, netns: Any) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from aiopostcopy.tools.bench import _reported_during, _reporting_text
-from aiopostcopy.tools.bench_procs import halt_polling, host_page_reporting, idle_polling
+from aiopostcopy.tools.bench_procs import halt_polling, host_page_reporting, idle_polling, run_with_halt_polling
 
 #: /proc/buddyinfo of a machine whose largest order is 10 (11 columns)
 BUDDYINFO = "Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3\n"
@@ -123,3 +123,13 @@ def test_halt_polling_refuses_a_guest_without_haltpoll(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="haltpoll cpuidle driver; this machine's is none"):
         with halt_polling(1000, tmp_path):
             pass
+
+
+def test_a_runner_runs_under_the_polling_or_says_why_it_cannot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _haltpoll_guest(tmp_path / "guest", 0)
+    seen: list[str] = []
+    assert run_with_halt_polling(100000, "bench", lambda: seen.append(path.read_text()) or 7, tmp_path / "guest") == 7
+    assert seen == ["100000\n"] and path.read_text() == "0\n"
+    ran: list[bool] = []
+    assert run_with_halt_polling(100000, "bench", lambda: ran.append(True) or 0, tmp_path / "none") == 2
+    assert not ran and "bench: --halt-poll-ns needs the haltpoll cpuidle driver" in capsys.readouterr().err

@@ -42,7 +42,6 @@ the compiled baseline, every process started (by PID).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -58,8 +57,8 @@ from aiopostcopy.tools.bench_c import CBaseline, CBuildError, fault_cpu
 from aiopostcopy.tools.bench_huge import huge_table, run_huge
 from aiopostcopy.tools.bench_sparse import run_sparse, sparse_table
 from aiopostcopy.tools.bench_migration import Context, Scenario, make_image, run_migration
-from aiopostcopy.tools.bench_procs import (Loopback, Pinned, Veth, cpu_snapshot, halt_polling, host_page_reporting,
-                                           idle_polling, machine, make_tls_files, other_load)
+from aiopostcopy.tools.bench_procs import (Loopback, Pinned, Veth, cpu_snapshot, host_page_reporting, idle_polling,
+                                           machine, make_tls_files, other_load, run_with_halt_polling)
 
 __all__ = ["add_bench_arguments", "bench_main", "SCENARIOS"]
 
@@ -242,13 +241,7 @@ def bench_main(args: argparse.Namespace) -> int:
         print(f"aiopostcopy bench: {problem}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _sigterm_to_exit)
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(halt_polling(args.halt_poll_ns))
-        except RuntimeError as exc:  # no haltpoll here, or not root
-            print(f"aiopostcopy bench: {exc}", file=sys.stderr)
-            return 2
-        return _bench(args)
+    return run_with_halt_polling(args.halt_poll_ns, "aiopostcopy bench", lambda: _bench(args))
 
 
 def _bench(args: argparse.Namespace) -> int:

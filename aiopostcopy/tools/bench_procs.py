@@ -34,11 +34,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 __all__ = ["Loopback", "Veth", "Pinned", "Sampler", "cpu_ns", "first_line", "wait_exit", "stop",
            "tail", "StderrTap", "machine", "cpu_snapshot", "other_load", "host_page_reporting", "idle_polling",
-           "halt_polling", "TlsFiles", "make_tls_files"]
+           "halt_polling", "run_with_halt_polling", "TlsFiles", "make_tls_files"]
 
 
 # --------------------------------------------------------------------------- places
@@ -420,6 +420,18 @@ def halt_polling(ns: int | None, sys_root: Path = Path("/sys")) -> Iterator[None
         yield
     finally:
         path.write_text(f"{polling['guest_halt_poll_ns']}\n")
+
+
+def run_with_halt_polling(ns: int | None, name: str, run: Callable[[], int], sys_root: Path = Path("/sys")) -> int:
+    """``run()`` under :func:`halt_polling`; when the polling cannot be set, say why (as ``name``)
+    and return 2 without running.  Returns what ``run`` returns."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(halt_polling(ns, sys_root))
+        except RuntimeError as exc:  # no haltpoll here, or not root
+            print(f"{name}: {exc}", file=sys.stderr)
+            return 2
+        return run()
 
 
 def _text_file(path: Path) -> str | None:
