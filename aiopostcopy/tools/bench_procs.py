@@ -346,6 +346,8 @@ def other_load(start: dict[str, float], end: dict[str, float], wall: float) -> d
 
 #: virtio-balloon's device ID and its feature bit VIRTIO_BALLOON_F_REPORTING (free page reporting)
 _VIRTIO_ID_BALLOON, _BALLOON_F_REPORTING = 5, 5
+#: the haltpoll cpuidle driver's poll time before a vCPU halts, under /sys
+_HALT_POLL = "module/haltpoll/parameters/guest_halt_poll_ns"
 
 
 def host_page_reporting(sys_root: Path = Path("/sys"), proc_root: Path = Path("/proc")) -> dict[str, Any]:
@@ -390,9 +392,6 @@ def idle_polling(sys_root: Path = Path("/sys")) -> dict[str, Any]:
     driver = _text_file(sys_root / "devices/system/cpu/cpuidle/current_driver")
     poll = _int_file(sys_root / _HALT_POLL) if driver == "haltpoll" else None
     return {"cpuidle_driver": driver, "guest_halt_poll_ns": poll}
-
-
-_HALT_POLL = "module/haltpoll/parameters/guest_halt_poll_ns"
 
 
 @contextlib.contextmanager
