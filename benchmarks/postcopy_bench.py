@@ -99,8 +99,9 @@ C_REFERENCE = {"rr_p50_us": 28.0, "fault_p50_us": 38.0, "bulk_gbps": 1.17, "bulk
 
 sys.path.insert(0, str(ROOT))
 from aiopostcopy.tools.bench_migration import GATE_IDLE_S, make_image, verify_file  # noqa: E402
-from aiopostcopy.tools.bench_procs import (Pinned, cpu_snapshot, first_line, idle_polling, machine,  # noqa: E402
-                                           other_load, run_with_halt_polling, stop, tail)
+from aiopostcopy.tools.bench_conditions import (cpu_snapshot, idle_polling, idle_polling_text, machine,  # noqa: E402
+                                                other_load, run_with_halt_polling)
+from aiopostcopy.tools.bench_procs import Pinned, first_line, stop, tail  # noqa: E402
 
 
 def _import_baseline() -> Any:
@@ -679,7 +680,7 @@ def _run(args: argparse.Namespace, scenarios: list[str], lb: Any, netns: Any) ->
         f"{'VM (hypervisor flag)' if info['vm'] else 'no hypervisor flag'}",
         f"python: {info['python']}; service loop {info['loop']}",
         f"load average at start: {' '.join(f'{v:.2f}' for v in info['load_at_start'])}",
-        "idle vCPUs: cpuidle {cpuidle_driver}, guest_halt_poll_ns {guest_halt_poll_ns}".format(**idle_polling()),
+        idle_polling_text(idle_polling(), set_for_run=args.halt_poll_ns is not None) or "idle vCPUs: no cpuidle driver",
         f"link: {link_text}",
         f"run: block {args.size} MiB 4 KiB pages seed {args.seed}; {args.repeat} rounds x "
         f"[baseline rr {args.rr_count}+{args.rr_warmup} warm-up, bulk {args.bulk_mb} MiB, "

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from aiopostcopy.tools.bench import _reported_during, _reporting_text
-from aiopostcopy.tools.bench_procs import halt_polling, host_page_reporting, idle_polling, run_with_halt_polling
+from aiopostcopy.tools.bench_conditions import (halt_polling, host_page_reporting, idle_polling, idle_polling_text,
+                                                run_with_halt_polling)
 
 #: /proc/buddyinfo of a machine whose largest order is 10 (11 columns)
 BUDDYINFO = "Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3\n"
@@ -86,6 +87,8 @@ def test_a_haltpoll_guest_says_how_long_it_polls(tmp_path: Path) -> None:
     (tmp_path / "module/haltpoll/parameters").mkdir(parents=True)
     (tmp_path / "module/haltpoll/parameters/guest_halt_poll_ns").write_text("200000\n")
     assert idle_polling(tmp_path) == {"cpuidle_driver": "haltpoll", "guest_halt_poll_ns": 200000}
+    assert idle_polling_text(idle_polling(tmp_path), set_for_run=True) == \
+        "idle vCPUs: cpuidle haltpoll, guest_halt_poll_ns 200000 (--halt-poll-ns, for this run)"
 
 
 def test_another_cpuidle_driver_has_no_halt_polling_and_none_at_all_is_none(tmp_path: Path) -> None:
@@ -94,7 +97,9 @@ def test_another_cpuidle_driver_has_no_halt_polling_and_none_at_all_is_none(tmp_
     (tmp_path / "module/haltpoll/parameters").mkdir(parents=True)  # the module, not the driver in use
     (tmp_path / "module/haltpoll/parameters/guest_halt_poll_ns").write_text("200000\n")
     assert idle_polling(tmp_path) == {"cpuidle_driver": "intel_idle", "guest_halt_poll_ns": None}
+    assert idle_polling_text(idle_polling(tmp_path)) == "idle vCPUs: cpuidle intel_idle"
     assert idle_polling(tmp_path / "none") == {"cpuidle_driver": None, "guest_halt_poll_ns": None}
+    assert idle_polling_text(idle_polling(tmp_path / "none")) is None
 
 
 def _haltpoll_guest(root: Path, ns: int) -> Path:

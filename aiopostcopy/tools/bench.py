@@ -57,8 +57,9 @@ from aiopostcopy.tools.bench_c import CBaseline, CBuildError, fault_cpu
 from aiopostcopy.tools.bench_huge import huge_table, run_huge
 from aiopostcopy.tools.bench_sparse import run_sparse, sparse_table
 from aiopostcopy.tools.bench_migration import Context, Scenario, make_image, run_migration
-from aiopostcopy.tools.bench_procs import (Loopback, Pinned, Veth, cpu_snapshot, host_page_reporting, idle_polling,
-                                           machine, make_tls_files, other_load, run_with_halt_polling)
+from aiopostcopy.tools.bench_conditions import (cpu_snapshot, host_page_reporting, idle_polling, idle_polling_text,
+                                                machine, other_load, run_with_halt_polling)
+from aiopostcopy.tools.bench_procs import Loopback, Pinned, Veth, make_tls_files
 
 __all__ = ["add_bench_arguments", "bench_main", "SCENARIOS"]
 
@@ -256,12 +257,10 @@ def _bench(args: argparse.Namespace) -> int:
               f"run: {args.repeat} round(s) of [C baseline; {args.scenarios}] + a final C baseline; image "
               f"{args.size} MiB; 1 toucher x {args.touches}; {threads} x {args.mixed_touches} touches; C fault "
               f"{args.c_touches} touches, C rate {args.c_threads} threads; children pinned: {args.taskset or 'no'}"]
-    info["idle_polling"] = polling = idle_polling()
-    if polling["cpuidle_driver"] is not None:
-        poll_ns = polling["guest_halt_poll_ns"]
-        header.append(f"idle vCPUs: cpuidle {polling['cpuidle_driver']}"
-                      + (f", guest_halt_poll_ns {poll_ns}" if poll_ns is not None else "")
-                      + (" (--halt-poll-ns, for this run)" if args.halt_poll_ns is not None else ""))
+    info["idle_polling"] = idle_polling()
+    polling = idle_polling_text(info["idle_polling"], set_for_run=args.halt_poll_ns is not None)
+    if polling is not None:
+        header.append(polling)
     reporting = host_page_reporting()
     if reporting["on"]:
         header.append(f"host free page reporting: on (order {reporting['order']}): memory the guest frees goes back "
