@@ -27,6 +27,8 @@ from aiopostcopy.errors import RemoteProtocolError
 
 __all__ = ["Link", "check_hello", "ack_threshold"]
 
+_URGENT = m.Channel.URGENT  # looked up once: an enum member costs a lookup per use
+
 
 def check_hello(channel: m.Channel, msg: m.Hello, session_id: str, *,
                 known: BlockTable | None) -> BlockTable:
@@ -108,7 +110,7 @@ class Link:
 
     def urgent_ready(self) -> bool:
         """The urgent channel is open and nothing is queued (a frame sent now keeps the order)."""
-        return not self._queue and m.Channel.URGENT in self.open
+        return not self._queue and _URGENT in self.open
 
     @property
     def pending(self) -> bool:

@@ -42,6 +42,8 @@ Decided non-transitions:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aiopostcopy.core.rangeset import RangeSet
 from aiopostcopy.errors import InternalError
 
@@ -61,6 +63,9 @@ TRANSITIONS: dict[int, frozenset[int]] = {
     PLACING: frozenset({MISSING, REQUESTED}),
     PLACED: frozenset({PLACING}),
 }
+
+#: ``mark``'s answer for one page that was in state ``i`` (the hottest case: a fault's page)
+_ONE_IN = tuple(tuple(int(state == head) for state in _STATES) for head in _STATES)
 
 _FILL_PAGES = 1 << 16
 _SCAN_PAGES = 1 << 22  #: pages per scan window: 4 MiB of scratch at most
@@ -127,7 +132,7 @@ class PageStates:
         """Bytes of bookkeeping held (the state array)."""
         return self._states.__sizeof__()
 
-    def mark(self, first: int, count: int, state: int) -> list[int]:
+    def mark(self, first: int, count: int, state: int) -> Sequence[int]:
         """Move pages ``[first, first + count)`` to ``state``.
 
         Args:
@@ -146,15 +151,15 @@ class PageStates:
         if not 0 <= first < stop <= self.pages:
             raise InternalError(f"page run [{first}, {stop}) outside block of {self.pages} pages")
         if count == 1:  # the hottest path: one faulted page, requested, placing, placed
-            head = self._states[first]
-            before = [0, 0, 0, 0]
-            before[head] = 1
+            states = self._states
+            head = states[first]
             if head not in TRANSITIONS[state]:
-                self._check(first, stop, before, state)
-            self._states[first] = state
-            self._counts[head] -= 1
-            self._counts[state] += 1
-            return before
+                self._check(first, stop, _ONE_IN[head], state)
+            states[first] = state
+            counts = self._counts
+            counts[head] -= 1
+            counts[state] += 1
+            return _ONE_IN[head]
         # Hot path (every arrival of a run): one C count for a run in one state.
         segment = self._states[first:stop]
         before = [0, 0, 0, 0]
@@ -193,7 +198,7 @@ class PageStates:
         return True
 
     @staticmethod
-    def _check(first: int, stop: int, before: list[int], state: int) -> None:
+    def _check(first: int, stop: int, before: Sequence[int], state: int) -> None:
         allowed = TRANSITIONS[state]
         for source in _STATES:
             if before[source] and source not in allowed:

@@ -39,10 +39,15 @@ HUGE_WAITS_KEPT = 4096  #: huge-page waits kept one by one (a 1 GiB page is a se
 def bucket_of(microseconds: int) -> int:
     """The bucket index of a latency in whole microseconds."""
     if microseconds < SUB:
-        return max(microseconds, 0)
+        return microseconds if microseconds > 0 else 0
     exponent = microseconds.bit_length() - 1
     index = SUB + (exponent - _SUB_BITS) * SUB + ((microseconds >> (exponent - _SUB_BITS)) & (SUB - 1))
     return index if index < BUCKETS else BUCKETS - 1
+
+
+#: :func:`bucket_of` of every latency below _LOOKED_UP us, looked up instead (once per fault)
+_LOOKED_UP = 1 << 12
+_BUCKET_OF = bytes(bucket_of(microseconds) for microseconds in range(_LOOKED_UP))
 
 
 def bucket_upper(index: int) -> int:
@@ -122,7 +127,8 @@ class LatencyRecorder:
         """Add one latency (negative values count as 0)."""
         if seconds < 0.0:
             seconds = 0.0
-        self._buckets[bucket_of(int(seconds * 1e6))] += 1
+        microseconds = int(seconds * 1e6)
+        self._buckets[_BUCKET_OF[microseconds] if microseconds < _LOOKED_UP else bucket_of(microseconds)] += 1
         self._count += 1
         self._total += seconds
         if seconds > self._max:
@@ -278,12 +284,13 @@ class Counters:
     def woken_waiter(self, waiter: Waiter, now: float) -> None:
         """A waiter was woken at ``now`` (hot path: once per fault)."""
         self.woken += 1
-        seconds = max(now - waiter.since, 0.0)
+        key, block, _, _, thread_id, since = waiter
+        seconds = now - since if now > since else 0.0
         self.latency.record(seconds)
-        if self.huge_sizes and self.huge_sizes[waiter.block]:
-            self.huge_wait(waiter.block, seconds)
+        if self.huge_sizes and self.huge_sizes[block]:
+            self.huge_wait(block, seconds)
         by_fd, by_thread = self.blocked_by_fd, self.blocked_by_thread
-        key, thread = waiter.key, (waiter.key, waiter.thread_id)
+        thread = (key, thread_id)
         by_fd[key] = by_fd.get(key, 0.0) + seconds
         by_thread[thread] = by_thread.get(thread, 0.0) + seconds
 

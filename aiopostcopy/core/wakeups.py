@@ -38,6 +38,8 @@ from aiopostcopy.errors import LocalProtocolError
 __all__ = ["Wakeups", "notify_commands"]
 
 _NOT_PLACED = frozenset({MISSING, REQUESTED, PLACING})
+#: ``Waiter(...)`` without the generated ``__new__`` (half its cost, once per fault)
+_new_waiter = tuple.__new__
 _PLACED = frozenset({PLACED})
 
 
@@ -55,10 +57,11 @@ class Wakeups:
         counters: where fault, wake and blocked-time figures go.
     """
 
-    __slots__ = ("blocks", "_fds", "_waiters", "_runs", "_count")
+    __slots__ = ("blocks", "_page_sizes", "_fds", "_waiters", "_runs", "_count")
 
     def __init__(self, blocks: BlockTable, counters: Counters) -> None:
         self.blocks = blocks
+        self._page_sizes = blocks.page_sizes
         self._fds: dict[Hashable, _Fd] = {}
         self._waiters = Waiters(blocks.page_sizes)
         self._runs = RunWaiters(len(blocks))
@@ -118,8 +121,8 @@ class Wakeups:
             return None
         block, page = where
         self._count.fault(block, key)
-        address -= address % self.blocks.page_sizes[block]
-        waiter = Waiter(key, block, page, address, thread_id, now)
+        address -= address % self._page_sizes[block]
+        waiter = _new_waiter(Waiter, (key, block, page, address, thread_id, now))
         return waiter, self._waiters.add(waiter)
 
     def check_self_served(self, key: Hashable) -> None:

@@ -121,7 +121,7 @@ def test_counts_and_states_match_a_model(moves: list[tuple[int, int, int]]) -> N
                 states.mark(first, count, target)
             continue
         result = states.mark(first, count, target)
-        assert result == [before.count(state) for state in STATES]
+        assert list(result) == [before.count(state) for state in STATES]
         model[first:first + count] = [target] * count
     for state in STATES:
         assert states.count(state) == model.count(state)
