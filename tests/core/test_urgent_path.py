@@ -340,3 +340,38 @@ def test_the_faults_of_one_client_read_are_asked_in_one_request_the_rest_the_gen
     told = sorted((r.block, r.first, r.count) for command in notified if command.key == "s" for r in command.runs)
     assert told == [(0, 5, 1), (0, 9, 1), (0, 12, 2)]  # page 5 asked for twice, told once
     assert session.unplaced_runs(0, 0, 16) == [(2, 5), (6, 9), (10, 12), (14, 16)]
+
+
+def test_the_pages_of_one_client_placed_together_are_told_in_one_placed() -> None:
+    """The reply lane places a batch of answers before the commands are carried out: each
+    self-served client gets one NotifyPlaced for its pages of the batch (its runs merged), in
+    the place of its first, and a delegated fd's Wake keeps its place between them."""
+    session = open_session(request_timeout=2.0)
+    session.add_self_served("s")
+    session.add_self_served("t")
+    assert session.client_fault_request("s", [(0, 5, 1)], 1.0) == [(0, 5)]
+    assert session.client_fault_request("t", [(0, 7, 1)], 1.0) == [(0, 7)]
+    assert session.client_fault_request("s", [(0, 6, 1)], 1.0) == [(0, 6)]
+    assert session.client_fault_request("s", [(0, 9, 1)], 1.0) == [(0, 9)]
+    assert session.fault_request("c", CLIENT_BASE + 3 * PAGE, 11, 1.0) == (0, 11)  # a delegated fd's fault
+    session.fault_received("own", OWN_BASE + 11 * PAGE, 12, 1.0)  # joins it: the copy through "c" leaves it a Wake
+    for page in (5, 7, 11, 6, 9):
+        fd, base = ("c", CLIENT_BASE - 8 * PAGE) if page == 11 else ("own", OWN_BASE)
+        session.placed_through(0, page, fd, base + page * PAGE, 1.5)
+    commands = session.commands()
+    assert commands == [NotifyPlaced("s", (run(0, 5, 2), run(0, 9, 1))),  # pages 5, 6 and 9, at the first's place
+                        NotifyPlaced("t", (run(0, 7, 1),)),
+                        Wake("own", OWN_BASE + 11 * PAGE, PAGE)]
+    stats = session.statistics()
+    assert (stats.pages_demand, stats.woken) == (5, 2)
+
+
+def test_one_notification_per_client_is_handed_out_as_it_was() -> None:
+    session = open_session(request_timeout=2.0)
+    session.add_self_served("s")
+    session.add_self_served("t")
+    for key, page in (("s", 5), ("t", 7)):
+        assert session.client_fault_request(key, [(0, page, 1)], 1.0) == [(0, page)]
+    for page in (5, 7):
+        session.placed_through(0, page, "own", OWN_BASE + page * PAGE, 1.5)
+    assert session.commands() == [NotifyPlaced("s", (run(0, 5, 1),)), NotifyPlaced("t", (run(0, 7, 1),))]
