@@ -58,7 +58,10 @@ used after it printed its first line (connected, blocks mapped) and the source
 after it announced its port, read from /proc while the exited process is not
 yet reaped, as a share of the migration's duration.  ``--profile SCENARIO``
 adds one extra run of that scenario, not part of the figures, with the
-destination and the source under cProfile, and prints their top functions.
+destination and the source under cProfile, and prints their top functions;
+``--sample SCENARIO`` does the same with py-spy attached instead (a sampling
+profile, :mod:`sampled`: cProfile's cost per call inflates the many small
+functions of the fault path, and a sample costs the process nothing).
 ``--taskset CPUS`` pins every child, baseline included (e.g. ``0`` puts
 everything on one vCPU: no cross-CPU wake-ups).
 
@@ -232,7 +235,7 @@ class StderrTap:
 
 
 def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
-                  profile: Path | None = None) -> dict[str, Any]:
+                  profile: Path | None = None, sample: Path | None = None) -> dict[str, Any]:
     """Run one whole migration of ``scenario`` and check it.
 
     Args:
@@ -241,6 +244,8 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
         scenario: One of :data:`SCENARIOS`.
         tag: Unique name for this run (its directory).
         profile: Write the destination's cProfile stats here (the source's to ``<profile>.source``).
+        sample: Attach py-spy to the destination and the source and write their stacks here
+            (and to ``<sample>.source``; :mod:`sampled`).
 
     Returns:
         The run's figures, its raw fault samples (``samples_ns``) and ``errors``.
@@ -270,6 +275,11 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
         raise RuntimeError(f"source did not start: {line!r}\n{tail(run / 'source.err')}")
     address = line.rsplit(" ", 1)[1]
     src_cpu0 = cpu_times(source.pid)
+    samplers = []
+    if sample is not None:
+        import sampled  # noqa: PLC0415  (this folder: on sys.path, see _import_baseline)
+
+        samplers.append(sampled.Sampler(source.pid, Path(f"{sample}.source"), Path(f"{sample}.source.log")))
 
     workers = []
     if scenario in ("fault-bg", "fault-nobg", "fault-quiet"):
@@ -296,6 +306,8 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
         dest_argv = _profiled(py, str(profile), dest_argv[1:], args.profile_clock)
     began = time.monotonic()
     dest = runner.start("dst", dest_argv, None, stderr=subprocess.PIPE)
+    if sample is not None:
+        samplers.append(sampled.Sampler(dest.pid, sample, Path(f"{sample}.log")))
     tap = StderrTap(dest, run / "dest.err")
     dest_rc, dest_end = wait_with_cpu(dest, args.timeout)
     wall = time.monotonic() - began
@@ -313,6 +325,9 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
     src_cpu = _cpu_delta(src_end, src_cpu0)
     if src_rc is None:
         stop(source)
+    for sampler in samplers:  # they end with their process
+        if not sampler.wait():
+            errors.append(f"{scenario}: py-spy wrote no samples to {sampler.out}: see {sampler.out}.log")
     if src_rc != 0:
         errors.append(f"{scenario}: source exited {src_rc}\n{tail(run / 'source.err')}")
 
@@ -559,6 +574,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-out", default=None, help="keep the cProfile stats here (default: a temp file, removed)")
     p.add_argument("--trace", choices=SCENARIOS, default=None,
                    help="one extra run of this scenario with AIOPOSTCOPY_TRACE set; prints each hop of a fault")
+    p.add_argument("--sample", choices=SCENARIOS, default=None,
+                   help="one extra run of this scenario with py-spy attached to the destination and the source "
+                        "(a sampling profile: no cost per call, unlike --profile; needs py-spy, the bench extra)")
+    p.add_argument("--sample-out", default=None,
+                   help="keep the sampled stacks here, and the source's in <this>.source (default: removed)")
     p.add_argument("--profile-top", type=int, default=25, help="functions shown from the profile (25)")
     p.add_argument("--profile-clock", choices=("wall", "cpu"), default="wall",
                    help="what the profile counts, in every thread of each process: wall-clock time, or each "
@@ -619,6 +639,34 @@ def _profiled(py: str, out: str, argv: Sequence[str], clock: str) -> list[str]:
     added together.  ``clock``: ``wall`` (``time.perf_counter``) or ``cpu`` (each thread's own CPU
     time, ``time.thread_time``)."""
     return [py, "-c", _PROFILE_RUNNER, out, clock, *argv]
+
+
+#: The destination's callbacks a demand fault goes through: a sampled profile shows them apart
+FAULT_PATH = ("PostcopyDestination._serve_faults", "PostcopyDestination._place_answers",
+              "PostcopyDestination._request_runs", "ClientRegistry._on_client_request")
+
+
+def sampled_run(runner: Runner, ctx: dict[str, Any], scenario: str, out: str | None, top: int) -> list[str]:
+    """One run of ``scenario`` with py-spy attached to the destination and the source; the
+    tables of their samples (all, and the destination's under :data:`FAULT_PATH`).  The run's
+    errors go to ``ctx["sample_errors"]``."""
+    import sampled  # noqa: PLC0415  (this folder: on sys.path, see _import_baseline)
+
+    stacks = Path(out) if out else Path(ctx["workdir"]) / "dest.stacks"
+    print(f"sampled run: {scenario} with py-spy attached to the destination and the source (not in the figures)",
+          file=sys.stderr, flush=True)
+    r = run_migration(runner, ctx, scenario, f"sample-{scenario}", sample=stacks)
+    ctx["sample_errors"] = r["errors"]
+    dest_cpu = (r["dest_cpu"] or {}).get("total_s", 0)
+    faults = r["faults"] or 0
+    text = ["", f"sampled run ({scenario}, py-spy attached, NOT in the figures): {r['duration_s']:.2f} s, "
+            f"dest CPU {dest_cpu:.2f} s for {faults} faults read"]
+    if stacks.exists():
+        text += sampled.summary_lines(stacks, top, "destination")
+        text += sampled.summary_lines(stacks, top, "destination, fault path", FAULT_PATH)
+    if Path(f"{stacks}.source").exists():
+        text += sampled.summary_lines(Path(f"{stacks}.source"), top, "source")
+    return text
 
 
 def profile_lines(path: Path, top: int, who: str, keys: Sequence[str], clock: str = "wall") -> list[str]:
@@ -780,6 +828,9 @@ def _run(args: argparse.Namespace, scenarios: list[str], lb: Any, netns: Any) ->
             prof_text += ["", f"trace run ({args.trace}, NOT in the figures): where a remote fault's time goes "
                           "(benchmarks/fault_trace.py)", *fault_trace.report(timeline), "",
                           *fault_trace.bands(timeline)]
+        if args.sample:
+            prof_text += sampled_run(runner, ctx, args.sample, args.sample_out, args.profile_top)
+            errors += ctx.pop("sample_errors")
         if link is not None:
             shaped = lb.qdisc_lines(link)
     finally:
