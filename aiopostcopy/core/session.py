@@ -50,7 +50,7 @@ from aiopostcopy.core.rangeset import RangeSet, bounds_total, chunks, clip_bound
 from aiopostcopy.core.resume import requested_runs, resume_for
 from aiopostcopy.core.stats import Counters, DestinationStatistics
 from aiopostcopy.core.waiters import Waiter
-from aiopostcopy.core.wakeups import Wakeups, notify_commands
+from aiopostcopy.core.wakeups import Wakeups, merge_notifications
 from aiopostcopy.errors import InternalError, LocalProtocolError, RemoteProtocolError
 
 __all__ = ["DestinationConfig", "DestinationSession"]
@@ -58,26 +58,6 @@ __all__ = ["DestinationConfig", "DestinationSession"]
 URGENT, BACKGROUND = m.Channel.URGENT, m.Channel.BACKGROUND
 _NEEDED = frozenset({MISSING, REQUESTED})
 _ONLY = {state: frozenset({state}) for state in (MISSING, REQUESTED, PLACED, PLACING)}
-
-
-def _merge_notifications(commands: list[Command]) -> list[Command]:
-    """``commands`` with every client's NotifyPlaced merged into the first of them (its runs
-    merged, in as few commands as a Placed message's run limit allows); the rest as they were."""
-    runs_of: dict[Hashable, list[m.PageRun]] = {}
-    notifications = 0
-    for command in commands:
-        if type(command) is NotifyPlaced:
-            notifications += 1
-            runs_of.setdefault(command.key, []).extend(command.runs)
-    if notifications == len(runs_of):  # at most one per client: nothing to merge
-        return commands
-    merged: list[Command] = []
-    for command in commands:
-        if type(command) is not NotifyPlaced:
-            merged.append(command)
-        elif command.key in runs_of:  # the client's first: all of its runs go here
-            merged.extend(notify_commands(command.key, runs_of.pop(command.key)))
-    return merged
 
 
 def _data_pages(msg: m.Pages) -> int:
@@ -124,7 +104,7 @@ class DestinationSession:
         merged into the first of them: one Placed message (or as few as its run limit allows)
         for the pages placed since the last call, not one per page."""
         result, self._commands = self._commands, []
-        return _merge_notifications(result) if len(result) > 1 else result
+        return merge_notifications(result) if len(result) > 1 else result
 
     def messages_to_send(self) -> list[tuple[m.Channel, m.Message]]:
         """Messages to send, each with its channel, in order (drains)."""

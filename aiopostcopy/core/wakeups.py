@@ -35,7 +35,7 @@ from aiopostcopy.core.stats import Counters
 from aiopostcopy.core.waiters import RunPiece, RunWaiters, Waiter, Waiters
 from aiopostcopy.errors import LocalProtocolError
 
-__all__ = ["Wakeups", "notify_commands"]
+__all__ = ["Wakeups", "merge_notifications", "notify_commands"]
 
 _NOT_PLACED = frozenset({MISSING, REQUESTED, PLACING})
 #: ``Waiter(...)`` without the generated ``__new__`` (half its cost, once per fault)
@@ -299,3 +299,23 @@ def notify_commands(key: Hashable, runs: Iterable[m.PageRun]) -> list[Command]:
     """NotifyPlaced commands for ``runs``, merged, each within a Placed message's run limit."""
     merged = list(merge_runs(runs))
     return [NotifyPlaced(key, chunk) for chunk in chunks(merged, m.LIMITS.max_runs)]
+
+
+def merge_notifications(commands: list[Command]) -> list[Command]:
+    """``commands`` with every client's NotifyPlaced merged into the first of them (its runs
+    merged, in as few commands as a Placed message's run limit allows); the rest as they were."""
+    runs_of: dict[Hashable, list[m.PageRun]] = {}
+    notifications = 0
+    for command in commands:
+        if type(command) is NotifyPlaced:
+            notifications += 1
+            runs_of.setdefault(command.key, []).extend(command.runs)
+    if notifications == len(runs_of):  # at most one per client: nothing to merge
+        return commands
+    merged: list[Command] = []
+    for command in commands:
+        if type(command) is not NotifyPlaced:
+            merged.append(command)
+        elif command.key in runs_of:  # the client's first: all of its runs go here
+            merged.extend(notify_commands(command.key, runs_of.pop(command.key)))
+    return merged

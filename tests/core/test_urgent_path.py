@@ -345,7 +345,7 @@ def test_the_faults_of_one_client_read_are_asked_in_one_request_the_rest_the_gen
 def test_the_pages_of_one_client_placed_together_are_told_in_one_placed() -> None:
     """The reply lane places a batch of answers before the commands are carried out: each
     self-served client gets one NotifyPlaced for its pages of the batch (its runs merged), in
-    the place of its first, and a delegated fd's Wake keeps its place between them."""
+    the place of its first; the Wake of the waiter the copy did not wake follows them."""
     session = open_session(request_timeout=2.0)
     session.add_self_served("s")
     session.add_self_served("t")
