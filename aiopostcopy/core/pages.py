@@ -164,7 +164,7 @@ class PageStates:
         segment = self._states[first:stop]
         before = [0, 0, 0, 0]
         head = segment[0]
-        if count == 1 or segment.count(head) == count:
+        if segment.count(head) == count:
             before[head] = count
             if head not in TRANSITIONS[state]:
                 self._check(first, stop, before, state)

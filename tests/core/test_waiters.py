@@ -5,7 +5,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aiopostcopy.core.ramblock import BlockTable, MappingTable, RAMBlock
+from aiopostcopy.core.stats import Counters
 from aiopostcopy.core.waiters import RunPiece, RunWaiters, Waiter, Waiters
+from aiopostcopy.core.wakeups import Wakeups
 
 PAGE = 4096
 
@@ -138,3 +141,17 @@ def test_run_waiters_one_page_waits_and_runs_agree_with_a_model(ops: list[tuple]
         listed = [(piece.key, piece.block, page) for piece in runs.all() for page in range(piece.start, piece.stop)]
         assert sorted(listed) == sorted(model)
     assert len(runs) == len(list(runs.all()))
+
+
+def test_a_fault_is_recorded_as_the_waiter_the_fields_name() -> None:
+    """Wakeups builds its waiters without Waiter's generated __new__ (once per fault): the same
+    record all the same, every field in its place."""
+    blocks = BlockTable([RAMBlock(name="ram", length=16 * 4096, page_size=4096),
+                         RAMBlock(name="huge", length=4 << 21, page_size=2 << 20)])
+    wakeups = Wakeups(blocks, Counters(faults_by_block=[0, 0]))
+    wakeups.add_fd("k", MappingTable.identity(blocks, [0x10000, 0x4000_0000]), woken_by_copy=False)
+    waiter, joined = wakeups.fault("k", 0x4000_0000 + (2 << 21) + 12345, 77, 1.25)
+    assert type(waiter) is Waiter and not joined
+    assert waiter == Waiter("k", 1, 2, 0x4000_0000 + (2 << 21), 77, 1.25)
+    assert waiter._asdict() == {"key": "k", "block": 1, "page": 2, "address": 0x4000_0000 + (2 << 21),
+                                "thread_id": 77, "since": 1.25}
