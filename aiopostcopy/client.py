@@ -335,22 +335,25 @@ class Client:
         read_ns = time.monotonic_ns() if trace.ENABLED else 0
         got, consumed, settled, fds, truncated, runs = self._lane.receive(sock, buffer)  # type: ignore[union-attr]
         self._pager.lane_settled(settled)  # type: ignore[union-attr]  (a lane means a pager)
-        if trace.ENABLED:
-            for block, first, _count in runs:
-                trace.mark("placed-read", block, first, read_ns)
-                trace.mark("client-woke", block, first)
+        if trace.ENABLED:  # every page of each run (the service merges the runs of several faults)
+            for block, first, count in runs:
+                for page in range(first, first + count):
+                    trace.mark("placed-read", block, page, read_ns)
+                    trace.mark("client-woke", block, page)
         return got, consumed, fds, truncated
 
     def _on_placed(self, runs: list[tuple[int, int, int]], read_ns: int) -> None:
         """The service placed these runs ``(block, first, count)``: wake our threads waiting there
         (``read_ns``: when the read that brought them began, for the trace; 0: now)."""
-        if trace.ENABLED:
-            for block, first, _count in runs:
-                trace.mark("placed-read", block, first, read_ns or None)
+        if trace.ENABLED:  # every page of each run (the service merges the runs of several faults)
+            for block, first, count in runs:
+                for page in range(first, first + count):
+                    trace.mark("placed-read", block, page, read_ns or None)
         self._wake(self._pager.placed_runs(runs))  # type: ignore[union-attr]  (Placed: self-served only)
         if trace.ENABLED:
-            for block, first, _count in runs:
-                trace.mark("client-woke", block, first)
+            for block, first, count in runs:
+                for page in range(first, first + count):
+                    trace.mark("client-woke", block, page)
 
     def _say_bye(self) -> None:
         """Answer End with Bye at once: we need nothing more from the service, which waits

@@ -403,9 +403,10 @@ class ClientRegistry:
                 client.channel.send_frame(encode_placed(command.runs))  # Placed keeps the phase: nothing to advance
             else:
                 self._send(client, Placed(runs=tuple(command.runs)))
-            if trace.ENABLED:
+            if trace.ENABLED:  # every page of each run (runs of several faults are merged)
                 for run in command.runs:
-                    trace.mark("placed-sent", run.block, run.first)
+                    for page in range(run.first, run.first + run.count):
+                        trace.mark("placed-sent", run.block, page)
         elif isinstance(command, UnknownFault):
             self._reject(client, ErrorCode.MAPPING, f"fault at {command.address:#x} is outside the registered mapping table")
 
