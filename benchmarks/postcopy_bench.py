@@ -327,7 +327,8 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
         stop(source)
     for sampler in samplers:  # they end with their process
         if not sampler.wait():
-            errors.append(f"{scenario}: py-spy wrote no samples to {sampler.out}: see {sampler.out}.log")
+            errors.append(f"{scenario}: py-spy wrote no samples to {sampler.out}"
+                          f"{' (stopped after 30 s)' if sampler.stopped else ''}:\n{sampler.messages()}")
     if src_rc != 0:
         errors.append(f"{scenario}: source exited {src_rc}\n{tail(run / 'source.err')}")
 
@@ -701,6 +702,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     lb = _import_baseline()
     from aiopostcopy.tools import netns
 
+    if args.sample:  # found now, not after every measured round
+        import sampled  # noqa: PLC0415  (this folder, on sys.path since _import_baseline)
+
+        try:
+            sampled.find_py_spy()
+        except FileNotFoundError as exc:
+            print(f"postcopy_bench: --sample: {exc}", file=sys.stderr)
+            return 2
     if os.geteuid() != 0:
         print("postcopy_bench: needs root (namespaces, userfaultfd)", file=sys.stderr)
         return 2

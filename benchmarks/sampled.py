@@ -22,7 +22,8 @@ samples (innermost frame) and its inclusive samples (anywhere on the stack,
 once per sample), as shares of all samples, optionally of only the samples
 under some root functions (the callbacks of the fault path, say).
 
-py-spy is in the ``bench`` extra (``pip install '.[bench]'``); it needs ptrace
+py-spy (0.4.3 or later, which names a method ``Class.method`` as the fault
+path's roots do) is in the ``bench`` and ``test`` extras; it needs ptrace
 rights over the process (root, or the same user with ptrace_scope 0).
 """
 
@@ -66,26 +67,35 @@ class Sampler:
     """
 
     def __init__(self, pid: int, out: Path, log: Path, *, rate: int = RATE) -> None:
-        self.out = out
-        self._log = open(log, "wb")
-        self._proc = subprocess.Popen([find_py_spy(), "record", "--nonblocking", "--pid", str(pid), "--rate", str(rate),
-                                       "--format", "raw", "--output", str(out)],
-                                      stdout=self._log, stderr=subprocess.STDOUT)
+        self.out, self.log = out, log
+        argv = [find_py_spy(), "record", "--nonblocking", "--pid", str(pid), "--rate", str(rate),
+                "--format", "raw", "--output", str(out)]
+        with open(log, "wb") as messages:  # py-spy has its own copy of the descriptor
+            self._proc = subprocess.Popen(argv, stdout=messages, stderr=subprocess.STDOUT)
+        self.stopped = False
 
     def wait(self, timeout: float = 30.0) -> bool:
         """Wait for py-spy to write its file (it ends when the process does).  False if it had to
-        be stopped (it then writes what it has on SIGINT) or wrote nothing."""
+        be stopped (:attr:`stopped`; on SIGINT it still writes what it has) or wrote nothing."""
         try:
             self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.stopped = True
             self._proc.send_signal(signal.SIGINT)
             try:
                 self._proc.wait(10)
             except subprocess.TimeoutExpired:
                 self._proc.kill()  # by the PID started here
                 self._proc.wait()
-        self._log.close()
-        return self._proc.returncode == 0 and self.out.exists() and os.path.getsize(self.out) > 0
+        return (not self.stopped and self._proc.returncode == 0 and self.out.exists()
+                and os.path.getsize(self.out) > 0)
+
+    def messages(self, lines: int = 5) -> str:
+        """The last lines py-spy printed (why it wrote nothing, say)."""
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(no messages: {exc})"
 
 
 def load(path: Path) -> collections.Counter[tuple[str, ...]]:
