@@ -38,9 +38,9 @@ from aiopostcopy.errors import LocalProtocolError
 __all__ = ["Wakeups", "merge_notifications", "notify_commands"]
 
 _NOT_PLACED = frozenset({MISSING, REQUESTED, PLACING})
+_PLACED = frozenset({PLACED})
 #: ``Waiter(...)`` without the generated ``__new__`` (half its cost, once per fault)
 _new_waiter = tuple.__new__
-_PLACED = frozenset({PLACED})
 
 
 @dataclasses.dataclass(slots=True)
