@@ -106,6 +106,10 @@ from aiopostcopy.tools.bench_conditions import (cpu_snapshot, idle_polling, idle
                                                 other_load, run_with_halt_polling)
 from aiopostcopy.tools.bench_procs import Pinned, first_line, stop, tail  # noqa: E402
 
+if str(HERE) not in sys.path:  # this folder's own modules (a script's folder is there already)
+    sys.path.insert(0, str(HERE))
+import sampled  # noqa: E402
+
 
 def _import_baseline() -> Any:
     """Import benchmarks/link_baseline.py as a module (same folder)."""
@@ -277,8 +281,6 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
     src_cpu0 = cpu_times(source.pid)
     samplers = []
     if sample is not None:
-        import sampled  # noqa: PLC0415  (this folder: on sys.path, see _import_baseline)
-
         samplers.append(sampled.Sampler(source.pid, Path(f"{sample}.source"), Path(f"{sample}.source.log")))
 
     workers = []
@@ -651,8 +653,6 @@ def sampled_run(runner: Runner, ctx: dict[str, Any], scenario: str, out: str | N
     """One run of ``scenario`` with py-spy attached to the destination and the source; the
     tables of their samples (all, and the destination's under :data:`FAULT_PATH`).  The run's
     errors go to ``ctx["sample_errors"]``."""
-    import sampled  # noqa: PLC0415  (this folder: on sys.path, see _import_baseline)
-
     stacks = Path(out) if out else Path(ctx["workdir"]) / "dest.stacks"
     print(f"sampled run: {scenario} with py-spy attached to the destination and the source (not in the figures)",
           file=sys.stderr, flush=True)
@@ -703,8 +703,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from aiopostcopy.tools import netns
 
     if args.sample:  # found now, not after every measured round
-        import sampled  # noqa: PLC0415  (this folder, on sys.path since _import_baseline)
-
         try:
             sampled.find_py_spy()
         except FileNotFoundError as exc:
