@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml setup.py aiopostcopy/uffd/_build.py aiopostcopy/uffd/_cdefs.h aiopostcopy/uffd/_source.c \
 		aiopostcopy/transport/_page_server_build.py aiopostcopy/transport/_page_server_cdefs.h \
-		aiopostcopy/transport/_page_server_source.c
+		aiopostcopy/transport/_page_server_source.c aiopostcopy/tools/_touch_build.py \
+		aiopostcopy/tools/_touch_cdefs.h aiopostcopy/tools/_touch_source.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -33,4 +34,5 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info aiopostcopy/uffd/_uffd*.so aiopostcopy/uffd/_uffd.c \
-		aiopostcopy/transport/_page_server*.so aiopostcopy/transport/_page_server.c
+		aiopostcopy/transport/_page_server*.so aiopostcopy/transport/_page_server.c \
+		aiopostcopy/tools/_touch*.so aiopostcopy/tools/_touch.c

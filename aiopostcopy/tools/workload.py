@@ -8,10 +8,16 @@ touching threads (named ``touch-<slot>`` in Python and in /proc, so the
 service can report them).  Each thread touches ``--touches`` pages over all
 blocks: ``random`` picks pages at random, ``sequential`` walks them in order
 (thread *i* starting at the *i*-th fraction of the pages), ``idle`` touches
-nothing.  A touch reads one byte of the page with ``ctypes.memmove``, which
-releases the GIL: a page that has not arrived blocks that thread in the kernel
-until it is placed, and only that thread (see the GIL note in
-:mod:`aiopostcopy.client`).  The touch is timed with ``perf_counter_ns``.
+nothing.  A touch reads one byte of the page: a page that has not arrived
+blocks that thread in the kernel until it is placed, and only that thread.
+The touches run in C (:mod:`aiopostcopy.tools.touch`), a batch of them per
+call with the GIL released, as a vCPU runs no interpreter between two reads of
+memory; the pages are picked in Python before each batch, the same pages in
+the same order as the Python loop, which runs instead with ``--counters``,
+with a trace, or where the C loop is not built (a touch there is a
+``ctypes.memmove``, which releases the GIL while it waits; see the GIL note
+in :mod:`aiopostcopy.client`).  A touch is timed with CLOCK_MONOTONIC
+(``perf_counter_ns`` in Python).
 Before the first touch of each page by this process, mincore(2) says whether
 the page is in memory yet (for shared memory it reports the page cache, which
 is what a userfaultfd MISSING fault depends on): if not, the touch is a
@@ -57,6 +63,7 @@ from aiopostcopy import trace
 from aiopostcopy.client import Client, name_native_thread
 from aiopostcopy.errors import PostcopyError
 from aiopostcopy.messages import ClientMode
+from aiopostcopy.tools import touch
 from aiopostcopy.tools.pattern import COUNTER_BYTES, COUNTER_SLOTS, check_page, verify_block
 
 __all__ = ["main", "parse_args", "Toucher", "report", "summarize"]
@@ -99,7 +106,7 @@ class Toucher:
         client: a joined client.
     """
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, *, in_c: bool = False) -> None:
         self.infos = client.block_info
         self.bases = [client.block_addresses[info.name] for info in self.infos]
         self.starts: list[int] = []
@@ -108,6 +115,8 @@ class Toucher:
             self.starts.append(total)
             total += info.pages
         self.total = total
+        #: the pages first touched by any thread of the process, when the touches run in C
+        self.seen_pages = touch.SeenPages(total) if in_c else None
 
     def locate(self, flat: int) -> tuple[int, int]:
         """Flat page index -> (block index, page)."""
@@ -134,6 +143,8 @@ def _touch_loop(toucher: Toucher, args: argparse.Namespace, index: int, out: dic
     slot = args.slot_base + index
     name_native_thread(f"touch-{slot}")
     rng = random.Random(args.seed * 1_000_003 + slot)
+    if toucher.seen_pages is not None:  # the C loop: no counters, no trace
+        return _touch_in_c(toucher, args, index, rng, out)
     scratch = ctypes.create_string_buffer(8)
     vec = (ctypes.c_ubyte * 1)()  # mincore's vector: one byte, for the first 4 KiB of the page
     latencies, tally, seen = out["latencies"], out["tally"], out["seen"]
@@ -161,6 +172,23 @@ def _touch_loop(toucher: Toucher, args: argparse.Namespace, index: int, out: dic
             value = int.from_bytes(scratch.raw, "little") + 1
             ctypes.memmove(address, value.to_bytes(8, "little"), 8)
             tally[key] = tally.get(key, 0) + 1
+
+
+def _touch_in_c(toucher: Toucher, args: argparse.Namespace, index: int, rng: random.Random, out: dict) -> None:
+    """:func:`_touch_loop`'s touches, the same pages in the same order, by
+    :func:`~aiopostcopy.tools.touch.touch_pages` in batches: the pages are picked here,
+    before each batch, and each batch runs without the GIL."""
+    seen = toucher.seen_pages
+    assert seen is not None
+    start = toucher.total * index // max(args.threads, 1)
+    for first_step in range(0, args.touches if toucher.total else 0, touch.BATCH):
+        steps = range(first_step, min(first_step + touch.BATCH, args.touches))
+        flats = [rng.randrange(toucher.total) if args.workload == "random" else (start + step) % toucher.total
+                 for step in steps]
+        pages = [toucher.address(*toucher.locate(flat), 0) for flat in flats]
+        latencies, hits = touch.touch_pages(pages, flats, COUNTER_BYTES, seen)
+        out["latencies"].extend(latencies)
+        out["hits"] += hits
 
 
 def summarize(latencies_ns: list[int]) -> dict:
@@ -249,7 +277,7 @@ def _emit(args: argparse.Namespace, body: dict) -> None:
 
 
 def _run_threads(client: Client, args: argparse.Namespace, deadline: float) -> tuple[list[dict], bool]:
-    toucher = Toucher(client)
+    toucher = Toucher(client, in_c=touch.available() and not args.counters and not trace.ENABLED)
     results = [{"latencies": [], "tally": {}, "seen": set(), "hits": 0} for _ in range(args.threads)]
     if args.workload == "idle":
         return results, True
