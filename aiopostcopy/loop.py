@@ -897,7 +897,7 @@ class PostcopyDestination:
         """
         read_ns = time.monotonic_ns() if trace.ENABLED else 0
         now = time.monotonic()
-        count = uffd.read_flat(_READ_BATCH)  # the event objects are made after the Request is out
+        count = uffd.read_flat(_READ_BATCH)  # flattened in C: the Request goes out before any Python reads them
         if self._pass_pending or count == _READ_BATCH:  # a backlog: coalesce it all in the pass
             self._take_events(key, uffd.events_read(0, count), now, uffd.fd)
             if count == _READ_BATCH:
@@ -921,21 +921,23 @@ class PostcopyDestination:
                             trace.mark("request", block, page)
                 if rest:  # a short send: the transport writes the rest, in order
                     self._source.send_frame(Channel.URGENT, rest)
-        events = uffd.events_read(0, count) if count else []
+        slots = uffd.slots_read(count) if count else []  # a page fault needs no object, only its address and thread
         try:
-            for event in events:
-                if type(event) is PageFault:
-                    if event.thread_id not in self._named_threads:
-                        self._remember_thread(key, event.thread_id)
-                    page = session.fault_request(key, event.address, event.thread_id, now, new_request=not asked)
+            for i in range(0, count * SLOTS, SLOTS):
+                if slots[i] == PAGEFAULT_CODE:
+                    address, thread_id = slots[i + 2], slots[i + 3]
+                    if thread_id not in self._named_threads:
+                        self._remember_thread(key, thread_id)
+                    page = session.fault_request(key, address, thread_id, now, new_request=not asked)
                     if page is not None:
                         asked.append(page)
                         if lane_asked is None:
-                            faulted.append(event.address)
+                            faulted.append(address)
                     else:
                         general = True
                 else:
                     general = True
+                    [event] = uffd.events_read(i // SLOTS, i // SLOTS + 1)
                     self._forget_fd(key, uffd.fd, event)  # its mappings change: answer it the exact way
                     if self._clients is not None:
                         self._clients.non_cooperative_event(key, event)
@@ -947,6 +949,8 @@ class PostcopyDestination:
                 if lane_asked is None:  # the session's Request: the reply lane still places the answers
                     self._send_page_requests(asked, now)
                     self._remember_faults(key, uffd.fd, asked, faulted)
+                elif asked == lane_asked:  # the usual read: the lane asked for every page
+                    self._rearm_timer(now)
                 else:
                     self._send_page_requests([page for page in asked if page not in lane_asked], now)
         if general and session.pass_due:  # faults queued: the pass requests them now

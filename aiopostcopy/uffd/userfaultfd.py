@@ -424,6 +424,13 @@ class Userfaultfd:
             if n != -_EINTR:
                 raise self._error(-n, "read(userfaultfd)")
 
+    def slots_read(self, count: int) -> list[int]:
+        """The first ``count`` messages of the last :meth:`read_flat` as their flattened slots, one
+        list of ints (:data:`~aiopostcopy.uffd.events.SLOTS` per message; a page fault's code,
+        flags, address and thread id): for a reader that needs a page fault's address and
+        thread but no object (:meth:`events_read` makes the objects)."""
+        return self._buffer.view[:count * SLOTS].tolist()
+
     def events_read(self, first: int, count: int) -> list[Event]:
         """Messages ``first`` to ``count`` of the last :meth:`read_flat`, as :meth:`read_events` returns them."""
         return decode_events(self._buffer.view[first * SLOTS:], count - first)

@@ -13,6 +13,7 @@ import errno
 
 from aiopostcopy.errors import ClosedError, UffdError, uffd_error_from_errno
 from aiopostcopy.uffd import Event, Feature, Ioctl, PageFault, RegisterMode
+from aiopostcopy.uffd.events import PAGEFAULT_CODE
 
 PAGE = 4096
 _RANGE_IOCTLS = Ioctl.WAKE | Ioctl.COPY | Ioctl.ZEROPAGE
@@ -127,6 +128,15 @@ class FakeUserfaultfd:
         """As the kernel object's: the events are kept for :meth:`events_read` (no slots here)."""
         self._read = self.read_events(max_events)
         return len(self._read)
+
+    def slots_read(self, count: int) -> list[int]:
+        """As the kernel object's, made from the events kept: a page fault flattened as the
+        C reader flattens it, any other event only as a code that is not a page fault's."""
+        slots: list[int] = []
+        for event in self._read[:count]:
+            slots += ([PAGEFAULT_CODE, event.flags, event.address, event.thread_id] if type(event) is PageFault
+                      else [-1, 0, 0, 0])
+        return slots
 
     def events_read(self, first: int, count: int) -> list[Event]:
         return self._read[first:count]
