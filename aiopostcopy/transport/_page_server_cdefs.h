@@ -59,6 +59,8 @@ struct rq_pending { uint64_t block; uint64_t page; uint64_t address; int uffd; .
 struct rq_lane { uint8_t *const *states; const uint64_t *pages; const uint64_t *page_size; uint32_t nblocks;
                  struct rq_pending *pending; const uint8_t *zero_page; ...; };
 
+size_t rq_take_runs(const uint8_t *buf, size_t len, uint32_t type, uint32_t max_runs, uint64_t max_blocks,
+                    uint64_t *runs, uint32_t *nruns);
 int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame);
 void rq_forget_fd(struct rq_lane *lane, int uffd);
 void rq_remember(struct rq_lane *lane, uint64_t block, uint64_t page, uint64_t address, int uffd);

@@ -45,7 +45,7 @@
 #include <unistd.h>
 #include <linux/userfaultfd.h>
 
-#define PS_VERSION 7         /* the layout page_server.py expects; bumped with any change to it */
+#define PS_VERSION 8         /* the layout page_server.py expects; bumped with any change to it */
 #define PS_MAX_RUNS 64       /* runs of one Request answered here */
 #define PS_MAX_RUN_PAGES 64  /* pages of one run answered here */
 #define PS_MAX_BOUNDS (PS_MAX_RUN_PAGES + 1)  /* zero-stretch bounds of one run, at most */
@@ -658,6 +658,42 @@ static int rq_encode_runs(uint8_t code, const uint64_t *asked, uint32_t count, u
 int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame)
 {
     return rq_encode_runs(PS_TYPE_REQUEST, asked, count, frame);
+}
+
+/* The frame at the front of buf[0, len) when it is whole and is [type, [[block, first, count], ...]]
+ * of 1 to max_runs runs, each a fixarray of three unsigned integers (the form the encoders here
+ * and in Python write): its runs in `runs` ((block, first, count) triples, *nruns of them) and its
+ * length, prefix included, returned. The ranges the decoder's own shortcut checks hold too:
+ * block < max_blocks, first < 2^46, 1 <= count <= 2^32 (whether a run lies inside the blocks is
+ * the caller's to check). 0 for anything else (another message, another encoding, a frame not
+ * whole, trailing bytes): the decoder then decodes it, and says why when it is bad. */
+size_t rq_take_runs(const uint8_t *buf, size_t len, uint32_t type, uint32_t max_runs, uint64_t max_blocks,
+                    uint64_t *runs, uint32_t *nruns)
+{
+    *nruns = 0;
+    if (len < PS_PREFIX + 4)
+        return 0;
+    uint32_t size = ps_get_prefix(buf);
+    const uint8_t *h = buf + PS_PREFIX, *end = h + size;
+    if (len - PS_PREFIX < size || size < 4 || h[0] != 0x92 || h[1] != type || h[2] < 0x91 || h[2] > 0x9f)
+        return 0;
+    uint32_t k = h[2] - 0x90u;
+    if (k > max_runs)
+        return 0;
+    const uint8_t *q = h + 3;
+    for (uint32_t j = 0; j < k; j++) {
+        uint64_t *run = runs + 3 * j;
+        size_t took = q < end && *q == 0x93;
+        q += took;
+        for (int v = 0; v < 3 && took; v++)
+            q += took = ps_get_uint(q, end, &run[v]);
+        if (!took || run[0] >= max_blocks || run[1] >= (1ull << 46) || run[2] == 0 || run[2] > (1ull << 32))
+            return 0;
+    }
+    if (q != end)
+        return 0;
+    *nruns = k;
+    return PS_PREFIX + size;
 }
 
 /* Whether (block, page) is among the first n pairs of `asked`. */

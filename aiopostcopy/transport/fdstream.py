@@ -46,8 +46,9 @@ from collections.abc import Callable, Iterable
 from typing import Union
 
 from aiopostcopy.errors import ClosedError, RemoteProtocolError
-from aiopostcopy.messages import LIMITS, Error, ErrorCode, Message
-from aiopostcopy.transport.wire import ConnectionClosed, Decoder, encode
+from aiopostcopy.messages import LIMITS, ClientRequest, Error, ErrorCode, Message
+from aiopostcopy.transport import page_server
+from aiopostcopy.transport.wire import SHORT_RUNS, ConnectionClosed, Decoder, encode
 
 __all__ = ["ControlChannel", "BlockingControlChannel", "MAX_FDS_PER_SENDMSG", "error_for"]
 
@@ -235,8 +236,9 @@ class ControlChannel(_FdSocket):
             default :func:`error_for`, ``Error(code, text)``.
         on_client_request: the fault path's shortcut (the service): called with
             the runs, ``((block, first, count), ...)``, of each ClientRequest of a
-            few runs (a self-served client's faults), taken from the decoder without
-            building the message (:meth:`~aiopostcopy.transport.wire.Decoder.take_client_request`);
+            few runs (a self-served client's faults), taken from the decoder's bytes without
+            building the message, in C where it is built (:class:`~aiopostcopy.transport.page_server.ShortRuns`),
+            else by :meth:`~aiopostcopy.transport.wire.Decoder.take_client_request`;
             every other frame goes to ``on_message``.
     """
 
@@ -255,6 +257,10 @@ class ControlChannel(_FdSocket):
         self._loop = asyncio.get_running_loop()
         self._refusal = refusal
         self._on_client_request = on_client_request
+        #: the shortcut's frames read in C, when it is built (else by the decoder, in Python)
+        self._short_runs = (page_server.ShortRuns(SHORT_RUNS, LIMITS.max_blocks)
+                            if on_client_request is not None and page_server.available()
+                            and self._decoder.allows(ClientRequest.TYPE) else None)
         self._on_message = on_message
         self._on_lost: Callable[[BaseException | None], None] | None = on_lost
         self._writing = False  # the loop watches the socket for writing (frames wait)
@@ -315,7 +321,7 @@ class ControlChannel(_FdSocket):
         decoder, on_client_request = self._decoder, self._on_client_request
         while self._sock is not None:
             if on_client_request is not None:
-                runs = decoder.take_client_request()
+                runs = self._take_client_request()
                 if runs is not None:
                     on_client_request(runs)
                     continue
@@ -326,6 +332,19 @@ class ControlChannel(_FdSocket):
                 self._shutdown(None)
                 return
             self._on_message(event)
+
+    def _take_client_request(self) -> tuple[tuple[int, int, int], ...] | None:
+        """The ``on_client_request`` shortcut's next frame: a ClientRequest of a few runs, taken
+        from the decoder (None: the next frame is anything else, or not whole)."""
+        decoder, reader = self._decoder, self._short_runs
+        unread = decoder.unread() if reader is not None else None
+        if unread is None:  # nothing buffered at a frame's start, or no C reader
+            return decoder.take_client_request() if reader is None else None
+        taken = reader.take(*unread, ClientRequest.TYPE)
+        if taken is None:  # another message, or a form the C reader leaves alone
+            return decoder.take_client_request()
+        decoder.skip(taken[1] - unread[1])
+        return taken[0]
 
     def _flush(self) -> None:
         if self._sock is None:

@@ -529,6 +529,10 @@ class Decoder:
         self._start = taken[1]
         return taken[0][0][0], taken[0][0][1]
 
+    def allows(self, code: int) -> bool:
+        """Messages of type ``code`` are accepted from the peer (the types the decoder was made with)."""
+        return code in self._budget
+
     def take_client_request(self) -> tuple[tuple[int, int, int], ...] | None:
         """:meth:`take_page_request` for a self-served client's fault: if the next frame is a
         ClientRequest of at most :data:`SHORT_RUNS` runs (the faults of one read of the client's

@@ -1,0 +1,87 @@
+"""page_server.ShortRuns, the C reader of a ClientRequest (or Request) of a few runs: it takes what
+the decoder's own shortcut, Decoder.take_client_request, takes, the same runs to the same byte,
+and leaves the rest to the decoder."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aiopostcopy.core.control import CLIENT_SENDS
+from aiopostcopy.messages import LIMITS, Bye, ClientRequest, PageRun, Request
+from aiopostcopy.transport import page_server
+from aiopostcopy.transport.wire import SHORT_RUNS, Decoder, encode
+
+pytestmark = pytest.mark.skipif(not page_server.available(), reason="the C page server is not built")
+
+RUNS = st.lists(st.tuples(st.integers(0, LIMITS.max_blocks - 1), st.integers(0, (1 << 46) - 1),
+                          st.integers(1, 1 << 32)), min_size=1, max_size=SHORT_RUNS)
+
+
+def raw(header: object) -> bytes:
+    body = msgpack.packb(header)
+    return len(body).to_bytes(4, "big") + body
+
+
+def both(data: bytes, code: int = ClientRequest.TYPE) -> tuple[object, object]:
+    """What the C reader and the decoder's shortcut take from the front of ``data``: ``(runs, end)``."""
+    reader = page_server.ShortRuns(SHORT_RUNS, LIMITS.max_blocks)
+    taken_c = reader.take(bytearray(b"xy" + data), 2, 2 + len(data), code)  # not at the buffer's start
+    if taken_c is not None:
+        taken_c = (taken_c[0], taken_c[1] - 2)
+    decoder = Decoder(allowed=CLIENT_SENDS)  # what the service's control channel accepts
+    decoder.receive_data(data)
+    runs = decoder.take_client_request()
+    unread = decoder.unread()
+    return taken_c, (runs, unread[1] if unread is not None else len(data)) if runs is not None else None
+
+
+@settings(max_examples=300, deadline=None)
+@given(RUNS)
+def test_a_short_client_request_is_taken_as_the_decoder_takes_it(runs: list[tuple[int, int, int]]) -> None:
+    frame = encode(ClientRequest(runs=tuple(PageRun(block=b, first=f, count=c) for b, f, c in runs)))
+    taken_c, taken_py = both(frame + encode(Bye()))
+    assert taken_c == taken_py == (tuple(runs), len(frame))
+
+
+def test_a_request_is_taken_only_when_asked_for_by_its_type() -> None:
+    frame = encode(Request(runs=(PageRun(block=1, first=7, count=1), PageRun(block=0, first=2, count=3))))
+    reader = page_server.ShortRuns(SHORT_RUNS, LIMITS.max_blocks)
+    assert reader.take(bytearray(frame), 0, len(frame), Request.TYPE) == (((1, 7, 1), (0, 2, 3)), len(frame))
+    assert reader.take(bytearray(frame), 0, len(frame), ClientRequest.TYPE) is None
+
+
+@pytest.mark.parametrize("frame", [
+    raw([25, [[True, 3, 1]]]),
+    raw([25, [[0, 3, 1], [0, 4]]]),  # a short second run
+    raw([25, [[0, 3, 1], {1: 0, 2: 0, 3: 0}]]),  # a map where a run belongs
+    raw([25, [[0, 3, 1], "abc"]]),
+    raw([25, [[0, 3, 1], [1024, 0, 1]]]),  # a block out of range
+    raw([25, []]),  # no runs
+    raw([25, [[0, 3, 0]]]),  # no pages
+    raw([25, [[0, 3, (1 << 32) + 1]]]),
+    raw([25, [[0, 1 << 46, 1]]]),
+    raw([25, [[0, -1, 1]]]),
+    raw([25, [[0, 3.0, 1]]]),
+    raw([25, [[0, 3, 1, 4]]]),
+    raw([25, [[0, 3, 1]]])[:-1],  # incomplete
+    raw([25, [[0, 3, 1]], 0]),  # a field too many
+    (8).to_bytes(4, "big") + msgpack.packb([25, [[0, 3, 1]]]) + b"\x00",  # a byte past the runs inside the frame
+    raw([25, [[0, 2 * i, 1] for i in range(SHORT_RUNS + 1)]]),  # more runs than the shortcut takes
+    encode(Bye()),
+    b"",
+])
+def test_anything_else_is_left_to_the_decoder(frame: bytes) -> None:
+    taken_c, _ = both(frame)
+    assert taken_c is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40) | st.tuples(RUNS, st.binary(max_size=3)).map(
+    lambda drawn: raw([25, [list(run) for run in drawn[0]]]) + drawn[1]))
+def test_whatever_the_c_reader_takes_the_decoder_takes_the_same(data: bytes) -> None:
+    taken_c, taken_py = both(data)
+    if taken_c is not None:
+        assert taken_c == taken_py
