@@ -61,7 +61,10 @@ adds one extra run of that scenario, not part of the figures, with the
 destination and the source under cProfile, and prints their top functions;
 ``--sample SCENARIO`` does the same with py-spy attached instead (a sampling
 profile, :mod:`sampled`: cProfile's cost per call inflates the many small
-functions of the fault path, and a sample costs the process nothing).
+functions of the fault path, and a sample costs the process nothing);
+``--count-ops SCENARIO`` runs the destination with the bytecode instructions
+of the fault path's callbacks counted, per function, per demand fault
+(:mod:`opcounts`: the same count run after run, whatever else the machine does).
 ``--taskset CPUS`` pins every child, baseline included (e.g. ``0`` puts
 everything on one vCPU: no cross-CPU wake-ups).
 
@@ -108,6 +111,7 @@ from aiopostcopy.tools.bench_procs import Pinned, first_line, stop, tail  # noqa
 
 if str(HERE) not in sys.path:  # this folder's own modules (a script's folder is there already)
     sys.path.insert(0, str(HERE))
+import opcounts  # noqa: E402
 import sampled  # noqa: E402
 
 
@@ -239,7 +243,8 @@ class StderrTap:
 
 
 def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
-                  profile: Path | None = None, sample: Path | None = None) -> dict[str, Any]:
+                  profile: Path | None = None, sample: Path | None = None,
+                  count_ops: Path | None = None) -> dict[str, Any]:
     """Run one whole migration of ``scenario`` and check it.
 
     Args:
@@ -250,6 +255,7 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
         profile: Write the destination's cProfile stats here (the source's to ``<profile>.source``).
         sample: Attach py-spy to the destination and the source and write their stacks here
             (and to ``<sample>.source``; :mod:`sampled`).
+        count_ops: Count the destination's fault path instructions into this file (:mod:`opcounts`).
 
     Returns:
         The run's figures, its raw fault samples (``samples_ns``) and ``errors``.
@@ -306,6 +312,8 @@ def run_migration(runner: Runner, ctx: dict[str, Any], scenario: str, tag: str,
                  "--clients", sock, "--json", str(run / "dest.json")]
     if profile is not None:
         dest_argv = _profiled(py, str(profile), dest_argv[1:], args.profile_clock)
+    if count_ops is not None:
+        dest_argv = opcounts.counted(py, str(count_ops), dest_argv[1:])
     began = time.monotonic()
     dest = runner.start("dst", dest_argv, None, stderr=subprocess.PIPE)
     if sample is not None:
@@ -582,6 +590,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(a sampling profile: no cost per call, unlike --profile; needs py-spy, the bench extra)")
     p.add_argument("--sample-out", default=None,
                    help="keep the sampled stacks here, and the source's in <this>.source (default: removed)")
+    p.add_argument("--count-ops", choices=SCENARIOS, default=None,
+                   help="one extra run of this scenario with the bytecode instructions of the destination's "
+                        "fault path counted, per function and per demand fault (benchmarks/opcounts.py)")
+    p.add_argument("--count-ops-out", default=None, help="keep the counts (JSON) here (default: removed)")
     p.add_argument("--profile-top", type=int, default=25, help="functions shown from the profile (25)")
     p.add_argument("--profile-clock", choices=("wall", "cpu"), default="wall",
                    help="what the profile counts, in every thread of each process: wall-clock time, or each "
@@ -838,6 +850,18 @@ def _run(args: argparse.Namespace, scenarios: list[str], lb: Any, netns: Any) ->
         if args.sample:
             prof_text += sampled_run(runner, ctx, args.sample, args.sample_out, args.profile_top)
             errors += ctx.pop("sample_errors")
+        if args.count_ops:
+            counts = Path(args.count_ops_out) if args.count_ops_out else Path(workdir) / "dest.ops.json"
+            log(f"counted run: {args.count_ops} with the destination's fault path instructions counted "
+                "(not in the figures)")
+            r = run_migration(runner, ctx, args.count_ops, f"count-{args.count_ops}", count_ops=counts)
+            errors += r["errors"]
+            faults = (r["faults"] or 0) + r["self_served_faults"]
+            prof_text += ["", f"counted run ({args.count_ops}, NOT in the figures): {r['duration_s']:.2f} s"]
+            if counts.exists():
+                prof_text += opcounts.summary_lines(counts, faults, args.profile_top)
+            else:
+                errors.append(f"count-{args.count_ops}: the destination wrote no counts")
         if link is not None:
             shaped = lb.qdisc_lines(link)
     finally:
