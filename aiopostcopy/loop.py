@@ -903,7 +903,7 @@ class PostcopyDestination:
             if count == _READ_BATCH:
                 self._read_faults(key, uffd)
             return self._pass()
-        session, asked, general = self._session, [], False
+        session, asked, general, fd = self._session, [], False, uffd.fd
         lane_asked: list[tuple[int, int]] | None = None  # None: the lane wrote no Request
         faulted: list[int] = []  # the faults' addresses, of the pages in ``asked``, when it did not
         if self._lane is not None and count:
@@ -912,10 +912,10 @@ class PostcopyDestination:
             table = session.fd_table(key) if sock >= 0 and key not in self._lane_off else None
             slots = uffd.slots_address if table is not None else 0
             if slots:  # the Request leaves now; the session accounts the faults below
-                sent, rest = self._lane.send(sock, key, uffd.fd, table, slots, count, budget)
+                sent, rest = self._lane.send(sock, key, fd, table, slots, count, budget)
                 if sent:
                     lane_asked = sent
-                    self._lane_keys[uffd.fd] = key
+                    self._lane_keys[fd] = key
                     if trace.ENABLED:
                         for block, page in sent:
                             trace.mark("request", block, page)
@@ -938,7 +938,7 @@ class PostcopyDestination:
                 else:
                     general = True
                     [event] = uffd.events_read(i // SLOTS, i // SLOTS + 1)
-                    self._forget_fd(key, uffd.fd, event)  # its mappings change: answer it the exact way
+                    self._forget_fd(key, fd, event)  # its mappings change: answer it the exact way
                     if self._clients is not None:
                         self._clients.non_cooperative_event(key, event)
         finally:  # pages made REQUESTED go out even if a later event fails (a client retired midway)
@@ -948,7 +948,7 @@ class PostcopyDestination:
                         trace.mark("fault-read", block, page, read_ns)
                 if lane_asked is None:  # the session's Request: the reply lane still places the answers
                     self._send_page_requests(asked, now)
-                    self._remember_faults(key, uffd.fd, asked, faulted)
+                    self._remember_faults(key, fd, asked, faulted)
                 elif asked == lane_asked:  # the usual read: the lane asked for every page
                     self._rearm_timer(now)
                 else:

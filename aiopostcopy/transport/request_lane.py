@@ -204,6 +204,9 @@ class RequestLane:
         lengths = self._lengths
         n = lib.rq_send(self._lane, sock, uffd, ffi.cast("uint64_t *", slots_address), count, self._code,
                         kept[1], kept[2], budget, self._asked, self._frame, lengths, lengths + 1)
+        if n == 1 and lengths[1] == lengths[0]:  # the usual read: one fault, its Request sent whole
+            asked_c = self._asked
+            return [(asked_c[0], asked_c[1])], b""
         return self._written(n, lengths)
 
     def _written(self, n: int, lengths) -> tuple[list[tuple[int, int]], bytes]:

@@ -117,10 +117,14 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_received += nbytes
-        self._decoder.buffer_updated(nbytes)
-        if self._read_first is not None and not self._held:
-            self._read_first(self._decoder)
-        self._drain()
+        decoder = self._decoder
+        decoder.buffer_updated(nbytes)
+        if self._read_first is None or self._held:
+            self._drain()
+        else:
+            self._read_first(decoder)
+            if not decoder.idle:  # else the reader took every frame (the usual answer): nothing to decode
+                self._drain()
         if self._yield_after is not None:
             self._turn_bytes += nbytes
             if self._turn_bytes >= self._yield_after and not self._reading_paused:

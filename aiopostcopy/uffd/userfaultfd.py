@@ -413,14 +413,16 @@ class Userfaultfd:
             As :meth:`read_events`.
         """
         buf = self._buffer
-        if max_events > buf.capacity:
+        if not 0 < max_events <= buf.capacity:
+            if max_events < 1:
+                raise ValueError("max_events must be at least 1")
             buf.grow(max_events)
-        elif max_events < 1:
-            raise ValueError("max_events must be at least 1")
         while True:
             n = _read_msgs(self._fd, buf.msgs, max_events, buf.slots)
-            if n >= 0 or n == -_EAGAIN:
-                return max(n, 0)
+            if n >= 0:
+                return n
+            if n == -_EAGAIN:
+                return 0
             if n != -_EINTR:
                 raise self._error(-n, "read(userfaultfd)")
 
