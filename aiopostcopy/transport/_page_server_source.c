@@ -660,12 +660,14 @@ int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame)
     return rq_encode_runs(PS_TYPE_REQUEST, asked, count, frame);
 }
 
+#define RQ_RUN_MAX_BYTES 22u  /* the longest run [block, first, count] as a shortcut takes it: 1 + 3 + 9 + 9 */
+
 /* The frame at the front of buf[0, len) when it is whole and is [type, [[block, first, count], ...]]
  * of 1 to max_runs runs, each a fixarray of three unsigned integers (the form the encoders here
  * and in Python write): its runs in `runs` ((block, first, count) triples, *nruns of them) and its
- * length, prefix included, returned. The ranges the decoder's own shortcut checks hold too:
- * block < max_blocks, first < 2^46, 1 <= count <= 2^32 (whether a run lies inside the blocks is
- * the caller's to check). 0 for anything else (another message, another encoding, a frame not
+ * length, prefix included, returned. What the decoder's own shortcut checks holds too: the frame
+ * is at most RQ_RUN_MAX_BYTES a run (plus its 3 bytes of arrays and type), block < max_blocks,
+ * first < 2^46, 1 <= count <= 2^32 (whether a run lies inside the blocks is the caller's). 0 for anything else (another message, another encoding, a frame not
  * whole, trailing bytes): the decoder then decodes it, and says why when it is bad. */
 size_t rq_take_runs(const uint8_t *buf, size_t len, uint32_t type, uint32_t max_runs, uint64_t max_blocks,
                     uint64_t *runs, uint32_t *nruns)
@@ -678,7 +680,7 @@ size_t rq_take_runs(const uint8_t *buf, size_t len, uint32_t type, uint32_t max_
     if (len - PS_PREFIX < size || size < 4 || h[0] != 0x92 || h[1] != type || h[2] < 0x91 || h[2] > 0x9f)
         return 0;
     uint32_t k = h[2] - 0x90u;
-    if (k > max_runs)
+    if (k > max_runs || size > 3 + RQ_RUN_MAX_BYTES * k)  /* the decoder's shortcut's bound, as wire.py's */
         return 0;
     const uint8_t *q = h + 3;
     for (uint32_t j = 0; j < k; j++) {

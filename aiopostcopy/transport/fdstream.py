@@ -258,7 +258,7 @@ class ControlChannel(_FdSocket):
         self._refusal = refusal
         self._on_client_request = on_client_request
         #: the shortcut's frames read in C, when it is built (else by the decoder, in Python)
-        self._short_runs = (page_server.ShortRuns(SHORT_RUNS, LIMITS.max_blocks)
+        self._client_request_reader = (page_server.ShortRuns(SHORT_RUNS, LIMITS.max_blocks)
                             if on_client_request is not None and page_server.available()
                             and self._decoder.allows(ClientRequest.TYPE) else None)
         self._on_message = on_message
@@ -336,10 +336,12 @@ class ControlChannel(_FdSocket):
     def _take_client_request(self) -> tuple[tuple[int, int, int], ...] | None:
         """The ``on_client_request`` shortcut's next frame: a ClientRequest of a few runs, taken
         from the decoder (None: the next frame is anything else, or not whole)."""
-        decoder, reader = self._decoder, self._short_runs
-        unread = decoder.unread() if reader is not None else None
-        if unread is None:  # nothing buffered at a frame's start, or no C reader
-            return decoder.take_client_request() if reader is None else None
+        decoder, reader = self._decoder, self._client_request_reader
+        if reader is None:
+            return decoder.take_client_request()
+        unread = decoder.unread()
+        if unread is None:  # nothing buffered at a frame's start
+            return None
         taken = reader.take(*unread, ClientRequest.TYPE)
         if taken is None:  # another message, or a form the C reader leaves alone
             return decoder.take_client_request()

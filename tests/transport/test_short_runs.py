@@ -70,6 +70,8 @@ def test_a_request_is_taken_only_when_asked_for_by_its_type() -> None:
     raw([25, [[0, 3, 1]], 0]),  # a field too many
     (8).to_bytes(4, "big") + msgpack.packb([25, [[0, 3, 1]]]) + b"\x00",  # a byte past the runs inside the frame
     raw([25, [[0, 2 * i, 1] for i in range(SHORT_RUNS + 1)]]),  # more runs than the shortcut takes
+    # every integer in its widest form: valid msgpack, but longer than the shortcut's bound
+    (31).to_bytes(4, "big") + bytes([0x92, 25, 0x91, 0x93]) + b"".join(b"\xcf" + v.to_bytes(8, "big") for v in (0, 3, 1)),
     encode(Bye()),
     b"",
 ])
