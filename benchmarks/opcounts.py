@@ -2,19 +2,21 @@
 
 Theory of operation
 -------------------
-On this machine a demand fault costs the destination about three times the C
-handler's CPU, and what the extra is spent on is the interpreter running the
-fault path's Python: the system calls are the C handler's. A profiler that
-times functions either costs as much per call as the small functions it times
-(cProfile) or samples too seldom to rank forty of them (py-spy). Counting the
-bytecode instructions each function executes costs nothing that shows in the
-count: the count is the same run after run, on a busy machine or an idle one,
-so two trees compare in one run each, to the instruction.
+A demand fault costs the destination several times the C handler's CPU, and
+most of the difference is the interpreter running the fault path's Python:
+the system calls are the C handler's. A profiler that times functions either
+costs as much per call as the small functions it times (cProfile) or samples
+too seldom to rank forty of them (py-spy). Counting the bytecode instructions
+each function executes costs nothing that shows in the count. The count moves
+only where the path branches on timing (how many faults one read brings, how
+many answers one receive), by a few instructions a fault in a quiet run, the
+same on a busy machine as on an idle one: two trees compare in one run each.
 
 The destination runs under :data:`RUNNER`: ``sys.settrace`` with opcode events
 on the loop thread, counting only inside the callbacks a demand fault goes
 through (:data:`ROOTS`: a userfaultfd's faults read, the urgent channel's bytes
-received, a client's control socket read) and everything they call.  At exit it
+received, a client's control socket read) and everything they call; a
+generator counted under a root is not counted when it resumes outside one.  At exit it
 writes, per function, the instructions executed and the calls, and how often
 each root ran.  :func:`summary_lines` divides them by the faults at the service.
 
@@ -62,10 +64,11 @@ def enter(frame, event, arg):
     global depth
     code = frame.f_code
     if depth == 0:
-        if code.co_qualname not in ROOTS:
+        # a generator counted once keeps its tracer when resumed: take it away outside a root
+        if code.co_qualname not in ROOTS or (code.co_qualname == "FrameProtocol.buffer_updated"
+                                             and frame.f_locals["self"]._read_first is None):
+            frame.f_trace = None  # (the background channel's bytes: the sweep, not a fault)
             return None
-        if code.co_qualname == "FrameProtocol.buffer_updated" and frame.f_locals["self"]._read_first is None:
-            return None  # the background channel's bytes: the sweep, not a fault
         roots[code.co_qualname] += 1
     depth += 1
     calls[code] += 1

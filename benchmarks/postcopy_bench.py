@@ -856,10 +856,10 @@ def _run(args: argparse.Namespace, scenarios: list[str], lb: Any, netns: Any) ->
                 "(not in the figures)")
             r = run_migration(runner, ctx, args.count_ops, f"count-{args.count_ops}", count_ops=counts)
             errors += r["errors"]
-            faults = (r["faults"] or 0) + r["self_served_faults"]
+            counted_faults = (r["faults"] or 0) + r["self_served_faults"]
             prof_text += ["", f"counted run ({args.count_ops}, NOT in the figures): {r['duration_s']:.2f} s"]
             if counts.exists():
-                prof_text += opcounts.summary_lines(counts, faults, args.profile_top)
+                prof_text += opcounts.summary_lines(counts, counted_faults, args.profile_top)
             else:
                 errors.append(f"count-{args.count_ops}: the destination wrote no counts")
         if link is not None:

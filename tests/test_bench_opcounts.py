@@ -29,8 +29,19 @@ def outside():
     return helper(50)  # not under a root: not counted
 
 
+def gen():
+    yield helper(1)
+    yield helper(1)
+
+
+PENDING = []
+
+
 class PostcopyDestination:
     def _serve_faults(self):
+        started = gen()
+        next(started)  # started under a root: counted
+        PENDING.append(started)
         return helper(3) + helper(3)
 
 
@@ -47,6 +58,7 @@ for _ in range(5):
     PostcopyDestination()._serve_faults()
     FrameProtocol(print).buffer_updated(2)  # the urgent channel's protocol: counted
     FrameProtocol(None).buffer_updated(9)  # the background channel's: not counted
+    next(PENDING.pop())  # resumed outside a root: not counted, and the count stays in step
 """
 
 
@@ -62,8 +74,9 @@ def test_only_what_runs_under_a_root_is_counted_the_same_every_run(tmp_path: Pat
     assert first == second  # instructions, not time: nothing else changes them
     assert first["roots"] == {"PostcopyDestination._serve_faults": 5, "FrameProtocol.buffer_updated": 5}
     functions = {name.rsplit(":", 1)[-1]: (ops, calls) for name, ops, calls in first["functions"]}
-    assert set(functions) == {"PostcopyDestination._serve_faults", "FrameProtocol.buffer_updated", "helper"}
-    assert functions["helper"][1] == 15  # twice per _serve_faults, once per urgent buffer_updated
+    assert set(functions) == {"PostcopyDestination._serve_faults", "FrameProtocol.buffer_updated", "helper", "gen"}
+    assert functions["helper"][1] == 20  # thrice per _serve_faults (once in gen), once per urgent buffer_updated
+    assert functions["gen"][1] == 5  # its starts; its resumptions outside a root are not counted
     assert functions["helper"][0] > 0 and functions["PostcopyDestination._serve_faults"][0] > 0
 
 
