@@ -893,7 +893,9 @@ class PostcopyDestination:
         any other event goes the general way, and the pass then runs in this
         same callback when the session has work for it (faults queued), so
         nothing read here waits for a loop turn; the commands (wakes of pages
-        placed already) are carried out here in any case.
+        placed already) are carried out here in any case.  The faults are taken in the
+        read's order; an event this package cannot decode raises where it stands, and the
+        Request of the pages asked for before it still goes out.
         """
         read_ns = time.monotonic_ns() if trace.ENABLED else 0
         now = time.monotonic()
@@ -921,11 +923,11 @@ class PostcopyDestination:
                             trace.mark("request", block, page)
                 if rest:  # a short send: the transport writes the rest, in order
                     self._source.send_frame(Channel.URGENT, rest)
-        slots = uffd.slots_read(count) if count else []  # a page fault needs no object, only its address and thread
+        messages = uffd.slots_read(count) if count else []  # a page fault needs no object, only its address, thread
         try:
             for i in range(0, count * SLOTS, SLOTS):
-                if slots[i] == PAGEFAULT_CODE:
-                    address, thread_id = slots[i + 2], slots[i + 3]
+                if messages[i] == PAGEFAULT_CODE:
+                    address, thread_id = messages[i + 2], messages[i + 3]
                     if thread_id not in self._named_threads:
                         self._remember_thread(key, thread_id)
                     page = session.fault_request(key, address, thread_id, now, new_request=not asked)
