@@ -14,15 +14,11 @@ from aiopostcopy.transport.wire import SHORT_RUNS, Decoder, encode, encode_page_
 
 import pytest
 from aiopostcopy.errors import RemoteProtocolError
+from wire_strategies import NOT_SHORT_CLIENT_REQUESTS, raw
 
 
 def source_urgent() -> Decoder:
     return Decoder(allowed=migration_allowed(Role.SOURCE, Channel.URGENT))
-
-
-def raw(header: object) -> bytes:
-    body = msgpack.packb(header)
-    return len(body).to_bytes(4, "big") + body
 
 
 @settings(max_examples=200, deadline=None)
@@ -109,20 +105,7 @@ def test_a_client_request_of_more_runs_is_left_to_next_event() -> None:
     assert decoder.next_event() == message
 
 
-@pytest.mark.parametrize("frame", [
-    raw([25, [[True, 3, 1]]]),
-    raw([25, [[0, 3, 1], [0, 4]]]),  # a short second run
-    raw([25, [[0, 3, 1], {1: 0, 2: 0, 3: 0}]]),  # a map where a run belongs
-    raw([25, [[0, 3, 1], "abc"]]),
-    raw([25, [[0, 3, 1], [1024, 0, 1]]]),  # a block out of range
-    raw([25, []]),  # no runs
-    raw([25, [[0, 3, 0]]]),  # no pages
-    raw([25, [[0, 3, (1 << 32) + 1]]]),
-    raw([25, [[0, -1, 1]]]),
-    raw([25, [[0, 3, 1, 4]]]),
-    raw([25, [[0, 3, 1]]])[:-1],  # incomplete
-    raw([25, [[0, 3, 1]], 0]),  # a field too many
-])
+@pytest.mark.parametrize("frame", NOT_SHORT_CLIENT_REQUESTS)
 def test_anything_but_a_valid_short_client_request_is_left_to_next_event(frame: bytes) -> None:
     decoder = control_from_client()
     decoder.receive_data(frame)

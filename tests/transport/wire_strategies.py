@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgpack
 from hypothesis import strategies as st
 
 from aiopostcopy.messages import (
@@ -93,3 +94,27 @@ MESSAGES = {
 }
 
 messages = st.one_of(*MESSAGES.values())
+
+
+def raw(header: object) -> bytes:
+    """A frame of ``header`` packed as msgpack packs it, whatever it holds (valid or not)."""
+    body = msgpack.packb(header)
+    return len(body).to_bytes(4, "big") + body
+
+
+#: Frames that look like a ClientRequest of a few runs but are not a valid one: the decoder's
+#: shortcut (and the service's C reader) must leave each to next_event.
+NOT_SHORT_CLIENT_REQUESTS = [
+    raw([25, [[True, 3, 1]]]),
+    raw([25, [[0, 3, 1], [0, 4]]]),  # a short second run
+    raw([25, [[0, 3, 1], {1: 0, 2: 0, 3: 0}]]),  # a map where a run belongs
+    raw([25, [[0, 3, 1], "abc"]]),
+    raw([25, [[0, 3, 1], [1024, 0, 1]]]),  # a block out of range
+    raw([25, []]),  # no runs
+    raw([25, [[0, 3, 0]]]),  # no pages
+    raw([25, [[0, 3, (1 << 32) + 1]]]),
+    raw([25, [[0, -1, 1]]]),
+    raw([25, [[0, 3, 1, 4]]]),
+    raw([25, [[0, 3, 1]]])[:-1],  # incomplete
+    raw([25, [[0, 3, 1]], 0]),  # a field too many
+]
