@@ -30,6 +30,11 @@ file descriptor: the connection's socket and the blocks' files stay open while
 it is used.  Its memory, the mutex with it, lives as long as the object or its
 :attr:`~PageServer.lock`, so a writer that still holds the lock after the
 connection ended locks valid memory (a glibc mutex needs no destroy).
+
+The same C module serves the destination's side too: its request and reply
+lanes (:mod:`~aiopostcopy.transport.request_lane`), a self-served client's lane
+(:mod:`~aiopostcopy.transport.client_lane`), and :class:`ShortRuns`, which reads
+a self-served client's ClientRequest for the service's control channel.
 """
 
 from __future__ import annotations
@@ -94,10 +99,11 @@ class ShortRuns:
     """Reads a frame of a few runs, ``[type, [[block, first, count], ...]]`` (a ClientRequest, a
     Request), at the front of received bytes in one C call (``rq_take_runs``): the decoder's own
     shortcut (:meth:`~aiopostcopy.transport.wire.Decoder.take_client_request`) does the same in
-    Python, with msgpack, in about ten times the interpreter's steps.
+    Python, with msgpack, in about five times the interpreter's instructions of this call.
 
     It takes only the form the encoders write (each run a fixarray of three unsigned integers),
-    whole, with the ranges the decoder's shortcut checks; anything else it leaves to the decoder.
+    whole, within the bounds the decoder's shortcut checks (the frame's size, the runs' ranges);
+    anything else it leaves to the decoder.
 
     Args:
         max_runs: the most runs taken (at most 15, a fixarray's).
