@@ -259,8 +259,8 @@ class ControlChannel(_FdSocket):
         self._on_client_request = on_client_request
         #: the shortcut's frames read in C, when it is built (else by the decoder, in Python)
         self._client_request_reader = (page_server.ShortRuns(SHORT_RUNS, LIMITS.max_blocks)
-                            if on_client_request is not None and page_server.available()
-                            and self._decoder.allows(ClientRequest.TYPE) else None)
+                                       if on_client_request is not None and page_server.available()
+                                       and self._decoder.allows(ClientRequest.TYPE) else None)
         self._on_message = on_message
         self._on_lost: Callable[[BaseException | None], None] | None = on_lost
         self._writing = False  # the loop watches the socket for writing (frames wait)
@@ -345,8 +345,9 @@ class ControlChannel(_FdSocket):
         taken = reader.take(*unread, ClientRequest.TYPE)
         if taken is None:  # another message, or a form the C reader leaves alone
             return decoder.take_client_request()
-        decoder.skip(taken[1] - unread[1])
-        return taken[0]
+        runs, length = taken
+        decoder.skip(length)
+        return runs
 
     def _flush(self) -> None:
         if self._sock is None:

@@ -123,18 +123,18 @@ class ShortRuns:
 
     def take(self, buffer: bytearray, start: int, end: int,
              code: int) -> tuple[tuple[tuple[int, int, int], ...], int] | None:
-        """``(runs, frame_end)`` when ``buffer[start:end]`` begins with a whole frame of type
-        ``code`` in that form (``runs`` as ``(block, first, count)``; the frame ends at
-        ``buffer[frame_end]``); None otherwise, with nothing read."""
+        """``(runs, length)`` when ``buffer[start:end]`` begins with a whole frame of type
+        ``code`` in that form (``runs`` as ``(block, first, count)``; ``length``: the frame's
+        bytes, prefix included); None otherwise, with nothing read."""
         length = lib.rq_take_runs(ffi.from_buffer("uint8_t[]", buffer) + start, end - start, code, self._max_runs,
                                   self._max_blocks, self._runs, self._count)
         if not length:
             return None
         runs, n = self._runs, self._count[0]
         if n == 1:  # the usual ClientRequest: one fault
-            return ((runs[0], runs[1], runs[2]),), start + length
+            return ((runs[0], runs[1], runs[2]),), length
         values = ffi.unpack(runs, 3 * n)
-        return tuple(zip(values[0::3], values[1::3], values[2::3])), start + length  # type: ignore[return-value]
+        return tuple(zip(values[0::3], values[1::3], values[2::3])), length  # type: ignore[return-value]
 
 
 class Served(enum.IntEnum):

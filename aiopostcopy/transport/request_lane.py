@@ -204,22 +204,18 @@ class RequestLane:
         lengths = self._lengths
         n = lib.rq_send(self._lane, sock, uffd, ffi.cast("uint64_t *", slots_address), count, self._code,
                         kept[1], kept[2], budget, self._asked, self._frame, lengths, lengths + 1)
-        if n == 1 and lengths[1] == lengths[0]:  # the usual read: one fault, its Request sent whole
-            asked_c = self._asked
-            return [(asked_c[0], asked_c[1])], b""
         return self._written(n, lengths)
 
     def _written(self, n: int, lengths) -> tuple[list[tuple[int, int]], bytes]:
         """The pages a C call asked for (``n`` of them) and the bytes of its frame left unsent."""
         if n <= 0:
             return [], b""
-        asked_c = self._asked
+        asked_c, sent, length = self._asked, lengths[1], lengths[0]
         if n == 1:  # the usual read: one fault
             asked = [(asked_c[0], asked_c[1])]
         else:
             values = ffi.unpack(asked_c, 2 * n)
             asked = list(zip(values[0::2], values[1::2]))
-        sent, length = lengths[1], lengths[0]
         return asked, (bytes(ffi.buffer(self._frame, length)[sent:]) if sent < length else b"")
 
     def place(self, buffer: bytearray, start: int, end: int) -> tuple[list[tuple[int, int, int, int, int]], int]:

@@ -25,8 +25,6 @@ def both(data: bytes, code: int = ClientRequest.TYPE) -> tuple[object, object]:
     """What the C reader and the decoder's shortcut take from the front of ``data``: ``(runs, end)``."""
     reader = page_server.ShortRuns(SHORT_RUNS, LIMITS.max_blocks)
     taken_c = reader.take(bytearray(b"xy" + data), 2, 2 + len(data), code)  # not at the buffer's start
-    if taken_c is not None:
-        taken_c = (taken_c[0], taken_c[1] - 2)
     decoder = Decoder(allowed=CLIENT_SENDS)  # what the service's control channel accepts
     decoder.receive_data(data)
     runs = decoder.take_client_request()
