@@ -103,6 +103,7 @@ import dataclasses
 import errno
 import functools
 import logging
+import mmap
 import os
 import socket
 import ssl
@@ -136,6 +137,7 @@ from aiopostcopy.messages import (
 )
 from aiopostcopy.destination.operator import TokenBucket
 from aiopostcopy.priority import set_niceness
+from aiopostcopy.uffd.buffers import copy_buffer
 from aiopostcopy.transport.page_server import Answer, PageServer, PageServerLock, Served, ServedBlock
 from aiopostcopy.transport.page_server import available as page_server_available
 from aiopostcopy.transport.page_server import read_run
@@ -386,10 +388,11 @@ class SourceReport:
 
 class _RunBuffer:
     """A thread's staging memory for the run it sends: grown on demand, reused.  The sweep's
-    come from a pool: one is out from the read of its run until the writer has sent it."""
+    come from a pool: one is out from the read of its run until the writer has sent it.  A run's
+    memory is a copy buffer (huge-page-backed where it can be: the read into it costs a third)."""
 
     def __init__(self, pool: deque[_RunBuffer] | None = None) -> None:
-        self.buffer = bytearray()
+        self.buffer: bytearray | mmap.mmap = bytearray()
         self._pool = pool
 
     def release(self) -> None:
@@ -397,9 +400,9 @@ class _RunBuffer:
         if self._pool is not None:
             self._pool.append(self)
 
-    def take(self, nbytes: int) -> bytearray:
+    def take(self, nbytes: int) -> bytearray | mmap.mmap:
         if nbytes > len(self.buffer):
-            self.buffer = bytearray(nbytes)
+            self.buffer = copy_buffer(nbytes)
         return self.buffer
 
     def piece(self, nbytes: int) -> bytearray:
@@ -1426,7 +1429,7 @@ def _data_stretches(view: memoryview, zeros: tuple[int, ...], count: int, size: 
     return stretches
 
 
-def _zero_bounds(memory: bytearray | bytes, zero: bytes, start: int, count: int, size: int) -> tuple[int, ...]:
+def _zero_bounds(memory: bytearray | bytes | mmap.mmap, zero: bytes, start: int, count: int, size: int) -> tuple[int, ...]:
     """The all-zero pages among ``count`` pages at byte ``start`` of ``memory``, as flattened
     bounds relative to the first of them (Pages.zeros).
 
