@@ -55,6 +55,7 @@ from aiopostcopy.core.ramblock import BlockTable, MappingTable, RAMBlock
 from aiopostcopy.errors import ConfigurationError
 from aiopostcopy.messages import BlockInfo
 from aiopostcopy.uffd import Ioctl, Mapping, SharedMemory
+from aiopostcopy.uffd.buffers import copy_buffer
 from aiopostcopy.uffd.hugepages import available_huge_pages, hugetlbfs_page_size, pool_hint
 
 __all__ = ["BlockMemory", "MappedBlock", "Staging", "PARTIAL_SUFFIX", "SESSION_FILE", "adoptable_session",
@@ -363,7 +364,8 @@ def _forget_named_session(block_dir: str) -> None:
 
 
 class Staging:
-    """A page-aligned receive buffer for one channel.
+    """A page-aligned receive buffer for one channel: a copy buffer (huge-page-backed where it can
+    be, which makes the receive into it and the placement from it cheaper).
 
     Args:
         size: bytes; at least the largest Pages payload the channel accepts.
@@ -371,7 +373,7 @@ class Staging:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._memory = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._memory = copy_buffer(size)
         self._view = memoryview(self._memory)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
         self._zeros: mmap.mmap | None = None
@@ -380,9 +382,7 @@ class Staging:
     @classmethod
     def huge(cls, size: int) -> "Staging":
         """A buffer for one page of ``size`` bytes, backed and touched now (not on the fault path)."""
-        staging = cls(size)
-        with contextlib.suppress(AttributeError, OSError):  # transparent huge pages: 512x fewer faults
-            staging._memory.madvise(mmap.MADV_HUGEPAGE)
+        staging = cls(size)  # transparent huge pages where the kernel has them: 512x fewer faults
         ctypes.memset(staging.address, 0, size)
         return staging
 
