@@ -159,6 +159,15 @@ def test_pages_with_zero_pages_place_each_needed_sub_run_with_its_own_zero_stret
     assert (stats.pages_background, stats.pages_zero, stats.pages_duplicate) == (7, 3, 1)
 
 
+def test_pages_needed_whole_are_placed_with_the_frames_own_zero_stretches() -> None:
+    session = open_session()
+    msg = m.Pages(block=0, first=4, count=10, zeros=(0, 2, 5, 6, 9, 10), data=bytes(6 * PAGE))
+    session.message_received(BACKGROUND, msg, 0.0)
+    assert session.commands() == [Place(0, 4, 10, 0, (0, 2, 5, 6, 9, 10))]
+    stats = session.statistics()
+    assert (stats.pages_background, stats.pages_zero, stats.pages_duplicate) == (6, 4, 0)
+
+
 @pytest.mark.parametrize(("header", "nbytes"), [
     (m.Pages(block=0, first=0, count=2), 3 * PAGE),  # more than the run
     (m.Pages(block=0, first=0, count=2, zeros=(0, 1)), 2 * PAGE),  # a zero page sent as data
