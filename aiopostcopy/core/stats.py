@@ -85,15 +85,27 @@ class LatencyHistogram:
             The upper edge of the bucket holding that sample, capped at
             :attr:`max`; 0.0 when nothing was recorded.
         """
+        return self.percentiles(fraction)[0]
+
+    def percentiles(self, *fractions: float) -> tuple[float, ...]:
+        """:meth:`percentile` of each of ``fractions`` (in increasing order), in one pass over the
+        buckets (a report asks for three on every progress tick)."""
         if not self.count:
-            return 0.0
-        rank = max(1, math.ceil(fraction * self.count))
+            return (0.0,) * len(fractions)
+        ranks = [max(1, math.ceil(fraction * self.count)) for fraction in fractions]
+        if ranks != sorted(ranks):
+            raise ValueError(f"fractions {fractions} are not in increasing order")
+        found: list[float] = []
         seen = 0
         for index, bucket in enumerate(self.buckets):
+            if not bucket:
+                continue
             seen += bucket
-            if seen >= rank:
-                return min(bucket_upper(index) / 1e6, self.max)
-        return self.max
+            while seen >= ranks[len(found)]:
+                found.append(min(bucket_upper(index) / 1e6, self.max))
+                if len(found) == len(ranks):
+                    return tuple(found)
+        return (*found, *(self.max,) * (len(ranks) - len(found)))
 
     @property
     def p50(self) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 import aiopostcopy.core
 from aiopostcopy.core import commands
-from aiopostcopy.core.stats import BUCKETS, LatencyRecorder, bucket_of, bucket_upper
+from aiopostcopy.core.stats import BUCKETS, LatencyHistogram, LatencyRecorder, bucket_of, bucket_upper
 
 CORE = Path(aiopostcopy.core.__file__).parent
 FORBIDDEN = {"asyncio", "socket", "cffi", "os", "time", "uvloop", "selectors"}
@@ -60,6 +61,37 @@ def test_latency_histogram_buckets_and_percentiles() -> None:
     assert hist.max == pytest.approx(0.07)
     assert hist.percentile(1.0) == pytest.approx(0.07)
     assert LatencyRecorder().snapshot().p99 == 0.0
+
+
+def _percentile_by_scan(hist: LatencyHistogram, fraction: float) -> float:
+    """One percentile the plain way: the first bucket whose running count reaches the rank."""
+    if not hist.count:
+        return 0.0
+    rank, seen = max(1, math.ceil(fraction * hist.count)), 0
+    for index, bucket in enumerate(hist.buckets):
+        seen += bucket
+        if seen >= rank:
+            return min(bucket_upper(index) / 1e6, hist.max)
+    return hist.max
+
+
+@given(st.lists(st.integers(0, 1 << 30), max_size=300),
+       st.lists(st.floats(0.0, 1.0), min_size=1, max_size=5).map(sorted))
+def test_percentiles_in_one_pass_are_each_percentile(latencies: list[int], fractions: list[float]) -> None:
+    recorder = LatencyRecorder()
+    for microseconds in latencies:
+        recorder.record(microseconds / 1e6)
+    hist = recorder.snapshot()
+    assert hist.percentiles(*fractions) == tuple(_percentile_by_scan(hist, f) for f in fractions)
+    assert hist.percentile(fractions[0]) == _percentile_by_scan(hist, fractions[0])
+
+
+def test_percentiles_out_of_order_are_refused() -> None:
+    recorder = LatencyRecorder()
+    for microseconds in range(100):
+        recorder.record(microseconds / 1e6)
+    with pytest.raises(ValueError, match="increasing"):
+        recorder.snapshot().percentiles(0.99, 0.5)
 
 
 @given(st.integers(0, 1 << 42))
