@@ -41,6 +41,7 @@ __all__ = [
     "ErrorCode",
     "BlockInfo",
     "PageRun",
+    "MAX_RUN_PAGES",
     "Hello",
     "Request",
     "Pages",
@@ -188,15 +189,19 @@ def _check_bounds(bounds: object) -> int:
     return len(bounds) // 2
 
 
+#: The most pages one run may count.
+MAX_RUN_PAGES = 1 << 32
+
+
 def _check_run(name: str, block: object, first: object, count: object) -> None:
     if (  # the common, valid case in one expression: runs are decoded per frame
         type(block) is int and type(first) is int and type(count) is int
-        and 0 <= block < LIMITS.max_blocks and 0 <= first < 1 << 46 and 1 <= count <= 1 << 32
+        and 0 <= block < LIMITS.max_blocks and 0 <= first < 1 << 46 and 1 <= count <= MAX_RUN_PAGES
     ):
         return
     _check_int(f"{name}.block", block, 0, LIMITS.max_blocks - 1)
     _check_int(f"{name}.first", first, 0, (1 << 46) - 1)
-    _check_int(f"{name}.count", count, 1, 1 << 32)
+    _check_int(f"{name}.count", count, 1, MAX_RUN_PAGES)
 
 
 def _check_runs(name: str, runs: object, limit: int) -> None:

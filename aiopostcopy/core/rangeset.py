@@ -28,7 +28,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from aiopostcopy.messages import PageRun
+from aiopostcopy.messages import MAX_RUN_PAGES, PageRun
 
 __all__ = ["RangeSet", "bounds_total", "clip_bounds", "merge_runs", "chunks"]
 
@@ -209,8 +209,10 @@ def merge_runs(runs: Iterable[PageRun]) -> tuple[PageRun, ...]:
             last[2] = max(last[2], run.stop)
         else:
             merged.append([run.block, run.first, run.stop])
-    return tuple(PageRun(block=block, first=first, count=stop - first)
-                 for block, first, stop in merged)
+    # the merged runs lie within the checked runs' own bounds: built unchecked (a Placed's runs,
+    # on the fault path), unless one grew past what a run may count
+    return tuple(PageRun.unchecked(block, first, stop - first) if stop - first <= MAX_RUN_PAGES
+                 else PageRun(block=block, first=first, count=stop - first) for block, first, stop in merged)
 
 
 def chunks(items: list[T], size: int) -> Iterator[tuple[T, ...]]:

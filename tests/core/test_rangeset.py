@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aiopostcopy.core.rangeset import RangeSet, bounds_total, chunks, clip_bounds, merge_runs
-from aiopostcopy.messages import PageRun
+from aiopostcopy.errors import LocalProtocolError
+from aiopostcopy.messages import MAX_RUN_PAGES, PageRun
 
 
 def test_add_merges_overlapping_and_adjacent() -> None:
@@ -141,6 +142,14 @@ def test_merge_runs_covers_the_same_pages_with_sorted_runs_that_never_touch(runs
     assert {(r.block, p) for r in merged for p in range(r.first, r.stop)} == pages
     for before, after in zip(merged, merged[1:]):
         assert (before.block, before.stop) < (after.block, after.first)
+    for run in merged:  # built unchecked, yet each is a run the checked constructor accepts
+        assert type(run) is PageRun and run == PageRun(block=run.block, first=run.first, count=run.count)
+
+
+def test_runs_merged_past_the_largest_run_are_refused_as_before() -> None:
+    halves = [PageRun(block=0, first=0, count=MAX_RUN_PAGES), PageRun(block=0, first=MAX_RUN_PAGES, count=1)]
+    with pytest.raises(LocalProtocolError, match="count"):
+        merge_runs(halves)
 
 
 def test_chunks_cut_in_order_with_at_most_size_items() -> None:
