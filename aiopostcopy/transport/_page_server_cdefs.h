@@ -23,6 +23,9 @@
 #define CL_TYPE_CLIENT_REQUEST ...
 #define CL_TYPE_PLACED ...
 #define CL_MAX_FDS ...
+#define PS_MAX_FDS ...
+#define RQ_RECEIVE_FRAMES ...
+#define RQ_RECEIVE_RUNS ...
 
 struct ps_block { int fd; uint32_t page_size; uint32_t max_run; uint64_t pages; ...; };
 
@@ -61,6 +64,10 @@ struct rq_lane { uint8_t *const *states; const uint64_t *pages; const uint64_t *
 
 size_t rq_take_runs(const uint8_t *buf, size_t len, uint32_t type, uint32_t max_runs, uint64_t max_blocks,
                     uint64_t *runs, uint32_t *nruns);
+struct rq_reader { uint8_t *buf; size_t cap; uint32_t type; uint32_t max_runs; uint64_t max_blocks;
+                   int fds[...]; uint32_t nfds; int truncated; uint64_t runs[...]; uint32_t frame_runs[...];
+                   uint32_t nframes; size_t consumed; ...; };
+int rq_receive_runs(struct rq_reader *r, int sock);
 int rq_encode(const uint64_t *asked, uint32_t count, uint8_t *frame);
 void rq_forget_fd(struct rq_lane *lane, int uffd);
 void rq_remember(struct rq_lane *lane, uint64_t block, uint64_t page, uint64_t address, int uffd);

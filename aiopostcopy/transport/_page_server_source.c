@@ -45,7 +45,7 @@
 #include <unistd.h>
 #include <linux/userfaultfd.h>
 
-#define PS_VERSION 8         /* the layout page_server.py expects; bumped with any change to it */
+#define PS_VERSION 9         /* the layout page_server.py expects; bumped with any change to it */
 #define PS_MAX_RUNS 64       /* runs of one Request answered here */
 #define PS_MAX_RUN_PAGES 64  /* pages of one run answered here */
 #define PS_MAX_BOUNDS (PS_MAX_RUN_PAGES + 1)  /* zero-stretch bounds of one run, at most */
@@ -74,6 +74,9 @@
 #define CL_TYPE_CLIENT_REQUEST 25  /* message codes (aiopostcopy.messages) */
 #define CL_TYPE_PLACED 26
 #define CL_MAX_FDS 64        /* descriptors one cl_receive() takes with its bytes */
+#define PS_MAX_FDS 253       /* descriptors one recvmsg() can bring (Linux's SCM_MAX_FD) */
+#define RQ_RECEIVE_FRAMES 32 /* frames one rq_receive_runs() takes at most */
+#define RQ_RECEIVE_RUNS 15   /* runs of one frame it takes at most (a fixarray's) */
 #define CL_MAX_RUN_PAGES (1ull << 32)  /* a run's longest count (aiopostcopy.transport.wire) */
 
 struct ps_block {
@@ -561,6 +564,21 @@ struct rq_lane {
     const uint8_t *zero_page;    /* zeros, at least the largest page: a Zero answer's source (NULL: not placed here) */
 };
 
+struct rq_reader {            /* rq_receive_runs()'s state, one per control connection */
+    uint8_t *buf;                /* where it receives, cap bytes */
+    size_t cap;
+    uint32_t type;               /* the frames taken: [type, [[block, first, count], ...]] */
+    uint32_t max_runs;           /* of at most max_runs runs (<= RQ_RECEIVE_RUNS) */
+    uint64_t max_blocks;         /* each block below this */
+    int fds[PS_MAX_FDS];         /* descriptors that came along (the caller owns them) */
+    uint32_t nfds;
+    int truncated;               /* the kernel had more descriptors (the extra ones are closed) */
+    uint64_t runs[3 * RQ_RECEIVE_FRAMES * RQ_RECEIVE_RUNS];
+    uint32_t frame_runs[RQ_RECEIVE_FRAMES];
+    uint32_t nframes;
+    size_t consumed;             /* bytes of the frames taken */
+};
+
 static struct rq_pending *rq_slot(const struct rq_lane *lane, uint64_t block, uint64_t page)
 {
     uint64_t h = (page ^ (block * 0x9e3779b97f4a7c15ull)) * 0xff51afd7ed558ccdull;
@@ -696,6 +714,75 @@ size_t rq_take_runs(const uint8_t *buf, size_t len, uint32_t type, uint32_t max_
         return 0;
     *nruns = k;
     return PS_PREFIX + size;
+}
+
+/* One recvmsg() of the control socket `sock` into buf[0, cap), non-blocking, descriptors taken
+ * with it: in fds (*nfds of them, at most max_fds, which must not exceed PS_MAX_FDS; *truncated
+ * when the kernel had more, the extra ones closed). Returns the bytes received (0: the peer
+ * closed), or -errno (-EAGAIN: nothing there). */
+static int ps_recv_fds(int sock, uint8_t *buf, size_t cap, int *fds, uint32_t max_fds, uint32_t *nfds,
+                       int *truncated)
+{
+    union { struct cmsghdr align; uint8_t space[CMSG_SPACE(sizeof(int) * PS_MAX_FDS)]; } control;
+    struct iovec iov = { .iov_base = buf, .iov_len = cap };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
+                          .msg_controllen = CMSG_SPACE(sizeof(int) * (max_fds < PS_MAX_FDS ? max_fds : PS_MAX_FDS)) };
+    ssize_t got;
+    *nfds = 0;
+    *truncated = 0;
+    do
+        got = recvmsg(sock, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    while (got < 0 && errno == EINTR);
+    if (got < 0)
+        return -errno;
+    *truncated = (msg.msg_flags & MSG_CTRUNC) != 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        const uint8_t *data = CMSG_DATA(c);
+        uint32_t n = (uint32_t)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (uint32_t k = 0; k < n; k++) {  /* the space rounds up: more than max_fds may come */
+            int fd;
+            memcpy(&fd, data + k * sizeof(int), sizeof(int));
+            if (*nfds < max_fds) {
+                fds[(*nfds)++] = fd;
+            } else {
+                close(fd);
+                *truncated = 1;
+            }
+        }
+    }
+    return (int)got;
+}
+
+/* The service side of a control connection, as cl_receive() is the client's: one recvmsg() of
+ * `sock` into r->buf[0, r->cap), the decoder holding nothing (the bytes begin a frame), then, when
+ * no descriptors came along, the whole frames at its front that rq_take_runs() takes (of r->type,
+ * up to r->max_runs runs each, blocks below r->max_blocks), at most RQ_RECEIVE_FRAMES of them:
+ * frame i's runs follow frame i-1's in r->runs, r->frame_runs[i] of them; r->nframes frames,
+ * r->consumed bytes. Returns the bytes received (0: the peer closed), or -errno (-EAGAIN: nothing
+ * there); the descriptors received in r->fds (r->nfds, r->truncated as ps_recv_fds() sets them).
+ * What follows the frames taken is the decoder's. */
+int rq_receive_runs(struct rq_reader *r, int sock)
+{
+    r->nframes = 0;
+    r->consumed = 0;
+    int got = ps_recv_fds(sock, r->buf, r->cap, r->fds, PS_MAX_FDS, &r->nfds, &r->truncated);
+    if (got <= 0 || r->nfds || r->truncated)
+        return got;
+    size_t at = 0;
+    uint64_t *next = r->runs;
+    while (r->nframes < RQ_RECEIVE_FRAMES) {
+        uint32_t n;
+        size_t len = rq_take_runs(r->buf + at, (size_t)got - at, r->type, r->max_runs, r->max_blocks, next, &n);
+        if (!len)
+            break;
+        r->frame_runs[r->nframes++] = n;
+        next += 3 * (size_t)n;
+        at += len;
+    }
+    r->consumed = at;
+    return got;
 }
 
 /* Whether (block, page) is among the first n pairs of `asked`. */
@@ -1020,40 +1107,12 @@ int cl_receive(struct cl_lane *lane, int sock, uint8_t *buf, size_t cap, int *fd
                int *truncated, uint64_t *runs, uint32_t max_runs, uint32_t *nruns, uint64_t *settled,
                size_t *consumed, int *wake_error)
 {
-    union { struct cmsghdr align; uint8_t space[CMSG_SPACE(sizeof(int) * CL_MAX_FDS)]; } control;
-    struct iovec iov = { .iov_base = buf, .iov_len = cap };
-    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
-                          .msg_controllen = CMSG_SPACE(sizeof(int) * (max_fds < CL_MAX_FDS ? max_fds : CL_MAX_FDS)) };
-    ssize_t got;
-    *nfds = 0;
-    *truncated = 0;
     *nruns = 0;
     *settled = 0;
     *consumed = 0;
     *wake_error = 0;
-    do
-        got = recvmsg(sock, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-    while (got < 0 && errno == EINTR);
-    if (got < 0)
-        return -errno;
-    *truncated = (msg.msg_flags & MSG_CTRUNC) != 0;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-            continue;
-        const uint8_t *data = CMSG_DATA(c);
-        uint32_t n = (uint32_t)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-        for (uint32_t k = 0; k < n; k++) {  /* the space rounds up: more than max_fds may come */
-            int fd;
-            memcpy(&fd, data + k * sizeof(int), sizeof(int));
-            if (*nfds < max_fds) {
-                fds[(*nfds)++] = fd;
-            } else {
-                close(fd);
-                *truncated = 1;
-            }
-        }
-    }
+    int got = ps_recv_fds(sock, buf, cap, fds, max_fds < CL_MAX_FDS ? max_fds : CL_MAX_FDS, nfds, truncated);
     if (got > 0 && *nfds == 0 && !*truncated)
         *wake_error = cl_placed(lane, buf, (size_t)got, runs, max_runs, nruns, settled, consumed);
-    return (int)got;
+    return got;
 }

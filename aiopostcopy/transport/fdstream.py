@@ -236,10 +236,11 @@ class ControlChannel(_FdSocket):
             default :func:`error_for`, ``Error(code, text)``.
         on_client_request: the fault path's shortcut (the service): called with
             the runs, ``((block, first, count), ...)``, of each ClientRequest of a
-            few runs (a self-served client's faults), taken from the decoder's bytes without
-            building the message, in C where it is built (:class:`~aiopostcopy.transport.page_server.ShortRuns`),
-            else by :meth:`~aiopostcopy.transport.wire.Decoder.take_client_request`;
-            every other frame goes to ``on_message``.
+            few runs (a self-served client's faults), taken without building the message: in
+            C where it is built (:class:`~aiopostcopy.transport.page_server.ShortRuns`), which
+            reads the socket itself while the decoder holds nothing, else by
+            :meth:`~aiopostcopy.transport.wire.Decoder.take_client_request`; every other frame
+            goes to ``on_message``.
     """
 
     def __init__(
@@ -309,7 +310,8 @@ class ControlChannel(_FdSocket):
 
     def _on_readable(self) -> None:
         try:
-            if self._read():
+            reader = self._client_request_reader
+            if self._read_requests(reader) if reader is not None and self._decoder.idle else self._read():
                 self._drain()
         except RemoteProtocolError as exc:
             self._try_send_last(self._refusal(exc))
@@ -332,6 +334,35 @@ class ControlChannel(_FdSocket):
                 self._shutdown(None)
                 return
             self._on_message(event)
+
+    def _read_requests(self, reader: page_server.ShortRuns) -> bool:
+        """:meth:`_read` in C (:meth:`~aiopostcopy.transport.page_server.ShortRuns.receive`), the
+        decoder holding nothing: the ClientRequests of a few runs at the front of the bytes read go
+        to ``on_client_request`` from there, the rest to the decoder.  Returns whether the decoder
+        got bytes (False: nothing was there, or the frames taken were all of it).
+
+        Raises:
+            As :meth:`_read`.
+        """
+        got, consumed, fds, truncated, frames = reader.receive(self._check_open().fileno(), self._received,
+                                                               ClientRequest.TYPE)
+        if got < 0:
+            if got in (-errno.EAGAIN, -errno.EINTR):
+                return False
+            raise OSError(-got, os.strerror(-got))
+        self._add_fds(fds)
+        if truncated:
+            raise RemoteProtocolError("too many file descriptors in one message")
+        on_client_request = self._on_client_request
+        assert on_client_request is not None  # the reader exists only with it
+        for runs in frames:
+            if self._sock is None:  # a handler closed the channel: the rest is dropped with it
+                return False
+            on_client_request(runs)
+        if (got and consumed == got) or self._sock is None:
+            return False
+        self._decoder.receive_data(self._received[consumed:got])  # empty at EOF: the decoder yields ConnectionClosed
+        return True
 
     def _take_client_request(self) -> tuple[tuple[int, int, int], ...] | None:
         """The ``on_client_request`` shortcut's next frame: a ClientRequest of a few runs, taken

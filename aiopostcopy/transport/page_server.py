@@ -34,7 +34,9 @@ connection ended locks valid memory (a glibc mutex needs no destroy).
 The same C module serves the destination's side too: its request and reply
 lanes (:mod:`~aiopostcopy.transport.request_lane`), a self-served client's lane
 (:mod:`~aiopostcopy.transport.client_lane`), and :class:`ShortRuns`, which reads
-a self-served client's ClientRequest for the service's control channel.
+a self-served client's ClientRequest for the service's control channel: from
+bytes the decoder holds, or straight from the socket (:meth:`ShortRuns.receive`,
+one ``recvmsg`` and the frames at its front in one call).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 #: The C side's PS_VERSION this module is written for.
-VERSION = 8
+VERSION = 9
 
 
 def matches(built: object) -> bool:
@@ -71,6 +73,10 @@ PAGE_BYTES = 1 << 20
 MAX_RUN = 64
 #: Answers logged before Python must account them (room for a Request of the most runs, and more).
 LOG_ANSWERS = 256
+
+
+#: Frames one :meth:`ShortRuns.receive` takes at most (the rest of what it read is the decoder's).
+RECEIVE_FRAMES = lib.RQ_RECEIVE_FRAMES if lib is not None else 0
 
 
 def available() -> bool:
@@ -110,7 +116,7 @@ class ShortRuns:
         max_blocks: a run's block must be below this.
     """
 
-    __slots__ = ("_runs", "_count", "_max_runs", "_max_blocks")
+    __slots__ = ("_runs", "_count", "_max_runs", "_max_blocks", "_reader", "_view", "_buffer")
 
     def __init__(self, max_runs: int, max_blocks: int) -> None:
         if lib is None:
@@ -120,6 +126,10 @@ class ShortRuns:
         self._runs = ffi.new("uint64_t[]", 3 * max_runs)
         self._count = ffi.new("uint32_t *")
         self._max_runs, self._max_blocks = max_runs, max_blocks
+        self._reader = reader = ffi.new("struct rq_reader *")  # receive()'s
+        reader.max_runs, reader.max_blocks = max_runs, max_blocks
+        self._view: memoryview | None = None  # the buffer receive() reads into, and its C pointer
+        self._buffer = ffi.NULL
 
     def take(self, buffer: bytearray, start: int, end: int,
              code: int) -> tuple[tuple[tuple[int, int, int], ...], int] | None:
@@ -135,6 +145,39 @@ class ShortRuns:
             return ((runs[0], runs[1], runs[2]),), length
         values = ffi.unpack(runs, 3 * n)
         return tuple(zip(values[0::3], values[1::3], values[2::3])), length  # type: ignore[return-value]
+
+    def receive(self, sock: int, buffer: memoryview, code: int) -> tuple[int, int, list[int], bool,
+                                                                        list[tuple[tuple[int, int, int], ...]]]:
+        """One ``recvmsg`` of the control socket ``sock`` into ``buffer`` (the decoder holds
+        nothing, so the bytes begin a frame) with :meth:`take` over the frames of type ``code`` at
+        their front, at most :data:`RECEIVE_FRAMES`, when no descriptors came along
+        (``rq_receive_runs``).
+
+        Returns:
+            ``(got, consumed, fds, truncated, frames)``: the bytes received (0: the peer closed;
+            ``-errno`` when the call failed, ``-EAGAIN``: nothing there), the bytes of the frames
+            taken, the descriptors received (the caller owns them), whether the kernel had
+            more than fitted (the extra ones are closed), and each frame's runs, in order.
+        """
+        reader = self._reader
+        if buffer is not self._view:  # the channel's buffer, the same on every call
+            self._buffer = ffi.from_buffer("uint8_t[]", buffer, require_writable=True)
+            self._view, reader.buf, reader.cap = buffer, self._buffer, len(buffer)
+        reader.type = code
+        got = lib.rq_receive_runs(reader, sock)
+        n, runs = reader.nframes, reader.runs
+        if n == 1 and reader.frame_runs[0] == 1:  # the usual read: one fault's ClientRequest
+            return got, reader.consumed, [], False, [((runs[0], runs[1], runs[2]),)]
+        fds = ffi.unpack(reader.fds, reader.nfds) if reader.nfds else []
+        frames: list[tuple[tuple[int, int, int], ...]] = []
+        if n:
+            counts = ffi.unpack(reader.frame_runs, n)
+            values, at = ffi.unpack(runs, 3 * sum(counts)), 0
+            for k in counts:
+                frame = values[at:at + 3 * k]
+                frames.append(tuple(zip(frame[0::3], frame[1::3], frame[2::3])))  # type: ignore[arg-type]
+                at += 3 * k
+        return got, reader.consumed, fds, bool(reader.truncated), frames
 
 
 class Served(enum.IntEnum):

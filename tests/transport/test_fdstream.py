@@ -338,6 +338,33 @@ async def test_send_frame_goes_out_in_order_with_queued_messages_across_would_bl
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])
+async def test_bursts_of_client_requests_arrive_whole_and_in_order_across_reads() -> None:
+    """More ClientRequests than one read takes in C, another message among them and a frame cut
+    across two sends: each reaches its handler once, in the order sent."""
+    from aiopostcopy.messages import Bye
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    events: list = []
+    service = ControlChannel(a, events.append, lambda exc: None, allowed=frozenset({ClientRequest, Bye}),
+                             on_client_request=events.append)
+    requests = [ClientRequest(runs=(PageRun(block=i % 3, first=i, count=1 + i % 2),)) for i in range(100)]
+    expected = [((r.runs[0].block, r.runs[0].first, r.runs[0].count),) for r in requests]
+    expected.insert(40, Bye())
+    data = b"".join(encode(r) for r in requests[:40]) + encode(Bye()) + b"".join(encode(r) for r in requests[40:])
+    try:
+        b.sendall(data[:-3])
+        await asyncio.sleep(0.01)
+        b.sendall(data[-3:])
+        deadline = time.monotonic() + 10
+        while len(events) < len(expected) and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        assert events == expected
+    finally:
+        service.close()
+        b.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])
 async def test_short_client_requests_take_the_shortcut_and_the_rest_on_message() -> None:
     """on_client_request gets the runs, (block, first, count), of each ClientRequest of a few runs,
     in order with the other messages, which go to on_message; a bad frame still ends the channel."""

@@ -4,6 +4,10 @@ and leaves the rest to the decoder."""
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
+
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -69,3 +73,88 @@ def test_whatever_the_c_reader_takes_the_decoder_takes_the_same(data: bytes) -> 
     taken_c, taken_py = both(data)
     if taken_c is not None:
         assert taken_c == taken_py
+
+
+# -- receive: one recvmsg of a real control socket, then the frames at its front ------------------
+
+FRAMES = st.lists(st.one_of(RUNS.map(lambda runs: ClientRequest(runs=tuple(PageRun(block=b, first=f, count=c)
+                                                                              for b, f, c in runs))),
+                            st.just(Bye())), min_size=1, max_size=3 * page_server.RECEIVE_FRAMES)
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    service, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    service.setblocking(False)
+    return service, client
+
+
+def _receive(reader: page_server.ShortRuns, sock: socket.socket, buffer: memoryview):
+    return reader.receive(sock.fileno(), buffer, ClientRequest.TYPE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(FRAMES)
+def test_receive_takes_the_short_requests_at_the_front_and_leaves_the_rest_whole(messages: list) -> None:
+    """What one read takes, then what the decoder decodes of the rest, is every message in order."""
+    service, client = _pair()
+    try:
+        data = b"".join(encode(message) for message in messages)
+        client.sendall(data)
+        reader = page_server.ShortRuns(SHORT_RUNS, LIMITS.max_blocks)
+        buffer = memoryview(bytearray(len(data) + 16))
+        got, consumed, fds, truncated, frames = _receive(reader, service, buffer)
+        assert (got, fds, truncated) == (len(data), [], False)
+        assert len(frames) <= page_server.RECEIVE_FRAMES
+        leading = 0
+        for message in messages:  # the frames taken are the leading short ClientRequests, whole
+            if type(message) is not ClientRequest or leading == page_server.RECEIVE_FRAMES:
+                break
+            leading += 1
+        assert frames == [tuple((run.block, run.first, run.count) for run in message.runs)
+                          for message in messages[:leading]]
+        assert consumed == sum(len(encode(message)) for message in messages[:leading])
+        decoder = Decoder(allowed=CLIENT_SENDS)
+        if consumed < got:  # (no bytes at all would say the peer closed)
+            decoder.receive_data(bytes(buffer[consumed:got]))
+        rest = [decoder.next_event() for _ in range(len(messages) - leading + 1)]
+        assert rest == messages[leading:] + [None]
+        assert _receive(reader, service, buffer)[0] == -errno.EAGAIN  # nothing more there
+    finally:
+        service.close()
+        client.close()
+
+
+def test_receive_leaves_bytes_that_came_with_descriptors_to_the_decoder() -> None:
+    service, client = _pair()
+    r, w = os.pipe()
+    try:
+        frame = encode(ClientRequest(runs=(PageRun(block=0, first=5, count=1),)))
+        socket.send_fds(client, [frame], [r, w])
+        reader = page_server.ShortRuns(SHORT_RUNS, LIMITS.max_blocks)
+        buffer = memoryview(bytearray(4096))
+        got, consumed, fds, truncated, frames = _receive(reader, service, buffer)
+        assert (got, consumed, truncated, frames) == (len(frame), 0, False, [])
+        assert len(fds) == 2 and all(os.fstat(fd).st_ino == os.fstat(mine).st_ino for fd, mine in zip(fds, (r, w)))
+        for fd in fds:
+            os.close(fd)
+    finally:
+        os.close(r)
+        os.close(w)
+        service.close()
+        client.close()
+
+
+def test_receive_says_when_the_peer_closed_and_keeps_a_partial_frame_for_the_decoder() -> None:
+    service, client = _pair()
+    try:
+        frame = encode(ClientRequest(runs=(PageRun(block=3, first=9, count=2),)))
+        client.sendall(frame + frame[:5])  # one whole frame and the start of the next
+        reader = page_server.ShortRuns(SHORT_RUNS, LIMITS.max_blocks)
+        buffer = memoryview(bytearray(4096))
+        got, consumed, _, _, frames = _receive(reader, service, buffer)
+        assert (got, consumed, frames) == (len(frame) + 5, len(frame), [((3, 9, 2),)])
+        client.close()
+        assert _receive(reader, service, buffer)[:2] == (0, 0)  # EOF
+    finally:
+        service.close()
+        client.close()
