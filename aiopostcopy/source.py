@@ -137,7 +137,7 @@ from aiopostcopy.messages import (
 )
 from aiopostcopy.destination.operator import TokenBucket
 from aiopostcopy.priority import set_niceness
-from aiopostcopy.uffd.buffers import copy_buffer
+from aiopostcopy.buffers import copy_buffer
 from aiopostcopy.transport.page_server import Answer, PageServer, PageServerLock, Served, ServedBlock
 from aiopostcopy.transport.page_server import available as page_server_available
 from aiopostcopy.transport.page_server import read_run
@@ -393,6 +393,7 @@ class _RunBuffer:
 
     def __init__(self, pool: deque[_RunBuffer] | None = None) -> None:
         self.buffer: bytearray | mmap.mmap = bytearray()
+        self._piece = bytearray()  # a huge page's pieces (compared with zeros: a bytearray)
         self._pool = pool
 
     def release(self) -> None:
@@ -407,9 +408,9 @@ class _RunBuffer:
 
     def piece(self, nbytes: int) -> bytearray:
         """A buffer of exactly ``nbytes`` (a huge page's pieces are read into it)."""
-        if len(self.buffer) != nbytes:
-            self.buffer = bytearray(nbytes)
-        return self.buffer
+        if len(self._piece) != nbytes:
+            self._piece = bytearray(nbytes)
+        return self._piece
 
 
 class _Conn:

@@ -209,8 +209,8 @@ def merge_runs(runs: Iterable[PageRun]) -> tuple[PageRun, ...]:
             last[2] = max(last[2], run.stop)
         else:
             merged.append([run.block, run.first, run.stop])
-    # the merged runs lie within the checked runs' own bounds: built unchecked (a Placed's runs,
-    # on the fault path), unless one grew past what a run may count
+    # each merged run spans runs that are valid, so its block and first page are (its runs are
+    # a Placed's, built on the fault path): built unchecked, unless it grew past what a run may count
     return tuple(PageRun.unchecked(block, first, stop - first) if stop - first <= MAX_RUN_PAGES
                  else PageRun(block=block, first=first, count=stop - first) for block, first, stop in merged)
 

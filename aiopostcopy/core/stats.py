@@ -90,7 +90,7 @@ class LatencyHistogram:
     def percentiles(self, *fractions: float) -> tuple[float, ...]:
         """:meth:`percentile` of each of ``fractions`` (in increasing order), in one pass over the
         buckets (a report asks for three on every progress tick)."""
-        if not self.count:
+        if not self.count or not fractions:
             return (0.0,) * len(fractions)
         ranks = [max(1, math.ceil(fraction * self.count)) for fraction in fractions]
         if ranks != sorted(ranks):

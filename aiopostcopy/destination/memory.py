@@ -55,7 +55,7 @@ from aiopostcopy.core.ramblock import BlockTable, MappingTable, RAMBlock
 from aiopostcopy.errors import ConfigurationError
 from aiopostcopy.messages import BlockInfo
 from aiopostcopy.uffd import Ioctl, Mapping, SharedMemory
-from aiopostcopy.uffd.buffers import copy_buffer
+from aiopostcopy.buffers import copy_buffer
 from aiopostcopy.uffd.hugepages import available_huge_pages, hugetlbfs_page_size, pool_hint
 
 __all__ = ["BlockMemory", "MappedBlock", "Staging", "PARTIAL_SUFFIX", "SESSION_FILE", "adoptable_session",

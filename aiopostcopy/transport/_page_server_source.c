@@ -77,7 +77,7 @@
 #define PS_MAX_FDS 253       /* descriptors one recvmsg() can bring (Linux's SCM_MAX_FD) */
 #define RQ_RECEIVE_FRAMES 32 /* frames one rq_receive_runs() takes at most */
 #define RQ_RECEIVE_RUNS 15   /* runs of one frame it takes at most (a fixarray's) */
-#define CL_MAX_RUN_PAGES (1ull << 32)  /* a run's longest count (aiopostcopy.transport.wire) */
+#define CL_MAX_RUN_PAGES (1ull << 32)  /* a run's longest count (aiopostcopy.messages.MAX_RUN_PAGES) */
 
 struct ps_block {
     int fd;                  /* the block's file, read with pread */
@@ -568,7 +568,7 @@ struct rq_reader {            /* rq_receive_runs()'s state, one per control conn
     uint8_t *buf;                /* where it receives, cap bytes */
     size_t cap;
     uint32_t type;               /* the frames taken: [type, [[block, first, count], ...]] */
-    uint32_t max_runs;           /* of at most max_runs runs (<= RQ_RECEIVE_RUNS) */
+    uint32_t max_runs;           /* of at most max_runs runs (a fixarray's: never more than RQ_RECEIVE_RUNS) */
     uint64_t max_blocks;         /* each block below this */
     int fds[PS_MAX_FDS];         /* descriptors that came along (the caller owns them) */
     uint32_t nfds;

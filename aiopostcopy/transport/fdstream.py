@@ -147,6 +147,20 @@ class _FdSocket:
             As :meth:`_read`.
         """
         got, consumed, fds, truncated = receive_front(self._check_open().fileno(), self._received)
+        if not self._received_in_c(got, fds, truncated):
+            return False
+        if got and consumed == got:  # whole Placed frames, all taken
+            return False
+        self._decoder.receive_data(self._received[consumed:got])  # empty at EOF: the decoder yields ConnectionClosed
+        return True
+
+    def _received_in_c(self, got: int, fds: list[int], truncated: bool) -> bool:
+        """After a ``recvmsg`` made in C: the descriptors kept; False when nothing was there.
+
+        Raises:
+            OSError: the call failed (``got`` is ``-errno``).
+            RemoteProtocolError: the kernel had more descriptors than fitted.
+        """
         if got < 0:
             if got in (-errno.EAGAIN, -errno.EINTR):
                 return False
@@ -154,9 +168,6 @@ class _FdSocket:
         self._add_fds(fds)
         if truncated:
             raise RemoteProtocolError("too many file descriptors in one message")
-        if got and consumed == got:  # whole Placed frames, all taken
-            return False
-        self._decoder.receive_data(self._received[consumed:got])  # empty at EOF: the decoder yields ConnectionClosed
         return True
 
     def _collect_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
@@ -339,20 +350,16 @@ class ControlChannel(_FdSocket):
         """:meth:`_read` in C (:meth:`~aiopostcopy.transport.page_server.ShortRuns.receive`), the
         decoder holding nothing: the ClientRequests of a few runs at the front of the bytes read go
         to ``on_client_request`` from there, the rest to the decoder.  Returns whether the decoder
-        got bytes (False: nothing was there, or the frames taken were all of it).
+        got bytes (False: nothing was there, the frames taken were all of it, or a handler
+        closed the channel).
 
         Raises:
             As :meth:`_read`.
         """
         got, consumed, fds, truncated, frames = reader.receive(self._check_open().fileno(), self._received,
                                                                ClientRequest.TYPE)
-        if got < 0:
-            if got in (-errno.EAGAIN, -errno.EINTR):
-                return False
-            raise OSError(-got, os.strerror(-got))
-        self._add_fds(fds)
-        if truncated:
-            raise RemoteProtocolError("too many file descriptors in one message")
+        if not self._received_in_c(got, fds, truncated):
+            return False
         on_client_request = self._on_client_request
         assert on_client_request is not None  # the reader exists only with it
         for runs in frames:

@@ -62,8 +62,8 @@ except ImportError:  # not built (an interpreter without the extension): the Pyt
 if not matches(lib):  # built from other sources (a checkout without a rebuild): not used
     ffi = lib = None
 
-__all__ = ["Answer", "PageServer", "PageServerLock", "Served", "ServedBlock", "ShortRuns", "VERSION", "available",
-           "matches", "read_run"]
+__all__ = ["Answer", "PageServer", "PageServerLock", "Served", "ServedBlock", "ShortRuns", "RECEIVE_FRAMES", "VERSION",
+           "available", "matches", "read_run"]
 
 #: Bytes of Requests buffered at once; a larger frame is declined.
 RECEIVE_BYTES = 64 << 10

@@ -86,6 +86,13 @@ def test_percentiles_in_one_pass_are_each_percentile(latencies: list[int], fract
     assert hist.percentile(fractions[0]) == _percentile_by_scan(hist, fractions[0])
 
 
+def test_percentiles_of_no_fractions_are_none() -> None:
+    recorder = LatencyRecorder()
+    assert recorder.snapshot().percentiles() == ()
+    recorder.record(1e-3)
+    assert recorder.snapshot().percentiles() == ()
+
+
 def test_percentiles_out_of_order_are_refused() -> None:
     recorder = LatencyRecorder()
     for microseconds in range(100):

@@ -17,6 +17,7 @@ import pytest
 from aiopostcopy.errors import ClosedError, RemoteProtocolError
 from aiopostcopy.messages import (Accept, BlockInfo, Blocks, ClientHello, ClientMode, ClientRequest, End, Error,
                                   ErrorCode, PageRun, Placed, Register)
+from aiopostcopy.transport import page_server
 from aiopostcopy.transport.fdstream import MAX_FDS_PER_SENDMSG, BlockingControlChannel, ControlChannel
 from aiopostcopy.transport.wire import SHORT_RUNS, ConnectionClosed, encode, encode_client_request, encode_placed
 
@@ -351,6 +352,8 @@ async def test_bursts_of_client_requests_arrive_whole_and_in_order_across_reads(
     expected = [((r.runs[0].block, r.runs[0].first, r.runs[0].count),) for r in requests]
     expected.insert(40, Bye())
     data = b"".join(encode(r) for r in requests[:40]) + encode(Bye()) + b"".join(encode(r) for r in requests[40:])
+    # where the C page server is built, the socket is read in C (ShortRuns.receive)
+    assert (service._client_request_reader is not None) == page_server.available()
     try:
         b.sendall(data[:-3])
         await asyncio.sleep(0.01)
@@ -359,6 +362,33 @@ async def test_bursts_of_client_requests_arrive_whole_and_in_order_across_reads(
         while len(events) < len(expected) and time.monotonic() < deadline:
             await asyncio.sleep(0.001)
         assert events == expected
+    finally:
+        service.close()
+        b.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])
+async def test_a_handler_that_closes_the_channel_stops_the_requests_read_with_it() -> None:
+    """The second of five ClientRequests read at once closes the channel: nothing after it is
+    handled, the channel ends once, cleanly, and the socket is closed."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    handled: list = []
+    lost: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def on_request(runs: tuple) -> None:
+        handled.append(runs)
+        if len(handled) == 2:
+            service.close()
+
+    service = ControlChannel(a, lambda message: handled.append(message),
+                             lambda exc: lost.done() or lost.set_result(exc),
+                             allowed=frozenset({ClientRequest}), on_client_request=on_request)
+    try:
+        b.sendall(b"".join(encode(ClientRequest(runs=(PageRun(block=0, first=i, count=1),))) for i in range(5)))
+        assert await asyncio.wait_for(lost, 5) is None
+        await asyncio.sleep(0.05)  # a later read would have handled more
+        assert handled == [((0, 0, 1),), ((0, 1, 1),)]
+        assert not service.is_open and b.recv(16) == b""  # the service's end is closed
     finally:
         service.close()
         b.close()

@@ -9,10 +9,14 @@ transparent huge page: measured on the VMs of benchmarks/README.md ("Copy
 buffers backed by huge pages"), ``pread`` of a 256 MiB shmem file 1 MiB at a
 time took 165-195 ms of CPU into a 4 KiB-backed buffer and 47 ms into a
 huge-page-backed one.  So :func:`copy_buffer` asks for transparent huge pages
-(``MADV_HUGEPAGE``, which the kernel honours in its default ``madvise`` mode)
-and sizes the mapping in whole 2 MiB steps, which the kernel places on a
-2 MiB boundary.  Where huge pages are off or unavailable the buffer is
-ordinary memory and works the same, at the old speed.
+(``MADV_HUGEPAGE``, honoured in THP's ``always`` and ``madvise`` modes) and
+sizes the mapping in whole 2 MiB steps, which Linux 6.7 and later place on a
+2 MiB boundary.  Where huge pages are off or unavailable, or an older kernel
+puts the mapping across a boundary, the buffer is ordinary memory and works
+the same, at the old speed.
+
+It needs nothing but :mod:`mmap`: the source imports it too, and runs
+without the project's C extensions.
 """
 
 from __future__ import annotations
