@@ -183,6 +183,8 @@ def clip_bounds(bounds: tuple[int, ...], start: int, stop: int) -> tuple[int, tu
         How many values of the bounds lie before ``start``, and the parts that
         lie inside ``[start, stop)``, flattened and relative to ``start``.
     """
+    if bounds and start <= bounds[0] and bounds[-1] <= stop:  # all inside (a frame needed whole)
+        return 0, tuple(bounds) if not start else tuple(bound - start for bound in bounds)
     before, inside = 0, []
     for i in range(0, len(bounds), 2):
         low, high = bounds[i], bounds[i + 1]

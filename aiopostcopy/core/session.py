@@ -211,10 +211,7 @@ class DestinationSession:
                 self._count.pages_zero += n
                 self._commands.append(PlaceZero(block, start, n))
                 continue
-            if not zeros or n == msg.count:  # the whole frame is needed (the sweep's usual case)
-                skipped, inside = 0, zeros
-            else:
-                skipped, inside = clip_bounds(zeros, start - first, stop - first)
+            skipped, inside = clip_bounds(zeros, start - first, stop - first) if zeros else (0, ())
             zero_pages = bounds_total(inside) if inside else 0
             demand = min(before[REQUESTED], n - zero_pages) if channel is URGENT else 0
             self._count.pages_zero += zero_pages
