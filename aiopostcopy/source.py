@@ -138,7 +138,7 @@ from aiopostcopy.messages import (
 from aiopostcopy.destination.operator import TokenBucket
 from aiopostcopy.priority import set_niceness
 from aiopostcopy.buffers import copy_buffer
-from aiopostcopy.transport.page_server import Answer, PageServer, PageServerLock, Served, ServedBlock
+from aiopostcopy.transport.page_server import Answer, PageServer, PageServerLock, Served, ServedBlock, answers_in
 from aiopostcopy.transport.page_server import available as page_server_available
 from aiopostcopy.transport.page_server import read_run
 from aiopostcopy.transport.frame_writer import FrameWriter
@@ -174,13 +174,15 @@ BACKGROUND_SNDBUF_QUIET = 1 << 20
 DEMAND_QUIET = 0.05
 _SEND_TIMEOUT = 60.0  #: a peer that takes no data for this long is gone
 #: The C page server, its answers logged and the socket empty, waits this many ms for the next
-#: Request before returning to Python to account them: a burst of faults sends Requests
-#: microseconds apart, and the burst is answered before one return to Python (one GIL hand-over,
-#: which the sweep's threads contend for) instead of one per Request.  Bounded: the session learns
-#: what was sent within _ACCOUNT_MAX_MS of the first answer, however the Requests keep coming,
-#: and with _ACCOUNT_MAX_ANSWERS logged it accounts them at once: a batch accounted while the next
-#: Request arrives holds that Request up (a quiet fault every 150 us and 20 ms batches raised the
-#: quiet fault's p99 from 0.33 to 0.58 ms); a short one is accounted while it is still on its way.
+#: Request before returning them to Python: a burst of faults sends Requests microseconds apart,
+#: and the burst is answered before one return to Python (one GIL hand-over, which the sweep's
+#: threads contend for) instead of one per Request.  Bounded: the session learns what was sent
+#: within _ACCOUNT_MAX_MS of the first answer, however the Requests keep coming, and with
+#: _ACCOUNT_MAX_ANSWERS logged the log goes to Python at once.  The urgent thread only hands the
+#: log to the loop thread, which accounts it (PostcopySource._defer_accounting): a Request that
+#: arrives while the log is accounted is answered meanwhile.  (When the urgent thread accounted
+#: the log itself, the Request arriving then waited for all of it: a quiet fault every 150 us and
+#: 20 ms batches raised the quiet fault's p99 from 0.33 to 0.58 ms.)
 _ACCOUNT_IDLE_MS, _ACCOUNT_MAX_MS, _ACCOUNT_MAX_ANSWERS = 1, 20, 16
 _HELLO_BUDGET = header_budget(Hello)
 _JOIN_TIMEOUT = 5.0
@@ -782,6 +784,10 @@ class PostcopySource:
         self._config = config or SourceConfig()
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()  # the session and the counters
+        #: what the C page server sent and the session has not yet learnt: (connection, its log,
+        #: the session's sent_record when it was read), oldest first (see _defer_accounting)
+        self._unaccounted: deque[tuple[_Conn, bytes, int]] = deque()
+        self._settle_due = False  # the loop has a _settle_on_loop to run
         self._session = self._new_session()
         self._conns: dict[Channel, _Conn] = {}
         self._threads: list[threading.Thread] = []
@@ -1038,6 +1044,7 @@ class PostcopySource:
             self._done.set_exception(exc)
 
     def _report(self, *, complete: bool) -> SourceReport:
+        self._settle_answers()
         c = self._counts
         return SourceReport(session_id=self._session.session_id, complete=complete, pages_urgent=c["urgent"],
                             pages_background=c["background"], pages_zero=c["zero"], bytes_sent=c["bytes"],
@@ -1062,6 +1069,7 @@ class PostcopySource:
                     if not self._serve_in_c(conn, server, decoder):
                         server = None  # the stream ended: the decoder has its last bytes and the EOF
                     continue
+                self._settle_answers()  # what C sent, before anything answered here
                 asked = decoder.take_page_request()
                 if asked is not None:
                     self._urgent_page(conn, *asked, staging)
@@ -1078,8 +1086,11 @@ class PostcopySource:
         except BaseException as exc:  # reported to the loop, which fails the source on a bug
             error = self._thread_error(conn, exc)
         finally:
-            conn.release()
-            self._loop.call_soon_threadsafe(self._lost, conn, error)
+            try:
+                self._settle_answers()  # before the loop hears of the loss
+            finally:
+                conn.release()
+                self._loop.call_soon_threadsafe(self._lost, conn, error)
 
     def _serve_in_c(self, conn: _Conn, server: PageServer, decoder: Decoder) -> bool:
         """Let the C page server answer Requests until it needs Python; account what it sent,
@@ -1089,9 +1100,9 @@ class PostcopySource:
         try:
             served = server.serve()
         finally:  # what was sent is accounted even if recv then failed
-            answers = server.take_answers()
+            answers = server.take_log()
             if answers:
-                self._account_answers(conn, answers, record)
+                self._defer_accounting(conn, answers, record)
         if served is not Served.ACCOUNT:
             decoder.receive_data(server.take_rest())
             if served is Served.EOF:
@@ -1099,25 +1110,56 @@ class PostcopySource:
                 return False
         return True
 
-    def _account_answers(self, conn: _Conn, answers: list[Answer], record: int) -> None:
+    def _defer_accounting(self, conn: _Conn, log: bytes, record: int) -> None:
+        """Leave the accounting of what the C page server sent (``log``, its
+        :meth:`~PageServer.take_log`) to the loop thread, so that the urgent thread goes back to
+        answering at once: a Request arriving meanwhile is answered without waiting for the
+        session's lock, which the sweep's threads take too, or for the accounting itself (16
+        answers took 80-100 us of Python on a 2-vCPU VM: benchmarks/README.md).  The urgent
+        thread settles what is left itself before it answers in Python or ends
+        (:meth:`_settle_answers`), so the session learns each connection's answers in order."""
+        self._unaccounted.append((conn, log, record))
+        if self._settle_due:
+            return
+        self._settle_due = True
+        try:
+            self._loop.call_soon_threadsafe(self._settle_on_loop)
+        except RuntimeError:  # the loop is closed: nobody else will
+            self._settle_due = False
+            self._settle_answers()
+
+    def _settle_on_loop(self) -> None:
+        self._settle_due = False  # first: a log queued from now on schedules another call
+        self._settle_answers()
+
+    def _settle_answers(self) -> None:
+        """Account every log :meth:`_defer_accounting` queued, oldest first (any thread; never
+        with the lock held)."""
+        if not self._unaccounted:
+            return
+        with self._lock:
+            while self._unaccounted:
+                conn, log, record = self._unaccounted.popleft()
+                self._account_answers_locked(conn, answers_in(log), record)
+
+    def _account_answers_locked(self, conn: _Conn, answers: list[Answer], record: int) -> None:
         """The session and the counters learn what the C page server sent, as :meth:`_send_run`
-        and the session's Request handling would have told them."""
+        and the session's Request handling would have told them (lock held)."""
         session, blocks = conn.session, self._blocks
         read = hole = zero_pages = data_pages = nbytes = 0
-        with self._lock:
-            for block, first, count, zero, runs, asked_ns, sent_ns in answers:
-                if trace.ENABLED and sent_ns:  # the times C took, as the Python path marks them
-                    trace.mark("src-request", block, first, asked_ns)
-                    trace.mark("src-reply", block, first, sent_ns)
-                size = blocks[block].page_size
-                session.answered(block, first, count, runs, record, (count - zero) * size)
-                data_pages += count - zero
-                nbytes += (count - zero) * size
-                zero_pages += zero
-                holes = bounds_total(blocks[block].hole_bounds(first, count)) if zero else 0
-                hole += holes
-                read += (count - holes) * size
-            self._count_sent(conn, read=read, hole=hole, zero=zero_pages, data=data_pages, nbytes=nbytes)
+        for block, first, count, zero, runs, asked_ns, sent_ns in answers:
+            if trace.ENABLED and sent_ns:  # the times C took, as the Python path marks them
+                trace.mark("src-request", block, first, asked_ns)
+                trace.mark("src-reply", block, first, sent_ns)
+            size = blocks[block].page_size
+            session.answered(block, first, count, runs, record, (count - zero) * size)
+            data_pages += count - zero
+            nbytes += (count - zero) * size
+            zero_pages += zero
+            holes = bounds_total(blocks[block].hole_bounds(first, count)) if zero else 0
+            hole += holes
+            read += (count - holes) * size
+        self._count_sent(conn, read=read, hole=hole, zero=zero_pages, data=data_pages, nbytes=nbytes)
 
     def _count_sent(self, conn: _Conn, *, read: int, hole: int, zero: int, data: int, nbytes: int) -> None:
         """Add pages sent on ``conn`` to the report's counters (lock held): bytes read from the

@@ -6,7 +6,8 @@ it reads Request frames, reads their pages from the blocks' files and writes the
 Pages (or Zero) frames of each Request in one ``sendmsg``, the same bytes the
 Python path writes.  It returns to Python
 
-* with **answers** to account (:meth:`take_answers`), before it would block
+* with **answers** to account (:meth:`take_answers`, or :meth:`take_log` and
+  :func:`answers_in` where another thread accounts them), before it would block
   in ``recv`` again: the session learns what was sent between one request and
   the next, off the faulting thread's path.  Requests already waiting in the
   socket are answered first (it reads without waiting while answers are
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import enum
 import os
+import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -212,6 +214,37 @@ class Answer(NamedTuple):
     sent_ns: int = 0
 
 
+#: ``struct ps_answer``'s fields in memory, as ``_page_server_source.c`` declares them; checked
+#: against the compiler's layout when the module loads (:func:`_answer_layout`).
+_ANSWER_FIELDS = (("first", "Q"), ("block", "I"), ("count", "I"), ("zero_pages", "I"), ("runs", "I"),
+                  ("asked_ns", "Q"), ("sent_ns", "Q"))
+
+
+def _answer_layout() -> struct.Struct:
+    """``struct ps_answer`` as the compiler laid it out (each field's offset, the size), for
+    :func:`answers_in`; a layout other than :data:`_ANSWER_FIELDS` is refused."""
+    if ffi is None:
+        return struct.Struct("")
+    fields, fmt, at = dict(ffi.typeof("struct ps_answer").fields), "=", 0
+    for name, kind in _ANSWER_FIELDS:
+        offset, size = fields[name].offset, ffi.sizeof(fields[name].type)
+        if offset < at or size != struct.calcsize(kind):  # the C source and this module disagree
+            raise ImportError(f"struct ps_answer: field {name} of {size} bytes at {offset}, not as expected")
+        fmt += "x" * (offset - at) + kind
+        at = offset + struct.calcsize(kind)
+    fmt += "x" * (ffi.sizeof("struct ps_answer") - at)
+    return struct.Struct(fmt)
+
+
+_ANSWER = _answer_layout()
+
+
+def answers_in(log: bytes) -> list[Answer]:
+    """The answers of a log taken with :meth:`PageServer.take_log`, in the order sent."""
+    return [Answer(block, first, count, zero_pages, runs, asked_ns, sent_ns)
+            for first, block, count, zero_pages, runs, asked_ns, sent_ns in _ANSWER.iter_unpack(log)]
+
+
 class PageServerLock:
     """The connection's write lock: the C mutex, as a context manager."""
 
@@ -299,15 +332,18 @@ class PageServer:
 
     def take_answers(self) -> list[Answer]:
         """The runs answered since the last call, in the order sent."""
+        return answers_in(self.take_log())
+
+    def take_log(self) -> bytes:
+        """The runs answered since the last call, as the log's bytes (:func:`answers_in` reads
+        them): one copy, so that the thread that serves goes back to serving at once and
+        another thread makes the answers."""
         s = self._server
         n = s.logged
         if not n:
-            return []
-        log = self._log
-        answers = [Answer(a.block, a.first, a.count, a.zero_pages, a.runs, a.asked_ns, a.sent_ns)
-                   for a in (log[i] for i in range(n))]
+            return b""
         s.logged = 0
-        return answers
+        return ffi.buffer(self._log, n * _ANSWER.size)[:]
 
     def take_rest(self) -> bytes:
         """The bytes received and not answered (from a declined frame on); the buffer empties."""

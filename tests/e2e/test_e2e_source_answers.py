@@ -11,7 +11,7 @@ import pytest
 from aiopostcopy.messages import (PROTOCOL_VERSION, Channel, Complete, Hello, PageRun, Pages, Ping, Pong, Request,
                                   Role, Zero)
 from aiopostcopy.source import MIN_HOLE_BYTES, PostcopySource, SourceBlock
-from aiopostcopy.transport.page_server import available
+from aiopostcopy.transport.page_server import answers_in, available
 from aiopostcopy.transport.wire import Decoder, encode
 
 from aiopostcopy.loop import PostcopyDestination
@@ -86,8 +86,8 @@ async def answers_of(image: str, answer_in_c: bool, *, complete_first: bool = Fa
         server = source._conns[Channel.URGENT].server
         assert (server is not None) is answer_in_c  # the way asked for
         if server is not None:
-            take = server.take_answers
-            server.take_answers = lambda: in_c.extend(answers := take()) or answers  # count what C sent
+            take = server.take_log
+            server.take_log = lambda: in_c.extend(answers_in(log := take())) or log  # count what C sent
         if complete_first:
             urgent.send(Complete())
         start, got = len(urgent.raw), []
@@ -176,3 +176,58 @@ async def test_the_source_command_answers_faults_either_way(e2e, answer: str) ->
     assert result["exit"] == 0 and result.get("ok") and not result.get("bad_pages"), result
     assert report.pages_demand == len(wanted), report.format()
     assert sent["exit"] == 0 and sent["pages_urgent"] == len(wanted), sent
+
+
+def _ask_while_locked(address: tuple[str, int], lock, pages: list[int]) -> list[tuple[int, bytes]]:
+    """On a blocking connection: Hello, then, holding ``lock`` (the source's session lock) all
+    along, one Request per page, each answer read before the next Request goes; returns each
+    answer's (first page, payload) in order (a Zero's payload: zeros)."""
+    import socket
+
+    sock = socket.create_connection(address, timeout=10)  # a source that waits for the lock: a timeout
+    payloads: list[bytes] = []
+    decoder = Decoder(payload_sink=lambda header, nbytes: memoryview(payloads.append(bytearray(nbytes))
+                                                                      or payloads[-1]))
+
+    def next_message() -> object:
+        while (event := decoder.next_event()) is None:
+            decoder.receive_data(sock.recv(1 << 16))
+        return event
+
+    try:
+        sock.sendall(encode(Hello(version=PROTOCOL_VERSION, session_id="locked", role=Role.DESTINATION,
+                                  channel=Channel.URGENT)))
+        assert isinstance(next_message(), Hello)
+        got = []
+        with lock:
+            for page in pages:
+                sock.sendall(encode(Request(runs=(PageRun(block=0, first=page, count=1),))))
+                msg = next_message()
+                assert isinstance(msg, (Pages, Zero)) and msg.first == page, msg
+                got.append((page, bytes(payloads[-1]) if isinstance(msg, Pages) else bytes(PAGE)))
+        return got
+    finally:
+        sock.close()
+
+
+@pytest.mark.asyncio
+async def test_requests_are_answered_while_the_session_lock_is_held(e2e) -> None:
+    """The C page server's answers are accounted off the urgent thread (on the loop thread):
+    with the session's lock held all along (as the sweep's threads hold it), 50 Requests, more
+    than one log's worth (16 answers), are each answered; once the lock is free the report
+    counts every page, and each answer is the image's page."""
+    path = os.path.join(e2e.workdir, "locked.img")
+    image = sparse_image(path, 400, range(0))
+    pages = list(range(3, 400, 8))[:50]
+    source = PostcopySource([SourceBlock.from_path("ram", path)], answer_in_c=True)
+    try:
+        address = await source.listen("127.0.0.1", 0)
+        got = await bounded(asyncio.to_thread(_ask_while_locked, address, source._lock, pages),
+                            "the answers, the lock held")
+        for page, payload in got:
+            assert payload == image[page * PAGE:(page + 1) * PAGE], page
+        report = source.statistics()
+        assert report.pages_urgent + report.pages_zero == len(pages)
+        assert report.pages_zero == sum(1 for page in pages if page % 5 == 0)
+    finally:
+        await bounded(source.close(), "the source to close")

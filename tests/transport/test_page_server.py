@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from aiopostcopy.errors import ProtocolError
 from aiopostcopy.messages import Channel, PageRun, Pages, Ping, Request, Role, Zero
-from aiopostcopy.transport.page_server import MAX_RUN, PAGE_BYTES, Answer, PageServer, Served, ServedBlock, available
+from aiopostcopy.transport.page_server import (MAX_RUN, PAGE_BYTES, Answer, PageServer, Served, ServedBlock, answers_in,
+                                               available)
 from aiopostcopy.transport.wire import Decoder, encode, migration_allowed
 
 pytestmark = pytest.mark.skipif(not available(), reason="the C page server is not built")
@@ -494,6 +495,22 @@ def test_a_full_log_returns_at_once_however_long_the_idle_wait(rig) -> None:
     assert r.server.take_answers() == [a for runs in requests for a in r.answers(runs)]
     want = b"".join(r.expected(runs) for runs in requests)
     assert r.receive(len(want)) == want and r.nothing_more()
+
+
+def test_a_log_taken_as_bytes_reads_back_as_its_answers(rig) -> None:
+    """take_log copies the log out in one piece for another thread; answers_in reads it back as
+    take_answers would have, and the log is empty after it."""
+    r = rig([64], timestamps=True)
+    r.peer.sendall(request((0, 1, 2), (0, 9, 1)) + request((0, 20, 1)) + request((0, 30, 4)))
+    assert r.server.serve() is Served.ACCOUNT
+    log = r.server.take_log()
+    assert r.server.take_log() == b"" and r.server.take_answers() == []
+    answers = answers_in(log)
+    assert [a[:5] for a in answers] == [a[:5] for a in
+                                        r.answers([(0, 1, 2), (0, 9, 1)]) + r.answers([(0, 20, 1)])
+                                        + r.answers([(0, 30, 4)])]
+    assert all(0 < a.asked_ns <= a.sent_ns for a in answers)
+    assert answers_in(b"") == []
 
 
 def test_with_timestamps_each_answer_says_when_it_was_asked_and_sent(rig) -> None:
