@@ -33,19 +33,19 @@
  */
 
 #include <errno.h>
-#include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/time.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
 
-#define PS_VERSION 9         /* the layout page_server.py expects; bumped with any change to it */
+#define PS_VERSION 10        /* the layout page_server.py expects; bumped with any change to it */
 #define PS_MAX_RUNS 64       /* runs of one Request answered here */
 #define PS_MAX_RUN_PAGES 64  /* pages of one run answered here */
 #define PS_MAX_BOUNDS (PS_MAX_RUN_PAGES + 1)  /* zero-stretch bounds of one run, at most */
@@ -114,6 +114,7 @@ struct ps_server {
     int account_max_ms;      /* ... but keep answers unaccounted at most this long after the first */
     int account_max_answers; /* ... and wait for no more once this many are logged (0: no bound) */
     int error;
+    int rcvtimeo_ms;         /* the socket's SO_RCVTIMEO as ps_serve() last set it (0: none) */
 };
 
 /* The mutex is never destroyed: the memory holding it is freed when nothing can lock it. */
@@ -441,13 +442,42 @@ static int ps_answer(struct ps_server *s, const struct ps_run *runs, uint32_t n)
 
 /* ---- the loop ------------------------------------------------------------ */
 
-/* With answers logged and nothing waiting in the socket: how long (ms) to poll for another
- * Request before returning them to Python, the lesser of account_idle_ms and what is left of
- * account_max_ms since the first of them was logged (at first_ns); <= 0: return now. */
+/* With answers logged: how long (ms) recv() may wait for another Request before they go back
+ * to Python, the lesser of account_idle_ms and what is left of account_max_ms since the first
+ * of them was logged (at first_ns); <= 0: no wait (a full log, or account_max_answers logged,
+ * or no account_idle_ms: none either). */
 static int ps_account_wait(const struct ps_server *s, uint64_t first_ns)
 {
+    if (s->account_idle_ms <= 0 || s->log_cap - s->logged < PS_MAX_RUNS
+            || (s->account_max_answers > 0 && s->logged >= (uint32_t)s->account_max_answers))
+        return 0;
     int64_t left_ms = ((int64_t)s->account_max_ms * 1000000 - (int64_t)(ps_clock_ns() - first_ns)) / 1000000;
     return left_ms < s->account_idle_ms ? (int)left_ms : s->account_idle_ms;
+}
+
+/* Give the socket SO_RCVTIMEO of ms (0: none) unless it has it: 0 on failure (errno set). */
+static int ps_receive_timeout(struct ps_server *s, int ms)
+{
+    if (s->rcvtimeo_ms == ms)
+        return 0;
+    struct timeval tv = { .tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000 };
+    if (setsockopt(s->sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0)
+        return -1;
+    s->rcvtimeo_ms = ms;
+    return 0;
+}
+
+static int ps_serve_loop(struct ps_server *s);
+
+/* See ps_serve_loop(); the socket leaves with no SO_RCVTIMEO, as Python's blocking reads expect. */
+int ps_serve(struct ps_server *s)
+{
+    int status = ps_serve_loop(s);
+    if (ps_receive_timeout(s, 0) != 0 && status != PS_ERROR) {
+        s->error = errno;
+        status = PS_ERROR;   /* answers logged stay logged: Python accounts them, then reports this */
+    }
+    return status;
 }
 
 /*
@@ -461,18 +491,19 @@ static int ps_account_wait(const struct ps_server *s, uint64_t first_ns)
  * what the socket holds already without waiting, so a burst of Requests is answered before
  * Python accounts it (one return to Python, one GIL hand-over, for the burst); the end of the
  * stream or an error met then is met again, and reported, by the next call.
- * With account_idle_ms > 0, when answers are logged and the socket holds nothing, it first
- * poll()s the socket up to account_idle_ms for another Request, so that Requests arriving
- * microseconds apart (a burst of faults) are answered before one return to Python, but it never
- * keeps answers unaccounted longer than account_max_ms after the first of them was logged
- * (CLOCK_MONOTONIC), nor waits once account_max_answers are logged (so Python accounts a short
- * batch right after an answer, while the next fault's Request is still on its way, not a long
- * one that a Request then waits behind), and a full log returns at once. The end of the
- * stream, an error, or a shutdown() of the socket (how the source stops the thread) wakes the
- * poll: recv then sees it, and the answers are returned first as above. account_idle_ms == 0:
- * no poll, PS_ACCOUNT as soon as the socket holds nothing.
+ * With account_idle_ms > 0, when answers are logged and the socket holds nothing, recv() waits
+ * up to account_idle_ms (the socket's SO_RCVTIMEO, set only when it changes) for another
+ * Request, so that Requests arriving microseconds apart (a burst of faults) are answered before
+ * one return to Python, and the next Request wakes the recv() itself (no poll() and second
+ * recv() between it and its answer); but it never keeps answers unaccounted longer than
+ * account_max_ms after the first of them was logged (CLOCK_MONOTONIC), nor waits once
+ * account_max_answers are logged (a short batch goes to Python right after an answer, while the
+ * next fault's Request is still on its way), and a full log returns at once. The end of the
+ * stream, an error, or a shutdown() of the socket (how the source stops the thread) ends the
+ * wait: the answers are returned first as above. account_idle_ms == 0: no wait, PS_ACCOUNT as
+ * soon as the socket holds nothing.
  */
-int ps_serve(struct ps_server *s)
+static int ps_serve_loop(struct ps_server *s)
 {
     struct ps_run runs[PS_MAX_RUNS];
     /* when the first answer not yet returned to Python was logged (0: none; only with account_idle_ms) */
@@ -504,27 +535,21 @@ int ps_serve(struct ps_server *s)
             s->in_start = 0;
             s->in_end = avail;
         }
-        ssize_t got = recv(s->sock, s->inbuf + s->in_end, s->in_cap - s->in_end, s->logged ? MSG_DONTWAIT : 0);
+        /* nothing logged: wait as long as it takes; logged: a little, for the burst's next
+         * Request (the wait's SO_RCVTIMEO), or not at all (MSG_DONTWAIT) */
+        int wait = s->logged ? ps_account_wait(s, first_ns) : 0;
+        int flags = s->logged && wait <= 0 ? MSG_DONTWAIT : 0;
+        if (flags == 0 && ps_receive_timeout(s, wait) != 0) {
+            if (s->logged)
+                return PS_ACCOUNT;                    /* the next call meets the failure again */
+            s->error = errno;
+            return PS_ERROR;
+        }
+        ssize_t got = recv(s->sock, s->inbuf + s->in_end, s->in_cap - s->in_end, flags);
         if (got < 0) {
             if (errno == EINTR)
                 continue;
-            if (s->logged && (errno == EAGAIN || errno == EWOULDBLOCK) && s->account_idle_ms > 0
-                    && s->log_cap - s->logged >= PS_MAX_RUNS
-                    && (s->account_max_answers <= 0 || s->logged < (uint32_t)s->account_max_answers)) {
-                /* nothing waiting: wait a little for the burst's next Request before accounting */
-                int ready;
-                do {
-                    int wait = ps_account_wait(s, first_ns);
-                    if (wait <= 0)
-                        return PS_ACCOUNT;
-                    struct pollfd p = { .fd = s->sock, .events = POLLIN };
-                    ready = poll(&p, 1, wait);
-                } while (ready < 0 && errno == EINTR);
-                if (ready > 0)
-                    continue;                         /* data, the end, an error (POLLHUP, POLLERR): recv sees it */
-                return PS_ACCOUNT;                    /* quiet for account_idle_ms (or poll failed) */
-            }
-            if (s->logged)                            /* nothing waiting (EAGAIN), or an error: account first */
+            if (s->logged)                            /* nothing came (EAGAIN: in time), or an error: account first */
                 return PS_ACCOUNT;
             s->error = errno;
             return PS_ERROR;

@@ -14,7 +14,8 @@ Python path writes.  It returns to Python
   logged), so a burst costs one return to Python and one GIL hand-over.
   Requests of a burst of faults arrive microseconds apart, not all at once:
   with ``account_idle_ms`` the server, finding the socket empty with answers
-  logged, waits in ``poll`` that long for the next Request before returning,
+  logged, waits that long in ``recv`` (the socket's ``SO_RCVTIMEO``, which it
+  takes off again before it returns) for the next Request before returning,
   yet never keeps answers unaccounted longer than ``account_max_ms`` after the
   first of them was logged, nor waits with ``account_max_answers`` logged (a
   full log, the end of the stream, an error or a ``shutdown`` of the socket
@@ -49,7 +50,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 #: The C side's PS_VERSION this module is written for.
-VERSION = 9
+VERSION = 10
 
 
 def matches(built: object) -> bool:
@@ -270,7 +271,7 @@ class PageServer:
         timestamps: record when each Request was read and answered (for
             :mod:`aiopostcopy.trace`).
         account_idle_ms: with answers logged and nothing in the socket, wait
-            this long (``poll``) for another Request before returning them to
+            this long (in ``recv``) for another Request before returning them to
             Python, so a burst of Requests arriving apart is answered before
             one return (0: return at once, no wait).
         account_max_ms: the longest answers stay unaccounted, from the first

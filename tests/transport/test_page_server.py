@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import struct
 import threading
 import time
 
@@ -438,7 +439,7 @@ def test_requests_that_keep_coming_are_accounted_within_account_max_ms(rig) -> N
 
 
 def test_shutting_the_socket_wakes_a_server_waiting_to_account(rig) -> None:
-    """The source stops the urgent thread with shutdown(SHUT_RDWR): a server waiting in poll for
+    """The source stops the urgent thread with shutdown(SHUT_RDWR): a server waiting in recv for
     more Requests, an answer logged, returns it at once, and the end of the stream next."""
     r = rig([64], zero_every=1_000_000, account_idle_ms=5000, account_max_ms=10_000)
     served: list[Served] = []
@@ -495,6 +496,25 @@ def test_a_full_log_returns_at_once_however_long_the_idle_wait(rig) -> None:
     assert r.server.take_answers() == [a for runs in requests for a in r.answers(runs)]
     want = b"".join(r.expected(runs) for runs in requests)
     assert r.receive(len(want)) == want and r.nothing_more()
+
+
+def test_the_idle_wait_leaves_the_socket_as_python_reads_it(rig) -> None:
+    """The wait for more Requests is the socket's SO_RCVTIMEO: once the server returns, the
+    socket has none again, so a blocking read from Python (the urgent thread's own path) waits
+    for its data instead of failing when the wait would have ended."""
+    no_timeout = bytes(struct.calcsize("ll"))
+    r = rig([64], account_idle_ms=50, account_max_ms=5000)
+    r.peer.sendall(request((0, 3, 1)))
+    assert r.server.serve() is Served.ACCOUNT  # answered, then waited 50 ms for more
+    assert r.ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, len(no_timeout)) == no_timeout
+    want = r.expected([(0, 3, 1)])
+    assert r.receive(len(want)) == want
+    later = threading.Timer(0.3, lambda: r.peer.sendall(b"after"))
+    later.start()
+    try:
+        assert r.ours.recv(16) == b"after"  # blocking: 0.3 s, past the 50 ms wait
+    finally:
+        later.join(10)
 
 
 def test_a_log_taken_as_bytes_reads_back_as_its_answers(rig) -> None:
