@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--answer", choices=("c", "python"), default="c",
                      help="who answers page requests on plain TCP: the C page server, with the GIL free "
                           "(default), or the Python path (as over TLS)")
+    src.add_argument("--nice", type=_nice, default=None,
+                     help="nice value of the thread answering page requests (default 'keep': as inherited). "
+                          "-5 shortened a lone fault and lengthened many at once (benchmarks/README.md); "
+                          "a value below the process's needs root or CAP_SYS_NICE, else it stays as it was")
     src.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
                      help="cap the background stream: bytes/s, optional k/M/G suffix (powers of 1000); "
                           "replies to page requests are never held back")
@@ -478,7 +482,7 @@ async def source_main(args: argparse.Namespace, record: RunRecord) -> int:
     source = PostcopySource(blocks, config=config, background_sndbuf=args.sndbuf or None,
                             background_sndbuf_quiet=args.sndbuf_quiet or None, lease=args.lease,
                             sweep_after_idle=args.sweep_after_idle, tls=tls, max_bandwidth=args.max_bandwidth,
-                            answer_in_c=args.answer == "c")
+                            answer_in_c=args.answer == "c", urgent_nice=args.nice)
     try:
         where = await _listen(source, args.listen)
         record.fields["listen"] = where

@@ -4,8 +4,8 @@ Linux keeps a nice value per thread, so one thread of a process can yield to
 the others.  Both ends use it for the same rule: the fault path (a blocked
 thread waiting for its page) runs first, the background stream takes what is
 left.  The destination's placement thread and the source's sweep threads raise
-their own nice value (no privilege needed); the destination's loop thread may
-lower its own (root or CAP_SYS_NICE).
+their own nice value (no privilege needed); the destination's loop thread and
+the source's urgent thread may lower their own (root or CAP_SYS_NICE).
 """
 
 from __future__ import annotations

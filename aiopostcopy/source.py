@@ -753,6 +753,11 @@ class PostcopySource:
         answer_in_c: on plain TCP, answer Requests with the C page server
             (:mod:`aiopostcopy.transport.page_server`) where it can, with the
             GIL free; False, or TLS: always the Python path.
+        urgent_nice: the nice value of each urgent channel's thread, the one
+            that answers Requests (None: as inherited).  On CPUs the sweep,
+            the destination and its clients keep busy, a Request then waits
+            less for that thread to run.  A value below the process's needs
+            root or CAP_SYS_NICE; without it the thread keeps its priority.
 
     Raises:
         ValueError: no blocks, a bound out of range, or a TLS context that
@@ -763,7 +768,8 @@ class PostcopySource:
                  background_sndbuf: int | None = BACKGROUND_SNDBUF,
                  background_sndbuf_quiet: int | None = BACKGROUND_SNDBUF_QUIET, lease: float = DEFAULT_LEASE,
                  sweep_after_idle: float | None = None, tls: ssl.SSLContext | None = None,
-                 max_bandwidth: int | None = None, answer_in_c: bool = True) -> None:
+                 max_bandwidth: int | None = None, answer_in_c: bool = True,
+                 urgent_nice: int | None = None) -> None:
         if not blocks:
             raise ValueError("a source needs at least one block")
         if lease <= 0:
@@ -784,6 +790,8 @@ class PostcopySource:
         self._config = config or SourceConfig()
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()  # the session and the counters
+        self._urgent_nice = urgent_nice
+        self._urgent_nice_refused = False  # said once: the urgent thread keeps its priority
         #: what the C page server sent and the session has not yet learnt: (connection, its log,
         #: the session's sent_record when it was read), oldest first (see _defer_accounting)
         self._unaccounted: deque[tuple[_Conn, bytes, int]] = deque()
@@ -1060,6 +1068,10 @@ class PostcopySource:
         staging = _RunBuffer()
         error: BaseException | None = None
         server = conn.server
+        if self._urgent_nice is not None and not set_niceness(self._urgent_nice) and not self._urgent_nice_refused:
+            self._urgent_nice_refused = True
+            log.info("aiopostcopy source: the urgent thread keeps its priority: nice %d needs root or "
+                     "CAP_SYS_NICE", self._urgent_nice)
         try:
             if rest:
                 decoder.receive_data(rest)

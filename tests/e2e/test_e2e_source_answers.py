@@ -18,7 +18,7 @@ from aiopostcopy.loop import PostcopyDestination
 from aiopostcopy.tools.pattern import is_zero_page
 
 from e2e_support import bounded, check_destination
-from source_peer import SourceWithLog
+from source_peer import RawChannel, SourceWithLog
 
 PAGE = 4096
 MiB = 1 << 20
@@ -231,3 +231,66 @@ async def test_requests_are_answered_while_the_session_lock_is_held(e2e) -> None
         assert report.pages_zero == sum(1 for page in pages if page % 5 == 0)
     finally:
         await bounded(source.close(), "the source to close")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("delta", [3, pytest.param(-3, marks=pytest.mark.skipif(
+    os.geteuid() != 0, reason="a lower nice value needs root or CAP_SYS_NICE"))])
+async def test_the_urgent_thread_runs_at_the_nice_value_asked(e2e, delta: int) -> None:
+    """urgent_nice: the thread answering Requests runs at that nice value, the loop thread keeps
+    its own, and the Requests are answered with the image's pages."""
+    import threading
+
+    path = os.path.join(e2e.workdir, "niced.img")
+    image = sparse_image(path, 64, range(0))
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    source = PostcopySource([SourceBlock.from_path("ram", path)], urgent_nice=before + delta)
+    try:
+        address = await source.listen("127.0.0.1", 0)
+        urgent = Urgent(*await asyncio.open_connection(*address))
+        urgent.send(Hello(version=PROTOCOL_VERSION, session_id="niced", role=Role.DESTINATION,
+                          channel=Channel.URGENT))
+        assert isinstance(await urgent.next(), Hello)
+        for page in (7, 9, 33):
+            urgent.send(Request(runs=(PageRun(block=0, first=page, count=1),)))
+            msg = await urgent.next()
+            assert isinstance(msg, Pages) and msg.first == page, msg
+            assert bytes(urgent.payloads[-1]) == image[page * PAGE:(page + 1) * PAGE]
+        thread = source._conns[Channel.URGENT].thread
+        assert thread is not None and thread.native_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == before + delta
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+        urgent.writer.close()
+    finally:
+        await bounded(source.close(), "the source to close")
+
+
+def _task_nices(pid: int) -> list[int]:
+    """The nice value of each thread of process ``pid`` (/proc/PID/task/*/stat, field 19)."""
+    nices = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as f:
+            nices.append(int(f.read().rsplit(")", 1)[1].split()[16]))
+    return nices
+
+
+@pytest.mark.asyncio
+async def test_the_source_command_gives_the_urgent_thread_the_nice_value_asked(e2e) -> None:
+    """`source --nice 3`: the thread answering the urgent channel, and no other, runs at nice 3
+    above the process's; its answers are the image's pages."""
+    path = os.path.join(e2e.workdir, "cli-niced.img")
+    image = sparse_image(path, 64, range(0))
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    source = await SourceWithLog.start(e2e.procs, {"ram": path}, "--nice", str(base + 3))
+    urgent, hello = await RawChannel.open(source.address, Channel.URGENT, "cli-niced")
+    try:
+        assert isinstance(hello, Hello)
+        for page in (2, 13):
+            urgent.send(Request(runs=(PageRun(block=0, first=page, count=1),)))
+            msg = await urgent.next()
+            assert isinstance(msg, Pages) and msg.first == page, msg
+            assert bytes(urgent.payloads[-1]) == image[page * PAGE:(page + 1) * PAGE]
+        nices = _task_nices(source.proc.pid)
+        assert nices.count(base + 3) == 1 and nices.count(base) == len(nices) - 1, nices
+    finally:
+        await urgent.close()
