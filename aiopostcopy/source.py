@@ -434,11 +434,14 @@ class _Conn:
         self.sock.settimeout(None if channel is Channel.URGENT else _SEND_TIMEOUT)
         self.recv_into = self.sock.recv_into  #: the urgent thread reads requests with this
         self.tls: ServerTls | None = None  #: set by _TlsConn
-        #: urgent, plain TCP: answers Requests in C; its mutex is the lock every writer takes
+        #: urgent, plain TCP: answers Requests in C; its mutex is the lock every writer takes; it
+        #: hands its answers to the loop thread through an eventfd (PostcopySource._on_answers_logged)
         self.server = (PageServer(self.sock.fileno(), served, timestamps=trace.ENABLED,
                                   account_idle_ms=_ACCOUNT_IDLE_MS, account_max_ms=_ACCOUNT_MAX_MS,
-                                  account_max_answers=_ACCOUNT_MAX_ANSWERS)
+                                  account_max_answers=_ACCOUNT_MAX_ANSWERS, notify=True)
                        if served is not None else None)
+        #: the session's sent_record when the running PageServer.serve began (see _serve_in_c)
+        self.serve_record = session.sent_record
         self.lock: threading.Lock | PageServerLock = self.server.lock if self.server else threading.Lock()
         self.outbox: deque[bytes] = deque()  # background frames, written by the sender thread
         self.wake = threading.Event()
@@ -918,6 +921,8 @@ class PostcopySource:
             self._drop(old)
         self._cancel_lease()
         if channel is URGENT:
+            if conn.server is not None and conn.server.notify_fd is not None:
+                self._loop.add_reader(conn.server.notify_fd, self._on_answers_logged, conn)
             self._start(conn, self._serve_urgent, rest)
         else:
             self._adopt_background(conn, rest)
@@ -1102,13 +1107,20 @@ class PostcopySource:
                 self._settle_answers()  # before the loop hears of the loss
             finally:
                 conn.release()
-                self._loop.call_soon_threadsafe(self._lost, conn, error)
+                try:
+                    self._loop.call_soon_threadsafe(self._urgent_ended, conn)
+                    self._loop.call_soon_threadsafe(self._lost, conn, error)
+                except RuntimeError:  # the loop is closed: nothing watches the eventfd any more
+                    if conn.server is not None:
+                        conn.server.close_notify()
 
     def _serve_in_c(self, conn: _Conn, server: PageServer, decoder: Decoder) -> bool:
         """Let the C page server answer Requests until it needs Python; account what it sent,
         and hand what it declined (or the end of the stream) to the decoder.  False at the end
         of the stream."""
-        record = conn.session.sent_record  # read before the pages are: see SourceSession.answered
+        # read before the pages are (see SourceSession.answered), and set for the loop thread,
+        # which takes the answers of this call as they are handed over (_on_answers_logged)
+        conn.serve_record = record = conn.session.sent_record
         try:
             served = server.serve()
         finally:  # what was sent is accounted even if recv then failed
@@ -1121,6 +1133,25 @@ class PostcopySource:
                 decoder.receive_data(b"")
                 return False
         return True
+
+    def _on_answers_logged(self, conn: _Conn) -> None:
+        """The C page server handed a batch of answers over (its eventfd is readable; loop
+        thread): account them.  The record is read before the log is taken: answers of a later
+        :meth:`PageServer.serve` call (another record) can then only be accounted with an older
+        record, which records them as not sent (sent again), never the reverse."""
+        record = conn.serve_record
+        log = conn.server.take_notified_log()
+        if log:
+            self._unaccounted.append((conn, log, record))
+            self._settle_answers()
+
+    def _urgent_ended(self, conn: _Conn) -> None:
+        """The urgent thread ended (loop thread): stop watching its page server's eventfd and
+        close it; the thread took what its last :meth:`PageServer.serve` logged."""
+        server = conn.server
+        if server is not None and server.notify_fd is not None:
+            self._loop.remove_reader(server.notify_fd)
+            server.close_notify()
 
     def _defer_accounting(self, conn: _Conn, log: bytes, record: int) -> None:
         """Leave the accounting of what the C page server sent (``log``, its

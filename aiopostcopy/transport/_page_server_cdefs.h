@@ -49,10 +49,12 @@ struct ps_server {
     int account_max_ms;
     int account_max_answers;
     int error;
+    int notify_fd;
     ...;
 };
 
 int ps_init(struct ps_server *s);
+uint32_t ps_take_log(struct ps_server *s, struct ps_answer *out, uint32_t cap);
 void ps_lock(struct ps_server *s);
 void ps_unlock(struct ps_server *s);
 int ps_serve(struct ps_server *s);

@@ -45,7 +45,7 @@
 #include <unistd.h>
 #include <linux/userfaultfd.h>
 
-#define PS_VERSION 10        /* the layout page_server.py expects; bumped with any change to it */
+#define PS_VERSION 11        /* the layout page_server.py expects; bumped with any change to it */
 #define PS_MAX_RUNS 64       /* runs of one Request answered here */
 #define PS_MAX_RUN_PAGES 64  /* pages of one run answered here */
 #define PS_MAX_BOUNDS (PS_MAX_RUN_PAGES + 1)  /* zero-stretch bounds of one run, at most */
@@ -114,13 +114,39 @@ struct ps_server {
     int account_max_ms;      /* ... but keep answers unaccounted at most this long after the first */
     int account_max_answers; /* ... and wait for no more once this many are logged (0: no bound) */
     int error;
+    int notify_fd;           /* an eventfd: answers are handed over by a write to it, not a return (-1: none) */
     int rcvtimeo_ms;         /* the socket's SO_RCVTIMEO as ps_serve() last set it (0: none) */
+    uint32_t batch;          /* answers logged since the last hand-over */
+    pthread_mutex_t log_lock;    /* log and logged, which another thread takes with notify_fd */
 };
 
 /* The mutex is never destroyed: the memory holding it is freed when nothing can lock it. */
 int ps_init(struct ps_server *s)
 {
-    return pthread_mutex_init(&s->lock, NULL) == 0 ? 0 : -1;
+    if (pthread_mutex_init(&s->lock, NULL) != 0)
+        return -1;
+    return pthread_mutex_init(&s->log_lock, NULL) == 0 ? 0 : -1;
+}
+
+/* Answers logged, not yet taken (any thread). */
+static uint32_t ps_logged(struct ps_server *s)
+{
+    pthread_mutex_lock(&s->log_lock);
+    uint32_t n = s->logged;
+    pthread_mutex_unlock(&s->log_lock);
+    return n;
+}
+
+/* Move up to cap of the oldest answers logged to out, in order (any thread): how many. */
+uint32_t ps_take_log(struct ps_server *s, struct ps_answer *out, uint32_t cap)
+{
+    pthread_mutex_lock(&s->log_lock);
+    uint32_t n = s->logged < cap ? s->logged : cap;
+    memcpy(out, s->log, (size_t)n * sizeof *out);
+    memmove(s->log, s->log + n, (size_t)(s->logged - n) * sizeof *out);
+    s->logged -= n;
+    pthread_mutex_unlock(&s->log_lock);
+    return n;
 }
 
 void ps_lock(struct ps_server *s) { pthread_mutex_lock(&s->lock); }
@@ -357,6 +383,7 @@ static uint64_t ps_now_ns(const struct ps_server *s)
 static int ps_answer(struct ps_server *s, const struct ps_run *runs, uint32_t n)
 {
     uint64_t asked = ps_now_ns(s);
+    struct ps_answer answers[PS_MAX_RUNS];   /* logged once sent */
     struct iovec iov[PS_MAX_IOV];
     int niov = 0;
     uint8_t *data = s->pages;
@@ -422,7 +449,7 @@ static int ps_answer(struct ps_server *s, const struct ps_run *runs, uint32_t n)
             page = high;
         }
         data += (size_t)count * size;
-        struct ps_answer *a = &s->log[s->logged + i];
+        struct ps_answer *a = &answers[i];
         a->block = runs[i].block;
         a->first = runs[i].first;
         a->count = count;
@@ -435,8 +462,12 @@ static int ps_answer(struct ps_server *s, const struct ps_run *runs, uint32_t n)
     pthread_mutex_unlock(&s->lock);
     uint64_t sent = ps_now_ns(s);
     for (uint32_t i = 0; i < n; i++)
-        s->log[s->logged + i].sent_ns = sent;
+        answers[i].sent_ns = sent;
+    pthread_mutex_lock(&s->log_lock);     /* room for n: ps_serve_loop() checked it before parsing */
+    memcpy(s->log + s->logged, answers, (size_t)n * sizeof answers[0]);
     s->logged += n;
+    pthread_mutex_unlock(&s->log_lock);
+    s->batch += n;
     return 0;
 }
 
@@ -446,10 +477,10 @@ static int ps_answer(struct ps_server *s, const struct ps_run *runs, uint32_t n)
  * to Python, the lesser of account_idle_ms and what is left of account_max_ms since the first
  * of them was logged (at first_ns); <= 0: no wait (a full log, or account_max_answers logged,
  * or no account_idle_ms: none either). */
-static int ps_account_wait(const struct ps_server *s, uint64_t first_ns)
+static int ps_account_wait(struct ps_server *s, uint64_t first_ns)
 {
-    if (s->account_idle_ms <= 0 || s->log_cap - s->logged < PS_MAX_RUNS
-            || (s->account_max_answers > 0 && s->logged >= (uint32_t)s->account_max_answers))
+    if (s->account_idle_ms <= 0 || s->log_cap - ps_logged(s) < PS_MAX_RUNS
+            || (s->account_max_answers > 0 && s->batch >= (uint32_t)s->account_max_answers))
         return 0;
     int64_t left_ms = ((int64_t)s->account_max_ms * 1000000 - (int64_t)(ps_clock_ns() - first_ns)) / 1000000;
     return left_ms < s->account_idle_ms ? (int)left_ms : s->account_idle_ms;
@@ -469,9 +500,21 @@ static int ps_receive_timeout(struct ps_server *s, int ms)
 
 static int ps_serve_loop(struct ps_server *s);
 
+/* With notify_fd: tell the thread that takes the log (one write to the eventfd); a new batch
+ * begins. A failed write (the counter full: never in practice) leaves the answers logged for the
+ * next hand-over or return. */
+static void ps_hand_over(struct ps_server *s)
+{
+    uint64_t one = 1;
+    while (write(s->notify_fd, &one, sizeof one) < 0 && errno == EINTR)
+        ;
+    s->batch = 0;
+}
+
 /* See ps_serve_loop(); the socket leaves with no SO_RCVTIMEO, as Python's blocking reads expect. */
 int ps_serve(struct ps_server *s)
 {
+    s->batch = 0;            /* the caller took the log when the last call returned */
     int status = ps_serve_loop(s);
     if (ps_receive_timeout(s, 0) != 0 && status != PS_ERROR) {
         s->error = errno;
@@ -483,31 +526,35 @@ int ps_serve(struct ps_server *s)
 /*
  * Answer Requests from the buffer and the socket until Python is needed:
  *   PS_DECLINED  the frame at in_start is not one answered here;
- *   PS_ACCOUNT   answers are logged and no whole frame is buffered or waiting in the socket
- *                (or the log is full);
+ *   PS_ACCOUNT   a batch of answers is logged and no whole frame is buffered or waiting in the
+ *                socket (without notify_fd), or the log is full;
  *   PS_EOF       the peer closed (a partial frame may remain);
  *   PS_ERROR     recv failed, error = errno.
- * Called without the GIL; blocks in recv only with nothing logged. With answers logged it reads
- * what the socket holds already without waiting, so a burst of Requests is answered before
- * Python accounts it (one return to Python, one GIL hand-over, for the burst); the end of the
- * stream or an error met then is met again, and reported, by the next call.
- * With account_idle_ms > 0, when answers are logged and the socket holds nothing, recv() waits
+ * Called without the GIL; blocks in recv only with no batch logged. With a batch logged it
+ * reads what the socket holds already without waiting, so a burst of Requests is answered
+ * before the batch is handed over (one return to Python, one GIL hand-over, for the burst); the
+ * end of the stream or an error met then is met again, and reported, by the next call.
+ * With account_idle_ms > 0, when a batch is logged and the socket holds nothing, recv() waits
  * up to account_idle_ms (the socket's SO_RCVTIMEO, set only when it changes) for another
  * Request, so that Requests arriving microseconds apart (a burst of faults) are answered before
- * one return to Python, and the next Request wakes the recv() itself (no poll() and second
- * recv() between it and its answer); but it never keeps answers unaccounted longer than
- * account_max_ms after the first of them was logged (CLOCK_MONOTONIC), nor waits once
- * account_max_answers are logged (a short batch goes to Python right after an answer, while the
- * next fault's Request is still on its way), and a full log returns at once. The end of the
- * stream, an error, or a shutdown() of the socket (how the source stops the thread) ends the
- * wait: the answers are returned first as above. account_idle_ms == 0: no wait, PS_ACCOUNT as
- * soon as the socket holds nothing.
+ * one hand-over, and the next Request wakes the recv() itself (no poll() and second recv()
+ * between it and its answer); but it never keeps a batch longer than account_max_ms after its
+ * first answer was logged (CLOCK_MONOTONIC), nor waits once account_max_answers are logged (a
+ * short batch is handed over right after an answer, while the next fault's Request is still on
+ * its way), and a full log returns at once. The end of the stream, an error, or a shutdown() of
+ * the socket (how the source stops the thread) ends the wait: the answers are returned first as
+ * above. account_idle_ms == 0: no wait, the batch is handed over as soon as the socket holds
+ * nothing.
+ * With notify_fd >= 0 a batch is handed over by a write to that eventfd instead of a return:
+ * another thread takes the log (ps_take_log(), under log_lock) while this one goes on answering,
+ * and never needs the GIL for it. It still returns for a full log, a declined frame, the end of
+ * the stream and an error.
  */
 static int ps_serve_loop(struct ps_server *s)
 {
     struct ps_run runs[PS_MAX_RUNS];
-    /* when the first answer not yet returned to Python was logged (0: none; only with account_idle_ms) */
-    uint64_t first_ns = s->logged && s->account_idle_ms > 0 ? ps_clock_ns() : 0;
+    /* when the batch's first answer was logged (0: none; only with account_idle_ms) */
+    uint64_t first_ns = 0;
     for (;;) {
         size_t avail = s->in_end - s->in_start;
         if (avail >= PS_PREFIX) {
@@ -518,8 +565,8 @@ static int ps_serve_loop(struct ps_server *s)
             if (size > s->in_cap - PS_PREFIX)
                 return PS_DECLINED;                   /* larger than this buffer */
             if (avail >= PS_PREFIX + size) {
-                if (s->log_cap - s->logged < PS_MAX_RUNS)
-                    return PS_ACCOUNT;
+                if (s->log_cap - ps_logged(s) < PS_MAX_RUNS)
+                    return PS_ACCOUNT;                /* a full log: taken on return, notify_fd or not */
                 size_t bytes;
                 uint32_t n = ps_parse_request(s, f + PS_PREFIX, f + PS_PREFIX + size, runs, &bytes);
                 if (n == 0 || ps_answer(s, runs, n) != 0)
@@ -535,12 +582,12 @@ static int ps_serve_loop(struct ps_server *s)
             s->in_start = 0;
             s->in_end = avail;
         }
-        /* nothing logged: wait as long as it takes; logged: a little, for the burst's next
-         * Request (the wait's SO_RCVTIMEO), or not at all (MSG_DONTWAIT) */
-        int wait = s->logged ? ps_account_wait(s, first_ns) : 0;
-        int flags = s->logged && wait <= 0 ? MSG_DONTWAIT : 0;
+        /* no batch: wait as long as it takes; a batch: a little, for the burst's next Request
+         * (the wait's SO_RCVTIMEO), or not at all (MSG_DONTWAIT) */
+        int wait = s->batch ? ps_account_wait(s, first_ns) : 0;
+        int flags = s->batch && wait <= 0 ? MSG_DONTWAIT : 0;
         if (flags == 0 && ps_receive_timeout(s, wait) != 0) {
-            if (s->logged)
+            if (ps_logged(s))
                 return PS_ACCOUNT;                    /* the next call meets the failure again */
             s->error = errno;
             return PS_ERROR;
@@ -549,13 +596,18 @@ static int ps_serve_loop(struct ps_server *s)
         if (got < 0) {
             if (errno == EINTR)
                 continue;
-            if (s->logged)                            /* nothing came (EAGAIN: in time), or an error: account first */
+            if (s->batch && s->notify_fd >= 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                ps_hand_over(s);                      /* nothing came in time: the batch goes, serving goes on */
+                first_ns = 0;
+                continue;
+            }
+            if (ps_logged(s))                         /* nothing came (EAGAIN: in time), or an error: account first */
                 return PS_ACCOUNT;
             s->error = errno;
             return PS_ERROR;
         }
         if (got == 0)
-            return s->logged ? PS_ACCOUNT : PS_EOF;
+            return ps_logged(s) ? PS_ACCOUNT : PS_EOF;
         s->in_end += (size_t)got;
     }
 }

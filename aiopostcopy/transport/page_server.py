@@ -9,7 +9,10 @@ Python path writes.  It returns to Python
 * with **answers** to account (:meth:`take_answers`, or :meth:`take_log` and
   :func:`answers_in` where another thread accounts them), before it would block
   in ``recv`` again: the session learns what was sent between one request and
-  the next, off the faulting thread's path.  Requests already waiting in the
+  the next, off the faulting thread's path.  With ``notify`` it does not
+  return for them: it writes to an eventfd (:attr:`PageServer.notify_fd`),
+  another thread takes them (:meth:`take_log`, under a mutex of its own) and
+  the serving thread goes on answering without ever taking the GIL for it.  Requests already waiting in the
   socket are answered first (it reads without waiting while answers are
   logged), so a burst costs one return to Python and one GIL hand-over.
   Requests of a burst of faults arrive microseconds apart, not all at once:
@@ -46,11 +49,12 @@ from __future__ import annotations
 import enum
 import os
 import struct
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
 #: The C side's PS_VERSION this module is written for.
-VERSION = 10
+VERSION = 11
 
 
 def matches(built: object) -> bool:
@@ -282,6 +286,11 @@ class PageServer:
             the next fault's Request can be there (0: bounded by the log only).
             A long batch would make the Request arriving while it is accounted
             wait for all of it.
+        notify: hand each batch over by a write to :attr:`notify_fd` (an
+            eventfd this object owns) instead of returning from :meth:`serve`;
+            the thread watching it calls :meth:`take_log`.  :meth:`serve` still
+            returns for a full log, a declined frame, the end of the stream and
+            an error.
 
     Raises:
         RuntimeError: the extension is not built (see :func:`available`).
@@ -289,7 +298,8 @@ class PageServer:
     """
 
     def __init__(self, sock: int, blocks: list[ServedBlock | None], *, timestamps: bool = False,
-                 account_idle_ms: int = 0, account_max_ms: int = 20, account_max_answers: int = 0) -> None:
+                 account_idle_ms: int = 0, account_max_ms: int = 20, account_max_answers: int = 0,
+                 notify: bool = False) -> None:
         if lib is None:
             raise RuntimeError("the C page server is not built")
         assert MAX_RUN <= lib.PS_MAX_RUN_PAGES and LOG_ANSWERS >= 2 * lib.PS_MAX_RUNS
@@ -316,6 +326,11 @@ class PageServer:
         if lib.ps_init(s) != 0:
             raise OSError("cannot make the page server's lock")
         self.lock = PageServerLock(s)  # keeps the memory (and so the mutex) alive while any writer holds it
+        #: the eventfd a batch of answers is handed over by (None: serve() returns for them)
+        self.notify_fd: int | None = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if notify else None
+        s.notify_fd = -1 if self.notify_fd is None else self.notify_fd
+        self._closing = (weakref.finalize(self, os.close, self.notify_fd) if self.notify_fd is not None
+                         else None)
 
     def serve(self) -> Served:
         """Answer Requests until Python is needed (see the module docstring); blocks in ``recv``
@@ -338,13 +353,24 @@ class PageServer:
     def take_log(self) -> bytes:
         """The runs answered since the last call, as the log's bytes (:func:`answers_in` reads
         them): one copy, so that the thread that serves goes back to serving at once and
-        another thread makes the answers."""
-        s = self._server
-        n = s.logged
-        if not n:
-            return b""
-        s.logged = 0
-        return ffi.buffer(self._log, n * _ANSWER.size)[:]
+        another thread makes the answers.  Any thread, even while :meth:`serve` runs."""
+        out = ffi.new("struct ps_answer[]", LOG_ANSWERS)  # a buffer per call: two threads may take at once
+        n = lib.ps_take_log(self._server, out, LOG_ANSWERS)
+        return ffi.buffer(out, n * _ANSWER.size)[:] if n else b""
+
+    def take_notified_log(self) -> bytes:
+        """:meth:`take_log` when :attr:`notify_fd` is readable: the notifications are read too."""
+        if self.notify_fd is not None and self._closing is not None and self._closing.alive:
+            try:
+                os.eventfd_read(self.notify_fd)
+            except BlockingIOError:  # read already (a log taken since holds its answers)
+                pass
+        return self.take_log()
+
+    def close_notify(self) -> None:
+        """Close :attr:`notify_fd` (once :meth:`serve` runs no more, and nothing watches it)."""
+        if self._closing is not None:
+            self._closing()
 
     def take_rest(self) -> bytes:
         """The bytes received and not answered (from a declined frame on); the buffer empties."""

@@ -178,10 +178,10 @@ async def test_the_source_command_answers_faults_either_way(e2e, answer: str) ->
     assert sent["exit"] == 0 and sent["pages_urgent"] == len(wanted), sent
 
 
-def _ask_while_locked(address: tuple[str, int], lock, pages: list[int]) -> list[tuple[int, bytes]]:
-    """On a blocking connection: Hello, then, holding ``lock`` (the source's session lock) all
-    along, one Request per page, each answer read before the next Request goes; returns each
-    answer's (first page, payload) in order (a Zero's payload: zeros)."""
+def _ask_while_locked(address: tuple[str, int], lock, pages: list[int], on_hello) -> list[tuple[int, bytes]]:
+    """On a blocking connection: Hello (then ``on_hello()``), then, holding ``lock`` (the
+    source's session lock) all along, one Request per page, each answer read before the next
+    Request goes; returns each answer's (first page, payload) in order (a Zero's payload: zeros)."""
     import socket
 
     sock = socket.create_connection(address, timeout=10)  # a source that waits for the lock: a timeout
@@ -198,6 +198,7 @@ def _ask_while_locked(address: tuple[str, int], lock, pages: list[int]) -> list[
         sock.sendall(encode(Hello(version=PROTOCOL_VERSION, session_id="locked", role=Role.DESTINATION,
                                   channel=Channel.URGENT)))
         assert isinstance(next_message(), Hello)
+        on_hello()
         got = []
         with lock:
             for page in pages:
@@ -222,7 +223,9 @@ async def test_requests_are_answered_while_the_session_lock_is_held(e2e) -> None
     source = PostcopySource([SourceBlock.from_path("ram", path)], answer_in_c=True)
     try:
         address = await source.listen("127.0.0.1", 0)
-        got = await bounded(asyncio.to_thread(_ask_while_locked, address, source._lock, pages),
+        servers = []
+        got = await bounded(asyncio.to_thread(_ask_while_locked, address, source._lock, pages,
+                                              lambda: servers.append(source._conns[Channel.URGENT].server)),
                             "the answers, the lock held")
         for page, payload in got:
             assert payload == image[page * PAGE:(page + 1) * PAGE], page
@@ -231,6 +234,9 @@ async def test_requests_are_answered_while_the_session_lock_is_held(e2e) -> None
         assert report.pages_zero == sum(1 for page in pages if page % 5 == 0)
     finally:
         await bounded(source.close(), "the source to close")
+    # the page server's eventfd is closed once its thread ended (the connection closed above)
+    [server] = servers
+    assert server.notify_fd is not None and not server._closing.alive
 
 
 @pytest.mark.asyncio

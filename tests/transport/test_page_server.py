@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import socket
 import struct
 import threading
@@ -35,7 +36,8 @@ class Rig:
 
     def __init__(self, tmp_path, pages: list[int], *, zero_every: int = 3, seed: int = 5,
                  page_size: int = PAGE, served: list[bool] | None = None, timestamps: bool = False,
-                 account_idle_ms: int = 0, account_max_ms: int = 20, account_max_answers: int = 0) -> None:
+                 account_idle_ms: int = 0, account_max_ms: int = 20, account_max_answers: int = 0,
+                 notify: bool = False) -> None:
         self.page_size = page_size
         self.images: list[bytes] = []
         self.fds: list[int] = []
@@ -54,7 +56,7 @@ class Rig:
             ServedBlock(fd=fd, page_size=page_size, pages=count, max_run=MAX_RUN) if ok else None
             for fd, count, ok in zip(self.fds, pages, served)], timestamps=timestamps,
             account_idle_ms=account_idle_ms, account_max_ms=account_max_ms,
-            account_max_answers=account_max_answers)
+            account_max_answers=account_max_answers, notify=notify)
         self.start_reading()
 
     def close(self) -> None:
@@ -531,6 +533,55 @@ def test_a_log_taken_as_bytes_reads_back_as_its_answers(rig) -> None:
                                         + r.answers([(0, 30, 4)])]
     assert all(0 < a.asked_ns <= a.sent_ns for a in answers)
     assert answers_in(b"") == []
+
+
+# ------------------------------------------------ answers handed over through an eventfd (notify)
+
+
+def test_with_notify_batches_are_handed_over_while_it_goes_on_serving(rig) -> None:
+    """notify: a batch of account_max_answers answers is handed over by a write to the eventfd,
+    not a return: ten Requests, each answered before the next is sent, while serve() runs on; the
+    log taken meanwhile holds them all, in order, and the end of the stream returns EOF."""
+    r = rig([64], account_idle_ms=5000, account_max_ms=60_000, account_max_answers=4, notify=True)
+    served: list[Served] = []
+    thread = threading.Thread(target=lambda: served.append(r.server.serve()))
+    thread.start()
+    asked = [(0, page, 1) for page in (3, 9, 10, 17, 20, 33, 34, 40, 41, 63)]
+    for run in asked:
+        r.peer.sendall(request(run))
+        want = r.expected([run])
+        assert r.receive(len(want)) == want
+    assert select.select([r.server.notify_fd], [], [], 10)[0]  # two batches of four handed over
+    assert thread.is_alive() and not served  # serving still: no return to Python for them
+    log = r.server.take_notified_log()
+    assert answers_in(log) == [a for run in asked for a in r.answers([run])]
+    r.ours.shutdown(socket.SHUT_RDWR)
+    thread.join(10)
+    assert served == [Served.EOF] and r.server.take_log() == b"" and r.nothing_more()
+    r.server.close_notify()
+    r.server.close_notify()  # once is enough: the second does nothing
+
+
+def test_with_notify_a_log_nobody_takes_still_returns_when_full(rig) -> None:
+    """notify: answers nobody takes fill the log; the server then returns (a fifth Request of 64
+    runs finds no room) rather than answer what it could not log, and goes on once it is taken."""
+    r = rig([320], zero_every=4, account_idle_ms=5000, account_max_ms=60_000, account_max_answers=64, notify=True)
+    requests = [[(0, k * 64 + i, 1) for i in range(64)] for k in range(5)]
+    r.peer.sendall(b"".join(request(*runs) for runs in requests))
+    assert r.server.serve() is Served.ACCOUNT  # four answered and logged: no room for the fifth's 64
+    assert answers_in(r.server.take_log()) == [a for runs in requests[:4] for a in r.answers(runs)]
+    served: list[Served] = []
+    thread = threading.Thread(target=lambda: served.append(r.server.serve()))
+    thread.start()  # room again: the fifth is answered, its batch handed over, and serving goes on
+    want = b"".join(r.expected(runs) for runs in requests)
+    assert r.receive(len(want)) == want and r.nothing_more()
+    assert select.select([r.server.notify_fd], [], [], 10)[0] and thread.is_alive()
+    r.ours.shutdown(socket.SHUT_RDWR)
+    thread.join(10)
+    assert served == [Served.ACCOUNT]  # the end of the stream, with the fifth's answers still logged
+    assert answers_in(r.server.take_notified_log()) == r.answers(requests[4])
+    assert r.server.serve() is Served.EOF
+    r.server.close_notify()
 
 
 def test_with_timestamps_each_answer_says_when_it_was_asked_and_sent(rig) -> None:
