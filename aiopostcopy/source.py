@@ -6,17 +6,20 @@ A :class:`PostcopySource` listens on TCP (or a Unix path).  A destination
 opens two connections, each starting with a Hello that names its channel.
 The event loop accepts them and reads that Hello (:class:`_Greeter`); from
 then on each channel has a thread of its own, so that page data never waits
-for the loop, and the loop never waits for page data:
+for the loop, and the loop never waits for page data (only, briefly, for the
+session's lock, which it takes to account what the threads sent):
 
 * ``urgent``: a thread reads the destination's requests with blocking
   ``recv`` and answers each at once from that thread.  On plain TCP it hands
   the connection to the C page server
   (:class:`~aiopostcopy.transport.page_server.PageServer`), which reads and
   answers Requests with the GIL free (``pread`` of the runs, a zero scan, one
-  ``sendmsg`` for the Request's frames, under the connection's lock) and
-  returns with what it sent, which this thread then accounts in the session
-  (:meth:`_serve_in_c`), and with any frame it does not answer, which the
-  Python decoder takes.  The Python path (over TLS, or with
+  ``sendmsg`` for the Request's frames, under the connection's lock).  It
+  hands what it sent over to the loop thread through an eventfd and goes on
+  answering; the loop thread accounts it in the session
+  (:meth:`_on_answers_logged`), so this thread needs the GIL only for a frame
+  the page server does not answer, which it returns with and the Python
+  decoder takes (:meth:`_serve_in_c`).  The Python path (over TLS, or with
   ``answer_in_c=False``) does the same per run: ``os.preadv`` into the
   thread's buffer, one ``sendmsg`` of header and payload, both without the
   GIL.  Either way an urgent reply waits for no background work.
@@ -173,16 +176,15 @@ BACKGROUND_SNDBUF = 64 << 10
 BACKGROUND_SNDBUF_QUIET = 1 << 20
 DEMAND_QUIET = 0.05
 _SEND_TIMEOUT = 60.0  #: a peer that takes no data for this long is gone
-#: The C page server, its answers logged and the socket empty, waits this many ms for the next
-#: Request before returning them to Python: a burst of faults sends Requests microseconds apart,
-#: and the burst is answered before one return to Python (one GIL hand-over, which the sweep's
-#: threads contend for) instead of one per Request.  Bounded: the session learns what was sent
-#: within _ACCOUNT_MAX_MS of the first answer, however the Requests keep coming, and with
-#: _ACCOUNT_MAX_ANSWERS logged the log goes to Python at once.  The urgent thread only hands the
-#: log to the loop thread, which accounts it (PostcopySource._defer_accounting): a Request that
-#: arrives while the log is accounted is answered meanwhile.  (When the urgent thread accounted
-#: the log itself, the Request arriving then waited for all of it: a quiet fault every 150 us and
-#: 20 ms batches raised the quiet fault's p99 from 0.33 to 0.58 ms.)
+#: The C page server, its answers logged and the socket empty, waits about this many ms (a timer
+#: tick at least) for the next Request before handing them over to the loop thread (an eventfd):
+#: a burst of faults sends Requests microseconds apart, and the burst is handed over once instead
+#: of once per Request.  Bounded: the session learns what was sent within about _ACCOUNT_MAX_MS
+#: of the first answer, however the Requests keep coming, and with _ACCOUNT_MAX_ANSWERS logged the
+#: batch goes at once.  The loop thread accounts it (PostcopySource._on_answers_logged) while the
+#: urgent thread goes on answering.  (When the urgent thread accounted the log itself, the
+#: Request arriving then waited for all of it: a quiet fault every 150 us and 20 ms batches raised
+#: the quiet fault's p99 from 0.33 to 0.58 ms.)
 _ACCOUNT_IDLE_MS, _ACCOUNT_MAX_MS, _ACCOUNT_MAX_ANSWERS = 1, 20, 16
 _HELLO_BUDGET = header_budget(Hello)
 _JOIN_TIMEOUT = 5.0
@@ -779,6 +781,8 @@ class PostcopySource:
             raise ValueError(f"the lease must be positive, got {lease}")
         if max_bandwidth is not None and max_bandwidth <= 0:
             raise ValueError(f"max_bandwidth must be positive or None, got {max_bandwidth}")
+        if urgent_nice is not None and not -20 <= urgent_nice <= 19:
+            raise ValueError(f"urgent_nice must be a nice value, -20..19, or None, got {urgent_nice}")
         if tls is not None:
             check_context(tls, server=True)
         self._tls = tls
@@ -796,9 +800,10 @@ class PostcopySource:
         self._urgent_nice = urgent_nice
         self._urgent_nice_refused = False  # said once: the urgent thread keeps its priority
         #: what the C page server sent and the session has not yet learnt: (connection, its log,
-        #: the session's sent_record when it was read), oldest first (see _defer_accounting)
+        #: the session's sent_record when it was read), oldest first (see _take_answers)
         self._unaccounted: deque[tuple[_Conn, bytes, int]] = deque()
         self._settle_due = False  # the loop has a _settle_on_loop to run
+        self._take_lock = threading.Lock()  # a page server's log taken and queued in one step
         self._session = self._new_session()
         self._conns: dict[Channel, _Conn] = {}
         self._threads: list[threading.Thread] = []
@@ -1057,6 +1062,9 @@ class PostcopySource:
             self._done.set_exception(exc)
 
     def _report(self, *, complete: bool) -> SourceReport:
+        for conn in list(self._conns.values()):  # answers logged and not yet handed over count too
+            if conn.server is not None:
+                self._take_answers(conn, conn.serve_record)
         self._settle_answers()
         c = self._counts
         return SourceReport(session_id=self._session.session_id, complete=complete, pages_urgent=c["urgent"],
@@ -1073,11 +1081,11 @@ class PostcopySource:
         staging = _RunBuffer()
         error: BaseException | None = None
         server = conn.server
-        if self._urgent_nice is not None and not set_niceness(self._urgent_nice) and not self._urgent_nice_refused:
-            self._urgent_nice_refused = True
-            log.info("aiopostcopy source: the urgent thread keeps its priority: nice %d needs root or "
-                     "CAP_SYS_NICE", self._urgent_nice)
         try:
+            if self._urgent_nice is not None and not set_niceness(self._urgent_nice) and not self._urgent_nice_refused:
+                self._urgent_nice_refused = True
+                log.info("aiopostcopy source: the urgent thread keeps its priority: nice %d needs root or "
+                         "CAP_SYS_NICE", self._urgent_nice)
             if rest:
                 decoder.receive_data(rest)
             while not conn.closed:
@@ -1124,9 +1132,7 @@ class PostcopySource:
         try:
             served = server.serve()
         finally:  # what was sent is accounted even if recv then failed
-            answers = server.take_log()
-            if answers:
-                self._defer_accounting(conn, answers, record)
+            self._defer_accounting(conn, record)
         if served is not Served.ACCOUNT:
             decoder.receive_data(server.take_rest())
             if served is Served.EOF:
@@ -1139,11 +1145,18 @@ class PostcopySource:
         thread): account them.  The record is read before the log is taken: answers of a later
         :meth:`PageServer.serve` call (another record) can then only be accounted with an older
         record, which records them as not sent (sent again), never the reverse."""
-        record = conn.serve_record
-        log = conn.server.take_notified_log()
-        if log:
-            self._unaccounted.append((conn, log, record))
-            self._settle_answers()
+        conn.server.acknowledge()
+        self._take_answers(conn, conn.serve_record)
+        self._settle_answers()
+
+    def _take_answers(self, conn: _Conn, record: int) -> None:
+        """Queue what the C page server of ``conn`` logged (any thread): the taking and the
+        queueing are one step under ``_take_lock``, so the logs are queued, and accounted, in
+        the order they were logged (the sweep starts again near the last answer accounted)."""
+        with self._take_lock:
+            log = conn.server.take_log()
+            if log:
+                self._unaccounted.append((conn, log, record))
 
     def _urgent_ended(self, conn: _Conn) -> None:
         """The urgent thread ended (loop thread): stop watching its page server's eventfd and
@@ -1153,16 +1166,16 @@ class PostcopySource:
             self._loop.remove_reader(server.notify_fd)
             server.close_notify()
 
-    def _defer_accounting(self, conn: _Conn, log: bytes, record: int) -> None:
-        """Leave the accounting of what the C page server sent (``log``, its
-        :meth:`~PageServer.take_log`) to the loop thread, so that the urgent thread goes back to
-        answering at once: a Request arriving meanwhile is answered without waiting for the
+    def _defer_accounting(self, conn: _Conn, record: int) -> None:
+        """Take what the C page server logged when :meth:`PageServer.serve` returned (urgent
+        thread) and leave its accounting to the loop thread, so that the urgent thread goes back
+        to answering at once: a Request arriving meanwhile is answered without waiting for the
         session's lock, which the sweep's threads take too, or for the accounting itself (16
         answers took 80-100 us of Python on a 2-vCPU VM: benchmarks/README.md).  The urgent
-        thread settles what is left itself before it answers in Python or ends
-        (:meth:`_settle_answers`), so the session learns each connection's answers in order."""
-        self._unaccounted.append((conn, log, record))
-        if self._settle_due:
+        thread settles what is queued itself before it answers in Python or ends
+        (:meth:`_settle_answers`)."""
+        self._take_answers(conn, record)
+        if not self._unaccounted or self._settle_due:
             return
         self._settle_due = True
         try:
@@ -1176,7 +1189,7 @@ class PostcopySource:
         self._settle_answers()
 
     def _settle_answers(self) -> None:
-        """Account every log :meth:`_defer_accounting` queued, oldest first (any thread; never
+        """Account every log :meth:`_take_answers` queued, oldest first (any thread; never
         with the lock held)."""
         if not self._unaccounted:
             return

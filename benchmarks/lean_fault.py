@@ -87,8 +87,13 @@ def _handler(server: str, host: str, port: int, pages: int, touches: int, image:
         sock.sendall(encode(Hello(version=PROTOCOL_VERSION, session_id="lean-fault", role=Role.DESTINATION,
                                   channel=Channel.URGENT)))
         decoder = Decoder()
-        while not isinstance(decoder.next_event(), Hello):
-            decoder.receive_data(sock.recv(1 << 16))
+        while not isinstance(event := decoder.next_event(), Hello):
+            if event is not None:
+                raise RuntimeError(f"the source answered {event!r}, not Hello")
+            data = sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError("the source closed the connection before its Hello")
+            decoder.receive_data(data)
     sock.setblocking(False)
     base, buffer = mapping.address, bytearray(1 << 16)
     view, source_address, zeros = memoryview(buffer), buffer_address(buffer), bytearray(PAGE)

@@ -16,11 +16,13 @@
  *     a Request's pages fitting it);
  *     any other frame, or a read that fails, is "declined": ps_serve() returns
  *     with the frame unconsumed and Python decodes (and rejects) it;
- *   - it logs every run it answered (ps_answer) and returns before it would
- *     block with answers logged, so Python accounts them in the session
- *     between one request and the next (with account_idle_ms, after waiting
+ *   - it logs every run it answered (ps_answer) and hands each batch over
+ *     before it would block, so Python accounts them in the session between
+ *     one request and the next (with account_idle_ms, after waiting about
  *     that long for another Request of the same burst, at most account_max_ms
- *     after the first answer);
+ *     after the batch's first answer): by returning, or, with notify_fd, by a
+ *     write to that eventfd while it goes on serving (another thread takes the
+ *     log with ps_take_log());
  *   - its writes hold the connection's write lock (ps_lock/ps_unlock), which
  *     every other writer of the connection takes too, so a frame stays whole.
  *
@@ -527,7 +529,8 @@ int ps_serve(struct ps_server *s)
  * Answer Requests from the buffer and the socket until Python is needed:
  *   PS_DECLINED  the frame at in_start is not one answered here;
  *   PS_ACCOUNT   a batch of answers is logged and no whole frame is buffered or waiting in the
- *                socket (without notify_fd), or the log is full;
+ *                socket (without notify_fd), or the log is full, or the end of the stream or
+ *                an error came with answers still logged (met again by the next call);
  *   PS_EOF       the peer closed (a partial frame may remain);
  *   PS_ERROR     recv failed, error = errno.
  * Called without the GIL; blocks in recv only with no batch logged. With a batch logged it
@@ -535,7 +538,8 @@ int ps_serve(struct ps_server *s)
  * before the batch is handed over (one return to Python, one GIL hand-over, for the burst); the
  * end of the stream or an error met then is met again, and reported, by the next call.
  * With account_idle_ms > 0, when a batch is logged and the socket holds nothing, recv() waits
- * up to account_idle_ms (the socket's SO_RCVTIMEO, set only when it changes) for another
+ * about account_idle_ms (the socket's SO_RCVTIMEO, set only when it changes; the kernel rounds
+ * it up to its timer tick, 4 ms at HZ=250, and may overrun account_max_ms by one) for another
  * Request, so that Requests arriving microseconds apart (a burst of faults) are answered before
  * one hand-over, and the next Request wakes the recv() itself (no poll() and second recv()
  * between it and its answer); but it never keeps a batch longer than account_max_ms after its

@@ -17,8 +17,9 @@ Python path writes.  It returns to Python
   logged), so a burst costs one return to Python and one GIL hand-over.
   Requests of a burst of faults arrive microseconds apart, not all at once:
   with ``account_idle_ms`` the server, finding the socket empty with answers
-  logged, waits that long in ``recv`` (the socket's ``SO_RCVTIMEO``, which it
-  takes off again before it returns) for the next Request before returning,
+  logged, waits about that long in ``recv`` (the socket's ``SO_RCVTIMEO``,
+  which the kernel rounds up to its timer tick, and which it takes off again
+  before it returns) for the next Request before returning,
   yet never keeps answers unaccounted longer than ``account_max_ms`` after the
   first of them was logged, nor waits with ``account_max_answers`` logged (a
   full log, the end of the stream, an error or a ``shutdown`` of the socket
@@ -31,8 +32,8 @@ Python path writes.  It returns to Python
 
 Every writer of the connection takes :attr:`PageServer.lock` (the C thread
 takes the same mutex), so frames never interleave.  The object owns no
-file descriptor: the connection's socket and the blocks' files stay open while
-it is used.  Its memory, the mutex with it, lives as long as the object or its
+file descriptor but, with ``notify``, its eventfd (:meth:`PageServer.close_notify`):
+the connection's socket and the blocks' files stay open while it is used.  Its memory, the mutex with it, lives as long as the object or its
 :attr:`~PageServer.lock`, so a writer that still holds the lock after the
 connection ended locks valid memory (a glibc mutex needs no destroy).
 
@@ -275,9 +276,10 @@ class PageServer:
         timestamps: record when each Request was read and answered (for
             :mod:`aiopostcopy.trace`).
         account_idle_ms: with answers logged and nothing in the socket, wait
-            this long (in ``recv``) for another Request before returning them to
-            Python, so a burst of Requests arriving apart is answered before
-            one return (0: return at once, no wait).
+            about this long (in ``recv``, rounded up to the kernel's timer
+            tick) for another Request before handing them over, so a burst of
+            Requests arriving apart is answered before one hand-over (0: at
+            once, no wait).
         account_max_ms: the longest answers stay unaccounted, from the first
             of them logged, however the Requests keep coming (bounds the
             wait of ``account_idle_ms``).
@@ -331,11 +333,14 @@ class PageServer:
         s.notify_fd = -1 if self.notify_fd is None else self.notify_fd
         self._closing = (weakref.finalize(self, os.close, self.notify_fd) if self.notify_fd is not None
                          else None)
+        if self._closing is not None:  # not at exit: a daemon thread may still be serving then
+            self._closing.atexit = False
 
     def serve(self) -> Served:
         """Answer Requests until Python is needed (see the module docstring); blocks in ``recv``
-        only with no answer to account, and with answers to account waits at most
-        ``account_idle_ms`` at a time for more, and ``account_max_ms`` in all.
+        only with no batch of answers to hand over (the caller took the log when the last call
+        returned), and with a batch waits about ``account_idle_ms`` (a timer tick at least) at a
+        time for more, and about ``account_max_ms`` in all.
 
         Raises:
             OSError: ``recv`` failed.
@@ -358,13 +363,17 @@ class PageServer:
         n = lib.ps_take_log(self._server, out, LOG_ANSWERS)
         return ffi.buffer(out, n * _ANSWER.size)[:] if n else b""
 
-    def take_notified_log(self) -> bytes:
-        """:meth:`take_log` when :attr:`notify_fd` is readable: the notifications are read too."""
+    def acknowledge(self) -> None:
+        """Read :attr:`notify_fd`'s notifications (it was readable), before :meth:`take_log`."""
         if self.notify_fd is not None and self._closing is not None and self._closing.alive:
             try:
                 os.eventfd_read(self.notify_fd)
             except BlockingIOError:  # read already (a log taken since holds its answers)
                 pass
+
+    def take_notified_log(self) -> bytes:
+        """:meth:`take_log` when :attr:`notify_fd` is readable: the notifications are read too."""
+        self.acknowledge()
         return self.take_log()
 
     def close_notify(self) -> None:

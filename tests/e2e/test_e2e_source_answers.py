@@ -215,8 +215,8 @@ def _ask_while_locked(address: tuple[str, int], lock, pages: list[int], on_hello
 async def test_requests_are_answered_while_the_session_lock_is_held(e2e) -> None:
     """The C page server's answers are accounted off the urgent thread (on the loop thread):
     with the session's lock held all along (as the sweep's threads hold it), 50 Requests, more
-    than one log's worth (16 answers), are each answered; once the lock is free the report
-    counts every page, and each answer is the image's page."""
+    than one batch (16 answers), are each answered; once the lock is free the report counts
+    every page (those still in the page server's log too), and each answer is the image's page."""
     path = os.path.join(e2e.workdir, "locked.img")
     image = sparse_image(path, 400, range(0))
     pages = list(range(3, 400, 8))[:50]
@@ -250,6 +250,8 @@ async def test_the_urgent_thread_runs_at_the_nice_value_asked(e2e, delta: int) -
     path = os.path.join(e2e.workdir, "niced.img")
     image = sparse_image(path, 64, range(0))
     before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    if not -20 <= before + delta <= 19:
+        pytest.skip(f"this process runs at nice {before}: {before + delta} is no nice value")
     source = PostcopySource([SourceBlock.from_path("ram", path)], urgent_nice=before + delta)
     try:
         address = await source.listen("127.0.0.1", 0)
@@ -287,6 +289,8 @@ async def test_the_source_command_gives_the_urgent_thread_the_nice_value_asked(e
     path = os.path.join(e2e.workdir, "cli-niced.img")
     image = sparse_image(path, 64, range(0))
     base = os.getpriority(os.PRIO_PROCESS, 0)
+    if base > 16:
+        pytest.skip(f"this process runs at nice {base}: {base + 3} is no nice value")
     source = await SourceWithLog.start(e2e.procs, {"ram": path}, "--nice", str(base + 3))
     urgent, hello = await RawChannel.open(source.address, Channel.URGENT, "cli-niced")
     try:
@@ -300,3 +304,18 @@ async def test_the_source_command_gives_the_urgent_thread_the_nice_value_asked(e
         assert nices.count(base + 3) == 1 and nices.count(base) == len(nices) - 1, nices
     finally:
         await urgent.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("nice", [-21, 20, 1 << 40])
+async def test_an_urgent_nice_that_is_no_nice_value_is_refused_at_once(e2e, nice: int) -> None:
+    """urgent_nice outside -20..19 is a ValueError when the source is made, not a dead thread
+    when a destination connects."""
+    path = os.path.join(e2e.workdir, "refused.img")
+    sparse_image(path, 8, range(0))
+    block = SourceBlock.from_path("ram", path)
+    try:
+        with pytest.raises(ValueError, match="urgent_nice"):
+            PostcopySource([block], urgent_nice=nice)
+    finally:
+        block.close()
