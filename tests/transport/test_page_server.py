@@ -551,7 +551,7 @@ def test_with_notify_batches_are_handed_over_while_it_goes_on_serving(rig) -> No
         r.peer.sendall(request(run))
         want = r.expected([run])
         assert r.receive(len(want)) == want
-    assert select.select([r.server.notify_fd], [], [], 10)[0]  # two batches of four handed over
+    assert select.select([r.server.notify_fd], [], [], 10)[0]  # a batch (of four or more) handed over
     assert thread.is_alive() and not served  # serving still: no return to Python for them
     log = r.server.take_notified_log()
     assert answers_in(log) == [a for run in asked for a in r.answers([run])]
