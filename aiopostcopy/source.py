@@ -19,7 +19,8 @@ session's lock, which it takes to account what the threads sent):
   answering; the loop thread accounts it in the session
   (:meth:`_on_answers_logged`), so this thread needs the GIL only for a frame
   the page server does not answer, which it returns with and the Python
-  decoder takes (:meth:`_serve_in_c`).  The Python path (over TLS, or with
+  decoder takes (:meth:`_serve_in_c`), or when the loop thread has fallen a
+  whole log behind (it then accounts the log itself).  The Python path (over TLS, or with
   ``answer_in_c=False``) does the same per run: ``os.preadv`` into the
   thread's buffer, one ``sendmsg`` of header and payload, both without the
   GIL.  Either way an urgent reply waits for no background work.
@@ -802,7 +803,6 @@ class PostcopySource:
         #: what the C page server sent and the session has not yet learnt: (connection, its log,
         #: the session's sent_record when it was read), oldest first (see _take_answers)
         self._unaccounted: deque[tuple[_Conn, bytes, int]] = deque()
-        self._settle_due = False  # the loop has a _settle_on_loop to run
         self._take_lock = threading.Lock()  # a page server's log taken and queued in one step
         self._session = self._new_session()
         self._conns: dict[Channel, _Conn] = {}
@@ -1094,7 +1094,7 @@ class PostcopySource:
                     if not self._serve_in_c(conn, server, decoder):
                         server = None  # the stream ended: the decoder has its last bytes and the EOF
                     continue
-                self._settle_answers()  # what C sent, before anything answered here
+                self._catch_up(conn)  # what C sent, before anything answered here
                 asked = decoder.take_page_request()
                 if asked is not None:
                     self._urgent_page(conn, *asked, staging)
@@ -1112,7 +1112,7 @@ class PostcopySource:
             error = self._thread_error(conn, exc)
         finally:
             try:
-                self._settle_answers()  # before the loop hears of the loss
+                self._catch_up(conn)  # before the loop hears of the loss
             finally:
                 conn.release()
                 try:
@@ -1123,16 +1123,16 @@ class PostcopySource:
                         conn.server.close_notify()
 
     def _serve_in_c(self, conn: _Conn, server: PageServer, decoder: Decoder) -> bool:
-        """Let the C page server answer Requests until it needs Python; account what it sent,
-        and hand what it declined (or the end of the stream) to the decoder.  False at the end
-        of the stream."""
+        """Let the C page server answer Requests until it needs Python, and hand what it
+        declined (or the end of the stream) to the decoder; what it sent goes to the loop
+        thread, which accounts it (:meth:`_on_answers_logged`), even if ``recv`` failed.  False
+        at the end of the stream."""
         # read before the pages are (see SourceSession.answered), and set for the loop thread,
-        # which takes the answers of this call as they are handed over (_on_answers_logged)
-        conn.serve_record = record = conn.session.sent_record
-        try:
-            served = server.serve()
-        finally:  # what was sent is accounted even if recv then failed
-            self._defer_accounting(conn, record)
+        # which takes the answers of this call as they are handed over
+        conn.serve_record = conn.session.sent_record
+        served = server.serve()
+        if served is Served.ACCOUNT:  # a full log: the loop thread is far behind, this one catches up
+            self._catch_up(conn)
         if served is not Served.ACCOUNT:
             decoder.receive_data(server.take_rest())
             if served is Served.EOF:
@@ -1145,9 +1145,12 @@ class PostcopySource:
         thread): account them.  The record is read before the log is taken: answers of a later
         :meth:`PageServer.serve` call (another record) can then only be accounted with an older
         record, which records them as not sent (sent again), never the reverse."""
-        conn.server.acknowledge()
-        self._take_answers(conn, conn.serve_record)
-        self._settle_answers()
+        try:
+            conn.server.acknowledge()
+            self._take_answers(conn, conn.serve_record)
+            self._settle_answers()
+        except Exception as exc:  # a bug: the source fails visibly, never a line in the loop's log
+            self._fail(exc)
 
     def _take_answers(self, conn: _Conn, record: int) -> None:
         """Queue what the C page server of ``conn`` logged (any thread): the taking and the
@@ -1166,26 +1169,15 @@ class PostcopySource:
             self._loop.remove_reader(server.notify_fd)
             server.close_notify()
 
-    def _defer_accounting(self, conn: _Conn, record: int) -> None:
-        """Take what the C page server logged when :meth:`PageServer.serve` returned (urgent
-        thread) and leave its accounting to the loop thread, so that the urgent thread goes back
-        to answering at once: a Request arriving meanwhile is answered without waiting for the
-        session's lock, which the sweep's threads take too, or for the accounting itself (16
-        answers took 80-100 us of Python on a 2-vCPU VM: benchmarks/README.md).  The urgent
-        thread settles what is queued itself before it answers in Python or ends
-        (:meth:`_settle_answers`)."""
-        self._take_answers(conn, record)
-        if not self._unaccounted or self._settle_due:
-            return
-        self._settle_due = True
-        try:
-            self._loop.call_soon_threadsafe(self._settle_on_loop)
-        except RuntimeError:  # the loop is closed: nobody else will
-            self._settle_due = False
-            self._settle_answers()
-
-    def _settle_on_loop(self) -> None:
-        self._settle_due = False  # first: a log queued from now on schedules another call
+    def _catch_up(self, conn: _Conn) -> None:
+        """Account what the C page server of ``conn`` sent and the loop thread has not yet
+        taken (urgent thread: before it answers in Python, and when it ends), so that the
+        session learns the answers in the order they went out.  Otherwise the loop thread
+        accounts them, and the urgent thread goes on answering: a Request arriving meanwhile
+        waits neither for the session's lock, which the sweep's threads take too, nor for the
+        accounting (16 answers took 80-100 us of Python on a 2-vCPU VM: benchmarks/README.md)."""
+        if conn.server is not None:
+            self._take_answers(conn, conn.serve_record)
         self._settle_answers()
 
     def _settle_answers(self) -> None:

@@ -47,7 +47,7 @@
 #include <unistd.h>
 #include <linux/userfaultfd.h>
 
-#define PS_VERSION 11        /* the layout page_server.py expects; bumped with any change to it */
+#define PS_VERSION 12        /* the layout page_server.py expects; bumped with any change to it */
 #define PS_MAX_RUNS 64       /* runs of one Request answered here */
 #define PS_MAX_RUN_PAGES 64  /* pages of one run answered here */
 #define PS_MAX_BOUNDS (PS_MAX_RUN_PAGES + 1)  /* zero-stretch bounds of one run, at most */
@@ -513,15 +513,24 @@ static void ps_hand_over(struct ps_server *s)
     s->batch = 0;
 }
 
+/* Answers logged that must go back to Python before the end of the stream or an error is told:
+ * without notify_fd (with it, ps_serve() hands them over whatever it returns). */
+static int ps_answers_first(struct ps_server *s)
+{
+    return s->notify_fd < 0 && ps_logged(s);
+}
+
 /* See ps_serve_loop(); the socket leaves with no SO_RCVTIMEO, as Python's blocking reads expect. */
 int ps_serve(struct ps_server *s)
 {
-    s->batch = 0;            /* the caller took the log when the last call returned */
+    s->batch = 0;            /* the log was taken, or (notify_fd) handed over, when the last call returned */
     int status = ps_serve_loop(s);
     if (ps_receive_timeout(s, 0) != 0 && status != PS_ERROR) {
         s->error = errno;
         status = PS_ERROR;   /* answers logged stay logged: Python accounts them, then reports this */
     }
+    if (s->notify_fd >= 0 && ps_logged(s))
+        ps_hand_over(s);     /* whatever the return: the thread watching the eventfd takes them */
     return status;
 }
 
@@ -529,8 +538,9 @@ int ps_serve(struct ps_server *s)
  * Answer Requests from the buffer and the socket until Python is needed:
  *   PS_DECLINED  the frame at in_start is not one answered here;
  *   PS_ACCOUNT   a batch of answers is logged and no whole frame is buffered or waiting in the
- *                socket (without notify_fd), or the log is full, or the end of the stream or
- *                an error came with answers still logged (met again by the next call);
+ *                socket (without notify_fd), or the log is full, or (without notify_fd) the
+ *                end of the stream or an error came with answers still logged (met again by
+ *                the next call);
  *   PS_EOF       the peer closed (a partial frame may remain);
  *   PS_ERROR     recv failed, error = errno.
  * Called without the GIL; blocks in recv only with no batch logged. With a batch logged it
@@ -552,7 +562,7 @@ int ps_serve(struct ps_server *s)
  * With notify_fd >= 0 a batch is handed over by a write to that eventfd instead of a return:
  * another thread takes the log (ps_take_log(), under log_lock) while this one goes on answering,
  * and never needs the GIL for it. It still returns for a full log, a declined frame, the end of
- * the stream and an error.
+ * the stream and an error, and ps_serve() then hands over what is logged the same way.
  */
 static int ps_serve_loop(struct ps_server *s)
 {
@@ -591,7 +601,7 @@ static int ps_serve_loop(struct ps_server *s)
         int wait = s->batch ? ps_account_wait(s, first_ns) : 0;
         int flags = s->batch && wait <= 0 ? MSG_DONTWAIT : 0;
         if (flags == 0 && ps_receive_timeout(s, wait) != 0) {
-            if (ps_logged(s))
+            if (ps_answers_first(s))
                 return PS_ACCOUNT;                    /* the next call meets the failure again */
             s->error = errno;
             return PS_ERROR;
@@ -605,13 +615,13 @@ static int ps_serve_loop(struct ps_server *s)
                 first_ns = 0;
                 continue;
             }
-            if (ps_logged(s))                         /* nothing came (EAGAIN: in time), or an error: account first */
+            if (ps_answers_first(s))                  /* nothing came (EAGAIN: in time), or an error: account first */
                 return PS_ACCOUNT;
             s->error = errno;
             return PS_ERROR;
         }
         if (got == 0)
-            return ps_logged(s) ? PS_ACCOUNT : PS_EOF;
+            return ps_answers_first(s) ? PS_ACCOUNT : PS_EOF;
         s->in_end += (size_t)got;
     }
 }

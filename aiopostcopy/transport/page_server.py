@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 #: The C side's PS_VERSION this module is written for.
-VERSION = 11
+VERSION = 12
 
 
 def matches(built: object) -> bool:
@@ -292,7 +292,7 @@ class PageServer:
             eventfd this object owns) instead of returning from :meth:`serve`;
             the thread watching it calls :meth:`take_log`.  :meth:`serve` still
             returns for a full log, a declined frame, the end of the stream and
-            an error.
+            an error, and hands what is logged over the same way first.
 
     Raises:
         RuntimeError: the extension is not built (see :func:`available`).
