@@ -140,7 +140,7 @@ from aiopostcopy.messages import (
     Zero,
 )
 from aiopostcopy.destination.operator import TokenBucket
-from aiopostcopy.priority import set_niceness
+from aiopostcopy.priority import BackgroundThreads, set_niceness
 from aiopostcopy.buffers import copy_buffer
 from aiopostcopy.transport.page_server import Answer, PageServer, PageServerLock, Served, ServedBlock, answers_in
 from aiopostcopy.transport.page_server import available as page_server_available
@@ -797,6 +797,8 @@ class PostcopySource:
         self._lease = lease
         self._config = config or SourceConfig()
         self._loop = asyncio.get_running_loop()
+        #: the sweep's threads, in SCHED_IDLE under a starvation guard where allowed (aiopostcopy.priority)
+        self._background = BackgroundThreads(self._loop)
         self._lock = threading.Lock()  # the session and the counters
         self._urgent_nice = urgent_nice
         self._urgent_nice_refused = False  # said once: the urgent thread keeps its priority
@@ -861,6 +863,7 @@ class PostcopySource:
         threads, self._threads = self._threads, []
         for thread in threads:
             thread.join(_JOIN_TIMEOUT)
+        self._background.close()
         if not self._done.done():
             self._done.set_result(self._report(complete=False))
         if not any(t.is_alive() for t in threads):  # a thread still reading keeps its block's fd
@@ -1306,9 +1309,12 @@ class PostcopySource:
         run and queues its frame; a writer thread sends it meanwhile, in order with every other
         frame this thread queues (:class:`~aiopostcopy.transport.frame_writer.FrameWriter`)."""
         pool: deque[_RunBuffer] = deque()  # free staging buffers: at most _SWEEP_QUEUE + 2 exist
-        set_niceness(SWEEP_NICENESS)
+        background = self._background
+        background.add_current(SWEEP_NICENESS)
+        leave = lambda: background.discard(threading.get_native_id())  # noqa: E731  (each thread, as it ends)
         writer = FrameWriter(conn.send, depth=_SWEEP_QUEUE, wait_turn=self._no_urgent_huge.wait,
-                             name="aiopostcopy-source-background-writer", on_start=lambda: set_niceness(SWEEP_NICENESS))
+                             name="aiopostcopy-source-background-writer",
+                             on_start=lambda: background.add_current(SWEEP_NICENESS), on_end=leave)
         bucket = TokenBucket(self._max_bandwidth, time.monotonic()) if self._max_bandwidth else None
         sndbuf = self._sndbuf if conn.sock.family in (socket.AF_INET, socket.AF_INET6) else None
         error: BaseException | None = None
@@ -1341,6 +1347,7 @@ class PostcopySource:
                 writer.close()
             error = self._thread_error(conn, exc)
         finally:
+            leave()
             conn.release()
             self._loop.call_soon_threadsafe(self._lost, conn, error)
 

@@ -13,7 +13,8 @@ import pytest
 from aiopostcopy.core.commands import Place, PlaceZero
 from aiopostcopy.destination.memory import Staging
 from aiopostcopy.destination import placer
-from aiopostcopy.destination.background import BackgroundPlacer
+from aiopostcopy import priority
+from aiopostcopy.destination.background import PLACER_NICENESS, BackgroundPlacer
 from aiopostcopy.destination.placer import Interrupted, Placement
 from aiopostcopy.uffd import RegisterMode, SharedMemory, Userfaultfd, placing
 from aiopostcopy.uffd.hugepages import private_mount
@@ -219,3 +220,24 @@ def test_without_the_c_thread_the_python_thread_places_everything(region, monkey
     assert error is None and rest == [] and placed == [(Place(0, 50, 4, 0, ()), 0)]
     for i in range(4):
         assert bytes(mapping.buffer()[(50 + i) * PAGE:(51 + i) * PAGE]) == bytes([i + 1]) * PAGE, f"page {50 + i}"
+
+
+def test_the_c_placing_thread_runs_at_its_nice_value_in_sched_idle_under_the_guard(region) -> None:
+    """The C placing thread sets PLACER_NICENESS on itself; where the process may bring it back
+    (as root), the placer then puts it in SCHED_IDLE and its guard watches it until close()."""
+    _, _, placement = region
+    loop = asyncio.new_event_loop()
+    background = BackgroundPlacer(loop, placement, buffers=1, buffer_size=4 * PAGE, on_done=lambda *args: None)
+    try:
+        assert background._thread is not None, "the C placing thread started"
+        tid = background._thread.native_id
+        assert tid and tid != threading.get_native_id()
+        idle = priority.may_leave_idle(PLACER_NICENESS) and priority.run_delay_ns(tid) is not None
+        assert os.getpriority(os.PRIO_PROCESS, tid) == PLACER_NICENESS
+        assert os.sched_getscheduler(tid) == (os.SCHED_IDLE if idle else os.SCHED_OTHER)
+        assert background._background.watched() == ([tid] if idle else [])
+    finally:
+        background.close()
+        loop.close()
+    assert background._background.watched() == []
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER, "the caller's thread keeps its class"

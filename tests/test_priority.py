@@ -1,15 +1,19 @@
-"""Thread nice values: per thread, raised without privilege, and the sweep's threads run below the
-urgent path."""
+"""Thread priorities: nice values set per thread without privilege, the sweep's threads below the
+urgent path, and in SCHED_IDLE under a starvation guard where the process may bring them back."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import resource
+import subprocess
+import sys
 import threading
 
 import pytest
 
-from aiopostcopy import source as source_module
+from aiopostcopy import priority
 from aiopostcopy.messages import PROTOCOL_VERSION, Channel, Hello, Role
 from aiopostcopy.priority import set_niceness, thread_niceness
 from aiopostcopy.source import SWEEP_NICENESS, PostcopySource, SourceBlock
@@ -54,7 +58,9 @@ def test_lowering_without_privilege_is_refused_and_changes_nothing() -> None:
 @pytest.mark.asyncio
 async def test_the_sweep_reads_and_writes_on_threads_below_the_loop(tmp_path, monkeypatch) -> None:
     """A background connection starts the sweep: its reader and its writer thread each set
-    SWEEP_NICENESS on themselves; the loop thread (and the urgent path's) keep theirs."""
+    SWEEP_NICENESS on themselves, and run in SCHED_IDLE under the source's guard where the process
+    may bring them back (as root); the loop thread (and the urgent path's) keep theirs.  Each
+    thread leaves the guard as it ends."""
     path = tmp_path / "ram"
     path.write_bytes(os.urandom(4096 * PAGE))
     niced: list[tuple[int, int]] = []
@@ -64,8 +70,9 @@ async def test_the_sweep_reads_and_writes_on_threads_below_the_loop(tmp_path, mo
         niced.append((threading.get_native_id(), thread_niceness()))
         return ok
 
-    monkeypatch.setattr(source_module, "set_niceness", recording)
+    monkeypatch.setattr(priority, "set_niceness", recording)
     loop_nice = thread_niceness()
+    idle = priority.may_leave_idle(SWEEP_NICENESS) and priority.run_delay_ns(threading.get_native_id()) is not None
     source = PostcopySource([SourceBlock.from_path("ram", str(path))])
     try:
         host, port = await source.listen("127.0.0.1", 0)
@@ -78,11 +85,114 @@ async def test_the_sweep_reads_and_writes_on_threads_below_the_loop(tmp_path, mo
                 data = await reader.read(1 << 16)
                 assert data, "the source closed the background connection"
                 received += len(data)
+        tids = [tid for tid, _ in niced]
+        classes = [os.sched_getscheduler(tid) for tid in tids]
+        watched = sorted(source._background.watched())
         writer.close()
+        async with asyncio.timeout(10):  # the peer is gone: both threads end, and leave the guard
+            while source._background.watched():
+                await asyncio.sleep(0.01)
     finally:
         await asyncio.wait_for(source.close(), 10)
     assert len(niced) == 2, niced
-    assert {tid for tid, _ in niced}.isdisjoint({threading.get_native_id()})
-    assert niced[0][0] != niced[1][0], "one reader thread, one writer thread"
+    assert set(tids).isdisjoint({threading.get_native_id()})
+    assert tids[0] != tids[1], "one reader thread, one writer thread"
     assert [nice for _, nice in niced] == [SWEEP_NICENESS, SWEEP_NICENESS]
+    assert classes == [os.SCHED_IDLE if idle else os.SCHED_OTHER] * 2
+    assert watched == (sorted(tids) if idle else [])
     assert thread_niceness() == loop_nice
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+@pytest.mark.parametrize(("cap_eff", "rlimit_nice", "allowed"), [
+    (1 << 23, 0, True),  # CAP_SYS_NICE
+    (0, 10, True),  # RLIMIT_NICE 10 allows nice 10 (20 - 10)
+    (0, 9, False),
+    (0, 0, False),  # the usual unprivileged process
+    (0, resource.RLIM_INFINITY, True),
+    ((1 << 23) - 1, 0, False),  # every capability below CAP_SYS_NICE, not it
+])
+def test_leaving_sched_idle_needs_cap_sys_nice_or_a_high_enough_rlimit_nice(cap_eff, rlimit_nice, allowed) -> None:
+    assert priority.may_leave_idle(SWEEP_NICENESS, cap_eff=cap_eff, rlimit_nice=rlimit_nice) is allowed
+
+
+def _busy_without_the_gil(stop: threading.Event, tids: list[int]) -> None:
+    """Keep a CPU busy (sha256 of a large buffer runs with the GIL released) until ``stop``."""
+    tids.append(threading.get_native_id())
+    data = os.urandom(1 << 20)
+    while not stop.is_set():
+        hashlib.sha256(data).digest()
+
+
+@pytest.mark.asyncio
+async def test_a_starving_idle_thread_gets_its_nice_value_back_for_a_while() -> None:
+    """A background thread in SCHED_IDLE that another process keeps off its CPU is put back at its
+    nice value (SCHED_OTHER) by the guard, and returned to SCHED_IDLE once its time is up and
+    it no longer starves; alone on its CPU, it stays in SCHED_IDLE."""
+    if not priority.may_leave_idle(SWEEP_NICENESS) or priority.run_delay_ns(threading.get_native_id()) is None:
+        pytest.skip("needs CAP_SYS_NICE (root) and schedstat")
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs: one for the starving thread, one for the loop")
+    busy_cpu, own_cpus = cpus[-1], os.sched_getaffinity(0)
+    guard = priority.BackgroundThreads(asyncio.get_running_loop(), interval=0.05, restored_for=0.3)
+    stop, tids = threading.Event(), []
+    worker = threading.Thread(target=_busy_without_the_gil, args=(stop, tids), daemon=True)
+    hog = None
+    os.sched_setaffinity(0, set(cpus[:-1]))  # the loop (this thread) off the busy CPU
+    try:
+        worker.start()
+        while not tids:
+            await asyncio.sleep(0.001)
+        tid = tids[0]
+        os.sched_setaffinity(tid, {busy_cpu})
+        os.setpriority(os.PRIO_PROCESS, tid, SWEEP_NICENESS)
+        assert guard.add(tid, SWEEP_NICENESS)
+        assert os.sched_getscheduler(tid) == os.SCHED_IDLE
+        await asyncio.sleep(0.4)  # alone on its CPU: it runs, so it stays idle
+        assert guard.restored == 0 and os.sched_getscheduler(tid) == os.SCHED_IDLE
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        os.sched_setaffinity(hog.pid, {busy_cpu})
+        async with asyncio.timeout(10):  # the hog (nice 0) takes the CPU: the guard restores it
+            while os.sched_getscheduler(tid) != os.SCHED_OTHER:
+                await asyncio.sleep(0.005)
+        assert guard.restored >= 1
+        assert os.getpriority(os.PRIO_PROCESS, tid) == SWEEP_NICENESS, "back at its nice value, not higher"
+        hog.kill()
+        hog.wait()
+        hog = None
+        async with asyncio.timeout(10):  # its time up and the CPU free again: SCHED_IDLE again
+            while os.sched_getscheduler(tid) != os.SCHED_IDLE:
+                await asyncio.sleep(0.005)
+        guard.discard(tid)
+        assert guard.watched() == []
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+        stop.set()
+        worker.join(10)
+        guard.close()
+        os.sched_setaffinity(0, own_cpus)
+
+
+def test_without_the_right_to_leave_sched_idle_the_threads_keep_their_nice_value_alone() -> None:
+    """As an unprivileged user (a forked child that drops root, if we are root) the guard takes no
+    thread: add() says so and the thread stays in SCHED_OTHER at its nice value."""
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if every check held
+        status = 1
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            loop = asyncio.new_event_loop()
+            guard = priority.BackgroundThreads(loop)
+            set_niceness(SWEEP_NICENESS)
+            added = guard.add(threading.get_native_id(), SWEEP_NICENESS)
+            kept = (os.sched_getscheduler(0), thread_niceness(), guard.watched())
+            status = 0 if (added, kept) == (False, (os.SCHED_OTHER, SWEEP_NICENESS, [])) else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

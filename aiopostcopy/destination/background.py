@@ -45,7 +45,7 @@ from aiopostcopy.core.commands import Place, PlaceZero
 from aiopostcopy.destination.memory import Staging
 from aiopostcopy.destination.placer import Interrupted, Placement
 from aiopostcopy.errors import InternalError
-from aiopostcopy.priority import set_niceness
+from aiopostcopy.priority import BackgroundThreads, set_niceness
 from aiopostcopy.uffd import placing
 
 __all__ = ["BackgroundPlacer", "PlacementDone"]
@@ -102,8 +102,13 @@ class BackgroundPlacer:
         self._thread = _start_placing_thread(placement.uffd_fd) if placing.available() else None
         self._jobs: dict[int, tuple[_Batch, int]] = {}  # tag -> (its batch, its index in the batch)
         self._next_tag = 0
+        # the C thread runs in SCHED_IDLE where the guard may bring it back (aiopostcopy.priority)
+        self._background = BackgroundThreads(loop)
         if self._thread is not None:
             loop.add_reader(self._thread.fileno(), self._on_thread_placed)
+            tid = self._thread.native_id
+            if tid:
+                self._background.add(tid, PLACER_NICENESS)
 
     def has_free(self) -> bool:
         return bool(self._free) and not self._huge_out
@@ -143,6 +148,7 @@ class BackgroundPlacer:
     def close(self) -> None:
         """Wait for the running placement (it must end before the blocks are unmapped)."""
         self._closed = True
+        self._background.close()
         if self._thread is not None:
             self._loop.remove_reader(self._thread.fileno())
             self._thread.close()

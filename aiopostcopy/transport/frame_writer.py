@@ -48,11 +48,12 @@ class FrameWriter:
         wait_turn: called before each item is written (may block), or None.
         name: the thread's name.
         on_start: called first on the writer thread (e.g. to set its nice value), or None.
+        on_end: called last on the writer thread, however it ends, or None.
     """
 
     def __init__(self, send: Callable[[Buffers], None], *, depth: int = 2,
                  wait_turn: Callable[[], object] | None = None, name: str = "aiopostcopy-writer",
-                 on_start: Callable[[], object] | None = None) -> None:
+                 on_start: Callable[[], object] | None = None, on_end: Callable[[], object] | None = None) -> None:
         if depth < 1:
             raise ValueError("depth must be at least 1")
         self._send, self._depth, self._wait_turn = send, depth, wait_turn
@@ -61,7 +62,7 @@ class FrameWriter:
         self._busy = False  #: the thread holds an item it has not finished
         self._error: BaseException | None = None
         self._closed = False
-        self._on_start = on_start
+        self._on_start, self._on_end = on_start, on_end
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -113,6 +114,13 @@ class FrameWriter:
             raise self._error
 
     def _run(self) -> None:
+        try:
+            self._write_items()
+        finally:
+            if self._on_end is not None:
+                self._on_end()
+
+    def _write_items(self) -> None:
         if self._on_start is not None:
             self._on_start()
         while True:

@@ -141,6 +141,7 @@ int apc_placer_start(struct apc_placer *p, int fd, struct apc_job *jobs, uint64_
                      int niceness);
 void apc_placer_submit(struct apc_placer *p, uint64_t count);
 uint64_t apc_placer_placed(struct apc_placer *p);
+int apc_placer_tid(struct apc_placer *p);
 int apc_placer_stop(struct apc_placer *p);
 
 int apc_mmap(uint64_t addr, uint64_t len, int prot, int flags, int fd, uint64_t off, uint64_t *out);

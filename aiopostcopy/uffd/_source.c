@@ -269,6 +269,7 @@ struct apc_placer {
     uint64_t run;                /* the thread's own: the next job it runs */
     uint64_t placed;             /* jobs finished: stored by the thread (release), read by Python (acquire) */
     int stop;
+    int tid;                     /* the thread's id, stored by the thread once it runs (release) */
     pthread_t thread;
 };
 
@@ -276,6 +277,7 @@ static void *apc_placer_main(void *arg)
 {
     struct apc_placer *p = arg;
     pthread_setname_np(pthread_self(), "postcopy-placer");  /* as top and perf show it */
+    __atomic_store_n(&p->tid, (int)syscall(SYS_gettid), __ATOMIC_RELEASE);
     if (p->niceness != APC_NICE_INHERIT)
         setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), p->niceness);  /* failing is harmless */
     pthread_mutex_lock(&p->lock);
@@ -319,6 +321,7 @@ int apc_placer_start(struct apc_placer *p, int fd, struct apc_job *jobs, uint64_
     p->niceness = niceness;
     p->submitted = p->run = p->placed = 0;
     p->stop = 0;
+    p->tid = 0;
     int rc = pthread_mutex_init(&p->lock, NULL);
     if (rc)
         return rc;
@@ -341,6 +344,12 @@ void apc_placer_submit(struct apc_placer *p, uint64_t count)
 uint64_t apc_placer_placed(struct apc_placer *p)
 {
     return __atomic_load_n(&p->placed, __ATOMIC_ACQUIRE);
+}
+
+/* The placing thread's id (for its scheduling class), or 0 until it runs. */
+int apc_placer_tid(struct apc_placer *p)
+{
+    return __atomic_load_n(&p->tid, __ATOMIC_ACQUIRE);
 }
 
 /* Stop after the running job (the rest stay unplaced) and join the thread. */

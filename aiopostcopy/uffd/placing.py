@@ -19,6 +19,7 @@ must stay valid until its result has been taken.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, NamedTuple
 
 from aiopostcopy.uffd.binding import ffi, lib
@@ -69,6 +70,17 @@ class PlacingThread:
     def room(self) -> int:
         """Free job slots."""
         return self._capacity - (self._submitted + self._pending - self._taken)
+
+    @property
+    def native_id(self) -> int:
+        """The thread's id (as ``threading.get_native_id()`` gives a thread its own), once it runs:
+        this waits up to a second for it to start; 0 if it did not, or the build has no accessor."""
+        if not hasattr(lib, "apc_placer_tid"):
+            return 0
+        deadline = time.monotonic() + 1.0
+        while not (tid := lib.apc_placer_tid(self._placer)) and self._running and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        return tid
 
     def fileno(self) -> int:
         """The eventfd written after each job submitted with ``notify`` (readable: call :meth:`finished`)."""
