@@ -31,8 +31,9 @@ session's lock, which it takes to account what the threads sent):
   ``preadv`` and scan where a run has holes or the extension is not built),
   and queues the frame for a writer thread
   (:class:`~aiopostcopy.transport.frame_writer.FrameWriter`), which sends it
-  while the next run is read.  Both threads run at nice ``SWEEP_NICENESS``
-  (:mod:`aiopostcopy.priority`): where the CPUs are busy, the urgent thread
+  while the next run is read.  Both threads run at nice ``SWEEP_NICENESS``,
+  and in SCHED_IDLE under a starvation guard where the process may bring them
+  back (:mod:`aiopostcopy.priority`): where the CPUs are busy, the urgent thread
   answers a Request before the next background run is read.  The
   destination's Acks and Pings on that connection are read by the loop (a
   FrameProtocol).

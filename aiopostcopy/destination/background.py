@@ -8,8 +8,10 @@ from a reply to a woken thread.  The background sweep goes to
 is carried out with the kernel's rules of
 :class:`~aiopostcopy.destination.placer.Placement`.  A buffer's runs go to a
 placing thread written in C (:class:`aiopostcopy.uffd.placing.PlacingThread`):
-it runs at a raised nice value so that the fault path goes first, and takes no
-GIL at all.  A Python thread there held the GIL between its ioctls, the
+it runs at a raised nice value so that the fault path goes first (and in
+SCHED_IDLE under the starvation guard of
+:class:`aiopostcopy.priority.BackgroundThreads` where the process may bring it
+back), and takes no GIL at all.  A Python thread there held the GIL between its ioctls, the
 scheduler left it off the CPU while it held it, and the loop thread waited:
 measured with ``perf sched`` under the sweep, about 300 waits for the GIL in
 1.5 s, up to 3.7 ms each, all for that thread; with the C thread, one in a
