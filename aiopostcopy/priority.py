@@ -11,18 +11,25 @@ A nice value alone does not make a woken thread run at once: the scheduler
 (EEVDF) lets the thread on the CPU finish its slice first, so a faulting thread
 woken by its page, or the thread that answers it, could wait a slice (about a
 millisecond) behind a sweep thread at nice 10.  Where the process may undo it
-(:func:`may_leave_idle`: root, CAP_SYS_NICE or a high enough RLIMIT_NICE), the
+(:func:`may_leave_idle`: CAP_SYS_NICE or a high enough RLIMIT_NICE), the
 background threads therefore run in the SCHED_IDLE class, which any other
 thread that wakes preempts at once, and which the kernel counts as idle when it
 picks a CPU for a woken thread.  That class alone could starve the stream on a
 host whose CPUs other work keeps busy, and the migration would never end for
 memory nobody touches.  :class:`BackgroundThreads` (run by the event loop of
-each end) guards against it: it reads each background thread's run-queue wait
-(``/proc/self/task/TID/schedstat``) every :data:`GUARD_INTERVAL` seconds, and a
-thread that waited for a CPU for most of an interval (:data:`STARVED_SHARE`) is
-put back at its nice value for :data:`RESTORED_FOR` seconds, then returned to
-SCHED_IDLE.  Without the right to leave SCHED_IDLE, or without schedstat, the
-threads keep their nice value alone, as before.
+each end) guards against it: every :data:`GUARD_INTERVAL` seconds it reads each
+background thread's run-queue wait (``/proc/self/task/TID/schedstat``, which
+counts a wait when it ends) and its state, and a thread that waited for a CPU
+for most of the interval (:data:`STARVED_SHARE`), or was waiting at two looks
+in a row without running in between, is put back at its nice value for
+:data:`RESTORED_FOR` seconds, then returned to SCHED_IDLE.  Without the right to
+leave SCHED_IDLE (tried once per process), or without schedstat, the threads
+keep their nice value alone, as before; when the guard closes, the threads it
+still watches go back to their nice value.
+
+A Python thread preempted in SCHED_IDLE may hold the GIL or a lock the loop
+needs; while the CPUs have room it runs again at once, and when they have none
+the guard's next look brings it back within about two intervals.
 """
 
 from __future__ import annotations
@@ -91,17 +98,77 @@ def _effective_capabilities() -> int:
 
 def run_delay_ns(tid: int) -> int | None:
     """Nanoseconds thread ``tid`` of this process has waited on a run queue, in all (schedstat's
-    second field); None: no such thread, or the kernel keeps no schedstat."""
+    second field, counted when each wait ends); None: no such thread, or the kernel keeps no
+    schedstat."""
+    stat = _schedstat(tid)
+    return None if stat is None else stat[1]
+
+
+def _schedstat(tid: int) -> tuple[int, int] | None:
+    """``(CPU time, run-queue wait)`` of thread ``tid`` in nanoseconds, or None."""
     try:
         with open(f"/proc/self/task/{tid}/schedstat", "rb") as stat:
-            return int(stat.read().split()[1])
+            fields = stat.read().split()
+        return int(fields[0]), int(fields[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _runnable(tid: int) -> bool:
+    """Thread ``tid`` is running or waiting for a CPU (state R)."""
+    try:
+        with open(f"/proc/self/task/{tid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] == b"R"
+    except (OSError, IndexError):
+        return False
+
+
+_probe_lock = threading.Lock()
+_probed: dict[int, bool] = {}
+
+
+def _leaves_idle(niceness: int) -> bool:
+    """Whether a thread of this process at ``niceness`` really can leave SCHED_IDLE: tried once per
+    process on a thread of its own (a capability the kernel does not count, in a user namespace
+    say, shows in CapEff all the same)."""
+    with _probe_lock:
+        if niceness not in _probed:
+            result: list[bool] = []
+
+            def probe() -> None:
+                try:
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                    result.append(True)
+                except OSError:
+                    result.append(False)
+
+            thread = threading.Thread(target=probe, name="aiopostcopy-sched-probe", daemon=True)
+            thread.start()
+            thread.join()
+            _probed[niceness] = bool(result) and result[0]
+        return _probed[niceness]
+
+
+class _Watched:
+    """One background thread under the guard."""
+
+    __slots__ = ("niceness", "cpu", "delay", "at", "runnable", "until")
+
+    def __init__(self, niceness: int, cpu: int, delay: int, at: float) -> None:
+        self.niceness, self.cpu, self.delay, self.at = niceness, cpu, delay, at
+        self.runnable = False  #: state R at the last look
+        self.until = 0.0  #: monotonic time its nice value ends (0: in SCHED_IDLE)
 
 
 class BackgroundThreads:
     """The background stream's threads of one end, in SCHED_IDLE under a starvation guard (see the
     module docstring).  Threads come and go from any thread; the guard runs on ``loop``.
+
+    A thread counts as starving when, since the last look, it waited for a CPU for
+    ``starved_share`` of the time (waits are counted by the kernel as they end), or when it was
+    waiting at both looks without running in between (a wait still going on).
 
     Args:
         loop: the event loop that runs the guard.
@@ -116,37 +183,40 @@ class BackgroundThreads:
         self._loop = loop
         self._interval, self._starved_share, self._restored_for = interval, starved_share, restored_for
         self._lock = threading.Lock()
-        # tid -> [niceness, run delay at the last look, monotonic time of that look, restored until (0: idle)]
-        self._threads: dict[int, list[float]] = {}
+        self._threads: dict[int, _Watched] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._armed = False
         self._closed = False
+        self._refused = False  #: the kernel refused to bring a thread back: no thread is taken any more
         self.restored = 0  #: times a starving thread was put back at its nice value
 
     def add(self, tid: int, niceness: int) -> bool:
         """Watch thread ``tid`` (of this process, at nice ``niceness`` already) and put it in
-        SCHED_IDLE.  Returns False, with nothing changed, where the process could not undo that
-        (:func:`may_leave_idle`), schedstat is missing, or the guard is closed."""
-        delay = run_delay_ns(tid)
-        if delay is None or not may_leave_idle(niceness):
+        SCHED_IDLE.  Returns False, with the thread left in SCHED_OTHER, where the process could
+        not bring it back (:func:`may_leave_idle`, then tried once), schedstat is missing, or the
+        guard or its loop is closed."""
+        stat = _schedstat(tid)
+        if stat is None or not may_leave_idle(niceness) or not _leaves_idle(niceness):
             return False
         with self._lock:
-            if self._closed:
+            if self._closed or self._refused or self._loop.is_closed():
                 return False
             try:
                 os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
             except OSError as exc:
                 log.debug("aiopostcopy: thread %d stays at nice %d: %s", tid, niceness, exc)
                 return False
-            self._threads[tid] = [niceness, delay, time.monotonic(), 0.0]
+            self._threads[tid] = _Watched(niceness, stat[0], stat[1], time.monotonic())
             arm = not self._armed
             self._armed = True
-        if arm:
-            try:
-                self._loop.call_soon_threadsafe(self._arm)
-            except RuntimeError:  # the loop is closed: nothing will run the guard
-                self.discard(tid)
-                return False
+            if arm:
+                try:
+                    self._loop.call_soon_threadsafe(self._arm)
+                except RuntimeError:  # the loop closed meanwhile: nothing would run the guard
+                    self._armed = False
+                    del self._threads[tid]
+                    _leave_idle(tid)
+                    return False
         return True
 
     def add_current(self, niceness: int) -> bool:
@@ -166,9 +236,12 @@ class BackgroundThreads:
             return list(self._threads)
 
     def close(self) -> None:
-        """Stop the guard (on the loop's thread).  The threads keep their class."""
+        """Stop the guard (on the loop's thread).  The threads still watched go back to
+        SCHED_OTHER at their nice value: nothing would bring them back from SCHED_IDLE."""
         with self._lock:
             self._closed = True
+            for tid in self._threads:
+                _leave_idle(tid)
             self._threads.clear()
         if self._timer is not None:
             self._timer.cancel()
@@ -182,29 +255,51 @@ class BackgroundThreads:
         """Restore the nice value of each idle thread that starved since the last look; return those
         whose time is up to SCHED_IDLE."""
         self._timer = None
-        now = time.monotonic()
-        with self._lock:
-            for tid, entry in list(self._threads.items()):
-                niceness, before, at, until = entry
-                delay = run_delay_ns(tid)
-                if delay is None:  # the thread is gone
-                    del self._threads[tid]
-                    continue
-                entry[1], entry[2] = delay, now
-                try:
-                    if until and now >= until:
-                        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-                        entry[3] = 0.0
-                    elif not until and delay - before >= self._starved_share * (now - at) * 1e9:
-                        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-                        entry[3] = now + self._restored_for
-                        self.restored += 1
-                        log.debug("aiopostcopy: background thread %d starved in SCHED_IDLE: nice %d for %.1f s",
-                                  tid, niceness, self._restored_for)
-                except OSError as exc:  # gone meanwhile, or no longer allowed: stop watching it
-                    log.warning("aiopostcopy: background thread %d: %s; it is no longer watched", tid, exc)
-                    del self._threads[tid]
-            if not self._threads:
-                self._armed = False
-                return
+        try:
+            with self._lock:
+                self._look_locked(time.monotonic())
+                if not self._threads or self._closed:
+                    self._armed = False
+                    return
+        except BaseException:
+            self._timer = self._loop.call_later(self._interval, self._look)
+            raise
         self._timer = self._loop.call_later(self._interval, self._look)
+
+    def _look_locked(self, now: float) -> None:
+        for tid, entry in list(self._threads.items()):
+            stat = _schedstat(tid)
+            if stat is None:  # the thread is gone
+                del self._threads[tid]
+                continue
+            runnable = _runnable(tid)
+            starving = (stat[1] - entry.delay >= self._starved_share * (now - entry.at) * 1e9
+                        or (runnable and entry.runnable and stat[0] == entry.cpu))
+            entry.cpu, entry.delay, entry.at, entry.runnable = stat[0], stat[1], now, runnable
+            try:
+                if entry.until and now >= entry.until:
+                    os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+                    entry.until = 0.0
+                elif not entry.until and starving:
+                    os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+                    entry.until = now + self._restored_for
+                    self.restored += 1
+                    log.debug("aiopostcopy: background thread %d starved in SCHED_IDLE: nice %d for %.1f s",
+                              tid, entry.niceness, self._restored_for)
+            except PermissionError as exc:  # the kernel no longer lets it out: take no more threads
+                log.warning("aiopostcopy: background thread %d: %s; background threads stay at their "
+                            "nice value from now on", tid, exc)
+                self._refused = True
+                del self._threads[tid]
+            except OSError as exc:  # gone meanwhile
+                log.debug("aiopostcopy: background thread %d: %s; it is no longer watched", tid, exc)
+                del self._threads[tid]
+
+
+def _leave_idle(tid: int) -> None:
+    """Thread ``tid`` back to SCHED_OTHER (its nice value kept), if it is still there."""
+    try:
+        if os.sched_getscheduler(tid) == os.SCHED_IDLE:
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+    except OSError:
+        pass

@@ -862,9 +862,9 @@ class PostcopySource:
             self._drop(conn)
         self._conns.clear()
         threads, self._threads = self._threads, []
+        self._background.close()  # the loop waits for the threads: they leave SCHED_IDLE first
         for thread in threads:
             thread.join(_JOIN_TIMEOUT)
-        self._background.close()
         if not self._done.done():
             self._done.set_result(self._report(complete=False))
         if not any(t.is_alive() for t in threads):  # a thread still reading keeps its block's fd
@@ -1311,15 +1311,17 @@ class PostcopySource:
         frame this thread queues (:class:`~aiopostcopy.transport.frame_writer.FrameWriter`)."""
         pool: deque[_RunBuffer] = deque()  # free staging buffers: at most _SWEEP_QUEUE + 2 exist
         background = self._background
-        background.add_current(SWEEP_NICENESS)
         leave = lambda: background.discard(threading.get_native_id())  # noqa: E731  (each thread, as it ends)
-        writer = FrameWriter(conn.send, depth=_SWEEP_QUEUE, wait_turn=self._no_urgent_huge.wait,
-                             name="aiopostcopy-source-background-writer",
-                             on_start=lambda: background.add_current(SWEEP_NICENESS), on_end=leave)
         bucket = TokenBucket(self._max_bandwidth, time.monotonic()) if self._max_bandwidth else None
         sndbuf = self._sndbuf if conn.sock.family in (socket.AF_INET, socket.AF_INET6) else None
         error: BaseException | None = None
+        writer: FrameWriter | None = None
         try:
+            # the writer first: a thread started from one in SCHED_IDLE would start there too
+            writer = FrameWriter(conn.send, depth=_SWEEP_QUEUE, wait_turn=self._no_urgent_huge.wait,
+                                 name="aiopostcopy-source-background-writer",
+                                 on_start=lambda: background.add_current(SWEEP_NICENESS), on_end=leave)
+            background.add_current(SWEEP_NICENESS)
             while not conn.ending and not conn.closed:
                 conn.wake.clear()
                 sweeping = self._sweep_open.is_set()
@@ -1344,8 +1346,9 @@ class PostcopySource:
                     bucket.charge(nbytes, time.monotonic())
             writer.close()  # what is queued (a farewell's Error last) goes out before the socket closes
         except BaseException as exc:
-            with contextlib.suppress(BaseException):  # the frames queued go first; its error is exc
-                writer.close()
+            if writer is not None:
+                with contextlib.suppress(BaseException):  # the frames queued go first; its error is exc
+                    writer.close()
             error = self._thread_error(conn, exc)
         finally:
             leave()

@@ -239,5 +239,5 @@ def test_the_c_placing_thread_runs_at_its_nice_value_in_sched_idle_under_the_gua
     finally:
         background.close()
         loop.close()
-    assert background._background.watched() == []
+    assert background._thread.native_id == 0, "no thread id once the thread is stopped"
     assert os.sched_getscheduler(0) == os.SCHED_OTHER, "the caller's thread keeps its class"

@@ -98,7 +98,10 @@ async def test_the_sweep_reads_and_writes_on_threads_below_the_loop(tmp_path, mo
     assert set(tids).isdisjoint({threading.get_native_id()})
     assert tids[0] != tids[1], "one reader thread, one writer thread"
     assert [nice for _, nice in niced] == [SWEEP_NICENESS, SWEEP_NICENESS]
-    assert classes == [os.SCHED_IDLE if idle else os.SCHED_OTHER] * 2
+    if idle and source._background.restored:  # the guard gave a starving one its nice value back
+        assert set(classes) <= {os.SCHED_IDLE, os.SCHED_OTHER}
+    else:
+        assert classes == [os.SCHED_IDLE if idle else os.SCHED_OTHER] * 2
     assert watched == (sorted(tids) if idle else [])
     assert thread_niceness() == loop_nice
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
@@ -127,8 +130,7 @@ def _busy_without_the_gil(stop: threading.Event, tids: list[int]) -> None:
 @pytest.mark.asyncio
 async def test_a_starving_idle_thread_gets_its_nice_value_back_for_a_while() -> None:
     """A background thread in SCHED_IDLE that another process keeps off its CPU is put back at its
-    nice value (SCHED_OTHER) by the guard, and returned to SCHED_IDLE once its time is up and
-    it no longer starves; alone on its CPU, it stays in SCHED_IDLE."""
+    nice value (SCHED_OTHER) by the guard, and returned to SCHED_IDLE once its time is up."""
     if not priority.may_leave_idle(SWEEP_NICENESS) or priority.run_delay_ns(threading.get_native_id()) is None:
         pytest.skip("needs CAP_SYS_NICE (root) and schedstat")
     cpus = sorted(os.sched_getaffinity(0))
@@ -147,12 +149,10 @@ async def test_a_starving_idle_thread_gets_its_nice_value_back_for_a_while() -> 
         tid = tids[0]
         os.sched_setaffinity(tid, {busy_cpu})
         os.setpriority(os.PRIO_PROCESS, tid, SWEEP_NICENESS)
-        assert guard.add(tid, SWEEP_NICENESS)
-        assert os.sched_getscheduler(tid) == os.SCHED_IDLE
-        await asyncio.sleep(0.4)  # alone on its CPU: it runs, so it stays idle
-        assert guard.restored == 0 and os.sched_getscheduler(tid) == os.SCHED_IDLE
         hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         os.sched_setaffinity(hog.pid, {busy_cpu})
+        assert guard.add(tid, SWEEP_NICENESS)
+        assert os.sched_getscheduler(tid) == os.SCHED_IDLE
         async with asyncio.timeout(10):  # the hog (nice 0) takes the CPU: the guard restores it
             while os.sched_getscheduler(tid) != os.SCHED_OTHER:
                 await asyncio.sleep(0.005)
@@ -161,10 +161,11 @@ async def test_a_starving_idle_thread_gets_its_nice_value_back_for_a_while() -> 
         hog.kill()
         hog.wait()
         hog = None
-        async with asyncio.timeout(10):  # its time up and the CPU free again: SCHED_IDLE again
+        async with asyncio.timeout(10):  # its time up: SCHED_IDLE again
             while os.sched_getscheduler(tid) != os.SCHED_IDLE:
                 await asyncio.sleep(0.005)
-        guard.discard(tid)
+        guard.close()
+        assert os.sched_getscheduler(tid) == os.SCHED_OTHER, "a closed guard leaves no thread in SCHED_IDLE"
         assert guard.watched() == []
     finally:
         if hog is not None:
@@ -173,8 +174,114 @@ async def test_a_starving_idle_thread_gets_its_nice_value_back_for_a_while() -> 
         stop.set()
         worker.join(10)
         guard.close()
-        os.sched_setaffinity(0, own_cpus)
+        os.sched_setaffinity(0, own_cpus)  # (threads started meanwhile keep the narrower set)
 
+
+class _Kernel:
+    """What the guard reads of its threads and sets on them, for the decision tests: each fake
+    thread's schedstat and state, and the classes set."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.stat: dict[int, tuple[int, int]] = {}
+        self.state: dict[int, bool] = {}
+        self.classes: dict[int, int] = {}
+        self.refuse_other = False
+        monkeypatch.setattr(priority, "_schedstat", lambda tid: self.stat.get(tid))
+        monkeypatch.setattr(priority, "_runnable", lambda tid: self.state.get(tid, False))
+        monkeypatch.setattr(priority, "may_leave_idle", lambda niceness: True)
+        monkeypatch.setattr(priority, "_leaves_idle", lambda niceness: True)
+        monkeypatch.setattr(priority.os, "sched_setscheduler", self._set)
+        monkeypatch.setattr(priority.os, "sched_getscheduler", lambda tid: self.classes.get(tid, os.SCHED_OTHER))
+
+    def _set(self, tid: int, policy: int, param) -> None:
+        if tid not in self.stat:
+            raise ProcessLookupError(3, "No such process")
+        if policy == os.SCHED_OTHER and self.refuse_other:
+            raise PermissionError(1, "Operation not permitted")
+        self.classes[tid] = policy
+
+
+def _guard_with(kernel: _Kernel, *tids: int) -> tuple[priority.BackgroundThreads, asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    guard = priority.BackgroundThreads(loop, interval=0.1, starved_share=0.8, restored_for=1.0)
+    for tid in tids:
+        kernel.stat[tid] = (0, 0)
+        assert guard.add(tid, SWEEP_NICENESS)
+        assert kernel.classes[tid] == os.SCHED_IDLE
+        guard._threads[tid].at = 0.0
+    return guard, loop
+
+
+def _look(guard: priority.BackgroundThreads, now: float) -> None:
+    with guard._lock:
+        guard._look_locked(now)
+
+
+def test_the_guard_restores_a_thread_whose_waits_fill_the_interval_and_no_other(monkeypatch) -> None:
+    kernel = _Kernel(monkeypatch)
+    guard, loop = _guard_with(kernel, 101, 102)
+    try:
+        kernel.stat[101] = (10_000_000, 85_000_000)  # waited 85 ms of 100: starving
+        kernel.stat[102] = (60_000_000, 40_000_000)  # ran 60 ms, waited 40: sharing, not starving
+        _look(guard, 0.1)
+        assert kernel.classes == {101: os.SCHED_OTHER, 102: os.SCHED_IDLE} and guard.restored == 1
+        kernel.stat[101] = (50_000_000, 120_000_000)
+        _look(guard, 0.6)  # its second is not up: it keeps its nice value, starving or not
+        assert kernel.classes[101] == os.SCHED_OTHER
+        _look(guard, 1.2)  # its second is up: SCHED_IDLE again
+        assert kernel.classes[101] == os.SCHED_IDLE and guard.restored == 1
+    finally:
+        guard.close()
+        loop.close()
+    assert kernel.classes == {101: os.SCHED_OTHER, 102: os.SCHED_OTHER}, "closing lets every thread out"
+
+
+def test_the_guard_sees_a_wait_still_going_on(monkeypatch) -> None:
+    """schedstat counts a wait when it ends: a thread runnable at two looks in a row that got no
+    CPU time in between is starving now, before any of its wait shows."""
+    kernel = _Kernel(monkeypatch)
+    guard, loop = _guard_with(kernel, 201)
+    try:
+        kernel.stat[201], kernel.state[201] = (5_000_000, 0), True
+        _look(guard, 0.1)  # runnable once, after running 5 ms: not yet
+        assert kernel.classes[201] == os.SCHED_IDLE
+        _look(guard, 0.2)  # runnable again, no CPU time since: waiting all along
+        assert kernel.classes[201] == os.SCHED_OTHER and guard.restored == 1
+    finally:
+        guard.close()
+        loop.close()
+
+
+def test_a_refused_restore_stops_the_guard_taking_threads(monkeypatch) -> None:
+    kernel = _Kernel(monkeypatch)
+    guard, loop = _guard_with(kernel, 301)
+    try:
+        kernel.refuse_other = True
+        kernel.stat[301] = (0, 95_000_000)
+        _look(guard, 0.1)
+        assert guard.watched() == [] and guard.restored == 0
+        kernel.stat[302] = (0, 0)
+        assert not guard.add(302, SWEEP_NICENESS), "no thread is put in SCHED_IDLE any more"
+        assert 302 not in kernel.classes
+    finally:
+        guard.close()
+        loop.close()
+
+
+def test_a_thread_that_is_gone_is_dropped_and_a_closed_loop_takes_none(monkeypatch) -> None:
+    kernel = _Kernel(monkeypatch)
+    guard, loop = _guard_with(kernel, 401)
+    try:
+        del kernel.stat[401]
+        _look(guard, 0.1)
+        assert guard.watched() == []
+    finally:
+        guard.close()
+        loop.close()
+    other = priority.BackgroundThreads(loop)
+    kernel.stat[402] = (0, 0)
+    assert not other.add(402, SWEEP_NICENESS)
+    assert 402 not in kernel.classes, "nothing is changed for a loop that cannot run the guard"
 
 def test_without_the_right_to_leave_sched_idle_the_threads_keep_their_nice_value_alone() -> None:
     """As an unprivileged user (a forked child that drops root, if we are root) the guard takes no
@@ -184,8 +291,10 @@ def test_without_the_right_to_leave_sched_idle_the_threads_keep_their_nice_value
         status = 1
         try:
             if os.geteuid() == 0:
+                resource.setrlimit(resource.RLIMIT_NICE, (0, 0))
                 os.setgid(65534)
                 os.setuid(65534)
+            assert not priority.may_leave_idle(SWEEP_NICENESS)
             loop = asyncio.new_event_loop()
             guard = priority.BackgroundThreads(loop)
             set_niceness(SWEEP_NICENESS)

@@ -277,9 +277,10 @@ static void *apc_placer_main(void *arg)
 {
     struct apc_placer *p = arg;
     pthread_setname_np(pthread_self(), "postcopy-placer");  /* as top and perf show it */
-    __atomic_store_n(&p->tid, (int)syscall(SYS_gettid), __ATOMIC_RELEASE);
+    int tid = (int)syscall(SYS_gettid);
     if (p->niceness != APC_NICE_INHERIT)
-        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), p->niceness);  /* failing is harmless */
+        setpriority(PRIO_PROCESS, (id_t)tid, p->niceness);  /* failing is harmless */
+    __atomic_store_n(&p->tid, tid, __ATOMIC_RELEASE);  /* after the nice value: Python may rely on it */
     pthread_mutex_lock(&p->lock);
     for (;;) {
         while (!p->stop && p->run == p->submitted)

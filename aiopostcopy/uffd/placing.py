@@ -74,8 +74,9 @@ class PlacingThread:
     @property
     def native_id(self) -> int:
         """The thread's id (as ``threading.get_native_id()`` gives a thread its own), once it runs:
-        this waits up to a second for it to start; 0 if it did not, or the build has no accessor."""
-        if not hasattr(lib, "apc_placer_tid"):
+        this waits up to a second for it to start (at its nice value); 0 if it did not, after
+        :meth:`close`, or where the build has no accessor."""
+        if not hasattr(lib, "apc_placer_tid") or not self._running:
             return 0
         deadline = time.monotonic() + 1.0
         while not (tid := lib.apc_placer_tid(self._placer)) and self._running and time.monotonic() < deadline:
