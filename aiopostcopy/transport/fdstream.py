@@ -83,7 +83,11 @@ class _FdSocket:
         self._fds: deque[int] = deque()
         self._max_fds = max_pending_fds
         self._ancillary = socket.CMSG_SPACE(max_pending_fds * _FD_SIZE)
-        self._received = memoryview(bytearray(_RECV_BYTES))  # reused: no allocation per read
+        # reused: no allocation per read.  A C reader that keeps a pointer into it holds the
+        # bytearray, not the memoryview: the garbage collector of Python 3.11 may clear a
+        # memoryview that others still export from, and then crash when it is freed.
+        self._received_bytes = bytearray(_RECV_BYTES)
+        self._received = memoryview(self._received_bytes)
         self._out: deque[tuple[memoryview, list[int]]] = deque()
 
     @property
@@ -356,7 +360,7 @@ class ControlChannel(_FdSocket):
         Raises:
             As :meth:`_read`.
         """
-        got, consumed, fds, truncated, frames = reader.receive(self._check_open().fileno(), self._received,
+        got, consumed, fds, truncated, frames = reader.receive(self._check_open().fileno(), self._received_bytes,
                                                                ClientRequest.TYPE)
         if not self._received_in_c(got, fds, truncated):
             return False

@@ -154,7 +154,7 @@ class ShortRuns:
         values = ffi.unpack(runs, 3 * n)
         return tuple(zip(values[0::3], values[1::3], values[2::3])), length  # type: ignore[return-value]
 
-    def receive(self, sock: int, buffer: memoryview, code: int) -> tuple[int, int, list[int], bool,
+    def receive(self, sock: int, buffer: bytearray, code: int) -> tuple[int, int, list[int], bool,
                                                                         list[tuple[tuple[int, int, int], ...]]]:
         """One ``recvmsg`` of the control socket ``sock`` into ``buffer`` (the decoder holds
         nothing, so the bytes begin a frame) with :meth:`take` over the frames of type ``code`` at

@@ -421,3 +421,28 @@ async def test_short_client_requests_take_the_shortcut_and_the_rest_on_message()
     finally:
         service.close()
         b.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])
+async def test_the_c_reader_holds_no_export_of_the_channels_memoryview() -> None:
+    """The C reader keeps a pointer into the channel's receive buffer between reads.  It must hold
+    the bytearray, not the memoryview over it: Python 3.11's garbage collector may clear a
+    memoryview others still export from (a channel caught in a cycle, say through an
+    exception's traceback), and the process then crashes when the memoryview is freed."""
+    if not page_server.available():
+        pytest.skip("the C page server is not built: no C reader")
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    requests: list = []
+    service = ControlChannel(a, lambda msg: None, lambda exc: None, allowed=frozenset({ClientRequest}),
+                             on_client_request=requests.append)
+    try:
+        b.sendall(encode(ClientRequest(runs=(PageRun(block=0, first=7, count=1),))))
+        deadline = time.monotonic() + 10
+        while not requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        assert requests == [((0, 7, 1),)], "read by the C reader"
+        view = service._received
+    finally:
+        service.close()
+        b.close()
+    view.release()  # a BufferError while anything still exports from it
