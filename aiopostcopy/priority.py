@@ -196,8 +196,8 @@ class BackgroundThreads:
         not bring it back (:func:`may_leave_idle`, then tried once), schedstat is missing, or the
         guard or its loop is closed."""
         stat = _schedstat(tid)
-        if stat is None or not may_leave_idle(niceness) or not _leaves_idle(niceness):
-            return False
+        if stat is None or not stat[0] or not may_leave_idle(niceness) or not _leaves_idle(niceness):
+            return False  # (a thread that ran shows CPU time: "0 0 0" is a kernel keeping no schedstat)
         with self._lock:
             if self._closed or self._refused or self._loop.is_closed():
                 return False

@@ -205,7 +205,7 @@ def _guard_with(kernel: _Kernel, *tids: int) -> tuple[priority.BackgroundThreads
     loop = asyncio.new_event_loop()
     guard = priority.BackgroundThreads(loop, interval=0.1, starved_share=0.8, restored_for=1.0)
     for tid in tids:
-        kernel.stat[tid] = (0, 0)
+        kernel.stat[tid] = (1_000, 0)
         assert guard.add(tid, SWEEP_NICENESS)
         assert kernel.classes[tid] == os.SCHED_IDLE
         guard._threads[tid].at = 0.0
@@ -260,7 +260,7 @@ def test_a_refused_restore_stops_the_guard_taking_threads(monkeypatch) -> None:
         kernel.stat[301] = (0, 95_000_000)
         _look(guard, 0.1)
         assert guard.watched() == [] and guard.restored == 0
-        kernel.stat[302] = (0, 0)
+        kernel.stat[302] = (1_000, 0)
         assert not guard.add(302, SWEEP_NICENESS), "no thread is put in SCHED_IDLE any more"
         assert 302 not in kernel.classes
     finally:
@@ -279,9 +279,23 @@ def test_a_thread_that_is_gone_is_dropped_and_a_closed_loop_takes_none(monkeypat
         guard.close()
         loop.close()
     other = priority.BackgroundThreads(loop)
-    kernel.stat[402] = (0, 0)
+    kernel.stat[402] = (1_000, 0)
     assert not other.add(402, SWEEP_NICENESS)
     assert 402 not in kernel.classes, "nothing is changed for a loop that cannot run the guard"
+
+
+def test_a_kernel_that_keeps_no_schedstat_gets_no_thread_in_sched_idle(monkeypatch) -> None:
+    """Some kernels without schedstats show "0 0 0" for every thread: the guard would be blind."""
+    kernel = _Kernel(monkeypatch)
+    loop = asyncio.new_event_loop()
+    guard = priority.BackgroundThreads(loop)
+    try:
+        kernel.stat[501] = (0, 0)
+        assert not guard.add(501, SWEEP_NICENESS)
+        assert 501 not in kernel.classes
+    finally:
+        guard.close()
+        loop.close()
 
 def test_without_the_right_to_leave_sched_idle_the_threads_keep_their_nice_value_alone() -> None:
     """As an unprivileged user (a forked child that drops root, if we are root) the guard takes no
