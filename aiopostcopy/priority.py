@@ -28,8 +28,11 @@ keep their nice value alone, as before; when the guard closes, the threads it
 still watches go back to their nice value.
 
 A Python thread preempted in SCHED_IDLE may hold the GIL or a lock the loop
-needs; while the CPUs have room it runs again at once, and when they have none
-the guard's next look brings it back within about two intervals.
+needs.  While the CPUs have room it runs again at once.  When other work keeps
+them all busy, the loop, and with it the guard, waits until the scheduler gives
+that thread a turn (SCHED_IDLE still has a small share), which may take hundreds
+of milliseconds; only then does the guard bring it back.  The C placing thread
+takes no GIL.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import resource
 import threading
 import time
 
-__all__ = ["GUARD_INTERVAL", "RESTORED_FOR", "STARVED_SHARE", "BackgroundThreads", "may_leave_idle",
+__all__ = ["GUARD_INTERVAL", "RESTORED_FOR", "STARVED_SHARE", "BackgroundThreads", "can_idle", "may_leave_idle",
            "run_delay_ns", "set_niceness", "thread_niceness"]
 
 log = logging.getLogger("aiopostcopy")
@@ -54,6 +57,10 @@ STARVED_SHARE = 0.8
 RESTORED_FOR = 1.0
 
 _CAP_SYS_NICE = 23
+
+#: the system calls the guard makes (tests put a fake kernel here)
+_set_class = os.sched_setscheduler
+_get_class = os.sched_getscheduler
 
 
 def set_niceness(niceness: int) -> bool:
@@ -130,25 +137,42 @@ _probed: dict[int, bool] = {}
 def _leaves_idle(niceness: int) -> bool:
     """Whether a thread of this process at ``niceness`` really can leave SCHED_IDLE: tried once per
     process on a thread of its own (a capability the kernel does not count, in a user namespace
-    say, shows in CapEff all the same)."""
+    say, shows in CapEff all the same).  The thread waits while its class is set from here, so
+    it never runs in SCHED_IDLE itself."""
     with _probe_lock:
         if niceness not in _probed:
-            result: list[bool] = []
+            started, done, tids = threading.Event(), threading.Event(), []
 
-            def probe() -> None:
-                try:
-                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-                    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-                    result.append(True)
-                except OSError:
-                    result.append(False)
+            def wait() -> None:
+                tids.append(threading.get_native_id())
+                started.set()
+                done.wait()
 
-            thread = threading.Thread(target=probe, name="aiopostcopy-sched-probe", daemon=True)
-            thread.start()
-            thread.join()
-            _probed[niceness] = bool(result) and result[0]
+            thread = threading.Thread(target=wait, name="aiopostcopy-sched-probe", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to try it on (at exit, say): not this time
+                return False
+            started.wait()
+            try:
+                os.setpriority(os.PRIO_PROCESS, tids[0], niceness)
+                os.sched_setscheduler(tids[0], os.SCHED_IDLE, os.sched_param(0))
+                os.sched_setscheduler(tids[0], os.SCHED_OTHER, os.sched_param(0))
+                _probed[niceness] = True
+            except OSError:
+                _probed[niceness] = False
+            finally:
+                done.set()
+                thread.join()
         return _probed[niceness]
+
+
+def can_idle(tid: int, niceness: int) -> bool:
+    """Whether :meth:`BackgroundThreads.add` would put thread ``tid`` (at ``niceness``) in
+    SCHED_IDLE: its schedstat shows CPU time ("0 0 0" is a kernel that keeps none), and this
+    process may bring it back (:func:`may_leave_idle`, then tried once)."""
+    stat = _schedstat(tid)
+    return stat is not None and stat[0] > 0 and may_leave_idle(niceness) and _leaves_idle(niceness)
 
 
 class _Watched:
@@ -196,15 +220,10 @@ class BackgroundThreads:
         not bring it back (:func:`may_leave_idle`, then tried once), schedstat is missing, or the
         guard or its loop is closed."""
         stat = _schedstat(tid)
-        if stat is None or not stat[0] or not may_leave_idle(niceness) or not _leaves_idle(niceness):
-            return False  # (a thread that ran shows CPU time: "0 0 0" is a kernel keeping no schedstat)
+        if stat is None or not can_idle(tid, niceness):
+            return False
         with self._lock:
             if self._closed or self._refused or self._loop.is_closed():
-                return False
-            try:
-                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-            except OSError as exc:
-                log.debug("aiopostcopy: thread %d stays at nice %d: %s", tid, niceness, exc)
                 return False
             self._threads[tid] = _Watched(niceness, stat[0], stat[1], time.monotonic())
             arm = not self._armed
@@ -215,8 +234,18 @@ class BackgroundThreads:
                 except RuntimeError:  # the loop closed meanwhile: nothing would run the guard
                     self._armed = False
                     del self._threads[tid]
-                    _leave_idle(tid)
                     return False
+        # SCHED_IDLE last, without the lock: a thread preempted there holds nothing the guard needs
+        try:
+            _set_class(tid, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as exc:
+            log.debug("aiopostcopy: thread %d stays at nice %d: %s", tid, niceness, exc)
+            self.discard(tid)
+            return False
+        with self._lock:
+            if tid not in self._threads:  # closed or discarded meanwhile: nobody would bring it back
+                _leave_idle(tid)
+                return False
         return True
 
     def add_current(self, niceness: int) -> bool:
@@ -226,9 +255,11 @@ class BackgroundThreads:
         return self.add(threading.get_native_id(), niceness)
 
     def discard(self, tid: int) -> None:
-        """Stop watching ``tid`` (before the thread ends: its id may be reused).  Its class stays."""
+        """Stop watching ``tid`` (before the thread ends: its id may be reused), and put it back at
+        its nice value: unwatched, nothing would bring it out of SCHED_IDLE."""
         with self._lock:
-            self._threads.pop(tid, None)
+            if self._threads.pop(tid, None) is not None:
+                _leave_idle(tid)
 
     def watched(self) -> list[int]:
         """The thread ids watched now."""
@@ -255,15 +286,14 @@ class BackgroundThreads:
         """Restore the nice value of each idle thread that starved since the last look; return those
         whose time is up to SCHED_IDLE."""
         self._timer = None
-        try:
-            with self._lock:
+        with self._lock:
+            try:
                 self._look_locked(time.monotonic())
-                if not self._threads or self._closed:
-                    self._armed = False
-                    return
-        except BaseException:
-            self._timer = self._loop.call_later(self._interval, self._look)
-            raise
+            except Exception:  # never leave the threads unwatched: log it, look again next time
+                log.exception("aiopostcopy: the background threads' guard failed to look at them")
+            if not self._threads or self._closed:
+                self._armed = False
+                return
         self._timer = self._loop.call_later(self._interval, self._look)
 
     def _look_locked(self, now: float) -> None:
@@ -278,17 +308,17 @@ class BackgroundThreads:
             entry.cpu, entry.delay, entry.at, entry.runnable = stat[0], stat[1], now, runnable
             try:
                 if entry.until and now >= entry.until:
-                    os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+                    _set_class(tid, os.SCHED_IDLE, os.sched_param(0))
                     entry.until = 0.0
                 elif not entry.until and starving:
-                    os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+                    _set_class(tid, os.SCHED_OTHER, os.sched_param(0))
                     entry.until = now + self._restored_for
                     self.restored += 1
                     log.debug("aiopostcopy: background thread %d starved in SCHED_IDLE: nice %d for %.1f s",
                               tid, entry.niceness, self._restored_for)
             except PermissionError as exc:  # the kernel no longer lets it out: take no more threads
-                log.warning("aiopostcopy: background thread %d: %s; background threads stay at their "
-                            "nice value from now on", tid, exc)
+                log.warning("aiopostcopy: background thread %d: %s; it stays in SCHED_IDLE, and no "
+                            "further thread is put there", tid, exc)
                 self._refused = True
                 del self._threads[tid]
             except OSError as exc:  # gone meanwhile
@@ -299,7 +329,7 @@ class BackgroundThreads:
 def _leave_idle(tid: int) -> None:
     """Thread ``tid`` back to SCHED_OTHER (its nice value kept), if it is still there."""
     try:
-        if os.sched_getscheduler(tid) == os.SCHED_IDLE:
-            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        if _get_class(tid) == os.SCHED_IDLE:
+            _set_class(tid, os.SCHED_OTHER, os.sched_param(0))
     except OSError:
         pass

@@ -232,7 +232,7 @@ def test_the_c_placing_thread_runs_at_its_nice_value_in_sched_idle_under_the_gua
         assert background._thread is not None, "the C placing thread started"
         tid = background._thread.native_id
         assert tid and tid != threading.get_native_id()
-        idle = priority.may_leave_idle(PLACER_NICENESS) and priority.run_delay_ns(tid) is not None
+        idle = priority.can_idle(tid, PLACER_NICENESS)
         assert os.getpriority(os.PRIO_PROCESS, tid) == PLACER_NICENESS
         assert os.sched_getscheduler(tid) == (os.SCHED_IDLE if idle else os.SCHED_OTHER)
         assert background._background.watched() == ([tid] if idle else [])

@@ -136,7 +136,7 @@ class ShortRuns:
         self._max_runs, self._max_blocks = max_runs, max_blocks
         self._reader = reader = ffi.new("struct rq_reader *")  # receive()'s
         reader.max_runs, reader.max_blocks = max_runs, max_blocks
-        self._view: memoryview | None = None  # the buffer receive() reads into, and its C pointer
+        self._view: bytearray | None = None  # the buffer receive() reads into, and its C pointer
         self._buffer = ffi.NULL
 
     def take(self, buffer: bytearray, start: int, end: int,

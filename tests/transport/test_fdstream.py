@@ -440,7 +440,9 @@ async def test_the_c_reader_holds_no_export_of_the_channels_memoryview() -> None
         deadline = time.monotonic() + 10
         while not requests and time.monotonic() < deadline:
             await asyncio.sleep(0.001)
-        assert requests == [((0, 7, 1),)], "read by the C reader"
+        assert requests == [((0, 7, 1),)]
+        reader = service._client_request_reader
+        assert reader is not None and reader._view is service._received_bytes, "read by the C reader, into the bytearray"
         view = service._received
     finally:
         service.close()

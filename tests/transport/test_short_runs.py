@@ -88,7 +88,7 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return service, client
 
 
-def _receive(reader: page_server.ShortRuns, sock: socket.socket, buffer: memoryview):
+def _receive(reader: page_server.ShortRuns, sock: socket.socket, buffer: bytearray):
     return reader.receive(sock.fileno(), buffer, ClientRequest.TYPE)
 
 
@@ -101,7 +101,7 @@ def test_receive_takes_the_short_requests_at_the_front_and_leaves_the_rest_whole
         data = b"".join(encode(message) for message in messages)
         client.sendall(data)
         reader = page_server.ShortRuns(SHORT_RUNS, LIMITS.max_blocks)
-        buffer = memoryview(bytearray(len(data) + 16))
+        buffer = bytearray(len(data) + 16)
         got, consumed, fds, truncated, frames = _receive(reader, service, buffer)
         assert (got, fds, truncated) == (len(data), [], False)
         assert len(frames) <= page_server.RECEIVE_FRAMES
@@ -131,7 +131,7 @@ def test_receive_leaves_bytes_that_came_with_descriptors_to_the_decoder() -> Non
         frame = encode(ClientRequest(runs=(PageRun(block=0, first=5, count=1),)))
         socket.send_fds(client, [frame], [r, w])
         reader = page_server.ShortRuns(SHORT_RUNS, LIMITS.max_blocks)
-        buffer = memoryview(bytearray(4096))
+        buffer = bytearray(4096)
         got, consumed, fds, truncated, frames = _receive(reader, service, buffer)
         assert (got, consumed, truncated, frames) == (len(frame), 0, False, [])
         assert len(fds) == 2 and all(os.fstat(fd).st_ino == os.fstat(mine).st_ino for fd, mine in zip(fds, (r, w)))
@@ -150,7 +150,7 @@ def test_receive_says_when_the_peer_closed_and_keeps_a_partial_frame_for_the_dec
         frame = encode(ClientRequest(runs=(PageRun(block=3, first=9, count=2),)))
         client.sendall(frame + frame[:5])  # one whole frame and the start of the next
         reader = page_server.ShortRuns(SHORT_RUNS, LIMITS.max_blocks)
-        buffer = memoryview(bytearray(4096))
+        buffer = bytearray(4096)
         got, consumed, _, _, frames = _receive(reader, service, buffer)
         assert (got, consumed, frames) == (len(frame) + 5, len(frame), [((3, 9, 2),)])
         client.close()

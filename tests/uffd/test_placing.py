@@ -92,10 +92,12 @@ def test_room_is_bounded_and_close_stops_the_thread(res: Resources) -> None:
     assert wait_for(thread, 1) == [Placed(7, 0, 4)]
     assert thread.room == 1
     fd = thread.fileno()
-    tasks = set(os.listdir("/proc/self/task"))
+    tid = thread.native_id
+    assert str(tid) in os.listdir("/proc/self/task")
     thread.close()
     thread.close()  # twice is harmless
-    assert len(set(os.listdir("/proc/self/task"))) == len(tasks) - 1  # the C thread is gone
+    # the C thread is gone (its own id: other tests' threads may come and go meanwhile)
+    assert str(tid) not in os.listdir("/proc/self/task")
     with pytest.raises(OSError):
         os.fstat(fd)  # its eventfd is closed
     with pytest.raises(ValueError):
@@ -108,9 +110,9 @@ def test_the_thread_runs_at_the_nice_value_given_under_its_name(res: Resources) 
     tasks = set(os.listdir("/proc/self/task"))
     thread = PlacingThread(uffd.fileno(), capacity=1, niceness=13)
     try:
-        new = set(os.listdir("/proc/self/task")) - tasks
-        assert len(new) == 1
-        tid = int(new.pop())
+        tid = thread.native_id  # published once the thread has set its nice value
+        assert tid and str(tid) not in tasks and str(tid) in os.listdir("/proc/self/task")
+        assert os.getpriority(os.PRIO_PROCESS, tid) == 13
         deadline = 50
         niceness = name = None
         while deadline and (niceness, name) != (13, "postcopy-placer"):  # set by the thread as it starts
