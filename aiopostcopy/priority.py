@@ -45,7 +45,7 @@ import threading
 import time
 
 __all__ = ["GUARD_INTERVAL", "RESTORED_FOR", "STARVED_SHARE", "BackgroundThreads", "can_idle", "may_leave_idle",
-           "run_delay_ns", "set_niceness", "thread_niceness"]
+           "set_niceness", "thread_niceness"]
 
 log = logging.getLogger("aiopostcopy")
 
@@ -101,14 +101,6 @@ def _effective_capabilities() -> int:
     except OSError:
         pass
     return 0
-
-
-def run_delay_ns(tid: int) -> int | None:
-    """Nanoseconds thread ``tid`` of this process has waited on a run queue, in all (schedstat's
-    second field, counted when each wait ends); None: no such thread, or the kernel keeps no
-    schedstat."""
-    stat = _schedstat(tid)
-    return None if stat is None else stat[1]
 
 
 def _schedstat(tid: int) -> tuple[int, int] | None:
@@ -171,8 +163,15 @@ def can_idle(tid: int, niceness: int) -> bool:
     """Whether :meth:`BackgroundThreads.add` would put thread ``tid`` (at ``niceness``) in
     SCHED_IDLE: its schedstat shows CPU time ("0 0 0" is a kernel that keeps none), and this
     process may bring it back (:func:`may_leave_idle`, then tried once)."""
+    return _idle_start(tid, niceness) is not None
+
+
+def _idle_start(tid: int, niceness: int) -> tuple[int, int] | None:
+    """:func:`can_idle`, giving the thread's schedstat (the guard's first reading) when it can."""
     stat = _schedstat(tid)
-    return stat is not None and stat[0] > 0 and may_leave_idle(niceness) and _leaves_idle(niceness)
+    if stat is None or not stat[0] or not may_leave_idle(niceness) or not _leaves_idle(niceness):
+        return None
+    return stat
 
 
 class _Watched:
@@ -219,8 +218,8 @@ class BackgroundThreads:
         SCHED_IDLE.  Returns False, with the thread left in SCHED_OTHER, where the process could
         not bring it back (:func:`may_leave_idle`, then tried once), schedstat is missing, or the
         guard or its loop is closed."""
-        stat = _schedstat(tid)
-        if stat is None or not can_idle(tid, niceness):
+        stat = _idle_start(tid, niceness)
+        if stat is None:
             return False
         with self._lock:
             if self._closed or self._refused or self._loop.is_closed():

@@ -1137,7 +1137,7 @@ class PostcopySource:
         served = server.serve()
         if served is Served.ACCOUNT:  # a full log: the loop thread is far behind, this one catches up
             self._catch_up(conn)
-        if served is not Served.ACCOUNT:
+        else:
             decoder.receive_data(server.take_rest())
             if served is Served.EOF:
                 decoder.receive_data(b"")

@@ -4,12 +4,14 @@ urgent path, and in SCHED_IDLE under a starvation guard where the process may br
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import resource
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -202,15 +204,22 @@ class _Kernel:
         self.classes[tid] = policy
 
 
-def _guard_with(kernel: _Kernel, *tids: int) -> tuple[priority.BackgroundThreads, asyncio.AbstractEventLoop]:
+@contextlib.contextmanager
+def _guarding(kernel: _Kernel, *tids: int) -> Iterator[priority.BackgroundThreads]:
+    """A guard on a loop of its own watching ``tids`` (in SCHED_IDLE, last looked at at time 0),
+    closed with its loop afterwards."""
     loop = asyncio.new_event_loop()
     guard = priority.BackgroundThreads(loop, interval=0.1, starved_share=0.8, restored_for=1.0)
-    for tid in tids:
-        kernel.stat[tid] = (1_000, 0)
-        assert guard.add(tid, SWEEP_NICENESS)
-        assert kernel.classes[tid] == os.SCHED_IDLE
-        guard._threads[tid].at = 0.0
-    return guard, loop
+    try:
+        for tid in tids:
+            kernel.stat[tid] = (1_000, 0)
+            assert guard.add(tid, SWEEP_NICENESS)
+            assert kernel.classes[tid] == os.SCHED_IDLE
+            guard._threads[tid].at = 0.0
+        yield guard
+    finally:
+        guard.close()
+        loop.close()
 
 
 def _look(guard: priority.BackgroundThreads, now: float) -> None:
@@ -220,8 +229,7 @@ def _look(guard: priority.BackgroundThreads, now: float) -> None:
 
 def test_the_guard_restores_a_thread_whose_waits_fill_the_interval_and_no_other(monkeypatch) -> None:
     kernel = _Kernel(monkeypatch)
-    guard, loop = _guard_with(kernel, 101, 102)
-    try:
+    with _guarding(kernel, 101, 102) as guard:
         kernel.stat[101] = (10_000_000, 85_000_000)  # waited 85 ms of 100: starving
         kernel.stat[102] = (60_000_000, 40_000_000)  # ran 60 ms, waited 40: sharing, not starving
         _look(guard, 0.1)
@@ -231,9 +239,6 @@ def test_the_guard_restores_a_thread_whose_waits_fill_the_interval_and_no_other(
         assert kernel.classes[101] == os.SCHED_OTHER
         _look(guard, 1.2)  # its second is up: SCHED_IDLE again
         assert kernel.classes[101] == os.SCHED_IDLE and guard.restored == 1
-    finally:
-        guard.close()
-        loop.close()
     assert kernel.classes == {101: os.SCHED_OTHER, 102: os.SCHED_OTHER}, "closing lets every thread out"
 
 
@@ -241,22 +246,17 @@ def test_the_guard_sees_a_wait_still_going_on(monkeypatch) -> None:
     """schedstat counts a wait when it ends: a thread runnable at two looks in a row that got no
     CPU time in between is starving now, before any of its wait shows."""
     kernel = _Kernel(monkeypatch)
-    guard, loop = _guard_with(kernel, 201)
-    try:
+    with _guarding(kernel, 201) as guard:
         kernel.stat[201], kernel.state[201] = (5_000_000, 0), True
         _look(guard, 0.1)  # runnable once, after running 5 ms: not yet
         assert kernel.classes[201] == os.SCHED_IDLE
         _look(guard, 0.2)  # runnable again, no CPU time since: waiting all along
         assert kernel.classes[201] == os.SCHED_OTHER and guard.restored == 1
-    finally:
-        guard.close()
-        loop.close()
 
 
 def test_a_refused_restore_stops_the_guard_taking_threads(monkeypatch) -> None:
     kernel = _Kernel(monkeypatch)
-    guard, loop = _guard_with(kernel, 301)
-    try:
+    with _guarding(kernel, 301) as guard:
         kernel.refuse_other = True
         kernel.stat[301] = (0, 95_000_000)
         _look(guard, 0.1)
@@ -264,22 +264,15 @@ def test_a_refused_restore_stops_the_guard_taking_threads(monkeypatch) -> None:
         kernel.stat[302] = (1_000, 0)
         assert not guard.add(302, SWEEP_NICENESS), "no thread is put in SCHED_IDLE any more"
         assert 302 not in kernel.classes
-    finally:
-        guard.close()
-        loop.close()
 
 
 def test_a_thread_that_is_gone_is_dropped_and_a_closed_loop_takes_none(monkeypatch) -> None:
     kernel = _Kernel(monkeypatch)
-    guard, loop = _guard_with(kernel, 401)
-    try:
+    with _guarding(kernel, 401) as guard:
         del kernel.stat[401]
         _look(guard, 0.1)
         assert guard.watched() == []
-    finally:
-        guard.close()
-        loop.close()
-    other = priority.BackgroundThreads(loop)
+    other = priority.BackgroundThreads(guard._loop)  # closed with the guard
     kernel.stat[402] = (1_000, 0)
     assert not other.add(402, SWEEP_NICENESS)
     assert 402 not in kernel.classes, "nothing is changed for a loop that cannot run the guard"
@@ -288,15 +281,11 @@ def test_a_thread_that_is_gone_is_dropped_and_a_closed_loop_takes_none(monkeypat
 def test_a_kernel_that_keeps_no_schedstat_gets_no_thread_in_sched_idle(monkeypatch) -> None:
     """Some kernels without schedstats show "0 0 0" for every thread: the guard would be blind."""
     kernel = _Kernel(monkeypatch)
-    loop = asyncio.new_event_loop()
-    guard = priority.BackgroundThreads(loop)
-    try:
+    with _guarding(kernel) as guard:
         kernel.stat[501] = (0, 0)
         assert not guard.add(501, SWEEP_NICENESS)
         assert 501 not in kernel.classes
-    finally:
-        guard.close()
-        loop.close()
+
 
 def test_without_the_right_to_leave_sched_idle_the_threads_keep_their_nice_value_alone() -> None:
     """As an unprivileged user (a forked child that drops root, if we are root) the guard takes no
